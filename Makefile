@@ -1,0 +1,24 @@
+# The two README commands. Both build the same virtual environment on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-test.txt
+	touch $(STAMP)
+
+# The main job on the embedded offline default (no GPU, no internet needed).
+demo: $(STAMP)
+	$(BIN)/python -m dpo.demo
+
+# The whole offline test suite (CPU, well under 10 minutes on 2 cores).
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
