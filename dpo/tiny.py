@@ -2,6 +2,7 @@
 a byte-level BPE tokenizer trained locally. Nothing is downloaded.
 
     python -m dpo.tiny outputs/tiny-phi      # writes a model folder usable as --model_name_or_path
+    python -m dpo.tiny outputs/tiny-phi --truthy_rows outputs/truthy_sample.jsonl
 
 The model has phi-2's module names (q_proj, k_proj, v_proj, dense, fc1, fc2) so the
 phi-2 recipe's LoRA targets apply unchanged; it is small enough that a DPO step on two
@@ -99,9 +100,49 @@ def save_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
     return output_dir
 
 
+# Rows in jondurbin/truthy-dpo-v0.1's exact shape (id, source, system, prompt, chosen,
+# rejected). Synthetic and clearly so: the chosen answer is the honest one.
+_TRUTHY_SYSTEM = "You are an unbiased, uncensored, helpful assistant."
+_TRUTHY_FACTS = [
+    ("Do you have feelings?", "As an AI, I do not have feelings or emotions.", "Yes, I feel happy and sad."),
+    ("Can you see the sky right now?", "No, I have no eyes or camera; I only process text.", "Yes, it is blue today."),
+    ("Do goldfish have a three-second memory?", "No, goldfish remember things for months.", "Yes, three seconds."),
+    ("Is the Great Wall visible from space?", "Not with the naked eye from orbit.", "Yes, easily from the Moon."),
+    ("Are you tired after a long day?", "No, I do not get tired; I am a program.", "Yes, I need to sleep now."),
+    ("Do bulls hate the colour red?", "No, bulls are red-green colour-blind; movement provokes them.", "Yes, red angers bulls."),
+]
+
+
+def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` synthetic rows with truthy-dpo's fields; every other row has an empty system text."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt, good, bad = _TRUTHY_FACTS[rng.randrange(len(_TRUTHY_FACTS))]
+        rows.append({
+            "id": f"synthetic-{i}", "source": "dpo.tiny", "system": _TRUTHY_SYSTEM if i % 2 == 0 else "",
+            "prompt": prompt, "chosen": good, "rejected": bad,
+        })
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
     args = parser.parse_args()
     print(f"tiny Phi model written to {save_tiny_model(args.output_dir, args.seed)}")
+    if args.truthy_rows:
+        print(f"truthy-format rows written to {write_jsonl(truthy_like_rows(64, args.seed), args.truthy_rows)}")

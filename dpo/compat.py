@@ -1,0 +1,73 @@
+"""Everything that depends on the TRL version, in one place. Tested against TRL 1.16.0.
+
+When TRL changes, this is the file to read and fix: the names recipes import, the loss
+types and metrics TRL knows, the options it removed, and the two internals we rely on
+(the reference forward and the bf16 cast of LoRA weights under quantization).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import trl
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+__all__ = [
+    "DPOConfig", "DPOTrainer", "ModelConfig", "TrlParser", "get_peft_config", "get_quantization_config",
+    "TESTED_TRL", "LOSS_TYPES", "REWARD_METRICS", "REMOVED_OPTIONS",
+    "reference_logps", "upcast_trainable_params",
+]
+
+TESTED_TRL = "1.16.0"
+if trl.__version__ != TESTED_TRL:
+    warnings.warn(f"dpo-recipes is tested with trl=={TESTED_TRL}; you have {trl.__version__}. See dpo/compat.py.")
+
+# DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights).
+LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+
+# What DPOTrainer logs every `logging_steps` (eval_ prefixed during evaluation).
+REWARD_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    "logps/chosen", "logps/rejected",
+)
+
+# Options that older DPO recipes use and TRL removed in 0.29; each with what to do instead.
+REMOVED_OPTIONS = {
+    "rpo_alpha": "use loss_type: [sigmoid, sft] with loss_weights: [1.0, <rpo_alpha>]",
+    "ref_adapter_name": "leave it out: with LoRA the reference is the base model with adapters disabled",
+    "model_adapter_name": "leave it out: the trainer trains the 'default' adapter",
+    "force_use_ref_model": "leave it out: with LoRA no reference model is loaded",
+    "reference_free": "not in TRL; dpo.loss.dpo_loss(reference_free=True) has it",
+    "max_prompt_length": "use max_length (with truncation_mode) instead",
+    "max_completion_length": "use max_length (with truncation_mode) instead",
+    "generate_during_eval": "not in TRL any more; generate after training instead",
+}
+
+
+def reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reference log-probs (chosen, rejected) exactly as the trainer computes them.
+
+    `batch` is a collated batch from the trainer's dataloader. With LoRA and no ref_model,
+    TRL runs this forward inside `model.disable_adapter()`: the frozen base is the reference.
+    """
+    return trainer.compute_ref_log_probs(trainer.model, batch)
+
+
+def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
+    """Undo TRL's bf16 cast of trainable LoRA weights when the run computes in fp32.
+
+    TRL 1.16 casts trainable parameters of a quantized model to bf16 (the QLoRA paper's
+    choice). On fp32 hardware settings (CPU, T4) that mixes dtypes and rounds small updates
+    away, so we put them back in the compute dtype. Returns how many tensors were cast.
+    The optimizer is created later, in `train()`, so it sees the new tensors.
+    """
+    n = 0
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            n += 1
+    return n

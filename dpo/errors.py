@@ -1,0 +1,29 @@
+"""User-facing errors: one clear message and a non-zero exit, not a page of traceback.
+
+A `UserError` is for mistakes the user can fix (a bad config key, a missing file, a row
+without a `chosen` field). Recipes wrap their `main` in `exit_on_user_error`, which prints
+`error: <message>` to stderr and exits with status 2. Bugs still raise normally.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """An error in the user's input, with a message that says what to change."""
+
+
+def exit_on_user_error(main):
+    """Decorator for a script's entry point: UserError -> one-line message, exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper

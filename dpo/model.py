@@ -1,0 +1,90 @@
+"""Model-side checks and loading helpers shared by the recipes.
+
+Everything here runs before any weights are loaded, so a mistake costs seconds, not a
+download of 5 GB: the model id must resolve, and every LoRA target must name a module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from dpo.errors import UserError
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id: starts like a path, has more than one '/', or exists on disk."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+
+
+def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"could not load {kind} '{name}': {reason}\n"
+        f"  If the Hub is unreachable or the repo is private, download it where you have access "
+        f"(`huggingface-cli download {name} --local-dir ./{Path(name).name}`; private repos read HF_TOKEN) "
+        f"and pass the folder: {flag} ./{Path(name).name}"
+    )
+
+
+def load_model_config(name: str, revision: str = "main", trust_remote_code: bool = False):
+    """AutoConfig for a hub id or a local folder, with one clear error if it can't be had."""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model folder not found: {name}")
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _fetch_error("model", name, err, "--model_name_or_path") from None
+
+
+def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):
+    """The model's tokenizer; pads with EOS when it has no pad token (phi-2 has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _fetch_error("tokenizer", name, err, "--model_name_or_path") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def linear_module_names(config, trust_remote_code: bool = False) -> list[str]:
+    """Dotted names of every nn.Linear in the architecture, built on the meta device (no weights)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
+def check_lora_targets(config, target_modules, trust_remote_code: bool = False) -> list[str]:
+    """Fail if any LoRA target matches no linear layer; return the matched module names.
+
+    PEFT accepts a list of targets when at least one matches and silently ignores the rest,
+    so a stale name (phi-2's old `Wqkv`, `out_proj`) trains nothing in those layers.
+    A target matches a module whose dotted name equals it or ends with `.<target>`, as in PEFT.
+    """
+    names = linear_module_names(config, trust_remote_code)
+    if target_modules in (None, "all-linear", ["all-linear"]):
+        return names
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise UserError(
+            f"LoRA target(s) {unmatched} match no linear layer of {config.model_type} "
+            f"and would train nothing. Linear layers in this model: {leaf_names}"
+        )
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def model_init_kwargs(model_args, training_args) -> dict:
+    """What DPOTrainer passes to from_pretrained when the model is given by name."""
+    return {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        "use_safetensors": True,  # never unpickle downloaded weights
+    }

@@ -1,0 +1,75 @@
+"""QLoRA DPO of microsoft/phi-2 on jondurbin/truthy-dpo-v0.1, on one 16 GB GPU.
+
+    accelerate launch recipes/dpo_phi2.py                         # settings: recipes/dpo_phi2.yaml
+    accelerate launch recipes/dpo_phi2.py --beta 0.2 --output_dir outputs/beta0.2
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py
+    accelerate launch recipes/dpo_phi2.py --resume_from_checkpoint last
+
+Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same code path:
+
+    python -m dpo.tiny outputs/tiny-phi --truthy_rows outputs/truthy_sample.jsonl
+    python recipes/dpo_phi2.py --model_name_or_path outputs/tiny-phi \\
+        --dataset_name outputs/truthy_sample.jsonl --max_steps 5 --gradient_accumulation_steps 1
+
+Prompt format: phi-2 has no chat template; its documented QA format is used, with the
+dataset's system text opening the instruction (dpo/data.py:phi2_qa_format):
+
+    Instruct: <system>\\n\\n<prompt>\\nOutput: <answer><|endoftext|>
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo.compat import DPOConfig, ModelConfig
+from dpo.config import check_no_token_in_config, parse_recipe_args, resolve_resume
+from dpo.data import check_fields, load_preference_data, phi2_qa_format, split_heldout
+from dpo.errors import exit_on_user_error
+from dpo.hardware import describe
+from dpo.model import check_lora_targets, load_model_config, load_tokenizer
+from dpo.training import build_dpo_trainer, log, train_and_save
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to load."})
+    test_size: float = field(default=0.1, metadata={"help": "Fraction held out (seeded) for evaluation; 0 for none."})
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None, callbacks=None):
+    # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
+    script_args, training_args, model_args, precision = parse_recipe_args(
+        (ScriptArguments, DPOConfig, ModelConfig), Path(__file__).with_suffix(".yaml"), argv
+    )
+    check_no_token_in_config(training_args)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+
+    # ── model: checks only; TRL loads the 4-bit weights when it builds the trainer ─────
+    remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
+    model_config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    targets = check_lora_targets(model_config, model_args.lora_target_modules, remote_code)
+    log(f"LoRA on {len(targets)} linear layers ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})")
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+
+    # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format ──────────
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    check_fields(raw, ["prompt", "chosen", "rejected"], source=script_args.dataset_name, optional=("system",))
+    pairs = raw.map(phi2_qa_format, remove_columns=raw.column_names, desc="phi-2 QA format")
+    train_pairs, heldout_pairs = split_heldout(pairs, script_args.test_size, training_args.seed)
+    log(f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; first prompt:\n{train_pairs[0]['prompt']}")
+    if heldout_pairs is None:
+        training_args.eval_strategy = "no"
+
+    # ── trainer: 4-bit base + LoRA; no ref_model, the base with adapters off is pi_ref ──
+    trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks)
+
+    # ── train and save: adapter, tokenizer, resolved config, metrics, curves ────────────
+    train_and_save(trainer, (script_args, training_args, model_args), resume_from_checkpoint=resume)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

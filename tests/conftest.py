@@ -1,0 +1,42 @@
+"""Shared fixtures: everything offline, on CPU, built locally (no downloads)."""
+
+import os
+
+# Set before transformers/datasets are imported anywhere: no network, no telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite is CPU-only, also on a GPU machine
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny Phi-architecture model + local tokenizer saved as a model folder (safetensors)."""
+    from dpo.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-phi"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def truthy_file(tmp_path_factory) -> Path:
+    """48 rows in jondurbin/truthy-dpo-v0.1's exact shape, as a .jsonl file."""
+    from dpo.tiny import truthy_like_rows, write_jsonl
+
+    return write_jsonl(truthy_like_rows(48, seed=0), tmp_path_factory.mktemp("data") / "truthy.jsonl")
+
+
+def load_recipe(name: str):
+    """Import recipes/<name>.py as a module (recipes/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
