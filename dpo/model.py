@@ -6,6 +6,7 @@ download of 5 GB: the model id must resolve, and every LoRA target must name a m
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -88,3 +89,25 @@ def model_init_kwargs(model_args, training_args) -> dict:
         "dtype": model_args.dtype,
         "use_safetensors": True,  # never unpickle downloaded weights
     }
+
+
+def is_sharded(training_args) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where parameters are flattened and sharded."""
+    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return True
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def match_quant_storage(model_args, training_args) -> str | None:
+    """Under FSDP/ZeRO-3, store packed 4-bit weights in the model dtype; return what was set.
+
+    Sharding flattens all parameters of a unit into one tensor of one dtype; 4-bit weights
+    stored as uint8 (bitsandbytes' default) beside bf16 LoRA weights cannot be flattened
+    together. Storing them as bfloat16 (same bits, different label) fixes that.
+    """
+    if not model_args.load_in_4bit or model_args.bnb_4bit_quant_storage or not is_sharded(training_args):
+        return None
+    storage = model_args.dtype if model_args.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+    model_args.bnb_4bit_quant_storage = storage
+    return storage

@@ -15,7 +15,7 @@ from accelerate import PartialState
 
 from dpo.compat import DPOTrainer, get_peft_config, get_quantization_config, upcast_trainable_params
 from dpo.config import write_resolved_config
-from dpo.model import model_init_kwargs
+from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
 
 
@@ -27,6 +27,9 @@ def log(message: str) -> None:
 
 def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:
     """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA."""
+    storage = match_quant_storage(model_args, training_args)
+    if storage:
+        log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
     training_args.model_init_kwargs = {**model_init_kwargs(model_args, training_args), **(training_args.model_init_kwargs or {})}
     trainer = DPOTrainer(
         model=model_args.model_name_or_path,

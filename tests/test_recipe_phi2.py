@@ -1,0 +1,215 @@
+"""recipes/dpo_phi2.py end to end on the tiny offline Phi model: the real bitsandbytes 4-bit
++ LoRA path on CPU, on truthy-format rows written by the fixture.
+
+One recipe run (module fixture) backs the checks on what training did and did not touch.
+"""
+
+import gc
+import json
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+
+from conftest import ROOT, load_recipe
+from dpo.compat import REWARD_METRICS, reference_logps
+
+RUN_FLAGS = [
+    "--max_steps", "4", "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4",
+    "--learning_rate", "1e-2",  # large on purpose: every LoRA weight must move within 4 steps
+    "--eval_steps", "2", "--save_steps", "2", "--test_size", "0.25",
+]
+
+
+class SnapshotLoRA(TrainerCallback):
+    """Keeps a copy of every trainable (LoRA) tensor as it is when training starts."""
+
+    def __init__(self):
+        self.initial = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def quantization_config():
+    """What the recipe's YAML asks for (NF4, double quantization), fp32 compute on CPU."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, truthy_file, tmp_path_factory, monkeypatch_module):
+    """Run the recipe once, counting the Phi models it builds with real (non-meta) weights."""
+    built = []
+    original_init = transformers.PhiForCausalLM.__init__
+
+    def counting_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        built.append(weakref.ref(self))
+
+    monkeypatch_module.setattr(transformers.PhiForCausalLM, "__init__", counting_init)
+    output_dir = tmp_path_factory.mktemp("dpo_phi2")
+    snapshot = SnapshotLoRA()
+    recipe = load_recipe("dpo_phi2")
+    trainer = recipe.main(
+        ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
+         "--output_dir", str(output_dir), *RUN_FLAGS],
+        callbacks=[snapshot],
+    )
+    monkeypatch_module.undo()
+    gc.collect()
+    alive = [ref() for ref in built if ref() is not None]
+    materialised = [m for m in alive if not any(p.is_meta for p in m.parameters())]
+    return {"trainer": trainer, "snapshot": snapshot, "output_dir": output_dir, "models": materialised}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_base_is_4bit_nf4_with_double_quant_and_lora_on_all_phi2_modules(run):
+    import bitsandbytes as bnb
+
+    model = run["trainer"].model
+    linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4, "no 4-bit layers: the base was not quantized"
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in linear4)
+    assert all(m.weight.compress_statistics for m in linear4), "double quantization is off"
+    lora_a = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    # 2 layers x (q_proj, k_proj, v_proj, dense, fc1, fc2) = 12 LoRA-wrapped layers
+    assert len(lora_a) == 12
+    for name in ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"):
+        assert any(f".{name}." in n for n in lora_a), name
+
+
+def test_every_lora_weight_changed_and_only_lora_trains(run):
+    model, initial = run["trainer"].model, run["snapshot"].initial
+    assert initial and all("lora_" in n for n in initial), "something other than LoRA was trainable"
+    params = dict(model.named_parameters())
+    unchanged = [n for n, before in initial.items() if torch.equal(params[n].detach(), before)]
+    assert not unchanged, f"LoRA weights that did not move: {unchanged}"
+
+
+def test_every_base_weight_unchanged(run, tiny_model_dir):
+    """Compare with a fresh 4-bit load of the same folder: same quantization, same bytes."""
+    trained = run["trainer"].model.get_base_model()
+    fresh = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quantization_config(), dtype=torch.float32
+    )
+    fresh_params = dict(fresh.named_parameters())
+    compared = 0
+    for name, param in trained.named_parameters():
+        if "lora_" in name:
+            continue
+        base_name = name.replace(".base_layer", "")
+        assert torch.equal(param.detach().cpu(), fresh_params[base_name].detach().cpu()), name
+        compared += 1
+    assert compared == len(fresh_params)
+
+
+def test_no_reference_model_is_allocated(run):
+    trainer = run["trainer"]
+    assert trainer.ref_model is None
+    assert list(trainer.model.peft_config) == ["default"], "a 'ref' adapter copy was created"
+    assert len(run["models"]) == 1, f"{len(run['models'])} Phi models with weights were built; expected one"
+
+
+def test_reference_logps_equal_base_model_with_adapters_disabled(run, tiny_model_dir):
+    trainer = run["trainer"]
+    batch = next(iter(trainer.get_eval_dataloader()))
+    ref_chosen, ref_rejected = reference_logps(trainer, batch)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quantization_config(), dtype=torch.float32
+    )
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # token t is predicted from position t-1; only completion tokens count
+    token_logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    expected = (token_logps * batch["completion_mask"][:, 1:]).sum(-1)
+    exp_chosen, exp_rejected = expected.chunk(2)
+    torch.testing.assert_close(ref_chosen, exp_chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ref_rejected, exp_rejected, rtol=1e-5, atol=1e-4)
+
+    # ...and the trained policy (adapters on) is measurably different, so this test can fail
+    with torch.no_grad():
+        policy_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    policy_logps = torch.log_softmax(policy_logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    policy = (policy_logps * batch["completion_mask"][:, 1:]).sum(-1)
+    assert (policy - expected).abs().max() > 1e-3
+
+
+def test_outputs_written(run):
+    out = run["output_dir"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "resolved_config.yaml",
+                 "final_metrics.json", "trainer_state.json", "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin")) or [p.name for p in out.glob("*.bin")] == ["training_args.bin"]
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert "train_loss" in metrics and "eval_rewards/accuracies" in metrics
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+
+
+def test_reward_metrics_logged_every_step(run):
+    history = run["trainer"].state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    assert len(train_logs) == 4
+    for entry in train_logs:
+        for key in REWARD_METRICS:
+            assert key in entry, key
+    assert any(k.startswith("eval_rewards/") for h in history for k in h)
+
+
+def test_resolved_config_reruns_the_same_settings(run):
+    from dpo.compat import DPOConfig, ModelConfig
+    from dpo.config import parse_recipe_args
+
+    recipe = load_recipe("dpo_phi2")
+    script, training, model, _ = parse_recipe_args(
+        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / "dpo_phi2.yaml",
+        ["--config", str(run["output_dir"] / "resolved_config.yaml")],
+    )
+    used = run["trainer"].args
+    assert training.learning_rate == used.learning_rate == 1e-2
+    assert training.max_steps == 4 and script.test_size == 0.25
+    assert model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+
+
+def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
+    recipe = load_recipe("dpo_phi2")
+    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
+              "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "1", "--test_size", "0",
+              "--save_steps", "2"]
+    first = recipe.main([*common, "--max_steps", "2"])
+    assert (tmp_path / "checkpoint-2").is_dir()
+    first_logs = [h for h in first.state.log_history if "loss" in h]
+    resumed = recipe.main([*common, "--max_steps", "4", "--resume_from_checkpoint", "last"])
+    assert resumed.state.global_step == 4
+    resumed_steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert resumed_steps[-2:] == [3, 4]
+    assert [h["step"] for h in first_logs] == [1, 2]
+
+
+def test_hub_unreachable_exits_cleanly_without_traceback(tmp_path):
+    """As a user sees it with no internet: exit status 2, one message naming what could not be
+    fetched and how to point the recipe at a local copy; no traceback."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py")],
+        capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    # the model is checked first: phi-2 cannot be fetched offline, and the message says what to do
+    assert "could not load model 'microsoft/phi-2'" in proc.stderr
+    assert "--model_name_or_path" in proc.stderr
