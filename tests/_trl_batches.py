@@ -56,7 +56,7 @@ def preference_dataset(n: int = len(PAIRS["prompt"])) -> Dataset:
     return Dataset.from_dict({k: v[:n] for k, v in PAIRS.items()})
 
 
-def tiny_policy_and_reference(noise: float = 0.1, seed: int = 0):
+def tiny_policy_and_reference(noise: float = 0.15, seed: int = 1):
     """(tokenizer, policy, reference): the reference is a freshly initialised tiny Phi; the policy is
     a copy whose weight matrices are perturbed, so that log pi/pi_ref, and with it every reward,
     is far from 0 (a random init alone predicts almost uniformly, which would hide wrong formulas)."""

@@ -50,7 +50,7 @@ CONFIGS = [
     ("alpha_divergence-0.2", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.2)),
     ("alpha_divergence-1", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)),
     ("js-ipo", dict(loss_type=["ipo"], f_divergence_type="js_divergence", beta=0.5)),
-    ("forward_kl-robust", dict(loss_type=["robust"], f_divergence_type="forward_kl", label_smoothing=0.1)),
+    ("js-robust", dict(loss_type=["robust"], f_divergence_type="js_divergence", label_smoothing=0.1)),
     ("rpo", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])),
     ("mpo", dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])),
     ("ipo+hinge", dict(loss_type=["ipo", "hinge"], beta=0.5)),
@@ -140,7 +140,7 @@ def test_matches_trl(setup, cfg):
         else:
             assert rel_err(value, trl_metrics[key]) <= RTOL, (key, value, trl_metrics[key])
     # The comparison must be able to fail: rewards and margins are far from zero here
-    assert abs(metrics["rewards/margins"]) > 1e-2 and 0 < metrics["rewards/accuracies"] < 1
+    assert abs(metrics["rewards/margins"]) > 0.1 and 0 < metrics["rewards/accuracies"] < 1
     if trl_backward_ok:
         assert our_grads.keys() == trl_grads.keys()
         for name, g in our_grads.items():
