@@ -1,0 +1,204 @@
+"""The notebooks in notebooks/: generated, clean, pinned, and they run top to bottom.
+
+* Every .ipynb equals what notebooks/build_notebooks.py writes (edit the generator, not the JSON).
+* Committed notebooks carry no outputs or execution counts.
+* The install cell pins exactly requirements.txt, runs only on Colab, and there clones the repo
+  (one REPO_URL) and installs it; checked by running the cell against a fake Colab.
+* Each notebook executes with nbclient in smoke mode (DPO_SMOKE=1: tiny offline model and data,
+  CPU, a few steps) in a fresh python3 kernel, offline, with a timeout per cell, and leaves the
+  artifacts it promises (adapter, merged model, plots, agreement with TRL).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT
+
+NB_DIR = ROOT / "notebooks"
+CELL_TIMEOUT = 300  # seconds, per cell; the slowest smoke cell takes well under a minute
+COLAB_GUARD = 'if "google.colab" in sys.modules:'
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GEN = _generator()
+NAMES = sorted(GEN.NOTEBOOKS)
+
+
+def read(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+
+
+def code_cells(nb) -> list[str]:
+    return [cell.source for cell in nb.cells if cell.cell_type == "code"]
+
+
+def install_cell(nb) -> str:
+    cells = [src for src in code_cells(nb) if COLAB_GUARD in src]
+    assert len(cells) == 1, "expected exactly one Colab install cell"
+    return cells[0]
+
+
+def requirement_pins() -> list[str]:
+    """name==version lines of requirements.txt, read independently of the generator."""
+    lines = (line.split("#", 1)[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines())
+    return [line for line in lines if "==" in line]
+
+
+def kernel_env(**extra) -> dict:
+    """The kernel's environment: offline, CPU only, smoke mode, and this checkout importable."""
+    env = dict(os.environ)
+    env.update(
+        DPO_SMOKE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
+    )
+    env.update(extra)
+    return env
+
+
+def execute(nb, cwd: Path, **env) -> nbformat.NotebookNode:
+    """Run every cell in a fresh python3 kernel (this interpreter's), in `cwd`; raises on a failing cell."""
+    client = NotebookClient(
+        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute(env=kernel_env(**env))
+    return nb
+
+
+def outputs(nb, kind: str) -> list:
+    """All outputs of executed code cells: kind 'text' (streams and plain text) or a MIME type."""
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if kind == "text" and out.output_type == "stream":
+                found.append(out.text)
+            elif kind != "text" and kind in out.get("data", {}):
+                found.append(out.data[kind])
+    return found
+
+
+# ── the committed files ──────────────────────────────────────────────────────────────────────
+
+
+def test_every_notebook_is_generated_and_up_to_date():
+    on_disk = sorted(p.stem for p in NB_DIR.glob("*.ipynb"))
+    assert on_disk == NAMES, "notebooks/*.ipynb and build_notebooks.NOTEBOOKS differ"
+    for name in NAMES:
+        committed = (NB_DIR / f"{name}.ipynb").read_text()
+        assert committed == GEN.render(name), f"{name}.ipynb is stale: run python notebooks/build_notebooks.py"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_has_no_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+        assert "execution" not in cell.metadata, cell.source[:80]
+    assert "widgets" not in nb.metadata
+    assert nb.metadata.kernelspec.name == "python3"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_install_cell_pins_equal_requirements(name):
+    cell = install_cell(read(name))
+    pins = re.findall(r'"([A-Za-z0-9_.\-\[\]]+==[^"]+)"', cell)
+    assert pins and pins == requirement_pins()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_install_cell_comes_first_and_the_repo_url_is_written_once(name):
+    nb = read(name)
+    first = code_cells(nb)[0]
+    assert first == install_cell(nb)
+    assert first.startswith(f'REPO_URL = "{GEN.REPO_URL}"')
+    everything = "\n".join(code_cells(nb))
+    assert everything.count("github.com/dpo-recipes/dpo-recipes") == 1
+
+
+@pytest.mark.parametrize("on_colab", [True, False], ids=["colab", "elsewhere"])
+def test_install_cell_on_colab_clones_the_repo_and_installs_the_pins(on_colab, monkeypatch, tmp_path):
+    """Run the install cell against a fake Colab: record the commands instead of running them."""
+    commands = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(list(cmd)))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    if on_colab:
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    else:
+        monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+
+    exec(compile(install_cell(read(NAMES[0])), "install-cell", "exec"), {})
+
+    if not on_colab:
+        assert commands == []
+        return
+    clone, pins, repo = commands
+    assert clone == ["git", "clone", "--depth", "1", GEN.REPO_URL, "dpo-recipes"]
+    assert pins[:4] == [sys.executable, "-m", "pip", "install"] and [a for a in pins if "==" in a] == requirement_pins()
+    assert repo[-2:] == ["-e", "dpo-recipes"]
+    assert os.path.realpath(sys.path[0]) == os.path.realpath(tmp_path / "dpo-recipes")
+
+
+def test_readme_has_a_colab_badge_and_a_line_per_notebook():
+    readme = (NB_DIR / "README.md").read_text()
+    for name in NAMES:
+        url = f"https://colab.research.google.com/github/dpo-recipes/dpo-recipes/blob/main/notebooks/{name}.ipynb"
+        assert url in readme, name
+        assert GEN.colab_url(name) == url
+        assert url in read(name).cells[0].source, f"{name}: the first cell should carry its own Colab badge"
+
+
+# ── running them ─────────────────────────────────────────────────────────────────────────────
+
+
+def test_kernel_is_this_interpreter_with_this_checkout(tmp_path):
+    """nbclient's python3 kernel must run in the environment under test (e.g. make test's .venv)."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os, sys, dpo\nprint(sys.executable)\nprint(os.path.dirname(dpo.__file__))\nprint(os.environ['DPO_SMOKE'])"
+    )])
+    executable, package, smoke = "".join(outputs(execute(nb, tmp_path), "text")).split()
+    assert os.path.realpath(executable) == os.path.realpath(sys.executable)
+    assert Path(package).resolve() == ROOT / "dpo"
+    assert smoke == "1"
+
+
+def test_phi2_qlora_notebook_runs_in_smoke_mode(tmp_path):
+    nb = execute(read("dpo_phi2_qlora"), tmp_path)
+    out = tmp_path / "outputs" / "dpo_phi2_qlora"
+    for artifact in ("adapter_model.safetensors", "adapter_config.json", "final_metrics.json", "training_curves.png"):
+        assert (out / artifact).is_file(), artifact
+    assert (tmp_path / "outputs" / "dpo_phi2_qlora-merged" / "model.safetensors").is_file()
+    text = "".join(outputs(nb, "text"))
+    assert "smoke mode: True" in text and "eval_rewards/accuracies" in text
+    change = float(re.search(r"largest logit change from merging: (\S+)", text).group(1))
+    assert change < 1e-4, "the merged model does not compute what base + adapter computed"
+    assert outputs(nb, "image/png"), "no reward curves shown"
+    assert any("after: phi-2 + DPO adapter" in html for html in outputs(nb, "text/html"))
+
+
+def test_from_scratch_notebook_runs_in_smoke_mode(tmp_path):
+    nb = execute(read("dpo_from_scratch"), tmp_path)
+    text = "".join(outputs(nb, "text"))
+    assert "same tokens: True" in text
+    gap = float(re.search(r"largest difference in loss or rewards over the run: (\S+)", text).group(1))
+    assert gap < 1e-4
+    assert outputs(nb, "image/png"), "no implicit-reward plot shown"
