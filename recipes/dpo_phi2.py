@@ -22,7 +22,8 @@ from pathlib import Path
 
 from dpo.compat import DPOConfig, ModelConfig
 from dpo.config import check_no_token_in_config, parse_recipe_args, resolve_resume
-from dpo.data import check_fields, load_preference_data, phi2_qa_format, split_heldout
+from dpo.data import load_preference_data, phi2_qa_format, split_heldout
+from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error
 from dpo.hardware import describe
 from dpo.model import check_lora_targets, load_model_config, load_tokenizer
@@ -54,11 +55,13 @@ def main(argv: list[str] | None = None, callbacks=None):
     log(f"LoRA on {len(targets)} linear layers ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})")
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
 
-    # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format ──────────
+    # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
+    #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load
     raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    check_fields(raw, ["prompt", "chosen", "rejected"], source=script_args.dataset_name, optional=("system",))
-    pairs = raw.map(phi2_qa_format, remove_columns=raw.column_names, desc="phi-2 QA format")
-    train_pairs, heldout_pairs = split_heldout(pairs, script_args.test_size, training_args.seed)
+    report = check_data(raw, script_args.dataset_name, tokenizer, prompt_format="text", text_format=phi2_qa_format,
+                        max_length=training_args.max_length, truncation_mode=training_args.truncation_mode)
+    log(report.summary())
+    train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
     log(f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; first prompt:\n{train_pairs[0]['prompt']}")
     if heldout_pairs is None:
         training_args.eval_strategy = "no"
