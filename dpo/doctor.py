@@ -347,9 +347,9 @@ def check_data(data: Dataset, source: str, tokenizer=None, *, columns: Columns |
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
     template = ""
     if is_chat(pairs):
-        if tokenizer is not None and ensure_chat_template(tokenizer):
+        if tokenizer is None or ensure_chat_template(tokenizer) or tokenizer.chat_template == PLAIN_CHAT_TEMPLATE:
             template = ", plain template"
-        elif tokenizer is not None and tokenizer.chat_template != PLAIN_CHAT_TEMPLATE:
+        else:
             template = ", tokenizer's chat template"
     fmt = f"{prompt_format} format" + template
     report = examine(pairs, tokenizer, max_length, truncation_mode, source, f"{layout.describe()}; {fmt}",

@@ -1,0 +1,110 @@
+"""LoRA / QLoRA DPO of any causal LM on any supported preference dataset, on one GPU.
+
+    accelerate launch recipes/dpo_any.py                              # settings: recipes/dpo_any.yaml
+    accelerate launch recipes/dpo_any.py --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name my.jsonl
+    accelerate launch recipes/dpo_any.py --config recipes/dpo_hh_rlhf.yaml   # Anthropic HH-RLHF
+    accelerate launch recipes/dpo_any.py --dataset_name my.csv --prompt_column question --load_in_4bit false
+    python -m dpo.doctor my.jsonl --model Qwen/Qwen2.5-0.5B-Instruct    # check the data alone first
+
+Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same code path:
+
+    python -m dpo.tiny outputs/tiny-phi --truthy_rows outputs/truthy_sample.jsonl
+    python recipes/dpo_any.py --model_name_or_path outputs/tiny-phi --dataset_name outputs/truthy_sample.jsonl \\
+        --max_steps 5 --gradient_accumulation_steps 1
+
+Data: prompt/chosen/rejected text (+ system), conversational message lists (explicit or implicit
+prompt), Anthropic HH transcripts, or any columns named in the YAML (`prompt_column: question`);
+see dpo/data.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
+row; a tokenizer without one gets dpo/data.py's plain Human/Assistant template and a warning.
+The data doctor (dpo/doctor.py) checks every row and prints its table before any weights load.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+
+from dpo.compat import DPOConfig, ModelConfig
+from dpo.config import check_no_token_in_config, parse_recipe_args, resolve_resume
+from dpo.data import Columns, load_preference_data, split_heldout
+from dpo.doctor import check_data, plot_lengths
+from dpo.errors import exit_on_user_error
+from dpo.hardware import describe
+from dpo.model import check_lora_targets, load_model_config, load_tokenizer
+from dpo.training import build_dpo_trainer, log, train_and_save
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file or folder."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on; unset: hold out test_size."})
+    test_size: float = field(default=0.1, metadata={"help": "Fraction of train held out (seeded) when there is no test split; 0 for none."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Column with the prompt (detected: prompt, question, instruction)."})
+    chosen_column: str | None = field(default=None, metadata={"help": "Column with the preferred answer (detected: chosen)."})
+    rejected_column: str | None = field(default=None, metadata={"help": "Column with the dispreferred answer (detected: rejected)."})
+    system_column: str | None = field(default=None, metadata={"help": "Column with a system text (detected: system, system_prompt)."})
+    prompt_format: str = field(default="chat", metadata={"help": "chat: the tokenizer's chat template; text: strings as they are."})
+    degenerate_rows: str = field(default="drop", metadata={"help": "drop (count and warn) or fail on empty/identical/duplicate/too-long rows."})
+
+
+def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool = False):
+    """Load `split`, convert and check every row, print the doctor's table; the report (None: no such split)."""
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, split, missing_ok)
+    if raw is None:
+        return None
+    columns = Columns(script_args.prompt_column, script_args.chosen_column, script_args.rejected_column, script_args.system_column)
+    source = script_args.dataset_name if split == script_args.dataset_train_split else f"{script_args.dataset_name} [{split}]"
+    report = check_data(raw, source, tokenizer, columns=columns, prompt_format=script_args.prompt_format,
+                        max_length=training_args.max_length, truncation_mode=training_args.truncation_mode,
+                        degenerate_rows=script_args.degenerate_rows)
+    log(report.summary())
+    return report
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None, callbacks=None):
+    # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
+    script_args, training_args, model_args, precision = parse_recipe_args(
+        (ScriptArguments, DPOConfig, ModelConfig), Path(__file__).with_suffix(".yaml"), argv
+    )
+    check_no_token_in_config(training_args)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+
+    # ── model: checks only; TRL loads the (4-bit) weights when it builds the trainer ───
+    remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
+    model_config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    targets = check_lora_targets(model_config, model_args.lora_target_modules, remote_code)
+    log(f"LoRA on {len(targets)} linear layers ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})")
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+
+    # ── data: any layout -> prompt/chosen/rejected; the doctor checks every row ─────────
+    report = doctor(script_args, training_args, tokenizer, script_args.dataset_train_split)
+    if PartialState().is_main_process:
+        plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")  # the doctor's lengths, as a picture
+    test = doctor(script_args, training_args, tokenizer, script_args.dataset_test_split, missing_ok=True) \
+        if script_args.dataset_test_split else None
+    if test is not None:
+        train_pairs, heldout_pairs = report.kept, test.kept
+    else:
+        if script_args.dataset_test_split:  # e.g. a local file, which has only "train"
+            log(f"no split '{script_args.dataset_test_split}' in {script_args.dataset_name}; "
+                f"holding out test_size={script_args.test_size} of the training rows instead")
+        train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
+    log(f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
+        f"{report.example.get('prompt', '')}{report.example.get('chosen', '')}")
+    if heldout_pairs is None:
+        training_args.eval_strategy = "no"
+
+    # ── trainer: (4-bit) base + LoRA; no ref_model, the base with adapters off is pi_ref ─
+    trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks)
+
+    # ── train and save: adapter, tokenizer (with its chat template), config, metrics, curves
+    train_and_save(trainer, (script_args, training_args, model_args), resume_from_checkpoint=resume)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
