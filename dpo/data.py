@@ -2,8 +2,7 @@
 
     raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # or data.jsonl / .json / .parquet / .csv
     pairs, layout = to_pairs(raw, source="trl-lib/ultrafeedback_binarized")
-    ensure_chat_template(tokenizer)                                  # chat format needs one; see PLAIN_CHAT_TEMPLATE
-    # then dpo.doctor.examine(pairs, tokenizer, ...) drops degenerate rows and counts them
+    # recipes call dpo.doctor.check_data(raw, source, tokenizer): to_pairs, ensure_chat_template, checks
 
 Layouts, detected from the column names and the first row (extra columns are ignored):
 
@@ -29,6 +28,10 @@ and dpo.doctor drops and counts it), in TRL's explicit-prompt format:
     prompt_format="text"            plain strings, joined as they are: TRL trains on prompt + chosen + EOS.
                                     Text rows: "<system>\\n\\n<prompt>" (or `text_format(row)`, e.g. phi2_qa_format);
                                     hh rows: the transcript up to and including the last "\\n\\nAssistant:".
+
+Chat rows go to TRL as messages, not as text we render: TRL then tokenizes them with the chat
+template itself (no second BOS from tokenizing a rendered text, no EOS appended after the
+template's own end of turn), and dpo.doctor counts tokens the same way.
 
 Every problem with the user's data stops with the file, the row number and the field. Row N is
 the N-th record, counted from 1: the N-th non-blank line of a .jsonl (its line number is added
@@ -84,6 +87,7 @@ PLAIN_CHAT_TEMPLATE = (
 
 
 def _looks_local(name: str) -> bool:
+    """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
     return name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_FORMATS or Path(name).exists()
 
 
@@ -127,10 +131,20 @@ def _json_problem(path: Path) -> str | None:
     return None
 
 
+def _blank(path: Path) -> bool:
+    """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _load_file(name: str, path: Path) -> Dataset:
+    """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
     if path.suffix not in LOCAL_FORMATS:
         raise UserError(f"{name}: unsupported file type '{path.suffix}'; use one of {sorted(LOCAL_FORMATS)}")
-    if path.stat().st_size == 0 or (path.suffix in (".json", ".jsonl", ".csv") and not path.read_text(errors="replace").strip()):
+    if path.stat().st_size == 0 or (path.suffix in (".json", ".jsonl", ".csv") and _blank(path)):
         raise UserError(f"{name}: the file is empty")
     try:
         data = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
@@ -181,6 +195,9 @@ def load_preference_data(name: str, config_name: str | None = None, split: str =
 
 
 def _pick_split(data, name: str, split: str, missing_ok: bool = False) -> Dataset | None:
+    """`data[split]` of a DatasetDict (a lone Dataset counts as "train"); UserError if it has no rows."""
+    if not isinstance(data, DatasetDict) and split != "train" and missing_ok:
+        return None
     if isinstance(data, DatasetDict):
         if split not in data and missing_ok:
             return None
@@ -277,17 +294,18 @@ class Layout:
     prompt: str | None = None
     prompt_kind: str | None = None  # "text" or "messages" when there is a prompt column
     system: str | None = None
+    full_conversations: bool = False  # chosen/rejected start with the prompt's turns (first row)
 
     def describe(self) -> str:
         """e.g. 'text pairs (prompt=question, chosen, rejected, system)'."""
         used = [role if col == role else f"{role}={col}" for role, col in (
             ("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected), ("system", self.system)) if col]
-        kind = {
-            "text": "text pairs",
-            "hh": "Human/Assistant transcripts, prompt = shared turns",
-            "conversational": {"messages": "conversational, prompt messages", "text": "conversational, prompt text"}.get(
-                self.prompt_kind or "", "conversational, prompt = shared turns"),
-        }[self.kind]
+        if self.kind == "conversational":
+            kind = "conversational, prompt = " + (
+                "shared turns" if self.prompt is None or (self.full_conversations and self.prompt_kind != "messages")
+                else f"{self.prompt} column")
+        else:
+            kind = {"text": "text pairs", "hh": "Human/Assistant transcripts, prompt = shared turns"}[self.kind]
         return f"{kind} ({', '.join(used)})"
 
 
@@ -328,7 +346,7 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
     prompt_value = _first_value(data, prompt) if prompt else None
     prompt_kind = None if prompt is None else ("messages" if _is_messages(prompt_value) else "text")
     if _is_messages(first):
-        return Layout("conversational", chosen, rejected, prompt, prompt_kind, system)
+        return Layout("conversational", chosen, rejected, prompt, prompt_kind, system, first[0].get("role") != "assistant")
     if isinstance(first, str):
         if prompt is not None:
             if prompt_kind == "messages":

@@ -137,6 +137,7 @@ def test_h4_ultrafeedback_prompt_text_with_full_conversations():
     rows = h4_ultrafeedback_rows(3)
     pairs, layout = to_pairs(Dataset.from_list(rows), "HuggingFaceH4/ultrafeedback_binarized")
     assert layout.kind == "conversational" and layout.prompt_kind == "text"
+    assert "prompt = shared turns" in layout.describe()
     for row, pair in zip(rows, pairs):
         assert pair["prompt"] == [{"role": "user", "content": row["prompt"]}]  # the user turn, once
         assert pair["chosen"] == [{"role": "assistant", "content": row["chosen"][1]["content"]}]
@@ -154,10 +155,14 @@ def test_trl_ultrafeedback_implicit_prompt_is_the_shared_turns_multi_turn_includ
     assert multi["chosen"] == rows[2]["chosen"][3:] and multi["rejected"] == rows[2]["rejected"][3:]
 
 
-def test_explicit_prompt_messages():
+def test_explicit_prompt_messages_or_text_with_answer_only_lists():
     rows = [{"prompt": [user("Hi?")], "chosen": [assistant("Hello.")], "rejected": [assistant("Go away.")]}]
     pairs, layout = to_pairs(Dataset.from_list(rows), "x.jsonl")
-    assert layout.prompt_kind == "messages"
+    assert layout.prompt_kind == "messages" and "prompt = prompt column" in layout.describe()
+    assert (pairs[0]["prompt"], pairs[0]["chosen"]) == ([user("Hi?")], [assistant("Hello.")])
+    rows = [{"prompt": "Hi?", "chosen": [assistant("Hello.")], "rejected": [assistant("Go away.")]}]
+    pairs, layout = to_pairs(Dataset.from_list(rows), "x.jsonl")
+    assert layout.prompt_kind == "text" and "prompt = prompt column" in layout.describe()
     assert (pairs[0]["prompt"], pairs[0]["chosen"]) == ([user("Hi?")], [assistant("Hello.")])
 
 
@@ -253,6 +258,18 @@ def test_every_local_format_loads_the_same_rows(tmp_path, suffix):
         data.to_csv(path, index=False)
     loaded = load_preference_data(str(path))
     assert [dict(r) for r in loaded] == [{**r, "system": r["system"] or (None if suffix == ".csv" else "")} for r in rows]
+
+
+def test_a_save_to_disk_folder_loads_by_split(tmp_path):
+    from datasets import DatasetDict
+
+    DatasetDict(train=Dataset.from_list(orca_rows(3)), test=Dataset.from_list(orca_rows(1))).save_to_disk(tmp_path / "dd")
+    assert len(load_preference_data(str(tmp_path / "dd"))) == 3
+    assert len(load_preference_data(str(tmp_path / "dd"), split="test")) == 1
+    Dataset.from_list(orca_rows(2)).save_to_disk(tmp_path / "one")
+    assert load_preference_data(str(tmp_path / "one"), split="test", missing_ok=True) is None
+    with pytest.raises(UserError, match="has no split 'dev'"):
+        load_preference_data(str(tmp_path / "dd"), split="dev")
 
 
 def test_a_local_file_has_only_a_train_split(tmp_path):

@@ -35,7 +35,7 @@ def test_generic_recipe_trains_on_ultrafeedback_rows_doctor_first(recipe, tiny_m
     # the doctor's table comes before any weights are loaded, with every drop counted
     doctor_at = stdout.index(f"data doctor: {data}")
     assert doctor_at < stdout.index("trainable parameters")
-    assert "conversational, prompt text (prompt, chosen, rejected); chat format, plain template" in stdout
+    assert "conversational, prompt = shared turns (prompt, chosen, rejected); chat format, plain template" in stdout
     assert "1  empty chosen or rejected: row 6" in stdout and "1  duplicate of an earlier row: row 21" in stdout
     assert "rows kept      19" in stdout
     assert "no split 'test'" in stdout  # a local file: held out test_size of train instead
