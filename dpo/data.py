@@ -62,7 +62,7 @@ NO_SHARED_PROMPT = "chosen and rejected share no prompt"
 DIVERGE = "chosen and rejected differ before the last reply"
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a turn opens the text or follows a blank line
 
 # The documented fallback for a tokenizer without a chat template (base models: phi-2, pythia,
 # gpt2). It is Anthropic HH's transcript format, so HH data looks as it was written; every
@@ -402,7 +402,7 @@ def split_hh_text(chosen: str, rejected: str) -> tuple[str, str, str, str]:
     """
     shared = os.path.commonprefix([chosen, rejected])
     k = shared.rfind(HH_ASSISTANT)
-    if k < 0 or HH_HUMAN not in shared[:k] and not shared.startswith("Human:"):
+    if k < 0 or (HH_HUMAN not in shared[:k] and not shared.startswith("Human:")):
         return "", chosen, rejected, NO_SHARED_PROMPT
     cut = k + len(HH_ASSISTANT)
     prompt, chosen_reply, rejected_reply = chosen[:cut], chosen[cut:], rejected[cut:]
