@@ -3,6 +3,11 @@
 When TRL changes, this is the file to read and fix: the names recipes import, the loss
 types and metrics TRL knows, the options it removed, and the two internals we rely on
 (the reference forward and the bf16 cast of LoRA weights under quantization).
+
+One more place mirrors TRL on purpose: dpo/doctor.py counts tokens the way DPOTrainer
+tokenizes (EOS added to text completions, chat templates for messages), and
+tests/test_doctor.py checks it against DPOTrainer's own dataset preparation, so a TRL
+upgrade that changes tokenization fails that test.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from pathlib import Path
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
-from dpo.compat import REMOVED_OPTIONS, TrlParser
-from dpo.errors import UserError
-from dpo.hardware import detect_precision
+from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
+from dpo.errors import UserError, log
+from dpo.hardware import describe, detect_precision
 
 
 def _unknown_key_message(keys: list[str], source: str) -> str:
@@ -64,6 +64,21 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     return (*parsed, precision)
 
 
+def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list[str] | None = None):
+    """The args phase of a recipe: (script_args, training_args, model_args), checked and logged.
+
+    Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
+    the config; resolves `--resume_from_checkpoint last` to a folder; logs the precision.
+    """
+    script_args, training_args, model_args, precision = parse_recipe_args(
+        (script_arguments_class, DPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
+    )
+    check_no_token_in_config(training_args)
+    training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+    return script_args, training_args, model_args
+
+
 def check_no_token_in_config(training_args) -> None:
     """Tokens belong in the HF_TOKEN environment variable, never in YAML, flags or checkpoints."""
     if getattr(training_args, "hub_token", None):
@@ -102,6 +117,7 @@ def write_resolved_config(path: str | Path, *arg_objects) -> Path:
     merged: dict = {}
     for obj in arg_objects:
         merged.update(to_plain(obj))
+    merged.pop("resume_from_checkpoint", None)  # a re-run starts fresh unless asked to resume
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(merged, sort_keys=True))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dpo.errors import UserError
+from dpo.errors import UserError, log
 
 
 def _looks_local(name: str) -> bool:
@@ -52,11 +52,15 @@ def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = 
     return tokenizer
 
 
-def linear_module_names(config, trust_remote_code: bool = False) -> list[str]:
-    """Dotted names of every nn.Linear in the architecture, built on the meta device (no weights)."""
+def linear_module_names(config, trust_remote_code: bool = False) -> tuple[list[str], str | None]:
+    """Dotted names of every nn.Linear in the architecture, and the name of the output layer
+    (lm_head), from a model built on the meta device (no weights, no memory)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    output_layer = model.get_output_embeddings()
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    head = next((name for name, module in model.named_modules() if module is output_layer), None)
+    return names, head
 
 
 def check_lora_targets(config, target_modules, trust_remote_code: bool = False) -> list[str]:
@@ -66,9 +70,9 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
     so a stale name (phi-2's old `Wqkv`, `out_proj`) trains nothing in those layers.
     A target matches a module whose dotted name equals it or ends with `.<target>`, as in PEFT.
     """
-    names = linear_module_names(config, trust_remote_code)
+    names, head = linear_module_names(config, trust_remote_code)
     if target_modules in (None, "all-linear", ["all-linear"]):
-        return names
+        return [n for n in names if n != head]  # PEFT's all-linear leaves the output layer alone
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
@@ -78,6 +82,18 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
             f"and would train nothing. Linear layers in this model: {leaf_names}"
         )
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def check_model_and_load_tokenizer(model_args, training_args):
+    """The model phase of a recipe, before any weights load: the model id resolves, every
+    LoRA target names a layer (logged), and the tokenizer loads. Returns the tokenizer."""
+    remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
+    config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    if model_args.use_peft:
+        targets = check_lora_targets(config, model_args.lora_target_modules, remote_code)
+        kinds = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
+        log(f"LoRA on {len(targets)} linear layers ({kinds})")
+    return load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
 
 
 def model_init_kwargs(model_args, training_args) -> dict:

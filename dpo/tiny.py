@@ -114,7 +114,11 @@ _TRUTHY_FACTS = [
 
 
 def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
-    """`n` synthetic rows with truthy-dpo's fields; every other row has an empty system text."""
+    """`n` distinct synthetic rows with truthy-dpo's fields; every other row has no system text.
+
+    Each prompt is numbered ("Question 7: ...") so that no two rows are duplicates, which the
+    data doctor would (rightly) drop.
+    """
     import random
 
     rng = random.Random(seed)
@@ -123,7 +127,7 @@ def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
         prompt, good, bad = _TRUTHY_FACTS[rng.randrange(len(_TRUTHY_FACTS))]
         rows.append({
             "id": f"synthetic-{i}", "source": "dpo.tiny", "system": _TRUTHY_SYSTEM if i % 2 == 0 else "",
-            "prompt": prompt, "chosen": good, "rejected": bad,
+            "prompt": f"Question {i + 1}: {prompt}", "chosen": good, "rejected": bad,
         })
     return rows
 

@@ -15,14 +15,9 @@ from accelerate import PartialState
 
 from dpo.compat import DPOTrainer, get_peft_config, get_quantization_config, upcast_trainable_params
 from dpo.config import write_resolved_config
+from dpo.errors import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
-
-
-def log(message: str) -> None:
-    """Print once, from the main process only."""
-    if PartialState().is_main_process:
-        print(f"[dpo-recipes] {message}", flush=True)
 
 
 def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:

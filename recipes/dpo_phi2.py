@@ -18,16 +18,13 @@ dataset's system text opening the instruction (dpo/data.py:phi2_qa_format):
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dpo.compat import DPOConfig, ModelConfig
-from dpo.config import check_no_token_in_config, parse_recipe_args, resolve_resume
+from dpo.config import load_recipe_args
 from dpo.data import load_preference_data, phi2_qa_format, split_heldout
 from dpo.doctor import check_data
-from dpo.errors import exit_on_user_error
-from dpo.hardware import describe
-from dpo.model import check_lora_targets, load_model_config, load_tokenizer
-from dpo.training import build_dpo_trainer, log, train_and_save
+from dpo.errors import exit_on_user_error, log
+from dpo.model import check_model_and_load_tokenizer
+from dpo.training import build_dpo_trainer, train_and_save
 
 
 @dataclass
@@ -41,19 +38,10 @@ class ScriptArguments:
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None):
     # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
-    script_args, training_args, model_args, precision = parse_recipe_args(
-        (ScriptArguments, DPOConfig, ModelConfig), Path(__file__).with_suffix(".yaml"), argv
-    )
-    check_no_token_in_config(training_args)
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
-    log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+    script_args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
 
     # ── model: checks only; TRL loads the 4-bit weights when it builds the trainer ─────
-    remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
-    model_config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
-    targets = check_lora_targets(model_config, model_args.lora_target_modules, remote_code)
-    log(f"LoRA on {len(targets)} linear layers ({', '.join(sorted({t.rsplit('.', 1)[-1] for t in targets}))})")
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
     # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
     #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load
@@ -70,7 +58,7 @@ def main(argv: list[str] | None = None, callbacks=None):
     trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks)
 
     # ── train and save: adapter, tokenizer, resolved config, metrics, curves ────────────
-    train_and_save(trainer, (script_args, training_args, model_args), resume_from_checkpoint=resume)
+    train_and_save(trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint)
     return trainer
 
 

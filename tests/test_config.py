@@ -136,3 +136,12 @@ def test_every_accelerate_config_is_tested():
 def test_readme_shows_the_single_gpu_launch():
     readme = (ROOT / "README.md").read_text()
     assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py" in readme
+
+
+def test_all_linear_targets_every_linear_layer_but_the_output_head():
+    """As PEFT's all-linear: 2 layers x 6 projections, and not lm_head."""
+    from dpo.model import check_lora_targets
+    from dpo.tiny import build_tokenizer, tiny_phi_config
+
+    matched = check_lora_targets(tiny_phi_config(len(build_tokenizer())), "all-linear")
+    assert len(matched) == 12 and "lm_head" not in matched
