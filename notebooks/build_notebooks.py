@@ -235,37 +235,44 @@ def phi2_qlora() -> list[tuple[str, str]]:
         Each row of truthy-dpo has a `system` text, a `prompt`, a `chosen` and a `rejected` answer.
         """),
         code("""
-        from dpo.data import check_fields, load_preference_data, phi2_qa_format, split_heldout
+        from dpo.data import load_preference_data
 
         raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-        check_fields(raw, ["prompt", "chosen", "rejected"], source=DATASET, optional=("system",))
         print(f"{len(raw)} rows, fields {raw.column_names}\\n")
         for field in ("system", "prompt", "chosen", "rejected"):
             print(f"{field:>8}: {raw[0][field][:300]}")
         """),
         md("""
         phi-2 has no chat template. Its documented QA format is `Instruct: ...` then `Output:`;
-        the system text opens the instruction. TRL appends the end-of-text token to each answer,
-        so the model also learns where to stop.
+        the system text opens the instruction (`phi2_qa_format`). TRL appends the end-of-text
+        token to each answer, so the model also learns where to stop.
+
+        The data doctor (`dpo/doctor.py`), which the recipe runs too, converts every row, checks
+        it, and drops and counts degenerate ones (empty answers, chosen identical to rejected,
+        duplicates) before any weights load. It counts lengths in tokens exactly as TRL will, and
+        how many pairs `max_length` would cut.
         """),
         code("""
-        pairs = raw.map(phi2_qa_format, remove_columns=raw.column_names)
-        print(pairs[0]["prompt"] + pairs[0]["chosen"])
-        print("\\n--- rejected answer:" + pairs[0]["rejected"])
-        """),
-        md("""
-        A seeded tenth of the pairs is held out: the trainer evaluates on it, and the answers
-        compared below come from prompts the model never trained on. Every pair must fit in
-        `max_length` tokens.
-        """),
-        code("""
+        from dpo.data import phi2_qa_format
+        from dpo.doctor import check_data
         from dpo.model import load_tokenizer
 
         tokenizer = load_tokenizer(MODEL)
-        train_pairs, heldout_pairs = split_heldout(pairs, script_args.test_size, training_args.seed)
-        lengths = sorted(len(tokenizer(p["prompt"] + max(p["chosen"], p["rejected"], key=len))["input_ids"]) for p in pairs)
+        report = check_data(raw, DATASET, tokenizer, prompt_format="text", text_format=phi2_qa_format,
+                            max_length=training_args.max_length, truncation_mode=training_args.truncation_mode)
+        print(report.summary())
+        print("\\n--- the first pair as the model sees it:")
+        print(report.example["prompt"] + report.example["chosen"])
+        """),
+        md("""
+        A seeded tenth of the pairs is held out: the trainer evaluates on it, and the answers
+        compared below come from prompts the model never trained on.
+        """),
+        code("""
+        from dpo.data import split_heldout
+
+        train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
         print(f"{len(train_pairs)} pairs to train on, {len(heldout_pairs)} held out")
-        print(f"tokens per pair: median {lengths[len(lengths) // 2]}, max {lengths[-1]} (max_length {training_args.max_length})")
         """),
         md("""
         ## Load phi-2 in 4-bit with LoRA, and the DPO trainer
@@ -329,7 +336,7 @@ def phi2_qlora() -> list[tuple[str, str]]:
 
         from IPython.display import HTML
 
-        def answer(prompt, max_new_tokens=16 if SMOKE else 160):
+        def answer(prompt, max_new_tokens=10 if SMOKE else 160):
             inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
@@ -697,9 +704,206 @@ def from_scratch() -> list[tuple[str, str]]:
     ]
 
 
+# ── 3. your own data ───────────────────────────────────────────────────────────────────────────
+def your_dataset() -> list[tuple[str, str]]:
+    name = "dpo_your_dataset"
+    return [
+        md("""
+        # DPO on your own preference data
+
+        @BADGE@
+
+        Bring pairs of answers, one preferred (*chosen*) and one not (*rejected*), for each prompt.
+        This notebook loads them, runs the **data doctor** (every row checked before any GPU time
+        is spent), shows the rows as the model will see them, and launches the generic recipe
+        `recipes/dpo_any.py`: QLoRA DPO of a causal language model, here microsoft/phi-2, on one GPU.
+
+        In Colab: *Runtime > Change runtime type > T4 GPU* (or better), then *Run all*.
+
+        @SMOKE@
+        """, BADGE=badge(name), SMOKE=SMOKE_MD),
+        INSTALL_MD,
+        install_cell(),
+        md("""
+        ## Your data
+
+        `DATASET` is a Hub dataset id or a file: `.jsonl`, `.json`, `.parquet` or `.csv` (on Colab,
+        upload it in the *Files* pane and give its name). These shapes are recognised from the
+        column names, and extra columns are ignored:
+
+        | layout | columns | for example |
+        |---|---|---|
+        | text pairs | `prompt` (or `question`, `instruction`), `chosen`, `rejected`, optional `system` | jondurbin/truthy-dpo-v0.1, Intel/orca_dpo_pairs |
+        | conversations | `chosen`, `rejected` as message lists `[{"role": ..., "content": ...}]`, optional `prompt` | trl-lib/ultrafeedback_binarized |
+        | transcripts | `chosen`, `rejected` as `"\\n\\nHuman: ... \\n\\nAssistant: ..."` | Anthropic/hh-rlhf |
+
+        Other column names: set them in `COLUMNS`, e.g. `Columns(prompt="query", chosen="good", rejected="bad")`.
+        """),
+        code("""
+        from pathlib import Path
+
+        from dpo.data import Columns
+
+        MODEL = "microsoft/phi-2"
+        DATASET = "Intel/orca_dpo_pairs"  # or your file: "my_pairs.jsonl"
+        COLUMNS = Columns()  # None everywhere: detect the columns
+        OUTPUT_DIR = Path("outputs/dpo_your_dataset")
+
+        SMOKE = os.environ.get("DPO_SMOKE") == "1"
+        print(f"model: {MODEL}\\ndata:  {DATASET}\\nsmoke mode: {SMOKE}")
+        """),
+        md("""
+        In smoke mode a tiny offline model stands in for phi-2, and the data is a small file
+        written here, shaped like many home-made ones: a `question` column instead of `prompt`,
+        and a few bad rows that the doctor will catch.
+        """),
+        code("""
+        if SMOKE:
+            from dpo.tiny import save_tiny_model, truthy_like_rows, write_jsonl
+
+            MODEL = str(save_tiny_model("outputs/smoke/tiny-phi"))
+            rows = [{"system": r["system"], "question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+                    for r in truthy_like_rows(20)]
+            rows += [
+                {**rows[0], "chosen": ""},                     # an empty answer
+                {**rows[1], "rejected": rows[1]["chosen"]},    # both answers the same
+                dict(rows[2]),                                 # a duplicate of an earlier row
+            ]
+            DATASET = str(write_jsonl(rows, "outputs/smoke/my_pairs.jsonl"))
+            print(f"wrote {len(rows)} rows to {DATASET}")
+        """),
+        md("""
+        ## Load it
+        """),
+        code("""
+        from dpo.data import load_preference_data
+
+        raw = load_preference_data(DATASET)
+        print(raw)
+        print({k: (v[:120] if isinstance(v, str) else v) for k, v in raw[0].items()})
+        """),
+        md("""
+        ## The data doctor
+
+        `check_data` (`dpo/doctor.py`, what every recipe runs first) detects the layout, converts
+        every row to TRL's `prompt` / `chosen` / `rejected` format and checks it:
+
+        * a **schema error** (a missing field, a number where text should be, a malformed JSON
+          line) stops with the file, the row and the field;
+        * **degenerate rows** are dropped and counted: an empty answer, both answers the same,
+          a duplicate, a prompt that alone fills `max_length` (which TRL would drop silently);
+        * **lengths** are counted in tokens exactly as TRL will tokenize, with the share of pairs
+          that `max_length` truncates.
+
+        phi-2 has no chat template, so the doctor gives its tokenizer a plain
+        `Human: ... Assistant: ...` one, with a warning; a chat model's own template is used as is.
+        """),
+        code("""
+        from dpo.doctor import check_data
+        from dpo.model import load_tokenizer
+
+        MAX_LENGTH = 1024  # prompt + answer tokens, as in recipes/dpo_any.yaml
+        tokenizer = load_tokenizer(MODEL)
+        report = check_data(raw, DATASET, tokenizer, columns=COLUMNS, max_length=MAX_LENGTH)
+        print(report.summary())
+        """),
+        code("""
+        from IPython.display import Image, display
+
+        from dpo.doctor import plot_lengths
+
+        display(Image(filename=str(plot_lengths(report, OUTPUT_DIR / "data_lengths.png"))))
+        """),
+        md("""
+        A schema error, for comparison: one row whose answer is a number. The doctor stops and
+        says where.
+        """),
+        code("""
+        from dpo.errors import UserError
+        from dpo.tiny import write_jsonl
+
+        broken = write_jsonl([{"prompt": "2 + 2?", "chosen": "Four.", "rejected": "Five."},
+                              {"prompt": "3 + 3?", "chosen": 6, "rejected": "Seven."}], "outputs/broken.jsonl")
+        try:
+            check_data(load_preference_data(str(broken)), str(broken), tokenizer)
+        except UserError as err:
+            print("error:", err)
+        """),
+        md("""
+        ## The converted rows
+
+        What TRL will train on: the prompt as a list of messages, and each answer as the
+        assistant's reply. The chat template turns them into the text below; the model learns
+        from the answer tokens only, and the end-of-text token teaches it to stop.
+        """),
+        code("""
+        for pair in report.kept.select(range(2)):
+            print("prompt:  ", pair["prompt"])
+            print("chosen:  ", pair["chosen"])
+            print("rejected:", pair["rejected"], "\\n")
+        print("--- the first pair as the model sees it:")
+        print(report.example["prompt"] + report.example["chosen"])
+        """),
+        md("""
+        ## Launch the generic recipe
+
+        `recipes/dpo_any.py` with its settings in `recipes/dpo_any.yaml` (4-bit base, LoRA on
+        every linear layer, beta 0.1); the list below overrides fields, as command-line flags
+        would. It is a short first run, 20 steps of 16 pairs, enough to see the reward margin
+        move (roughly half an hour on a T4). Leave out `max_steps` and `gradient_accumulation_steps`
+        for the recipe's full epoch of 64-pair steps. The cell prints the same run as a command line.
+        """),
+        code("""
+        import importlib.util
+
+        import dpo
+
+        RECIPES = Path(dpo.__file__).resolve().parents[1] / "recipes"
+        spec = importlib.util.spec_from_file_location("dpo_any", RECIPES / "dpo_any.py")
+        recipe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(recipe)
+
+        settings = dict(model_name_or_path=MODEL, dataset_name=DATASET, output_dir=OUTPUT_DIR, max_length=MAX_LENGTH,
+                        max_steps=20, gradient_accumulation_steps=8, learning_rate=5e-5, test_size=0.01, eval_steps=10)
+        settings |= {f"{role}_column": column for role, column in vars(COLUMNS).items() if column}
+        if SMOKE:  # a few steps of 4 pairs on the tiny model
+            settings |= dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                             learning_rate=5e-3, test_size=0.25, eval_steps=3)
+        flags = [arg for key, value in settings.items() for arg in (f"--{key}", str(value))]
+        print("python recipes/dpo_any.py", " ".join(flags))
+        """),
+        code("""
+        trainer = recipe.main(flags)
+        """),
+        md("""
+        ## Results
+
+        The recipe wrote the adapter, every setting of the run (`resolved_config.yaml`), the
+        metrics and these curves to `OUTPUT_DIR`. A growing reward margin and a reward accuracy
+        above 0.5 on the held-out pairs mean the model learned your preferences.
+        """),
+        code("""
+        import json
+
+        metrics = json.loads((OUTPUT_DIR / "final_metrics.json").read_text())
+        print({k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_rewards/")})
+        display(Image(filename=str(OUTPUT_DIR / "training_curves.png")))
+        """),
+        md("""
+        ## Next
+
+        * Check a dataset alone, without a GPU: `python -m dpo.doctor <your data> --model microsoft/phi-2`.
+        * The full run from a terminal: `accelerate launch recipes/dpo_any.py --dataset_name <your data>`;
+          any YAML field as a flag.
+        * Compare answers before and after training, and merge the adapter: `dpo_phi2_qlora.ipynb`.
+        """),
+    ]
+
+
 NOTEBOOKS = {
     "dpo_phi2_qlora": (phi2_qlora, True),
     "dpo_from_scratch": (from_scratch, False),
+    "dpo_your_dataset": (your_dataset, True),
 }
 
 

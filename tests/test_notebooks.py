@@ -202,3 +202,20 @@ def test_from_scratch_notebook_runs_in_smoke_mode(tmp_path):
     gap = float(re.search(r"largest difference in loss or rewards over the run: (\S+)", text).group(1))
     assert gap < 1e-4
     assert outputs(nb, "image/png"), "no implicit-reward plot shown"
+
+
+def test_your_dataset_notebook_runs_in_smoke_mode(tmp_path):
+    nb = execute(read("dpo_your_dataset"), tmp_path)
+    text = "".join(outputs(nb, "text"))
+    # the doctor detected the `question` column, dropped each kind of bad row it was given (rows
+    # 21-23 of the file), and named the file, row and field of the schema error
+    assert "prompt=question" in text
+    assert re.search(r"rows in\s+23\b", text)
+    assert re.search(r"empty chosen or rejected: row 21\b", text)
+    assert re.search(r"chosen identical to rejected: row 22\b", text)
+    assert "duplicate of an earlier row: row" in text
+    assert "outputs/broken.jsonl, row 2, field 'chosen'" in text
+    out = tmp_path / "outputs" / "dpo_your_dataset"
+    for artifact in ("adapter_model.safetensors", "final_metrics.json", "training_curves.png", "data_lengths.png"):
+        assert (out / artifact).is_file(), artifact
+    assert len(outputs(nb, "image/png")) >= 2, "length histogram and training curves"
