@@ -73,6 +73,10 @@ if "google.colab" in sys.modules:  # on Colab only; elsewhere use the repo's env
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *PINS], check=True)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "-e", "dpo-recipes"], check=True)
     sys.path.insert(0, os.path.abspath("dpo-recipes"))  # importable now, without restarting the session
+    for pin in PINS:  # a package the session had already imported keeps its old version until a restart
+        name, version = pin.split("==")
+        if name in sys.modules and getattr(sys.modules[name], "__version__", version).split("+")[0] != version:
+            raise SystemExit(f"{{name}} was imported before this install: Runtime > Restart session, then Run all.")
 ''')
 
 
@@ -173,8 +177,7 @@ def phi2_qlora() -> list[tuple[str, str]]:
         import warnings
 
         import dpo
-        from dpo.compat import DPOConfig, ModelConfig
-        from dpo.config import parse_recipe_args
+        from dpo.config import load_recipe_args
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames options TRL uses; harmless
         RECIPES = Path(dpo.__file__).resolve().parents[1] / "recipes"
@@ -187,9 +190,7 @@ def phi2_qlora() -> list[tuple[str, str]]:
         if SMOKE:  # a few steps of 4 pairs, and a learning rate a random tiny model notices
             flags += ["--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                       "--learning_rate", "5e-3", "--eval_steps", "3", "--save_steps", "6", "--test_size", "0.2"]
-        script_args, training_args, model_args, _ = parse_recipe_args(
-            (recipe.ScriptArguments, DPOConfig, ModelConfig), RECIPES / "dpo_phi2.yaml", flags
-        )
+        script_args, training_args, model_args = load_recipe_args(recipe.ScriptArguments, RECIPES / "dpo_phi2.py", flags)
         batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         print(f"beta {training_args.beta}, learning rate {training_args.learning_rate}, {batch} pairs per step")
         """),

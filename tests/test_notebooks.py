@@ -141,6 +141,8 @@ def test_install_cell_on_colab_clones_the_repo_and_installs_the_pins(on_colab, m
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: commands.append(list(cmd)))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)
+    for pin in requirement_pins():  # a fresh Colab session: none of them imported yet
+        monkeypatch.delitem(sys.modules, pin.split("==")[0], raising=False)
     if on_colab:
         monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     else:
@@ -156,6 +158,21 @@ def test_install_cell_on_colab_clones_the_repo_and_installs_the_pins(on_colab, m
     assert pins[:4] == [sys.executable, "-m", "pip", "install"] and [a for a in pins if "==" in a] == requirement_pins()
     assert repo[-2:] == ["-e", "dpo-recipes"]
     assert os.path.realpath(sys.path[0]) == os.path.realpath(tmp_path / "dpo-recipes")
+
+
+def test_install_cell_asks_for_a_restart_when_an_old_version_was_already_imported(monkeypatch, tmp_path):
+    """Colab may have imported e.g. matplotlib before the install: the new version loads only after a restart."""
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    for pin in requirement_pins():  # as if none of the pinned packages had been imported...
+        monkeypatch.delitem(sys.modules, pin.split("==")[0], raising=False)
+    old = types.ModuleType("matplotlib")
+    old.__version__ = "3.0.0"
+    monkeypatch.setitem(sys.modules, "matplotlib", old)  # ...but an old matplotlib had
+    with pytest.raises(SystemExit, match="matplotlib was imported before this install: Runtime > Restart session"):
+        exec(compile(install_cell(read(NAMES[0])), "install-cell", "exec"), {})
 
 
 def test_readme_has_a_colab_badge_and_a_line_per_notebook():
