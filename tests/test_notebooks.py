@@ -190,10 +190,11 @@ def test_readme_has_a_colab_badge_and_a_line_per_notebook():
 def test_kernel_is_this_interpreter_with_this_checkout(tmp_path):
     """nbclient's python3 kernel must run in the environment under test (e.g. make test's .venv)."""
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import os, sys, dpo\nprint(sys.executable)\nprint(os.path.dirname(dpo.__file__))\nprint(os.environ['DPO_SMOKE'])"
+        "import os, sys, dpo\nfor line in (sys.executable, sys.prefix, os.path.dirname(dpo.__file__), os.environ['DPO_SMOKE']):\n"
+        "    print(line)"
     )])
-    executable, package, smoke = "".join(outputs(execute(nb, tmp_path), "text")).split()
-    assert os.path.realpath(executable) == os.path.realpath(sys.executable)
+    executable, prefix, package, smoke = "".join(outputs(execute(nb, tmp_path), "text")).splitlines()
+    assert (executable, prefix) == (sys.executable, sys.prefix)  # sys.prefix: the venv, not the Python it links to
     assert Path(package).resolve() == ROOT / "dpo"
     assert smoke == "1"
 
