@@ -198,7 +198,7 @@ def phi2_qlora() -> list[tuple[str, str]]:
         ## phi-2 in 4-bit
 
         QLoRA keeps the frozen base model in **4-bit NF4** (a 4-bit code spaced for normally
-        distributed weights): phi-2 takes about 1.7 GB instead of 5.5 GB in fp16. Each layer
+        distributed weights): phi-2 needs about 2 GB instead of 5.5 GB in fp16. Each layer
         is dequantized on the fly and computes in bf16 or fp32. *Double quantization* also
         compresses the per-block scale constants.
         """),
