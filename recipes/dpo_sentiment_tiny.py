@@ -1,0 +1,110 @@
+"""The DPO paper's controlled-sentiment experiment in miniature: offline, CPU, about a minute.
+
+    python recipes/dpo_sentiment_tiny.py                  # settings: recipes/dpo_sentiment_tiny.yaml
+    python -m dpo.demo                                    # the same, as `make demo`
+    python recipes/dpo_sentiment_tiny.py --beta 0.5 --output_dir outputs/sentiment_beta0.5
+    python recipes/dpo_sentiment_tiny.py --loss_type ipo --beta 0.5
+    python recipes/dpo_sentiment_tiny.py --model_name_or_path outputs/sentiment_tiny/sft_reference \\
+        --output_dir outputs/sentiment_again                  # reuse a pi_ref: skips phase 1
+    python benchmarks/frontier_sentiment.py               # the reward-KL frontier over beta and losses
+
+Phases (Rafailov et al. 2023, section 6.1, IMDb; the task itself is in dpo/sentiment.py):
+  1. SFT a tiny Phi model from scratch on unlabeled reviews (TRL SFTTrainer) -> pi_ref
+  2. sample two reviews per prompt from pi_ref; the ground-truth reward picks the chosen one
+  3. DPO through the phi-2 recipe's code path: 4-bit NF4 base + LoRA, reference = adapters off
+  4. on held-out prompts: reward of pi_ref vs pi_theta, KL(pi_theta || pi_ref), implicit-reward
+     accuracy on held-out pairs, lengths -> output_dir/{metrics.json, report.md, training_curves.png}
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from dpo.compat import DPOConfig, ModelConfig
+from dpo.config import parse_recipe_args
+from dpo.errors import UserError, exit_on_user_error
+from dpo.model import load_tokenizer
+from dpo.sentiment import (
+    SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, sample_and_score, train_reference, write_report,
+)
+from dpo.training import build_dpo_trainer, log, train_and_save
+
+
+@dataclass
+class ScriptArguments:
+    task_seed: int = field(default=0, metadata={"help": "Seeds the task: each topic's tone and which topics are held out."})
+    heldout_topics: int = field(default=6, metadata={"help": "Topics (of 24) kept out of every preference pair, for evaluation."})
+    sft_examples: int = field(default=4096, metadata={"help": "Unlabeled reviews pi_ref is trained on."})
+    sft_steps: int = field(default=300, metadata={"help": "SFT optimizer steps (phase 1)."})
+    sft_batch_size: int = field(default=64, metadata={"help": "SFT batch size."})
+    sft_learning_rate: float = field(default=5e-3, metadata={"help": "SFT peak learning rate (cosine decay)."})
+    pair_prompts: int = field(default=1024, metadata={"help": "Training prompts, two pi_ref samples each; ties are dropped."})
+    heldout_pair_prompts: int = field(default=256, metadata={"help": "Held-out prompts for the implicit-reward accuracy."})
+    eval_prompts: int = field(default=512, metadata={"help": "Held-out prompts sampled from pi_ref and pi_theta."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Sampling cut-off; the longest review is 12 tokens + EOS."})
+    torch_threads: int = field(default=1, metadata={"help": "CPU threads; a 0.1M-parameter model runs fastest on one."})
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None, callbacks=None) -> dict:
+    # ── args: YAML beside this file < --config other.yaml < CLI flags ──────────────────────────
+    args, training_args, model_args, precision = parse_recipe_args(
+        (ScriptArguments, DPOConfig, ModelConfig), Path(__file__).with_suffix(".yaml"), argv
+    )
+    torch.set_num_threads(args.torch_threads)
+    out, seed = Path(training_args.output_dir), training_args.seed
+    task = SentimentTask(seed=args.task_seed, heldout_topics=args.heldout_topics)
+    log(f"task: 24 topics, held out for evaluation: {', '.join(task.splits['heldout'])}; {precision.reason}")
+
+    # ── 1. SFT from scratch on unlabeled reviews: pi_ref ───────────────────────────────────────
+    if model_args.model_name_or_path is None:
+        sft_dir, losses = train_reference(
+            task, build_word_tokenizer(), out / "sft_reference", examples=args.sft_examples, steps=args.sft_steps,
+            batch_size=args.sft_batch_size, learning_rate=args.sft_learning_rate, seed=seed,
+            use_cpu=training_args.use_cpu, bf16=training_args.bf16, fp16=training_args.fp16,
+        )
+        model_args.model_name_or_path = str(sft_dir)
+        log(f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}")
+    elif not Path(model_args.model_name_or_path, "config.json").is_file():
+        raise UserError(f"--model_name_or_path must be a pi_ref folder written by phase 1: {model_args.model_name_or_path}")
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+
+    # ── 2. preference pairs: two samples per prompt from pi_ref, ranked by the true reward ──────
+    sft_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)  # full precision, as in the paper
+    pairs = pair_sets(sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed)
+    eval_prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
+    sft = sample_and_score(sft_model, tokenizer, eval_prompts, args.max_new_tokens, seed + 3)
+    del sft_model
+    example = pairs["train"][0]
+    log(f"phase 2: {len(pairs['train'])} training pairs ({pairs['ties']} ties dropped), {len(pairs['heldout'])} held out; "
+        f"e.g. {example['prompt']} chosen:{example['chosen']}  rejected:{example['rejected']}")
+
+    # ── 3. DPO: the phi-2 recipe's path, 4-bit base + LoRA, reference = base with adapters off ──
+    trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
+                                Dataset.from_list(pairs["heldout"]), tokenizer, callbacks)
+    dpo_metrics = train_and_save(trainer, (args, training_args, model_args))
+
+    # ── 4. evaluate on held-out prompts, write the report ──────────────────────────────────────
+    result = evaluate_alignment(trainer.model, tokenizer, eval_prompts, args.max_new_tokens, seed + 3)
+    metrics = {
+        **result["metrics"], "heldout_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
+        "sft_fp32_reward": sft["reward"], "sft_fp32_well_formed": sft["well_formed"],
+        "train_pairs": len(pairs["train"]), "heldout_pairs": len(pairs["heldout"]), "train_ties": pairs["ties"],
+        "dpo_steps": trainer.state.global_step, "beta": training_args.beta, "loss_type": list(training_args.loss_type),
+    }
+    settings = {"loss_type": "+".join(training_args.loss_type), "beta": training_args.beta, "learning_rate": training_args.learning_rate,
+                "DPO steps": trainer.state.global_step, "seed": seed, "task_seed": args.task_seed}
+    report = write_report(out, metrics, result["samples"], settings)
+    m = metrics
+    log(f"reward {m['reference_reward']:+.3f} (pi_ref) -> {m['policy_reward']:+.3f} (pi_theta), KL {m['kl']:.2f} nats, "
+        f"held-out pair accuracy {m['heldout_reward_accuracy']:.1%}, well-formed {m['reference_well_formed']:.0%} -> "
+        f"{m['policy_well_formed']:.0%}, length {m['reference_length']:.1f} -> {m['policy_length']:.1f} words")
+    log(f"report: {report} (+ metrics.json, training_curves.png)")
+    return {**metrics, "report": str(report)}
+
+
+if __name__ == "__main__":
+    main()
