@@ -302,12 +302,10 @@ def examine(
 
 def plot_lengths(report: DoctorReport, path: str | Path) -> Path:
     """Histograms of prompt / chosen / rejected lengths and of the full sequence, with max_length marked."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's inline backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    left, right = fig.subplots(1, 2)
     bins = 40
     for part in ("prompt", "chosen", "rejected"):
         if len(report.lengths[part]):
@@ -329,7 +327,6 @@ def plot_lengths(report: DoctorReport, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # drawn without pyplot: no global backend switch, so
+                                       # notebooks keep their inline plots
 
 PANELS = (
     ("loss", ("loss", "eval_loss")),
@@ -21,7 +19,8 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
     """One panel per metric group, x = optimizer step. Returns the path, or None with nothing logged."""
     if not any("loss" in entry for entry in log_history):
         return None
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    fig = Figure(figsize=(4.2 * len(PANELS), 3.4))
+    axes = fig.subplots(1, len(PANELS))
     for ax, (label, keys) in zip(axes, PANELS):
         for key in keys:
             points = [(e["step"], e[key]) for e in log_history if key in e]
@@ -38,5 +37,4 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
