@@ -5,7 +5,7 @@ Reward Model", https://arxiv.org/abs/2305.18290) in four steps:
 
   Eq. 1  Bradley-Terry: humans prefer y_w over y_l with probability
              p(y_w > y_l | x) = sigma(r(x, y_w) - r(x, y_l)).
-  Eq. 4  The KL-constrained RL problem  max E[r] - beta KL(pi || pi_ref)  is solved by
+  Eq. 3  RLHF maximises  E[r(x, y)] - beta KL(pi || pi_ref);  Eq. 4: its optimum for a reward r is
              pi_r(y|x) = pi_ref(y|x) exp(r(x, y) / beta) / Z(x).
   Eq. 5  Inverted, every reward is a policy in disguise (the "implicit reward"):
              r(x, y) = beta log pi_r(y|x) / pi_ref(y|x) + beta log Z(x).
@@ -15,9 +15,11 @@ Reward Model", https://arxiv.org/abs/2305.18290) in four steps:
 
 All a training step needs per pair is the summed log-probability of each completion under the
 policy and under the frozen reference (`sequence_logps`), and a scalar function of the two
-log-ratios (`dpo_loss`, in the style of the paper's `preference_loss`). Everything else in this
-file is a published variant of that function, with the exact semantics of TRL 1.16's
-`DPOTrainer`, against which tests/test_loss_agreement.py checks every one of them:
+log-ratios (`dpo_loss`, in the style of `preference_loss` in the paper's code,
+github.com/eric-mitchell/direct-preference-optimization). Everything else in this file is a
+published variant of that function, with the exact semantics of TRL 1.16's `DPOTrainer`;
+tests/test_loss_agreement.py checks each against TRL, except the two TRL dropped (conservative
+DPO "cdpo" and `reference_free`), which tests/test_loss.py checks by hand:
 
     logits (2B, T, V), labels (2B, T)   # rows [chosen_1..chosen_B, rejected_1..rejected_B]
       -> sequence_logps -> logps (2B,), split into chosen (B,) and rejected (B,)
@@ -208,7 +210,8 @@ def dpo_loss(
     f_divergence_type, f_alpha_divergence_coef: see `f_divergence_scores` (f-DPO).
     discopop_tau: temperature of the "discopop" mixing.
     chosen_lengths, rejected_lengths: (B,) completion token counts; "ipo" and "sigmoid_norm" divide
-        each sequence's score by them (clamped at 1), as TRL does.
+        each sequence's score by them (clamped at 1), as TRL does. (TRL counts the completion mask
+        before the shift, so with an empty prompt its count is one more than the tokens scored.)
     chosen_nll: scalar mean NLL of the chosen tokens (`sft_nll`), needed by "sft".
     pair_weights: (B,) optional weights multiplied onto each pair's loss (WPO: w(y_w) w(y_l), see
         `wpo_weights`). Not with the sorting losses aot/aot_unpaired.

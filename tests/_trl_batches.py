@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import tempfile
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -50,6 +51,18 @@ PAIRS = {
         " sleeps.",
     ],
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Run a test module's tiny models on one intra-op thread. On a small shared CPU, two OpenMP
+    threads that wait on each other make every op of these tiny models 10-50x slower; the
+    comparisons run TRL and our code under the same setting, so results do not depend on it.
+    Imported into a test module, this applies to that module only and restores the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def preference_dataset(n: int = len(PAIRS["prompt"])) -> Dataset:

@@ -113,6 +113,12 @@ def test_worked_example():
         assert loss_of(kind, **kw) == pytest.approx(value, rel=1e-5, abs=1e-6), kind
 
 
+def test_hinge_at_small_beta():
+    """SLiC hinge with beta = 0.1 in the worked example: max(0, 1 - 0.1 * 2) = 0.8 (at beta = 1/2 it is 0)."""
+    out = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="hinge")
+    assert out.losses.item() == pytest.approx(0.8, rel=1e-6)
+
+
 def test_ipo_divides_each_score_by_its_own_length():
     """IPO on per-token log-ratios: h = 1/2 - (-1)/4 = 0.75; (0.75 - 1)^2 = 1/16."""
     assert loss_of("ipo", chosen_lengths=2 * ONE, rejected_lengths=4 * ONE) == pytest.approx(1 / 16)
@@ -180,13 +186,16 @@ def test_f_divergence_scores_by_hand():
 
 
 def test_aot_sorts_the_batch():
-    """Two pairs. Policy margins log pi(y_w) - log pi(y_l) = (3, -1), reference margins (0, 2):
-    sorted, (-1, 3) - (0, 2) = (-1, 1); with beta 1 and eps 0: softplus(1) + softplus(-1) = 1 + 2 softplus(-1)."""
-    out = dpo_loss(t(0.0, -1.0), t(-3.0, 0.0), t(0.0, 0.0), t(0.0, -2.0), beta=1.0, loss_type="aot")
-    assert out.losses.sum().item() == pytest.approx(1 + 2 * softplus(-1), rel=1e-6)
-    # unpaired: sorted u_w (-1, 0) - sorted u_l (-3, 2) = (2, -2): softplus(-2) + softplus(2) = 2 + 2 softplus(-2)
-    out = dpo_loss(t(0.0, -1.0), t(-3.0, 0.0), t(0.0, 0.0), t(0.0, -2.0), beta=1.0, loss_type="aot_unpaired")
-    assert out.losses.sum().item() == pytest.approx(2 + 2 * softplus(-2), rel=1e-6)
+    """Two pairs, beta 1, eps 0. log pi(y_w) = (0, -1), log pi(y_l) = (0, -3), reference (0, 0) and (-2, 0).
+    AOT: policy margins (0, 2) and reference margins (2, 0), each sorted: (0, 2) - (0, 2) = (0, 0),
+    so the loss is ln 2 per pair (unsorted it would be softplus(2) + softplus(-2)).
+    AOT unpaired: u_w = (0, -1), u_l = (2, -3); sorted (-1, 0) - (-3, 2) = (2, -2): softplus(-2) + softplus(2)
+    = 2 + 2 softplus(-2) (unsorted (-2, 2), the same by symmetry, so check the per-position values)."""
+    pc, pr, rc, rr = t(0.0, -1.0), t(0.0, -3.0), t(0.0, 0.0), t(-2.0, 0.0)
+    out = dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="aot")
+    torch.testing.assert_close(out.losses, t(math.log(2), math.log(2)))
+    out = dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="aot_unpaired")
+    torch.testing.assert_close(out.losses, t(softplus(-2), softplus(2)))
 
 
 def test_loss_weights_combine_per_pair_means():

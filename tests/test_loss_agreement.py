@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _trl_batches import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
 from _trl_batches import last_metrics, make_trainer, preference_dataset, tiny_policy_and_reference
 from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, reward_metrics, sequence_logps, sft_nll, wpo_weights
 
@@ -48,6 +49,8 @@ CONFIGS = [
     ("js_divergence", dict(loss_type=["sigmoid"], f_divergence_type="js_divergence")),
     ("alpha_divergence", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence")),
     ("alpha_divergence-0.2", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.2)),
+    # alpha = -15: the exponent -16 u passes TRL's clamp at 80 for log-ratios below -5, as some are here
+    ("alpha_divergence-clamped", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=-15.0)),
     ("alpha_divergence-1", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)),
     ("js-ipo", dict(loss_type=["ipo"], f_divergence_type="js_divergence", beta=0.5)),
     ("js-robust", dict(loss_type=["robust"], f_divergence_type="js_divergence", label_smoothing=0.1)),
