@@ -37,7 +37,7 @@ from dpo.loss import (
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Token-id pairs {"prompt_ids", "chosen_ids", "rejected_ids"} -> a right-padded (2B, T) batch,
     chosen rows first: input_ids, attention_mask, completion_mask (1 on completion tokens)."""
-    rows = [ex["prompt_ids"] + ex["chosen_ids"] for ex in examples] + [ex["prompt_ids"] + ex["rejected_ids"] for ex in examples]
+    rows = [ex["prompt_ids"] + ex[key] for key in ("chosen_ids", "rejected_ids") for ex in examples]
     n_prompt = [len(ex["prompt_ids"]) for ex in examples] * 2
     T = max(len(r) for r in rows)
     batch = {k: torch.zeros(len(rows), T, dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")}
@@ -54,6 +54,12 @@ def forward_logps(model: nn.Module, batch: dict, with_log_sum_sq_probs: bool = F
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # score completions only
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logps(logits, labels, with_log_sum_sq_probs=with_log_sum_sq_probs)
+
+
+def split_pairs(logps: SequenceLogps) -> tuple[SequenceLogps, SequenceLogps]:
+    """Rows [chosen_1..chosen_B, rejected_1..rejected_B] -> (chosen, rejected)."""
+    B = logps.logps.shape[0] // 2
+    return tuple(SequenceLogps(*(None if t is None else t[rows] for t in logps)) for rows in (slice(B), slice(B, None)))
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -94,36 +100,30 @@ def dpo_batch_loss(
     """The scalar DPO loss of one batch and its reward metrics. `loss_kwargs` go to `dpo_loss`
     (beta, loss_type, loss_weights, label_smoothing, f_divergence_type, ...); `ld_alpha` (LD-DPO) and
     `use_weighting` (WPO) change how sequence log-probs and pair weights are formed from the tokens."""
-    policy = forward_logps(model, batch, with_log_sum_sq_probs=use_weighting)
-    B = policy.logps.shape[0] // 2  # rows are [chosen; rejected]
-    chosen, rejected = (SequenceLogps(*(None if t is None else t[:B] for t in policy)),
-                        SequenceLogps(*(None if t is None else t[B:] for t in policy)))  # fmt: skip
+    policy_c, policy_r = split_pairs(forward_logps(model, batch, with_log_sum_sq_probs=use_weighting))
     reference_free = loss_kwargs.get("reference_free", False)
-    ref_chosen_logps = ref_rejected_logps = None
     if not reference_free:
-        ref = reference_logps(model, ref_model, batch)
+        ref_c, ref_r = split_pairs(reference_logps(model, ref_model, batch))
 
-    if ld_alpha is None:
-        chosen_logps, rejected_logps = chosen.logps, rejected.logps
-        if not reference_free:
-            ref_chosen_logps, ref_rejected_logps = ref.logps[:B], ref.logps[B:]
-    else:  # LD-DPO: down-weight the tokens beyond the shorter completion, for policy and reference alike
-        chosen_logps, rejected_logps = ld_logps(chosen.token_logps, chosen.mask, rejected.token_logps, rejected.mask, ld_alpha)
-        if not reference_free:
-            ref_chosen_logps, ref_rejected_logps = ld_logps(
-                ref.token_logps[:B], ref.mask[:B], ref.token_logps[B:], ref.mask[B:], ld_alpha
-            )
+    def pair_logps(c: SequenceLogps, r: SequenceLogps):
+        if ld_alpha is None:
+            return c.logps, r.logps
+        # LD-DPO: down-weight the tokens beyond the shorter completion, for policy and reference alike
+        return ld_logps(c.token_logps, c.mask, r.token_logps, r.mask, ld_alpha)
+
+    chosen_logps, rejected_logps = pair_logps(policy_c, policy_r)
+    ref_chosen_logps, ref_rejected_logps = (None, None) if reference_free else pair_logps(ref_c, ref_r)
 
     loss_types = loss_kwargs.get("loss_type", "sigmoid")
     loss_types = {loss_types} if isinstance(loss_types, str) else set(loss_types)
     extra = {}
     if loss_types & LENGTH_LOSS_TYPES:
-        extra.update(chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths)
+        extra.update(chosen_lengths=policy_c.lengths, rejected_lengths=policy_r.lengths)
     if "sft" in loss_types:
-        extra["chosen_nll"] = sft_nll(chosen.token_logps, chosen.mask)
+        extra["chosen_nll"] = sft_nll(policy_c.token_logps, policy_c.mask)
     if use_weighting:  # WPO: weight each pair by w(y_w) w(y_l)
-        weights = wpo_weights(policy.token_logps, policy.log_sum_sq_probs, policy.mask)
-        extra["pair_weights"] = weights[:B] * weights[B:]
+        w_c, w_r = (wpo_weights(s.token_logps, s.log_sum_sq_probs, s.mask) for s in (policy_c, policy_r))
+        extra["pair_weights"] = w_c * w_r
 
     out = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, **loss_kwargs, **extra)
     metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps)
