@@ -33,6 +33,7 @@ import json
 import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,6 +334,18 @@ def evaluate_alignment(policy, tokenizer, prompts: list[str], max_new_tokens: in
         for p, r, q in zip(prompts, ref["texts"], pol["texts"])
     ]
     return {"metrics": metrics, "samples": samples}
+
+
+class PhaseClock:
+    """Wall-clock seconds per phase: `clock.lap("sft")` closes the phase that just ran."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase], self._last = round(now - self._last, 2), now
 
 
 # ── the report ──────────────────────────────────────────────────────────────────────────────

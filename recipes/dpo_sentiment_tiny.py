@@ -28,7 +28,8 @@ from dpo.config import parse_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.model import load_tokenizer
 from dpo.sentiment import (
-    SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, sample_and_score, train_reference, write_report,
+    PhaseClock, SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, sample_and_score, train_reference,
+    write_report,
 )
 from dpo.training import build_dpo_trainer, log, train_and_save
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         (ScriptArguments, DPOConfig, ModelConfig), Path(__file__).with_suffix(".yaml"), argv
     )
     torch.set_num_threads(args.torch_threads)
+    clock = PhaseClock()  # wall time per phase, into metrics.json (benchmarks/bench_demo.py reads it)
     out, seed = Path(training_args.output_dir), training_args.seed
     task = SentimentTask(seed=args.task_seed, heldout_topics=args.heldout_topics)
     log(f"task: 24 topics, held out for evaluation: {', '.join(task.splits['heldout'])}; {precision.reason}")
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     elif not Path(model_args.model_name_or_path, "config.json").is_file():
         raise UserError(f"--model_name_or_path must be a pi_ref folder written by phase 1: {model_args.model_name_or_path}")
     tokenizer = load_tokenizer(model_args.model_name_or_path)
+    clock.lap("sft")
 
     # ── 2. preference pairs: two samples per prompt from pi_ref, ranked by the true reward ──────
     sft_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)  # full precision, as in the paper
@@ -81,19 +84,23 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     example = pairs["train"][0]
     log(f"phase 2: {len(pairs['train'])} training pairs ({pairs['ties']} ties dropped), {len(pairs['heldout'])} held out; "
         f"e.g. {example['prompt']} chosen:{example['chosen']}  rejected:{example['rejected']}")
+    clock.lap("pairs")
 
     # ── 3. DPO: the phi-2 recipe's path, 4-bit base + LoRA, reference = base with adapters off ──
     trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
                                 Dataset.from_list(pairs["heldout"]), tokenizer, callbacks)
     dpo_metrics = train_and_save(trainer, (args, training_args, model_args))
+    clock.lap("dpo")
 
     # ── 4. evaluate on held-out prompts, write the report ──────────────────────────────────────
     result = evaluate_alignment(trainer.model, tokenizer, eval_prompts, args.max_new_tokens, seed + 3)
+    clock.lap("evaluate")
     metrics = {
         **result["metrics"], "heldout_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
         "sft_fp32_reward": sft["reward"], "sft_fp32_well_formed": sft["well_formed"],
         "train_pairs": len(pairs["train"]), "heldout_pairs": len(pairs["heldout"]), "train_ties": pairs["ties"],
         "dpo_steps": trainer.state.global_step, "beta": training_args.beta, "loss_type": list(training_args.loss_type),
+        "seconds": clock.seconds,
     }
     settings = {"loss_type": "+".join(training_args.loss_type), "beta": training_args.beta, "learning_rate": training_args.learning_rate,
                 "DPO steps": trainer.state.global_step, "seed": seed, "task_seed": args.task_seed}

@@ -1,0 +1,188 @@
+"""The reward-KL frontier of the controlled-sentiment task: the DPO paper's Figure 2 in miniature.
+
+    python benchmarks/frontier_sentiment.py                              # ~10 min on 2 CPU cores
+    python benchmarks/frontier_sentiment.py --betas 0.1 1 --loss_types sigmoid ipo --out /tmp/frontier
+    python benchmarks/frontier_sentiment.py --num_train_epochs 2         # any recipe setting passes through
+
+One pi_ref (phase 1 of recipes/dpo_sentiment_tiny.py) and one set of preference pairs (phase 2)
+serve every run. Each (loss type, beta) is then a DPO run with the recipe's settings
+(recipes/dpo_sentiment_tiny.yaml; 4-bit base + LoRA); every `--eval_every` steps the policy is
+sampled on held-out prompts and scored: ground-truth reward, KL(pi_theta || pi_ref) (Monte Carlo),
+well-formed share, length. Every scored point is a row of <out>/frontier.csv and a dot of
+<out>/frontier.png; the paper plotted the same two axes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from dpo.compat import DPOConfig, ModelConfig
+from dpo.config import parse_recipe_args
+from dpo.model import load_tokenizer
+from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, sample_and_score, train_reference
+from dpo.training import build_dpo_trainer, log
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
+# 2.5x the demo's 2 epochs: long enough for the path to pass its peak where beta lets it. The
+# demo itself is the sigmoid/beta-0.1 run at step 54 (2 epochs; 54 is a multiple of --eval_every).
+DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
+FIELDS = ["loss_type", "beta", "step", "policy_reward", "kl", "kl_stderr", "policy_well_formed", "policy_length", "heldout_reward_accuracy"]
+
+
+def recipe_script_arguments():
+    spec = importlib.util.spec_from_file_location("dpo_sentiment_tiny", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ScriptArguments
+
+
+class Trajectory(TrainerCallback):
+    """Score the policy every `every` optimizer steps (and at step 0 and the last step)."""
+
+    def __init__(self, tokenizer, prompts, max_new_tokens, seed, every):
+        self.tokenizer, self.prompts, self.max_new_tokens, self.seed, self.every = tokenizer, prompts, max_new_tokens, seed, every
+        self.points = []
+
+    def score(self, model, step):
+        m = evaluate_alignment(model, self.tokenizer, self.prompts, self.max_new_tokens, self.seed, reference=False)["metrics"]
+        self.points.append({"step": step, **m})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.score(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.score(model, state.global_step)
+
+
+def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None:
+    """Left: reward vs KL (the paper's axes). Right: well-formed share vs KL. One faint line per
+    run through its scored points; its last point marked by beta's shape in its loss's colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    losses = list(dict.fromkeys(r["loss_type"] for r in rows))
+    betas = sorted({r["beta"] for r in rows})
+    shapes = dict(zip(betas, "ovs^Dp*"))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, key, label in ((axes[0], "policy_reward", "mean ground-truth reward"),
+                           (axes[1], "policy_well_formed", "well-formed completions")):
+        for i, loss in enumerate(losses):
+            for beta in betas:
+                run = [r for r in rows if r["loss_type"] == loss and r["beta"] == beta]
+                if not run:
+                    continue
+                xs, ys = [max(r["kl"], 0.0) for r in run], [r[key] for r in run]
+                ax.plot(xs, ys, color=f"C{i}", alpha=0.3, linewidth=1, marker=".", markersize=3)
+                ax.scatter(xs[-1:], ys[-1:], color=f"C{i}", marker=shapes[beta], s=55, edgecolors="black", linewidths=0.6, zorder=3)
+        if key == "policy_reward":
+            ax.axhline(reference_reward, color="gray", linestyle="--", linewidth=1)
+            ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+            ax.text(0.0, reference_reward, " pi_ref", va="bottom", fontsize=8, color="gray")
+            ax.text(0.0, 0.5, " best well-formed review", va="bottom", fontsize=8, color="gray")
+        if key == "policy_well_formed":
+            ax.set_ylim(0, 1.02)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("KL(pi_theta || pi_ref), nats per completion (Monte Carlo)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=f"C{i}", marker="o", linestyle="-", label=loss) for i, loss in enumerate(losses)]
+    handles += [Line2D([], [], color="black", marker=shapes[b], linestyle="", markerfacecolor="white", label=f"beta {b:g} (end)")
+                for b in betas]
+    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
+    steps = sorted({r["step"] for r in rows})
+    fig.suptitle(f"Controlled sentiment: DPO loss types x beta, scored every {steps[1]} steps (lines) to the end (markers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
+    parser.add_argument("--loss_types", nargs="+", default=["sigmoid", "ipo", "hinge", "robust"])
+    parser.add_argument("--robust_label_smoothing", type=float, default=0.1, help="robust DPO needs > 0")
+    parser.add_argument("--eval_every", type=int, default=9, help="optimizer steps between scored points")
+    parser.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts per scored point")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--workdir", default="outputs/frontier_sentiment")
+    args, recipe_argv = parser.parse_known_args()  # the rest: recipe settings, e.g. --num_train_epochs 2
+    recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *recipe_argv]
+    start = time.time()
+    types = (recipe_script_arguments(), DPOConfig, ModelConfig)
+    config = RECIPE.with_suffix(".yaml")
+    workdir = Path(args.workdir)
+
+    def recipe_args(*overrides):
+        return parse_recipe_args(types, config, ["--output_dir", str(workdir), *recipe_argv, *overrides])
+
+    # ── one pi_ref and one pair set for the whole sweep (recipe phases 1 and 2) ─────────────────
+    script_args, training_args, _, _ = recipe_args()
+    torch.set_num_threads(script_args.torch_threads)
+    seed = training_args.seed
+    task = SentimentTask(seed=script_args.task_seed, heldout_topics=script_args.heldout_topics)
+    sft_dir, _ = train_reference(
+        task, build_word_tokenizer(), workdir / "sft_reference", examples=script_args.sft_examples, steps=script_args.sft_steps,
+        batch_size=script_args.sft_batch_size, learning_rate=script_args.sft_learning_rate, seed=seed,
+        use_cpu=training_args.use_cpu, bf16=training_args.bf16, fp16=training_args.fp16,
+    )
+    tokenizer = load_tokenizer(str(sft_dir))
+    sft_model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    pairs = pair_sets(sft_model, tokenizer, task, script_args.pair_prompts, script_args.heldout_pair_prompts, script_args.max_new_tokens, seed)
+    prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
+    del sft_model
+    log(f"pi_ref in {sft_dir}; {len(pairs['train'])} training pairs, {len(pairs['heldout'])} held out ({time.time() - start:.0f}s)")
+
+    # ── one DPO run per (loss type, beta), scored along the way ───────────────────────────────
+    rows, reference_reward = [], None
+    for loss_type in args.loss_types:
+        for beta in args.betas:
+            extra = ["--label_smoothing", str(args.robust_label_smoothing)] if loss_type == "robust" else []
+            _, training_args, model_args, _ = recipe_args(
+                "--model_name_or_path", str(sft_dir), "--loss_type", loss_type, "--beta", str(beta),
+                "--output_dir", str(workdir / f"{loss_type}_beta{beta}"), "--logging_steps", "1000", *extra,
+            )
+            trajectory = Trajectory(tokenizer, prompts, script_args.max_new_tokens, seed + 3, args.eval_every)
+            trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
+                                        Dataset.from_list(pairs["heldout"]), tokenizer, [trajectory])
+            if reference_reward is None:  # pi_ref = the 4-bit base with adapters off, the same in every run
+                with trainer.model.disable_adapter():
+                    reference_reward = sample_and_score(trainer.model, tokenizer, prompts, script_args.max_new_tokens, seed + 3)["reward"]
+            trainer.train()
+            accuracy = trainer.evaluate()["eval_rewards/accuracies"]
+            for i, point in enumerate(trajectory.points):
+                last = i == len(trajectory.points) - 1
+                rows.append({"loss_type": loss_type, "beta": beta, **{k: point[k] for k in FIELDS if k in point},
+                             "heldout_reward_accuracy": accuracy if last else ""})
+            end = trajectory.points[-1]
+            log(f"{loss_type} beta={beta}: reward {end['policy_reward']:+.3f}, KL {end['kl']:.2f}, "
+                f"well-formed {end['policy_well_formed']:.0%}, accuracy {accuracy:.0%} ({time.time() - start:.0f}s)")
+
+    # ── write the CSV and the plot ────────────────────────────────────────────────────────────
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "frontier.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) and k != "beta" else v for k, v in row.items()})
+    plot_frontier(rows, reference_reward, out / "frontier.png")
+    log(f"pi_ref reward {reference_reward:+.3f}; {len(rows)} points in {out / 'frontier.csv'} and {out / 'frontier.png'} "
+        f"({time.time() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
