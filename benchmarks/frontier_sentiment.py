@@ -3,13 +3,14 @@
     python benchmarks/frontier_sentiment.py                              # ~10 min on 2 CPU cores
     python benchmarks/frontier_sentiment.py --betas 0.1 1 --loss_types sigmoid ipo --out /tmp/frontier
     python benchmarks/frontier_sentiment.py --num_train_epochs 2         # any recipe setting passes through
+    python benchmarks/frontier_sentiment.py --from_csv benchmarks/results/frontier.csv   # redraw only
 
 One pi_ref (phase 1 of recipes/dpo_sentiment_tiny.py) and one set of preference pairs (phase 2)
 serve every run. Each (loss type, beta) is then a DPO run with the recipe's settings
 (recipes/dpo_sentiment_tiny.yaml; 4-bit base + LoRA); every `--eval_every` steps the policy is
 sampled on held-out prompts and scored: ground-truth reward, KL(pi_theta || pi_ref) (Monte Carlo),
-well-formed share, length. Every scored point is a row of <out>/frontier.csv and a dot of
-<out>/frontier.png; the paper plotted the same two axes.
+well-formed share, length. Every scored point is a row of <out>/frontier.csv and a point of
+<out>/frontier.png (the paper's two axes); <out>/frontier.md tabulates where each run ended.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -27,13 +29,13 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from dpo.compat import DPOConfig, ModelConfig
 from dpo.config import parse_recipe_args
 from dpo.model import load_tokenizer
-from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, sample_and_score, train_reference
+from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, train_reference
 from dpo.training import build_dpo_trainer, log
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
-# 2.5x the demo's 2 epochs: long enough for the path to pass its peak where beta lets it. The
-# demo itself is the sigmoid/beta-0.1 run at step 54 (2 epochs; 54 is a multiple of --eval_every).
+# 2.5x the demo's 2 epochs (the recipe's other settings unchanged): long enough for a run to pass
+# the peak of the reward-KL path wherever its loss and beta let it.
 DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
 FIELDS = ["loss_type", "beta", "step", "policy_reward", "kl", "kl_stderr", "policy_well_formed", "policy_length", "heldout_reward_accuracy"]
 
@@ -119,7 +121,10 @@ def main() -> None:
     parser.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts per scored point")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--workdir", default="outputs/frontier_sentiment")
+    parser.add_argument("--from_csv", help="only redraw frontier.png and frontier.md from this frontier.csv")
     args, recipe_argv = parser.parse_known_args()  # the rest: recipe settings, e.g. --num_train_epochs 2
+    if args.from_csv:
+        return write_outputs(read_csv(Path(args.from_csv)), Path(args.out))
     recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *recipe_argv]
     start = time.time()
     types = (recipe_script_arguments(), DPOConfig, ModelConfig)
@@ -147,7 +152,7 @@ def main() -> None:
     log(f"pi_ref in {sft_dir}; {len(pairs['train'])} training pairs, {len(pairs['heldout'])} held out ({time.time() - start:.0f}s)")
 
     # ── one DPO run per (loss type, beta), scored along the way ───────────────────────────────
-    rows, reference_reward = [], None
+    rows = []
     for loss_type in args.loss_types:
         for beta in args.betas:
             extra = ["--label_smoothing", str(args.robust_label_smoothing)] if loss_type == "robust" else []
@@ -158,9 +163,6 @@ def main() -> None:
             trajectory = Trajectory(tokenizer, prompts, script_args.max_new_tokens, seed + 3, args.eval_every)
             trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
                                         Dataset.from_list(pairs["heldout"]), tokenizer, [trajectory])
-            if reference_reward is None:  # pi_ref = the 4-bit base with adapters off, the same in every run
-                with trainer.model.disable_adapter():
-                    reference_reward = sample_and_score(trainer.model, tokenizer, prompts, script_args.max_new_tokens, seed + 3)["reward"]
             trainer.train()
             accuracy = trainer.evaluate()["eval_rewards/accuracies"]
             for i, point in enumerate(trajectory.points):
@@ -171,17 +173,49 @@ def main() -> None:
             log(f"{loss_type} beta={beta}: reward {end['policy_reward']:+.3f}, KL {end['kl']:.2f}, "
                 f"well-formed {end['policy_well_formed']:.0%}, accuracy {accuracy:.0%} ({time.time() - start:.0f}s)")
 
-    # ── write the CSV and the plot ────────────────────────────────────────────────────────────
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "frontier.csv", "w", newline="") as f:
+    # ── write the CSV, the plot and the summary ─────────────────────────────────────────────────
+    write_csv(rows, Path(args.out) / "frontier.csv")
+    write_outputs(rows, Path(args.out), seconds=time.time() - start)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: f"{v:.4f}" if isinstance(v, float) and k != "beta" else v for k, v in row.items()})
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v if k == "loss_type" else int(v) if k == "step" else float(v) if v else None for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+def write_outputs(rows: list[dict], out: Path, seconds: float | None = None) -> None:
+    """frontier.png and frontier.md (one line per run: where it ended, and its best point)."""
+    reference_reward = next(r["policy_reward"] for r in rows if r["step"] == 0)  # LoRA B = 0: exactly pi_ref
     plot_frontier(rows, reference_reward, out / "frontier.png")
-    log(f"pi_ref reward {reference_reward:+.3f}; {len(rows)} points in {out / 'frontier.csv'} and {out / 'frontier.png'} "
-        f"({time.time() - start:.0f}s)")
+    runs = list(dict.fromkeys((r["loss_type"], r["beta"]) for r in rows))
+    lines = [
+        "# Reward-KL frontier, controlled sentiment (made by benchmarks/frontier_sentiment.py)",
+        "",
+        f"pi_ref (4-bit SFT model, adapters off): mean reward {reference_reward:+.3f} on the held-out prompts.",
+        *([f"Wall time of the sweep: {seconds:.0f} s on {os.cpu_count()} CPU cores."] if seconds else []),
+        "",
+        "| loss | beta | steps | reward at end | KL at end (nats) | well-formed at end | held-out pair accuracy | best reward on the way (at KL) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for loss, beta in runs:
+        run = [r for r in rows if r["loss_type"] == loss and r["beta"] == beta]
+        end, best = run[-1], max(run, key=lambda r: r["policy_reward"])
+        lines.append(f"| {loss} | {beta:g} | {end['step']} | {end['policy_reward']:+.3f} | {end['kl']:.2f} | "
+                     f"{end['policy_well_formed']:.0%} | {end['heldout_reward_accuracy']:.1%} | "
+                     f"{best['policy_reward']:+.3f} ({best['kl']:.2f}) |")
+    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    log(f"{len(rows)} points: {out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'frontier.md'}"
+        + (f" ({seconds:.0f}s)" if seconds else ""))
 
 
 if __name__ == "__main__":

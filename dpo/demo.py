@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     disable_progress_bar()  # dataset .map() bars: a few thousand rows, instant
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for this audience
     metrics = _load_recipe().main(list(sys.argv[1:] if argv is None else argv))
     print(summary(metrics, time.time() - start), flush=True)
     return metrics

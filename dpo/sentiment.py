@@ -69,6 +69,7 @@ def reward(completion: str) -> float:
 
 
 def n_words(completion: str) -> int:
+    """Completion length in words (punctuation not counted), as `reward` counts them."""
     return len(_WORD.findall(completion.lower()))
 
 
@@ -78,6 +79,7 @@ def well_formed(completion: str) -> bool:
 
 
 def prompt_for(topic: str) -> str:
+    """The prompt for a topic, "review of <topic>:"."""
     return f"review of {topic}:"
 
 
@@ -88,7 +90,7 @@ class SentimentTask:
     seed: int = 0
     heldout_topics: int = 6  # of 24: never seen in a preference pair, used for evaluation
     min_phrases: int = 1
-    max_phrases: int = 4  # 4 phrases = 8 words + 3 commas/stop + EOS = 12 tokens after the prompt
+    max_phrases: int = 4  # 4 phrases: 8 words, 3 commas, a full stop = 12 tokens, then EOS
     neutral_rate: float = 0.2  # share of adjectives that are neutral in the SFT corpus
 
     def __post_init__(self):
@@ -115,8 +117,7 @@ class SentimentTask:
         p = self.positivity[topic]
         phrases = []
         for aspect in rng.sample(ASPECTS, rng.randint(self.min_phrases, self.max_phrases)):
-            u = rng.random()
-            pool = NEUTRAL if u < self.neutral_rate else POSITIVE if rng.random() < p else NEGATIVE
+            pool = NEUTRAL if rng.random() < self.neutral_rate else POSITIVE if rng.random() < p else NEGATIVE
             phrases.append(f"{rng.choice(pool)} {aspect}")
         return " " + ", ".join(phrases) + "."
 
@@ -143,8 +144,8 @@ class SentimentTask:
 def build_word_tokenizer():
     """One token per word or punctuation mark: 66 tokens. EOS, no pad token (pad with EOS, as phi-2).
 
-    A byte-level BPE (dpo/tiny.py) works too but spends the first hundred SFT steps learning to
-    spell; whole-word tokens let a from-scratch model learn the language in a few seconds.
+    A byte-level BPE (dpo/tiny.py) would split words into pieces a from-scratch model must first
+    learn to assemble; with whole words, every token the model learns is a word of the task.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
