@@ -1,4 +1,5 @@
-"""`make demo`: watch DPO align a model and measure that it did. No GPU, no internet, ~1-2 minutes.
+"""`make demo`: watch DPO align a model and measure that it did. No GPU, no internet, well under
+2 minutes on 2 CPU cores (BENCHMARKS.md).
 
     python -m dpo.demo                          # = python recipes/dpo_sentiment_tiny.py
     python -m dpo.demo --beta 0.5               # any recipe setting can be overridden
@@ -38,7 +39,7 @@ def summary(m: dict, seconds: float) -> str:
         ("mean ground-truth reward", f"{m['reference_reward']:+.3f}", f"{m['policy_reward']:+.3f}", "net positive-word rate; 0.5 = every adjective positive"),
         ("KL(pi_theta || pi_ref)", "0", f"{m['kl']:.2f} nats", f"per completion, Monte Carlo, +-{m['kl_stderr']:.2f}"),
         ("well-formed reviews", f"{m['reference_well_formed']:.0%}", f"{m['policy_well_formed']:.0%}", "the SFT corpus's grammar"),
-        ("mean length (words)", f"{m['reference_length']:.2f}", f"{m['policy_length']:.2f}", "DPO can exploit length; here it must not"),
+        ("mean length (words)", f"{m['reference_length']:.2f}", f"{m['policy_length']:.2f}", "a jump here would mean length exploitation"),
     ]
     lines = ["", "DPO demo: controlled sentiment (the DPO paper's IMDb experiment in miniature)",
              f"{m['eval_prompts']} held-out prompts, topics never seen in a preference pair", "",

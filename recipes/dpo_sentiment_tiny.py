@@ -1,4 +1,4 @@
-"""The DPO paper's controlled-sentiment experiment in miniature: offline, CPU, about a minute.
+"""The DPO paper's controlled-sentiment experiment in miniature: offline, CPU, well under 2 minutes.
 
     python recipes/dpo_sentiment_tiny.py                  # settings: recipes/dpo_sentiment_tiny.yaml
     python -m dpo.demo                                    # the same, as `make demo`
