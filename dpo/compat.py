@@ -4,6 +4,10 @@ When TRL changes, this is the file to read and fix: the names recipes import, th
 types and metrics TRL knows, the options it removed, and the two internals we rely on
 (the reference forward and the bf16 cast of LoRA weights under quantization).
 
+YAML keys: transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old
+name warns); TRL 1.16 still reads `args.gradient_checkpointing`, which transformers keeps in
+step with the new one, so the recipes' YAMLs use the new name.
+
 One more place mirrors TRL on purpose: dpo/doctor.py counts tokens the way DPOTrainer
 tokenizes (EOS added to text completions, chat templates for messages), and
 tests/test_doctor.py checks it against DPOTrainer's own dataset preparation, so a TRL

@@ -26,7 +26,8 @@ def test_phi2_yaml_parses_with_the_documented_settings():
     assert training.beta == 0.1 and training.loss_type == ["sigmoid"]
     # the DPO paper's batch: 2 pairs x 32 accumulation
     assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 64
-    assert training.gradient_checkpointing
+    # the YAML uses transformers 5's name; TRL 1.16 reads the old one, which must follow it
+    assert training.activation_checkpointing and training.gradient_checkpointing
     assert not training.trust_remote_code
     assert training.output_dir == "outputs/dpo_phi2"
 
