@@ -20,12 +20,21 @@ import warnings
 
 import torch
 import trl
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import (
+    DPOConfig,
+    DPOTrainer,
+    ModelConfig,
+    SFTConfig,
+    SFTTrainer,
+    TrlParser,
+    get_peft_config,
+    get_quantization_config,
+)
 
 __all__ = [
-    "DPOConfig", "DPOTrainer", "ModelConfig", "TrlParser", "get_peft_config", "get_quantization_config",
+    "DPOConfig", "DPOTrainer", "ModelConfig", "SFTConfig", "SFTTrainer", "TrlParser", "get_quantization_config",
     "TESTED_TRL", "LOSS_TYPES", "REWARD_METRICS", "REMOVED_OPTIONS",
-    "reference_logps", "upcast_trainable_params",
+    "lora_config", "precomputed_reference_logps", "save_resumable_checkpoint", "upcast_trainable_params",
 ]
 
 TESTED_TRL = "1.16.0"
@@ -57,13 +66,34 @@ REMOVED_OPTIONS = {
 }
 
 
-def reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reference log-probs (chosen, rejected) exactly as the trainer computes them.
+def lora_config(model_args):
+    """TRL's get_peft_config, with LoRA targets always given to PEFT as a list of names.
 
-    `batch` is a collated batch from the trainer's dataloader. With LoRA and no ref_model,
-    TRL runs this forward inside `model.disable_adapter()`: the frozen base is the reference.
+    TRL's ModelConfig turns a one-item list (`--lora_target_modules q_proj`) into the bare
+    string "q_proj", and PEFT reads a bare string as a regex that must match a module's whole
+    dotted name: it matches nothing and fails after the weights have loaded. A list means
+    "modules named this", the rule dpo.model.check_lora_targets applies up front.
+    """
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        model_args.lora_target_modules = [targets]
+    return get_peft_config(model_args)
+
+
+def precomputed_reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed reference log-probs (chosen, rejected) as TRL computes them for
+    `precompute_ref_log_probs=True` (with LoRA: inside `model.disable_adapter()`).
+
+    During ordinary training TRL computes the reference inline in `_compute_loss`, with the
+    same adapter switch; tests check that path through the logged rewards.
     """
     return trainer.compute_ref_log_probs(trainer.model, batch)
+
+
+def save_resumable_checkpoint(trainer: DPOTrainer) -> None:
+    """Write checkpoint-<step> (weights, optimizer, scheduler, RNG) now, as `save_steps` would.
+    Uses transformers' private `Trainer._save_checkpoint`, hence here."""
+    trainer._save_checkpoint(trainer.model, trial=None)
 
 
 def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:

@@ -26,7 +26,7 @@ def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
     return UserError(
         f"could not load {kind} '{name}': {reason}\n"
         f"  If the Hub is unreachable or the repo is private, download it where you have access "
-        f"(`huggingface-cli download {name} --local-dir ./{Path(name).name}`; private repos read HF_TOKEN) "
+        f"(`hf download {name} --local-dir ./{Path(name).name}`; private repos read HF_TOKEN) "
         f"and pass the folder: {flag} ./{Path(name).name}"
     )
 
@@ -73,6 +73,7 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
     names, head = linear_module_names(config, trust_remote_code)
     if target_modules in (None, "all-linear", ["all-linear"]):
         return [n for n in names if n != head]  # PEFT's all-linear leaves the output layer alone
+    # a bare string is one module name (dpo.compat.lora_config hands PEFT a list, not a regex)
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from dpo.compat import DPOTrainer, get_peft_config, get_quantization_config, upcast_trainable_params
+from dpo.compat import DPOTrainer, get_quantization_config, lora_config, save_resumable_checkpoint, upcast_trainable_params
 from dpo.config import write_resolved_config
 from dpo.errors import log
 from dpo.model import match_quant_storage, model_init_kwargs
@@ -35,7 +35,7 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
         processing_class=tokenizer,
         callbacks=callbacks,
         quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
+        peft_config=lora_config(model_args),
     )
     if model_args.dtype == "float32":
         n = upcast_trainable_params(trainer, torch.float32)
@@ -65,7 +65,7 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
-        trainer._save_checkpoint(trainer.model, trial=None)
+        save_resumable_checkpoint(trainer)
         log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
             "Resume with --resume_from_checkpoint last")
         raise

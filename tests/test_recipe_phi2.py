@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from conftest import ROOT, load_recipe
-from dpo.compat import REWARD_METRICS, reference_logps
+from dpo.compat import REWARD_METRICS, precomputed_reference_logps
 
 RUN_FLAGS = [
     "--max_steps", "4", "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4",
@@ -123,29 +123,46 @@ def test_no_reference_model_is_allocated(run):
     assert len(run["models"]) == 1, f"{len(run['models'])} Phi models with weights were built; expected one"
 
 
-def test_reference_logps_equal_base_model_with_adapters_disabled(run, tiny_model_dir):
-    trainer = run["trainer"]
-    batch = next(iter(trainer.get_eval_dataloader()))
-    ref_chosen, ref_rejected = reference_logps(trainer, batch)
-
-    base = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, quantization_config=quantization_config(), dtype=torch.float32
-    )
+def base_logps(model_dir, batch):
+    """Summed completion log-probs under a fresh 4-bit load of the base: (chosen, rejected)."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(), dtype=torch.float32)
     with torch.no_grad():
         logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # token t is predicted from position t-1; only completion tokens count
     token_logps = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-    expected = (token_logps * batch["completion_mask"][:, 1:]).sum(-1)
-    exp_chosen, exp_rejected = expected.chunk(2)
-    torch.testing.assert_close(ref_chosen, exp_chosen, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ref_rejected, exp_rejected, rtol=1e-5, atol=1e-4)
+    return (token_logps * batch["completion_mask"][:, 1:]).sum(-1).chunk(2)
 
-    # ...and the trained policy (adapters on) is measurably different, so this test can fail
+
+def test_reference_in_the_training_loss_is_the_base_with_adapters_disabled(run, tiny_model_dir):
+    """The path training uses: DPOTrainer computes the reference inline in its loss and logs
+    rewards = beta * (policy - reference). With the base model's log-probs as the reference,
+    the logged rewards must come out exactly; with anything else (e.g. adapters left on) not."""
+    trainer = run["trainer"]
+    batch = next(iter(trainer.get_eval_dataloader()))
+    trainer.model.eval()
     with torch.no_grad():
-        policy_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    policy_logps = torch.log_softmax(policy_logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-    policy = (policy_logps * batch["completion_mask"][:, 1:]).sum(-1)
-    assert (policy - expected).abs().max() > 1e-3
+        trainer.compute_loss(trainer.model, batch)
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    base_chosen, base_rejected = base_logps(tiny_model_dir, batch)
+    policy_chosen = torch.tensor(logged["logps/chosen"])  # batch means
+    policy_rejected = torch.tensor(logged["logps/rejected"])
+    beta = trainer.args.beta
+    torch.testing.assert_close(torch.tensor(logged["rewards/chosen"]), beta * (policy_chosen - base_chosen.mean()),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(logged["rewards/rejected"]), beta * (policy_rejected - base_rejected.mean()),
+                               rtol=1e-5, atol=1e-5)
+    # the trained policy is measurably different from the base, so the check above can fail
+    assert abs(logged["rewards/chosen"]) > 1e-3
+
+
+def test_precomputed_reference_path_is_the_base_too(run, tiny_model_dir):
+    """TRL's other reference path (precompute_ref_log_probs) also disables the adapters."""
+    trainer = run["trainer"]
+    batch = next(iter(trainer.get_eval_dataloader()))
+    ref_chosen, ref_rejected = precomputed_reference_logps(trainer, batch)
+    base_chosen, base_rejected = base_logps(tiny_model_dir, batch)
+    torch.testing.assert_close(ref_chosen, base_chosen, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ref_rejected, base_rejected, rtol=1e-5, atol=1e-4)
 
 
 def test_outputs_written(run):
@@ -185,19 +202,60 @@ def test_resolved_config_reruns_the_same_settings(run):
     assert model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 
 
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+class InterruptAt(TrainerCallback):
+    """Raises KeyboardInterrupt (as Ctrl-C does) at the end of optimizer step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
+    """Resuming from checkpoint-2 runs only steps 3 and 4: a fresh start would run four."""
     recipe = load_recipe("dpo_phi2")
     common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
               "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "1", "--test_size", "0",
               "--save_steps", "2"]
-    first = recipe.main([*common, "--max_steps", "2"])
+    recipe.main([*common, "--max_steps", "2"])
     assert (tmp_path / "checkpoint-2").is_dir()
-    first_logs = [h for h in first.state.log_history if "loss" in h]
-    resumed = recipe.main([*common, "--max_steps", "4", "--resume_from_checkpoint", "last"])
+    counter = CountSteps()
+    resumed = recipe.main([*common, "--max_steps", "4", "--resume_from_checkpoint", "last"], callbacks=[counter])
+    assert counter.steps == [3, 4]
     assert resumed.state.global_step == 4
-    resumed_steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
-    assert resumed_steps[-2:] == [3, 4]
-    assert [h["step"] for h in first_logs] == [1, 2]
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path):
+    recipe = load_recipe("dpo_phi2")
+    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
+              "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "1", "--test_size", "0",
+              "--save_steps", "100", "--max_steps", "4"]
+    with pytest.raises(KeyboardInterrupt):
+        recipe.main(common, callbacks=[InterruptAt(3)])
+    assert (tmp_path / "checkpoint-3" / "optimizer.pt").is_file()
+    counter = CountSteps()
+    recipe.main([*common, "--resume_from_checkpoint", "last"], callbacks=[counter])
+    assert counter.steps == [4]
+
+
+def test_a_single_lora_target_trains(tiny_model_dir, truthy_file, tmp_path):
+    """TRL turns a one-item target list into a string, which PEFT would read as a regex."""
+    trainer = load_recipe("dpo_phi2").main(
+        ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file), "--output_dir", str(tmp_path),
+         "--gradient_accumulation_steps", "1", "--test_size", "0", "--max_steps", "1", "--lora_target_modules", "q_proj"]
+    )
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert wrapped == {"q_proj"}
 
 
 def test_hub_unreachable_exits_cleanly_without_traceback(tmp_path):
