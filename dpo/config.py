@@ -37,9 +37,13 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     Returns (instances..., precision) where precision says what the hardware suggested.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
     if "--config" not in argv:
         argv = ["--config", str(default_config), *argv]
-    config_path = Path(argv[argv.index("--config") + 1])
+    at = argv.index("--config")
+    if at + 1 >= len(argv) or argv[at + 1].startswith("--"):
+        raise UserError("--config needs a YAML file: --config recipes/dpo_phi2.yaml")
+    config_path = Path(argv[at + 1])
     if not config_path.is_file():
         raise UserError(f"config file not found: {config_path}")
     try:
@@ -102,10 +106,14 @@ def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
     return value
 
 
+SECRET_KEYS = ("hub_token",)  # never written, even if set (check_no_token_in_config refuses it anyway)
+HARDWARE_KEYS = ("bf16", "fp16", "use_cpu", "dtype")  # picked by dpo/hardware.py for the machine that ran
+
+
 def to_plain(obj):
-    """A dataclass as a YAML/JSON-safe dict (enums and paths as strings, tokens dropped)."""
+    """A dataclass as a YAML/JSON-safe dict (enums and paths as strings, secrets dropped)."""
     data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-    data = {k: v for k, v in data.items() if "token" not in k or k.endswith("_id") or "tokens" in k}
+    data = {k: v for k, v in data.items() if k not in SECRET_KEYS}
     return json.loads(json.dumps(data, default=str))
 
 
@@ -118,7 +126,13 @@ def write_resolved_config(path: str | Path, *arg_objects) -> Path:
     for obj in arg_objects:
         merged.update(to_plain(obj))
     merged.pop("resume_from_checkpoint", None)  # a re-run starts fresh unless asked to resume
+    header = (
+        "# Every setting of this run, as resolved (YAML < --config < CLI). Re-run with:\n"
+        "#   accelerate launch <recipe>.py --config <this file>\n"
+        f"# {', '.join(HARDWARE_KEYS)} were picked for the hardware of the machine that ran;\n"
+        "# delete those lines to let a different machine pick its own.\n"
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(merged, sort_keys=True))
+    path.write_text(header + yaml.safe_dump(merged, sort_keys=True))
     return path

@@ -93,3 +93,20 @@ def test_hub_dataset_unreachable(recipe, tiny_model_dir, capsys):
 def test_token_in_config_is_refused(recipe, local, capsys):
     err = fail(recipe, [*local, "--hub_token", "hf_secret"], capsys)
     assert "HF_TOKEN" in err and "hf_secret" not in err
+
+
+def test_config_flag_without_a_file(recipe, capsys):
+    err = fail(recipe, ["--config"], capsys)
+    assert "--config needs a YAML file" in err
+
+
+def test_config_equals_form_is_read(tmp_path):
+    from dpo.compat import DPOConfig, ModelConfig
+    from dpo.config import parse_recipe_args
+
+    other = tmp_path / "other.yaml"
+    other.write_text((ROOT / "recipes" / "dpo_phi2.yaml").read_text().replace("beta: 0.1", "beta: 0.3"))
+    recipe = load_recipe("dpo_phi2")
+    _, training, _, _ = parse_recipe_args((recipe.ScriptArguments, DPOConfig, ModelConfig),
+                                          ROOT / "recipes" / "dpo_phi2.yaml", [f"--config={other}"])
+    assert training.beta == 0.3

@@ -1,0 +1,62 @@
+"""Properties of the dpo/ library as a whole."""
+
+import ast
+import shutil
+import sys
+from pathlib import Path
+
+import trl
+
+from conftest import ROOT
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_from_scratch_dpo_uses_plain_pytorch_only():
+    """loss.py never imports TRL or transformers; loop.py imports no TRL (it may use peft)."""
+    assert not imported_modules(ROOT / "dpo" / "loss.py") & {"trl", "transformers", "peft"}
+    assert "trl" not in imported_modules(ROOT / "dpo" / "loop.py")
+
+
+def test_trl_is_imported_only_in_compat():
+    """Everything sensitive to the TRL version lives in dpo/compat.py."""
+    users = sorted(p.name for p in (ROOT / "dpo").glob("*.py") if "trl" in imported_modules(p))
+    assert users == ["compat.py"]
+
+
+def test_loss_types_match_trl_and_our_module():
+    from dpo import loss
+    from dpo.compat import LOSS_TYPES, TESTED_TRL
+
+    assert trl.__version__ == TESTED_TRL
+    assert set(loss.LOSS_TYPES) - {"cdpo"} == set(LOSS_TYPES)
+    # TRL's trainer names its accepted loss types in its unknown-loss error message
+    source = (Path(trl.__file__).parent / "trainer" / "dpo_trainer.py").read_text()
+    accepted = source[source.index("Unknown loss type"):][:600]
+    for name in LOSS_TYPES:
+        assert f"'{name}'" in accepted, name
+
+
+def test_the_hub_hint_names_a_command_that_is_installed():
+    """The 'could not load' message suggests `hf download`; the pinned huggingface_hub ships `hf`."""
+    from dpo.model import _fetch_error
+
+    message = str(_fetch_error("model", "org/name", OSError("offline"), "--model_name_or_path"))
+    command = message.split("`")[1].split()[0]
+    assert command == "hf"
+    assert shutil.which(command, path=str(Path(sys.executable).parent)) is not None
+
+
+def test_no_script_in_recipes_shadows_the_library():
+    """`python recipes/x.py` puts recipes/ first on sys.path: a recipes/dpo.py would be imported
+    instead of the dpo package by every other recipe."""
+    assert not (ROOT / "recipes" / "dpo.py").exists()
