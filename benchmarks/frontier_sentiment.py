@@ -26,8 +26,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from dpo.compat import DPOConfig, ModelConfig
-from dpo.config import parse_recipe_args
+from dpo.config import load_recipe_args
+from dpo.errors import exit_on_user_error
 from dpo.model import load_tokenizer
 from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, train_reference
 from dpo.training import build_dpo_trainer, log
@@ -112,6 +112,7 @@ def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None
     plt.close(fig)
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
@@ -124,18 +125,18 @@ def main() -> None:
     parser.add_argument("--from_csv", help="only redraw frontier.png and frontier.md from this frontier.csv")
     args, recipe_argv = parser.parse_known_args()  # the rest: recipe settings, e.g. --num_train_epochs 2
     if args.from_csv:
-        return write_outputs(read_csv(Path(args.from_csv)), Path(args.out))
+        return write_outputs(read_csv(Path(args.from_csv)), Path(args.out), csv_path=Path(args.from_csv))
     recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *recipe_argv]
     start = time.time()
-    types = (recipe_script_arguments(), DPOConfig, ModelConfig)
-    config = RECIPE.with_suffix(".yaml")
+    script_arguments = recipe_script_arguments()
     workdir = Path(args.workdir)
 
     def recipe_args(*overrides):
-        return parse_recipe_args(types, config, ["--output_dir", str(workdir), *recipe_argv, *overrides])
+        # the recipe's own args phase: its YAML < these flags; refuses hub_token (use HF_TOKEN)
+        return load_recipe_args(script_arguments, RECIPE, ["--output_dir", str(workdir), *recipe_argv, *overrides])
 
     # ── one pi_ref and one pair set for the whole sweep (recipe phases 1 and 2) ─────────────────
-    script_args, training_args, _, _ = recipe_args()
+    script_args, training_args, _ = recipe_args()
     torch.set_num_threads(script_args.torch_threads)
     seed = training_args.seed
     task = SentimentTask(seed=script_args.task_seed, heldout_topics=script_args.heldout_topics)
@@ -145,7 +146,7 @@ def main() -> None:
         use_cpu=training_args.use_cpu, bf16=training_args.bf16, fp16=training_args.fp16,
     )
     tokenizer = load_tokenizer(str(sft_dir))
-    sft_model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
     pairs = pair_sets(sft_model, tokenizer, task, script_args.pair_prompts, script_args.heldout_pair_prompts, script_args.max_new_tokens, seed)
     prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
     del sft_model
@@ -156,7 +157,7 @@ def main() -> None:
     for loss_type in args.loss_types:
         for beta in args.betas:
             extra = ["--label_smoothing", str(args.robust_label_smoothing)] if loss_type == "robust" else []
-            _, training_args, model_args, _ = recipe_args(
+            _, training_args, model_args = recipe_args(
                 "--model_name_or_path", str(sft_dir), "--loss_type", loss_type, "--beta", str(beta),
                 "--output_dir", str(workdir / f"{loss_type}_beta{beta}"), "--logging_steps", "1000", *extra,
             )
@@ -193,8 +194,9 @@ def read_csv(path: Path) -> list[dict]:
                 for r in csv.DictReader(f)]
 
 
-def write_outputs(rows: list[dict], out: Path, seconds: float | None = None) -> None:
+def write_outputs(rows: list[dict], out: Path, seconds: float | None = None, csv_path: Path | None = None) -> None:
     """frontier.png and frontier.md (one line per run: where it ended, and its best point)."""
+    out.mkdir(parents=True, exist_ok=True)  # --from_csv may name a new folder
     reference_reward = next(r["policy_reward"] for r in rows if r["step"] == 0)  # LoRA B = 0: exactly pi_ref
     plot_frontier(rows, reference_reward, out / "frontier.png")
     runs = list(dict.fromkeys((r["loss_type"], r["beta"]) for r in rows))
@@ -214,7 +216,7 @@ def write_outputs(rows: list[dict], out: Path, seconds: float | None = None) -> 
                      f"{end['policy_well_formed']:.0%} | {end['heldout_reward_accuracy']:.1%} | "
                      f"{best['policy_reward']:+.3f} ({best['kl']:.2f}) |")
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
-    log(f"{len(rows)} points: {out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'frontier.md'}"
+    log(f"{len(rows)} points: {csv_path or out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'frontier.md'}"
         + (f" ({seconds:.0f}s)" if seconds else ""))
 
 

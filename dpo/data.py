@@ -256,21 +256,6 @@ def _messages(value, where: str) -> list[dict]:
     return out
 
 
-def check_fields(data: Dataset, fields: list[str], source: str, optional: tuple[str, ...] = ()) -> None:
-    """Every row must have every field in `fields` as a string (`optional` ones may be missing/None)."""
-    missing = [f for f in fields if f not in data.column_names]
-    if missing:
-        raise UserError(f"{source}: missing field(s) {missing}; the data has {data.column_names}")
-    rows = _Rows(source)
-    present_optional = [f for f in optional if f in data.column_names]
-    for row_number, row in enumerate(data, start=1):
-        for field in fields:
-            _text(row[field], rows.at(row_number, field))
-        for field in present_optional:
-            if row[field] is not None:
-                _text(row[field], rows.at(row_number, field))
-
-
 # ── layouts ──────────────────────────────────────────────────────────────────────────
 
 

@@ -5,6 +5,8 @@ to bad rows. Runs inside every recipe, and alone:
     python -m dpo.doctor trl-lib/ultrafeedback_binarized --model Qwen/Qwen2.5-0.5B-Instruct --max_length 1024
     python -m dpo.doctor Anthropic/hh-rlhf --model outputs/tiny-phi --histogram outputs/hh_lengths.png
     python -m dpo.doctor my.csv --prompt_column question --chosen_column good --rejected_column bad
+    python -m dpo.doctor truthy.jsonl --model microsoft/phi-2 --prompt_format text --text_format phi2
+                                      # as recipes/dpo_phi2.py formats and counts it
 
 What it does, on the pairs from dpo.data.to_pairs:
   * schema errors (missing field, wrong type, malformed JSON line, empty file) stop with the file,
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from dpo.data import DIVERGE, NO_SHARED_PROMPT, PLAIN_CHAT_TEMPLATE, Columns, is_chat
+from dpo.data import DIVERGE, NO_SHARED_PROMPT, PLAIN_CHAT_TEMPLATE, Columns, is_chat, phi2_qa_format
 from dpo.errors import UserError
 
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
@@ -43,6 +45,9 @@ IDENTICAL = "chosen identical to rejected"
 DUPLICATE = "duplicate of an earlier row"
 PROMPT_TOO_LONG = "prompt alone >= max_length tokens"
 REASONS = (NO_SHARED_PROMPT, DIVERGE, EMPTY, IDENTICAL, DUPLICATE, PROMPT_TOO_LONG)
+
+# --text_format: a recipe's own formatting of text rows (prompt_format text), by name.
+TEXT_FORMATS = {"none": None, "phi2": phi2_qa_format}
 
 TRL_DEFAULT_MAX_LENGTH = 1024  # DPOConfig.max_length's default in TRL 1.16
 CHUNK = 1000  # rows rendered and tokenized per batch: one progress-bar tick
@@ -348,7 +353,8 @@ def check_data(data: Dataset, source: str, tokenizer=None, *, columns: Columns |
             template = ", plain template"
         else:
             template = ", tokenizer's chat template"
-    fmt = f"{prompt_format} format" + template
+    fmt = f"{prompt_format} format" + template + (f" ({getattr(text_format, '__name__', 'custom text_format')})"
+                                               if text_format and not is_chat(pairs) else "")
     report = examine(pairs, tokenizer, max_length, truncation_mode, source, f"{layout.describe()}; {fmt}",
                      fail=degenerate_rows == "fail")
     if report.rows_kept == 0:
@@ -366,7 +372,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--histogram", help="write a PNG of the length distributions here")
     p.add_argument("--split", default="train")
     p.add_argument("--config", dest="config_name", help="hub dataset configuration name")
-    p.add_argument("--prompt_format", default="chat", choices=["chat", "text"])
+    p.add_argument("--prompt_format", default="chat", choices=["chat", "text"],
+                   help="chat: the tokenizer's chat template (default); text: the strings as they are")
+    p.add_argument("--text_format", default="none", choices=list(TEXT_FORMATS),
+                   help="with --prompt_format text, a recipe's own prompt format for text rows: phi2 = "
+                        "recipes/dpo_phi2.py's 'Instruct: <prompt>\\nOutput: <answer>' (dpo.data.phi2_qa_format); "
+                        "none = <system>\\n\\n<prompt> (default)")
     for role in ("prompt", "chosen", "rejected", "system"):
         p.add_argument(f"--{role}_column", help=f"the column holding the {role}, if not detected")
     p.add_argument("--fail_on_degenerate", action="store_true", help="exit 2 instead of dropping degenerate rows")
@@ -381,6 +392,8 @@ def main(argv: list[str] | None = None) -> DoctorReport:
     @exit_on_user_error
     def run() -> DoctorReport:
         args = _parser().parse_args(argv)
+        if args.text_format != "none" and args.prompt_format != "text":
+            raise UserError(f"--text_format {args.text_format} formats text rows: add --prompt_format text")
         from dpo.data import load_preference_data
 
         tokenizer = None
@@ -391,7 +404,8 @@ def main(argv: list[str] | None = None) -> DoctorReport:
         data = load_preference_data(args.dataset, args.config_name, args.split)
         columns = Columns(args.prompt_column, args.chosen_column, args.rejected_column, args.system_column)
         report = check_data(data, args.dataset, tokenizer, columns=columns, prompt_format=args.prompt_format,
-                            max_length=args.max_length, truncation_mode=args.truncation_mode,
+                            text_format=TEXT_FORMATS[args.text_format], max_length=args.max_length,
+                            truncation_mode=args.truncation_mode,
                             degenerate_rows="fail" if args.fail_on_degenerate else "drop")
         print(report.table())
         if report.example:

@@ -181,7 +181,7 @@ def train_reference(task: SentimentTask, tokenizer, output_dir, *, examples: int
     Saves model.safetensors, config and tokenizer to `output_dir`; returns (output_dir, logged losses).
     """
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+    from dpo.compat import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
     args = SFTConfig(

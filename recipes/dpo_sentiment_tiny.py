@@ -23,8 +23,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from dpo.compat import DPOConfig, ModelConfig
-from dpo.config import parse_recipe_args
+from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.model import load_tokenizer
 from dpo.sentiment import (
@@ -51,15 +50,13 @@ class ScriptArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None) -> dict:
-    # ── args: YAML beside this file < --config other.yaml < CLI flags ──────────────────────────
-    args, training_args, model_args, precision = parse_recipe_args(
-        (ScriptArguments, DPOConfig, ModelConfig), Path(__file__).with_suffix(".yaml"), argv
-    )
+    # ── args: YAML beside this file < --config other.yaml < CLI flags; no hub_token (HF_TOKEN) ──
+    args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
     torch.set_num_threads(args.torch_threads)
     clock = PhaseClock()  # wall time per phase, into metrics.json (benchmarks/bench_demo.py reads it)
     out, seed = Path(training_args.output_dir), training_args.seed
     task = SentimentTask(seed=args.task_seed, heldout_topics=args.heldout_topics)
-    log(f"task: 24 topics, held out for evaluation: {', '.join(task.splits['heldout'])}; {precision.reason}")
+    log(f"task: 24 topics, held out for evaluation: {', '.join(task.splits['heldout'])}")
 
     # ── 1. SFT from scratch on unlabeled reviews: pi_ref ───────────────────────────────────────
     if model_args.model_name_or_path is None:
@@ -70,13 +67,15 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         )
         model_args.model_name_or_path = str(sft_dir)
         log(f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}")
-    elif not Path(model_args.model_name_or_path, "config.json").is_file():
-        raise UserError(f"--model_name_or_path must be a pi_ref folder written by phase 1: {model_args.model_name_or_path}")
+    elif not (Path(model_args.model_name_or_path, "config.json").is_file()
+              and any(Path(model_args.model_name_or_path).glob("*.safetensors"))):
+        raise UserError(f"--model_name_or_path must be a pi_ref folder written by phase 1 (config.json and "
+                        f"model.safetensors; weights load from safetensors only): {model_args.model_name_or_path}")
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     clock.lap("sft")
 
     # ── 2. preference pairs: two samples per prompt from pi_ref, ranked by the true reward ──────
-    sft_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)  # full precision, as in the paper
+    sft_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)  # full precision, as in the paper
     pairs = pair_sets(sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed)
     eval_prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
     sft = sample_and_score(sft_model, tokenizer, eval_prompts, args.max_new_tokens, seed + 3)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     # ── 3. DPO: the phi-2 recipe's path, 4-bit base + LoRA, reference = base with adapters off ──
     trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
                                 Dataset.from_list(pairs["heldout"]), tokenizer, callbacks)
-    dpo_metrics = train_and_save(trainer, (args, training_args, model_args))
+    dpo_metrics = train_and_save(trainer, (args, training_args, model_args), training_args.resume_from_checkpoint)
     clock.lap("dpo")
 
     # ── 4. evaluate on held-out prompts, write the report ──────────────────────────────────────

@@ -338,3 +338,29 @@ def test_every_input_row_gives_one_output_row_in_order():
     rows = hh_rows(7) + [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}]
     pairs, _ = to_pairs(Dataset.from_list(rows), "hh")
     assert len(pairs) == len(rows) and pairs["row"] == list(range(1, len(rows) + 1))
+
+
+def test_every_public_function_of_dpo_data_is_used_by_the_project():
+    """No dead code in dpo/data.py: each public function or class is used by the package, a recipe,
+    a benchmark or a notebook, not only by its own definition (tests do not count)."""
+    import ast
+    import re
+
+    from conftest import ROOT
+
+    tree = ast.parse((ROOT / "dpo" / "data.py").read_text())
+    public = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+    used: set[str] = set()
+    for path in [*(ROOT / "dpo").glob("*.py"), *(ROOT / "recipes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Name):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.alias):
+                used.add(node.name)
+    for path in (ROOT / "notebooks").glob("*.ipynb"):
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                used.update(re.findall(r"\w+", "".join(cell["source"])))
+    assert public and [name for name in public if name not in used] == []

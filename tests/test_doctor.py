@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from conftest import ROOT
 from dpo.compat import DPOTrainer
-from dpo.data import DIVERGE, NO_SHARED_PROMPT, ensure_chat_template, to_pairs
+from dpo.data import DIVERGE, NO_SHARED_PROMPT, ensure_chat_template, load_preference_data, phi2_qa_format, to_pairs
 from dpo.doctor import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, check_data, examine, main
 from dpo.errors import UserError
 from dpo.model import load_tokenizer
@@ -145,6 +145,31 @@ def test_cli_prints_the_table_and_writes_a_histogram(tiny_model_dir, tmp_path, c
     assert "dropped 2 of 14 rows" in err
     assert report.rows_kept == 12
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _stats_line(table: str, part: str) -> str:
+    return next(line for line in table.splitlines() if line.split()[:1] == [part])
+
+
+def test_cli_text_format_phi2_counts_what_the_phi2_recipe_trains_on(truthy_file, tiny_model_dir, capsys):
+    """`--prompt_format text --text_format phi2` formats rows as recipes/dpo_phi2.py does (its
+    check_data call, repeated here), so the CLI's token counts are the recipe's."""
+    cli = main([str(truthy_file), "--model", str(tiny_model_dir), "--prompt_format", "text", "--text_format", "phi2"])
+    out = capsys.readouterr().out
+    recipe = check_data(load_preference_data(str(truthy_file)), str(truthy_file), load_tokenizer(str(tiny_model_dir)),
+                        prompt_format="text", text_format=phi2_qa_format, max_length=1024, truncation_mode="keep_start")
+    for part in ("prompt", "chosen", "rejected"):
+        assert cli.lengths[part].tolist() == recipe.lengths[part].tolist(), part
+    assert _stats_line(out, "prompt") == _stats_line(recipe.table(), "prompt")
+    assert "prompt: 'Instruct: " in out and "(phi2_qa_format)" in out
+    plain = main([str(truthy_file), "--model", str(tiny_model_dir), "--prompt_format", "text"])
+    assert (plain.lengths["prompt"] < cli.lengths["prompt"]).all()  # the flag changes the counts: "Instruct:", "Output:"
+
+
+def test_cli_text_format_needs_text_prompt_format(truthy_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(truthy_file), "--text_format", "phi2"])
+    assert info.value.code == 2 and "add --prompt_format text" in capsys.readouterr().err
 
 
 def test_cli_column_mapping_and_characters(tmp_path, capsys):

@@ -9,6 +9,7 @@ is positive and finite, and that the report is written.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import statistics
@@ -16,7 +17,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import load_recipe
+from conftest import ROOT, load_recipe
 from dpo import sentiment as S
 
 # A shortened pipeline: the demo's DPO settings (sigmoid, beta 0.1, ~54 steps at 2e-4) on a
@@ -189,3 +190,60 @@ def test_missing_reference_folder_is_a_user_error(tmp_path, capsys):
         load_recipe("dpo_sentiment_tiny").main(["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "pi_ref folder" in capsys.readouterr().err
+
+
+# ── the recipe's args phase and loading rules ──────────────────────────────────────────────────
+# Without the checks these would run the pipeline; these settings keep such a run short.
+TINY = ["--sft_examples", "64", "--sft_steps", "2", "--pair_prompts", "16", "--heldout_pair_prompts", "16",
+        "--eval_prompts", "8", "--max_steps", "1"]
+
+
+def test_hub_token_on_the_command_line_is_refused_without_echoing_it(tmp_path, capfd):
+    """Tokens come from HF_TOKEN: training_args.bin would pickle a --hub_token into every checkpoint."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe("dpo_sentiment_tiny").main([*TINY, "--hub_token", "hf_x_secret", "--output_dir", str(tmp_path)])
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 2
+    assert "HF_TOKEN" in err
+    assert "hf_x_secret" not in out + err
+    assert not any(tmp_path.iterdir())  # stopped before phase 1 wrote anything
+
+
+def test_a_reference_folder_without_safetensors_is_refused(tmp_path, capsys):
+    """Weights load from safetensors only: a pickled pytorch_model.bin is never unpickled."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "config.json").write_text("{}")
+    (ref / "pytorch_model.bin").write_bytes(b"not a safe file")
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe("dpo_sentiment_tiny").main([*TINY, "--model_name_or_path", str(ref), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "model.safetensors" in capsys.readouterr().err
+
+
+SENTIMENT_CODE = ("recipes/dpo_sentiment_tiny.py", "dpo/sentiment.py", "benchmarks/frontier_sentiment.py")
+
+
+def _calls(path):
+    return [n for n in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(n, ast.Call)]
+
+
+@pytest.mark.parametrize("path", SENTIMENT_CODE)
+def test_model_weights_load_from_safetensors_only(path):
+    loads = [c for c in _calls(path) if isinstance(c.func, ast.Attribute) and c.func.attr == "from_pretrained"
+             and "Tokenizer" not in ast.unparse(c.func.value) and "Config" not in ast.unparse(c.func.value)]
+    for call in loads:
+        kwargs = {k.arg: k.value for k in call.keywords}
+        assert "use_safetensors" in kwargs and ast.literal_eval(kwargs["use_safetensors"]) is True, \
+            f"{path}:{call.lineno}: from_pretrained without use_safetensors=True"
+
+
+def test_recipes_and_benchmarks_import_trl_through_dpo_compat():
+    """TRL-version-sensitive imports live in dpo/compat.py (tests/test_library.py checks dpo/ itself)."""
+    offenders = []
+    for path in sorted([*(ROOT / "recipes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n == "trl" or n.startswith("trl.")]
+    assert offenders == []

@@ -1,0 +1,128 @@
+"""benchmarks/: both scripts start, the frontier redraws from its CSV, and the numbers README.md
+quotes from `make demo` are the ones BENCHMARKS.md (bench_demo.py's output) recorded.
+
+The scripts' real work (3 demo runs; a 20-run sweep of ~8 minutes) is not run here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+BENCH = ROOT / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def section(markdown: str, heading: str) -> str:
+    """The text under `heading` up to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    start = markdown.index(heading + "\n")
+    end = re.search(rf"^#{{1,{len(level)}}} ", markdown[start + len(heading):], re.M)
+    return markdown[start: start + len(heading) + end.start()] if end else markdown[start:]
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+@pytest.mark.parametrize("script", ["bench_demo.py", "frontier_sentiment.py"])
+def test_help_exits_0(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout and "--out" in proc.stdout
+
+
+# ── bench_demo.py ────────────────────────────────────────────────────────────────────────────
+README_DEMO = "## What `make demo` shows"
+
+
+def test_readme_demo_numbers_are_the_benchmarked_ones():
+    """Every number in README's "What `make demo` shows" table is in BENCHMARKS.md's demo table."""
+    assert missing_from_benchmarks((ROOT / "README.md").read_text(), (ROOT / "BENCHMARKS.md").read_text()) == []
+
+
+def missing_from_benchmarks(readme: str, benchmarks: str) -> list[str]:
+    """Numbers of README's demo table that BENCHMARKS.md's "What the demo measured" table lacks."""
+    rows = table_rows(section(readme, README_DEMO))
+    numbers = [n for row in rows for n in re.findall(r"[+-]?\d+(?:\.\d+)?%?", row)]
+    assert len(numbers) >= 8, rows  # the table was found: rewards, KL, accuracy, well-formed, lengths
+    measured = "\n".join(table_rows(benchmarks[benchmarks.index("What the demo measured"):]))
+    return [n for n in numbers if not re.search(rf"(?<![\d.+-]){re.escape(n)}(?![\d])", measured)]
+
+
+def test_a_drifted_readme_number_is_caught():
+    readme, benchmarks = (ROOT / "README.md").read_text(), (ROOT / "BENCHMARKS.md").read_text()
+    row = next(r for r in table_rows(section(readme, README_DEMO)) if "%" in r)
+    number = re.findall(r"\d+\.\d%", row)[0]
+    drifted = readme.replace(row, row.replace(number, f"{float(number[:-1]) - 0.1:.1f}%"))
+    assert missing_from_benchmarks(drifted, benchmarks) == [f"{float(number[:-1]) - 0.1:.1f}%"]
+
+
+def test_bench_demo_writes_the_table_readme_quotes():
+    """bench_demo.markdown formats metrics.json into the very rows README.md's table copies."""
+    bench = load_script("bench_demo")
+    metrics = {
+        "reference_reward": 0.0204, "policy_reward": 0.1431, "kl": 0.1681, "kl_stderr": 0.0242,
+        "heldout_reward_accuracy": 0.8692, "heldout_pairs": 214, "reference_well_formed": 0.9824,
+        "policy_well_formed": 0.9746, "reference_length": 4.871, "policy_length": 4.9668, "train_pairs": 833,
+        "dpo_steps": 54, "loss_type": ["sigmoid"], "beta": 0.1,
+        "seconds": {"sft": 13.0, "pairs": 5.0, "dpo": 5.5, "evaluate": 2.2},
+    }
+    text = bench.markdown([35.0, 36.4], [metrics, dict(metrics)], (1.0, 1.0, 1.0), (1.5, 1.5, 1.5))
+    assert "identical in all 2 runs" in text
+    assert "| median | 35.7 | 10.0 | 13.0 | 5.0 | 5.5 | 2.2 |" in text
+    for row in ("| mean ground-truth reward (held-out prompts) | +0.020 | +0.143 |",
+                "| KL(pi_theta \\|\\| pi_ref), nats per completion | 0 | 0.168 ± 0.024 |",
+                "| implicit-reward accuracy, 214 held-out pairs | - | 86.9% |",
+                "| well-formed completions | 98.2% | 97.5% |",
+                "| mean completion length, words | 4.87 | 4.97 |"):
+        assert row in text
+
+
+# ── frontier_sentiment.py ────────────────────────────────────────────────────────────────────
+def _numbers(row: str) -> list[str]:
+    return re.findall(r"[+-]?\d+(?:\.\d+)?", row)
+
+
+def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
+    frontier = load_script("frontier_sentiment")
+    out = tmp_path / "new" / "folder"
+    monkeypatch.setattr(sys, "argv", ["frontier_sentiment.py", "--from_csv", str(BENCH / "results" / "frontier.csv"),
+                                      "--out", str(out)])
+    frontier.main()
+    png = out / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    redrawn = table_rows((out / "frontier.md").read_text())
+    committed = table_rows((BENCH / "results" / "frontier.md").read_text())
+    assert len(redrawn) == len(committed) == 21  # header + 4 losses x 5 betas
+    for new, old in zip(redrawn, committed):
+        # same runs and the same numbers to their printed precision (the CSV keeps 4 decimals)
+        assert new.split("|")[1:4] == old.split("|")[1:4]
+        for a, b in zip(_numbers(new), _numbers(old), strict=True):
+            last_digit = 10 ** -len(b.split(".")[1]) if "." in b else 1
+            assert abs(float(a) - float(b)) <= last_digit + 1e-9, (new, old)
+
+
+def test_frontier_refuses_a_hub_token(tmp_path, monkeypatch, capfd):
+    frontier = load_script("frontier_sentiment")
+    tiny = ["--betas", "0.1", "--loss_types", "sigmoid", "--eval_prompts", "8", "--out", str(tmp_path),  # were it not refused
+            "--sft_examples", "64", "--sft_steps", "2", "--pair_prompts", "16", "--heldout_pair_prompts", "16", "--max_steps", "1"]
+    monkeypatch.setattr(sys, "argv", ["frontier_sentiment.py", *tiny, "--hub_token", "hf_x_secret", "--workdir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        frontier.main()
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 2 and "HF_TOKEN" in err and "hf_x_secret" not in out + err
+    assert not any(tmp_path.iterdir())  # refused before pi_ref was trained
