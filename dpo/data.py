@@ -49,7 +49,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from dpo.errors import UserError
+from dpo.errors import UserError, hub_error
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -184,12 +184,11 @@ def load_preference_data(name: str, config_name: str | None = None, split: str =
     try:
         data = load_dataset(str(Path(name).expanduser()) if _looks_local(name) else name, config_name)
     except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, offline mode
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"could not load dataset '{name}': {reason}\n"
-            f"  If the Hub is unreachable, save the data as a .jsonl/.parquet/.csv file where you have access "
+        raise hub_error(
+            "dataset", name, err,
+            f"If the Hub is unreachable, save the data as a .jsonl/.parquet/.csv file where you have access "
             f"(`datasets.load_dataset('{name}', split='{split}').to_json('data.jsonl')`) "
-            f"and pass it: --dataset_name data.jsonl"
+            f"and pass it: --dataset_name data.jsonl",
         ) from None
     return _pick_split(data, name, split, missing_ok)
 

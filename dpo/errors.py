@@ -23,6 +23,12 @@ class UserError(Exception):
     """An error in the user's input, with a message that says what to change."""
 
 
+def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
+    """'could not load <kind> <name>: <first line of err>' plus how to use a local copy instead."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"could not load {kind} '{name}': {reason}\n  {remedy}")
+
+
 def exit_on_user_error(main):
     """Decorator for a script's entry point: UserError -> one-line message, exit status 2."""
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dpo.errors import UserError, log
+from dpo.errors import UserError, hub_error, log
 
 
 def _looks_local(name: str) -> bool:
@@ -22,12 +22,11 @@ def _looks_local(name: str) -> bool:
 
 
 def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(
-        f"could not load {kind} '{name}': {reason}\n"
-        f"  If the Hub is unreachable or the repo is private, download it where you have access "
+    return hub_error(
+        kind, name, err,
+        f"If the Hub is unreachable or the repo is private, download it where you have access "
         f"(`hf download {name} --local-dir ./{Path(name).name}`; private repos read HF_TOKEN) "
-        f"and pass the folder: {flag} ./{Path(name).name}"
+        f"and pass the folder: {flag} ./{Path(name).name}",
     )
 
 
