@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -26,25 +25,18 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from dpo.config import load_recipe_args
+from dpo.config import RECIPES_DIR, load_recipe, load_recipe_args
 from dpo.errors import exit_on_user_error
 from dpo.model import load_tokenizer
 from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, train_reference
 from dpo.training import build_dpo_trainer, log
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
+RECIPE = RECIPES_DIR / "dpo_sentiment_tiny.py"
 # 2.5x the demo's 2 epochs (the recipe's other settings unchanged): long enough for a run to pass
 # the peak of the reward-KL path wherever its loss and beta let it.
 DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
 FIELDS = ["loss_type", "beta", "step", "policy_reward", "kl", "kl_stderr", "policy_well_formed", "policy_length", "heldout_reward_accuracy"]
-
-
-def recipe_script_arguments():
-    spec = importlib.util.spec_from_file_location("dpo_sentiment_tiny", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ScriptArguments
 
 
 class Trajectory(TrainerCallback):
@@ -128,7 +120,7 @@ def main() -> None:
         return write_outputs(read_csv(Path(args.from_csv)), Path(args.out), csv_path=Path(args.from_csv))
     recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *recipe_argv]
     start = time.time()
-    script_arguments = recipe_script_arguments()
+    script_arguments = load_recipe("dpo_sentiment_tiny").ScriptArguments
     workdir = Path(args.workdir)
 
     def recipe_args(*overrides):

@@ -1,8 +1,9 @@
 """Everything that depends on the TRL version, in one place. Tested against TRL 1.16.0.
 
 When TRL changes, this is the file to read and fix: the names recipes import, the loss
-types and metrics TRL knows, the options it removed, and the two internals we rely on
-(the reference forward and the bf16 cast of LoRA weights under quantization).
+types and metrics TRL knows, the options it removed, and the internals we rely on (the
+reference forward, the bf16 cast of LoRA weights under quantization, and transformers'
+private checkpoint writer).
 
 YAML keys: transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old
 name warns); TRL 1.16 still reads `args.gradient_checkpointing`, which transformers keeps in

@@ -8,6 +8,7 @@ YAML keys are dataclass field names; an unknown key or flag stops the run and is
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import sys
@@ -19,6 +20,24 @@ from transformers.trainer_utils import get_last_checkpoint
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
 from dpo.errors import UserError, log
 from dpo.hardware import describe, detect_precision
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def load_script(path: str | Path, name: str | None = None):
+    """Import a script file (a recipe, a benchmark) as a module without running its `__main__`."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_recipe(name: str):
+    """recipes/<name>.py as a module (its ScriptArguments and main). recipes/ is a folder of
+    scripts, not a package, so notebooks, the demo and tests import recipes through this."""
+    return load_script(RECIPES_DIR / f"{name}.py", f"recipe_{name}")
 
 
 def _unknown_key_message(keys: list[str], source: str) -> str:
@@ -92,7 +111,7 @@ def check_no_token_in_config(training_args) -> None:
         )
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
     """`--resume_from_checkpoint` accepts a checkpoint folder, or `last` for the newest in output_dir."""
     if value in (None, "", "false", "False"):
         return None

@@ -10,27 +10,16 @@ DPO through the phi-2 recipe's code path -> evaluate on held-out prompts), then 
 before/after and where the report is (outputs/sentiment_tiny/report.md).
 """
 
-import importlib.util
 import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
 
 # Everything is built locally: never reach for the Hub, and keep the output to what matters.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _load_recipe():
-    spec = importlib.util.spec_from_file_location("dpo_sentiment_tiny", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def summary(m: dict, seconds: float) -> str:
@@ -58,7 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     disable_progress_bar()  # dataset .map() bars: a few thousand rows, instant
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for this audience
-    metrics = _load_recipe().main(list(sys.argv[1:] if argv is None else argv))
+    from dpo.config import load_recipe
+
+    metrics = load_recipe("dpo_sentiment_tiny").main(list(sys.argv[1:] if argv is None else argv))
     print(summary(metrics, time.time() - start), flush=True)
     return metrics
 

@@ -36,8 +36,18 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from dpo.data import DIVERGE, NO_SHARED_PROMPT, PLAIN_CHAT_TEMPLATE, Columns, is_chat, phi2_qa_format
-from dpo.errors import UserError
+from dpo.data import (
+    DIVERGE,
+    NO_SHARED_PROMPT,
+    PLAIN_CHAT_TEMPLATE,
+    Columns,
+    ensure_chat_template,
+    is_chat,
+    load_preference_data,
+    phi2_qa_format,
+    to_pairs,
+)
+from dpo.errors import UserError, exit_on_user_error
 
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
 EMPTY = "empty chosen or rejected"
@@ -108,7 +118,8 @@ class DoctorReport:
 
     def summary(self) -> str:
         """The table, then the drop warning if rows were dropped: what a recipe prints."""
-        return self.table() + (f"\n{self.warning()}" if self.warning() else "")
+        warning = self.warning()
+        return self.table() + (f"\n{warning}" if warning else "")
 
     def warning(self) -> str | None:
         """One line when rows were dropped, None otherwise."""
@@ -342,8 +353,6 @@ def check_data(data: Dataset, source: str, tokenizer=None, *, columns: Columns |
                prompt_format: str = "chat", text_format=None, max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
                truncation_mode: str = "keep_start", degenerate_rows: str = "drop") -> DoctorReport:
     """to_pairs + examine: convert the raw rows and check every one. What recipes call."""
-    from dpo.data import ensure_chat_template, to_pairs
-
     if degenerate_rows not in ("drop", "fail"):
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
@@ -387,15 +396,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> DoctorReport:
     """Command-line entry point: load, check, print the table; UserError -> message and exit 2."""
-    from dpo.errors import exit_on_user_error
 
     @exit_on_user_error
     def run() -> DoctorReport:
         args = _parser().parse_args(argv)
         if args.text_format != "none" and args.prompt_format != "text":
             raise UserError(f"--text_format {args.text_format} formats text rows: add --prompt_format text")
-        from dpo.data import load_preference_data
-
         tokenizer = None
         if args.model:
             from dpo.model import load_tokenizer
@@ -411,8 +417,8 @@ def main(argv: list[str] | None = None) -> DoctorReport:
         if report.example:
             print(f"first pair as the model sees it:\n  prompt: {report.example['prompt']!r:.300}\n"
                   f"  chosen: {report.example['chosen']!r:.300}")
-        if report.warning():
-            print(report.warning(), file=sys.stderr)
+        if warning := report.warning():
+            print(warning, file=sys.stderr)
         if args.histogram:
             print(f"length histogram written to {plot_lengths(report, args.histogram)}")
         return report

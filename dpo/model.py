@@ -74,14 +74,15 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
         return [n for n in names if n != head]  # PEFT's all-linear leaves the output layer alone
     # a bare string is one module name (dpo.compat.lora_config hands PEFT a list, not a regex)
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    matches = {t: [n for n in names if n == t or n.endswith("." + t)] for t in targets}
+    unmatched = [t for t, found in matches.items() if not found]
     if unmatched:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise UserError(
             f"LoRA target(s) {unmatched} match no linear layer of {config.model_type} "
             f"and would train nothing. Linear layers in this model: {leaf_names}"
         )
-    return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
+    return [n for n in names if any(n in found for found in matches.values())]
 
 
 def check_model_and_load_tokenizer(model_args, training_args):

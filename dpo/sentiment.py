@@ -35,6 +35,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -99,13 +100,13 @@ class SentimentTask:
         if not 1 <= self.min_phrases <= self.max_phrases:
             raise UserError(f"need 1 <= min_phrases <= max_phrases, got {self.min_phrases}, {self.max_phrases}")
 
-    @property
+    @cached_property  # computed once per task: review() reads it for every generated review
     def positivity(self) -> dict[str, float]:
         """P(an opinionated adjective is positive) for each topic, uniform in [0.15, 0.85]."""
         rng = random.Random(f"positivity-{self.seed}")
         return {t: round(rng.uniform(0.15, 0.85), 3) for t in TOPICS}
 
-    @property
+    @cached_property
     def splits(self) -> dict[str, tuple[str, ...]]:
         """Topics for preference pairs ("train") and for evaluation ("heldout"), a seeded split."""
         topics = list(TOPICS)

@@ -14,7 +14,6 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite is CPU-only, also on a GPU 
 # thread and 96 s with two. Subprocesses and notebook kernels inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -41,9 +40,4 @@ def truthy_file(tmp_path_factory) -> Path:
     return write_jsonl(truthy_like_rows(48, seed=0), tmp_path_factory.mktemp("data") / "truthy.jsonl")
 
 
-def load_recipe(name: str):
-    """Import recipes/<name>.py as a module (recipes/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dpo.config import load_recipe, load_script  # noqa: E402,F401  (tests import them from here)

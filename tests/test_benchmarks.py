@@ -6,23 +6,19 @@ The scripts' real work (3 demo runs; a 20-run sweep of ~8 minutes) is not run he
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 BENCH = ROOT / "benchmarks"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_benchmark(name: str):
+    return load_script(BENCH / f"{name}.py", f"bench_{name}")
 
 
 def section(markdown: str, heading: str) -> str:
@@ -73,7 +69,7 @@ def test_a_drifted_readme_number_is_caught():
 
 def test_bench_demo_writes_the_table_readme_quotes():
     """bench_demo.markdown formats metrics.json into the very rows README.md's table copies."""
-    bench = load_script("bench_demo")
+    bench = load_benchmark("bench_demo")
     metrics = {
         "reference_reward": 0.0204, "policy_reward": 0.1431, "kl": 0.1681, "kl_stderr": 0.0242,
         "heldout_reward_accuracy": 0.8692, "heldout_pairs": 214, "reference_well_formed": 0.9824,
@@ -98,7 +94,7 @@ def _numbers(row: str) -> list[str]:
 
 
 def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
-    frontier = load_script("frontier_sentiment")
+    frontier = load_benchmark("frontier_sentiment")
     out = tmp_path / "new" / "folder"
     monkeypatch.setattr(sys, "argv", ["frontier_sentiment.py", "--from_csv", str(BENCH / "results" / "frontier.csv"),
                                       "--out", str(out)])
@@ -117,7 +113,7 @@ def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
 
 
 def test_frontier_refuses_a_hub_token(tmp_path, monkeypatch, capfd):
-    frontier = load_script("frontier_sentiment")
+    frontier = load_benchmark("frontier_sentiment")
     tiny = ["--betas", "0.1", "--loss_types", "sigmoid", "--eval_prompts", "8", "--out", str(tmp_path),  # were it not refused
             "--sft_examples", "64", "--sft_steps", "2", "--pair_prompts", "16", "--heldout_pair_prompts", "16", "--max_steps", "1"]
     monkeypatch.setattr(sys, "argv", ["frontier_sentiment.py", *tiny, "--hub_token", "hf_x_secret", "--workdir", str(tmp_path)])

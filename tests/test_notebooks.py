@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -23,21 +22,14 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 NB_DIR = ROOT / "notebooks"
 CELL_TIMEOUT = 300  # seconds, per cell; the slowest smoke cell takes well under a minute
 COLAB_GUARD = 'if "google.colab" in sys.modules:'
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-GEN = _generator()
+GEN = load_script(NB_DIR / "build_notebooks.py")
 NAMES = sorted(GEN.NOTEBOOKS)
 
 
