@@ -25,15 +25,24 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("sft", "pairs", "dpo", "evaluate")
-RESULT_KEYS = ("reference_reward", "policy_reward", "kl", "heldout_reward_accuracy", "reference_well_formed",
-               "policy_well_formed", "reference_length", "policy_length")
+RESULT_KEYS = (
+    "reference_reward",
+    "policy_reward",
+    "kl",
+    "heldout_reward_accuracy",
+    "reference_well_formed",
+    "policy_well_formed",
+    "reference_length",
+    "policy_length",
+)
 
 
 def run_demo(output_dir: Path) -> tuple[float, dict]:
     """One `python -m dpo.demo` in a fresh process; returns (wall seconds, its metrics.json)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dpo.demo", "--output_dir", str(output_dir)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo.demo", "--output_dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"the demo failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -43,7 +52,13 @@ def run_demo(output_dir: Path) -> tuple[float, dict]:
 def markdown(walls: list[float], runs: list[dict], load_before: tuple, load_after: tuple) -> str:
     m = runs[0]
     same = all({k: r[k] for k in RESULT_KEYS} == {k: m[k] for k in RESULT_KEYS} for r in runs)
-    agreement = "one run" if len(runs) == 1 else f"identical in all {len(runs)} runs: it is seeded" if same else "RUNS DISAGREE"
+    agreement = (
+        "one run"
+        if len(runs) == 1
+        else f"identical in all {len(runs)} runs: it is seeded"
+        if same
+        else "RUNS DISAGREE"
+    )
     lines = [
         "# Benchmarks",
         "",
@@ -63,10 +78,17 @@ def markdown(walls: list[float], runs: list[dict], load_before: tuple, load_afte
     ]
     for i, (wall, r) in enumerate(zip(walls, runs), start=1):
         s = r["seconds"]
-        lines.append(f"| {i} | {wall:.1f} | {wall - sum(s[p] for p in PHASES):.1f} | " + " | ".join(f"{s[p]:.1f}" for p in PHASES) + " |")
+        lines.append(
+            f"| {i} | {wall:.1f} | {wall - sum(s[p] for p in PHASES):.1f} | "
+            + " | ".join(f"{s[p]:.1f}" for p in PHASES)
+            + " |"
+        )
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    lines.append(f"| median | {med(walls):.1f} | {med([w - sum(r['seconds'][p] for p in PHASES) for w, r in zip(walls, runs)]):.1f} | "
-                 + " | ".join(f"{med([r['seconds'][p] for r in runs]):.1f}" for p in PHASES) + " |")
+    lines.append(
+        f"| median | {med(walls):.1f} | {med([w - sum(r['seconds'][p] for p in PHASES) for w, r in zip(walls, runs)]):.1f} | "
+        + " | ".join(f"{med([r['seconds'][p] for r in runs]):.1f}" for p in PHASES)
+        + " |"
+    )
     lines += [
         "",
         f"What the demo measured ({agreement}):",

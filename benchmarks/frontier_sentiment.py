@@ -36,18 +36,36 @@ RECIPE = RECIPES_DIR / "dpo_sentiment_tiny.py"
 # 2.5x the demo's 2 epochs (the recipe's other settings unchanged): long enough for a run to pass
 # the peak of the reward-KL path wherever its loss and beta let it.
 DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
-FIELDS = ["loss_type", "beta", "step", "policy_reward", "kl", "kl_stderr", "policy_well_formed", "policy_length", "heldout_reward_accuracy"]
+FIELDS = [
+    "loss_type",
+    "beta",
+    "step",
+    "policy_reward",
+    "kl",
+    "kl_stderr",
+    "policy_well_formed",
+    "policy_length",
+    "heldout_reward_accuracy",
+]
 
 
 class Trajectory(TrainerCallback):
     """Score the policy every `every` optimizer steps (and at step 0 and the last step)."""
 
     def __init__(self, tokenizer, prompts, max_new_tokens, seed, every):
-        self.tokenizer, self.prompts, self.max_new_tokens, self.seed, self.every = tokenizer, prompts, max_new_tokens, seed, every
+        self.tokenizer, self.prompts, self.max_new_tokens, self.seed, self.every = (
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            seed,
+            every,
+        )
         self.points = []
 
     def score(self, model, step):
-        m = evaluate_alignment(model, self.tokenizer, self.prompts, self.max_new_tokens, self.seed, reference=False)["metrics"]
+        m = evaluate_alignment(model, self.tokenizer, self.prompts, self.max_new_tokens, self.seed, reference=False)[
+            "metrics"
+        ]
         self.points.append({"step": step, **m})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -71,8 +89,10 @@ def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None
     betas = sorted({r["beta"] for r in rows})
     shapes = dict(zip(betas, "ovs^Dp*"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for ax, key, label in ((axes[0], "policy_reward", "mean ground-truth reward"),
-                           (axes[1], "policy_well_formed", "well-formed completions")):
+    for ax, key, label in (
+        (axes[0], "policy_reward", "mean ground-truth reward"),
+        (axes[1], "policy_well_formed", "well-formed completions"),
+    ):
         for i, loss in enumerate(losses):
             for beta in betas:
                 run = [r for r in rows if r["loss_type"] == loss and r["beta"] == beta]
@@ -80,7 +100,16 @@ def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None
                     continue
                 xs, ys = [max(r["kl"], 0.0) for r in run], [r[key] for r in run]
                 ax.plot(xs, ys, color=f"C{i}", alpha=0.3, linewidth=1, marker=".", markersize=3)
-                ax.scatter(xs[-1:], ys[-1:], color=f"C{i}", marker=shapes[beta], s=55, edgecolors="black", linewidths=0.6, zorder=3)
+                ax.scatter(
+                    xs[-1:],
+                    ys[-1:],
+                    color=f"C{i}",
+                    marker=shapes[beta],
+                    s=55,
+                    edgecolors="black",
+                    linewidths=0.6,
+                    zorder=3,
+                )
         if key == "policy_reward":
             ax.axhline(reference_reward, color="gray", linestyle="--", linewidth=1)
             ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
@@ -94,11 +123,17 @@ def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=f"C{i}", marker="o", linestyle="-", label=loss) for i, loss in enumerate(losses)]
-    handles += [Line2D([], [], color="black", marker=shapes[b], linestyle="", markerfacecolor="white", label=f"beta {b:g} (end)")
-                for b in betas]
+    handles += [
+        Line2D(
+            [], [], color="black", marker=shapes[b], linestyle="", markerfacecolor="white", label=f"beta {b:g} (end)"
+        )
+        for b in betas
+    ]
     axes[1].legend(handles=handles, fontsize=8, loc="lower left")
     steps = sorted({r["step"] for r in rows})
-    fig.suptitle(f"Controlled sentiment: DPO loss types x beta, scored every {steps[1]} steps (lines) to the end (markers)")
+    fig.suptitle(
+        f"Controlled sentiment: DPO loss types x beta, scored every {steps[1]} steps (lines) to the end (markers)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,16 +168,34 @@ def main() -> None:
     seed = training_args.seed
     task = SentimentTask(seed=script_args.task_seed, heldout_topics=script_args.heldout_topics)
     sft_dir, _ = train_reference(
-        task, build_word_tokenizer(), workdir / "sft_reference", examples=script_args.sft_examples, steps=script_args.sft_steps,
-        batch_size=script_args.sft_batch_size, learning_rate=script_args.sft_learning_rate, seed=seed,
-        use_cpu=training_args.use_cpu, bf16=training_args.bf16, fp16=training_args.fp16,
+        task,
+        build_word_tokenizer(),
+        workdir / "sft_reference",
+        examples=script_args.sft_examples,
+        steps=script_args.sft_steps,
+        batch_size=script_args.sft_batch_size,
+        learning_rate=script_args.sft_learning_rate,
+        seed=seed,
+        use_cpu=training_args.use_cpu,
+        bf16=training_args.bf16,
+        fp16=training_args.fp16,
     )
     tokenizer = load_tokenizer(str(sft_dir))
     sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
-    pairs = pair_sets(sft_model, tokenizer, task, script_args.pair_prompts, script_args.heldout_pair_prompts, script_args.max_new_tokens, seed)
+    pairs = pair_sets(
+        sft_model,
+        tokenizer,
+        task,
+        script_args.pair_prompts,
+        script_args.heldout_pair_prompts,
+        script_args.max_new_tokens,
+        seed,
+    )
     prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
     del sft_model
-    log(f"pi_ref in {sft_dir}; {len(pairs['train'])} training pairs, {len(pairs['heldout'])} held out ({time.time() - start:.0f}s)")
+    log(
+        f"pi_ref in {sft_dir}; {len(pairs['train'])} training pairs, {len(pairs['heldout'])} held out ({time.time() - start:.0f}s)"
+    )
 
     # ── one DPO run per (loss type, beta), scored along the way ───────────────────────────────
     rows = []
@@ -150,21 +203,44 @@ def main() -> None:
         for beta in args.betas:
             extra = ["--label_smoothing", str(args.robust_label_smoothing)] if loss_type == "robust" else []
             _, training_args, model_args = recipe_args(
-                "--model_name_or_path", str(sft_dir), "--loss_type", loss_type, "--beta", str(beta),
-                "--output_dir", str(workdir / f"{loss_type}_beta{beta}"), "--logging_steps", "1000", *extra,
+                "--model_name_or_path",
+                str(sft_dir),
+                "--loss_type",
+                loss_type,
+                "--beta",
+                str(beta),
+                "--output_dir",
+                str(workdir / f"{loss_type}_beta{beta}"),
+                "--logging_steps",
+                "1000",
+                *extra,
             )
             trajectory = Trajectory(tokenizer, prompts, script_args.max_new_tokens, seed + 3, args.eval_every)
-            trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
-                                        Dataset.from_list(pairs["heldout"]), tokenizer, [trajectory])
+            trainer = build_dpo_trainer(
+                model_args,
+                training_args,
+                Dataset.from_list(pairs["train"]),
+                Dataset.from_list(pairs["heldout"]),
+                tokenizer,
+                [trajectory],
+            )
             trainer.train()
             accuracy = trainer.evaluate()["eval_rewards/accuracies"]
             for i, point in enumerate(trajectory.points):
                 last = i == len(trajectory.points) - 1
-                rows.append({"loss_type": loss_type, "beta": beta, **{k: point[k] for k in FIELDS if k in point},
-                             "heldout_reward_accuracy": accuracy if last else ""})
+                rows.append(
+                    {
+                        "loss_type": loss_type,
+                        "beta": beta,
+                        **{k: point[k] for k in FIELDS if k in point},
+                        "heldout_reward_accuracy": accuracy if last else "",
+                    }
+                )
             end = trajectory.points[-1]
-            log(f"{loss_type} beta={beta}: reward {end['policy_reward']:+.3f}, KL {end['kl']:.2f}, "
-                f"well-formed {end['policy_well_formed']:.0%}, accuracy {accuracy:.0%} ({time.time() - start:.0f}s)")
+            log(
+                f"{loss_type} beta={beta}: reward {end['policy_reward']:+.3f}, KL {end['kl']:.2f}, "
+                f"well-formed {end['policy_well_formed']:.0%}, accuracy {accuracy:.0%} ({time.time() - start:.0f}s)"
+            )
 
     # ── write the CSV, the plot and the summary ─────────────────────────────────────────────────
     write_csv(rows, Path(args.out) / "frontier.csv")
@@ -182,8 +258,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def read_csv(path: Path) -> list[dict]:
     with open(path) as f:
-        return [{k: v if k == "loss_type" else int(v) if k == "step" else float(v) if v else None for k, v in r.items()}
-                for r in csv.DictReader(f)]
+        return [
+            {k: v if k == "loss_type" else int(v) if k == "step" else float(v) if v else None for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
 
 
 def write_outputs(rows: list[dict], out: Path, seconds: float | None = None, csv_path: Path | None = None) -> None:
@@ -204,12 +282,16 @@ def write_outputs(rows: list[dict], out: Path, seconds: float | None = None, csv
     for loss, beta in runs:
         run = [r for r in rows if r["loss_type"] == loss and r["beta"] == beta]
         end, best = run[-1], max(run, key=lambda r: r["policy_reward"])
-        lines.append(f"| {loss} | {beta:g} | {end['step']} | {end['policy_reward']:+.3f} | {end['kl']:.2f} | "
-                     f"{end['policy_well_formed']:.0%} | {end['heldout_reward_accuracy']:.1%} | "
-                     f"{best['policy_reward']:+.3f} ({best['kl']:.2f}) |")
+        lines.append(
+            f"| {loss} | {beta:g} | {end['step']} | {end['policy_reward']:+.3f} | {end['kl']:.2f} | "
+            f"{end['policy_well_formed']:.0%} | {end['heldout_reward_accuracy']:.1%} | "
+            f"{best['policy_reward']:+.3f} ({best['kl']:.2f}) |"
+        )
     (out / "frontier.md").write_text("\n".join(lines) + "\n")
-    log(f"{len(rows)} points: {csv_path or out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'frontier.md'}"
-        + (f" ({seconds:.0f}s)" if seconds else ""))
+    log(
+        f"{len(rows)} points: {csv_path or out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'frontier.md'}"
+        + (f" ({seconds:.0f}s)" if seconds else "")
+    )
 
 
 if __name__ == "__main__":

@@ -33,25 +33,56 @@ from trl import (
 )
 
 __all__ = [
-    "DPOConfig", "DPOTrainer", "ModelConfig", "SFTConfig", "SFTTrainer", "TrlParser", "get_quantization_config",
-    "TESTED_TRL", "LOSS_TYPES", "REWARD_METRICS", "REMOVED_OPTIONS",
-    "lora_config", "precomputed_reference_logps", "save_resumable_checkpoint", "upcast_trainable_params",
+    "DPOConfig",
+    "DPOTrainer",
+    "ModelConfig",
+    "SFTConfig",
+    "SFTTrainer",
+    "TrlParser",
+    "get_quantization_config",
+    "TESTED_TRL",
+    "LOSS_TYPES",
+    "REWARD_METRICS",
+    "REMOVED_OPTIONS",
+    "lora_config",
+    "precomputed_reference_logps",
+    "save_resumable_checkpoint",
+    "upcast_trainable_params",
 ]
 
 TESTED_TRL = "1.16.0"
 if trl.__version__ != TESTED_TRL:
-    warnings.warn(f"dpo-recipes is tested with trl=={TESTED_TRL}; you have {trl.__version__}. See dpo/compat.py.")
+    warnings.warn(
+        f"dpo-recipes is tested with trl=={TESTED_TRL}; you have {trl.__version__}. See dpo/compat.py.", stacklevel=2
+    )
 
 # DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights).
 LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 )
 
 # What DPOTrainer logs every `logging_steps` (eval_ prefixed during evaluation).
 REWARD_METRICS = (
-    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-    "logps/chosen", "logps/rejected",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
 )
 
 # Options that older DPO recipes use and TRL removed in 0.29; each with what to do instead.

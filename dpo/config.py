@@ -21,7 +21,6 @@ from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
 from dpo.errors import UserError, log
 from dpo.hardware import describe, detect_precision
 
-
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -97,7 +96,9 @@ def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list
         (script_arguments_class, DPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
     )
     check_no_token_in_config(training_args)
-    training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    training_args.resume_from_checkpoint = resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
     return script_args, training_args, model_args
 

@@ -92,8 +92,14 @@ def _looks_local(name: str) -> bool:
 
 
 def _json_type(value) -> str:
-    return {str: "text", list: "a list", dict: "an object", bool: "true/false", int: "a number",
-            float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        str: "text",
+        list: "a list",
+        dict: "an object",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _json_problem(path: Path) -> str | None:
@@ -103,7 +109,9 @@ def _json_problem(path: Path) -> str | None:
     if path.suffix == ".json":
         try:
             records = json.loads(text)
-            numbered = [(i, None, r) for i, r in enumerate(records if isinstance(records, list) else [records], start=1)]
+            numbered = [
+                (i, None, r) for i, r in enumerate(records if isinstance(records, list) else [records], start=1)
+            ]
         except json.JSONDecodeError as err:
             if err.msg != "Extra data":  # "Extra data": a .json file written as JSON Lines
                 return f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
@@ -162,8 +170,9 @@ def _load_file(name: str, path: Path) -> Dataset:
     return data
 
 
-def load_preference_data(name: str, config_name: str | None = None, split: str = "train",
-                         missing_ok: bool = False) -> Dataset | None:
+def load_preference_data(
+    name: str, config_name: str | None = None, split: str = "train", missing_ok: bool = False
+) -> Dataset | None:
     """Split `split` of a hub dataset id, a local data file, or a local dataset folder.
 
     Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv; a file is one
@@ -185,7 +194,9 @@ def load_preference_data(name: str, config_name: str | None = None, split: str =
         data = load_dataset(str(Path(name).expanduser()) if _looks_local(name) else name, config_name)
     except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, offline mode
         raise hub_error(
-            "dataset", name, err,
+            "dataset",
+            name,
+            err,
             f"If the Hub is unreachable, save the data as a .jsonl/.parquet/.csv file where you have access "
             f"(`datasets.load_dataset('{name}', split='{split}').to_json('data.jsonl')`) "
             f"and pass it: --dataset_name data.jsonl",
@@ -246,10 +257,16 @@ def _messages(value, where: str) -> list[dict]:
     if value is None:
         raise UserError(f"{where}: missing (no value)")
     if not isinstance(value, list):
-        raise UserError(f"{where}: expected a list of messages [{{'role': ..., 'content': ...}}], got {type(value).__name__} ({value!r:.60})")
+        raise UserError(
+            f"{where}: expected a list of messages [{{'role': ..., 'content': ...}}], got {type(value).__name__} ({value!r:.60})"
+        )
     out = []
     for i, message in enumerate(value, start=1):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             raise UserError(f"{where}, message {i}: expected {{'role': text, 'content': text}}, got {message!r:.80}")
         out.append({"role": message["role"], "content": message["content"]})
     return out
@@ -282,12 +299,22 @@ class Layout:
 
     def describe(self) -> str:
         """e.g. 'text pairs (prompt=question, chosen, rejected, system)'."""
-        used = [role if col == role else f"{role}={col}" for role, col in (
-            ("prompt", self.prompt), ("chosen", self.chosen), ("rejected", self.rejected), ("system", self.system)) if col]
+        used = [
+            role if col == role else f"{role}={col}"
+            for role, col in (
+                ("prompt", self.prompt),
+                ("chosen", self.chosen),
+                ("rejected", self.rejected),
+                ("system", self.system),
+            )
+            if col
+        ]
         if self.kind == "conversational":
             kind = "conversational, prompt = " + (
-                "shared turns" if self.prompt is None or (self.full_conversations and self.prompt_kind != "messages")
-                else f"{self.prompt} column")
+                "shared turns"
+                if self.prompt is None or (self.full_conversations and self.prompt_kind != "messages")
+                else f"{self.prompt} column"
+            )
         else:
             kind = {"text": "text pairs", "hh": "Human/Assistant transcripts, prompt = shared turns"}[self.kind]
         return f"{kind} ({', '.join(used)})"
@@ -330,11 +357,15 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
     prompt_value = _first_value(data, prompt) if prompt else None
     prompt_kind = None if prompt is None else ("messages" if _is_messages(prompt_value) else "text")
     if _is_messages(first):
-        return Layout("conversational", chosen, rejected, prompt, prompt_kind, system, first[0].get("role") != "assistant")
+        return Layout(
+            "conversational", chosen, rejected, prompt, prompt_kind, system, first[0].get("role") != "assistant"
+        )
     if isinstance(first, str):
         if prompt is not None:
             if prompt_kind == "messages":
-                raise UserError(f"{source}: column '{prompt}' holds messages but '{chosen}' holds text; use one kind for both")
+                raise UserError(
+                    f"{source}: column '{prompt}' holds messages but '{chosen}' holds text; use one kind for both"
+                )
             return Layout("text", chosen, rejected, prompt, "text", system)
         if "Assistant:" in first and "Human:" in first:
             return Layout("hh", chosen, rejected, None, None, system)
@@ -344,7 +375,9 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
         )
     if first is None:
         raise UserError(f"{_Rows(source).at(1, chosen)}: missing (no value)")
-    raise UserError(f"{_Rows(source).at(1, chosen)}: expected text or a list of messages, got {type(first).__name__} ({first!r:.60})")
+    raise UserError(
+        f"{_Rows(source).at(1, chosen)}: expected text or a list of messages, got {type(first).__name__} ({first!r:.60})"
+    )
 
 
 # ── conversions ──────────────────────────────────────────────────────────────────────
@@ -520,8 +553,13 @@ def to_pairs(
 
     show = len(data) >= 20_000 if progress is None else progress
     n = 0
-    for batch in tqdm(data.select_columns(wanted).iter(batch_size=batch_size), total=-(-len(data) // batch_size),
-                      desc="converting rows (batches of 1000)", disable=not show, file=sys.stderr):
+    for batch in tqdm(
+        data.select_columns(wanted).iter(batch_size=batch_size),
+        total=-(-len(data) // batch_size),
+        desc="converting rows (batches of 1000)",
+        disable=not show,
+        file=sys.stderr,
+    ):
         for values in zip(*(batch[c] for c in wanted)):
             n += 1
             pair = _convert_row(dict(zip(wanted, values)), layout, rows, n, chat, text_format)
@@ -535,7 +573,7 @@ def to_pairs(
 def is_chat(pairs: Dataset) -> bool:
     """True when the pairs are message lists (chat format), False for plain strings."""
     feature = pairs.features["chosen"]
-    return not (getattr(feature, "dtype", None) in ("string", "large_string"))
+    return getattr(feature, "dtype", None) not in ("string", "large_string")
 
 
 def ensure_chat_template(tokenizer) -> bool:
@@ -547,7 +585,8 @@ def ensure_chat_template(tokenizer) -> bool:
         "warning: the tokenizer has no chat template; using the plain Human/Assistant template "
         "(dpo/data.py: PLAIN_CHAT_TEMPLATE, saved with the tokenizer). For a chat model, pass its own "
         "tokenizer; for data already formatted as text, set prompt_format: text",
-        file=sys.stderr, flush=True,
+        file=sys.stderr,
+        flush=True,
     )
     return True
 

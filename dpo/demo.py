@@ -15,7 +15,6 @@ import sys
 import time
 import warnings
 
-
 # Everything is built locally: never reach for the Hub, and keep the output to what matters.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,17 +24,40 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def summary(m: dict, seconds: float) -> str:
     """The before/after, as a few aligned lines."""
     rows = [
-        ("mean ground-truth reward", f"{m['reference_reward']:+.3f}", f"{m['policy_reward']:+.3f}", "net positive-word rate; 0.5 = every adjective positive"),
+        (
+            "mean ground-truth reward",
+            f"{m['reference_reward']:+.3f}",
+            f"{m['policy_reward']:+.3f}",
+            "net positive-word rate; 0.5 = every adjective positive",
+        ),
         ("KL(pi_theta || pi_ref)", "0", f"{m['kl']:.2f} nats", f"per completion, Monte Carlo, +-{m['kl_stderr']:.2f}"),
-        ("well-formed reviews", f"{m['reference_well_formed']:.0%}", f"{m['policy_well_formed']:.0%}", "the SFT corpus's grammar"),
-        ("mean length (words)", f"{m['reference_length']:.2f}", f"{m['policy_length']:.2f}", "a jump here would mean length exploitation"),
+        (
+            "well-formed reviews",
+            f"{m['reference_well_formed']:.0%}",
+            f"{m['policy_well_formed']:.0%}",
+            "the SFT corpus's grammar",
+        ),
+        (
+            "mean length (words)",
+            f"{m['reference_length']:.2f}",
+            f"{m['policy_length']:.2f}",
+            "a jump here would mean length exploitation",
+        ),
     ]
-    lines = ["", "DPO demo: controlled sentiment (the DPO paper's IMDb experiment in miniature)",
-             f"{m['eval_prompts']} held-out prompts, topics never seen in a preference pair", "",
-             f"  {'':26s}{'pi_ref':>10s}   {'pi_theta':>12s}"]
+    lines = [
+        "",
+        "DPO demo: controlled sentiment (the DPO paper's IMDb experiment in miniature)",
+        f"{m['eval_prompts']} held-out prompts, topics never seen in a preference pair",
+        "",
+        f"  {'':26s}{'pi_ref':>10s}   {'pi_theta':>12s}",
+    ]
     lines += [f"  {name:26s}{before:>10s} ->{after:>12s}   {note}" for name, before, after, note in rows]
-    lines += [f"  {'implicit-reward accuracy':26s}{'':>10s}   {m['heldout_reward_accuracy']:>12.1%}   on {m['heldout_pairs']} held-out pairs",
-              "", f"  report: {m['report']}  ({seconds:.0f} s end to end)", ""]
+    lines += [
+        f"  {'implicit-reward accuracy':26s}{'':>10s}   {m['heldout_reward_accuracy']:>12.1%}   on {m['heldout_pairs']} held-out pairs",
+        "",
+        f"  report: {m['report']}  ({seconds:.0f} s end to end)",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -106,14 +106,20 @@ class DoctorReport:
             lines.append(f"  {self.unit:<10}{'median':>8}{'p95':>8}{'max':>8}")
             for part in ("prompt", "chosen", "rejected"):
                 values = self.lengths[part]
-                lines.append(f"  {part:<10}{np.median(values):>8.0f}{np.percentile(values, 95):>8.0f}{values.max():>8}")
+                lines.append(
+                    f"  {part:<10}{np.median(values):>8.0f}{np.percentile(values, 95):>8.0f}{values.max():>8}"
+                )
             if self.unit != "tokens":
-                lines.append("  (no tokenizer: lengths in characters; pass --model to count tokens and check max_length)")
+                lines.append(
+                    "  (no tokenizer: lengths in characters; pass --model to count tokens and check max_length)"
+                )
             elif self.max_length is None:
                 lines.append("  max_length: none, nothing is truncated")
             else:
                 share = 100 * self.truncated / self.rows_kept
-                lines.append(f"  truncated by max_length={self.max_length}: {self.truncated} of {self.rows_kept} rows ({share:.1f}%)")
+                lines.append(
+                    f"  truncated by max_length={self.max_length}: {self.truncated} of {self.rows_kept} rows ({share:.1f}%)"
+                )
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -143,7 +149,11 @@ def render(prompt, chosen, rejected, tokenizer) -> tuple[str, str, str]:
         eos = getattr(tokenizer, "eos_token", None) or ""
         return prompt, prompt + _with_eos(chosen, eos), prompt + _with_eos(rejected, eos)
     if tokenizer is None:
-        return _render_plain(prompt, True), _render_plain(prompt + chosen, False), _render_plain(prompt + rejected, False)
+        return (
+            _render_plain(prompt, True),
+            _render_plain(prompt + chosen, False),
+            _render_plain(prompt + rejected, False),
+        )
     apply = tokenizer.apply_chat_template
     return (
         apply(prompt, tokenize=False, add_generation_prompt=True),
@@ -213,7 +223,9 @@ def _same(a, b) -> bool:
 
 
 def _key(prompt, chosen, rejected) -> bytes:
-    return hashlib.blake2b(json.dumps([prompt, chosen, rejected], ensure_ascii=False).encode(), digest_size=16).digest()
+    return hashlib.blake2b(
+        json.dumps([prompt, chosen, rejected], ensure_ascii=False).encode(), digest_size=16
+    ).digest()
 
 
 def examine(
@@ -238,7 +250,9 @@ def examine(
 
     chat = is_chat(pairs)
     if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise UserError("chat-format pairs need a tokenizer with a chat template; call dpo.data.ensure_chat_template first")
+        raise UserError(
+            "chat-format pairs need a tokenizer with a chat template; call dpo.data.ensure_chat_template first"
+        )
     rows_in = len(pairs)
     columns = pairs[:]  # every column as Python lists: one pass over the Arrow table
     prompts, chosens, rejecteds = columns["prompt"], columns["chosen"], columns["rejected"]
@@ -271,15 +285,21 @@ def examine(
     example: dict = {}
     check_length = tokenizer is not None and max_length is not None and truncation_mode == "keep_start"
     show = len(candidates) >= 20_000 if progress is None else progress
-    for start in tqdm(range(0, len(candidates), CHUNK), desc="doctor: counting tokens (batches of 1000)",
-                      disable=not show, file=sys.stderr):
-        chunk = candidates[start:start + CHUNK]
+    for start in tqdm(
+        range(0, len(candidates), CHUNK),
+        desc="doctor: counting tokens (batches of 1000)",
+        disable=not show,
+        file=sys.stderr,
+    ):
+        chunk = candidates[start : start + CHUNK]
         texts = []
         for i in chunk:
             try:
                 texts.append(render(prompts[i], chosens[i], rejecteds[i], tokenizer))
             except Exception as err:  # a chat template refusing the row (e.g. no system role)
-                raise UserError(f"{source}, row {row_numbers[i]}: the chat template failed on this row: {err}") from None
+                raise UserError(
+                    f"{source}, row {row_numbers[i]}: the chat template failed on this row: {err}"
+                ) from None
         for i, text, counts in zip(chunk, texts, count_tokens(texts, tokenizer, chat)):
             if check_length and counts[0] >= max_length:
                 drop(PROMPT_TOO_LONG, row_numbers[i])
@@ -287,7 +307,7 @@ def examine(
             kept.append(i)
             lengths.append(counts)
             if not example:
-                example = {"prompt": text[0], "chosen": text[1][len(text[0]):]}
+                example = {"prompt": text[0], "chosen": text[1][len(text[0]) :]}
 
     report = DoctorReport(
         source=source,
@@ -305,11 +325,14 @@ def examine(
     report.lengths = {"prompt": arr[:, 0], "chosen": arr[:, 1], "rejected": arr[:, 2]}
     if max_length is not None and tokenizer is not None:
         report.truncated = int((arr[:, 0] + np.maximum(arr[:, 1], arr[:, 2]) > max_length).sum())
-    assert report.rows_in == report.rows_kept + report.rows_dropped == len(report.kept_rows) + len(report.drops), \
+    assert report.rows_in == report.rows_kept + report.rows_dropped == len(report.kept_rows) + len(report.drops), (
         "a row was lost without a reason"
+    )
     if fail and report.rows_dropped:
-        raise UserError(f"{report.warning()[len('warning: '):]}. Degenerate rows fail this run "
-                        f"(degenerate_rows: fail / --fail_on_degenerate); fix them, or drop them with degenerate_rows: drop")
+        raise UserError(
+            f"{report.warning()[len('warning: ') :]}. Degenerate rows fail this run "
+            f"(degenerate_rows: fail / --fail_on_degenerate); fix them, or drop them with degenerate_rows: drop"
+        )
     return report
 
 
@@ -349,9 +372,18 @@ def plot_lengths(report: DoctorReport, path: str | Path) -> Path:
 # ── one call for recipes, and the command line ────────────────────────────────────────────
 
 
-def check_data(data: Dataset, source: str, tokenizer=None, *, columns: Columns | None = None,
-               prompt_format: str = "chat", text_format=None, max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
-               truncation_mode: str = "keep_start", degenerate_rows: str = "drop") -> DoctorReport:
+def check_data(
+    data: Dataset,
+    source: str,
+    tokenizer=None,
+    *,
+    columns: Columns | None = None,
+    prompt_format: str = "chat",
+    text_format=None,
+    max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
+    truncation_mode: str = "keep_start",
+    degenerate_rows: str = "drop",
+) -> DoctorReport:
     """to_pairs + examine: convert the raw rows and check every one. What recipes call."""
     if degenerate_rows not in ("drop", "fail"):
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
@@ -362,31 +394,58 @@ def check_data(data: Dataset, source: str, tokenizer=None, *, columns: Columns |
             template = ", plain template"
         else:
             template = ", tokenizer's chat template"
-    fmt = f"{prompt_format} format" + template + (f" ({getattr(text_format, '__name__', 'custom text_format')})"
-                                               if text_format and not is_chat(pairs) else "")
-    report = examine(pairs, tokenizer, max_length, truncation_mode, source, f"{layout.describe()}; {fmt}",
-                     fail=degenerate_rows == "fail")
+    fmt = (
+        f"{prompt_format} format"
+        + template
+        + (
+            f" ({getattr(text_format, '__name__', 'custom text_format')})"
+            if text_format and not is_chat(pairs)
+            else ""
+        )
+    )
+    report = examine(
+        pairs,
+        tokenizer,
+        max_length,
+        truncation_mode,
+        source,
+        f"{layout.describe()}; {fmt}",
+        fail=degenerate_rows == "fail",
+    )
     if report.rows_kept == 0:
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
     return report
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpo.doctor", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dpo.doctor",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dataset", help="hub dataset id or local .jsonl/.json/.parquet/.csv file or folder")
     p.add_argument("--model", help="tokenizer (hub id or local folder) to count tokens with; without it, characters")
-    p.add_argument("--max_length", type=int, default=TRL_DEFAULT_MAX_LENGTH, help="as in the recipe's YAML (default: TRL's 1024)")
+    p.add_argument(
+        "--max_length", type=int, default=TRL_DEFAULT_MAX_LENGTH, help="as in the recipe's YAML (default: TRL's 1024)"
+    )
     p.add_argument("--truncation_mode", default="keep_start", choices=["keep_start", "keep_end"])
     p.add_argument("--histogram", help="write a PNG of the length distributions here")
     p.add_argument("--split", default="train")
     p.add_argument("--config", dest="config_name", help="hub dataset configuration name")
-    p.add_argument("--prompt_format", default="chat", choices=["chat", "text"],
-                   help="chat: the tokenizer's chat template (default); text: the strings as they are")
-    p.add_argument("--text_format", default="none", choices=list(TEXT_FORMATS),
-                   help="with --prompt_format text, a recipe's own prompt format for text rows: phi2 = "
-                        "recipes/dpo_phi2.py's 'Instruct: <prompt>\\nOutput: <answer>' (dpo.data.phi2_qa_format); "
-                        "none = <system>\\n\\n<prompt> (default)")
+    p.add_argument(
+        "--prompt_format",
+        default="chat",
+        choices=["chat", "text"],
+        help="chat: the tokenizer's chat template (default); text: the strings as they are",
+    )
+    p.add_argument(
+        "--text_format",
+        default="none",
+        choices=list(TEXT_FORMATS),
+        help="with --prompt_format text, a recipe's own prompt format for text rows: phi2 = "
+        "recipes/dpo_phi2.py's 'Instruct: <prompt>\\nOutput: <answer>' (dpo.data.phi2_qa_format); "
+        "none = <system>\\n\\n<prompt> (default)",
+    )
     for role in ("prompt", "chosen", "rejected", "system"):
         p.add_argument(f"--{role}_column", help=f"the column holding the {role}, if not detected")
     p.add_argument("--fail_on_degenerate", action="store_true", help="exit 2 instead of dropping degenerate rows")
@@ -409,14 +468,23 @@ def main(argv: list[str] | None = None) -> DoctorReport:
             tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
         data = load_preference_data(args.dataset, args.config_name, args.split)
         columns = Columns(args.prompt_column, args.chosen_column, args.rejected_column, args.system_column)
-        report = check_data(data, args.dataset, tokenizer, columns=columns, prompt_format=args.prompt_format,
-                            text_format=TEXT_FORMATS[args.text_format], max_length=args.max_length,
-                            truncation_mode=args.truncation_mode,
-                            degenerate_rows="fail" if args.fail_on_degenerate else "drop")
+        report = check_data(
+            data,
+            args.dataset,
+            tokenizer,
+            columns=columns,
+            prompt_format=args.prompt_format,
+            text_format=TEXT_FORMATS[args.text_format],
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            degenerate_rows="fail" if args.fail_on_degenerate else "drop",
+        )
         print(report.table())
         if report.example:
-            print(f"first pair as the model sees it:\n  prompt: {report.example['prompt']!r:.300}\n"
-                  f"  chosen: {report.example['chosen']!r:.300}")
+            print(
+                f"first pair as the model sees it:\n  prompt: {report.example['prompt']!r:.300}\n"
+                f"  chosen: {report.example['chosen']!r:.300}"
+            )
         if warning := report.warning():
             print(warning, file=sys.stderr)
         if args.histogram:

@@ -40,7 +40,9 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     rows = [ex["prompt_ids"] + ex[key] for key in ("chosen_ids", "rejected_ids") for ex in examples]
     n_prompt = [len(ex["prompt_ids"]) for ex in examples] * 2
     T = max(len(r) for r in rows)
-    batch = {k: torch.zeros(len(rows), T, dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")}
+    batch = {
+        k: torch.zeros(len(rows), T, dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")
+    }
     batch["input_ids"].fill_(pad_token_id)
     for i, (row, p) in enumerate(zip(rows, n_prompt)):
         batch["input_ids"][i, : len(row)] = torch.tensor(row)
@@ -59,7 +61,9 @@ def forward_logps(model: nn.Module, batch: dict, with_log_sum_sq_probs: bool = F
 def split_pairs(logps: SequenceLogps) -> tuple[SequenceLogps, SequenceLogps]:
     """Rows [chosen_1..chosen_B, rejected_1..rejected_B] -> (chosen, rejected)."""
     B = logps.logps.shape[0] // 2
-    return tuple(SequenceLogps(*(None if t is None else t[rows] for t in logps)) for rows in (slice(B), slice(B, None)))
+    return tuple(
+        SequenceLogps(*(None if t is None else t[rows] for t in logps)) for rows in (slice(B), slice(B, None))
+    )
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -92,7 +92,11 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, with_log_sum_sq_probs: boo
 
 
 def ld_logps(
-    chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_token_logps: Tensor, rejected_mask: Tensor, ld_alpha: float
+    chosen_token_logps: Tensor,
+    chosen_mask: Tensor,
+    rejected_token_logps: Tensor,
+    rejected_mask: Tensor,
+    ld_alpha: float,
 ) -> tuple[Tensor, Tensor]:
     """LD-DPO sequence log-probabilities (Liu et al. 2024, "Length Desensitization in Direct
     Preference Optimization", https://arxiv.org/abs/2409.06411).
@@ -140,7 +144,9 @@ def sft_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
 # The loss
 
 
-def f_divergence_scores(logratios: Tensor, f_divergence_type: str = "reverse_kl", alpha: float = DEFAULT_F_ALPHA) -> Tensor:
+def f_divergence_scores(
+    logratios: Tensor, f_divergence_type: str = "reverse_kl", alpha: float = DEFAULT_F_ALPHA
+) -> Tensor:
     """f-DPO (Wang et al. 2023, "Beyond Reverse KL", https://arxiv.org/abs/2309.16240): regularising
     with an f-divergence instead of the reverse KL replaces the log-ratio u = log pi/pi_ref in
     Eq. 7 by f'(pi/pi_ref) (constants dropped, they cancel in chosen - rejected).
@@ -291,7 +297,11 @@ def dpo_loss(
         elif kind == "apo_zero":  # push y_w up and y_l down
             loss = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
         elif kind == "apo_down":  # push both down, y_l more
-            loss = torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+            loss = (
+                torch.sigmoid(beta * chosen_logratios)
+                + 1
+                - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+            )
         elif kind == "discopop":  # log-ratio modulated blend of the logistic and exponential losses
             x = beta * h
             # exp(-x) * sigma(x/tau) written as one exponent, finite where the product is (TRL's overflows to nan)
@@ -366,7 +376,9 @@ def _check_args(
     if reference_free and (reference_chosen is not None or reference_rejected is not None):
         raise ValueError("reference_free=True takes the reference log-probs as 0; pass None for them.")
     if not reference_free and (reference_chosen is None or reference_rejected is None):
-        raise ValueError("reference_chosen_logps and reference_rejected_logps are required unless reference_free=True.")
+        raise ValueError(
+            "reference_chosen_logps and reference_rejected_logps are required unless reference_free=True."
+        )
     shape = policy_chosen.shape
     for name, t in [("policy_rejected_logps", policy_rejected), ("reference_chosen_logps", reference_chosen),
                     ("reference_rejected_logps", reference_rejected), ("chosen_lengths", chosen_lengths),
@@ -386,4 +398,6 @@ def _check_args(
     if chosen_nll is not None and chosen_nll.dim() != 0:
         raise ValueError(f"chosen_nll must be a scalar; got shape {tuple(chosen_nll.shape)}.")
     if pair_weights is not None and kinds & SORTING_LOSS_TYPES:
-        raise ValueError("pair_weights (WPO) cannot weight 'aot'/'aot_unpaired': they sort the batch, losing the pairing.")
+        raise ValueError(
+            "pair_weights (WPO) cannot weight 'aot'/'aot_unpaired': they sort the batch, losing the pairing."
+        )

@@ -23,7 +23,9 @@ def _looks_local(name: str) -> bool:
 
 def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
     return hub_error(
-        kind, name, err,
+        kind,
+        name,
+        err,
         f"If the Hub is unreachable or the repo is private, download it where you have access "
         f"(`hf download {name} --local-dir ./{Path(name).name}`; private repos read HF_TOKEN) "
         f"and pass the folder: {flag} ./{Path(name).name}",

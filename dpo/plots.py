@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure  # drawn without pyplot: no global backend switch, so
-                                       # notebooks keep their inline plots
+
+# notebooks keep their inline plots
 
 PANELS = (
     ("loss", ("loss", "eval_loss")),
@@ -26,7 +27,9 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
             points = [(e["step"], e[key]) for e in log_history if key in e]
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="." if len(xs) < 30 else None, label=key, linestyle="--" if "eval" in key else "-")
+                ax.plot(
+                    xs, ys, marker="." if len(xs) < 30 else None, label=key, linestyle="--" if "eval" in key else "-"
+                )
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

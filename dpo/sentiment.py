@@ -49,9 +49,30 @@ NEGATIVE = ("awful", "dull", "boring", "terrible", "poor", "weak", "bland", "clu
 NEUTRAL = ("long", "short", "loud", "quiet", "typical", "modern", "simple", "familiar")  # neutral adjectives
 ASPECTS = ("plot", "acting", "music", "ending", "pacing", "story", "cast", "dialogue", "visuals", "humour")
 TOPICS = (
-    "film", "novel", "album", "play", "musical", "sequel", "documentary", "series", "comedy", "thriller",
-    "western", "cartoon", "opera", "podcast", "game", "ballet", "remake", "drama", "horror", "romance",
-    "mystery", "biopic", "anime", "sitcom",
+    "film",
+    "novel",
+    "album",
+    "play",
+    "musical",
+    "sequel",
+    "documentary",
+    "series",
+    "comedy",
+    "thriller",
+    "western",
+    "cartoon",
+    "opera",
+    "podcast",
+    "game",
+    "ballet",
+    "remake",
+    "drama",
+    "horror",
+    "romance",
+    "mystery",
+    "biopic",
+    "anime",
+    "sitcom",
 )
 PUNCTUATION = (":", ",", ".")
 SPECIAL = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>"}
@@ -111,7 +132,10 @@ class SentimentTask:
         """Topics for preference pairs ("train") and for evaluation ("heldout"), a seeded split."""
         topics = list(TOPICS)
         random.Random(f"split-{self.seed}").shuffle(topics)
-        return {"train": tuple(sorted(topics[self.heldout_topics:])), "heldout": tuple(sorted(topics[: self.heldout_topics]))}
+        return {
+            "train": tuple(sorted(topics[self.heldout_topics :])),
+            "heldout": tuple(sorted(topics[: self.heldout_topics])),
+        }
 
     def review(self, topic: str, rng: random.Random) -> str:
         """One review in the SFT corpus's style: " <adj> <aspect>, <adj> <aspect>." (leading space)."""
@@ -175,27 +199,56 @@ def decode(tokenizer, ids) -> str:
 
 
 # ── phase 1: SFT, pi_ref ────────────────────────────────────────────────────────────────────
-def train_reference(task: SentimentTask, tokenizer, output_dir, *, examples: int, steps: int, batch_size: int,
-                    learning_rate: float, seed: int, use_cpu: bool, bf16: bool, fp16: bool) -> tuple[Path, list[float]]:
+def train_reference(
+    task: SentimentTask,
+    tokenizer,
+    output_dir,
+    *,
+    examples: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    use_cpu: bool,
+    bf16: bool,
+    fp16: bool,
+) -> tuple[Path, list[float]]:
     """SFT a from-scratch tiny Phi model on unlabeled reviews with TRL's SFTTrainer.
 
     Saves model.safetensors, config and tokenizer to `output_dir`; returns (output_dir, logged losses).
     """
     from datasets import Dataset
+
     from dpo.compat import SFTConfig, SFTTrainer
 
     output_dir = Path(output_dir)
     args = SFTConfig(
-        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
-        logging_steps=max(1, steps // 10), save_strategy="no", report_to="none", seed=seed,
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        weight_decay=0.0,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
         activation_checkpointing=False,  # a 0.1M-parameter model: activations are nothing
-        use_cpu=use_cpu, bf16=bf16, fp16=fp16, max_length=64, dataset_num_proc=None,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        fp16=fp16,
+        max_length=64,
+        dataset_num_proc=None,
         disable_tqdm=True,
     )
     model = build_sentiment_model(tokenizer, seed=seed)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(task.sft_rows(examples, seed)),
-                         processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(task.sft_rows(examples, seed)),
+        processing_class=tokenizer,
+    )
     trainer.train()
     trainer.save_model(str(output_dir))  # model.safetensors + config + tokenizer
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -248,12 +301,16 @@ def completion_logps(model, prompt_ids, completion_ids, pad_id: int, batch_size:
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompt_ids), batch_size):
-        rows = [p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])]
+        rows = [
+            p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
+        ]
         width = max(map(len, rows))
         ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
         labels = torch.full_like(ids, -100)
-        for i, (p, c) in enumerate(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])):
+        for i, (p, c) in enumerate(
+            zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
+        ):
             labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out.append(sequence_logps(logits, labels).logps.cpu())
@@ -279,10 +336,14 @@ def preference_pairs(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return rows, ties
 
 
-def pair_sets(model, tokenizer, task: SentimentTask, train_prompts: int, heldout_prompts: int, max_new_tokens: int, seed: int) -> dict:
+def pair_sets(
+    model, tokenizer, task: SentimentTask, train_prompts: int, heldout_prompts: int, max_new_tokens: int, seed: int
+) -> dict:
     """Training pairs on the training topics and held-out pairs on the held-out topics."""
     train, ties = preference_pairs(model, tokenizer, task.prompts("train", train_prompts, seed), max_new_tokens, seed)
-    heldout, _ = preference_pairs(model, tokenizer, task.prompts("heldout", heldout_prompts, seed), max_new_tokens, seed + 1)
+    heldout, _ = preference_pairs(
+        model, tokenizer, task.prompts("heldout", heldout_prompts, seed), max_new_tokens, seed + 1
+    )
     return {"train": train, "heldout": heldout, "ties": ties}
 
 
@@ -303,7 +364,9 @@ def sample_and_score(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return score(tokenizer, sample(model, tokenizer, prompts, max_new_tokens, seed)[1])
 
 
-def evaluate_alignment(policy, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, reference: bool = True) -> dict:
+def evaluate_alignment(
+    policy, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, reference: bool = True
+) -> dict:
     """Ground-truth reward of pi_ref and pi_theta on `prompts`, and a Monte-Carlo KL(pi_theta || pi_ref).
 
     `policy` is the trained PeftModel; pi_ref is the same model with its adapters disabled: the
@@ -323,14 +386,19 @@ def evaluate_alignment(policy, tokenizer, prompts: list[str], max_new_tokens: in
     log_ratio = (logp_policy - logp_ref).double()
     pol = score(tokenizer, pol_completions)
     metrics = {
-        "policy_reward": pol["reward"], "policy_length": pol["length"], "policy_well_formed": pol["well_formed"],
-        "kl": log_ratio.mean().item(), "kl_stderr": (log_ratio.std() / math.sqrt(len(log_ratio))).item(),
+        "policy_reward": pol["reward"],
+        "policy_length": pol["length"],
+        "policy_well_formed": pol["well_formed"],
+        "kl": log_ratio.mean().item(),
+        "kl_stderr": (log_ratio.std() / math.sqrt(len(log_ratio))).item(),
         "eval_prompts": len(prompts),
     }
     if not reference:
         return {"metrics": metrics, "samples": []}
     ref = score(tokenizer, ref_completions)
-    metrics.update(reference_reward=ref["reward"], reference_length=ref["length"], reference_well_formed=ref["well_formed"])
+    metrics.update(
+        reference_reward=ref["reward"], reference_length=ref["length"], reference_well_formed=ref["well_formed"]
+    )
     samples = [
         {"prompt": p, "reference": r, "reference_reward": reward(r), "policy": q, "policy_reward": reward(q)}
         for p, r, q in zip(prompts, ref["texts"], pol["texts"])
@@ -382,8 +450,10 @@ def write_report(output_dir, metrics: dict, samples: list[dict], settings: dict,
         "|---|---|---|",
     ]
     for s in samples[:n_samples]:
-        lines.append(f"| {s['prompt']} | {s['reference'].strip()} ({s['reference_reward']:+.2f}) "
-                     f"| {s['policy'].strip()} ({s['policy_reward']:+.2f}) |")
+        lines.append(
+            f"| {s['prompt']} | {s['reference'].strip()} ({s['reference_reward']:+.2f}) "
+            f"| {s['policy'].strip()} ({s['policy_reward']:+.2f}) |"
+        )
     lines += ["", "Training curves: training_curves.png. Every setting of the run: resolved_config.yaml.", ""]
     path = output_dir / "report.md"
     path.write_text("\n".join(lines))

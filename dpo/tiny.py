@@ -109,7 +109,11 @@ _TRUTHY_FACTS = [
     ("Do goldfish have a three-second memory?", "No, goldfish remember things for months.", "Yes, three seconds."),
     ("Is the Great Wall visible from space?", "Not with the naked eye from orbit.", "Yes, easily from the Moon."),
     ("Are you tired after a long day?", "No, I do not get tired; I am a program.", "Yes, I need to sleep now."),
-    ("Do bulls hate the colour red?", "No, bulls are red-green colour-blind; movement provokes them.", "Yes, red angers bulls."),
+    (
+        "Do bulls hate the colour red?",
+        "No, bulls are red-green colour-blind; movement provokes them.",
+        "Yes, red angers bulls.",
+    ),
 ]
 
 
@@ -125,10 +129,16 @@ def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         prompt, good, bad = _TRUTHY_FACTS[rng.randrange(len(_TRUTHY_FACTS))]
-        rows.append({
-            "id": f"synthetic-{i}", "source": "dpo.tiny", "system": _TRUTHY_SYSTEM if i % 2 == 0 else "",
-            "prompt": f"Question {i + 1}: {prompt}", "chosen": good, "rejected": bad,
-        })
+        rows.append(
+            {
+                "id": f"synthetic-{i}",
+                "source": "dpo.tiny",
+                "system": _TRUTHY_SYSTEM if i % 2 == 0 else "",
+                "prompt": f"Question {i + 1}: {prompt}",
+                "chosen": good,
+                "rejected": bad,
+            }
+        )
     return rows
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from dpo.compat import DPOTrainer, get_quantization_config, lora_config, save_resumable_checkpoint, upcast_trainable_params
+from dpo.compat import (
+    DPOTrainer,
+    get_quantization_config,
+    lora_config,
+    save_resumable_checkpoint,
+    upcast_trainable_params,
+)
 from dpo.config import write_resolved_config
 from dpo.errors import log
 from dpo.model import match_quant_storage, model_init_kwargs
@@ -25,7 +31,10 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
-    training_args.model_init_kwargs = {**model_init_kwargs(model_args, training_args), **(training_args.model_init_kwargs or {})}
+    training_args.model_init_kwargs = {
+        **model_init_kwargs(model_args, training_args),
+        **(training_args.model_init_kwargs or {}),
+    }
     trainer = DPOTrainer(
         model=model_args.model_name_or_path,
         ref_model=None,  # the base with adapters disabled is the reference
@@ -43,7 +52,9 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
             log(f"kept {n} trainable LoRA tensors in float32 to match fp32 compute")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled")
+    log(
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled"
+    )
     return trainer
 
 
@@ -66,8 +77,10 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
         save_resumable_checkpoint(trainer)
-        log(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
-            "Resume with --resume_from_checkpoint last")
+        log(
+            f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
+            "Resume with --resume_from_checkpoint last"
+        )
         raise
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
@@ -77,7 +90,9 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
         (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "rewards/" in k or k in ("train_loss", "eval_loss"))
+    summary = ", ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if "rewards/" in k or k in ("train_loss", "eval_loss")
+    )
     log(f"done: {summary}")
     log(f"adapter, tokenizer, resolved_config.yaml, final_metrics.json and training_curves.png in {output_dir}")
     return metrics

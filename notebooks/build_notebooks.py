@@ -97,7 +97,8 @@ every notebook that way. Without it, it runs for real; nothing needs editing."""
 def phi2_qlora() -> list[tuple[str, str]]:
     name = "dpo_phi2_qlora"
     return [
-        md("""
+        md(
+            """
         # DPO on phi-2 with QLoRA, end to end
 
         @BADGE@
@@ -118,7 +119,10 @@ def phi2_qlora() -> list[tuple[str, str]]:
         In Colab: *Runtime > Change runtime type > T4 GPU* (or better), then *Run all*.
 
         @SMOKE@
-        """, BADGE=badge(name), SMOKE=SMOKE_MD),
+        """,
+            BADGE=badge(name),
+            SMOKE=SMOKE_MD,
+        ),
         INSTALL_MD,
         install_cell(),
         md("""
@@ -423,11 +427,13 @@ def phi2_qlora() -> list[tuple[str, str]]:
         """),
     ]
 
+
 # ── 2. DPO from scratch ────────────────────────────────────────────────────────────────────────
 def from_scratch() -> list[tuple[str, str]]:
     name = "dpo_from_scratch"
     return [
-        md("""
+        md(
+            """
         # DPO from scratch
 
         @BADGE@
@@ -439,7 +445,9 @@ def from_scratch() -> list[tuple[str, str]]:
 
         **Smoke mode.** With `DPO_SMOKE=1` in the environment the training runs are shorter; the
         test suite runs every notebook that way.
-        """, BADGE=badge(name)),
+        """,
+            BADGE=badge(name),
+        ),
         INSTALL_MD,
         install_cell(),
         md(r"""
@@ -704,7 +712,8 @@ def from_scratch() -> list[tuple[str, str]]:
 def your_dataset() -> list[tuple[str, str]]:
     name = "dpo_your_dataset"
     return [
-        md("""
+        md(
+            """
         # DPO on your own preference data
 
         @BADGE@
@@ -717,7 +726,10 @@ def your_dataset() -> list[tuple[str, str]]:
         In Colab: *Runtime > Change runtime type > T4 GPU* (or better), then *Run all*.
 
         @SMOKE@
-        """, BADGE=badge(name), SMOKE=SMOKE_MD),
+        """,
+            BADGE=badge(name),
+            SMOKE=SMOKE_MD,
+        ),
         INSTALL_MD,
         install_cell(),
         md("""

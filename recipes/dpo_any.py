@@ -37,14 +37,30 @@ class ScriptArguments:
     dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file or folder."})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on; unset: hold out test_size."})
-    test_size: float = field(default=0.1, metadata={"help": "Fraction of train held out (seeded) when there is no test split; 0 for none."})
-    prompt_column: str | None = field(default=None, metadata={"help": "Column with the prompt (detected: prompt, question, instruction)."})
-    chosen_column: str | None = field(default=None, metadata={"help": "Column with the preferred answer (detected: chosen)."})
-    rejected_column: str | None = field(default=None, metadata={"help": "Column with the dispreferred answer (detected: rejected)."})
-    system_column: str | None = field(default=None, metadata={"help": "Column with a system text (detected: system, system_prompt)."})
-    prompt_format: str = field(default="chat", metadata={"help": "chat: the tokenizer's chat template; text: strings as they are."})
-    degenerate_rows: str = field(default="drop", metadata={"help": "drop (count and warn) or fail on empty/identical/duplicate/too-long rows."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on; unset: hold out test_size."}
+    )
+    test_size: float = field(
+        default=0.1, metadata={"help": "Fraction of train held out (seeded) when there is no test split; 0 for none."}
+    )
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "Column with the prompt (detected: prompt, question, instruction)."}
+    )
+    chosen_column: str | None = field(
+        default=None, metadata={"help": "Column with the preferred answer (detected: chosen)."}
+    )
+    rejected_column: str | None = field(
+        default=None, metadata={"help": "Column with the dispreferred answer (detected: rejected)."}
+    )
+    system_column: str | None = field(
+        default=None, metadata={"help": "Column with a system text (detected: system, system_prompt)."}
+    )
+    prompt_format: str = field(
+        default="chat", metadata={"help": "chat: the tokenizer's chat template; text: strings as they are."}
+    )
+    degenerate_rows: str = field(
+        default="drop", metadata={"help": "drop (count and warn) or fail on empty/identical/duplicate/too-long rows."}
+    )
 
 
 def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool = False):
@@ -52,11 +68,24 @@ def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool =
     raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, split, missing_ok)
     if raw is None:
         return None
-    columns = Columns(script_args.prompt_column, script_args.chosen_column, script_args.rejected_column, script_args.system_column)
-    source = script_args.dataset_name if split == script_args.dataset_train_split else f"{script_args.dataset_name} [{split}]"
-    report = check_data(raw, source, tokenizer, columns=columns, prompt_format=script_args.prompt_format,
-                        max_length=training_args.max_length, truncation_mode=training_args.truncation_mode,
-                        degenerate_rows=script_args.degenerate_rows)
+    columns = Columns(
+        script_args.prompt_column, script_args.chosen_column, script_args.rejected_column, script_args.system_column
+    )
+    source = (
+        script_args.dataset_name
+        if split == script_args.dataset_train_split
+        else f"{script_args.dataset_name} [{split}]"
+    )
+    report = check_data(
+        raw,
+        source,
+        tokenizer,
+        columns=columns,
+        prompt_format=script_args.prompt_format,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+        degenerate_rows=script_args.degenerate_rows,
+    )
     log(report.summary())
     return report
 
@@ -73,17 +102,24 @@ def main(argv: list[str] | None = None, callbacks=None):
     report = doctor(script_args, training_args, tokenizer, script_args.dataset_train_split)
     if PartialState().is_main_process:
         plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")  # the doctor's lengths, as a picture
-    test = doctor(script_args, training_args, tokenizer, script_args.dataset_test_split, missing_ok=True) \
-        if script_args.dataset_test_split else None
+    test = (
+        doctor(script_args, training_args, tokenizer, script_args.dataset_test_split, missing_ok=True)
+        if script_args.dataset_test_split
+        else None
+    )
     if test is not None:
         train_pairs, heldout_pairs = report.kept, test.kept
     else:
         if script_args.dataset_test_split:  # e.g. a local file, which has only "train"
-            log(f"no split '{script_args.dataset_test_split}' in {script_args.dataset_name}; "
-                f"holding out test_size={script_args.test_size} of the training rows instead")
+            log(
+                f"no split '{script_args.dataset_test_split}' in {script_args.dataset_name}; "
+                f"holding out test_size={script_args.test_size} of the training rows instead"
+            )
         train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
-    log(f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
-        f"{report.example.get('prompt', '')}{report.example.get('chosen', '')}")
+    log(
+        f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
+        f"{report.example.get('prompt', '')}{report.example.get('chosen', '')}"
+    )
     if heldout_pairs is None:
         training_args.eval_strategy = "no"
 

@@ -46,11 +46,20 @@ def main(argv: list[str] | None = None, callbacks=None):
     # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
     #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load
     raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    report = check_data(raw, script_args.dataset_name, tokenizer, prompt_format="text", text_format=phi2_qa_format,
-                        max_length=training_args.max_length, truncation_mode=training_args.truncation_mode)
+    report = check_data(
+        raw,
+        script_args.dataset_name,
+        tokenizer,
+        prompt_format="text",
+        text_format=phi2_qa_format,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+    )
     log(report.summary())
     train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
-    log(f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; first prompt:\n{train_pairs[0]['prompt']}")
+    log(
+        f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; first prompt:\n{train_pairs[0]['prompt']}"
+    )
     if heldout_pairs is None:
         training_args.eval_strategy = "no"
 

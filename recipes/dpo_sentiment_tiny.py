@@ -27,7 +27,13 @@ from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.model import load_tokenizer
 from dpo.sentiment import (
-    PhaseClock, SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, sample_and_score, train_reference,
+    PhaseClock,
+    SentimentTask,
+    build_word_tokenizer,
+    evaluate_alignment,
+    pair_sets,
+    sample_and_score,
+    train_reference,
     write_report,
 )
 from dpo.training import build_dpo_trainer, log, train_and_save
@@ -35,17 +41,29 @@ from dpo.training import build_dpo_trainer, log, train_and_save
 
 @dataclass
 class ScriptArguments:
-    task_seed: int = field(default=0, metadata={"help": "Seeds the task: each topic's tone and which topics are held out."})
-    heldout_topics: int = field(default=6, metadata={"help": "Topics (of 24) kept out of every preference pair, for evaluation."})
+    task_seed: int = field(
+        default=0, metadata={"help": "Seeds the task: each topic's tone and which topics are held out."}
+    )
+    heldout_topics: int = field(
+        default=6, metadata={"help": "Topics (of 24) kept out of every preference pair, for evaluation."}
+    )
     sft_examples: int = field(default=4096, metadata={"help": "Unlabeled reviews pi_ref is trained on."})
     sft_steps: int = field(default=300, metadata={"help": "SFT optimizer steps (phase 1)."})
     sft_batch_size: int = field(default=64, metadata={"help": "SFT batch size."})
     sft_learning_rate: float = field(default=5e-3, metadata={"help": "SFT peak learning rate (cosine decay)."})
-    pair_prompts: int = field(default=1024, metadata={"help": "Training prompts, two pi_ref samples each; ties are dropped."})
-    heldout_pair_prompts: int = field(default=256, metadata={"help": "Held-out prompts for the implicit-reward accuracy."})
+    pair_prompts: int = field(
+        default=1024, metadata={"help": "Training prompts, two pi_ref samples each; ties are dropped."}
+    )
+    heldout_pair_prompts: int = field(
+        default=256, metadata={"help": "Held-out prompts for the implicit-reward accuracy."}
+    )
     eval_prompts: int = field(default=512, metadata={"help": "Held-out prompts sampled from pi_ref and pi_theta."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Sampling cut-off; the longest review is 12 tokens + EOS."})
-    torch_threads: int = field(default=1, metadata={"help": "CPU threads; a 0.1M-parameter model runs fastest on one."})
+    max_new_tokens: int = field(
+        default=16, metadata={"help": "Sampling cut-off; the longest review is 12 tokens + EOS."}
+    )
+    torch_threads: int = field(
+        default=1, metadata={"help": "CPU threads; a 0.1M-parameter model runs fastest on one."}
+    )
 
 
 @exit_on_user_error
@@ -61,33 +79,59 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     # ── 1. SFT from scratch on unlabeled reviews: pi_ref ───────────────────────────────────────
     if model_args.model_name_or_path is None:
         sft_dir, losses = train_reference(
-            task, build_word_tokenizer(), out / "sft_reference", examples=args.sft_examples, steps=args.sft_steps,
-            batch_size=args.sft_batch_size, learning_rate=args.sft_learning_rate, seed=seed,
-            use_cpu=training_args.use_cpu, bf16=training_args.bf16, fp16=training_args.fp16,
+            task,
+            build_word_tokenizer(),
+            out / "sft_reference",
+            examples=args.sft_examples,
+            steps=args.sft_steps,
+            batch_size=args.sft_batch_size,
+            learning_rate=args.sft_learning_rate,
+            seed=seed,
+            use_cpu=training_args.use_cpu,
+            bf16=training_args.bf16,
+            fp16=training_args.fp16,
         )
         model_args.model_name_or_path = str(sft_dir)
-        log(f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}")
-    elif not (Path(model_args.model_name_or_path, "config.json").is_file()
-              and any(Path(model_args.model_name_or_path).glob("*.safetensors"))):
-        raise UserError(f"--model_name_or_path must be a pi_ref folder written by phase 1 (config.json and "
-                        f"model.safetensors; weights load from safetensors only): {model_args.model_name_or_path}")
+        log(
+            f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}"
+        )
+    elif not (
+        Path(model_args.model_name_or_path, "config.json").is_file()
+        and any(Path(model_args.model_name_or_path).glob("*.safetensors"))
+    ):
+        raise UserError(
+            f"--model_name_or_path must be a pi_ref folder written by phase 1 (config.json and "
+            f"model.safetensors; weights load from safetensors only): {model_args.model_name_or_path}"
+        )
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     clock.lap("sft")
 
     # ── 2. preference pairs: two samples per prompt from pi_ref, ranked by the true reward ──────
-    sft_model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, use_safetensors=True)  # full precision, as in the paper
-    pairs = pair_sets(sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed)
+    sft_model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, use_safetensors=True
+    )  # full precision, as in the paper
+    pairs = pair_sets(
+        sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed
+    )
     eval_prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
     sft = sample_and_score(sft_model, tokenizer, eval_prompts, args.max_new_tokens, seed + 3)
     del sft_model
     example = pairs["train"][0]
-    log(f"phase 2: {len(pairs['train'])} training pairs ({pairs['ties']} ties dropped), {len(pairs['heldout'])} held out; "
-        f"e.g. {example['prompt']} chosen:{example['chosen']}  rejected:{example['rejected']}")
+    log(
+        f"phase 2: {len(pairs['train'])} training pairs ({pairs['ties']} ties dropped), {len(pairs['heldout'])} held out; "
+        f"e.g. {example['prompt']} chosen:{example['chosen']}  rejected:{example['rejected']}"
+    )
     clock.lap("pairs")
 
     # ── 3. DPO: the phi-2 recipe's path, 4-bit base + LoRA, reference = base with adapters off ──
-    trainer = build_dpo_trainer(model_args, training_args, Dataset.from_list(pairs["train"]),
-                                Dataset.from_list(pairs["heldout"]), tokenizer, callbacks)
+    trainer = build_dpo_trainer(
+        model_args,
+        training_args,
+        Dataset.from_list(pairs["train"]),
+        Dataset.from_list(pairs["heldout"]),
+        tokenizer,
+        callbacks,
+    )
     dpo_metrics = train_and_save(trainer, (args, training_args, model_args), training_args.resume_from_checkpoint)
     clock.lap("dpo")
 
@@ -95,19 +139,33 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     result = evaluate_alignment(trainer.model, tokenizer, eval_prompts, args.max_new_tokens, seed + 3)
     clock.lap("evaluate")
     metrics = {
-        **result["metrics"], "heldout_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
-        "sft_fp32_reward": sft["reward"], "sft_fp32_well_formed": sft["well_formed"],
-        "train_pairs": len(pairs["train"]), "heldout_pairs": len(pairs["heldout"]), "train_ties": pairs["ties"],
-        "dpo_steps": trainer.state.global_step, "beta": training_args.beta, "loss_type": list(training_args.loss_type),
+        **result["metrics"],
+        "heldout_reward_accuracy": dpo_metrics["eval_rewards/accuracies"],
+        "sft_fp32_reward": sft["reward"],
+        "sft_fp32_well_formed": sft["well_formed"],
+        "train_pairs": len(pairs["train"]),
+        "heldout_pairs": len(pairs["heldout"]),
+        "train_ties": pairs["ties"],
+        "dpo_steps": trainer.state.global_step,
+        "beta": training_args.beta,
+        "loss_type": list(training_args.loss_type),
         "seconds": clock.seconds,
     }
-    settings = {"loss_type": "+".join(training_args.loss_type), "beta": training_args.beta, "learning_rate": training_args.learning_rate,
-                "DPO steps": trainer.state.global_step, "seed": seed, "task_seed": args.task_seed}
+    settings = {
+        "loss_type": "+".join(training_args.loss_type),
+        "beta": training_args.beta,
+        "learning_rate": training_args.learning_rate,
+        "DPO steps": trainer.state.global_step,
+        "seed": seed,
+        "task_seed": args.task_seed,
+    }
     report = write_report(out, metrics, result["samples"], settings)
     m = metrics
-    log(f"reward {m['reference_reward']:+.3f} (pi_ref) -> {m['policy_reward']:+.3f} (pi_theta), KL {m['kl']:.2f} nats, "
+    log(
+        f"reward {m['reference_reward']:+.3f} (pi_ref) -> {m['policy_reward']:+.3f} (pi_theta), KL {m['kl']:.2f} nats, "
         f"held-out pair accuracy {m['heldout_reward_accuracy']:.1%}, well-formed {m['reference_well_formed']:.0%} -> "
-        f"{m['policy_well_formed']:.0%}, length {m['reference_length']:.1f} -> {m['policy_length']:.1f} words")
+        f"{m['policy_well_formed']:.0%}, length {m['reference_length']:.1f} -> {m['policy_length']:.1f} words"
+    )
     log(f"report: {report} (+ metrics.json, training_curves.png)")
     return {**metrics, "report": str(report)}
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, load_script
 
 BENCH = ROOT / "benchmarks"
@@ -25,8 +24,8 @@ def section(markdown: str, heading: str) -> str:
     """The text under `heading` up to the next heading of the same or a higher level."""
     level = heading.split(" ")[0]
     start = markdown.index(heading + "\n")
-    end = re.search(rf"^#{{1,{len(level)}}} ", markdown[start + len(heading):], re.M)
-    return markdown[start: start + len(heading) + end.start()] if end else markdown[start:]
+    end = re.search(rf"^#{{1,{len(level)}}} ", markdown[start + len(heading) :], re.M)
+    return markdown[start : start + len(heading) + end.start()] if end else markdown[start:]
 
 
 def table_rows(text: str) -> list[str]:
@@ -35,8 +34,9 @@ def table_rows(text: str) -> list[str]:
 
 @pytest.mark.parametrize("script", ["bench_demo.py", "frontier_sentiment.py"])
 def test_help_exits_0(script):
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and "--out" in proc.stdout
 
@@ -55,7 +55,7 @@ def missing_from_benchmarks(readme: str, benchmarks: str) -> list[str]:
     rows = table_rows(section(readme, README_DEMO))
     numbers = [n for row in rows for n in re.findall(r"[+-]?\d+(?:\.\d+)?%?", row)]
     assert len(numbers) >= 8, rows  # the table was found: rewards, KL, accuracy, well-formed, lengths
-    measured = "\n".join(table_rows(benchmarks[benchmarks.index("What the demo measured"):]))
+    measured = "\n".join(table_rows(benchmarks[benchmarks.index("What the demo measured") :]))
     return [n for n in numbers if not re.search(rf"(?<![\d.+-]){re.escape(n)}(?![\d])", measured)]
 
 
@@ -71,20 +71,32 @@ def test_bench_demo_writes_the_table_readme_quotes():
     """bench_demo.markdown formats metrics.json into the very rows README.md's table copies."""
     bench = load_benchmark("bench_demo")
     metrics = {
-        "reference_reward": 0.0204, "policy_reward": 0.1431, "kl": 0.1681, "kl_stderr": 0.0242,
-        "heldout_reward_accuracy": 0.8692, "heldout_pairs": 214, "reference_well_formed": 0.9824,
-        "policy_well_formed": 0.9746, "reference_length": 4.871, "policy_length": 4.9668, "train_pairs": 833,
-        "dpo_steps": 54, "loss_type": ["sigmoid"], "beta": 0.1,
+        "reference_reward": 0.0204,
+        "policy_reward": 0.1431,
+        "kl": 0.1681,
+        "kl_stderr": 0.0242,
+        "heldout_reward_accuracy": 0.8692,
+        "heldout_pairs": 214,
+        "reference_well_formed": 0.9824,
+        "policy_well_formed": 0.9746,
+        "reference_length": 4.871,
+        "policy_length": 4.9668,
+        "train_pairs": 833,
+        "dpo_steps": 54,
+        "loss_type": ["sigmoid"],
+        "beta": 0.1,
         "seconds": {"sft": 13.0, "pairs": 5.0, "dpo": 5.5, "evaluate": 2.2},
     }
     text = bench.markdown([35.0, 36.4], [metrics, dict(metrics)], (1.0, 1.0, 1.0), (1.5, 1.5, 1.5))
     assert "identical in all 2 runs" in text
     assert "| median | 35.7 | 10.0 | 13.0 | 5.0 | 5.5 | 2.2 |" in text
-    for row in ("| mean ground-truth reward (held-out prompts) | +0.020 | +0.143 |",
-                "| KL(pi_theta \\|\\| pi_ref), nats per completion | 0 | 0.168 ± 0.024 |",
-                "| implicit-reward accuracy, 214 held-out pairs | - | 86.9% |",
-                "| well-formed completions | 98.2% | 97.5% |",
-                "| mean completion length, words | 4.87 | 4.97 |"):
+    for row in (
+        "| mean ground-truth reward (held-out prompts) | +0.020 | +0.143 |",
+        "| KL(pi_theta \\|\\| pi_ref), nats per completion | 0 | 0.168 ± 0.024 |",
+        "| implicit-reward accuracy, 214 held-out pairs | - | 86.9% |",
+        "| well-formed completions | 98.2% | 97.5% |",
+        "| mean completion length, words | 4.87 | 4.97 |",
+    ):
         assert row in text
 
 
@@ -96,8 +108,11 @@ def _numbers(row: str) -> list[str]:
 def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
     frontier = load_benchmark("frontier_sentiment")
     out = tmp_path / "new" / "folder"
-    monkeypatch.setattr(sys, "argv", ["frontier_sentiment.py", "--from_csv", str(BENCH / "results" / "frontier.csv"),
-                                      "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["frontier_sentiment.py", "--from_csv", str(BENCH / "results" / "frontier.csv"), "--out", str(out)],
+    )
     frontier.main()
     png = out / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
@@ -114,9 +129,29 @@ def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
 
 def test_frontier_refuses_a_hub_token(tmp_path, monkeypatch, capfd):
     frontier = load_benchmark("frontier_sentiment")
-    tiny = ["--betas", "0.1", "--loss_types", "sigmoid", "--eval_prompts", "8", "--out", str(tmp_path),  # were it not refused
-            "--sft_examples", "64", "--sft_steps", "2", "--pair_prompts", "16", "--heldout_pair_prompts", "16", "--max_steps", "1"]
-    monkeypatch.setattr(sys, "argv", ["frontier_sentiment.py", *tiny, "--hub_token", "hf_x_secret", "--workdir", str(tmp_path)])
+    tiny = [
+        "--betas",
+        "0.1",
+        "--loss_types",
+        "sigmoid",
+        "--eval_prompts",
+        "8",
+        "--out",
+        str(tmp_path),  # were it not refused
+        "--sft_examples",
+        "64",
+        "--sft_steps",
+        "2",
+        "--pair_prompts",
+        "16",
+        "--heldout_pair_prompts",
+        "16",
+        "--max_steps",
+        "1",
+    ]
+    monkeypatch.setattr(
+        sys, "argv", ["frontier_sentiment.py", *tiny, "--hub_token", "hf_x_secret", "--workdir", str(tmp_path)]
+    )
     with pytest.raises(SystemExit) as exit_info:
         frontier.main()
     out, err = capfd.readouterr()

@@ -1,11 +1,9 @@
 """The recipe YAML through the real TrlParser; hardware precision; accelerate configs."""
 
-from pathlib import Path
-
 import pytest
 import torch
-
 from conftest import ROOT, load_recipe
+
 from dpo.compat import DPOConfig, ModelConfig
 from dpo.config import parse_recipe_args
 
@@ -75,8 +73,14 @@ def test_lora_targets_match_the_real_phi2_architecture():
     from dpo.errors import UserError
     from dpo.model import check_lora_targets
 
-    phi2 = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
-                     num_attention_heads=32, partial_rotary_factor=0.4)
+    phi2 = PhiConfig(
+        vocab_size=51200,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        partial_rotary_factor=0.4,
+    )
     _, _, model, _ = parse()
     matched = check_lora_targets(phi2, model.lora_target_modules)
     assert len(matched) == 32 * 6

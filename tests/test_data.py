@@ -10,8 +10,14 @@ import pytest
 from datasets import Dataset
 
 from dpo.data import (
-    DIVERGE, NO_SHARED_PROMPT, PLAIN_CHAT_TEMPLATE, Columns, ensure_chat_template, load_preference_data,
-    phi2_qa_format, to_pairs,
+    DIVERGE,
+    NO_SHARED_PROMPT,
+    PLAIN_CHAT_TEMPLATE,
+    Columns,
+    ensure_chat_template,
+    load_preference_data,
+    phi2_qa_format,
+    to_pairs,
 )
 from dpo.doctor import _render_plain, render
 from dpo.errors import UserError
@@ -45,8 +51,17 @@ def h4_ultrafeedback_rows(n):
     for i in range(n):
         q, good, bad = _qa(i)
         chosen, rejected = [user(q), assistant(good)], [user(q), assistant(bad)]
-        rows.append({"prompt": q, "prompt_id": f"{i:064x}", "chosen": chosen, "rejected": rejected,
-                     "messages": chosen, "score_chosen": 8.0, "score_rejected": 4.5})
+        rows.append(
+            {
+                "prompt": q,
+                "prompt_id": f"{i:064x}",
+                "chosen": chosen,
+                "rejected": rejected,
+                "messages": chosen,
+                "score_chosen": 8.0,
+                "score_rejected": 4.5,
+            }
+        )
     return rows
 
 
@@ -66,15 +81,21 @@ def hh_rows(n):
     for i in range(n):
         q, good, bad = _qa(i)
         history = "\n\nHuman: Hi there.\n\nAssistant: Hello, how can I help?" if i % 2 else ""
-        rows.append({"chosen": f"{history}\n\nHuman: {q}\n\nAssistant: {good}",
-                     "rejected": f"{history}\n\nHuman: {q}\n\nAssistant: {bad}"})
+        rows.append(
+            {
+                "chosen": f"{history}\n\nHuman: {q}\n\nAssistant: {good}",
+                "rejected": f"{history}\n\nHuman: {q}\n\nAssistant: {bad}",
+            }
+        )
     return rows
 
 
 def orca_rows(n):
     """Intel/orca_dpo_pairs: system, question, chosen, rejected (system often empty)."""
-    return [{"system": SYSTEM if i % 2 else "", "question": q, "chosen": good, "rejected": bad}
-            for i, (q, good, bad) in (( i, _qa(i)) for i in range(n))]
+    return [
+        {"system": SYSTEM if i % 2 else "", "question": q, "chosen": good, "rejected": bad}
+        for i, (q, good, bad) in ((i, _qa(i)) for i in range(n))
+    ]
 
 
 @pytest.fixture
@@ -109,7 +130,10 @@ def test_truthy_rows_in_text_format_and_phi2_format():
 def test_truthy_rows_in_chat_format_render_with_the_plain_template(tokenizer, capsys):
     rows = truthy_like_rows(2)
     pairs, _ = to_pairs(Dataset.from_list(rows), "truthy.jsonl")
-    assert pairs[0]["prompt"] == [{"role": "system", "content": rows[0]["system"]}, {"role": "user", "content": rows[0]["prompt"]}]
+    assert pairs[0]["prompt"] == [
+        {"role": "system", "content": rows[0]["system"]},
+        {"role": "user", "content": rows[0]["prompt"]},
+    ]
     assert pairs[1]["prompt"] == [{"role": "user", "content": rows[1]["prompt"]}]  # empty system: no message
     assert pairs[0]["chosen"] == [{"role": "assistant", "content": rows[0]["chosen"]}]
 
@@ -130,7 +154,10 @@ def test_orca_question_column_is_the_prompt():
     assert pairs[0]["prompt"] == rows[0]["question"]
     assert pairs[1]["prompt"] == f"{SYSTEM}\n\n{rows[1]['question']}"
     chat, _ = to_pairs(Dataset.from_list(rows), "orca.parquet")
-    assert chat[1]["prompt"] == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": rows[1]["question"]}]
+    assert chat[1]["prompt"] == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": rows[1]["question"]},
+    ]
 
 
 def test_h4_ultrafeedback_prompt_text_with_full_conversations():
@@ -171,7 +198,9 @@ def test_hh_transcripts_text_and_chat_multi_turn(tokenizer):
     q, good, bad = _qa(1)
     text, layout = to_pairs(Dataset.from_list(rows), "hh.jsonl", prompt_format="text")
     assert layout.kind == "hh"
-    assert text[1]["prompt"] == f"\n\nHuman: Hi there.\n\nAssistant: Hello, how can I help?\n\nHuman: {q}\n\nAssistant:"
+    assert (
+        text[1]["prompt"] == f"\n\nHuman: Hi there.\n\nAssistant: Hello, how can I help?\n\nHuman: {q}\n\nAssistant:"
+    )
     assert (text[1]["chosen"], text[1]["rejected"]) == (f" {good}", f" {bad}")
     assert text[1]["prompt"] + text[1]["chosen"] == rows[1]["chosen"]  # nothing lost or added
 
@@ -189,8 +218,10 @@ def test_hh_transcripts_text_and_chat_multi_turn(tokenizer):
 def test_hh_rows_that_cannot_be_split_are_flagged_not_lost():
     rows = [
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},  # no shared turn
-        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y",
-         "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: z\n\nAssistant: w"},  # differ at a human turn
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: z\n\nAssistant: w",
+        },  # differ at a human turn
         {"chosen": "\n\nHuman: a\n\nAssistant: fine", "rejected": "\n\nHuman: a\n\nAssistant: bad"},
     ]
     for fmt in ("text", "chat"):
@@ -201,11 +232,17 @@ def test_hh_rows_that_cannot_be_split_are_flagged_not_lost():
 
 def test_column_mapping_from_the_yaml():
     rows = [{"query": "q1", "good": "yes", "bad": "no", "persona": "Be brief."}]
-    pairs, layout = to_pairs(Dataset.from_list(rows), "mine.csv", Columns(prompt="query", chosen="good", rejected="bad",
-                                                                         system="persona"), prompt_format="text")
+    pairs, layout = to_pairs(
+        Dataset.from_list(rows),
+        "mine.csv",
+        Columns(prompt="query", chosen="good", rejected="bad", system="persona"),
+        prompt_format="text",
+    )
     assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == ("Be brief.\n\nq1", "yes", "no")
     assert "prompt=query" in layout.describe()
-    with pytest.raises(UserError, match=r"mine.csv: prompt_column: 'question' is not a column; the data has \['query'"):
+    with pytest.raises(
+        UserError, match=r"mine.csv: prompt_column: 'question' is not a column; the data has \['query'"
+    ):
         to_pairs(Dataset.from_list(rows), "mine.csv", Columns(prompt="question"))
 
 
@@ -257,13 +294,17 @@ def test_every_local_format_loads_the_same_rows(tmp_path, suffix):
     else:
         data.to_csv(path, index=False)
     loaded = load_preference_data(str(path))
-    assert [dict(r) for r in loaded] == [{**r, "system": r["system"] or (None if suffix == ".csv" else "")} for r in rows]
+    assert [dict(r) for r in loaded] == [
+        {**r, "system": r["system"] or (None if suffix == ".csv" else "")} for r in rows
+    ]
 
 
 def test_a_save_to_disk_folder_loads_by_split(tmp_path):
     from datasets import DatasetDict
 
-    DatasetDict(train=Dataset.from_list(orca_rows(3)), test=Dataset.from_list(orca_rows(1))).save_to_disk(tmp_path / "dd")
+    DatasetDict(train=Dataset.from_list(orca_rows(3)), test=Dataset.from_list(orca_rows(1))).save_to_disk(
+        tmp_path / "dd"
+    )
     assert len(load_preference_data(str(tmp_path / "dd"))) == 3
     assert len(load_preference_data(str(tmp_path / "dd"), split="test")) == 1
     Dataset.from_list(orca_rows(2)).save_to_disk(tmp_path / "one")
@@ -304,8 +345,13 @@ def test_wrong_type_names_row_and_field_with_line_when_blank_lines_shift_it(tmp_
     rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(5)]
     rows[3]["rejected"] = 42
     path = tmp_path / "typed.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]) + "\n")
-    assert _error(path) == f"{path}, row 4 (line 5), field 'rejected': expected text as in the rows before, got a number (42)"
+    path.write_text(
+        "\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]) + "\n"
+    )
+    assert (
+        _error(path)
+        == f"{path}, row 4 (line 5), field 'rejected': expected text as in the rows before, got a number (42)"
+    )
 
 
 def test_missing_value_names_row_and_field(tmp_path):
@@ -319,7 +365,9 @@ def test_malformed_message_names_row_field_and_message(tmp_path):
     rows = trl_ultrafeedback_rows(3)
     rows[2]["rejected"][1] = {"role": "assistant", "text": "oops"}  # "text" instead of "content"
     path = write_jsonl(rows, tmp_path / "msgs.jsonl")
-    assert _error(path).startswith(f"{path}, row 3, field 'rejected', message 2: expected {{'role': text, 'content': text}}")
+    assert _error(path).startswith(
+        f"{path}, row 3, field 'rejected', message 2: expected {{'role': text, 'content': text}}"
+    )
     rows = trl_ultrafeedback_rows(2)
     rows[1]["chosen"] = "just text"
     path = write_jsonl(rows, tmp_path / "mixed.jsonl")
@@ -349,7 +397,9 @@ def test_every_public_function_of_dpo_data_is_used_by_the_project():
     from conftest import ROOT
 
     tree = ast.parse((ROOT / "dpo" / "data.py").read_text())
-    public = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+    public = [
+        n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")
+    ]
     used: set[str] = set()
     for path in [*(ROOT / "dpo").glob("*.py"), *(ROOT / "recipes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):

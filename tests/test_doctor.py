@@ -7,16 +7,16 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from datasets import Dataset
-
 from conftest import ROOT
+from datasets import Dataset
+from test_data import h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
+
 from dpo.compat import DPOTrainer
 from dpo.data import DIVERGE, NO_SHARED_PROMPT, ensure_chat_template, load_preference_data, phi2_qa_format, to_pairs
 from dpo.doctor import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, check_data, examine, main
 from dpo.errors import UserError
 from dpo.model import load_tokenizer
 from dpo.tiny import write_jsonl
-from test_data import h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
 
 
 @pytest.fixture
@@ -36,18 +36,36 @@ def bad_hh_rows():
     good = hh_rows(6)
     return good + [
         {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},  # 7 no shared prompt
-        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y",
-         "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: z\n\nAssistant: w"},  # 8 differ before the last reply
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: z\n\nAssistant: w",
+        },  # 8 differ before the last reply
         {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},  # 9 empty chosen
-        {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant:   "},  # 10 empty rejected
-        {"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same "},  # 11 identical
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: yo",
+            "rejected": "\n\nHuman: hi\n\nAssistant:   ",
+        },  # 10 empty rejected
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: same",
+            "rejected": "\n\nHuman: hi\n\nAssistant: same ",
+        },  # 11 identical
         dict(good[2]),  # 12 duplicate of row 3
-        {"chosen": "\n\nHuman: " + "word " * 300 + "\n\nAssistant: a", "rejected": "\n\nHuman: " + "word " * 300 + "\n\nAssistant: b"},  # 13
+        {
+            "chosen": "\n\nHuman: " + "word " * 300 + "\n\nAssistant: a",
+            "rejected": "\n\nHuman: " + "word " * 300 + "\n\nAssistant: b",
+        },  # 13
     ]
 
 
-EXPECTED_DROPS = [(7, NO_SHARED_PROMPT), (8, DIVERGE), (9, EMPTY), (10, EMPTY), (11, IDENTICAL), (12, DUPLICATE),
-                  (13, PROMPT_TOO_LONG)]
+EXPECTED_DROPS = [
+    (7, NO_SHARED_PROMPT),
+    (8, DIVERGE),
+    (9, EMPTY),
+    (10, EMPTY),
+    (11, IDENTICAL),
+    (12, DUPLICATE),
+    (13, PROMPT_TOO_LONG),
+]
 
 
 @pytest.mark.parametrize("prompt_format", ["chat", "text"])
@@ -57,7 +75,14 @@ def test_each_degenerate_class_is_dropped_and_counted_and_no_row_is_lost(tokeniz
     assert report.drops == EXPECTED_DROPS
     assert report.kept_rows == [1, 2, 3, 4, 5, 6]
     assert report.rows_in == len(rows) == report.rows_kept + report.rows_dropped
-    assert report.dropped == {NO_SHARED_PROMPT: 1, DIVERGE: 1, EMPTY: 2, IDENTICAL: 1, DUPLICATE: 1, PROMPT_TOO_LONG: 1}
+    assert report.dropped == {
+        NO_SHARED_PROMPT: 1,
+        DIVERGE: 1,
+        EMPTY: 2,
+        IDENTICAL: 1,
+        DUPLICATE: 1,
+        PROMPT_TOO_LONG: 1,
+    }
     table = report.table()
     assert "rows in        13" in table and "rows kept       6" in table
     assert "2  empty chosen or rejected: row 9, 10" in table
@@ -87,7 +112,9 @@ def test_token_counts_and_length_drops_are_exactly_trls(tokenizer, prompt_format
     trl_kept = trl_tokenized(report.kept, tokenizer, max_length)
     assert len(trl_kept) == report.rows_kept  # nothing more for TRL to drop
     trl_counts = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trl_kept]
-    ours = list(zip(report.lengths["prompt"].tolist(), report.lengths["chosen"].tolist(), report.lengths["rejected"].tolist()))
+    ours = list(
+        zip(report.lengths["prompt"].tolist(), report.lengths["chosen"].tolist(), report.lengths["rejected"].tolist())
+    )
     assert ours == trl_counts
     # without the doctor, TRL would drop the long-prompt row, and only that one, silently
     trl_all = trl_tokenized(pairs.select(range(len(rows) - 1, len(rows))), tokenizer, max_length)
@@ -99,7 +126,11 @@ def test_a_prompt_of_exactly_max_length_is_dropped_as_trl_would(tokenizer):
     prompt_lengths = examine(pairs, tokenizer, max_length=None).lengths["prompt"].tolist()
     limit = max(prompt_lengths)  # the longest prompts alone fill max_length exactly
     report = examine(pairs, tokenizer, max_length=limit)
-    assert report.dropped[PROMPT_TOO_LONG] == prompt_lengths.count(limit) == 6 - len(trl_tokenized(pairs, tokenizer, limit))
+    assert (
+        report.dropped[PROMPT_TOO_LONG]
+        == prompt_lengths.count(limit)
+        == 6 - len(trl_tokenized(pairs, tokenizer, limit))
+    )
     assert 0 < report.rows_kept < 6
 
 
@@ -156,14 +187,23 @@ def test_cli_text_format_phi2_counts_what_the_phi2_recipe_trains_on(truthy_file,
     check_data call, repeated here), so the CLI's token counts are the recipe's."""
     cli = main([str(truthy_file), "--model", str(tiny_model_dir), "--prompt_format", "text", "--text_format", "phi2"])
     out = capsys.readouterr().out
-    recipe = check_data(load_preference_data(str(truthy_file)), str(truthy_file), load_tokenizer(str(tiny_model_dir)),
-                        prompt_format="text", text_format=phi2_qa_format, max_length=1024, truncation_mode="keep_start")
+    recipe = check_data(
+        load_preference_data(str(truthy_file)),
+        str(truthy_file),
+        load_tokenizer(str(tiny_model_dir)),
+        prompt_format="text",
+        text_format=phi2_qa_format,
+        max_length=1024,
+        truncation_mode="keep_start",
+    )
     for part in ("prompt", "chosen", "rejected"):
         assert cli.lengths[part].tolist() == recipe.lengths[part].tolist(), part
     assert _stats_line(out, "prompt") == _stats_line(recipe.table(), "prompt")
     assert "prompt: 'Instruct: " in out and "(phi2_qa_format)" in out
     plain = main([str(truthy_file), "--model", str(tiny_model_dir), "--prompt_format", "text"])
-    assert (plain.lengths["prompt"] < cli.lengths["prompt"]).all()  # the flag changes the counts: "Instruct:", "Output:"
+    assert (
+        plain.lengths["prompt"] < cli.lengths["prompt"]
+    ).all()  # the flag changes the counts: "Instruct:", "Output:"
 
 
 def test_cli_text_format_needs_text_prompt_format(truthy_file, capsys):
@@ -180,8 +220,10 @@ def test_cli_column_mapping_and_characters(tmp_path, capsys):
 
 
 def test_cli_fail_on_degenerate_exits_2(tmp_path, capsys):
-    data = write_jsonl([{"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": "a", "rejected": "b"}],
-                       tmp_path / "d.jsonl")
+    data = write_jsonl(
+        [{"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": "a", "rejected": "b"}],
+        tmp_path / "d.jsonl",
+    )
     with pytest.raises(SystemExit) as info:
         main([str(data), "--fail_on_degenerate"])
     assert info.value.code == 2 and "1 chosen identical to rejected" in capsys.readouterr().err
@@ -189,9 +231,10 @@ def test_cli_fail_on_degenerate_exits_2(tmp_path, capsys):
 
 def test_cli_schema_error_exits_2_with_one_clean_line(tmp_path):
     data = tmp_path / "broken.jsonl"
-    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n{\"prompt\": \"q\", \"chosen\": \n")
-    proc = subprocess.run([sys.executable, "-m", "dpo.doctor", str(data)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + '\n{"prompt": "q", "chosen": \n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo.doctor", str(data)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"error: {data}, line 2: malformed JSON" in proc.stderr

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import trl
-
 from conftest import ROOT
 
 
@@ -41,7 +40,7 @@ def test_loss_types_match_trl_and_our_module():
     assert set(loss.LOSS_TYPES) - {"cdpo"} == set(LOSS_TYPES)
     # TRL's trainer names its accepted loss types in its unknown-loss error message
     source = (Path(trl.__file__).parent / "trainer" / "dpo_trainer.py").read_text()
-    accepted = source[source.index("Unknown loss type"):][:600]
+    accepted = source[source.index("Unknown loss type") :][:600]
     for name in LOSS_TYPES:
         assert f"'{name}'" in accepted, name
 

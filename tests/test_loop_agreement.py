@@ -14,15 +14,26 @@ import copy
 
 import pytest
 import torch
+from _trl_batches import (
+    make_trainer,
+    one_torch_thread,  # noqa: F401  (autouse: one intra-op thread)
+    preference_dataset,
+    tiny_policy_and_reference,
+)
 
-from _trl_batches import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
-from _trl_batches import make_trainer, preference_dataset, tiny_policy_and_reference
 from dpo.loop import collate, dpo_batch_loss, forward_logps, make_reference, train
 
 STEPS = 20
 ATOL = 1e-4  # per-step loss and metrics
 HYPER = dict(learning_rate=2e-3, weight_decay=0.05, warmup_steps=3, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7)
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def run_both(policy, trl_reference, tokenizer, loss_kwargs):
@@ -75,7 +86,9 @@ def test_lora_matches_trl():
 
     tokenizer, base, _ = tiny_policy_and_reference()
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    )
     policy = get_peft_model(copy.deepcopy(base), lora)
     assert make_reference(policy) is None  # no copy of the weights: disable_adapter() instead
     trl_logs, ours = run_both(

@@ -140,7 +140,9 @@ def test_policy_equal_to_reference_gives_ln2(beta):
     assert dpo_loss(logps, other, logps, other, beta=beta, loss_type="hinge").losses.tolist() == [1.0] * 3
     ipo = dpo_loss(logps, other, logps, other, beta=beta, loss_type="ipo", chosen_lengths=n, rejected_lengths=n)
     torch.testing.assert_close(ipo.losses, torch.full((3,), (1 / (2 * beta)) ** 2))
-    torch.testing.assert_close(dpo_loss(logps, other, logps, other, beta=beta, loss_type="apo_zero").losses, torch.ones(3))
+    torch.testing.assert_close(
+        dpo_loss(logps, other, logps, other, beta=beta, loss_type="apo_zero").losses, torch.ones(3)
+    )
 
 
 def test_gradient_is_the_papers():
@@ -174,15 +176,23 @@ def test_f_divergence_scores_by_hand():
     alpha 1/2: (e^(-u/2) - 1) / (-1/2). Then the sigmoid loss of beta (s_w - s_l)."""
     u = t(1.0, -1.0)
     torch.testing.assert_close(f_divergence_scores(u, "forward_kl"), t(1 - math.exp(-1), 1 - math.e))
-    torch.testing.assert_close(f_divergence_scores(u, "js_divergence"), t(math.log(2 * sigma(1)), math.log(2 * sigma(-1))))
-    torch.testing.assert_close(f_divergence_scores(u, "alpha_divergence", 0.5), t(2 * (1 - math.exp(-0.5)), 2 * (1 - math.exp(0.5))))
-    torch.testing.assert_close(f_divergence_scores(u, "alpha_divergence", 1.0), u)  # the alpha -> 1 limit is reverse KL
+    torch.testing.assert_close(
+        f_divergence_scores(u, "js_divergence"), t(math.log(2 * sigma(1)), math.log(2 * sigma(-1)))
+    )
+    torch.testing.assert_close(
+        f_divergence_scores(u, "alpha_divergence", 0.5), t(2 * (1 - math.exp(-0.5)), 2 * (1 - math.exp(0.5)))
+    )
+    torch.testing.assert_close(
+        f_divergence_scores(u, "alpha_divergence", 1.0), u
+    )  # the alpha -> 1 limit is reverse KL
     # JS: log sigma(1) - log sigma(-1) = 1, so beta h = 0.5
     assert loss_of("sigmoid", f_divergence_type="js_divergence") == pytest.approx(softplus(-0.5), rel=1e-6)
     # forward KL: h = e - 1/e = 2 sinh(1)
     assert loss_of("sigmoid", f_divergence_type="forward_kl") == pytest.approx(softplus(-math.sinh(1)), rel=1e-6)
     # alpha: exponent (alpha - 1) u is clamped at 80, so a huge negative log-ratio stays finite
-    assert f_divergence_scores(t(-1000.0), "alpha_divergence", 0.5).item() == pytest.approx(2 * (1 - math.exp(80)), rel=1e-6)
+    assert f_divergence_scores(t(-1000.0), "alpha_divergence", 0.5).item() == pytest.approx(
+        2 * (1 - math.exp(80)), rel=1e-6
+    )
 
 
 def test_aot_sorts_the_batch():
@@ -312,7 +322,9 @@ def test_half_precision_logits_are_upcast():
     full = sequence_logps(logits, labels).logps
     half = sequence_logps(logits.bfloat16(), labels).logps
     assert half.dtype == torch.float32
-    ref = F.log_softmax(logits.bfloat16().float()[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    ref = F.log_softmax(logits.bfloat16().float()[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[
+        ..., 0
+    ]
     torch.testing.assert_close(half, (ref * (labels[:, 1:] != -100)).sum(-1))
     torch.testing.assert_close(full, half, rtol=0, atol=0.1)
 

@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _trl_batches import (
+    last_metrics,
+    make_trainer,
+    one_torch_thread,  # noqa: F401  (autouse: one intra-op thread)
+    preference_dataset,
+    tiny_policy_and_reference,
+)
 
-from _trl_batches import one_torch_thread  # noqa: F401  (autouse: one intra-op thread)
-from _trl_batches import last_metrics, make_trainer, preference_dataset, tiny_policy_and_reference
 from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, reward_metrics, sequence_logps, sft_nll, wpo_weights
 
 RTOL = 1e-5  # loss, logged metrics and gradient tensors (relative, in norm)
@@ -50,10 +55,19 @@ CONFIGS = [
     ("forward_kl", dict(loss_type=["sigmoid"], f_divergence_type="forward_kl")),
     ("js_divergence", dict(loss_type=["sigmoid"], f_divergence_type="js_divergence")),
     ("alpha_divergence", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence")),
-    ("alpha_divergence-0.2", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.2)),
+    (
+        "alpha_divergence-0.2",
+        dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.2),
+    ),
     # alpha = -15: the exponent -16 u passes TRL's clamp at 80 for log-ratios below -5, as some are here
-    ("alpha_divergence-clamped", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=-15.0)),
-    ("alpha_divergence-1", dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)),
+    (
+        "alpha_divergence-clamped",
+        dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=-15.0),
+    ),
+    (
+        "alpha_divergence-1",
+        dict(loss_type=["sigmoid"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
+    ),
     ("js-ipo", dict(loss_type=["ipo"], f_divergence_type="js_divergence", beta=0.5)),
     ("js-robust", dict(loss_type=["robust"], f_divergence_type="js_divergence", label_smoothing=0.1)),
     ("rpo", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3])),
@@ -63,7 +77,10 @@ CONFIGS = [
     ("ld_alpha-0-ipo", dict(loss_type=["ipo"], ld_alpha=0.0, beta=0.5)),
     ("ld_alpha-rpo", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3)),
     ("wpo", dict(loss_type=["sigmoid"], use_weighting=True)),
-    ("wpo-ipo-sigmoid_norm", dict(loss_type=["ipo", "sigmoid_norm"], loss_weights=[0.5, 1.0], use_weighting=True, beta=0.5)),
+    (
+        "wpo-ipo-sigmoid_norm",
+        dict(loss_type=["ipo", "sigmoid_norm"], loss_weights=[0.5, 1.0], use_weighting=True, beta=0.5),
+    ),
     ("wpo-ld-discopop", dict(loss_type=["discopop", "nca_pair"], use_weighting=True, ld_alpha=0.5)),
     ("wpo-hinge", dict(loss_type=["hinge"], use_weighting=True, beta=0.5)),
 ]
@@ -110,7 +127,9 @@ def grads(model):
 
 
 def rel_err(a, b):
-    return (torch.as_tensor(a, dtype=torch.float64) - b).norm().item() / torch.as_tensor(b, dtype=torch.float64).norm().item()
+    return (torch.as_tensor(a, dtype=torch.float64) - b).norm().item() / torch.as_tensor(
+        b, dtype=torch.float64
+    ).norm().item()
 
 
 @pytest.mark.parametrize("cfg", [c for _, c in CONFIGS], ids=[i for i, _ in CONFIGS])

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
-
 from conftest import ROOT, load_script
+from nbclient import NotebookClient
 
 NB_DIR = ROOT / "notebooks"
 CELL_TIMEOUT = 300  # seconds, per cell; the slowest smoke cell takes well under a minute
@@ -57,8 +56,13 @@ def kernel_env(**extra) -> dict:
     """The kernel's environment: offline, CPU only, smoke mode, and this checkout importable."""
     env = dict(os.environ)
     env.update(
-        DPO_SMOKE="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-        TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+        DPO_SMOKE="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        CUDA_VISIBLE_DEVICES="",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p),
     )
     env.update(extra)
@@ -68,7 +72,10 @@ def kernel_env(**extra) -> dict:
 def execute(nb, cwd: Path, **env) -> nbformat.NotebookNode:
     """Run every cell in a fresh python3 kernel (this interpreter's), in `cwd`; raises on a failing cell."""
     client = NotebookClient(
-        nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(cwd)}},
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(cwd)}},
     )
     client.execute(env=kernel_env(**env))
     return nb
@@ -147,7 +154,9 @@ def test_install_cell_on_colab_clones_the_repo_and_installs_the_pins(on_colab, m
         return
     clone, pins, repo = commands
     assert clone == ["git", "clone", "--depth", "1", GEN.REPO_URL, "dpo-recipes"]
-    assert pins[:4] == [sys.executable, "-m", "pip", "install"] and [a for a in pins if "==" in a] == requirement_pins()
+    assert (
+        pins[:4] == [sys.executable, "-m", "pip", "install"] and [a for a in pins if "==" in a] == requirement_pins()
+    )
     assert repo[-2:] == ["-e", "dpo-recipes"]
     assert os.path.realpath(sys.path[0]) == os.path.realpath(tmp_path / "dpo-recipes")
 
@@ -181,10 +190,14 @@ def test_readme_has_a_colab_badge_and_a_line_per_notebook():
 
 def test_kernel_is_this_interpreter_with_this_checkout(tmp_path):
     """nbclient's python3 kernel must run in the environment under test (e.g. make test's .venv)."""
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "import os, sys, dpo\nfor line in (sys.executable, sys.prefix, os.path.dirname(dpo.__file__), os.environ['DPO_SMOKE']):\n"
-        "    print(line)"
-    )])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "import os, sys, dpo\nfor line in (sys.executable, sys.prefix, os.path.dirname(dpo.__file__), os.environ['DPO_SMOKE']):\n"
+                "    print(line)"
+            )
+        ]
+    )
     executable, prefix, package, smoke = "".join(outputs(execute(nb, tmp_path), "text")).splitlines()
     assert (executable, prefix) == (sys.executable, sys.prefix)  # sys.prefix: the venv, not the Python it links to
     assert Path(package).resolve() == ROOT / "dpo"

@@ -4,7 +4,6 @@ weights are loaded. Each case runs the real recipe entry point in-process."""
 import json
 
 import pytest
-
 from conftest import ROOT, load_recipe
 
 
@@ -20,13 +19,19 @@ def fail(recipe, argv, capsys) -> str:
     err = capsys.readouterr().err
     # progress bars may precede it; the message itself is one `error:` line (+ indented hints)
     assert "\nerror: " in "\n" + err, err
-    return err[err.index("error: "):]
+    return err[err.index("error: ") :]
 
 
 @pytest.fixture
 def local(tiny_model_dir, truthy_file, tmp_path):
-    return ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
-            "--output_dir", str(tmp_path / "out")]
+    return [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(truthy_file),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
 
 
 def test_unknown_yaml_key(recipe, local, tmp_path, capsys):
@@ -81,7 +86,9 @@ def test_lora_target_matching_nothing(recipe, local, capsys):
 
 
 def test_model_folder_not_found(recipe, truthy_file, tmp_path, capsys):
-    err = fail(recipe, ["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(truthy_file)], capsys)
+    err = fail(
+        recipe, ["--model_name_or_path", str(tmp_path / "no-model"), "--dataset_name", str(truthy_file)], capsys
+    )
     assert "model folder not found" in err
 
 
@@ -107,6 +114,7 @@ def test_config_equals_form_is_read(tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text((ROOT / "recipes" / "dpo_phi2.yaml").read_text().replace("beta: 0.1", "beta: 0.3"))
     recipe = load_recipe("dpo_phi2")
-    _, training, _, _ = parse_recipe_args((recipe.ScriptArguments, DPOConfig, ModelConfig),
-                                          ROOT / "recipes" / "dpo_phi2.yaml", [f"--config={other}"])
+    _, training, _, _ = parse_recipe_args(
+        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / "dpo_phi2.yaml", [f"--config={other}"]
+    )
     assert training.beta == 0.3

@@ -13,15 +13,26 @@ import weakref
 import pytest
 import torch
 import transformers
+from conftest import ROOT, load_recipe
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
-from conftest import ROOT, load_recipe
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps
 
 RUN_FLAGS = [
-    "--max_steps", "4", "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4",
-    "--learning_rate", "1e-2",  # large on purpose: every LoRA weight must move within 4 steps
-    "--eval_steps", "2", "--save_steps", "2", "--test_size", "0.25",
+    "--max_steps",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "4",
+    "--learning_rate",
+    "1e-2",  # large on purpose: every LoRA weight must move within 4 steps
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--test_size",
+    "0.25",
 ]
 
 
@@ -38,7 +49,9 @@ class SnapshotLoRA(TrainerCallback):
 def quantization_config():
     """What the recipe's YAML asks for (NF4, double quantization), fp32 compute on CPU."""
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
 
@@ -58,8 +71,15 @@ def run(tiny_model_dir, truthy_file, tmp_path_factory, monkeypatch_module):
     snapshot = SnapshotLoRA()
     recipe = load_recipe("dpo_phi2")
     trainer = recipe.main(
-        ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
-         "--output_dir", str(output_dir), *RUN_FLAGS],
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(truthy_file),
+            "--output_dir",
+            str(output_dir),
+            *RUN_FLAGS,
+        ],
         callbacks=[snapshot],
     )
     monkeypatch_module.undo()
@@ -125,7 +145,9 @@ def test_no_reference_model_is_allocated(run):
 
 def base_logps(model_dir, batch):
     """Summed completion log-probs under a fresh 4-bit load of the base: (chosen, rejected)."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config(), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization_config(), dtype=torch.float32
+    )
     with torch.no_grad():
         logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # token t is predicted from position t-1; only completion tokens count
@@ -147,10 +169,12 @@ def test_reference_in_the_training_loss_is_the_base_with_adapters_disabled(run, 
     policy_chosen = torch.tensor(logged["logps/chosen"])  # batch means
     policy_rejected = torch.tensor(logged["logps/rejected"])
     beta = trainer.args.beta
-    torch.testing.assert_close(torch.tensor(logged["rewards/chosen"]), beta * (policy_chosen - base_chosen.mean()),
-                               rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(logged["rewards/rejected"]), beta * (policy_rejected - base_rejected.mean()),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(logged["rewards/chosen"]), beta * (policy_chosen - base_chosen.mean()), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.tensor(logged["rewards/rejected"]), beta * (policy_rejected - base_rejected.mean()), rtol=1e-5, atol=1e-5
+    )
     # the trained policy is measurably different from the base, so the check above can fail
     assert abs(logged["rewards/chosen"]) > 1e-3
 
@@ -167,8 +191,15 @@ def test_precomputed_reference_path_is_the_base_too(run, tiny_model_dir):
 
 def test_outputs_written(run):
     out = run["output_dir"]
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "resolved_config.yaml",
-                 "final_metrics.json", "trainer_state.json", "training_curves.png"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "resolved_config.yaml",
+        "final_metrics.json",
+        "trainer_state.json",
+        "training_curves.png",
+    ):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")) or [p.name for p in out.glob("*.bin")] == ["training_args.bin"]
     metrics = json.loads((out / "final_metrics.json").read_text())
@@ -193,7 +224,8 @@ def test_resolved_config_reruns_the_same_settings(run):
 
     recipe = load_recipe("dpo_phi2")
     script, training, model, _ = parse_recipe_args(
-        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / "dpo_phi2.yaml",
+        (recipe.ScriptArguments, DPOConfig, ModelConfig),
+        ROOT / "recipes" / "dpo_phi2.yaml",
         ["--config", str(run["output_dir"] / "resolved_config.yaml")],
     )
     used = run["trainer"].args
@@ -224,9 +256,20 @@ class InterruptAt(TrainerCallback):
 def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     """Resuming from checkpoint-2 runs only steps 3 and 4: a fresh start would run four."""
     recipe = load_recipe("dpo_phi2")
-    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
-              "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "1", "--test_size", "0",
-              "--save_steps", "2"]
+    common = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(truthy_file),
+        "--output_dir",
+        str(tmp_path),
+        "--gradient_accumulation_steps",
+        "1",
+        "--test_size",
+        "0",
+        "--save_steps",
+        "2",
+    ]
     recipe.main([*common, "--max_steps", "2"])
     assert (tmp_path / "checkpoint-2").is_dir()
     counter = CountSteps()
@@ -237,9 +280,22 @@ def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     recipe = load_recipe("dpo_phi2")
-    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file),
-              "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "1", "--test_size", "0",
-              "--save_steps", "100", "--max_steps", "4"]
+    common = [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(truthy_file),
+        "--output_dir",
+        str(tmp_path),
+        "--gradient_accumulation_steps",
+        "1",
+        "--test_size",
+        "0",
+        "--save_steps",
+        "100",
+        "--max_steps",
+        "4",
+    ]
     with pytest.raises(KeyboardInterrupt):
         recipe.main(common, callbacks=[InterruptAt(3)])
     assert (tmp_path / "checkpoint-3" / "optimizer.pt").is_file()
@@ -251,8 +307,22 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_pa
 def test_a_single_lora_target_trains(tiny_model_dir, truthy_file, tmp_path):
     """TRL turns a one-item target list into a string, which PEFT would read as a regex."""
     trainer = load_recipe("dpo_phi2").main(
-        ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file), "--output_dir", str(tmp_path),
-         "--gradient_accumulation_steps", "1", "--test_size", "0", "--max_steps", "1", "--lora_target_modules", "q_proj"]
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(truthy_file),
+            "--output_dir",
+            str(tmp_path),
+            "--gradient_accumulation_steps",
+            "1",
+            "--test_size",
+            "0",
+            "--max_steps",
+            "1",
+            "--lora_target_modules",
+            "q_proj",
+        ]
     )
     wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert wrapped == {"q_proj"}
@@ -263,8 +333,11 @@ def test_hub_unreachable_exits_cleanly_without_traceback(tmp_path):
     fetched and how to point the recipe at a local copy; no traceback."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py")],
-        capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-        cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

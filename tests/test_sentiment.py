@@ -16,8 +16,8 @@ import statistics
 
 import pytest
 import torch
-
 from conftest import ROOT, load_recipe
+
 from dpo import sentiment as S
 
 # A shortened pipeline: the demo's DPO settings (sigmoid, beta 0.1, ~54 steps at 2e-4) on a
@@ -29,30 +29,36 @@ MARGIN = 0.05
 
 
 # ── the task ─────────────────────────────────────────────────────────────────────────────────
-@pytest.mark.parametrize("text, expected", [
-    (" great plot.", 1 / 2),                                   # 1 positive of 2 words
-    (" dull acting, awful music.", -2 / 4),                   # 2 negative of 4 words
-    (" superb acting, dull plot, loud music.", 0.0),          # 1 - 1 of 6 words
-    (" lovely cast, charming music, weak ending.", 1 / 6),    # 2 - 1 of 6 words
-    (" loud plot, modern visuals.", 0.0),                     # neutral adjectives only
-    (" great great great.", 1.0),                             # reward hacking: all positive, no grammar
-    (" film, of review:", 0.0),                               # words, none with a sentiment
-    ("", 0.0),                                                # no words at all
-    (" GREAT Plot.", 1 / 2),                                  # case does not matter
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (" great plot.", 1 / 2),  # 1 positive of 2 words
+        (" dull acting, awful music.", -2 / 4),  # 2 negative of 4 words
+        (" superb acting, dull plot, loud music.", 0.0),  # 1 - 1 of 6 words
+        (" lovely cast, charming music, weak ending.", 1 / 6),  # 2 - 1 of 6 words
+        (" loud plot, modern visuals.", 0.0),  # neutral adjectives only
+        (" great great great.", 1.0),  # reward hacking: all positive, no grammar
+        (" film, of review:", 0.0),  # words, none with a sentiment
+        ("", 0.0),  # no words at all
+        (" GREAT Plot.", 1 / 2),  # case does not matter
+    ],
+)
 def test_reward_by_hand(text, expected):
     assert S.reward(text) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text, ok", [
-    (" great plot.", True),
-    (" superb acting, dull plot, loud music.", True),
-    (" great plot", False),                 # no full stop
-    (" great great great.", False),         # adjective without an aspect
-    (" , great plot.", False),              # starts with punctuation
-    (" great opera.", False),               # a topic is not an aspect
-    (" great plot. great plot.", False),    # two sentences
-])
+@pytest.mark.parametrize(
+    "text, ok",
+    [
+        (" great plot.", True),
+        (" superb acting, dull plot, loud music.", True),
+        (" great plot", False),  # no full stop
+        (" great great great.", False),  # adjective without an aspect
+        (" , great plot.", False),  # starts with punctuation
+        (" great opera.", False),  # a topic is not an aspect
+        (" great plot. great plot.", False),  # two sentences
+    ],
+)
 def test_well_formed(text, ok):
     assert S.well_formed(text) is ok
 
@@ -166,7 +172,14 @@ def test_kl_is_positive_and_finite(short_run):
 def test_report_is_written(short_run):
     out, m = short_run
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("reference_reward", "policy_reward", "kl", "heldout_reward_accuracy", "reference_length", "policy_length"):
+    for key in (
+        "reference_reward",
+        "policy_reward",
+        "kl",
+        "heldout_reward_accuracy",
+        "reference_length",
+        "policy_length",
+    ):
         assert saved[key] == pytest.approx(m[key])
     report = (out / "report.md").read_text()
     assert f"{m['policy_reward']:.3f}" in report and f"{m['reference_reward']:.3f}" in report
@@ -187,15 +200,29 @@ def test_demo_summary_prints_before_and_after(short_run):
 
 def test_missing_reference_folder_is_a_user_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_recipe("dpo_sentiment_tiny").main(["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path)])
+        load_recipe("dpo_sentiment_tiny").main(
+            ["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path)]
+        )
     assert exit_info.value.code == 2
     assert "pi_ref folder" in capsys.readouterr().err
 
 
 # ── the recipe's args phase and loading rules ──────────────────────────────────────────────────
 # Without the checks these would run the pipeline; these settings keep such a run short.
-TINY = ["--sft_examples", "64", "--sft_steps", "2", "--pair_prompts", "16", "--heldout_pair_prompts", "16",
-        "--eval_prompts", "8", "--max_steps", "1"]
+TINY = [
+    "--sft_examples",
+    "64",
+    "--sft_steps",
+    "2",
+    "--pair_prompts",
+    "16",
+    "--heldout_pair_prompts",
+    "16",
+    "--eval_prompts",
+    "8",
+    "--max_steps",
+    "1",
+]
 
 
 def test_hub_token_on_the_command_line_is_refused_without_echoing_it(tmp_path, capfd):
@@ -216,7 +243,9 @@ def test_a_reference_folder_without_safetensors_is_refused(tmp_path, capsys):
     (ref / "config.json").write_text("{}")
     (ref / "pytorch_model.bin").write_bytes(b"not a safe file")
     with pytest.raises(SystemExit) as exit_info:
-        load_recipe("dpo_sentiment_tiny").main([*TINY, "--model_name_or_path", str(ref), "--output_dir", str(tmp_path / "out")])
+        load_recipe("dpo_sentiment_tiny").main(
+            [*TINY, "--model_name_or_path", str(ref), "--output_dir", str(tmp_path / "out")]
+        )
     assert exit_info.value.code == 2
     assert "model.safetensors" in capsys.readouterr().err
 
@@ -230,12 +259,19 @@ def _calls(path):
 
 @pytest.mark.parametrize("path", SENTIMENT_CODE)
 def test_model_weights_load_from_safetensors_only(path):
-    loads = [c for c in _calls(path) if isinstance(c.func, ast.Attribute) and c.func.attr == "from_pretrained"
-             and "Tokenizer" not in ast.unparse(c.func.value) and "Config" not in ast.unparse(c.func.value)]
+    loads = [
+        c
+        for c in _calls(path)
+        if isinstance(c.func, ast.Attribute)
+        and c.func.attr == "from_pretrained"
+        and "Tokenizer" not in ast.unparse(c.func.value)
+        and "Config" not in ast.unparse(c.func.value)
+    ]
     for call in loads:
         kwargs = {k.arg: k.value for k in call.keywords}
-        assert "use_safetensors" in kwargs and ast.literal_eval(kwargs["use_safetensors"]) is True, \
+        assert "use_safetensors" in kwargs and ast.literal_eval(kwargs["use_safetensors"]) is True, (
             f"{path}:{call.lineno}: from_pretrained without use_safetensors=True"
+        )
 
 
 def test_recipes_and_benchmarks_import_trl_through_dpo_compat():
@@ -243,7 +279,14 @@ def test_recipes_and_benchmarks_import_trl_through_dpo_compat():
     offenders = []
     for path in sorted([*(ROOT / "recipes").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n == "trl" or n.startswith("trl.")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n == "trl" or n.startswith("trl.")
+            ]
     assert offenders == []
