@@ -27,9 +27,10 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpo.config import RECIPES_DIR, load_recipe, load_recipe_args
 from dpo.errors import exit_on_user_error
+from dpo.log import log
 from dpo.model import load_tokenizer
 from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, train_reference
-from dpo.training import build_dpo_trainer, log
+from dpo.training import build_dpo_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = RECIPES_DIR / "dpo_sentiment_tiny.py"

@@ -18,8 +18,9 @@ import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
-from dpo.errors import UserError, log
+from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
+from dpo.log import log
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -1,4 +1,4 @@
-"""What the user sees: one-line errors instead of tracebacks, and progress messages.
+"""What the user sees when something is wrong: one-line errors instead of tracebacks.
 
 A `UserError` is for mistakes the user can fix (a bad config key, a missing file, a row
 without a `chosen` field). Recipes wrap their `main` in `exit_on_user_error`, which prints
@@ -9,14 +9,6 @@ from __future__ import annotations
 
 import functools
 import sys
-
-from accelerate import PartialState
-
-
-def log(message: str) -> None:
-    """Print once, from the main process only (under accelerate launch there are several)."""
-    if PartialState().is_main_process:
-        print(f"[dpo-recipes] {message}", flush=True)
 
 
 class UserError(Exception):

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dpo.errors import UserError, hub_error, log
+from dpo.errors import UserError, hub_error
+from dpo.log import log
 
 
 def _looks_local(name: str) -> bool:

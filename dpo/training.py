@@ -21,7 +21,7 @@ from dpo.compat import (
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
-from dpo.errors import log
+from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
 

@@ -27,7 +27,8 @@ from accelerate import PartialState
 from dpo.config import load_recipe_args
 from dpo.data import Columns, load_preference_data, split_heldout
 from dpo.doctor import check_data, plot_lengths
-from dpo.errors import exit_on_user_error, log
+from dpo.errors import exit_on_user_error
+from dpo.log import log
 from dpo.model import check_model_and_load_tokenizer
 from dpo.training import build_dpo_trainer, train_and_save
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from dpo.config import load_recipe_args
 from dpo.data import load_preference_data, phi2_qa_format, split_heldout
 from dpo.doctor import check_data
-from dpo.errors import exit_on_user_error, log
+from dpo.errors import exit_on_user_error
+from dpo.log import log
 from dpo.model import check_model_and_load_tokenizer
 from dpo.training import build_dpo_trainer, train_and_save
 

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
+from dpo.log import log
 from dpo.model import load_tokenizer
 from dpo.sentiment import (
     PhaseClock,
@@ -36,7 +37,7 @@ from dpo.sentiment import (
     train_reference,
     write_report,
 )
-from dpo.training import build_dpo_trainer, log, train_and_save
+from dpo.training import build_dpo_trainer, train_and_save
 
 
 @dataclass
