@@ -21,6 +21,7 @@ from dpo.compat import (
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
+from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
@@ -46,6 +47,9 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
         quantization_config=get_quantization_config(model_args),
         peft_config=lora_config(model_args),
     )
+    n_4bit = use_portable_4bit_kernels(trainer.model)
+    if n_4bit and cpu_has_avx512bf16():
+        log(f"CPU has AVX512-BF16: {n_4bit} 4-bit layers kept on the portable kernel (dpo/kernels.py)")
     if model_args.dtype == "float32":
         n = upcast_trainable_params(trainer, torch.float32)
         if n:

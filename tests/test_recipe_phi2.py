@@ -17,6 +17,7 @@ from conftest import ROOT, load_recipe
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps
+from dpo.kernels import use_portable_4bit_kernels
 
 RUN_FLAGS = [
     "--max_steps",
@@ -125,6 +126,7 @@ def test_every_base_weight_unchanged(run, tiny_model_dir):
     fresh = AutoModelForCausalLM.from_pretrained(
         tiny_model_dir, quantization_config=quantization_config(), dtype=torch.float32
     )
+    use_portable_4bit_kernels(fresh)
     fresh_params = dict(fresh.named_parameters())
     compared = 0
     for name, param in trained.named_parameters():
@@ -148,6 +150,7 @@ def base_logps(model_dir, batch):
     base = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=quantization_config(), dtype=torch.float32
     )
+    use_portable_4bit_kernels(base)  # the same kernel as the trainer's, on any CPU
     with torch.no_grad():
         logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # token t is predicted from position t-1; only completion tokens count

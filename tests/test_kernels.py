@@ -1,0 +1,146 @@
+"""dpo/kernels.py: training, evaluation and generation use one 4-bit kernel on every CPU.
+
+bitsandbytes decides per layer, through the attribute `support_avx512bf16_for_cpu` that
+`Linear4bit.__init__` sets from `has_avx512bf16()`. The fixture `avx512bf16_cpu` makes that
+function answer True, so any machine builds its 4-bit layers as a CPU with AVX512-BF16 would,
+and the tests check what happens then with and without `use_portable_4bit_kernels`.
+"""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import load_recipe
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from dpo.kernels import SWITCH, use_portable_4bit_kernels
+
+IDS = torch.arange(24).reshape(2, 12) % 200  # two sequences of 12 token ids
+
+
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch):
+    """4-bit layers built while this is active behave as on a CPU with AVX512-BF16."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def load_qlora(model_dir):
+    """The recipes' 4-bit NF4 base (fp32 compute) with LoRA on attention and MLP layers."""
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "dense", "fc1", "fc2"]))
+
+
+def eval_logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def is_packed(model) -> bool:
+    return any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
+
+
+def test_installed_bitsandbytes_has_the_switch():
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
+    assert hasattr(layer, SWITCH)
+
+
+def test_the_simulated_cpu_repacks_weights_on_eval(tiny_model_dir, avx512bf16_cpu):
+    """The hazard itself: without the fix, one no-grad eval forward repacks every weight."""
+    model = load_qlora(tiny_model_dir)
+    assert all(getattr(m, SWITCH) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    eval_logits(model)
+    assert is_packed(model)
+
+
+def test_portable_kernels_make_eval_equal_the_training_forward(tiny_model_dir, avx512bf16_cpu):
+    model = load_qlora(tiny_model_dir)
+    n_layers = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert use_portable_4bit_kernels(model) == n_layers > 0
+    model.train()
+    with torch.no_grad():
+        train_mode = model(IDS).logits
+    assert torch.equal(eval_logits(model), train_mode)
+    assert not is_packed(model)
+    model.train()  # a training step after the evaluation works and reaches the adapters
+    model(IDS).logits.logsumexp(-1).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_weights_packed_before_the_fix_are_unpacked(tiny_model_dir, avx512bf16_cpu, monkeypatch):
+    """A layer already repacked by an earlier evaluation is put back, so training no longer
+    crashes. bitsandbytes' inverse is best-effort: the repacking rounded each block's absmax
+    to bf16 (8 bits of mantissa), so the logits come back within that rounding, not bit-exact.
+    That is why build_dpo_trainer switches the kernel before anything runs."""
+    model = load_qlora(tiny_model_dir)
+    eval_logits(model)  # packs
+    assert is_packed(model)
+    with pytest.warns(UserWarning, match="repacked"):
+        use_portable_4bit_kernels(model)
+    assert not is_packed(model)
+    monkeypatch.undo()  # an ordinary load of the same folder, never packed
+    reference = load_qlora(tiny_model_dir)
+    expected = eval_logits(reference)
+    torch.testing.assert_close(eval_logits(model), expected, rtol=0, atol=2**-8 * expected.abs().max().item())
+    model.train()
+    model(IDS).logits.logsumexp(-1).mean().backward()
+
+
+def run_phi2(model_dir, data, out):
+    """The phi-2 recipe with an evaluation before the first save and before training
+    (what crashed on AVX512-BF16 CPUs); returns the logged history."""
+    trainer = load_recipe("dpo_phi2").main(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--gradient_accumulation_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--eval_on_start",
+            "true",
+            "--eval_steps",
+            "2",
+            "--save_steps",
+            "4",
+            "--test_size",
+            "0.25",
+        ]
+    )
+    assert not is_packed(trainer.model)
+    return [
+        {k: v for k, v in entry.items() if k != "eval_runtime" and "per_second" not in k}
+        for entry in trainer.state.log_history
+    ]
+
+
+def test_recipe_on_a_simulated_avx512bf16_cpu_matches_any_cpu(tiny_model_dir, truthy_file, tmp_path, monkeypatch):
+    """Same seeded run, 4-bit layers built as on an AVX512-BF16 CPU and as on any other:
+    it trains through the evaluations, and every logged number is identical."""
+    plain = run_phi2(tiny_model_dir, truthy_file, tmp_path / "plain")
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    simulated = run_phi2(tiny_model_dir, truthy_file, tmp_path / "avx512bf16")
+    assert any("eval_loss" in entry for entry in plain) and any("loss" in entry for entry in plain)
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]  # noqa: E731
+    assert strip(simulated) == strip(plain)
