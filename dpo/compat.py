@@ -17,6 +17,8 @@ upgrade that changes tokenization fails that test.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 
 import torch
@@ -40,7 +42,10 @@ __all__ = [
     "SFTTrainer",
     "TrlParser",
     "get_quantization_config",
+    "quantization_config",
     "TESTED_TRL",
+    "TRL_DEFAULT_MAX_LENGTH",
+    "TRL_DEFAULT_TRUNCATION_MODE",
     "LOSS_TYPES",
     "REWARD_METRICS",
     "REMOVED_OPTIONS",
@@ -55,6 +60,12 @@ if trl.__version__ != TESTED_TRL:
     warnings.warn(
         f"dpo-recipes is tested with trl=={TESTED_TRL}; you have {trl.__version__}. See dpo/compat.py.", stacklevel=2
     )
+
+# DPOConfig's defaults, read from TRL: the data doctor checks lengths the way a recipe that leaves
+# max_length / truncation_mode unset will train.
+_DPO_FIELDS = {f.name: f for f in dataclasses.fields(DPOConfig)}
+TRL_DEFAULT_MAX_LENGTH: int | None = _DPO_FIELDS["max_length"].default
+TRL_DEFAULT_TRUNCATION_MODE: str = _DPO_FIELDS["truncation_mode"].default
 
 # DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights).
 LOSS_TYPES = (
@@ -105,11 +116,22 @@ def lora_config(model_args):
     string "q_proj", and PEFT reads a bare string as a regex that must match a module's whole
     dotted name: it matches nothing and fails after the weights have loaded. A list means
     "modules named this", the rule dpo.model.check_lora_targets applies up front.
+    `model_args` is left as it is.
     """
     targets = model_args.lora_target_modules
     if isinstance(targets, str) and targets != "all-linear":
+        model_args = copy.copy(model_args)  # a shallow copy: no __post_init__ to turn the list back
         model_args.lora_target_modules = [targets]
     return get_peft_config(model_args)
+
+
+def quantization_config(model_args, quant_storage: str | None = None):
+    """TRL's get_quantization_config (None unless load_in_4bit / load_in_8bit), with the 4-bit
+    storage dtype `quant_storage` when given (dpo.model.match_quant_storage); `model_args` is left as it is."""
+    if quant_storage:
+        model_args = copy.copy(model_args)
+        model_args.bnb_4bit_quant_storage = quant_storage
+    return get_quantization_config(model_args)
 
 
 def precomputed_reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

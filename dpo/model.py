@@ -120,7 +120,7 @@ def is_sharded(training_args) -> bool:
 
 
 def match_quant_storage(model_args, training_args) -> str | None:
-    """Under FSDP/ZeRO-3, store packed 4-bit weights in the model dtype; return what was set.
+    """Under FSDP/ZeRO-3, the dtype to store packed 4-bit weights in (the model's); None: leave it.
 
     Sharding flattens all parameters of a unit into one tensor of one dtype; 4-bit weights
     stored as uint8 (bitsandbytes' default) beside bf16 LoRA weights cannot be flattened
@@ -128,6 +128,4 @@ def match_quant_storage(model_args, training_args) -> str | None:
     """
     if not model_args.load_in_4bit or model_args.bnb_4bit_quant_storage or not is_sharded(training_args):
         return None
-    storage = model_args.dtype if model_args.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
-    model_args.bnb_4bit_quant_storage = storage
-    return storage
+    return model_args.dtype if model_args.dtype in ("bfloat16", "float16", "float32") else "bfloat16"

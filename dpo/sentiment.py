@@ -42,6 +42,7 @@ import torch
 
 from dpo.errors import UserError
 from dpo.loss import sequence_logps
+from dpo.tiny import SPECIAL, build_tiny_model
 
 # ── the language ───────────────────────────────────────────────────────────────────────────
 POSITIVE = ("great", "wonderful", "superb", "brilliant", "lovely", "excellent", "charming", "delightful")
@@ -75,7 +76,6 @@ TOPICS = (
     "sitcom",
 )
 PUNCTUATION = (":", ",", ".")
-SPECIAL = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>"}
 _POS, _NEG = frozenset(POSITIVE), frozenset(NEGATIVE)
 _WORD = re.compile(r"[a-z]+")
 _PHRASE = rf"(?:{'|'.join(POSITIVE + NEGATIVE + NEUTRAL)}) (?:{'|'.join(ASPECTS)})"
@@ -187,8 +187,6 @@ def build_sentiment_model(tokenizer, seed: int = 0):
     About 0.1M parameters: phi-2's architecture and module names, so the phi-2 recipe's LoRA
     targets and 4-bit loading apply unchanged.
     """
-    from dpo.tiny import build_tiny_model
-
     return build_tiny_model(tokenizer, seed=seed, max_position_embeddings=64)
 
 

@@ -33,6 +33,7 @@ review of the book: bad awful boring terrible dull poor weak horrible disappoint
 the plot the actors the story the music the ending the pacing the writing was and but it
 """
 
+# Special tokens of both offline tokenizers (this BPE one and dpo/sentiment.py's word-level one).
 SPECIAL = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>"}
 
 

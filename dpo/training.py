@@ -7,6 +7,7 @@ copy of the weights is in memory.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from accelerate import PartialState
 
 from dpo.compat import (
     DPOTrainer,
-    get_quantization_config,
     lora_config,
+    quantization_config,
     save_resumable_checkpoint,
     upcast_trainable_params,
 )
@@ -28,23 +29,28 @@ from dpo.plots import plot_training_curves
 
 
 def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:
-    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA."""
+    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA.
+
+    The arguments are not changed: the trainer gets a copy of `training_args` whose
+    model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
+    """
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
-    training_args.model_init_kwargs = {
+    trainer_args = copy.copy(training_args)
+    trainer_args.model_init_kwargs = {
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
     trainer = DPOTrainer(
         model=model_args.model_name_or_path,
         ref_model=None,  # the base with adapters disabled is the reference
-        args=training_args,
+        args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
-        quantization_config=get_quantization_config(model_args),
+        quantization_config=quantization_config(model_args, storage),
         peft_config=lora_config(model_args),
     )
     n_4bit = use_portable_4bit_kernels(trainer.model)

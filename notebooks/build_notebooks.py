@@ -253,8 +253,8 @@ def phi2_qlora() -> list[tuple[str, str]]:
         how many pairs `max_length` would cut.
         """),
         code("""
-        from dpo.data import phi2_qa_format
         from dpo.doctor import check_data
+        from dpo.formats import phi2_qa_format
         from dpo.model import load_tokenizer
 
         tokenizer = load_tokenizer(MODEL)
@@ -551,7 +551,7 @@ def from_scratch() -> list[tuple[str, str]]:
         code("""
         import copy
 
-        from dpo.data import phi2_qa_format
+        from dpo.formats import phi2_qa_format
         from dpo.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
 
         SMOKE = os.environ.get("DPO_SMOKE") == "1"
@@ -750,7 +750,7 @@ def your_dataset() -> list[tuple[str, str]]:
         code("""
         from pathlib import Path
 
-        from dpo.data import Columns
+        from dpo.pairs import Columns
 
         MODEL = "microsoft/phi-2"
         DATASET = "Intel/orca_dpo_pairs"  # or your file: "my_pairs.jsonl"
@@ -818,7 +818,7 @@ def your_dataset() -> list[tuple[str, str]]:
         code("""
         from IPython.display import Image, display
 
-        from dpo.doctor import plot_lengths
+        from dpo.plots import plot_lengths
 
         display(Image(filename=str(plot_lengths(report, OUTPUT_DIR / "data_lengths.png"))))
         """),
@@ -895,7 +895,7 @@ def your_dataset() -> list[tuple[str, str]]:
         md("""
         ## Next
 
-        * Check a dataset alone, without a GPU: `python -m dpo.doctor <your data> --model microsoft/phi-2`.
+        * Check a dataset alone, without a GPU: `python -m dpo.doctor <your data> --model_name_or_path microsoft/phi-2`.
         * The full run from a terminal: `accelerate launch recipes/dpo_any.py --dataset_name <your data>`;
           any YAML field as a flag.
         * Compare answers before and after training, and merge the adapter: `dpo_phi2_qlora.ipynb`.

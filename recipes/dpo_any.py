@@ -4,7 +4,7 @@
     accelerate launch recipes/dpo_any.py --model_name_or_path Qwen/Qwen2.5-1.5B-Instruct --dataset_name my.jsonl
     accelerate launch recipes/dpo_any.py --config recipes/dpo_hh_rlhf.yaml   # Anthropic HH-RLHF
     accelerate launch recipes/dpo_any.py --dataset_name my.csv --prompt_column question --load_in_4bit false
-    python -m dpo.doctor my.jsonl --model Qwen/Qwen2.5-0.5B-Instruct    # check the data alone first
+    python -m dpo.doctor my.jsonl --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct   # check the data alone first
 
 Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same code path:
 
@@ -14,8 +14,8 @@ Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same cod
 
 Data: prompt/chosen/rejected text (+ system), conversational message lists (explicit or implicit
 prompt), Anthropic HH transcripts, or any columns named in the YAML (`prompt_column: question`);
-see dpo/data.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
-row; a tokenizer without one gets dpo/data.py's plain Human/Assistant template and a warning.
+see dpo/pairs.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
+row; a tokenizer without one gets dpo/formats.py's plain Human/Assistant template and a warning.
 The data doctor (dpo/doctor.py) checks every row and prints its table before any weights load.
 """
 
@@ -25,11 +25,13 @@ from pathlib import Path
 from accelerate import PartialState
 
 from dpo.config import load_recipe_args
-from dpo.data import Columns, load_preference_data, split_heldout
-from dpo.doctor import check_data, plot_lengths
+from dpo.data import load_preference_data, split_heldout
+from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error
 from dpo.log import log
 from dpo.model import check_model_and_load_tokenizer
+from dpo.pairs import Columns
+from dpo.plots import plot_lengths
 from dpo.training import build_dpo_trainer, train_and_save
 
 

@@ -12,7 +12,7 @@ Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same cod
         --dataset_name outputs/truthy_sample.jsonl --max_steps 5 --gradient_accumulation_steps 1
 
 Prompt format: phi-2 has no chat template; its documented QA format is used, with the
-dataset's system text opening the instruction (dpo/data.py:phi2_qa_format):
+dataset's system text opening the instruction (dpo/formats.py:phi2_qa_format):
 
     Instruct: <system>\\n\\n<prompt>\\nOutput: <answer><|endoftext|>
 """
@@ -20,9 +20,10 @@ dataset's system text opening the instruction (dpo/data.py:phi2_qa_format):
 from dataclasses import dataclass, field
 
 from dpo.config import load_recipe_args
-from dpo.data import load_preference_data, phi2_qa_format, split_heldout
+from dpo.data import load_preference_data, split_heldout
 from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error
+from dpo.formats import phi2_qa_format
 from dpo.log import log
 from dpo.model import check_model_and_load_tokenizer
 from dpo.training import build_dpo_trainer, train_and_save

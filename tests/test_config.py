@@ -103,7 +103,8 @@ def test_quant_storage_matches_model_dtype_only_when_sharded(monkeypatch):
     assert match_quant_storage(args(), plain) is None
     assert match_quant_storage(args(), zero2) is None
     model_args = args()
-    assert match_quant_storage(model_args, zero3) == "bfloat16" == model_args.bnb_4bit_quant_storage
+    assert match_quant_storage(model_args, zero3) == "bfloat16"
+    assert model_args.bnb_4bit_quant_storage is None  # returned, not written into the arguments
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert match_quant_storage(args(), plain) == "bfloat16"
 
@@ -150,3 +151,12 @@ def test_all_linear_targets_every_linear_layer_but_the_output_head():
 
     matched = check_lora_targets(tiny_phi_config(len(build_tokenizer())), "all-linear")
     assert len(matched) == 12 and "lm_head" not in matched
+
+
+def test_lora_config_returns_a_list_of_targets_and_leaves_model_args_alone():
+    from dpo.compat import lora_config
+
+    model_args = ModelConfig(model_name_or_path="x", use_peft=True, lora_target_modules=["q_proj"])
+    assert model_args.lora_target_modules == "q_proj"  # TRL turns a one-item list into a bare string (a regex to PEFT)
+    assert set(lora_config(model_args).target_modules) == {"q_proj"}
+    assert model_args.lora_target_modules == "q_proj"

@@ -1,5 +1,5 @@
-"""dpo/data.py: every supported layout, written in its dataset's exact shape, converts to the
-expected prompt / chosen / rejected; every schema error names the file, the row and the field.
+"""dpo/data.py, dpo/pairs.py, dpo/formats.py: every supported layout, written in its dataset's
+exact shape, converts to the expected prompt / chosen / rejected; every schema error names the file, the row and the field.
 
 The row builders here are also used by test_doctor.py and test_recipe_generic.py.
 """
@@ -9,19 +9,11 @@ import json
 import pytest
 from datasets import Dataset
 
-from dpo.data import (
-    DIVERGE,
-    NO_SHARED_PROMPT,
-    PLAIN_CHAT_TEMPLATE,
-    Columns,
-    ensure_chat_template,
-    load_preference_data,
-    phi2_qa_format,
-    to_pairs,
-)
-from dpo.doctor import _render_plain, render
+from dpo.data import load_preference_data
 from dpo.errors import UserError
+from dpo.formats import PLAIN_CHAT_TEMPLATE, _render_plain, ensure_chat_template, phi2_qa_format, render
 from dpo.model import load_tokenizer
+from dpo.pairs import DIVERGE, NO_SHARED_PROMPT, Columns, to_pairs
 from dpo.tiny import truthy_like_rows, write_jsonl
 
 SYSTEM = "You are a helpful assistant."
@@ -388,15 +380,16 @@ def test_every_input_row_gives_one_output_row_in_order():
     assert len(pairs) == len(rows) and pairs["row"] == list(range(1, len(rows) + 1))
 
 
-def test_every_public_function_of_dpo_data_is_used_by_the_project():
-    """No dead code in dpo/data.py: each public function or class is used by the package, a recipe,
+@pytest.mark.parametrize("module", ["data", "pairs", "formats"])
+def test_every_public_function_of_the_data_modules_is_used_by_the_project(module):
+    """No dead code in dpo/data.py, dpo/pairs.py, dpo/formats.py: each public function or class is used by the package, a recipe,
     a benchmark or a notebook, not only by its own definition (tests do not count)."""
     import ast
     import re
 
     from conftest import ROOT
 
-    tree = ast.parse((ROOT / "dpo" / "data.py").read_text())
+    tree = ast.parse((ROOT / "dpo" / f"{module}.py").read_text())
     public = [
         n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")
     ]

@@ -1,4 +1,4 @@
-"""dpo/doctor.py: every degenerate row is dropped and counted under its reason, no row is lost
+"""dpo/doctor.py and dpo/doctor_report.py: every degenerate row is dropped and counted under its reason, no row is lost
 silently, token counts are TRL's own, and the command line exits cleanly on bad data."""
 
 import json
@@ -12,10 +12,13 @@ from datasets import Dataset
 from test_data import h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
 
 from dpo.compat import DPOTrainer
-from dpo.data import DIVERGE, NO_SHARED_PROMPT, ensure_chat_template, load_preference_data, phi2_qa_format, to_pairs
-from dpo.doctor import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, check_data, examine, main
+from dpo.data import load_preference_data
+from dpo.doctor import check_data, main
+from dpo.doctor_report import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, examine
 from dpo.errors import UserError
+from dpo.formats import ensure_chat_template, phi2_qa_format
 from dpo.model import load_tokenizer
+from dpo.pairs import DIVERGE, NO_SHARED_PROMPT, to_pairs
 from dpo.tiny import write_jsonl
 
 
@@ -168,7 +171,9 @@ def test_conversational_rows_with_a_chat_template_failure_name_the_row(tokenizer
 def test_cli_prints_the_table_and_writes_a_histogram(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(trl_ultrafeedback_rows(12) + trl_ultrafeedback_rows(2), tmp_path / "uf.jsonl")  # 2 duplicates
     png = tmp_path / "lengths.png"
-    report = main([str(data), "--model", str(tiny_model_dir), "--max_length", "512", "--histogram", str(png)])
+    report = main(
+        [str(data), "--model_name_or_path", str(tiny_model_dir), "--max_length", "512", "--histogram", str(png)]
+    )
     out, err = capsys.readouterr()
     assert out.startswith(f"data doctor: {data}")
     assert "dropped         2  duplicate of an earlier row: row 13, 14" in out
@@ -185,7 +190,17 @@ def _stats_line(table: str, part: str) -> str:
 def test_cli_text_format_phi2_counts_what_the_phi2_recipe_trains_on(truthy_file, tiny_model_dir, capsys):
     """`--prompt_format text --text_format phi2` formats rows as recipes/dpo_phi2.py does (its
     check_data call, repeated here), so the CLI's token counts are the recipe's."""
-    cli = main([str(truthy_file), "--model", str(tiny_model_dir), "--prompt_format", "text", "--text_format", "phi2"])
+    cli = main(
+        [
+            str(truthy_file),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--prompt_format",
+            "text",
+            "--text_format",
+            "phi2",
+        ]
+    )
     out = capsys.readouterr().out
     recipe = check_data(
         load_preference_data(str(truthy_file)),
@@ -200,7 +215,7 @@ def test_cli_text_format_phi2_counts_what_the_phi2_recipe_trains_on(truthy_file,
         assert cli.lengths[part].tolist() == recipe.lengths[part].tolist(), part
     assert _stats_line(out, "prompt") == _stats_line(recipe.table(), "prompt")
     assert "prompt: 'Instruct: " in out and "(phi2_qa_format)" in out
-    plain = main([str(truthy_file), "--model", str(tiny_model_dir), "--prompt_format", "text"])
+    plain = main([str(truthy_file), "--model_name_or_path", str(tiny_model_dir), "--prompt_format", "text"])
     assert (
         plain.lengths["prompt"] < cli.lengths["prompt"]
     ).all()  # the flag changes the counts: "Instruct:", "Output:"
@@ -238,3 +253,21 @@ def test_cli_schema_error_exits_2_with_one_clean_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert f"error: {data}, line 2: malformed JSON" in proc.stderr
+
+
+def test_cli_speaks_the_recipes_flag_names(tmp_path, capsys):
+    """--dataset_name / --dataset_train_split as in every recipe; --config is a recipe's YAML file, not a doctor flag."""
+    from datasets import DatasetDict
+
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(5)]
+    DatasetDict({"train": Dataset.from_list(rows[:3]), "test": Dataset.from_list(rows[3:])}).save_to_disk(
+        tmp_path / "dd"
+    )
+    report = main(["--dataset_name", str(tmp_path / "dd"), "--dataset_train_split", "test"])
+    assert report.rows_in == 2 and capsys.readouterr().out.startswith(f"data doctor: {tmp_path / 'dd'}")
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "dd"), "--config", "en"])
+    assert info.value.code == 2 and "unrecognized arguments: --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2 and "no dataset" in capsys.readouterr().err

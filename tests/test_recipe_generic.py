@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, load_recipe
 from test_data import h4_ultrafeedback_rows, hh_rows
 
-from dpo.data import PLAIN_CHAT_TEMPLATE
+from dpo.formats import PLAIN_CHAT_TEMPLATE
 from dpo.tiny import write_jsonl
 
 FAST = [
