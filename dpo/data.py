@@ -1,6 +1,7 @@
 """Preference data: load a hub dataset or a local file, detect its layout, convert every row.
 
-    raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # or data.jsonl / .json / .parquet / .csv
+    raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # or data.jsonl / .json / .parquet / .csv,
+                                                                     # .jsonl.gz / .json.gz / .csv.gz / .jsonl.zst
     pairs, layout = to_pairs(raw, source="trl-lib/ultrafeedback_binarized")
     # recipes call dpo.doctor.check_data(raw, source, tokenizer): to_pairs, ensure_chat_template, checks
 
@@ -40,6 +41,8 @@ when they differ), the N-th data line of a .csv (header excluded).
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import re
@@ -52,6 +55,9 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from dpo.errors import UserError, hub_error
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Compressed text files, as datasets are often distributed (Anthropic HH-RLHF: .jsonl.gz); the
+# datasets library decompresses them itself. Parquet is compressed inside, so never outer-compressed.
+COMPRESSIONS = (".gz", ".zst")
 
 # Column names tried, in order, when the YAML names none (`prompt_column:` etc.).
 PROMPT_NAMES = ("prompt", "question", "instruction")
@@ -86,9 +92,31 @@ PLAIN_CHAT_TEMPLATE = (
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
 
+def _data_suffix(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix): ('.jsonl', '.gz') for data.jsonl.gz, ('.csv', '') for data.csv."""
+    path = Path(path)
+    if path.suffix in COMPRESSIONS and Path(path.stem).suffix in (".json", ".jsonl", ".csv"):
+        return Path(path.stem).suffix, path.suffix
+    return path.suffix, ""
+
+
+def _open_data_file(path: Path):
+    """A binary file object over the (decompressed) bytes of a local data file."""
+    _, compression = _data_suffix(path)
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        )
+    return open(path, "rb")
+
+
 def _looks_local(name: str) -> bool:
     """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
-    return name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_FORMATS or Path(name).exists()
+    return name.startswith((".", "/", "~")) or _data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
 
 
 def _json_type(value) -> str:
@@ -105,8 +133,10 @@ def _json_type(value) -> str:
 def _json_problem(path: Path) -> str | None:
     """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
     whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json":
+    with _open_data_file(path) as f:
+        text = f.read().decode("utf-8", errors="replace")
+    suffix = _data_suffix(path)[0]
+    if suffix == ".json":
         try:
             records = json.loads(text)
             numbered = [
@@ -116,7 +146,7 @@ def _json_problem(path: Path) -> str | None:
             if err.msg != "Extra data":  # "Extra data": a .json file written as JSON Lines
                 return f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
             numbered = None
-    if path.suffix == ".jsonl" or numbered is None:
+    if suffix == ".jsonl" or numbered is None:
         numbered = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -141,7 +171,7 @@ def _json_problem(path: Path) -> str | None:
 
 def _blank(path: Path) -> bool:
     """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
-    with open(path, "rb") as f:
+    with _open_data_file(path) as f:
         while chunk := f.read(1 << 20):
             if chunk.strip():
                 return False
@@ -150,21 +180,25 @@ def _blank(path: Path) -> bool:
 
 def _load_file(name: str, path: Path) -> Dataset:
     """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
-    if path.suffix not in LOCAL_FORMATS:
-        raise UserError(f"{name}: unsupported file type '{path.suffix}'; use one of {sorted(LOCAL_FORMATS)}")
-    if path.stat().st_size == 0 or (path.suffix in (".json", ".jsonl", ".csv") and _blank(path)):
+    suffix, compression = _data_suffix(path)
+    if suffix not in LOCAL_FORMATS:
+        raise UserError(
+            f"{name}: unsupported file type '{''.join(path.suffixes[-2:])}'; use one of {sorted(LOCAL_FORMATS)}, "
+            f"or .json/.jsonl/.csv compressed as {' or '.join(COMPRESSIONS)}"
+        )
+    if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
         raise UserError(f"{name}: the file is empty")
     try:
-        data = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    except Exception as err:  # pyarrow / json parse errors: the user's file is malformed
-        where = _json_problem(path) if path.suffix in (".json", ".jsonl") else None
+        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
+        where = _json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
             raise UserError(f"{name}, {where}") from None
         cause = err.__cause__ or err.__context__ or err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in reason:
             raise UserError(f"{name}: the file has no rows") from None
-        raise UserError(f"{name}: could not be read as {path.suffix[1:]}: {reason}") from None
+        raise UserError(f"{name}: could not be read as {suffix[1:]}{compression}: {reason}") from None
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
     return data
@@ -175,7 +209,8 @@ def load_preference_data(
 ) -> Dataset | None:
     """Split `split` of a hub dataset id, a local data file, or a local dataset folder.
 
-    Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv; a file is one
+    Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv, and the text
+    formats compressed as .gz or .zst (Anthropic HH-RLHF ships .jsonl.gz); a file is one
     split, "train". A folder is read with `load_from_disk` when it was written by `save_to_disk`,
     else as a folder of data files. `missing_ok`: None instead of an error when there is no such split.
     """
@@ -231,10 +266,10 @@ class _Rows:
 
     def _line(self, row: int) -> int | None:
         path = Path(self.source).expanduser()
-        if path.suffix != ".jsonl" or not path.is_file():
+        if _data_suffix(path)[0] != ".jsonl" or not path.is_file():
             return None
         if self._lines is None:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with _open_data_file(path) as f:
                 self._lines = [i for i, line in enumerate(f, start=1) if line.strip()]
         return self._lines[row - 1] if row <= len(self._lines) else None
 
