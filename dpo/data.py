@@ -1,6 +1,7 @@
 """Preference data in: a hub dataset, a local file or a dataset folder, loaded as one split.
 
-    raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # or data.jsonl / .json / .parquet / .csv
+    raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # or data.jsonl / .json / .parquet / .csv,
+                                                                     # .jsonl.gz / .json.gz / .csv.gz / .jsonl.zst
     train, heldout = split_heldout(pairs, test_size=0.1, seed=42)
 
 What happens to the rows next: dpo/pairs.py detects the layout and converts them, dpo/doctor.py
@@ -14,6 +15,8 @@ references; `text_field` / `messages_field` check one value and name it when it 
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from pathlib import Path
 
@@ -22,14 +25,39 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from dpo.errors import UserError, hub_error
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Compressed text files, as datasets are often distributed (Anthropic HH-RLHF: .jsonl.gz); the
+# datasets library decompresses them itself. Parquet is compressed inside, so never outer-compressed.
+COMPRESSIONS = (".gz", ".zst")
 
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
 
+def _data_suffix(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix): ('.jsonl', '.gz') for data.jsonl.gz, ('.csv', '') for data.csv."""
+    path = Path(path)
+    if path.suffix in COMPRESSIONS and Path(path.stem).suffix in (".json", ".jsonl", ".csv"):
+        return Path(path.stem).suffix, path.suffix
+    return path.suffix, ""
+
+
+def _open_data_file(path: Path):
+    """A binary file object over the (decompressed) bytes of a local data file."""
+    _, compression = _data_suffix(path)
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        )
+    return open(path, "rb")
+
+
 def _looks_local(name: str) -> bool:
     """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
-    return name.startswith((".", "/", "~")) or Path(name).suffix in LOCAL_FORMATS or Path(name).exists()
+    return name.startswith((".", "/", "~")) or _data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
 
 
 def _json_type(value) -> str:
@@ -46,8 +74,10 @@ def _json_type(value) -> str:
 def _json_problem(path: Path) -> str | None:
     """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
     whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json":
+    with _open_data_file(path) as f:
+        text = f.read().decode("utf-8", errors="replace")
+    suffix = _data_suffix(path)[0]
+    if suffix == ".json":
         try:
             records = json.loads(text)
             numbered = [
@@ -57,7 +87,7 @@ def _json_problem(path: Path) -> str | None:
             if err.msg != "Extra data":  # "Extra data": a .json file written as JSON Lines
                 return f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
             numbered = None
-    if path.suffix == ".jsonl" or numbered is None:
+    if suffix == ".jsonl" or numbered is None:
         numbered = []
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -82,7 +112,7 @@ def _json_problem(path: Path) -> str | None:
 
 def _blank(path: Path) -> bool:
     """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
-    with open(path, "rb") as f:
+    with _open_data_file(path) as f:
         while chunk := f.read(1 << 20):
             if chunk.strip():
                 return False
@@ -91,21 +121,25 @@ def _blank(path: Path) -> bool:
 
 def _load_file(name: str, path: Path) -> Dataset:
     """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
-    if path.suffix not in LOCAL_FORMATS:
-        raise UserError(f"{name}: unsupported file type '{path.suffix}'; use one of {sorted(LOCAL_FORMATS)}")
-    if path.stat().st_size == 0 or (path.suffix in (".json", ".jsonl", ".csv") and _blank(path)):
+    suffix, compression = _data_suffix(path)
+    if suffix not in LOCAL_FORMATS:
+        raise UserError(
+            f"{name}: unsupported file type '{''.join(path.suffixes[-2:])}'; use one of {sorted(LOCAL_FORMATS)}, "
+            f"or .json/.jsonl/.csv compressed as {' or '.join(COMPRESSIONS)}"
+        )
+    if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
         raise UserError(f"{name}: the file is empty")
     try:
-        data = load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-    except Exception as err:  # pyarrow / json parse errors: the user's file is malformed
-        where = _json_problem(path) if path.suffix in (".json", ".jsonl") else None
+        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+    except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
+        where = _json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
             raise UserError(f"{name}, {where}") from None
         cause = err.__cause__ or err.__context__ or err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in reason:
             raise UserError(f"{name}: the file has no rows") from None
-        raise UserError(f"{name}: could not be read as {path.suffix[1:]}: {reason}") from None
+        raise UserError(f"{name}: could not be read as {suffix[1:]}{compression}: {reason}") from None
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
     return data
@@ -116,7 +150,8 @@ def load_preference_data(
 ) -> Dataset | None:
     """Split `split` of a hub dataset id, a local data file, or a local dataset folder.
 
-    Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv; a file is one
+    Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv, and the text
+    formats compressed as .gz or .zst (Anthropic HH-RLHF ships .jsonl.gz); a file is one
     split, "train". A folder is read with `load_from_disk` when it was written by `save_to_disk`,
     else as a folder of data files. `missing_ok`: None instead of an error when there is no such split.
     """
@@ -172,10 +207,10 @@ class RowLocator:
 
     def _line(self, row: int) -> int | None:
         path = Path(self.source).expanduser()
-        if path.suffix != ".jsonl" or not path.is_file():
+        if _data_suffix(path)[0] != ".jsonl" or not path.is_file():
             return None
         if self._lines is None:
-            with open(path, encoding="utf-8", errors="replace") as f:
+            with _open_data_file(path) as f:
                 self._lines = [i for i, line in enumerate(f, start=1) if line.strip()]
         return self._lines[row - 1] if row <= len(self._lines) else None
 

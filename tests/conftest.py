@@ -22,6 +22,8 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
+# Real human preferences: Anthropic HH-RLHF harmless-base test split, the original file (data/hh-rlhf/README.md).
+HH_FILE = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +32,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from dpo.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-phi"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a model folder, built from the pip-installed GGUF
+    (requirements-models.txt) once into the user cache (dpo.models.default_cache_dir, outside the
+    repo; $DPO_MODELS_CACHE moves it); later sessions find it there. Fails, not skips, when the
+    package is missing: `make test` installs it."""
+    from dpo.models import default_cache_dir, materialize
+
+    return materialize("smollm2-135m-instruct", default_cache_dir("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")

@@ -291,6 +291,61 @@ def test_every_local_format_loads_the_same_rows(tmp_path, suffix):
     ]
 
 
+def _compress(path, suffix):
+    """`path` compressed as `path` + suffix (.gz or .zst), as datasets are distributed."""
+    import gzip
+
+    import zstandard
+
+    raw = path.read_bytes()
+    out = path.with_name(path.name + suffix)
+    out.write_bytes(gzip.compress(raw) if suffix == ".gz" else zstandard.ZstdCompressor().compress(raw))
+    return out
+
+
+@pytest.mark.parametrize("name", ["data.jsonl.gz", "data.json.gz", "data.csv.gz", "data.jsonl.zst"])
+def test_compressed_files_load_the_same_rows_as_plain_ones(tmp_path, name):
+    rows = orca_rows(3)
+    plain = tmp_path / name.rsplit(".", 1)[0]
+    if plain.suffix == ".jsonl":
+        write_jsonl(rows, plain)
+    elif plain.suffix == ".json":
+        plain.write_text(json.dumps(rows))
+    else:
+        Dataset.from_list(rows).to_csv(plain, index=False)
+    compressed = _compress(plain, "." + name.rsplit(".", 1)[1])
+    assert [dict(r) for r in load_preference_data(str(compressed))] == [
+        dict(r) for r in load_preference_data(str(plain))
+    ]
+
+
+def test_errors_in_a_compressed_file_name_the_row_and_line(tmp_path):
+    lines = [json.dumps(r) for r in orca_rows(4)]
+    lines[2] = lines[2][:-5]  # cut off the end of line 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    assert _error(_compress(bad, ".gz")).startswith(f"{bad}.gz, line 3: malformed JSON")
+    rows = truthy_like_rows(4)
+    rows[3]["rejected"] = 42
+    typed = tmp_path / "typed.jsonl"
+    typed.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    assert _error(_compress(typed, ".zst")).startswith(f"{typed}.zst, row 4 (line 5), field 'rejected': expected text")
+    (tmp_path / "d.parquet.gz").write_bytes(b"x")
+    with pytest.raises(UserError, match="unsupported file type '.parquet.gz'"):
+        load_preference_data(str(tmp_path / "d.parquet.gz"))
+
+
+def test_the_real_hh_rlhf_file_loads_as_distributed():
+    """Anthropic's harmless-base test split, the original .jsonl.gz: 2,312 multi-turn transcripts."""
+    from conftest import HH_FILE
+
+    raw = load_preference_data(str(HH_FILE))
+    pairs, layout = to_pairs(raw, str(HH_FILE))
+    assert len(raw) == 2312 and layout.kind == "hh"
+    assert pairs[0]["prompt"][0]["role"] == "user" and pairs[0]["chosen"][-1]["role"] == "assistant"
+    assert sum(p == "" for p in pairs["problem"]) > 2200  # nearly every row splits into prompt + two replies
+
+
 def test_a_save_to_disk_folder_loads_by_split(tmp_path):
     from datasets import DatasetDict
 
