@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproje
 
 # The main job on the embedded offline default (no GPU, no internet needed).
 demo: $(STAMP)
-	$(BIN)/python -m dpo.demo
+	$(BIN)/python recipes/dpo_sentiment_tiny.py
 
 # The whole offline test suite (CPU, well under 10 minutes on 2 cores).
 test: $(STAMP)

@@ -3,7 +3,7 @@
     python benchmarks/bench_demo.py                      # 3 runs (~2-4 min); rewrites BENCHMARKS.md
     python benchmarks/bench_demo.py --runs 1 --out /tmp/BENCHMARKS.md
 
-`make demo` runs `python -m dpo.demo` once the virtual environment exists; that command is what
+`make demo` runs `python recipes/dpo_sentiment_tiny.py` once the virtual environment exists; that command is what
 is timed, as a fresh process each run (interpreter start and imports included). The phases come
 from the `seconds` the recipe writes to metrics.json; "start-up" is the rest (Python, imports,
 config). The demo is seeded, so the runs must also agree on every metric: checked and reported.
@@ -38,10 +38,13 @@ RESULT_KEYS = (
 
 
 def run_demo(output_dir: Path) -> tuple[float, dict]:
-    """One `python -m dpo.demo` in a fresh process; returns (wall seconds, its metrics.json)."""
+    """One `python recipes/dpo_sentiment_tiny.py` (`make demo`) in a fresh process; returns (wall seconds, its metrics.json)."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "dpo.demo", "--output_dir", str(output_dir)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "recipes/dpo_sentiment_tiny.py", "--output_dir", str(output_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -62,7 +65,7 @@ def markdown(walls: list[float], runs: list[dict], load_before: tuple, load_afte
     lines = [
         "# Benchmarks",
         "",
-        "## `make demo` (`python -m dpo.demo`), end to end",
+        "## `make demo` (`python recipes/dpo_sentiment_tiny.py`), end to end",
         "",
         f"Made by `python benchmarks/bench_demo.py --runs {len(runs)}`; this file is its output. Each run is a fresh",
         "process (interpreter start and imports included) after the environment is installed, as `make demo`",

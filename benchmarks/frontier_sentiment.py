@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import runpy
 import time
 from pathlib import Path
 
@@ -25,15 +26,16 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from dpo.config import RECIPES_DIR, load_recipe, load_recipe_args
+from dpo.config import load_recipe_args
 from dpo.errors import exit_on_user_error
 from dpo.log import log
 from dpo.model import load_tokenizer
-from dpo.sentiment import SentimentTask, build_word_tokenizer, evaluate_alignment, pair_sets, train_reference
+from dpo.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
+from dpo.sentiment_eval import evaluate_alignment
 from dpo.training import build_dpo_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = RECIPES_DIR / "dpo_sentiment_tiny.py"
+RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
 # 2.5x the demo's 2 epochs (the recipe's other settings unchanged): long enough for a run to pass
 # the peak of the reward-KL path wherever its loss and beta let it.
 DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
@@ -156,7 +158,7 @@ def main() -> None:
         return write_outputs(read_csv(Path(args.from_csv)), Path(args.out), csv_path=Path(args.from_csv))
     recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *recipe_argv]
     start = time.time()
-    script_arguments = load_recipe("dpo_sentiment_tiny").ScriptArguments
+    script_arguments = runpy.run_path(str(RECIPE))["ScriptArguments"]  # the recipe's settings, without running it
     workdir = Path(args.workdir)
 
     def recipe_args(*overrides):

@@ -8,7 +8,6 @@ YAML keys are dataclass field names; an unknown key or flag stops the run and is
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import re
 import sys
@@ -21,23 +20,6 @@ from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
 from dpo.log import log
-
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def load_script(path: str | Path, name: str | None = None):
-    """Import a script file (a recipe, a benchmark) as a module without running its `__main__`."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(name or path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_recipe(name: str):
-    """recipes/<name>.py as a module (its ScriptArguments and main). recipes/ is a folder of
-    scripts, not a package, so notebooks, the demo and tests import recipes through this."""
-    return load_script(RECIPES_DIR / f"{name}.py", f"recipe_{name}")
 
 
 def _unknown_key_message(keys: list[str], source: str) -> str:

@@ -177,19 +177,23 @@ def phi2_qlora() -> list[tuple[str, str]]:
         exactly like command-line flags.
         """),
         code("""
+        import runpy
         import warnings
+        from pathlib import Path
 
-        from dpo.config import load_recipe, load_recipe_args
+        import dpo
+        from dpo.config import load_recipe_args
 
         warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames options TRL uses; harmless
-        recipe = load_recipe("dpo_phi2")  # recipes/dpo_phi2.py, its ScriptArguments and main
+        RECIPE = Path(dpo.__file__).resolve().parents[1] / "recipes" / "dpo_phi2.py"  # in the repository checkout
+        recipe = runpy.run_path(str(RECIPE))  # the recipe's definitions (ScriptArguments, main), not run
 
         flags = ["--model_name_or_path", MODEL, "--dataset_name", DATASET,
                  "--output_dir", str(OUTPUT_DIR), "--num_train_epochs", str(EPOCHS)]
         if SMOKE:  # a few steps of 4 pairs, and a learning rate a random tiny model notices
             flags += ["--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                       "--learning_rate", "5e-3", "--eval_steps", "3", "--save_steps", "6", "--test_size", "0.2"]
-        script_args, training_args, model_args = load_recipe_args(recipe.ScriptArguments, recipe.__file__, flags)
+        script_args, training_args, model_args = load_recipe_args(recipe["ScriptArguments"], RECIPE, flags)
         batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
         print(f"beta {training_args.beta}, learning rate {training_args.learning_rate}, {batch} pairs per step")
         """),
@@ -862,9 +866,13 @@ def your_dataset() -> list[tuple[str, str]]:
         for the recipe's full epoch of 64-pair steps. The cell prints the same run as a command line.
         """),
         code("""
-        from dpo.config import load_recipe
+        import runpy
+        from pathlib import Path
 
-        recipe = load_recipe("dpo_any")  # recipes/dpo_any.py, run in-process below
+        import dpo
+
+        RECIPE = Path(dpo.__file__).resolve().parents[1] / "recipes" / "dpo_any.py"  # in the repository checkout
+        recipe = runpy.run_path(str(RECIPE))  # its definitions; main() runs in-process below
 
         settings = dict(model_name_or_path=MODEL, dataset_name=DATASET, output_dir=OUTPUT_DIR, max_length=MAX_LENGTH,
                         max_steps=20, gradient_accumulation_steps=8, learning_rate=5e-5, test_size=0.01, eval_steps=10)
@@ -876,7 +884,7 @@ def your_dataset() -> list[tuple[str, str]]:
         print("python recipes/dpo_any.py", " ".join(flags))
         """),
         code("""
-        trainer = recipe.main(flags)
+        trainer = recipe["main"](flags)
         """),
         md("""
         ## Results

@@ -1,7 +1,6 @@
 """The DPO paper's controlled-sentiment experiment in miniature: offline, CPU, well under 2 minutes.
 
-    python recipes/dpo_sentiment_tiny.py                  # settings: recipes/dpo_sentiment_tiny.yaml
-    python -m dpo.demo                                    # the same, as `make demo`
+    python recipes/dpo_sentiment_tiny.py                  # `make demo`; settings: recipes/dpo_sentiment_tiny.yaml
     python recipes/dpo_sentiment_tiny.py --beta 0.5 --output_dir outputs/sentiment_beta0.5
     python recipes/dpo_sentiment_tiny.py --loss_type ipo --beta 0.5
     python recipes/dpo_sentiment_tiny.py --model_name_or_path outputs/sentiment_tiny/sft_reference \\
@@ -14,8 +13,19 @@ Phases (Rafailov et al. 2023, section 6.1, IMDb; the task itself is in dpo/senti
   3. DPO through the phi-2 recipe's code path: 4-bit NF4 base + LoRA, reference = adapters off
   4. on held-out prompts: reward of pi_ref vs pi_theta, KL(pi_theta || pi_ref), implicit-reward
      accuracy on held-out pairs, lengths -> output_dir/{metrics.json, report.md, training_curves.png}
+     (dpo/sentiment_eval.py)
+Run as a script, it ends with the before/after summary that `make demo` shows.
 """
 
+import os
+
+# Everything is built locally: never reach for the Hub (set before transformers reads them).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,16 +37,8 @@ from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
 from dpo.model import load_tokenizer
-from dpo.sentiment import (
-    PhaseClock,
-    SentimentTask,
-    build_word_tokenizer,
-    evaluate_alignment,
-    pair_sets,
-    sample_and_score,
-    train_reference,
-    write_report,
-)
+from dpo.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
+from dpo.sentiment_eval import PhaseClock, evaluate_alignment, sample_and_score, summary, write_report
 from dpo.training import build_dpo_trainer, train_and_save
 
 
@@ -172,4 +174,13 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    # keep the output to what matters
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bar()  # dataset .map() bars: a few thousand rows, instant
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not for this audience
+    start = time.time()
+    metrics = main()
+    print(summary(metrics, time.time() - start), flush=True)

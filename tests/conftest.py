@@ -21,10 +21,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-ROOT = Path(__file__).resolve().parents[1]
-# Real human preferences: Anthropic HH-RLHF harmless-base test split, the original file (data/hh-rlhf/README.md).
-HH_FILE = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -51,6 +47,3 @@ def truthy_file(tmp_path_factory) -> Path:
     from dpo.tiny import truthy_like_rows, write_jsonl
 
     return write_jsonl(truthy_like_rows(48, seed=0), tmp_path_factory.mktemp("data") / "truthy.jsonl")
-
-
-from dpo.config import load_recipe, load_script  # noqa: E402,F401  (tests import them from here)

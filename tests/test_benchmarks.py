@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, load_script
+from helpers import ROOT, load_script
 
 BENCH = ROOT / "benchmarks"
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ROOT, load_recipe
+from helpers import ROOT, load_recipe
 
 from dpo.compat import DPOConfig, ModelConfig
 from dpo.config import parse_recipe_args

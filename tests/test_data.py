@@ -337,7 +337,7 @@ def test_errors_in_a_compressed_file_name_the_row_and_line(tmp_path):
 
 def test_the_real_hh_rlhf_file_loads_as_distributed():
     """Anthropic's harmless-base test split, the original .jsonl.gz: 2,312 multi-turn transcripts."""
-    from conftest import HH_FILE
+    from helpers import HH_FILE
 
     raw = load_preference_data(str(HH_FILE))
     pairs, layout = to_pairs(raw, str(HH_FILE))
@@ -442,7 +442,7 @@ def test_every_public_function_of_the_data_modules_is_used_by_the_project(module
     import ast
     import re
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     tree = ast.parse((ROOT / "dpo" / f"{module}.py").read_text())
     public = [

@@ -7,8 +7,8 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT
 from datasets import Dataset
+from helpers import ROOT
 from test_data import h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
 
 from dpo.compat import DPOTrainer

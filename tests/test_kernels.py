@@ -9,7 +9,7 @@ and the tests check what happens then with and without `use_portable_4bit_kernel
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import load_recipe
+from helpers import load_recipe
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

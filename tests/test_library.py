@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import trl
-from conftest import ROOT
+from helpers import ROOT
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -59,3 +59,15 @@ def test_no_script_in_recipes_shadows_the_library():
     """`python recipes/x.py` puts recipes/ first on sys.path: a recipes/dpo.py would be imported
     instead of the dpo package by every other recipe."""
     assert not (ROOT / "recipes" / "dpo.py").exists()
+
+
+def test_the_library_never_loads_files_from_recipes():
+    """dpo/ works installed without -e: recipes, notebooks, benchmarks and tests import dpo/, never the reverse."""
+    offenders = []
+    for path in sorted((ROOT / "dpo").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in ("recipes", "recipes/"):
+                offenders.append(f"{path.name}:{node.lineno}: path into recipes/")
+            if isinstance(node, ast.Attribute) and node.attr in ("spec_from_file_location", "run_path"):
+                offenders.append(f"{path.name}:{node.lineno}: loads a script file")
+    assert offenders == []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import ROOT, load_script
+from helpers import ROOT, load_script
 from nbclient import NotebookClient
 
 NB_DIR = ROOT / "notebooks"

@@ -4,7 +4,7 @@ weights are loaded. Each case runs the real recipe entry point in-process."""
 import json
 
 import pytest
-from conftest import ROOT, load_recipe
+from helpers import ROOT, load_recipe
 
 
 @pytest.fixture(scope="module")

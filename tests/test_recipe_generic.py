@@ -5,7 +5,7 @@ recipes/dpo_hh_rlhf.yaml, the README's worked second recipe, on HH rows."""
 import json
 
 import pytest
-from conftest import ROOT, load_recipe
+from helpers import ROOT, load_recipe
 from test_data import h4_ultrafeedback_rows, hh_rows
 
 from dpo.formats import PLAIN_CHAT_TEMPLATE

@@ -13,7 +13,7 @@ import weakref
 import pytest
 import torch
 import transformers
-from conftest import ROOT, load_recipe
+from helpers import ROOT, load_recipe
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps

@@ -16,9 +16,10 @@ import statistics
 
 import pytest
 import torch
-from conftest import ROOT, load_recipe
+from helpers import ROOT, load_recipe
 
 from dpo import sentiment as S
+from dpo.sentiment_eval import evaluate_alignment, summary
 
 # A shortened pipeline: the demo's DPO settings (sigmoid, beta 0.1, ~54 steps at 2e-4) on a
 # pi_ref SFT-trained for 200 steps instead of 300, with fewer held-out prompts. ~25 s on 2 cores.
@@ -126,7 +127,7 @@ def tiny_policy():
 def test_kl_is_zero_for_an_untrained_adapter(tiny_policy):
     tok, policy = tiny_policy
     prompts = S.SentimentTask().prompts("heldout", 32)
-    result = S.evaluate_alignment(policy, tok, prompts, max_new_tokens=8, seed=0)
+    result = evaluate_alignment(policy, tok, prompts, max_new_tokens=8, seed=0)
     m = result["metrics"]
     assert m["kl"] == 0.0 and m["policy_reward"] == m["reference_reward"]
     assert [s["policy"] for s in result["samples"]] == [s["reference"] for s in result["samples"]]
@@ -190,7 +191,6 @@ def test_report_is_written(short_run):
 
 
 def test_demo_summary_prints_before_and_after(short_run):
-    from dpo.demo import summary
 
     _, m = short_run
     text = summary(m, 12.0)
@@ -250,7 +250,12 @@ def test_a_reference_folder_without_safetensors_is_refused(tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().err
 
 
-SENTIMENT_CODE = ("recipes/dpo_sentiment_tiny.py", "dpo/sentiment.py", "benchmarks/frontier_sentiment.py")
+SENTIMENT_CODE = (
+    "recipes/dpo_sentiment_tiny.py",
+    "dpo/sentiment.py",
+    "dpo/sentiment_eval.py",
+    "benchmarks/frontier_sentiment.py",
+)
 
 
 def _calls(path):
