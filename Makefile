@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint notebooks clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The notebooks' source is notebooks/*.py (jupytext percent format); this writes the .ipynb from it.
+notebooks: $(STAMP)
+	$(BIN)/jupytext --sync notebooks/dpo_*.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,16 +1,19 @@
-"""The notebooks in notebooks/: generated, clean, pinned, and they run top to bottom.
+"""The notebooks in notebooks/: paired with their source, clean, pinned, and they run top to bottom.
 
-* Every .ipynb equals what notebooks/build_notebooks.py writes (edit the generator, not the JSON).
+* Each notebook's source is notebooks/<name>.py in jupytext's percent format; the committed
+  <name>.ipynb is what jupytext makes of it (`make notebooks` = `jupytext --sync notebooks/*.py`).
 * Committed notebooks carry no outputs or execution counts.
 * The install cell pins exactly requirements.txt, runs only on Colab, and there clones the repo
   (one REPO_URL) and installs it; checked by running the cell against a fake Colab.
 * Each notebook executes with nbclient in smoke mode (DPO_SMOKE=1: tiny offline model and data,
   CPU, a few steps) in a fresh python3 kernel, offline, with a timeout per cell, and leaves the
-  artifacts it promises (adapter, merged model, plots, agreement with TRL).
+  artifacts it promises (adapter, merged model, plots, agreement with TRL). What a notebook
+  computed comes back as JSON: each one ends by writing its results to the file DPO_RESULTS names.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,18 +21,21 @@ import sys
 import types
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
-from helpers import ROOT, load_script
+from helpers import ROOT
 from nbclient import NotebookClient
 
 NB_DIR = ROOT / "notebooks"
 CELL_TIMEOUT = 300  # seconds, per cell; the slowest smoke cell takes well under a minute
 COLAB_GUARD = 'if "google.colab" in sys.modules:'
+REPO_URL = "https://github.com/dpo-recipes/dpo-recipes"
+NAMES = sorted(p.stem for p in NB_DIR.glob("dpo_*.py"))
 
 
-GEN = load_script(NB_DIR / "build_notebooks.py")
-NAMES = sorted(GEN.NOTEBOOKS)
+def colab_url(name: str) -> str:
+    return f"https://colab.research.google.com/github/dpo-recipes/dpo-recipes/blob/main/notebooks/{name}.ipynb"
 
 
 def read(name: str) -> nbformat.NotebookNode:
@@ -69,6 +75,13 @@ def kernel_env(**extra) -> dict:
     return env
 
 
+def run_notebook(name: str, cwd: Path) -> tuple[nbformat.NotebookNode, dict]:
+    """Execute notebooks/<name>.ipynb in smoke mode in `cwd`; the executed notebook and the results it wrote."""
+    results = cwd / "results.json"
+    nb = execute(read(name), cwd, DPO_RESULTS=str(results))
+    return nb, json.loads(results.read_text())
+
+
 def execute(nb, cwd: Path, **env) -> nbformat.NotebookNode:
     """Run every cell in a fresh python3 kernel (this interpreter's), in `cwd`; raises on a failing cell."""
     client = NotebookClient(
@@ -96,12 +109,20 @@ def outputs(nb, kind: str) -> list:
 # ── the committed files ──────────────────────────────────────────────────────────────────────
 
 
-def test_every_notebook_is_generated_and_up_to_date():
-    on_disk = sorted(p.stem for p in NB_DIR.glob("*.ipynb"))
-    assert on_disk == NAMES, "notebooks/*.ipynb and build_notebooks.NOTEBOOKS differ"
-    for name in NAMES:
-        committed = (NB_DIR / f"{name}.ipynb").read_text()
-        assert committed == GEN.render(name), f"{name}.ipynb is stale: run python notebooks/build_notebooks.py"
+def test_every_notebook_has_its_source():
+    assert NAMES and sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_and_its_source_agree(name):
+    """The .ipynb is what jupytext makes of the .py: same cells, same metadata; a change to one
+    without `make notebooks` fails here."""
+    source = (NB_DIR / f"{name}.py").read_text()
+    committed = read(name)
+    stale = f"notebooks/{name}.ipynb and {name}.py disagree: run make notebooks (jupytext --sync notebooks/*.py)"
+    assert jupytext.writes(committed, fmt="py:percent") == source, stale
+    from_source = jupytext.reads(source, fmt="py:percent")
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in from_source.cells]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -128,7 +149,7 @@ def test_install_cell_comes_first_and_the_repo_url_is_written_once(name):
     nb = read(name)
     first = code_cells(nb)[0]
     assert first == install_cell(nb)
-    assert first.startswith(f'REPO_URL = "{GEN.REPO_URL}"')
+    assert first.startswith(f'REPO_URL = "{REPO_URL}"')
     everything = "\n".join(code_cells(nb))
     assert everything.count("github.com/dpo-recipes/dpo-recipes") == 1
 
@@ -153,7 +174,7 @@ def test_install_cell_on_colab_clones_the_repo_and_installs_the_pins(on_colab, m
         assert commands == []
         return
     clone, pins, repo = commands
-    assert clone == ["git", "clone", "--depth", "1", GEN.REPO_URL, "dpo-recipes"]
+    assert clone == ["git", "clone", "--depth", "1", REPO_URL, "dpo-recipes"]
     assert (
         pins[:4] == [sys.executable, "-m", "pip", "install"] and [a for a in pins if "==" in a] == requirement_pins()
     )
@@ -181,7 +202,7 @@ def test_readme_has_a_colab_badge_and_a_line_per_notebook():
     for name in NAMES:
         url = f"https://colab.research.google.com/github/dpo-recipes/dpo-recipes/blob/main/notebooks/{name}.ipynb"
         assert url in readme, name
-        assert GEN.colab_url(name) == url
+        assert colab_url(name) == url
         assert url in read(name).cells[0].source, f"{name}: the first cell should carry its own Colab badge"
 
 
@@ -205,39 +226,36 @@ def test_kernel_is_this_interpreter_with_this_checkout(tmp_path):
 
 
 def test_phi2_qlora_notebook_runs_in_smoke_mode(tmp_path):
-    nb = execute(read("dpo_phi2_qlora"), tmp_path)
+    nb, results = run_notebook("dpo_phi2_qlora", tmp_path)
     out = tmp_path / "outputs" / "dpo_phi2_qlora"
     for artifact in ("adapter_model.safetensors", "adapter_config.json", "final_metrics.json", "training_curves.png"):
         assert (out / artifact).is_file(), artifact
     assert (tmp_path / "outputs" / "dpo_phi2_qlora-merged" / "model.safetensors").is_file()
-    text = "".join(outputs(nb, "text"))
-    assert "smoke mode: True" in text and "eval_rewards/accuracies" in text
-    change = float(re.search(r"largest logit change from merging: (\S+)", text).group(1))
+    assert results["smoke"] is True and "eval_rewards/accuracies" in results["metrics"]
+    change = results["merge_max_logit_change"]
     assert change < 1e-4, "the merged model does not compute what base + adapter computed"
     assert outputs(nb, "image/png"), "no reward curves shown"
     assert any("after: phi-2 + DPO adapter" in html for html in outputs(nb, "text/html"))
 
 
 def test_from_scratch_notebook_runs_in_smoke_mode(tmp_path):
-    nb = execute(read("dpo_from_scratch"), tmp_path)
-    text = "".join(outputs(nb, "text"))
-    assert "same tokens: True" in text
-    gap = float(re.search(r"largest difference in loss or rewards over the run: (\S+)", text).group(1))
-    assert gap < 1e-4
+    nb, results = run_notebook("dpo_from_scratch", tmp_path)
+    assert results["same_tokens"] is True
+    assert results["max_gap"] < 1e-4  # largest difference in loss or rewards over the run
     assert outputs(nb, "image/png"), "no implicit-reward plot shown"
 
 
 def test_your_dataset_notebook_runs_in_smoke_mode(tmp_path):
-    nb = execute(read("dpo_your_dataset"), tmp_path)
-    text = "".join(outputs(nb, "text"))
+    nb, results = run_notebook("dpo_your_dataset", tmp_path)
     # the doctor detected the `question` column, dropped each kind of bad row it was given (rows
     # 21-23 of the file), and named the file, row and field of the schema error
-    assert "prompt=question" in text
-    assert re.search(r"rows in\s+23\b", text)
-    assert re.search(r"empty chosen or rejected: row 21\b", text)
-    assert re.search(r"chosen identical to rejected: row 22\b", text)
-    assert "duplicate of an earlier row: row" in text
-    assert "outputs/broken.jsonl, row 2, field 'chosen'" in text
+    assert "prompt=question" in results["layout"]
+    assert results["rows_in"] == 23
+    drops = results["drops"]
+    assert drops["empty chosen or rejected"] == [21]
+    assert drops["chosen identical to rejected"] == [22]
+    assert drops["duplicate of an earlier row"]
+    assert "outputs/broken.jsonl, row 2, field 'chosen'" in results["schema_error"]
     out = tmp_path / "outputs" / "dpo_your_dataset"
     for artifact in ("adapter_model.safetensors", "final_metrics.json", "training_curves.png", "data_lengths.png"):
         assert (out / artifact).is_file(), artifact
