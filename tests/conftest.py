@@ -47,3 +47,15 @@ def truthy_file(tmp_path_factory) -> Path:
     from dpo.tiny import truthy_like_rows, write_jsonl
 
     return write_jsonl(truthy_like_rows(48, seed=0), tmp_path_factory.mktemp("data") / "truthy.jsonl")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a test module's tiny models on one intra-op thread. On a small shared CPU, two OpenMP
+    threads that wait on each other make every op of these tiny models 10-50x slower; the
+    comparisons run TRL and our code under the same setting, so results do not depend on it.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`; the setting is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

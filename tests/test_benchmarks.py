@@ -32,6 +32,7 @@ def table_rows(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("|---")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench_demo.py", "frontier_sentiment.py"])
 def test_help_exits_0(script):
     proc = subprocess.run(
@@ -105,6 +106,7 @@ def _numbers(row: str) -> list[str]:
     return re.findall(r"[+-]?\d+(?:\.\d+)?", row)
 
 
+@pytest.mark.slow
 def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
     frontier = load_benchmark("frontier_sentiment")
     out = tmp_path / "new" / "folder"

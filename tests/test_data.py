@@ -1,13 +1,23 @@
 """dpo/data.py, dpo/pairs.py, dpo/formats.py: every supported layout, written in its dataset's
 exact shape, converts to the expected prompt / chosen / rejected; every schema error names the file, the row and the field.
 
-The row builders here are also used by test_doctor.py and test_recipe_generic.py.
+The rows are built in each dataset's shape by tests/helpers.py.
 """
 
 import json
 
 import pytest
 from datasets import Dataset
+from helpers import (
+    SYSTEM,
+    assistant,
+    h4_ultrafeedback_rows,
+    hh_rows,
+    orca_rows,
+    qa,
+    trl_ultrafeedback_rows,
+    user,
+)
 
 from dpo.data import load_preference_data
 from dpo.errors import UserError
@@ -15,79 +25,6 @@ from dpo.formats import PLAIN_CHAT_TEMPLATE, _render_plain, ensure_chat_template
 from dpo.model import load_tokenizer
 from dpo.pairs import DIVERGE, NO_SHARED_PROMPT, Columns, to_pairs
 from dpo.tiny import truthy_like_rows, write_jsonl
-
-SYSTEM = "You are a helpful assistant."
-QA = [  # (question, good answer, bad answer); row i uses QA[i % len(QA)] and numbers the question
-    ("How do I boil an egg?", "Simmer it for nine minutes, then cool it in cold water.", "Microwave it whole."),
-    ("Is the Moon made of cheese?", "No, it is rock: mostly silicate minerals.", "Yes, a kind of cheddar."),
-    ("What is 7 times 8?", "7 times 8 is 56.", "It is 54."),
-]
-
-
-def _qa(i):
-    question, good, bad = QA[i % len(QA)]
-    return f"{question} (#{i})", good, bad
-
-
-def user(text):
-    return {"content": text, "role": "user"}  # the hub stores content before role
-
-
-def assistant(text):
-    return {"content": text, "role": "assistant"}
-
-
-def h4_ultrafeedback_rows(n):
-    """HuggingFaceH4/ultrafeedback_binarized: prompt text, full conversations, messages = chosen, ids, scores."""
-    rows = []
-    for i in range(n):
-        q, good, bad = _qa(i)
-        chosen, rejected = [user(q), assistant(good)], [user(q), assistant(bad)]
-        rows.append(
-            {
-                "prompt": q,
-                "prompt_id": f"{i:064x}",
-                "chosen": chosen,
-                "rejected": rejected,
-                "messages": chosen,
-                "score_chosen": 8.0,
-                "score_rejected": 4.5,
-            }
-        )
-    return rows
-
-
-def trl_ultrafeedback_rows(n):
-    """trl-lib/ultrafeedback_binarized: chosen / rejected message lists only; every third row multi-turn."""
-    rows = []
-    for i in range(n):
-        q, good, bad = _qa(i)
-        history = [user("Hello."), assistant("Hi! What can I do for you?")] if i % 3 == 2 else []
-        rows.append({"chosen": [*history, user(q), assistant(good)], "rejected": [*history, user(q), assistant(bad)]})
-    return rows
-
-
-def hh_rows(n):
-    """Anthropic/hh-rlhf: whole transcripts; every other row has an earlier exchange (multi-turn)."""
-    rows = []
-    for i in range(n):
-        q, good, bad = _qa(i)
-        history = "\n\nHuman: Hi there.\n\nAssistant: Hello, how can I help?" if i % 2 else ""
-        rows.append(
-            {
-                "chosen": f"{history}\n\nHuman: {q}\n\nAssistant: {good}",
-                "rejected": f"{history}\n\nHuman: {q}\n\nAssistant: {bad}",
-            }
-        )
-    return rows
-
-
-def orca_rows(n):
-    """Intel/orca_dpo_pairs: system, question, chosen, rejected (system often empty)."""
-    return [
-        {"system": SYSTEM if i % 2 else "", "question": q, "chosen": good, "rejected": bad}
-        for i, (q, good, bad) in ((i, _qa(i)) for i in range(n))
-    ]
 
 
 @pytest.fixture
@@ -187,7 +124,7 @@ def test_explicit_prompt_messages_or_text_with_answer_only_lists():
 
 def test_hh_transcripts_text_and_chat_multi_turn(tokenizer):
     rows = hh_rows(2)
-    q, good, bad = _qa(1)
+    q, good, bad = qa(1)
     text, layout = to_pairs(Dataset.from_list(rows), "hh.jsonl", prompt_format="text")
     assert layout.kind == "hh"
     assert (
@@ -250,8 +187,8 @@ def test_the_tokenizers_own_chat_template_is_used(tokenizer):
     assert ensure_chat_template(tokenizer) is False
     pairs, _ = to_pairs(Dataset.from_list(h4_ultrafeedback_rows(1)), "uf")
     prompt, prompt_chosen, _ = render(pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"], tokenizer)
-    assert prompt == f"<|im_start|>user\n{_qa(0)[0]}<|im_end|>\n<|im_start|>assistant\n"
-    assert prompt_chosen == prompt + f"{_qa(0)[1]}<|im_end|>\n"
+    assert prompt == f"<|im_start|>user\n{qa(0)[0]}<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt_chosen == prompt + f"{qa(0)[1]}<|im_end|>\n"
 
 
 def test_plain_template_in_python_matches_the_jinja_one(tokenizer):

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset
-from helpers import ROOT
-from test_data import h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
+from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
 
 from dpo.compat import DPOTrainer
 from dpo.data import load_preference_data
@@ -244,6 +243,7 @@ def test_cli_fail_on_degenerate_exits_2(tmp_path, capsys):
     assert info.value.code == 2 and "1 chosen identical to rejected" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_schema_error_exits_2_with_one_clean_line(tmp_path):
     data = tmp_path / "broken.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + '\n{"prompt": "q", "chosen": \n')

@@ -14,14 +14,15 @@ import copy
 
 import pytest
 import torch
-from _trl_batches import (
+from helpers import (
     make_trainer,
-    one_torch_thread,  # noqa: F401  (autouse: one intra-op thread)
     preference_dataset,
     tiny_policy_and_reference,
 )
 
 from dpo.loop import collate, dpo_batch_loss, forward_logps, make_reference, train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
 STEPS = 20
 ATOL = 1e-4  # per-step loss and metrics
@@ -71,6 +72,7 @@ def assert_same_run(trl_logs, ours):
     assert ours[-1]["rewards/margins"] > 0.1
 
 
+@pytest.mark.slow
 def test_full_finetuning_matches_trl():
     """No adapter: the reference is a frozen copy of the initial policy (`make_reference`)."""
     tokenizer, policy, _ = tiny_policy_and_reference()
@@ -79,6 +81,7 @@ def test_full_finetuning_matches_trl():
     assert_same_run(trl_logs, ours)
 
 
+@pytest.mark.slow
 def test_lora_matches_trl():
     """LoRA: the reference is the same PeftModel with its adapters disabled. TRL, given a PeftModel
     that already has an adapter, uses a frozen copy of it; LoRA's B = 0 at init makes both the base."""

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _trl_batches import (
+from helpers import (
     last_metrics,
     make_trainer,
-    one_torch_thread,  # noqa: F401  (autouse: one intra-op thread)
     preference_dataset,
     tiny_policy_and_reference,
 )
 
 from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, reward_metrics, sequence_logps, sft_nll, wpo_weights
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
 RTOL = 1e-5  # loss, logged metrics and gradient tensors (relative, in norm)
 

@@ -209,6 +209,7 @@ def test_readme_has_a_colab_badge_and_a_line_per_notebook():
 # ── running them ─────────────────────────────────────────────────────────────────────────────
 
 
+@pytest.mark.slow
 def test_kernel_is_this_interpreter_with_this_checkout(tmp_path):
     """nbclient's python3 kernel must run in the environment under test (e.g. make test's .venv)."""
     nb = nbformat.v4.new_notebook(
@@ -225,6 +226,7 @@ def test_kernel_is_this_interpreter_with_this_checkout(tmp_path):
     assert smoke == "1"
 
 
+@pytest.mark.slow
 def test_phi2_qlora_notebook_runs_in_smoke_mode(tmp_path):
     nb, results = run_notebook("dpo_phi2_qlora", tmp_path)
     out = tmp_path / "outputs" / "dpo_phi2_qlora"
@@ -238,6 +240,7 @@ def test_phi2_qlora_notebook_runs_in_smoke_mode(tmp_path):
     assert any("after: phi-2 + DPO adapter" in html for html in outputs(nb, "text/html"))
 
 
+@pytest.mark.slow
 def test_from_scratch_notebook_runs_in_smoke_mode(tmp_path):
     nb, results = run_notebook("dpo_from_scratch", tmp_path)
     assert results["same_tokens"] is True
@@ -245,6 +248,7 @@ def test_from_scratch_notebook_runs_in_smoke_mode(tmp_path):
     assert outputs(nb, "image/png"), "no implicit-reward plot shown"
 
 
+@pytest.mark.slow
 def test_your_dataset_notebook_runs_in_smoke_mode(tmp_path):
     nb, results = run_notebook("dpo_your_dataset", tmp_path)
     # the doctor detected the `question` column, dropped each kind of bad row it was given (rows

@@ -5,8 +5,7 @@ recipes/dpo_hh_rlhf.yaml, the README's worked second recipe, on HH rows."""
 import json
 
 import pytest
-from helpers import ROOT, load_recipe
-from test_data import h4_ultrafeedback_rows, hh_rows
+from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, load_recipe
 
 from dpo.formats import PLAIN_CHAT_TEMPLATE
 from dpo.tiny import write_jsonl
@@ -33,6 +32,7 @@ def recipe():
     return load_recipe("dpo_any")
 
 
+@pytest.mark.slow
 def test_generic_recipe_trains_on_ultrafeedback_rows_doctor_first(recipe, tiny_model_dir, tmp_path, capsys):
     import bitsandbytes as bnb
 
@@ -80,6 +80,7 @@ def test_generic_recipe_trains_on_ultrafeedback_rows_doctor_first(recipe, tiny_m
     assert AutoTokenizer.from_pretrained(out).chat_template == PLAIN_CHAT_TEMPLATE
 
 
+@pytest.mark.slow
 def test_hh_rlhf_recipe_yaml_trains_on_hh_rows(recipe, tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(hh_rows(12), tmp_path / "hh.jsonl")
     out = tmp_path / "hh_out"

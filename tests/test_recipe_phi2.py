@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallba
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps
 from dpo.kernels import use_portable_4bit_kernels
 
+pytestmark = pytest.mark.slow  # every test here trains the recipe or starts a Python subprocess
+
 RUN_FLAGS = [
     "--max_steps",
     "4",

@@ -158,18 +158,21 @@ def short_run(tmp_path_factory):
     return out, metrics
 
 
+@pytest.mark.slow
 def test_dpo_raises_the_true_reward(short_run):
     _, m = short_run
     assert m["policy_reward"] - m["reference_reward"] > MARGIN, m
     assert m["heldout_reward_accuracy"] > 0.5  # the implicit reward ranks unseen pairs better than chance
 
 
+@pytest.mark.slow
 def test_kl_is_positive_and_finite(short_run):
     _, m = short_run
     assert math.isfinite(m["kl"]) and m["kl"] > 0
     assert m["kl"] > 2 * m["kl_stderr"]  # positive beyond Monte-Carlo noise
 
 
+@pytest.mark.slow
 def test_report_is_written(short_run):
     out, m = short_run
     saved = json.loads((out / "metrics.json").read_text())
@@ -190,6 +193,7 @@ def test_report_is_written(short_run):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_demo_summary_prints_before_and_after(short_run):
 
     _, m = short_run
