@@ -52,12 +52,10 @@ F_DIVERGENCE_LOSS_TYPES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair"
 LABEL_SMOOTHING_LOSS_TYPES = {"cdpo", "robust", "exo_pair", "aot", "aot_unpaired"}  # the rest ignore it
 LENGTH_LOSS_TYPES = {"ipo", "sigmoid_norm"}  # divide each sequence's score by its completion length
 SORTING_LOSS_TYPES = {"aot", "aot_unpaired"}  # sort the batch, so loss i no longer belongs to pair i
-DEFAULT_F_ALPHA = 0.5
-DEFAULT_DISCOPOP_TAU = 0.05
+DEFAULT_F_ALPHA, DEFAULT_DISCOPOP_TAU = 0.5, 0.05  # TRL's defaults for f_alpha_divergence_coef, discopop_tau
 
 
-# ----------------------------------------------------------------------------------------------
-# log pi(y|x): from logits to per-sequence log-probabilities
+# ── log pi(y|x): from logits to per-sequence log-probabilities ──────────────────────────────────
 
 
 class SequenceLogps(NamedTuple):
@@ -140,8 +138,7 @@ def sft_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
     return -token_logps[mask.bool()].mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# The loss
+# ── the loss ─────────────────────────────────────────────────────────────────────────────────────
 
 
 def f_divergence_scores(
