@@ -139,7 +139,7 @@ def examine(
     fail: bool = False,
     progress: bool | None = None,
 ) -> DoctorReport:
-    """Check every row of `pairs` (from dpo.data.to_pairs); return the report with the kept pairs.
+    """Check every row of `pairs` (from dpo.pairs.to_pairs); return the report with the kept pairs.
 
     Drops, by the first reason that applies: the conversion's problem (no shared prompt, replies
     that differ before the last turn), empty chosen or rejected, chosen identical to rejected,
@@ -152,7 +152,7 @@ def examine(
     chat = is_chat(pairs)
     if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "chat-format pairs need a tokenizer with a chat template; call dpo.data.ensure_chat_template first"
+            "chat-format pairs need a tokenizer with a chat template; call dpo.formats.ensure_chat_template first"
         )
     rows_in = len(pairs)
     columns = pairs[:]  # every column as Python lists: one pass over the Arrow table

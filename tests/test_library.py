@@ -1,6 +1,7 @@
 """Properties of the dpo/ library as a whole."""
 
 import ast
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -71,3 +72,11 @@ def test_the_library_never_loads_files_from_recipes():
             if isinstance(node, ast.Attribute) and node.attr in ("spec_from_file_location", "run_path"):
                 offenders.append(f"{path.name}:{node.lineno}: loads a script file")
     assert offenders == []
+
+
+def test_readme_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :].split("```")[1]
+    listed = set(re.findall(r"\b(\w+\.py)\b", layout))
+    modules = {p.name for p in (ROOT / "dpo").glob("*.py")} - {"__init__.py"}
+    assert modules - listed == set(), "add them to README's layout section"
