@@ -59,6 +59,8 @@ if "google.colab" in sys.modules:  # on Colab only; elsewhere use the repo's env
         "bitsandbytes==0.50.2",
         "accelerate==1.15.0",
         "matplotlib==3.11.2",
+        "gguf==0.19.0",
+        "zstandard==0.25.0",
     ]
     if not os.path.isdir("dpo-recipes"):
         subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "dpo-recipes"], check=True)

@@ -134,6 +134,7 @@ def run_phi2(model_dir, data, out):
     ]
 
 
+@pytest.mark.slow
 def test_recipe_on_a_simulated_avx512bf16_cpu_matches_any_cpu(tiny_model_dir, truthy_file, tmp_path, monkeypatch):
     """Same seeded run, 4-bit layers built as on an AVX512-BF16 CPU and as on any other:
     it trains through the evaluations, and every logged number is identical."""

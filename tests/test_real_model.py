@@ -10,6 +10,7 @@ from dpo.errors import UserError
 from dpo.models import MARKER, MODELS, gguf_path, materialize, sha256_of
 
 
+@pytest.mark.slow
 def test_the_model_folder_is_a_normal_safetensors_chat_model(smollm2_dir):
     names = {p.name for p in smollm2_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", MARKER} <= names
@@ -20,6 +21,7 @@ def test_the_model_folder_is_a_normal_safetensors_chat_model(smollm2_dir):
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_it_answers_the_capital_of_france_greedily(smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
@@ -32,6 +34,7 @@ def test_it_answers_the_capital_of_france_greedily(smollm2_dir):
     assert answer.strip() == "The capital of France is Paris."
 
 
+@pytest.mark.slow
 def test_a_second_materialize_is_instant_and_the_file_is_the_published_one(smollm2_dir, monkeypatch):
     spec = MODELS["smollm2-135m-instruct"]
     assert sha256_of(gguf_path("smollm2-135m-instruct")) == spec.sha256
