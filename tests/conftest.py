@@ -54,3 +54,18 @@ def truthy_file(tmp_path_factory) -> Path:
 
 
 from dpo.config import load_recipe, load_script  # noqa: E402,F401  (tests import them from here)
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Fail the test if any model weights load: for checks that must run before that."""
+    import transformers
+
+    import dpo.training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the error was reported")
+
+    monkeypatch.setattr(dpo.training, "DPOTrainer", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(refuse))
