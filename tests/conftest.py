@@ -1,6 +1,7 @@
 """Shared fixtures: everything offline, on CPU, built locally (no downloads)."""
 
 import os
+import re
 
 # Set before transformers/datasets are imported anywhere: no network, no telemetry.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +55,12 @@ def truthy_file(tmp_path_factory) -> Path:
 
 
 from dpo.config import load_recipe, load_script  # noqa: E402,F401  (tests import them from here)
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of stderr a user reads, without progress bars ("Generating train split: ... examples/s]")."""
+    parts = re.split(r"[\r\n]", stderr)
+    return [p for p in parts if p.strip() and not re.search(r"(examples|it)/s\]$", p.strip())]
 
 
 @pytest.fixture
