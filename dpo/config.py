@@ -60,14 +60,22 @@ def _accepted(action) -> str:
     return kind + (" (one or more)" if action.nargs in ("+", "*") else "")
 
 
-def _parse_error(parser, message: str, argv: list[str], config_path: Path):
+def one_line_parse_errors(parser, argv: list[str], config_path: Path | None = None):
+    """Make `parser` (argparse, TrlParser) report a bad flag as one UserError line instead of its usage
+    and message; `config_path`: the YAML its defaults came from, if any. Returns the parser."""
+    parser.error = lambda message: _parse_error(parser, message, argv, config_path)
+    return parser
+
+
+def _parse_error(parser, message: str, argv: list[str], config_path: Path | None):
     """argparse's error (usage + message, exit 2) as one UserError line naming the flag, what it accepts,
     and where the bad value came from."""
     flags = re.match(r"argument ([^:]+): (.*)", message)
     if not flags:
         if message.startswith("the following arguments are required: "):
             missing = message.split(": ", 1)[1]
-            raise UserError(f"missing setting(s) {missing}: set them in {config_path} or on the command line")
+            where = f"in {config_path} or " if config_path else ""
+            raise UserError(f"missing setting(s) {missing}: set them {where}on the command line")
         raise UserError(f"command line: {message}")
     names, reason = flags.group(1).split("/"), flags.group(2)
     action = parser._option_string_actions.get(names[0])
@@ -76,7 +84,7 @@ def _parse_error(parser, message: str, argv: list[str], config_path: Path):
     after = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in names]
     if reason == "expected one argument" and after and after[0].startswith("-"):
         reason += f" (a negative number goes after '=': {names[0]}={after[0]})"
-    where = "on the command line" if given else f"in {config_path}"
+    where = "on the command line" if given or config_path is None else f"in {config_path}"
     accepted = f"; accepted: {_accepted(action)}" if action is not None and "expected one of" not in reason else ""
     raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
 
@@ -102,8 +110,7 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     except yaml.YAMLError as err:
         raise UserError(f"{config_path} is not valid YAML: {err}") from None
 
-    parser = TrlParser(dataclass_types)
-    parser.error = lambda message: _parse_error(parser, message, argv, config_path)
+    parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     precision = detect_precision()
     parser.set_defaults_with_config(**precision.as_defaults())
     try:

@@ -63,6 +63,19 @@ def message_lines(stderr: str) -> list[str]:
     return [p for p in parts if p.strip() and not re.search(r"(examples|it)/s\]$", p.strip())]
 
 
+def one_line_error(main, argv, capsys) -> str:
+    """Run an entry point's main(argv) (a recipe, dpo.doctor); assert exit status 2 and exactly one
+    `error:` line on stderr (no usage, no traceback); return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = message_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "usage:" not in err and "Traceback" not in err
+    return lines[0]
+
+
 @pytest.fixture
 def no_weights_load(monkeypatch):
     """Fail the test if any model weights load: for checks that must run before that."""

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import ROOT, load_recipe, message_lines
+from conftest import ROOT, load_recipe, message_lines, one_line_error
 
 from dpo.errors import UserError
 
@@ -27,18 +27,6 @@ def local(tiny_model_dir, truthy_file, tmp_path):
         "--output_dir",
         str(tmp_path / "out"),
     ]
-
-
-def one_line_error(recipe, argv, capsys) -> str:
-    """Run the recipe; assert exit 2 and exactly one `error:` line on stderr (no usage, no traceback)."""
-    with pytest.raises(SystemExit) as exit_info:
-        recipe.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    lines = message_lines(err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "usage:" not in err and "Traceback" not in err
-    return lines[0]
 
 
 # ── settings that reverse or zero the preference, or that TRL/PEFT would ignore or crash on ──────
@@ -72,12 +60,12 @@ BAD_SETTINGS = {
 @pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
 def test_bad_setting_is_refused_before_weights_load(case, recipe, local, capsys, no_weights_load):
     flags, expected = BAD_SETTINGS[case]
-    line = one_line_error(recipe, [*local, *flags], capsys)
+    line = one_line_error(recipe.main, [*local, *flags], capsys)
     assert expected in line, line
 
 
 def test_every_problem_is_named_at_once(recipe, local, capsys, no_weights_load):
-    line = one_line_error(recipe, [*local, "--beta", "0", "--lora_r", "0", "--max_steps", "0"], capsys)
+    line = one_line_error(recipe.main, [*local, "--beta", "0", "--lora_r", "0", "--max_steps", "0"], capsys)
     assert "beta" in line and "lora_r" in line and "max_steps" in line
 
 
@@ -142,14 +130,14 @@ def test_every_shipped_yaml_passes_the_checks(name, config):
     ids=["not_a_number", "invalid_choice", "bad_boolean", "float_for_int", "missing_value", "negative_number"],
 )
 def test_parse_error_is_one_line_naming_flag_and_accepted_values(flags, expected, recipe, local, capsys):
-    line = one_line_error(recipe, [*local, *flags], capsys)
+    line = one_line_error(recipe.main, [*local, *flags], capsys)
     assert all(e in line for e in expected), line
 
 
 def test_parse_error_in_yaml_names_the_yaml(recipe, local, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text((ROOT / "recipes" / "dpo_phi2.yaml").read_text().replace("beta: 0.1", "beta: high"))
-    line = one_line_error(recipe, ["--config", str(config), *local], capsys)
+    line = one_line_error(recipe.main, ["--config", str(config), *local], capsys)
     assert f"--beta (in {config})" in line and "'high'" in line, line
 
 
@@ -173,7 +161,7 @@ def test_token_anywhere_in_the_config_is_refused_and_never_written(
     config = tmp_path / "with_token.yaml"
     settings = yaml.safe_load((ROOT / "recipes" / "dpo_phi2.yaml").read_text())
     config.write_text(yaml.safe_dump({**settings, **extra}))
-    line = one_line_error(recipe, ["--config", str(config), *local], capsys)
+    line = one_line_error(recipe.main, ["--config", str(config), *local], capsys)
     assert where in line and "HF_TOKEN" in line, line
     assert FAKE_TOKEN not in line and "not-even-hf-shaped" not in line
     assert not (tmp_path / "out").exists()  # no resolved_config.yaml, no training_args.bin
@@ -196,21 +184,21 @@ def test_output_dir_that_is_a_file(recipe, tiny_model_dir, truthy_file, tmp_path
     a_file = tmp_path / "results.txt"
     a_file.write_text("not a folder")
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file)]
-    line = one_line_error(recipe, [*argv, "--output_dir", str(a_file)], capsys)
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(a_file)], capsys)
     assert f"output_dir {a_file} is a file" in line
-    line = one_line_error(recipe, [*argv, "--output_dir", str(a_file / "run1")], capsys)
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(a_file / "run1")], capsys)
     assert f"{a_file} is a file" in line
 
 
 def test_output_dir_not_writable(recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load):
     """/proc takes no new folders, even for root; a read-only folder is checked when not root."""
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file)]
-    line = one_line_error(recipe, [*argv, "--output_dir", "/proc/dpo-out"], capsys)
+    line = one_line_error(recipe.main, [*argv, "--output_dir", "/proc/dpo-out"], capsys)
     assert "output_dir /proc/dpo-out is not writable" in line
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        line = one_line_error(recipe, [*argv, "--output_dir", str(locked / "run")], capsys)
+        line = one_line_error(recipe.main, [*argv, "--output_dir", str(locked / "run")], capsys)
         assert "is not writable" in line
     ok = tmp_path / "new" / "run"
     from dpo.validate import check_output_dir
@@ -228,7 +216,7 @@ def test_model_with_only_pickled_weights(recipe, tiny_model_dir, truthy_file, tm
     (pickled / "model.safetensors").unlink()
     (pickled / "pytorch_model.bin").write_bytes(b"a pickle would be here")
     argv = ["--model_name_or_path", str(pickled), "--dataset_name", str(truthy_file)]
-    line = one_line_error(recipe, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
     assert "pytorch_model.bin" in line and "safetensors are required" in line
     assert "save_pretrained" in line and "use_safetensors=False" in line  # how to convert
 
@@ -238,7 +226,7 @@ def test_model_folder_without_weights(recipe, tiny_model_dir, truthy_file, tmp_p
     shutil.copytree(tiny_model_dir, empty)
     (empty / "model.safetensors").unlink()
     argv = ["--model_name_or_path", str(empty), "--dataset_name", str(truthy_file)]
-    line = one_line_error(recipe, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
     assert "has no weights" in line
 
 
@@ -262,5 +250,5 @@ def test_command_line_prints_one_line_and_exits_2(script, flags, expected, tiny_
 
 
 def test_test_size_that_cannot_split(recipe, local, capsys, no_weights_load):
-    line = one_line_error(recipe, [*local, "--test_size", "1.5"], capsys)
+    line = one_line_error(recipe.main, [*local, "--test_size", "1.5"], capsys)
     assert "test_size 1.5" in line and "48 rows" in line, line
