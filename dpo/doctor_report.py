@@ -83,7 +83,7 @@ class DoctorReport:
                 )
             if self.unit != "tokens":
                 lines.append(
-                    "  (no tokenizer: lengths in characters; pass --model to count tokens and check max_length)"
+                    "  (no tokenizer: lengths in characters; pass --model_name_or_path to count tokens and check max_length)"
                 )
             elif self.max_length is None:
                 lines.append("  max_length: none, nothing is truncated")

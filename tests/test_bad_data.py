@@ -4,6 +4,7 @@ Each goes through the real entry points (`python -m dpo.doctor`, the recipes) an
 `error:` line naming the file, its own row and, for bytes, the offset, or drops and counts the row.
 docs/reliability.md lists these cases."""
 
+import gzip
 import json
 
 import pytest
@@ -27,11 +28,11 @@ def doctor_error(argv, capsys) -> str:
 # ── bytes that are not UTF-8 ───────────────────────────────────────────────────────────────────
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "csv", "json"])
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "json", "jsonl.gz"])
 def test_non_utf8_bytes_name_file_row_and_byte_offset(suffix, tmp_path, capsys):
     good = json.dumps(ROW).encode()
     latin1 = json.dumps({**ROW, "prompt": "PLACEHOLDER"}).encode().replace(b"PLACEHOLDER", b"caf\xe9 au lait?")
-    if suffix == "jsonl":  # a blank line: row 2 is on line 3
+    if suffix.startswith("jsonl"):  # a blank line: row 2 is on line 3
         content = good + b"\n\n" + latin1 + b"\n"
         expected = "row 2 (line 3)"
     elif suffix == "csv":
@@ -41,8 +42,8 @@ def test_non_utf8_bytes_name_file_row_and_byte_offset(suffix, tmp_path, capsys):
         content = b"[" + good + b",\n" + latin1 + b"]\n"
         expected = "line 2"
     path = tmp_path / f"latin1.{suffix}"
-    path.write_bytes(content)
-    offset = content.index(b"\xe9")
+    path.write_bytes(gzip.compress(content) if suffix.endswith(".gz") else content)
+    offset = content.index(b"\xe9")  # in the uncompressed bytes, as the message says
     line = doctor_error([path], capsys)
     assert str(path) in line and expected in line and f"byte offset {offset}" in line, line
     assert "0xe9" in line and "UTF-8" in line
