@@ -150,8 +150,9 @@ def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
         where = f"row {line - 1} (line {line})"
     else:
         where = f"line {line}"
+    uncompressed = " (uncompressed)" if compression else ""
     raise UserError(
-        f"{name}, {where}, byte offset {offset}{' (uncompressed)' if compression else ''}: not UTF-8 (byte 0x{byte:02x}); "
+        f"{name}, {where}, byte offset {offset}{uncompressed}: not UTF-8 (byte 0x{byte:02x}); "
         f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 in{suffix} > out{suffix}"
     )
 
@@ -194,8 +195,9 @@ def load_preference_data(
     Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv, and the text
     formats compressed as .gz or .zst (Anthropic HH-RLHF ships .jsonl.gz); a file is one
     split, "train". A folder is read with `load_from_disk` when it was written by `save_to_disk`,
-    else as a folder of data files, split by file name as the datasets library does (train*, test*, ...),
-    one file at a time, so that an error names the file and its own row. `missing_ok`: None instead of an error when there is no such split.
+    else as a folder of data files, split by file name as the datasets library does (train*, test*,
+    ...), one file at a time, so that an error names the file and its own row. `missing_ok`: None
+    instead of an error when there is no such split.
     """
     if _looks_local(name):
         path = Path(name).expanduser()
