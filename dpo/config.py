@@ -20,6 +20,7 @@ from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
 from dpo.log import log
+from dpo.validate import check_no_secrets, check_output_dir, check_settings
 
 
 def _unknown_key_message(keys: list[str], source: str) -> str:
@@ -29,6 +30,45 @@ def _unknown_key_message(keys: list[str], source: str) -> str:
             lines.append(f"  {key}: removed from TRL; {REMOVED_OPTIONS[key]}")
     lines.append("  valid keys are the fields of the recipe's dataclasses; see `--help`")
     return "\n".join(lines)
+
+
+def _accepted(action) -> str:
+    """What a flag takes, in words: its choices, or its type."""
+    if action.choices:
+        return "one of " + ", ".join(map(str, action.choices))
+    if action.nargs == "?" and action.const is True:  # booleans: --flag, --flag true/false
+        return "true or false"
+    kind = {int: "a whole number", float: "a number", str: "a value"}.get(action.type, "a value")
+    return kind + (" (one or more)" if action.nargs in ("+", "*") else "")
+
+
+def one_line_parse_errors(parser, argv: list[str], config_path: Path | None = None):
+    """Make `parser` (argparse, TrlParser) report a bad flag as one UserError line instead of its usage
+    and message; `config_path`: the YAML its defaults came from, if any. Returns the parser."""
+    parser.error = lambda message: _parse_error(parser, message, argv, config_path)
+    return parser
+
+
+def _parse_error(parser, message: str, argv: list[str], config_path: Path | None):
+    """argparse's error (usage + message, exit 2) as one UserError line naming the flag, what it accepts,
+    and where the bad value came from."""
+    flags = re.match(r"argument ([^:]+): (.*)", message)
+    if not flags:
+        if message.startswith("the following arguments are required: "):
+            missing = message.split(": ", 1)[1]
+            where = f"in {config_path} or " if config_path else ""
+            raise UserError(f"missing setting(s) {missing}: set them {where}on the command line")
+        raise UserError(f"command line: {message}")
+    names, reason = flags.group(1).split("/"), flags.group(2)
+    action = parser._option_string_actions.get(names[0])
+    reason = re.sub(r" \(choose from .*\)$", "", reason)  # the choices are listed below, once
+    given = any(arg.split("=", 1)[0] in names for arg in argv)
+    after = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in names]
+    if reason == "expected one argument" and after and after[0].startswith("-"):
+        reason += f" (a negative number goes after '=': {names[0]}={after[0]})"
+    where = "on the command line" if given or config_path is None else f"in {config_path}"
+    accepted = f"; accepted: {_accepted(action)}" if action is not None and "expected one of" not in reason else ""
+    raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
 
 
 def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[str] | None = None):
@@ -43,7 +83,7 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
         argv = ["--config", str(default_config), *argv]
     at = argv.index("--config")
     if at + 1 >= len(argv) or argv[at + 1].startswith("--"):
-        raise UserError("--config needs a YAML file: --config recipes/dpo_phi2.yaml")
+        raise UserError(f"--config needs a YAML file: --config {Path(default_config).name}")
     config_path = Path(argv[at + 1])
     if not config_path.is_file():
         raise UserError(f"config file not found: {config_path}")
@@ -52,7 +92,7 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     except yaml.YAMLError as err:
         raise UserError(f"{config_path} is not valid YAML: {err}") from None
 
-    parser = TrlParser(dataclass_types)
+    parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     precision = detect_precision()
     parser.set_defaults_with_config(**precision.as_defaults())
     try:
@@ -73,26 +113,20 @@ def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list
     """The args phase of a recipe: (script_args, training_args, model_args), checked and logged.
 
     Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
-    the config; resolves `--resume_from_checkpoint last` to a folder; logs the precision.
+    the config, settings that would reverse or zero the preference, and an unwritable output_dir
+    (dpo/validate.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     """
     script_args, training_args, model_args, precision = parse_recipe_args(
         (script_arguments_class, DPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
     )
-    check_no_token_in_config(training_args)
+    check_no_secrets(script_args, training_args, model_args)
+    check_settings(training_args, model_args)
+    check_output_dir(training_args.output_dir)
     training_args.resume_from_checkpoint = resolve_resume(
         training_args.resume_from_checkpoint, training_args.output_dir
     )
     log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
     return script_args, training_args, model_args
-
-
-def check_no_token_in_config(training_args) -> None:
-    """Tokens belong in the HF_TOKEN environment variable, never in YAML, flags or checkpoints."""
-    if getattr(training_args, "hub_token", None):
-        raise UserError(
-            "hub_token was given in the config or on the command line; it would be saved in every "
-            "checkpoint's training_args.bin. Remove it and `export HF_TOKEN=...` instead."
-        )
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
@@ -109,7 +143,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-SECRET_KEYS = ("hub_token",)  # never written, even if set (check_no_token_in_config refuses it anyway)
+SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.validate.check_no_secrets refuses it anyway)
 HARDWARE_KEYS = ("bf16", "fp16", "use_cpu", "dtype")  # picked by dpo/hardware.py for the machine that ran
 
 

@@ -119,6 +119,44 @@ def _blank(path: Path) -> bool:
     return True
 
 
+def _check_utf8(name: str, path: Path) -> None:
+    """UserError naming the row, line and byte offset of the first byte that is not UTF-8 (pyarrow reads
+    such a .jsonl without complaint and fails later, in the middle of a row)."""
+    offset, line, carry = 0, 1, b""  # bytes and newlines before `carry + chunk`
+    with _open_data_file(path) as f:
+        while chunk := f.read(1 << 20):
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as err:
+                if err.reason == "unexpected end of data" and len(data) - err.start < 4:  # cut at the chunk's end
+                    carry, data = data[err.start :], data[: err.start]
+                else:
+                    line += data.count(b"\n", 0, err.start)
+                    _not_utf8(name, path, offset + err.start, line, data[err.start])
+            offset, line = offset + len(data), line + data.count(b"\n")
+    if carry:  # the file ends inside a character
+        _not_utf8(name, path, offset, line, carry[0])
+
+
+def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
+    suffix, compression = _data_suffix(path)
+    if suffix == ".jsonl":  # row = non-blank lines up to this one
+        with _open_data_file(path) as f:
+            row = sum(1 for _, text in zip(range(line), f) if text.strip())
+        where = f"row {row}" + (f" (line {line})" if row != line else "")
+    elif suffix == ".csv":  # the header is line 1 (a cell spanning lines shifts this)
+        where = f"row {line - 1} (line {line})"
+    else:
+        where = f"line {line}"
+    uncompressed = " (uncompressed)" if compression else ""
+    raise UserError(
+        f"{name}, {where}, byte offset {offset}{uncompressed}: not UTF-8 (byte 0x{byte:02x}); "
+        f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 in{suffix} > out{suffix}"
+    )
+
+
 def _load_file(name: str, path: Path) -> Dataset:
     """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
     suffix, compression = _data_suffix(path)
@@ -129,8 +167,12 @@ def _load_file(name: str, path: Path) -> Dataset:
         )
     if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
         raise UserError(f"{name}: the file is empty")
+    if suffix in (".json", ".jsonl", ".csv"):
+        _check_utf8(name, path)
+    # CSV: only an empty cell is missing; pandas would also read the text None, NA, null, n/a, ... as missing
+    csv_text = {"keep_default_na": False, "na_values": [""]} if suffix == ".csv" else {}
     try:
-        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
     except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
         where = _json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
@@ -153,7 +195,9 @@ def load_preference_data(
     Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv, and the text
     formats compressed as .gz or .zst (Anthropic HH-RLHF ships .jsonl.gz); a file is one
     split, "train". A folder is read with `load_from_disk` when it was written by `save_to_disk`,
-    else as a folder of data files. `missing_ok`: None instead of an error when there is no such split.
+    else as a folder of data files, split by file name as the datasets library does (train*, test*,
+    ...), one file at a time, so that an error names the file and its own row. `missing_ok`: None
+    instead of an error when there is no such split.
     """
     if _looks_local(name):
         path = Path(name).expanduser()
@@ -166,6 +210,8 @@ def load_preference_data(
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             data = load_from_disk(str(path))
             return _pick_split(data, name, split, missing_ok)
+        if config_name is None:
+            return _load_folder(name, path, split, missing_ok)
     try:
         data = load_dataset(str(Path(name).expanduser()) if _looks_local(name) else name, config_name)
     except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, offline mode
@@ -178,6 +224,42 @@ def load_preference_data(
             f"and pass it: --dataset_name data.jsonl",
         ) from None
     return _pick_split(data, name, split, missing_ok)
+
+
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
+
+# A dataset read from a folder of files keeps, per row, its file and its row in that file, so errors
+# can name them (RowLocator). dpo/pairs.py reads only the columns it converts; these never reach TRL.
+FILE_COLUMN, FILE_ROW_COLUMN = "__dpo_file__", "__dpo_file_row__"
+
+
+def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Dataset | None:
+    """Split `split` of a folder of data files: each file loaded and checked alone, then concatenated."""
+    from datasets import concatenate_datasets
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    splits = {str(k): sorted(f for f in v if _data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
+    splits = {k: v for k, v in splits.items() if v}
+    if not splits:
+        raise UserError(f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst)")
+    if split not in splits:
+        if missing_ok:
+            return None
+        raise UserError(f"dataset '{name}' has no split '{split}'; it has {sorted(splits)} (from the file names)")
+    parts = []
+    for file in splits[split]:
+        shown = str(Path(name) / Path(file).relative_to(folder))
+        data = _load_file(shown, Path(file))
+        data = data.add_column(FILE_COLUMN, [shown] * len(data)).add_column(FILE_ROW_COLUMN, range(1, len(data) + 1))
+        if parts and data.features != parts[0].features:
+            first = parts[0][FILE_COLUMN][0]
+            theirs = {k: str(v) for k, v in data.features.items()}
+            ours = {k: str(v) for k, v in parts[0].features.items()}
+            diff = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+            raise UserError(f"{shown}: columns {diff} differ from {first} (missing, or of another type)")
+        parts.append(data)
+    return concatenate_datasets(parts)
 
 
 def _pick_split(data, name: str, split: str, missing_ok: bool = False) -> Dataset | None:
@@ -199,24 +281,31 @@ def _pick_split(data, name: str, split: str, missing_ok: bool = False) -> Datase
 
 
 class RowLocator:
-    """'<source>, row N[ (line L)], field 'f'' for error messages; line numbers only for .jsonl files."""
+    """'<file>, row N[ (line L)], field 'f'' for error messages; line numbers only for .jsonl files.
+    For data read from a folder (`data` has FILE_COLUMN), the file of the row and its row in that file."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, data: Dataset | None = None):
         self.source = source
-        self._lines: list[int] | None = None
+        self._data = data if data is not None and FILE_COLUMN in data.column_names else None
+        self._lines: dict[str, list[int]] = {}
 
-    def _line(self, row: int) -> int | None:
-        path = Path(self.source).expanduser()
+    def _line(self, source: str, row: int) -> int | None:
+        path = Path(source).expanduser()
         if _data_suffix(path)[0] != ".jsonl" or not path.is_file():
             return None
-        if self._lines is None:
+        if source not in self._lines:
             with _open_data_file(path) as f:
-                self._lines = [i for i, line in enumerate(f, start=1) if line.strip()]
-        return self._lines[row - 1] if row <= len(self._lines) else None
+                self._lines[source] = [i for i, line in enumerate(f, start=1) if line.strip()]
+        lines = self._lines[source]
+        return lines[row - 1] if row <= len(lines) else None
 
     def at(self, row: int, field: str | None = None) -> str:
-        line = self._line(row)
-        where = f"{self.source}, row {row}" + (f" (line {line})" if line and line != row else "")
+        source = self.source
+        if self._data is not None:  # row N of the folder is row M of one of its files
+            record = self._data.select_columns([FILE_COLUMN, FILE_ROW_COLUMN])[row - 1]
+            source, row = record[FILE_COLUMN], record[FILE_ROW_COLUMN]
+        line = self._line(source, row)
+        where = f"{source}, row {row}" + (f" (line {line})" if line and line != row else "")
         return where + (f", field '{field}'" if field else "")
 
 
@@ -244,6 +333,13 @@ def messages_field(value, where: str) -> list[dict]:
             or not isinstance(message.get("content"), str)
         ):
             raise UserError(f"{where}, message {i}: expected {{'role': text, 'content': text}}, got {message!r:.80}")
+        if (role := message["role"]) not in ROLES:  # chat templates skip or refuse other roles
+            hint = ""
+            if role.lower() in ROLES:
+                hint = " (roles are lower case)"
+            elif role.lower() in ("human", "gpt", "bot", "model"):
+                hint = " (ShareGPT-style names: map human -> user, gpt/model -> assistant)"
+            raise UserError(f"{where}, message {i}: role '{role}' is not one of {list(ROLES)}{hint}")
         out.append({"role": message["role"], "content": message["content"]})
     return out
 

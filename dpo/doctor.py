@@ -33,6 +33,7 @@ import sys
 from datasets import Dataset
 
 from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
+from dpo.config import one_line_parse_errors
 from dpo.data import load_preference_data
 from dpo.doctor_report import DoctorReport, examine
 from dpo.errors import UserError, exit_on_user_error
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> DoctorReport:
 
     @exit_on_user_error
     def run() -> DoctorReport:
-        args = _parser().parse_args(argv)
+        given = list(sys.argv[1:] if argv is None else argv)
+        args = one_line_parse_errors(_parser(), given).parse_args(given)
         if args.dataset and args.dataset_name and args.dataset != args.dataset_name:
             raise UserError(f"two datasets given: {args.dataset} and --dataset_name {args.dataset_name}; pass one")
         dataset = args.dataset_name or args.dataset

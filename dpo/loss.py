@@ -330,6 +330,48 @@ def reward_metrics(
     }
 
 
+def loss_settings_error(
+    loss_types, weights, beta, eps, f_divergence_type="reverse_kl", f_alpha=DEFAULT_F_ALPHA,
+    tau=DEFAULT_DISCOPOP_TAU, known=LOSS_TYPES, use_weighting=False,
+) -> str | None:  # fmt: skip
+    """The first setting that is wrong or would be silently ignored, or None. `known`: the loss types
+    the caller has (dpo.validate passes TRL's, which lack cdpo). Shared by dpo_loss and the recipes."""
+    kinds = set(loss_types)
+    if not loss_types:
+        return "loss_type is empty; give at least one loss type."
+    if unknown := [k for k in loss_types if k not in known]:
+        return f"Unknown loss type(s) {unknown}; expected one of {list(known)}."
+    if weights is not None and len(weights) != len(loss_types):
+        return f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types {list(loss_types)}."
+    if not beta > 0 or not math.isfinite(beta):  # beta <= 0 reverses (or zeroes) the preference
+        return f"beta must be positive; got {beta}."
+    if f_divergence_type not in F_DIVERGENCES:
+        return f"Unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCES}."
+    if f_divergence_type != "reverse_kl" and not kinds <= F_DIVERGENCE_LOSS_TYPES:
+        return (
+            f"f_divergence_type={f_divergence_type!r} applies only to losses of the chosen - rejected score "
+            f"difference {sorted(F_DIVERGENCE_LOSS_TYPES & set(known))}; "
+            f"{sorted(kinds - F_DIVERGENCE_LOSS_TYPES)} are not."
+        )
+    if f_alpha != DEFAULT_F_ALPHA and f_divergence_type != "alpha_divergence":
+        return f"f_alpha_divergence_coef={f_alpha} is only used with f_divergence_type='alpha_divergence'."
+    if tau != DEFAULT_DISCOPOP_TAU and "discopop" not in kinds:
+        return f"discopop_tau={tau} is only used by loss_type 'discopop'."
+    if "discopop" in kinds and not tau > 0:
+        return f"discopop_tau must be positive; got {tau}."
+    smoothing = sorted(LABEL_SMOOTHING_LOSS_TYPES & set(known))
+    if eps != 0 and not kinds & LABEL_SMOOTHING_LOSS_TYPES:
+        cdpo = "use 'cdpo' for conservative DPO or one of" if "cdpo" in known else "it is used only by"
+        return f"label_smoothing={eps} is not used by {list(loss_types)} (TRL's 'sigmoid' ignores it); {cdpo} {smoothing}."
+    if kinds & LABEL_SMOOTHING_LOSS_TYPES and not 0 <= eps < 0.5:  # eps >= 0.5 reverses the preference
+        return f"label_smoothing is a label-flip probability and must lie in [0, 0.5) for {smoothing}; got {eps}."
+    if "exo_pair" in kinds and eps == 0:
+        return "'exo_pair' needs label_smoothing > 0 (log eps is part of the loss); EXO suggests 1e-3."
+    if use_weighting and kinds & SORTING_LOSS_TYPES:
+        return "WPO weights (use_weighting, pair_weights) cannot weight 'aot'/'aot_unpaired': they sort the batch."
+    return None
+
+
 def _check_args(
     loss_types, weights, beta, eps, f_divergence_type, f_alpha, tau,
     policy_chosen, policy_rejected, reference_chosen, reference_rejected,
@@ -337,38 +379,11 @@ def _check_args(
 ):  # fmt: skip
     """Raise ValueError for every combination that would be wrong or silently ignored."""
     kinds = set(loss_types)
-    if not loss_types:
-        raise ValueError("loss_type is empty; give at least one loss type.")
-    if unknown := [k for k in loss_types if k not in LOSS_TYPES]:
-        raise ValueError(f"Unknown loss type(s) {unknown}; expected one of {list(LOSS_TYPES)}.")
-    if len(weights) != len(loss_types):
-        raise ValueError(f"loss_weights has {len(weights)} entries for {len(loss_types)} loss types {loss_types}.")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive; got {beta}.")
-
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCES}.")
-    if f_divergence_type != "reverse_kl" and not kinds <= F_DIVERGENCE_LOSS_TYPES:
-        raise ValueError(
-            f"f_divergence_type={f_divergence_type!r} applies only to losses of the chosen - rejected score "
-            f"difference {sorted(F_DIVERGENCE_LOSS_TYPES)}; {sorted(kinds - F_DIVERGENCE_LOSS_TYPES)} are not."
-        )
-    if f_alpha != DEFAULT_F_ALPHA and f_divergence_type != "alpha_divergence":
-        raise ValueError(f"f_alpha_divergence_coef={f_alpha} is only used with f_divergence_type='alpha_divergence'.")
-    if tau != DEFAULT_DISCOPOP_TAU and "discopop" not in kinds:
-        raise ValueError(f"discopop_tau={tau} is only used by loss_type 'discopop'.")
-    if "discopop" in kinds and not tau > 0:
-        raise ValueError(f"discopop_tau must be positive; got {tau}.")
-
-    if eps != 0 and not kinds & LABEL_SMOOTHING_LOSS_TYPES:
-        raise ValueError(
-            f"label_smoothing={eps} is not used by {loss_types} (TRL's 'sigmoid' ignores it); use 'cdpo' for "
-            f"conservative DPO or one of {sorted(LABEL_SMOOTHING_LOSS_TYPES)}."
-        )
-    if kinds & LABEL_SMOOTHING_LOSS_TYPES and not 0 <= eps < 0.5:
-        raise ValueError(f"label_smoothing is a label-flip probability and must lie in [0, 0.5); got {eps}.")
-    if "exo_pair" in kinds and eps == 0:
-        raise ValueError("'exo_pair' needs label_smoothing > 0 (log eps is part of the loss); EXO suggests 1e-3.")
+    wpo = pair_weights is not None
+    if problem := loss_settings_error(
+        loss_types, weights, beta, eps, f_divergence_type, f_alpha, tau, use_weighting=wpo
+    ):
+        raise ValueError(problem)
 
     if reference_free and (reference_chosen is not None or reference_rejected is not None):
         raise ValueError("reference_free=True takes the reference log-probs as 0; pass None for them.")
@@ -394,7 +409,3 @@ def _check_args(
         raise ValueError("chosen_nll is only used by loss_type 'sft'.")
     if chosen_nll is not None and chosen_nll.dim() != 0:
         raise ValueError(f"chosen_nll must be a scalar; got shape {tuple(chosen_nll.shape)}.")
-    if pair_weights is not None and kinds & SORTING_LOSS_TYPES:
-        raise ValueError(
-            "pair_weights (WPO) cannot weight 'aot'/'aot_unpaired': they sort the batch, losing the pairing."
-        )

@@ -43,6 +43,36 @@ def load_model_config(name: str, revision: str = "main", trust_remote_code: bool
         raise _fetch_error("model", name, err, "--model_name_or_path") from None
 
 
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: loading runs code
+
+
+def check_safetensors(name: str, revision: str = "main") -> None:
+    """The model's weights must be safetensors: a local folder (or, when the Hub answers, a repo) holding
+    only pickled weights (pytorch_model.bin) is refused before anything loads, with how to convert it."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = [f.name for f in path.iterdir() if f.is_file()]
+    else:
+        try:
+            from huggingface_hub import list_repo_files
+
+            files = list_repo_files(name, revision=revision)
+        except Exception:  # offline, private, rate-limited: from_pretrained will say what is wrong
+            return
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickled = sorted(f for f in files if f.endswith(PICKLED_WEIGHTS))
+    if not pickled:
+        raise UserError(f"model {name} has no weights: no *.safetensors file")
+    raise UserError(
+        f"model {name} has only pickled weights ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}); "
+        "safetensors are required (unpickling a file can run code). If you trust the file, convert it once: "
+        f'python -c "from transformers import AutoModelForCausalLM as M; '
+        f"M.from_pretrained('{name}', use_safetensors=False).save_pretrained('{path.name}-safetensors')\" "
+        f"and pass --model_name_or_path {path.name}-safetensors"
+    )
+
+
 def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):
     """The model's tokenizer; pads with EOS when it has no pad token (phi-2 has none)."""
     try:
@@ -89,10 +119,11 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
 
 
 def check_model_and_load_tokenizer(model_args, training_args):
-    """The model phase of a recipe, before any weights load: the model id resolves, every
-    LoRA target names a layer (logged), and the tokenizer loads. Returns the tokenizer."""
+    """The model phase of a recipe, before any weights load: the model id resolves, its weights
+    are safetensors, every LoRA target names a layer (logged), and the tokenizer loads. Returns the tokenizer."""
     remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
     config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    check_safetensors(model_args.model_name_or_path, model_args.model_revision)
     if model_args.use_peft:
         targets = check_lora_targets(config, model_args.lora_target_modules, remote_code)
         kinds = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))

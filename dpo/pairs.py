@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from dpo.data import RowLocator, messages_field, text_field
+from dpo.data import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, messages_field, text_field
 from dpo.errors import UserError
 from dpo.formats import plain_text_format
 
@@ -57,6 +57,7 @@ SYSTEM_NAMES = ("system", "system_prompt")
 # Why a row cannot be used as it is; dpo.doctor drops these rows and counts them by reason.
 NO_SHARED_PROMPT = "chosen and rejected share no prompt"
 DIVERGE = "chosen and rejected differ before the last reply"
+EMPTY_PROMPT = "empty prompt"  # no user turn with any text: nothing to condition the answers on
 
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a turn opens the text or follows a blank line
@@ -131,17 +132,24 @@ def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...], key
 
 def detect_layout(data: Dataset, source: str, columns: Columns | None = None) -> Layout:
     """Which layout `data` is in, from its column names and first row; UserError if none fits."""
+    # Hints name the column options only to callers that have them (dpo_any.py, the doctor); the
+    # phi-2 recipe passes no Columns and gets pointed at dpo_any.py instead.
+    mappable = columns is not None
     columns = columns or Columns()
-    names = list(data.column_names)
+    names = [c for c in data.column_names if c not in (FILE_COLUMN, FILE_ROW_COLUMN)]
     prompt = _pick(names, columns.prompt, PROMPT_NAMES, "prompt_column", source)  # named columns are checked first
     system = _pick(names, columns.system, SYSTEM_NAMES, "system_column", source)
     chosen = _pick(names, columns.chosen, ("chosen",), "chosen_column", source)
     rejected = _pick(names, columns.rejected, ("rejected",), "rejected_column", source)
     missing = [f for f, c in (("chosen", chosen), ("rejected", rejected)) if c is None]
     if missing:
+        how = (
+            "set chosen_column: / rejected_column: in the YAML (--chosen_column / --rejected_column)"
+            if mappable
+            else "rename them, or use recipes/dpo_any.py, which maps other column names"
+        )
         raise UserError(
-            f"{source}: missing field(s) {missing}; the data has {names}. "
-            f"If yours are named differently, set chosen_column: / rejected_column: in the YAML"
+            f"{source}: missing field(s) {missing}; the data has {names}. If yours are named differently, {how}"
         )
     first = _first_value(data, chosen)
     prompt_value = _first_value(data, prompt) if prompt else None
@@ -159,14 +167,19 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
             return Layout("text", chosen, rejected, prompt, "text", system)
         if "Assistant:" in first and "Human:" in first:
             return Layout("hh", chosen, rejected, None, None, system)
+        how = (
+            "name the prompt column in the YAML: prompt_column: <name>"
+            if mappable
+            else "rename it to prompt, or use recipes/dpo_any.py, which maps other column names"
+        )
         raise UserError(
             f"{source}: no prompt column (looked for {list(PROMPT_NAMES)}) and '{chosen}' is not a "
-            f"Human/Assistant transcript; name the prompt column in the YAML: prompt_column: <name>"
+            f"Human/Assistant transcript; {how}"
         )
     if first is None:
-        raise UserError(f"{RowLocator(source).at(1, chosen)}: missing (no value)")
+        raise UserError(f"{RowLocator(source, data).at(1, chosen)}: missing (no value)")
     raise UserError(
-        f"{RowLocator(source).at(1, chosen)}: expected text or a list of messages, got {type(first).__name__} ({first!r:.60})"
+        f"{RowLocator(source, data).at(1, chosen)}: expected text or a list of messages, got {type(first).__name__} ({first!r:.60})"
     )
 
 
@@ -232,13 +245,14 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
         fields = {"system": system or ""}
         for role, column in (("prompt", layout.prompt), ("chosen", layout.chosen), ("rejected", layout.rejected)):
             fields[role] = text_field(raw[column], rows.at(n, column))
+        problem = "" if fields["prompt"].strip() else EMPTY_PROMPT
         if not chat:
-            return {**text_format(fields), "problem": ""}
+            return {**text_format(fields), "problem": problem}
         return {
             "prompt": _system_message(system) + [{"role": "user", "content": fields["prompt"]}],
             "chosen": [{"role": "assistant", "content": fields["chosen"]}],
             "rejected": [{"role": "assistant", "content": fields["rejected"]}],
-            "problem": "",
+            "problem": problem,
         }
 
     if layout.kind == "hh":
@@ -246,12 +260,14 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
         rejected = text_field(raw[layout.rejected], rows.at(n, layout.rejected))
         if not chat:
             prompt, chosen, rejected, problem = split_hh_text(chosen, rejected)
+            problem = problem or _empty_prompt_problem(parse_hh(prompt))
             if system and system.strip():
                 prompt = system + prompt
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
         prompt, chosen, rejected, problem = split_shared_prompt(parse_hh(chosen), parse_hh(rejected))
         if prompt and prompt[0]["role"] != "system":
             prompt = _system_message(system) + prompt
+        problem = problem or _empty_prompt_problem(prompt)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
 
     # conversational
@@ -272,7 +288,13 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
         prompt, chosen, rejected, problem = split_shared_prompt(chosen, rejected)
     if prompt and prompt[0]["role"] != "system":
         prompt = _system_message(system) + prompt
+    problem = problem or _empty_prompt_problem(prompt)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
+
+
+def _empty_prompt_problem(prompt: list[dict]) -> str:
+    """EMPTY_PROMPT when no user turn of the prompt holds any text (a system text alone is no prompt)."""
+    return "" if any(m["role"] == "user" and m["content"].strip() for m in prompt) else EMPTY_PROMPT
 
 
 def to_pairs(
@@ -297,15 +319,15 @@ def to_pairs(
         raise UserError(f"{source}: the data has no rows")
     layout = detect_layout(data, source, columns)
     chat = prompt_format == "chat"
-    if not chat and layout.kind == "conversational":
-        raise UserError(f"{source}: conversational data (message lists) needs prompt_format: chat")
-    if text_format is not None and layout.kind != "text":
+    if text_format is not None and layout.kind != "text":  # first: a recipe with its own format has no prompt_format
         raise UserError(
             f"{source}: this recipe's prompt format takes single-turn text rows (prompt, chosen, rejected); "
             f"this data is {layout.describe()}. Use recipes/dpo_any.py, which reads every supported layout"
         )
+    if not chat and layout.kind == "conversational":
+        raise UserError(f"{source}: conversational data (message lists) needs prompt_format: chat")
     text_format = text_format or plain_text_format
-    rows = RowLocator(source)
+    rows = RowLocator(source, data)
     wanted = [c for c in (layout.prompt, layout.chosen, layout.rejected, layout.system) if c]
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], "problem": []}
     batch_size = 1000

@@ -26,6 +26,7 @@ from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
+from dpo.validate import check_no_secrets
 
 
 def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:
@@ -34,6 +35,7 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     The arguments are not changed: the trainer gets a copy of `training_args` whose
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
     """
+    check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")

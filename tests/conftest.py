@@ -59,3 +59,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Fail the test if any model weights load: for checks that must run before that."""
+    import transformers
+
+    import dpo.training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the error was reported")
+
+    monkeypatch.setattr(dpo.training, "DPOTrainer", refuse)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(refuse))

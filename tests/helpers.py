@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -210,3 +212,22 @@ def make_trainer(policy, reference, tokenizer, dataset, trainer_cls=None, **conf
 def last_metrics(trainer, mode: str = "train") -> dict[str, float]:
     """The metrics TRL logged for the latest compute_loss call."""
     return {k: v[-1] for k, v in trainer._metrics[mode].items()}
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of stderr a user reads, without progress bars ("Generating train split: ... examples/s]")."""
+    parts = re.split(r"[\r\n]", stderr)
+    return [p for p in parts if p.strip() and not re.search(r"(examples|it)/s\]$", p.strip())]
+
+
+def one_line_error(main, argv, capsys) -> str:
+    """Run an entry point's main(argv) (a recipe, dpo.doctor); assert exit status 2 and exactly one
+    `error:` line on stderr (no usage, no traceback); return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = message_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "usage:" not in err and "Traceback" not in err
+    return lines[0]

@@ -176,10 +176,18 @@ def test_column_mapping_from_the_yaml():
 
 
 def test_unknown_columns_say_how_to_map_them():
+    """Callers with column options (dpo_any.py, the doctor) pass Columns and get them named; the
+    others (the phi-2 recipe) are pointed at dpo_any.py instead of options they lack."""
+    other_names = Dataset.from_list([{"q": "a", "good": "b", "bad": "c"}])
+    no_prompt = Dataset.from_list([{"query": "a", "chosen": "b", "rejected": "c"}])
     with pytest.raises(UserError, match=r"missing field\(s\) \['chosen', 'rejected'\].*chosen_column"):
-        to_pairs(Dataset.from_list([{"q": "a", "good": "b", "bad": "c"}]), "mine.jsonl")
+        to_pairs(other_names, "mine.jsonl", Columns())
     with pytest.raises(UserError, match="no prompt column.*prompt_column"):
-        to_pairs(Dataset.from_list([{"query": "a", "chosen": "b", "rejected": "c"}]), "mine.jsonl")
+        to_pairs(no_prompt, "mine.jsonl", Columns())
+    for data in (other_names, no_prompt):
+        with pytest.raises(UserError, match="use recipes/dpo_any.py") as err:
+            to_pairs(data, "mine.jsonl")
+        assert "_column" not in str(err.value)
 
 
 def test_the_tokenizers_own_chat_template_is_used(tokenizer):
