@@ -54,14 +54,18 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
 
 PER_INVOCATION_KEYS = ("resume_from_checkpoint", *(f.name for f in fields(RunOptions)))  # not part of a run's settings
 
-KILL_ENV = "DPO_TEST_SIGKILL_AT"  # tests only: "<point>:<step>" kills this process there (see kill_point)
+SIGNAL_ENV = "DPO_TEST_SIGNAL_AT"  # tests only, see kill_point
 
 
 def kill_point(point: str, step: int) -> None:
-    """Test hook: SIGKILL ourselves at a named point of a save (`DPO_TEST_SIGKILL_AT=files:4`),
-    so tests can prove that a kill at that moment leaves something resumable."""
-    if os.environ.get(KILL_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Test hook: `DPO_TEST_SIGNAL_AT=files:4` SIGKILLs this process at that point of the save of
+    step 4 (`files:4:SIGINT` sends SIGINT instead; several, comma-separated), so tests can prove
+    what a kill or a Ctrl-C at that exact moment leaves on disk. Points: step (end of an optimizer
+    step), begin, files, marked (a checkpoint save), final-staged, final-cleared, final-moved."""
+    for spec in filter(None, os.environ.get(SIGNAL_ENV, "").split(",")):
+        where, at, name = (spec.split(":") + ["SIGKILL"])[:3]
+        if where == point and int(at) == step:
+            os.kill(os.getpid(), getattr(signal, name))
 
 
 def checkpoint_step(folder: Path) -> int | None:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 import trl
+from transformers import TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import (
     DPOConfig,
@@ -54,6 +56,7 @@ __all__ = [
     "lora_config",
     "precomputed_reference_logps",
     "continue_token_count",
+    "load_final_checkpoint",
     "route_checkpoint_writes",
     "upcast_trainable_params",
 ]
@@ -191,3 +194,15 @@ def continue_token_count(trainer: DPOTrainer) -> None:
     logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h and "loss" in h]
     if logged:
         trainer._total_train_tokens = int(logged[-1])
+
+
+def load_final_checkpoint(trainer: DPOTrainer, folder: str) -> bool:
+    """A checkpoint saved at the run's last step: load its weights and state without training.
+    transformers' `train(resume_from_checkpoint=...)` would run one optimizer step too many
+    (its loop tests max_steps only after a step). Returns False for any other checkpoint."""
+    state = TrainerState.load_from_json(str(Path(folder) / TRAINER_STATE_NAME))
+    if not (state.max_steps and state.global_step >= state.max_steps):
+        return False
+    trainer._load_from_checkpoint(folder)  # private: the adapter (or full) weights into the model
+    trainer.state = state
+    return True

@@ -19,6 +19,7 @@ import threading
 import torch
 from transformers import TrainerCallback
 
+from dpo.checkpoints import kill_point
 from dpo.log import log
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -62,6 +63,7 @@ class StopOnSignal(TrainerCallback):
             self.saving = False
 
     def on_step_end(self, args, state, control, **kwargs):
+        kill_point("step", state.global_step)
         stop = self.signum is not None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # every process must agree to stop at the same step, or the save would deadlock

@@ -195,14 +195,14 @@ def whole_run_metrics(metrics: dict, log_history: list[dict], resumed_at: int, g
     train_logs = [h for h in log_history if "loss" in h and "step" in h]
     if train_logs and "num_tokens" in train_logs[-1]:
         metrics["num_tokens"] = train_logs[-1]["num_tokens"]
-    if not resumed_at or "train_loss" not in metrics:
+    if not resumed_at:
         return metrics
     total, covered = 0.0, 0
     for entry in (h for h in train_logs if h["step"] <= resumed_at):
         total += entry["loss"] * (entry["step"] - covered)
         covered = entry["step"]
     session_steps = global_step - resumed_at
-    metrics["train_loss"] = (total + metrics["train_loss"] * session_steps) / max(covered + session_steps, 1)
+    metrics["train_loss"] = (total + metrics.get("train_loss", 0.0) * session_steps) / max(covered + session_steps, 1)
     metrics["train_resumed_at_step"] = resumed_at
     return metrics
 

@@ -17,16 +17,17 @@ import torch
 from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
 from dpo.compat import (
     DPOTrainer,
+    load_final_checkpoint,
     lora_config,
     quantization_config,
     route_checkpoint_writes,
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
-from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.errors import RunStopped
 from dpo.guards import HealthCheck, NonFiniteGuard, NonFiniteTraining, nonfinite_advice
 from dpo.interrupts import StopOnSignal
+from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
@@ -97,7 +98,11 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
     resumed_at = resumed_step(resume_from_checkpoint) if resume_from_checkpoint else 0  # rotation may delete it
     with stopper.installed():
         try:
-            train_metrics = trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics
+            if resume_from_checkpoint and load_final_checkpoint(trainer, resume_from_checkpoint):
+                log(f"{resume_from_checkpoint} is the run's last step: writing the final files only")
+                train_metrics = {}
+            else:
+                train_metrics = trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics
         except NonFiniteTraining as err:
             raise RunStopped(nonfinite_advice(err, trainer.args, newest_complete_checkpoint(output_dir)), 3) from None
         except KeyboardInterrupt:
