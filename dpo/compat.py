@@ -201,7 +201,12 @@ def load_final_checkpoint(trainer: DPOTrainer, folder: str) -> bool:
     transformers' `train(resume_from_checkpoint=...)` would run one optimizer step too many
     (its loop tests max_steps only after a step). Returns False for any other checkpoint."""
     state = TrainerState.load_from_json(str(Path(folder) / TRAINER_STATE_NAME))
-    if not (state.max_steps and state.global_step >= state.max_steps):
+    args = trainer.args
+    if args.max_steps > 0:  # this run's length, which --resume_with_different_settings may have changed
+        last = args.max_steps
+    else:  # epoch-based: the checkpoint's count holds only if the epochs are the same
+        last = state.max_steps if state.num_train_epochs == args.num_train_epochs else None
+    if not last or state.global_step < last:
         return False
     trainer._load_from_checkpoint(folder)  # private: the adapter (or full) weights into the model
     trainer.state = state
