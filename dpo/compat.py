@@ -20,9 +20,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from pathlib import Path
 
 import torch
 import trl
+from transformers import TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import (
     DPOConfig,
     DPOTrainer,
@@ -51,7 +55,9 @@ __all__ = [
     "REMOVED_OPTIONS",
     "lora_config",
     "precomputed_reference_logps",
-    "save_resumable_checkpoint",
+    "continue_token_count",
+    "load_final_checkpoint",
+    "route_checkpoint_writes",
     "upcast_trainable_params",
 ]
 
@@ -144,12 +150,6 @@ def precomputed_reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch
     return trainer.compute_ref_log_probs(trainer.model, batch)
 
 
-def save_resumable_checkpoint(trainer: DPOTrainer) -> None:
-    """Write checkpoint-<step> (weights, optimizer, scheduler, RNG) now, as `save_steps` would.
-    Uses transformers' private `Trainer._save_checkpoint`, hence here."""
-    trainer._save_checkpoint(trainer.model, trial=None)
-
-
 def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
     """Undo TRL's bf16 cast of trainable LoRA weights when the run computes in fp32.
 
@@ -164,3 +164,50 @@ def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
             param.data = param.data.to(dtype)
             n += 1
     return n
+
+
+def route_checkpoint_writes(trainer: DPOTrainer, save) -> None:
+    """Send every checkpoint save (save_steps, epoch ends, a stop on a signal) through
+    `save(write, folder)`, where `write()` runs transformers' private `Trainer._save_checkpoint`
+    with its own rotation off (rotation must wait until the new checkpoint is known complete)."""
+    original = trainer._save_checkpoint
+
+    def save_checkpoint(model, trial):
+        folder = Path(trainer._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+
+        def write():
+            limit = trainer.args.save_total_limit
+            trainer.args.save_total_limit = None
+            try:
+                original(model, trial)
+            finally:
+                trainer.args.save_total_limit = limit
+
+        save(write, folder)
+
+    trainer._save_checkpoint = save_checkpoint
+
+
+def continue_token_count(trainer: DPOTrainer) -> None:
+    """After a resume, TRL's `num_tokens` metric restarts at 0: carry on from the last logged count
+    (TRL keeps the running total in the private `_total_train_tokens`)."""
+    logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h and "loss" in h]
+    if logged:
+        trainer._total_train_tokens = int(logged[-1])
+
+
+def load_final_checkpoint(trainer: DPOTrainer, folder: str) -> bool:
+    """A checkpoint saved at the run's last step: load its weights and state without training.
+    transformers' `train(resume_from_checkpoint=...)` would run one optimizer step too many
+    (its loop tests max_steps only after a step). Returns False for any other checkpoint."""
+    state = TrainerState.load_from_json(str(Path(folder) / TRAINER_STATE_NAME))
+    args = trainer.args
+    if args.max_steps > 0:  # this run's length, which --resume_with_different_settings may have changed
+        last = args.max_steps
+    else:  # epoch-based: the checkpoint's count holds only if the epochs are the same
+        last = state.max_steps if state.num_train_epochs == args.num_train_epochs else None
+    if not last or state.global_step < last:
+        return False
+    trainer._load_from_checkpoint(folder)  # private: the adapter (or full) weights into the model
+    trainer.state = state
+    return True

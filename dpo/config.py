@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
-from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, TrlParser
+from dpo.checkpoints import PER_INVOCATION_KEYS, RecipeDPOConfig, resolve_resume
+from dpo.compat import REMOVED_OPTIONS, ModelConfig, TrlParser
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
 from dpo.log import log
@@ -117,7 +117,7 @@ def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list
     (dpo/validate.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     """
     script_args, training_args, model_args, precision = parse_recipe_args(
-        (script_arguments_class, DPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
+        (script_arguments_class, RecipeDPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
     )
     check_no_secrets(script_args, training_args, model_args)
     check_settings(training_args, model_args)
@@ -127,20 +127,6 @@ def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list
     )
     log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
     return script_args, training_args, model_args
-
-
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """`--resume_from_checkpoint` accepts a checkpoint folder, or `last` for the newest in output_dir."""
-    if value in (None, "", "false", "False"):
-        return None
-    if value in ("last", "true", "True"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
-        return last
-    if not Path(value).is_dir():
-        raise UserError(f"--resume_from_checkpoint: checkpoint folder not found: {value}")
-    return value
 
 
 SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.validate.check_no_secrets refuses it anyway)
@@ -162,7 +148,8 @@ def write_resolved_config(path: str | Path, *arg_objects) -> Path:
     merged: dict = {}
     for obj in arg_objects:
         merged.update(to_plain(obj))
-    merged.pop("resume_from_checkpoint", None)  # a re-run starts fresh unless asked to resume
+    for key in PER_INVOCATION_KEYS:  # a re-run starts fresh unless asked to resume
+        merged.pop(key, None)
     header = (
         "# Every setting of this run, as resolved (YAML < --config < CLI). Re-run with:\n"
         "#   accelerate launch <recipe>.py --config <this file>\n"

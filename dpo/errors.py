@@ -15,6 +15,14 @@ class UserError(Exception):
     """An error in the user's input, with a message that says what to change."""
 
 
+class RunStopped(Exception):
+    """Training stopped on purpose (a signal, a non-finite loss); the message says what is safe on disk."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
 def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
     """'could not load <kind> <name>: <first line of err>' plus how to use a local copy instead."""
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -22,7 +30,8 @@ def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
 
 
 def exit_on_user_error(main):
-    """Decorator for a script's entry point: UserError -> one-line message, exit status 2."""
+    """Decorator for a script's entry point: UserError -> one-line message, exit status 2;
+    RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -31,5 +40,11 @@ def exit_on_user_error(main):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except RunStopped as err:
+            print(f"stopped: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(err.exit_status) from None
+        except KeyboardInterrupt:  # Ctrl-C outside training (which stops gracefully): no traceback
+            print("interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
 
     return wrapper

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
+from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
 from dpo.compat import (
     DPOTrainer,
+    load_final_checkpoint,
     lora_config,
     quantization_config,
-    save_resumable_checkpoint,
+    route_checkpoint_writes,
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
+from dpo.errors import RunStopped
+from dpo.guards import HealthCheck, NonFiniteGuard, NonFiniteTraining, nonfinite_advice
+from dpo.interrupts import StopOnSignal
 from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
+from dpo.runs import ContinueCounters, prepare_output_dir, run_settings, whole_run_metrics, write_final_outputs
 from dpo.validate import check_no_secrets
 
 
@@ -36,6 +42,8 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
     """
     check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
+    run = run_settings(training_args, model_args, train_dataset)
+    prepare_output_dir(training_args, run)  # refuses to mix runs, before any weights load
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
@@ -67,6 +75,10 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     log(
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled"
     )
+    trainer.run_settings, trainer.stop_on_signal = run, StopOnSignal()
+    route_checkpoint_writes(trainer, CheckpointSaver(trainer, run, trainer.stop_on_signal.held))
+    for callback in (trainer.stop_on_signal, NonFiniteGuard(trainer), HealthCheck(), ContinueCounters(trainer)):
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -79,29 +91,47 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
       resolved_config.yaml                             every setting of the run; a valid --config
       final_metrics.json                               train metrics + held-out eval metrics
       trainer_state.json, training_curves.png          the logged history and its plot
+      run_complete.json                                written last: the files above are one whole run
 
-    Ctrl-C saves a resumable checkpoint first (`--resume_from_checkpoint last`).
+    Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
+    exit status 128 + signal. A non-finite loss/gradient stops before that step, exit status 3.
     """
-    output_dir = Path(trainer.args.output_dir)
-    if PartialState().is_main_process:
-        write_resolved_config(output_dir / "resolved_config.yaml", *arg_objects)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    except KeyboardInterrupt:
-        save_resumable_checkpoint(trainer)
-        log(
-            f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
-            "Resume with --resume_from_checkpoint last"
-        )
-        raise
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(str(output_dir))
-    if trainer.accelerator.is_main_process:
-        (output_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    output_dir, stopper = Path(trainer.args.output_dir), trainer.stop_on_signal
+    resumed_at = resumed_step(resume_from_checkpoint) if resume_from_checkpoint else 0  # rotation may delete it
+    with stopper.installed():
+        try:
+            if resume_from_checkpoint and load_final_checkpoint(trainer, resume_from_checkpoint):
+                log(f"{resume_from_checkpoint} is the run's last step: writing the final files only")
+                train_metrics = {}
+            else:
+                train_metrics = trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics
+        except NonFiniteTraining as err:
+            raise RunStopped(nonfinite_advice(err, trainer.args, newest_complete_checkpoint(output_dir)), 3) from None
+        except KeyboardInterrupt:
+            last = newest_complete_checkpoint(output_dir)
+            raise RunStopped(
+                f"interrupted twice: stopped without saving; newest complete checkpoint: {last}", 130
+            ) from None
+        if stopper.signum is not None:
+            raise RunStopped(
+                f"{signal.Signals(stopper.signum).name} at step {trainer.state.global_step}: checkpoint saved in "
+                f"{newest_complete_checkpoint(output_dir)}. Resume with --resume_from_checkpoint last",
+                128 + stopper.signum,
+            )
+        metrics = whole_run_metrics(train_metrics, trainer.state.log_history, resumed_at, trainer.state.global_step)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+
+        def write_into(folder: Path) -> None:
+            trainer.save_model(str(folder))
+            if trainer.accelerator.is_main_process:
+                write_resolved_config(folder / "resolved_config.yaml", *arg_objects)
+                (folder / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+                trainer.state.save_to_json(str(folder / "trainer_state.json"))
+                plot_training_curves(trainer.state.log_history, folder / "training_curves.png")
+
+        with stopper.held():  # a Ctrl-C now waits for the final files
+            write_final_outputs(trainer, trainer.run_settings, write_into)
     summary = ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if "rewards/" in k or k in ("train_loss", "eval_loss")
     )

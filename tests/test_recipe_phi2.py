@@ -6,6 +6,8 @@ One recipe run (module fixture) backs the checks on what training did and did no
 
 import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 import weakref
@@ -248,18 +250,19 @@ class CountSteps(TrainerCallback):
 
 
 class InterruptAt(TrainerCallback):
-    """Raises KeyboardInterrupt (as Ctrl-C does) at the end of optimizer step `step`."""
+    """Sends this process a real SIGINT (what Ctrl-C sends) during optimizer step `step`."""
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, signum=signal.SIGINT):
+        self.step, self.signum = step, signum
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
 
 
 def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
-    """Resuming from checkpoint-2 runs only steps 3 and 4: a fresh start would run four."""
+    """Resuming from checkpoint-2 runs only steps 3 and 4: a fresh start would run four.
+    (A longer max_steps is a different setting: allowed with --resume_with_different_settings.)"""
     recipe = load_recipe("dpo_phi2")
     common = [
         "--model_name_or_path",
@@ -278,7 +281,10 @@ def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     recipe.main([*common, "--max_steps", "2"])
     assert (tmp_path / "checkpoint-2").is_dir()
     counter = CountSteps()
-    resumed = recipe.main([*common, "--max_steps", "4", "--resume_from_checkpoint", "last"], callbacks=[counter])
+    resumed = recipe.main(
+        [*common, "--max_steps", "4", "--resume_from_checkpoint", "last", "--resume_with_different_settings", "true"],
+        callbacks=[counter],
+    )
     assert counter.steps == [3, 4]
     assert resumed.state.global_step == 4
 
@@ -301,8 +307,9 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_pa
         "--max_steps",
         "4",
     ]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         recipe.main(common, callbacks=[InterruptAt(3)])
+    assert stopped.value.code == 130
     assert (tmp_path / "checkpoint-3" / "optimizer.pt").is_file()
     counter = CountSteps()
     recipe.main([*common, "--resume_from_checkpoint", "last"], callbacks=[counter])

@@ -1,0 +1,261 @@
+"""Checkpoints that are whole or visibly not: a completion marker, resume from the newest
+complete one, rotation that never deletes the last good one.
+
+transformers writes checkpoint-<step>/ file by file; a kill -9 in the middle leaves a folder
+that looks like a checkpoint and is not. After transformers' writer returns we write
+`checkpoint_complete.json` (every file and its size, the run's settings) with an atomic
+rename, last. A folder without it, or whose files no longer match it, is incomplete: `last`
+skips it with a warning and an explicit path to it is refused. Rotation (`save_total_limit`)
+runs only after the marker, and only over complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from dpo.compat import DPOConfig
+from dpo.errors import UserError
+from dpo.log import log
+
+MARKER = "checkpoint_complete.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# What a resumable checkpoint holds besides the marker: the model weights (*.safetensors),
+# the optimizer, the scheduler, the trainer state and the RNG states (rng_state*.pth).
+REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+@dataclass
+class RunOptions:
+    """Options for resuming and reusing an output_dir (recipes parse them with DPOConfig's fields)."""
+
+    resume_with_different_settings: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint even if it was written with different settings (listed when refused)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Reuse an output_dir that holds a different run: its final files and checkpoints are deleted."
+        },
+    )
+
+
+@dataclass
+class RecipeDPOConfig(DPOConfig, RunOptions):
+    """TRL's DPOConfig plus RunOptions: what the recipes parse."""
+
+
+PER_INVOCATION_KEYS = ("resume_from_checkpoint", *(f.name for f in fields(RunOptions)))  # not part of a run's settings
+
+SIGNAL_ENV = "DPO_TEST_SIGNAL_AT"  # tests only, see kill_point
+
+
+def kill_point(point: str, step: int) -> None:
+    """Test hook: `DPO_TEST_SIGNAL_AT=files:4` SIGKILLs this process at that point of the save of
+    step 4 (`files:4:SIGINT` sends SIGINT instead; several, comma-separated), so tests can prove
+    what a kill or a Ctrl-C at that exact moment leaves on disk. Points: step (end of an optimizer
+    step), begin, files, marked (a checkpoint save), final-staged, final-cleared, final-moved."""
+    for spec in filter(None, os.environ.get(SIGNAL_ENV, "").split(",")):
+        where, at, name = (spec.split(":") + ["SIGKILL"])[:3]
+        if where == point and int(at) == step:
+            os.kill(os.getpid(), getattr(signal, name))
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    match = CHECKPOINT_NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary name, flush it to disk, then rename: readers see all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def list_files(folder: Path) -> dict[str, int]:
+    """Every file under `folder` (relative path -> size), the marker itself excepted."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (MARKER, MARKER + ".tmp")
+    }
+
+
+def mark_complete(folder: Path, run: dict) -> None:
+    """Flush every file of a freshly written checkpoint to disk, then write the marker."""
+    files = list_files(folder)
+    for name in files:
+        _fsync(folder / name)
+    write_json_atomic(folder / MARKER, {"step": checkpoint_step(folder), "files": files, "run": run})
+
+
+def _safetensors_readable(path: Path) -> bool:
+    """The 8-byte header length and the JSON header parse, and the data they announce is there."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + n + end
+    except (OSError, ValueError, KeyError, struct.error):
+        return False
+
+
+def checkpoint_problems(folder: str | Path) -> list[str]:
+    """Why `folder` is not a complete, readable checkpoint ([] if it is)."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except FileNotFoundError:
+        missing = [n for n in REQUIRED if not (folder / n).is_file()]
+        return [f"no {MARKER} (the save was interrupted)"] + ([f"missing {', '.join(missing)}"] if missing else [])
+    except (OSError, ValueError):
+        return [f"{MARKER} unreadable"]
+    problems = []
+    for name, size in marker.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {size} were written")
+    names = set(marker.get("files", {}))
+    problems += [f"{n} never written" for n in REQUIRED if n not in names]
+    if not any(n.endswith(".safetensors") for n in names):
+        problems.append("no model weights (*.safetensors)")
+    if not any(Path(n).name.startswith("rng_state") for n in names):
+        problems.append("no RNG state (rng_state*.pth)")
+    if problems:
+        return problems
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except ValueError:
+        problems.append("trainer_state.json unreadable")
+    problems += [
+        f"{n} unreadable" for n in names if n.endswith(".safetensors") and not _safetensors_readable(folder / n)
+    ]
+    return problems
+
+
+def checkpoints_in(output_dir: str | Path) -> list[Path]:
+    """checkpoint-<step> folders in `output_dir`, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def newest_complete_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
+    """The highest-step complete checkpoint; newer incomplete ones are skipped with a warning."""
+    for folder in reversed(checkpoints_in(output_dir)):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return folder
+        if warn:
+            log(f"warning: skipping {folder}: incomplete ({'; '.join(problems)})")
+    return None
+
+
+def resumed_step(folder: str | Path) -> int:
+    """The optimizer step a checkpoint was saved at."""
+    return json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"]
+
+
+def checkpoint_run(folder: str | Path) -> dict:
+    """The run settings recorded in a complete checkpoint's marker."""
+    return json.loads((Path(folder) / MARKER).read_text()).get("run", {})
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `last` for the newest complete one in output_dir.
+    Anything that is not a complete checkpoint is refused, before any weights load."""
+    if value in (None, "", "false", "False"):
+        return None
+    if value in ("last", "true", "True"):
+        last = newest_complete_checkpoint(output_dir)
+        if last is None:
+            found = checkpoints_in(output_dir)
+            detail = f" ({len(found)} incomplete, see the warnings above)" if found else ""
+            raise UserError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {output_dir}{detail}"
+            )
+        log(f"resuming from {last} (step {checkpoint_step(last)}), the newest complete checkpoint in {output_dir}")
+        return str(last)
+    folder = Path(value)
+    if not folder.is_dir():
+        raise UserError(f"--resume_from_checkpoint: checkpoint folder not found: {value}")
+    if checkpoints_in(folder):
+        raise UserError(
+            f"--resume_from_checkpoint {value} is an output_dir, not a checkpoint: give one of its checkpoint-<step> "
+            f"folders, or --resume_from_checkpoint last --output_dir {value}"
+        )
+    looks_like_one = (
+        checkpoint_step(folder) is not None or (folder / MARKER).is_file() or (folder / "optimizer.pt").is_file()
+    )
+    if not looks_like_one:
+        raise UserError(
+            f"--resume_from_checkpoint {value} is not a checkpoint (a checkpoint-<step> folder written during training, "
+            "with the optimizer and trainer state)"
+        )
+    problems = checkpoint_problems(folder)
+    if problems:
+        newest = newest_complete_checkpoint(folder.parent, warn=False)
+        instead = f"; the newest complete one is {newest}" if newest else ""
+        raise UserError(f"--resume_from_checkpoint {value} is incomplete: {'; '.join(problems)}{instead}")
+    return str(folder)
+
+
+def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None) -> list[Path]:
+    """Keep the newest `limit` complete checkpoints (and `keep`, the best one); delete older ones,
+    and incomplete folders older than the newest complete one. Returns what was deleted."""
+    folders = checkpoints_in(output_dir)
+    complete = [f for f in folders if not checkpoint_problems(f)]
+    if not complete:
+        return []
+    doomed = [f for f in folders if f not in complete and checkpoint_step(f) < checkpoint_step(complete[-1])]
+    if limit and limit > 0:
+        doomed += [f for f in complete[:-limit] if keep is None or Path(keep).resolve() != f.resolve()]
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
+
+
+class CheckpointSaver:
+    """Replaces transformers' checkpoint writer (see dpo.compat.route_checkpoint_writes):
+    writes with signals held back, marks the folder complete, then rotates."""
+
+    def __init__(self, trainer, run: dict, hold_signals):
+        self.trainer, self.run, self.hold_signals = trainer, run, hold_signals
+
+    def __call__(self, write, folder: Path) -> None:
+        accelerator, step = self.trainer.accelerator, self.trainer.state.global_step
+        with self.hold_signals():  # a Ctrl-C now waits until the checkpoint is whole
+            if accelerator.is_main_process and (folder / MARKER).exists():
+                (folder / MARKER).unlink()  # re-saving this step: incomplete until rewritten
+            kill_point("begin", step)
+            write()  # transformers' writer, its own rotation off
+            kill_point("files", step)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                mark_complete(folder, self.run)
+                kill_point("marked", step)
+                rotate(folder.parent, self.trainer.args.save_total_limit, self.trainer.state.best_model_checkpoint)
+            accelerator.wait_for_everyone()
