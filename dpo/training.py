@@ -16,12 +16,14 @@ from accelerate import PartialState
 
 from dpo.compat import (
     DPOTrainer,
+    EvalOnceDPOTrainer,
     lora_config,
     quantization_config,
     save_resumable_checkpoint,
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
+from dpo.distributed import topology
 from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
@@ -42,7 +44,7 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
-    trainer = DPOTrainer(
+    trainer = EvalOnceDPOTrainer(
         model=model_args.model_name_or_path,
         ref_model=None,  # the base with adapters disabled is the reference
         args=trainer_args,
@@ -82,7 +84,10 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
     """
     output_dir = Path(trainer.args.output_dir)
     if PartialState().is_main_process:
-        write_resolved_config(output_dir / "resolved_config.yaml", *arg_objects)
+        launched = "# How this run was launched (the launcher decides this, not the file):\n"
+        write_resolved_config(
+            output_dir / "resolved_config.yaml", *arg_objects, notes=launched + topology(trainer.args).as_comments()
+        )
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
