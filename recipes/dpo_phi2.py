@@ -4,6 +4,7 @@
     accelerate launch recipes/dpo_phi2.py --beta 0.2 --output_dir outputs/beta0.2
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py
     accelerate launch recipes/dpo_phi2.py --resume_from_checkpoint last
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/dpo_phi2.py   # 2 CPU processes
 
 Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same code path:
 

@@ -13,6 +13,7 @@ relative in the weights. Tolerance: rtol 1e-4, atol 1e-6, far below what a real 
 The launches start together (module fixture) so their imports share the two cores.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -73,7 +74,8 @@ def launch(config: str, out, facts, *launch_flags, recipe_flags=(), env=None):
         "--output_dir",
         str(out),
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DPO_TEST_FACTS": str(facts), **(env or {})}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this checkout's dpo/ first
+    env = {**os.environ, "PYTHONPATH": path, "DPO_TEST_FACTS": str(facts), **(env or {})}
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True
     )
@@ -85,16 +87,21 @@ def finish(proc, timeout=300, ok=True) -> str:
     return output
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, truthy_file, tmp_path_factory):
+def run_flags(tiny_model_dir, truthy_file) -> tuple[list[str], list[str]]:
+    """(flags every compared run shares, those plus the 2-process batch sizes)."""
     data = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file), *COMMON]
-    two = [
+    return data, [
         *data,
         "--per_device_train_batch_size",
         str(PER_DEVICE),
         "--per_device_eval_batch_size",
         str(EVAL_PER_DEVICE),
     ]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, truthy_file, tmp_path_factory):
+    data, two = run_flags(tiny_model_dir, truthy_file)
     base = tmp_path_factory.mktemp("distributed")
     nodes_port = free_port()
     started = {
@@ -263,3 +270,22 @@ def test_ctrl_c_under_two_processes_saves_a_resumable_checkpoint(tiny_model_dir,
     )  # fmt: skip
     finish(resumed)
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (not pinned)")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_cpu_trains_as_one_process(runs, stage, tmp_path, tiny_model_dir, truthy_file):
+    """DeepSpeed's CPU accelerator (gloo): ZeRO-2/3 with the 4-bit base, compared like data parallel."""
+    _, two = run_flags(tiny_model_dir, truthy_file)
+    proc = launch(
+        f"deepspeed_zero{stage}.yaml", tmp_path / "out", tmp_path / "facts", "--main_process_port", str(free_port()),
+        recipe_flags=two,
+    )  # fmt: skip
+    log = finish(proc, timeout=600)
+    rank0, _ = facts(tmp_path / "facts")
+    assert rank0["distributed_type"] == "DEEPSPEED"
+    if stage == 3:
+        assert rank0["lora_numel_local"] < rank0["lora_numel_global"], "ZeRO-3 did not partition the LoRA weights"
+        assert "storing 4-bit weights as float32" in log
+    assert_same_training(tmp_path / "out", runs["base"] / "one")
