@@ -59,6 +59,8 @@ __all__ = [
     "load_final_checkpoint",
     "route_checkpoint_writes",
     "upcast_trainable_params",
+    "EvalOnceDPOTrainer",
+    "without_zero3_init",
 ]
 
 TESTED_TRL = "1.16.0"
@@ -211,3 +213,44 @@ def load_final_checkpoint(trainer: DPOTrainer, folder: str) -> bool:
     trainer._load_from_checkpoint(folder)  # private: the adapter (or full) weights into the model
     trainer.state = state
     return True
+
+
+def without_zero3_init():
+    """A context in which transformers' `from_config` builds a model plainly even under DeepSpeed
+    ZeRO-3. There it would wrap construction in `deepspeed.zero.Init` and then initialise weights by
+    gathering them, which fails on the meta device ("Cannot copy out of meta tensor"): we build
+    meta models only to read module names. Uses transformers' private flag that marks zero.Init
+    as already active (transformers 5.23)."""
+    from transformers.modeling_utils import set_zero3_state
+
+    return set_zero3_state()
+
+
+class EvalOnceDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer, except that held-out reward metrics count every pair once under N processes.
+
+    To give every process a full last batch, accelerate pads the last evaluation batch with pairs
+    from the start of the set; `gather_for_metrics` drops that padding again. TRL 1.16 gathers
+    entropy, logits and token accuracy with `gather_for_metrics`, but rewards/* and logps/* with a
+    plain `gather`, so under N processes those counted some held-out pairs twice. During evaluation
+    (and only then) this routes `gather` through the same truncation. One process: no change.
+    """
+
+    def prediction_step(self, *args, **kwargs):
+        accelerator = self.accelerator
+        gather_all = accelerator.gather  # the bound method, before we shadow it on the instance
+
+        def gather_each_pair_once(tensor):
+            data = gather_all(tensor)
+            state = accelerator.gradient_state
+            # per-pair tensors only (a 0-dim total is one value per process); gather_for_metrics,
+            # which calls this, cuts again to the same length: a no-op
+            if tensor.dim() > 0 and state.end_of_dataloader and state.remainder > 0:
+                return data[: state.remainder]  # the real pairs come first; the padding follows
+            return data
+
+        accelerator.gather = gather_each_pair_once
+        try:
+            return super().prediction_step(*args, **kwargs)
+        finally:
+            del accelerator.gather  # back to the class's method

@@ -17,6 +17,7 @@ import yaml
 
 from dpo.checkpoints import PER_INVOCATION_KEYS, RecipeDPOConfig, resolve_resume
 from dpo.compat import REMOVED_OPTIONS, ModelConfig, TrlParser
+from dpo.distributed import check_launch, topology
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
 from dpo.log import log
@@ -126,6 +127,8 @@ def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list
         training_args.resume_from_checkpoint, training_args.output_dir
     )
     log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+    check_launch()
+    log(f"topology: {topology(training_args).describe()}")
     return script_args, training_args, model_args
 
 
@@ -140,10 +143,11 @@ def to_plain(obj):
     return json.loads(json.dumps(data, default=str))
 
 
-def write_resolved_config(path: str | Path, *arg_objects) -> Path:
+def write_resolved_config(path: str | Path, *arg_objects, notes: str = "") -> Path:
     """Write every field of every argument object, as resolved, to one YAML file.
 
     The file is a valid `--config` for the same recipe: re-running with it repeats the run.
+    `notes` are extra comment lines for the header (the launch topology).
     """
     merged: dict = {}
     for obj in arg_objects:
@@ -155,6 +159,7 @@ def write_resolved_config(path: str | Path, *arg_objects) -> Path:
         "#   accelerate launch <recipe>.py --config <this file>\n"
         f"# {', '.join(HARDWARE_KEYS)} were picked for the hardware of the machine that ran;\n"
         "# delete those lines to let a different machine pick its own.\n"
+        f"{notes}"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ without a `chosen` field). Recipes wrap their `main` in `exit_on_user_error`, wh
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
@@ -38,7 +39,10 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            # Under N processes every process meets the same input mistake: one message per
+            # machine (its local rank 0), since each machine's launcher shows its own output.
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {err}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         except RunStopped as err:
             print(f"stopped: {err}", file=sys.stderr, flush=True)

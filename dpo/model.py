@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.log import log
 
@@ -87,7 +88,7 @@ def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = 
 def linear_module_names(config, trust_remote_code: bool = False) -> tuple[list[str], str | None]:
     """Dotted names of every nn.Linear in the architecture, and the name of the output layer
     (lm_head), from a model built on the meta device (no weights, no memory)."""
-    with torch.device("meta"):
+    with torch.device("meta"), without_zero3_init():  # names only: no ZeRO-3 partitioning
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     output_layer = model.get_output_embeddings()
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]

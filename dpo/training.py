@@ -17,6 +17,7 @@ import torch
 from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
 from dpo.compat import (
     DPOTrainer,
+    EvalOnceDPOTrainer,
     load_final_checkpoint,
     lora_config,
     quantization_config,
@@ -24,6 +25,7 @@ from dpo.compat import (
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
+from dpo.distributed import topology
 from dpo.errors import RunStopped
 from dpo.guards import HealthCheck, NonFiniteGuard, NonFiniteTraining, nonfinite_advice
 from dpo.interrupts import StopOnSignal
@@ -52,7 +54,7 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
-    trainer = DPOTrainer(
+    trainer = EvalOnceDPOTrainer(
         model=model_args.model_name_or_path,
         ref_model=None,  # the base with adapters disabled is the reference
         args=trainer_args,
@@ -125,7 +127,9 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
         def write_into(folder: Path) -> None:
             trainer.save_model(str(folder))
             if trainer.accelerator.is_main_process:
-                write_resolved_config(folder / "resolved_config.yaml", *arg_objects)
+                launched = "# How this run was launched (the launcher decides this, not the file):\n"
+                notes = launched + topology(trainer.args).as_comments()
+                write_resolved_config(folder / "resolved_config.yaml", *arg_objects, notes=notes)
                 (folder / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
                 trainer.state.save_to_json(str(folder / "trainer_state.json"))
                 plot_training_curves(trainer.state.log_history, folder / "training_curves.png")

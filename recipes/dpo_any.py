@@ -22,10 +22,9 @@ The data doctor (dpo/doctor.py) checks every row and prints its table before any
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
-
 from dpo.config import load_recipe_args
 from dpo.data import load_preference_data, split_heldout
+from dpo.distributed import on_main_process
 from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error
 from dpo.log import log
@@ -93,6 +92,19 @@ def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool =
     return report
 
 
+def doctor_splits(script_args, training_args, tokenizer):
+    """The doctor on the train split (and the test split, if named): (train report, test report or None,
+    the tokenizer's chat template, which the doctor sets when the tokenizer has none)."""
+    report = doctor(script_args, training_args, tokenizer, script_args.dataset_train_split)
+    plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")  # the doctor's lengths, as a picture
+    test = (
+        doctor(script_args, training_args, tokenizer, script_args.dataset_test_split, missing_ok=True)
+        if script_args.dataset_test_split
+        else None
+    )
+    return report, test, tokenizer.chat_template
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None):
     # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
@@ -102,14 +114,9 @@ def main(argv: list[str] | None = None, callbacks=None):
     tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
     # ── data: any layout -> prompt/chosen/rejected; the doctor checks every row ─────────
-    report = doctor(script_args, training_args, tokenizer, script_args.dataset_train_split)
-    if PartialState().is_main_process:
-        plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")  # the doctor's lengths, as a picture
-    test = (
-        doctor(script_args, training_args, tokenizer, script_args.dataset_test_split, missing_ok=True)
-        if script_args.dataset_test_split
-        else None
-    )
+    #    Under several processes it runs once, on the main process; the others wait for its reports.
+    report, test, chat_template = on_main_process(doctor_splits, script_args, training_args, tokenizer)
+    tokenizer.chat_template = chat_template  # the doctor may have given it the plain template
     if test is not None:
         train_pairs, heldout_pairs = report.kept, test.kept
     else:

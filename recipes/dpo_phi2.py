@@ -4,6 +4,7 @@
     accelerate launch recipes/dpo_phi2.py --beta 0.2 --output_dir outputs/beta0.2
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py
     accelerate launch recipes/dpo_phi2.py --resume_from_checkpoint last
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/dpo_phi2.py   # 2 CPU processes
 
 Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same code path:
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 from dpo.config import load_recipe_args
 from dpo.data import load_preference_data, split_heldout
+from dpo.distributed import on_main_process
 from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error
 from dpo.formats import phi2_qa_format
@@ -37,6 +39,20 @@ class ScriptArguments:
     test_size: float = field(default=0.1, metadata={"help": "Fraction held out (seeded) for evaluation; 0 for none."})
 
 
+def doctor(script_args, training_args, tokenizer):
+    """Load the training split and check every row in phi-2's QA format: the doctor's report."""
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    return check_data(
+        raw,
+        script_args.dataset_name,
+        tokenizer,
+        prompt_format="text",
+        text_format=phi2_qa_format,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+    )
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None):
     # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
@@ -46,17 +62,9 @@ def main(argv: list[str] | None = None, callbacks=None):
     tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
     # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
-    #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load
-    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    report = check_data(
-        raw,
-        script_args.dataset_name,
-        tokenizer,
-        prompt_format="text",
-        text_format=phi2_qa_format,
-        max_length=training_args.max_length,
-        truncation_mode=training_args.truncation_mode,
-    )
+    #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load.
+    #    Under several processes it runs once, on the main process; the others wait for its report.
+    report = on_main_process(doctor, script_args, training_args, tokenizer)
     log(report.summary())
     train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
     log(

@@ -112,6 +112,7 @@ def test_quant_storage_matches_model_dtype_only_when_sharded(monkeypatch):
 EXPECTED_TOPOLOGY = {
     "single_gpu.yaml": ("NO", 1, None),
     "multi_gpu.yaml": ("MULTI_GPU", 2, None),
+    "multi_cpu.yaml": ("MULTI_GPU", 2, None),  # torchrun's launcher; gloo on CPU (see the file)
     "deepspeed_zero2.yaml": ("DEEPSPEED", 2, 2),
     "deepspeed_zero3.yaml": ("DEEPSPEED", 2, 3),
     "fsdp.yaml": ("FSDP", 2, None),
