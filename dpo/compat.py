@@ -33,6 +33,7 @@ from trl import (
     get_peft_config,
     get_quantization_config,
 )
+from trl.trainer.utils import create_model_from_path, use_adapter
 
 __all__ = [
     "DPOConfig",
@@ -43,6 +44,9 @@ __all__ = [
     "TrlParser",
     "get_quantization_config",
     "quantization_config",
+    "create_model_from_path",
+    "REFERENCE_ADAPTER",
+    "use_adapter",
     "TESTED_TRL",
     "TRL_DEFAULT_MAX_LENGTH",
     "TRL_DEFAULT_TRUNCATION_MODE",
@@ -107,6 +111,17 @@ REMOVED_OPTIONS = {
     "max_completion_length": "use max_length (with truncation_mode) instead",
     "generate_during_eval": "not in TRL any more; generate after training instead",
 }
+
+
+# DPO from an SFT adapter: given a PeftModel that already carries adapter "default" (and no
+# peft_config, no ref_model), TRL 1.16 adds an adapter "ref" with the same LoraConfig, copies
+# "default"'s weights into it, leaves it frozen (PEFT trains only the active adapter) and runs
+# the reference forward with "ref" active (trl.trainer.utils.use_adapter). Trainer.save_model
+# then writes "default" to output_dir and "ref" to output_dir/ref. `use_adapter(model, name)` is
+# TRL's switch (name None: adapters disabled). `create_model_from_path` is
+# how TRL loads a model given by name (dtype strings, device_map), reused so that both start
+# points load the base the same way.
+REFERENCE_ADAPTER = "ref"
 
 
 def lora_config(model_args):

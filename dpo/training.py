@@ -2,7 +2,8 @@
 
 The reference model rule: we never pass `ref_model`. With a `peft_config`, TRL computes the
 reference log-probs with the adapters disabled, so the frozen (4-bit) base *is* pi_ref and one
-copy of the weights is in memory.
+copy of the weights is in memory. Starting from an SFT adapter (dpo/adapters.py), the policy
+is that adapter, trainable, and TRL's frozen copy of it ("ref") makes the reference base + SFT.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from dpo.adapters import policy_from_sft_adapter
 from dpo.compat import (
     DPOTrainer,
     lora_config,
@@ -28,8 +30,11 @@ from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
 
 
-def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:
-    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA.
+def build_dpo_trainer(
+    model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None, sft_adapter=None
+) -> DPOTrainer:
+    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
+    or, given `sft_adapter` (checked by dpo.adapters.start_point), puts that adapter on it to train.
 
     The arguments are not changed: the trainer gets a copy of `training_args` whose
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
@@ -42,16 +47,22 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
+    model, quantization, peft_config = model_args.model_name_or_path, quantization_config(model_args, storage), None
+    if sft_adapter:
+        model = policy_from_sft_adapter(model, trainer_args, quantization, sft_adapter)
+        quantization, trainer_args.model_init_kwargs = None, None  # the base is loaded: TRL would warn
+    else:
+        peft_config = lora_config(model_args)
     trainer = DPOTrainer(
-        model=model_args.model_name_or_path,
-        ref_model=None,  # the base with adapters disabled is the reference
+        model=model,
+        ref_model=None,  # the base with adapters disabled (or TRL's frozen "ref" copy of the SFT adapter)
         args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
-        quantization_config=quantization_config(model_args, storage),
-        peft_config=lora_config(model_args),
+        quantization_config=quantization,
+        peft_config=peft_config,
     )
     n_4bit = use_portable_4bit_kernels(trainer.model)
     if n_4bit and cpu_has_avx512bf16():
@@ -62,13 +73,12 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
             log(f"kept {n} trainable LoRA tensors in float32 to match fp32 compute")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    log(
-        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled"
-    )
+    reference = f"base + frozen SFT adapter ({sft_adapter})" if sft_adapter else "base with adapters disabled"
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     return trainer
 
 
-def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None) -> dict:
+def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None, heldout=None) -> dict:
     """Train, evaluate on the held-out split, and write everything a user needs to `output_dir`.
 
     output_dir/
@@ -77,12 +87,15 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
       resolved_config.yaml                             every setting of the run; a valid --config
       final_metrics.json                               train metrics + held-out eval metrics
       trainer_state.json, training_curves.png          the logged history and its plot
+      heldout_pairs.jsonl                              `heldout` (prompt/chosen/rejected), for dpo.evaluate
 
     Ctrl-C saves a resumable checkpoint first (`--resume_from_checkpoint last`).
     """
     output_dir = Path(trainer.args.output_dir)
     if PartialState().is_main_process:
         write_resolved_config(output_dir / "resolved_config.yaml", *arg_objects)
+        if heldout is not None:
+            heldout.select_columns(["prompt", "chosen", "rejected"]).to_json(output_dir / "heldout_pairs.jsonl")
     try:
         result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from dpo.adapters import start_point
 from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
@@ -62,6 +64,12 @@ class ScriptArguments:
     max_new_tokens: int = field(
         default=16, metadata={"help": "Sampling cut-off; the longest review is 12 tokens + EOS."}
     )
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "An SFT adapter on model_name_or_path as pi_ref (base + it, frozen); the policy starts as it."
+        },
+    )
     torch_threads: int = field(
         default=1, metadata={"help": "CPU threads; a 0.1M-parameter model runs fastest on one."}
     )
@@ -96,7 +104,11 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         log(
             f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}"
         )
-    elif not (
+    else:  # an SFT adapter, given as --sft_adapter_path or as the model: checked against the base
+        model_args.model_name_or_path, args.sft_adapter_path = start_point(
+            model_args, training_args, args.sft_adapter_path
+        )
+    if not (
         Path(model_args.model_name_or_path, "config.json").is_file()
         and any(Path(model_args.model_name_or_path).glob("*.safetensors"))
     ):
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     sft_model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, use_safetensors=True
     )  # full precision, as in the paper
+    if args.sft_adapter_path:  # pi_ref = base + SFT adapter
+        sft_model = PeftModel.from_pretrained(sft_model, args.sft_adapter_path).merge_and_unload()
     pairs = pair_sets(
         sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed
     )
@@ -132,8 +146,14 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         Dataset.from_list(pairs["heldout"]),
         tokenizer,
         callbacks,
+        args.sft_adapter_path,
     )
-    dpo_metrics = train_and_save(trainer, (args, training_args, model_args), training_args.resume_from_checkpoint)
+    dpo_metrics = train_and_save(
+        trainer,
+        (args, training_args, model_args),
+        training_args.resume_from_checkpoint,
+        Dataset.from_list(pairs["heldout"]),
+    )
     clock.lap("dpo")
 
     # ── 4. evaluate on held-out prompts, write the report ──────────────────────────────────────
