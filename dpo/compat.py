@@ -172,10 +172,15 @@ def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
     choice). On fp32 hardware settings (CPU, T4) that mixes dtypes and rounds small updates
     away, so we put them back in the compute dtype. Returns how many tensors were cast.
     The optimizer is created later, in `train()`, so it sees the new tensors.
+    Starting from an SFT adapter, TRL's frozen "ref" copy was taken before the cast, so the
+    trainable "default" weights are restored from it: the policy starts exactly at the SFT
+    adapter, not at its bf16 rounding.
     """
     n = 0
-    for param in trainer.model.parameters():
+    params = dict(trainer.model.named_parameters())
+    for name, param in params.items():
         if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+            exact = params.get(name.replace(".default.", f".{REFERENCE_ADAPTER}."), param)
+            param.data = exact.data.to(dtype, copy=True)  # a copy: never share storage with "ref"
             n += 1
     return n
