@@ -130,13 +130,24 @@ def check_adapter_fits(adapter: str, adapter_config: dict, model_config, base_na
 
 def load_with_adapter(base_name: str, base_kwargs: dict, adapter: str, trainable: bool, adapter_name="default"):
     """Load `base_name` with `base_kwargs` as TRL loads a model given by name, and put `adapter` on it."""
-    from peft import PeftModel
-
     from dpo.compat import create_model_from_path
 
     base = create_model_from_path(base_name, **base_kwargs)
     # TODO(kernels): dpo.kernels.use_portable_4bit_kernels(base) once it lands on main
-    return PeftModel.from_pretrained(base, adapter, adapter_name=adapter_name, is_trainable=trainable)
+    return put_adapter(base, adapter, adapter_name, trainable)
+
+
+def put_adapter(model, adapter: str, adapter_name: str = "default", trainable: bool = False):
+    """`model` with the LoRA adapter `adapter` on it, from adapter_model.safetensors only (PEFT
+    would fall back to a pickled adapter_model.bin). A PeftModel gets it as one more adapter."""
+    from peft import PeftModel
+
+    if _adapter_file(adapter, ADAPTER_WEIGHTS) is None:
+        raise UserError(f"{adapter}: no {ADAPTER_WEIGHTS} (adapters load from safetensors only)")
+    if isinstance(model, PeftModel):
+        model.load_adapter(adapter, adapter_name=adapter_name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, adapter, adapter_name=adapter_name, is_trainable=trainable)
 
 
 def policy_from_sft_adapter(base_name: str, training_args, quantization_config, sft_adapter: str):

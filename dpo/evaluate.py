@@ -66,7 +66,7 @@ def reference_adapter(output_dir: Path, resolved: dict) -> str | None:
 def load_policy_and_reference(output_dir: Path, resolved: dict):
     """The base as the run loaded it (4-bit if it was), adapter "policy" = the run's, and "ref"
     = the SFT adapter if there was one. Returns (PeftModel, tokenizer)."""
-    from dpo.adapters import load_with_adapter
+    from dpo.adapters import load_with_adapter, put_adapter
     from dpo.compat import ModelConfig, get_quantization_config
     from dpo.model import load_tokenizer
 
@@ -84,7 +84,7 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
     model = load_with_adapter(model_args.model_name_or_path, kwargs, str(output_dir), False, adapter_name="policy")
     ref = reference_adapter(output_dir, resolved)
     if ref:
-        model.load_adapter(ref, adapter_name="ref", is_trainable=False)
+        model = put_adapter(model, ref, adapter_name="ref")
     model.eval()
     return model, load_tokenizer(str(output_dir))
 

@@ -79,16 +79,16 @@ def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
 @torch.no_grad()
 def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False) -> dict:
     """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from dpo.adapters import put_adapter
     from dpo.model import load_tokenizer
 
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     base_name = adapter_config["base_model_name_or_path"]
     tokenizer = load_tokenizer(str(output_dir))
     load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
+    model = put_adapter(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
     model.eval()
     batch = check_prompts(output_dir, tokenizer)
     mask = batch["attention_mask"].bool()

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dpo.adapters import start_point
+from dpo.adapters import put_adapter, start_point
 from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         model_args.model_name_or_path, use_safetensors=True
     )  # full precision, as in the paper
     if args.sft_adapter_path:  # pi_ref = base + SFT adapter
-        sft_model = PeftModel.from_pretrained(sft_model, args.sft_adapter_path).merge_and_unload()
+        sft_model = put_adapter(sft_model, args.sft_adapter_path).merge_and_unload()
     pairs = pair_sets(
         sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed
     )

@@ -353,3 +353,18 @@ def test_export_refuses_before_loading_anything(dpo, tmp_path, capsys, monkeypat
         main([str(dpo["dir"]), "--push_to_hub", "someone/model"])
     assert "HF_TOKEN" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_sft_adapter_path_must_be_an_adapter(tiny_model_dir, sft):
+    from dpo.adapters import resolve_start
+    from dpo.errors import UserError
+
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        resolve_start("microsoft/phi-2", str(tiny_model_dir))  # a full model, not an adapter
+    assert resolve_start(str(tiny_model_dir), None) == (str(tiny_model_dir), None, None)  # a model stays a model
+    base, adapter, config = resolve_start("some/other-base", str(sft["dir"]))
+    assert (base, adapter, config["base_model_name_or_path"]) == (
+        "some/other-base",
+        str(sft["dir"]),
+        str(tiny_model_dir),
+    )
