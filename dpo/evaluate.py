@@ -92,7 +92,7 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
 # ── log-probabilities and generations ────────────────────────────────────────────────────────
 def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
     """Token ids of each prompt and of its chosen and rejected answers, split and truncated as TRL does."""
-    from dpo.doctor import _common_prefix, render
+    from dpo.formats import _common_prefix, render
 
     prompt_ids, chosen_ids, rejected_ids = [], [], []
     for pair in pairs:

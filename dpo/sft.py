@@ -8,9 +8,12 @@ the loss covers the answer tokens only (TRL's completion_only_loss on prompt/com
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from dpo.compat import SFTTrainer, get_quantization_config, lora_config, upcast_trainable_params
+from dpo.compat import SFTTrainer, lora_config, quantization_config, upcast_trainable_params
+from dpo.kernels import use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 
@@ -26,20 +29,22 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
-    training_args.model_init_kwargs = {
+    trainer_args = copy.copy(training_args)  # the caller's arguments stay as they are
+    trainer_args.model_init_kwargs = {
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
     trainer = SFTTrainer(
         model=model_args.model_name_or_path,
-        args=training_args,
+        args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
-        quantization_config=get_quantization_config(model_args),
+        quantization_config=quantization_config(model_args, storage),
         peft_config=lora_config(model_args),
     )
+    use_portable_4bit_kernels(trainer.model)  # one 4-bit kernel on every CPU (dpo/kernels.py)
     if model_args.dtype == "float32":
         n = upcast_trainable_params(trainer, torch.float32)
         if n:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 from dpo.compat import SFTConfig
 from dpo.config import load_recipe_args
-from dpo.data import load_preference_data, phi2_qa_format, split_heldout
+from dpo.data import load_preference_data, split_heldout
 from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error
+from dpo.formats import phi2_qa_format
 from dpo.log import log
 from dpo.model import check_model_and_load_tokenizer
 from dpo.sft import build_sft_trainer, sft_rows

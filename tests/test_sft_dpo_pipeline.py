@@ -79,9 +79,12 @@ def completion_logps(model, batch):
 def fresh_4bit(model_dir, adapter=None):
     from peft import PeftModel
 
+    from dpo.kernels import use_portable_4bit_kernels
+
     base = AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=quantization_config(), dtype=torch.float32
     )
+    use_portable_4bit_kernels(base)  # the kernel training used, on any CPU
     return PeftModel.from_pretrained(base, str(adapter)).eval() if adapter else base.eval()
 
 
