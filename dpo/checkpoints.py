@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dpo.compat import DPOConfig
+from dpo.compat import DPOConfig, SFTConfig
 from dpo.errors import UserError
 from dpo.log import log
 
@@ -33,7 +33,7 @@ REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 @dataclass
 class RunOptions:
-    """Options for resuming and reusing an output_dir (recipes parse them with DPOConfig's fields)."""
+    """Options for resuming and reusing an output_dir (recipes parse them with DPOConfig's or SFTConfig's fields)."""
 
     resume_with_different_settings: bool = field(
         default=False,
@@ -49,7 +49,12 @@ class RunOptions:
 
 @dataclass
 class RecipeDPOConfig(DPOConfig, RunOptions):
-    """TRL's DPOConfig plus RunOptions: what the recipes parse."""
+    """TRL's DPOConfig plus RunOptions: what the DPO recipes parse."""
+
+
+@dataclass
+class RecipeSFTConfig(SFTConfig, RunOptions):
+    """TRL's SFTConfig plus RunOptions: what recipes/sft_phi2.py parses."""
 
 
 PER_INVOCATION_KEYS = ("resume_from_checkpoint", *(f.name for f in fields(RunOptions)))  # not part of a run's settings

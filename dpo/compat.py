@@ -37,6 +37,7 @@ from trl import (
     get_peft_config,
     get_quantization_config,
 )
+from trl.trainer.utils import create_model_from_path, use_adapter
 
 __all__ = [
     "DPOConfig",
@@ -47,6 +48,9 @@ __all__ = [
     "TrlParser",
     "get_quantization_config",
     "quantization_config",
+    "create_model_from_path",
+    "REFERENCE_ADAPTER",
+    "use_adapter",
     "TESTED_TRL",
     "TRL_DEFAULT_MAX_LENGTH",
     "TRL_DEFAULT_TRUNCATION_MODE",
@@ -117,6 +121,17 @@ REMOVED_OPTIONS = {
 }
 
 
+# DPO from an SFT adapter: given a PeftModel that already carries adapter "default" (and no
+# peft_config, no ref_model), TRL 1.16 adds an adapter "ref" with the same LoraConfig, copies
+# "default"'s weights into it, leaves it frozen (PEFT trains only the active adapter) and runs
+# the reference forward with "ref" active (trl.trainer.utils.use_adapter). Trainer.save_model
+# then writes "default" to output_dir and "ref" to output_dir/ref. `use_adapter(model, name)` is
+# TRL's switch (name None: adapters disabled). `create_model_from_path` is
+# how TRL loads a model given by name (dtype strings, device_map), reused so that both start
+# points load the base the same way.
+REFERENCE_ADAPTER = "ref"
+
+
 def lora_config(model_args):
     """TRL's get_peft_config, with LoRA targets always given to PEFT as a list of names.
 
@@ -159,11 +174,16 @@ def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
     choice). On fp32 hardware settings (CPU, T4) that mixes dtypes and rounds small updates
     away, so we put them back in the compute dtype. Returns how many tensors were cast.
     The optimizer is created later, in `train()`, so it sees the new tensors.
+    Starting from an SFT adapter, TRL's frozen "ref" copy was taken before the cast, so the
+    trainable "default" weights are restored from it: the policy starts exactly at the SFT
+    adapter, not at its bf16 rounding.
     """
     n = 0
-    for param in trainer.model.parameters():
+    params = dict(trainer.model.named_parameters())
+    for name, param in params.items():
         if param.requires_grad and param.dtype != dtype:
-            param.data = param.data.to(dtype)
+            exact = params.get(name.replace(".default.", f".{REFERENCE_ADAPTER}."), param)
+            param.data = exact.data.to(dtype, copy=True)  # a copy: never share storage with "ref"
             n += 1
     return n
 

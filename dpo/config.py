@@ -110,15 +110,18 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     return (*parsed, precision)
 
 
-def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list[str] | None = None):
+def load_recipe_args(
+    script_arguments_class, recipe_file: str | Path, argv: list[str] | None = None, training_config=RecipeDPOConfig
+):
     """The args phase of a recipe: (script_args, training_args, model_args), checked and logged.
 
     Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
     the config, settings that would reverse or zero the preference, and an unwritable output_dir
     (dpo/validate.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
+    `training_config` is RecipeDPOConfig (TRL's DPOConfig and our fields), or RecipeSFTConfig for the SFT recipe.
     """
     script_args, training_args, model_args, precision = parse_recipe_args(
-        (script_arguments_class, RecipeDPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
+        (script_arguments_class, training_config, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
     )
     check_no_secrets(script_args, training_args, model_args)
     check_settings(training_args, model_args)

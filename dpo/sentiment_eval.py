@@ -10,6 +10,7 @@ import math
 import time
 from pathlib import Path
 
+from dpo.adapters import as_reference
 from dpo.sentiment import completion_logps, decode, n_words, reward, sample, well_formed
 
 
@@ -35,19 +36,19 @@ def evaluate_alignment(
 ) -> dict:
     """Ground-truth reward of pi_ref and pi_theta on `prompts`, and a Monte-Carlo KL(pi_theta || pi_ref).
 
-    `policy` is the trained PeftModel; pi_ref is the same model with its adapters disabled: the
-    4-bit base DPO itself used as the reference. KL is estimated from samples y ~ pi_theta:
+    `policy` is the trained PeftModel; pi_ref is the same model as DPO's reference: adapters
+    disabled, or the frozen SFT adapter when DPO started from one (dpo.adapters.as_reference). KL is estimated from samples y ~ pi_theta:
     KL = E[log pi_theta(y|x) - log pi_ref(y|x)], reported with its standard error.
     Both models sample with the same seed, so where they agree they write the same review.
     `reference=False` skips sampling pi_ref (its reward does not change during training).
     """
     pad = tokenizer.eos_token_id
     if reference:
-        with policy.disable_adapter():
+        with as_reference(policy):
             _, ref_completions = sample(policy, tokenizer, prompts, max_new_tokens, seed)
     prompt_ids, pol_completions = sample(policy, tokenizer, prompts, max_new_tokens, seed)
     logp_policy = completion_logps(policy, prompt_ids, pol_completions, pad)
-    with policy.disable_adapter():
+    with as_reference(policy):
         logp_ref = completion_logps(policy, prompt_ids, pol_completions, pad)
     log_ratio = (logp_policy - logp_ref).double()
     pol = score(tokenizer, pol_completions)

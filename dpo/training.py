@@ -2,7 +2,8 @@
 
 The reference model rule: we never pass `ref_model`. With a `peft_config`, TRL computes the
 reference log-probs with the adapters disabled, so the frozen (4-bit) base *is* pi_ref and one
-copy of the weights is in memory.
+copy of the weights is in memory. Starting from an SFT adapter (dpo/adapters.py), the policy
+is that adapter, trainable, and TRL's frozen copy of it ("ref") makes the reference base + SFT.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dpo.adapters import policy_from_sft_adapter
 from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
 from dpo.compat import (
     DPOTrainer,
@@ -37,15 +39,16 @@ from dpo.runs import ContinueCounters, prepare_output_dir, run_settings, whole_r
 from dpo.validate import check_no_secrets
 
 
-def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:
-    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA.
+def build_dpo_trainer(
+    model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None, sft_adapter=None
+) -> DPOTrainer:
+    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
+    or, given `sft_adapter` (checked by dpo.adapters.start_point), puts that adapter on it to train.
 
     The arguments are not changed: the trainer gets a copy of `training_args` whose
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
     """
-    check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
-    run = run_settings(training_args, model_args, train_dataset)
-    prepare_output_dir(training_args, run)  # refuses to mix runs, before any weights load
+    run = start_run(model_args, training_args, train_dataset)
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
@@ -54,16 +57,22 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
+    model, quantization, peft_config = model_args.model_name_or_path, quantization_config(model_args, storage), None
+    if sft_adapter:
+        model = policy_from_sft_adapter(model, trainer_args, quantization, sft_adapter)
+        quantization, trainer_args.model_init_kwargs = None, None  # the base is loaded: TRL would warn
+    else:
+        peft_config = lora_config(model_args)
     trainer = EvalOnceDPOTrainer(
-        model=model_args.model_name_or_path,
-        ref_model=None,  # the base with adapters disabled is the reference
+        model=model,
+        ref_model=None,  # the base with adapters disabled (or TRL's frozen "ref" copy of the SFT adapter)
         args=trainer_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
-        quantization_config=quantization_config(model_args, storage),
-        peft_config=lora_config(model_args),
+        quantization_config=quantization,
+        peft_config=peft_config,
     )
     n_4bit = use_portable_4bit_kernels(trainer.model)
     if n_4bit and cpu_has_avx512bf16():
@@ -74,17 +83,32 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
             log(f"kept {n} trainable LoRA tensors in float32 to match fp32 compute")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    log(
-        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled"
-    )
-    trainer.run_settings, trainer.stop_on_signal = run, StopOnSignal()
-    route_checkpoint_writes(trainer, CheckpointSaver(trainer, run, trainer.stop_on_signal.held))
-    for callback in (trainer.stop_on_signal, NonFiniteGuard(trainer), HealthCheck(), ContinueCounters(trainer)):
-        trainer.add_callback(callback)
+    reference = f"base + frozen SFT adapter ({sft_adapter})" if sft_adapter else "base with adapters disabled"
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
+    protect_run(trainer, run)
+    trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
     return trainer
 
 
-def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None) -> dict:
+def start_run(model_args, training_args, train_dataset) -> dict:
+    """Before any weights load: refuse secrets in the settings and mixing two runs in one output_dir.
+    Returns the run's settings fingerprint (dpo/runs.py) for `protect_run`."""
+    check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
+    run = run_settings(training_args, model_args, train_dataset)
+    prepare_output_dir(training_args, run)
+    return run
+
+
+def protect_run(trainer, run: dict) -> None:
+    """What `train_and_save` relies on, for a DPO or an SFT trainer: checkpoints marked complete,
+    Ctrl-C/SIGTERM saving one, a stop on a non-finite loss or gradient, counters that continue on resume."""
+    trainer.run_settings, trainer.stop_on_signal = run, StopOnSignal()
+    route_checkpoint_writes(trainer, CheckpointSaver(trainer, run, trainer.stop_on_signal.held))
+    for callback in (trainer.stop_on_signal, NonFiniteGuard(trainer), ContinueCounters(trainer)):
+        trainer.add_callback(callback)
+
+
+def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None, heldout=None) -> dict:
     """Train, evaluate on the held-out split, and write everything a user needs to `output_dir`.
 
     output_dir/
@@ -94,6 +118,7 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
       final_metrics.json                               train metrics + held-out eval metrics
       trainer_state.json, training_curves.png          the logged history and its plot
       run_complete.json                                written last: the files above are one whole run
+      heldout_pairs.jsonl                              `heldout` (prompt/chosen/rejected), for dpo.evaluate
 
     Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
     exit status 128 + signal. A non-finite loss/gradient stops before that step, exit status 3.
@@ -133,6 +158,8 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
                 (folder / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
                 trainer.state.save_to_json(str(folder / "trainer_state.json"))
                 plot_training_curves(trainer.state.log_history, folder / "training_curves.png")
+                if heldout is not None:
+                    heldout.select_columns(["prompt", "chosen", "rejected"]).to_json(folder / "heldout_pairs.jsonl")
 
         with stopper.held():  # a Ctrl-C now waits for the final files
             write_final_outputs(trainer, trainer.run_settings, write_into)

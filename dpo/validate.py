@@ -41,19 +41,20 @@ def check_settings(training_args, model_args) -> None:
     from dpo.compat import LOSS_TYPES  # TRL's loss types (no cdpo)
 
     problems = []
-    loss = loss_settings_error(
-        list(training_args.loss_type),
-        training_args.loss_weights,
-        training_args.beta,
-        training_args.label_smoothing,
-        training_args.f_divergence_type,
-        getattr(training_args, "f_alpha_divergence_coef", DEFAULT_F_ALPHA),
-        getattr(training_args, "discopop_tau", DEFAULT_DISCOPOP_TAU),
-        known=LOSS_TYPES,
-        use_weighting=training_args.use_weighting,
-    )
-    if loss:
-        problems.append(loss)
+    if hasattr(training_args, "beta"):  # a DPO config; the SFT recipe's SFTConfig has no preference loss
+        loss = loss_settings_error(
+            list(training_args.loss_type),
+            training_args.loss_weights,
+            training_args.beta,
+            training_args.label_smoothing,
+            training_args.f_divergence_type,
+            getattr(training_args, "f_alpha_divergence_coef", DEFAULT_F_ALPHA),
+            getattr(training_args, "discopop_tau", DEFAULT_DISCOPOP_TAU),
+            known=LOSS_TYPES,
+            use_weighting=training_args.use_weighting,
+        )
+        if loss:
+            problems.append(loss)
     lr = training_args.learning_rate
     if not (lr > 0 and math.isfinite(lr)):
         problems.append(f"learning_rate must be > 0; got {lr} (0 trains nothing, < 0 climbs the loss)")

@@ -22,6 +22,7 @@ The data doctor (dpo/doctor.py) checks every row and prints its table before any
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo.adapters import start_point
 from dpo.config import load_recipe_args
 from dpo.data import load_preference_data, split_heldout
 from dpo.distributed import on_main_process
@@ -62,6 +63,13 @@ class ScriptArguments:
     )
     degenerate_rows: str = field(
         default="drop", metadata={"help": "drop (count and warn) or fail on empty/identical/duplicate/too-long rows."}
+    )
+
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
+        },
     )
 
 
@@ -111,6 +119,9 @@ def main(argv: list[str] | None = None, callbacks=None):
     script_args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
 
     # ── model: checks only; TRL loads the (4-bit) weights when it builds the trainer ───
+    model_args.model_name_or_path, script_args.sft_adapter_path = start_point(
+        model_args, training_args, script_args.sft_adapter_path
+    )  # an SFT adapter, given as --sft_adapter_path or as the model: checked against the base
     tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
     # ── data: any layout -> prompt/chosen/rejected; the doctor checks every row ─────────
@@ -134,10 +145,14 @@ def main(argv: list[str] | None = None, callbacks=None):
         training_args.eval_strategy = "no"
 
     # ── trainer: (4-bit) base + LoRA; no ref_model, the base with adapters off is pi_ref ─
-    trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks)
+    trainer = build_dpo_trainer(
+        model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks, script_args.sft_adapter_path
+    )
 
     # ── train and save: adapter, tokenizer (with its chat template), config, metrics, curves
-    train_and_save(trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint)
+    train_and_save(
+        trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout_pairs
+    )
     return trainer
 
 

@@ -20,6 +20,7 @@ dataset's system text opening the instruction (dpo/formats.py:phi2_qa_format):
 
 from dataclasses import dataclass, field
 
+from dpo.adapters import start_point
 from dpo.config import load_recipe_args
 from dpo.data import load_preference_data, split_heldout
 from dpo.distributed import on_main_process
@@ -37,6 +38,13 @@ class ScriptArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to load."})
     test_size: float = field(default=0.1, metadata={"help": "Fraction held out (seeded) for evaluation; 0 for none."})
+
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
+        },
+    )
 
 
 def doctor(script_args, training_args, tokenizer):
@@ -59,6 +67,9 @@ def main(argv: list[str] | None = None, callbacks=None):
     script_args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
 
     # ── model: checks only; TRL loads the 4-bit weights when it builds the trainer ─────
+    model_args.model_name_or_path, script_args.sft_adapter_path = start_point(
+        model_args, training_args, script_args.sft_adapter_path
+    )  # an SFT adapter, given as --sft_adapter_path or as the model: checked against the base
     tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
     # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
@@ -74,10 +85,14 @@ def main(argv: list[str] | None = None, callbacks=None):
         training_args.eval_strategy = "no"
 
     # ── trainer: 4-bit base + LoRA; no ref_model, the base with adapters off is pi_ref ──
-    trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks)
+    trainer = build_dpo_trainer(
+        model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks, script_args.sft_adapter_path
+    )
 
     # ── train and save: adapter, tokenizer, resolved config, metrics, curves ────────────
-    train_and_save(trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint)
+    train_and_save(
+        trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout_pairs
+    )
     return trainer
 
 

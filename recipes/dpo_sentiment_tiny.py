@@ -33,6 +33,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from dpo.adapters import put_adapter, start_point
 from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
@@ -63,6 +64,12 @@ class ScriptArguments:
     eval_prompts: int = field(default=512, metadata={"help": "Held-out prompts sampled from pi_ref and pi_theta."})
     max_new_tokens: int = field(
         default=16, metadata={"help": "Sampling cut-off; the longest review is 12 tokens + EOS."}
+    )
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "An SFT adapter on model_name_or_path as pi_ref (base + it, frozen); the policy starts as it."
+        },
     )
     torch_threads: int = field(
         default=1, metadata={"help": "CPU threads; a 0.1M-parameter model runs fastest on one."}
@@ -98,7 +105,11 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         log(
             f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}"
         )
-    elif not (
+    else:  # an SFT adapter, given as --sft_adapter_path or as the model: checked against the base
+        model_args.model_name_or_path, args.sft_adapter_path = start_point(
+            model_args, training_args, args.sft_adapter_path
+        )
+    if not (
         Path(model_args.model_name_or_path, "config.json").is_file()
         and any(Path(model_args.model_name_or_path).glob("*.safetensors"))
     ):
@@ -113,6 +124,8 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     sft_model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, use_safetensors=True
     )  # full precision, as in the paper
+    if args.sft_adapter_path:  # pi_ref = base + SFT adapter
+        sft_model = put_adapter(sft_model, args.sft_adapter_path).merge_and_unload()
     pairs = pair_sets(
         sft_model, tokenizer, task, args.pair_prompts, args.heldout_pair_prompts, args.max_new_tokens, seed
     )
@@ -134,8 +147,14 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         Dataset.from_list(pairs["heldout"]),
         tokenizer,
         callbacks,
+        args.sft_adapter_path,
     )
-    dpo_metrics = train_and_save(trainer, (args, training_args, model_args), training_args.resume_from_checkpoint)
+    dpo_metrics = train_and_save(
+        trainer,
+        (args, training_args, model_args),
+        training_args.resume_from_checkpoint,
+        Dataset.from_list(pairs["heldout"]),
+    )
     clock.lap("dpo")
 
     # ── 4. evaluate on held-out prompts, write the report ──────────────────────────────────────

@@ -1,0 +1,84 @@
+"""QLoRA SFT of microsoft/phi-2 on the chosen answers of jondurbin/truthy-dpo-v0.1: step 1 of 2.
+
+    accelerate launch recipes/sft_phi2.py                         # settings: recipes/sft_phi2.yaml
+    accelerate launch recipes/dpo_phi2.py --sft_adapter_path outputs/sft_phi2   # step 2: DPO from it
+    accelerate launch recipes/sft_phi2.py --resume_from_checkpoint last
+
+The DPO paper fine-tunes on the preferred answers first and uses that model as pi_ref. This
+recipe writes that SFT model as a LoRA adapter on the 4-bit base; the DPO recipes then take it
+as their starting point and their reference (dpo/adapters.py). Same prompt format as
+recipes/dpo_phi2.py (phi-2's `Instruct: ...\\nOutput:`), same data checks, same outputs
+(adapter, tokenizer, resolved_config.yaml, final_metrics.json, curves, checkpoints), and the
+loss covers the answer tokens only.
+
+Offline (no GPU, no internet):
+
+    python -m dpo.tiny outputs/tiny-phi --truthy_rows outputs/truthy_sample.jsonl
+    python recipes/sft_phi2.py --model_name_or_path outputs/tiny-phi --dataset_name outputs/truthy_sample.jsonl \\
+        --max_steps 5 --output_dir outputs/sft_tiny
+"""
+
+from dataclasses import dataclass, field
+
+from dpo.checkpoints import RecipeSFTConfig
+from dpo.config import load_recipe_args
+from dpo.data import load_preference_data, split_heldout
+from dpo.doctor import check_data
+from dpo.errors import exit_on_user_error
+from dpo.formats import phi2_qa_format
+from dpo.log import log
+from dpo.model import check_model_and_load_tokenizer
+from dpo.sft import build_sft_trainer, sft_rows
+from dpo.training import train_and_save
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to load."})
+    test_size: float = field(default=0.1, metadata={"help": "Fraction held out (seeded) for evaluation; 0 for none."})
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None, callbacks=None):
+    # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
+    script_args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv, RecipeSFTConfig)
+
+    # ── model: checks only; TRL loads the 4-bit weights when it builds the trainer ─────
+    tokenizer = check_model_and_load_tokenizer(model_args, training_args)
+
+    # ── data: the DPO recipe's rows and checks; SFT keeps the prompt and the chosen answer.
+    #    The same seed holds out the same pairs as recipes/dpo_phi2.py, so DPO's held-out
+    #    pairs were not seen by SFT either.
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    report = check_data(
+        raw,
+        script_args.dataset_name,
+        tokenizer,
+        prompt_format="text",
+        text_format=phi2_qa_format,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+    )
+    log(report.summary())
+    train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
+    train_rows = sft_rows(train_pairs)
+    heldout_rows = sft_rows(heldout_pairs) if heldout_pairs is not None else None
+    log(f"{len(train_rows)} SFT rows (prompt + chosen answer), {len(heldout_rows or [])} held out")
+    if heldout_rows is None:
+        training_args.eval_strategy = "no"
+
+    # ── trainer: 4-bit base + LoRA, loss on the answer tokens ───────────────────────────
+    trainer = build_sft_trainer(model_args, training_args, train_rows, heldout_rows, tokenizer, callbacks)
+
+    # ── train and save: adapter, tokenizer, resolved config, metrics, curves ────────────
+    train_and_save(
+        trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout_pairs
+    )
+    log(f"next: accelerate launch recipes/dpo_phi2.py --sft_adapter_path {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()
