@@ -26,8 +26,9 @@ from test_loop_agreement import METRICS
 from test_loss_agreement import RTOL, grads, ours, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo.data import load_preference_data, to_pairs
+from dpo.data import load_preference_data
 from dpo.loop import train
+from dpo.pairs import to_pairs
 
 MAX_LENGTH = 128
 TOP = ("model.layers.28.", "model.layers.29.")  # the trainable layers in the loss agreement
