@@ -73,10 +73,11 @@ def sequence_logps(logits: Tensor, labels: Tensor, *, with_log_sum_sq_probs: boo
     labels: (B, T) token ids, -100 at prompt and padding positions (never scored).
     with_log_sum_sq_probs: also return log sum_v p_v(t)^2 per position, the WPO normaliser.
 
-    The logits are upcast to float32 first: in bf16/fp16 the log-softmax rounds away the small
-    policy/reference differences DPO is made of.
+    The logits are upcast to float32 first (float64 stays float64): in bf16/fp16 the log-softmax
+    rounds away the small policy/reference differences DPO is made of.
     """
-    logits = logits[:, :-1].float()  # the last position predicts past the end of the row
+    logits = logits[:, :-1]  # the last position predicts past the end of the row
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     labels = labels[:, 1:]  # the first token has no prediction
     mask = labels != -100
     log_probs = logits.log_softmax(dim=-1)  # (B, T-1, V)

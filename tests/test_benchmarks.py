@@ -33,7 +33,7 @@ def table_rows(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_demo.py", "frontier_sentiment.py"])
+@pytest.mark.parametrize("script", ["bench_demo.py", "frontier_sentiment.py", "real_alignment.py"])
 def test_help_exits_0(script):
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
@@ -159,3 +159,21 @@ def test_frontier_refuses_a_hub_token(tmp_path, monkeypatch, capfd):
     out, err = capfd.readouterr()
     assert exit_info.value.code == 2 and "HF_TOKEN" in err and "hf_x_secret" not in out + err
     assert not any(tmp_path.iterdir())  # refused before pi_ref was trained
+
+
+# ── real_alignment.py ────────────────────────────────────────────────────────────────────────
+
+
+def test_real_alignment_interval_and_ties():
+    """The 95% interval the README's claim rests on (Wilson score), and a tie (policy = reference) counting half."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from real_alignment import heldout_metrics, wilson
+
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(120, 200)[0] > 0.5 > wilson(110, 200)[0]  # 60% of 200 excludes chance, 55% does not
+    zero = torch.zeros(4)
+    m = heldout_metrics(torch.tensor([1.0, 0.0, 0.0, 0.0]), zero, zero, zero, beta=0.1)
+    assert m["accuracy"] == pytest.approx((1 + 0.5 * 3) / 4) and m["n"] == 4
