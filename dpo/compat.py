@@ -51,6 +51,9 @@ __all__ = [
     "REMOVED_OPTIONS",
     "lora_config",
     "precomputed_reference_logps",
+    "reference_model",
+    "use_reference_columns",
+    "use_samplers",
     "save_resumable_checkpoint",
     "upcast_trainable_params",
 ]
@@ -135,13 +138,38 @@ def quantization_config(model_args, quant_storage: str | None = None):
 
 
 def precomputed_reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reference log-probs (chosen, rejected) as TRL computes them for
-    `precompute_ref_log_probs=True` (with LoRA: inside `model.disable_adapter()`).
+    """Summed reference log-probs (chosen, rejected) of one collated batch as TRL computes them for
+    `precompute_ref_log_probs=True`: no grad, checkpointing off, LD-DPO's ld_alpha applied, through
+    `reference_model` (with LoRA: inside `model.disable_adapter()`).
 
     During ordinary training TRL computes the reference inline in `_compute_loss`, with the
     same adapter switch; tests check that path through the logged rewards.
     """
-    return trainer.compute_ref_log_probs(trainer.model, batch)
+    return trainer.compute_ref_log_probs(reference_model(trainer), batch)
+
+
+def reference_model(trainer: DPOTrainer) -> torch.nn.Module:
+    """The module whose forward gives pi_ref: TRL's separate `ref_model` (full fine-tuning), else the
+    PEFT model itself, whose adapters `compute_ref_log_probs` disables (or switches to "ref")."""
+    return trainer.ref_model or trainer.model
+
+
+def use_reference_columns(trainer: DPOTrainer, train_dataset, eval_dataset) -> None:
+    """Hand the trainer datasets that carry `ref_chosen_logps` / `ref_rejected_logps` and make its loss
+    read them (TRL's `precompute_ref_log_probs` path, switched on after __init__ so TRL does not
+    precompute them itself). The signature columns already include both, so the Trainer keeps them."""
+    trainer.train_dataset = train_dataset
+    trainer.eval_dataset = eval_dataset
+    trainer.precompute_ref_logps = True
+
+
+def use_samplers(trainer: DPOTrainer, train_sampler=None, eval_sampler=None) -> None:
+    """Replace the Trainer's sampler hooks (transformers' private `_get_train_sampler` /
+    `_get_eval_sampler`, called with the dataset a DataLoader is built for)."""
+    if train_sampler is not None:
+        trainer._get_train_sampler = lambda dataset=None: train_sampler(dataset or trainer.train_dataset)
+    if eval_sampler is not None:
+        trainer._get_eval_sampler = eval_sampler
 
 
 def save_resumable_checkpoint(trainer: DPOTrainer) -> None:

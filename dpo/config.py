@@ -25,6 +25,22 @@ from dpo.log import log
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
+@dataclasses.dataclass
+class RecipeDPOConfig(DPOConfig):
+    """TRL's DPOConfig plus this repo's own switches (YAML keys like every other field)."""
+
+    reference_cache: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Compute reference log-probs once and keep them on disk for later runs (dpo/refcache.py)."},
+    )
+    reference_cache_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
+        },
+    )
+
+
 def load_script(path: str | Path, name: str | None = None):
     """Import a script file (a recipe, a benchmark) as a module without running its `__main__`."""
     path = Path(path)
@@ -94,7 +110,7 @@ def load_recipe_args(script_arguments_class, recipe_file: str | Path, argv: list
     the config; resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     """
     script_args, training_args, model_args, precision = parse_recipe_args(
-        (script_arguments_class, DPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
+        (script_arguments_class, RecipeDPOConfig, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
     )
     check_no_token_in_config(training_args)
     training_args.resume_from_checkpoint = resolve_resume(

@@ -26,6 +26,8 @@ from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
+from dpo.refcache import attach_reference_cache, check_reference_cache
+from dpo.sampler import install_length_grouping
 
 
 def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> DPOTrainer:
@@ -37,6 +39,9 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
+    use_cache = getattr(training_args, "reference_cache", False)  # dpo.config.RecipeDPOConfig's switch
+    if use_cache:
+        check_reference_cache(training_args)
     trainer_args = copy.copy(training_args)
     trainer_args.model_init_kwargs = {
         **model_init_kwargs(model_args, training_args),
@@ -65,6 +70,11 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     log(
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled"
     )
+    if training_args.train_sampling_strategy == "group_by_length":
+        log(install_length_grouping(trainer))
+    if use_cache:
+        cache = attach_reference_cache(trainer, training_args.reference_cache_dir)
+        trainer.add_callback(cache.parity_callback())
     return trainer
 
 
