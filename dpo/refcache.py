@@ -238,20 +238,19 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
 
     evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
     datasets = {"train": trainer.train_dataset, **{k: v for k, v in evals.items() if v is not None}}
-    ids, hits, misses, computed, saved = {}, 0, 0, 0.0, 0.0
+    ids, before, misses, computed = {}, store, 0, 0.0
     for name, dataset in datasets.items():
         ids[name] = row_ids(dataset)
-        hit_rows = [row for row in ids[name] if row in store.rows]
-        hits += len(hit_rows)
-        saved += sum(store.rows[row][2] for row in hit_rows)
         store, n, seconds = _fill(trainer, store, dataset, ids[name], name, env)
         misses, computed = misses + n, computed + seconds
+    hit_rows = {row for rows in ids.values() for row in rows if row in before.rows}
+    hits, saved = len(hit_rows), sum(before.rows[row][2] for row in hit_rows)
     with_columns = {name: _with_columns(dataset, store, ids[name]) for name, dataset in datasets.items()}
     train = with_columns.pop("train")
     evaluation = with_columns if isinstance(trainer.eval_dataset, dict) else with_columns.get("eval")
     use_reference_columns(trainer, train, evaluation)
 
-    total = hits + misses
+    total = hits + misses  # distinct pairs of train + eval
     if misses == 0:
         log(f"reference cache: hit, {total:,} pairs read from {folder}; saved ~{saved:.0f} s of reference forwards")
     else:
