@@ -23,6 +23,7 @@ one-off cost, reported); configurations 4 and 6 then read it, as every later run
                    TRL's default (as `trl dpo --use_peft --load_in_4bit`), bf16 off (CPU)
   3 recipe         recipes/dpo_any.py's trainer with recipes/dpo_hh_rlhf.yaml, cache and grouping off
   4-6              the recipe + reference_cache: true / train_sampling_strategy: group_by_length / both
+  7                6 with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB (memory against speed)
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ CONFIGS = {
     "recipe_cache": "4. recipe + reference cache",
     "recipe_grouped": "5. recipe + length-grouped batches",
     "recipe_both": "6. recipe + cache + grouping",
+    "recipe_both_lowmem": "7. = 6, glibc MALLOC_MMAP_THRESHOLD_=1 MiB",
 }
+# Config 7 is 6 with glibc's allocator told to give every block of 1 MiB or more back to the system
+# when freed (instead of its dynamic threshold of up to 32 MiB): far lower peak memory, slower steps.
+ENV = {"recipe_both_lowmem": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}}
 MODEL = "smollm2-135m-instruct"
 DATA = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SECTION = "## DPO training: speed and memory (`benchmarks/bench_training.py`)"
@@ -58,25 +63,36 @@ WORKERS = ROOT / "benchmarks" / "training_workers.py"
 
 
 # ── data: the same pairs for every configuration ────────────────────────────────────────────
-def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, path: Path) -> int:
-    """Convert and check rows as recipes/dpo_any.py does (the data doctor); keep `n` of a seeded pick."""
+def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, path: Path) -> tuple[int, dict]:
+    """Convert and check every row as recipes/dpo_any.py does (the data doctor); write a seeded pick of `n`
+    pairs. Also returns the padding share of batches of 4 over ALL kept pairs: random, grouped, floor."""
     from dpo.data import load_preference_data
     from dpo.doctor import check_data
+    from dpo.sampler import PairLengthGroupedSampler, padding_floor, padding_fraction
 
-    raw = load_preference_data(dataset, None, "train")
-    picks = random.Random(seed).sample(range(len(raw)), min(len(raw), 4 * n))  # 4x: the doctor drops some
-    kept = check_data(raw.select(picks), dataset, tokenizer, max_length=max_length).kept
+    report = check_data(load_preference_data(dataset, None, "train"), dataset, tokenizer, max_length=max_length)
+    kept, lengths = report.kept, report.lengths
+    chosen = [min(max_length, int(p + c)) for p, c in zip(lengths["prompt"], lengths["chosen"])]
+    rejected = [min(max_length, int(p + r)) for p, r in zip(lengths["prompt"], lengths["rejected"])]
+    shuffled = random.Random(seed).sample(range(len(kept)), len(kept))
+    grouped = PairLengthGroupedSampler([max(c, r) for c, r in zip(chosen, rejected)], BATCH, seed=seed).order(0)
+    padding = {
+        "pairs": len(kept),
+        "random": padding_fraction(chosen, rejected, shuffled, BATCH),
+        "grouped": padding_fraction(chosen, rejected, grouped, BATCH),
+        "floor": padding_floor(chosen, rejected),
+    }
     with open(path, "w") as f:
-        for row in kept.select(range(min(n, len(kept)))):
-            f.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
-    return min(n, len(kept))
+        for i in shuffled[:n]:
+            f.write(json.dumps({k: kept[i][k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+    return min(n, len(kept)), padding
 
 
 # ── the parent: prepare, run the configurations interleaved, write the table ──────────────────
 def run_worker(config: str, args) -> dict:
     cmd = [sys.executable, str(WORKERS), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV.get(config, {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.exit(f"{config} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -121,7 +137,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def markdown(summary: dict, cache: dict, settings: dict, load: tuple) -> str:
+def markdown(summary: dict, cache: dict, settings: dict, load: tuple, padding: dict) -> str:
     s, base, seed = summary, summary["trl_defaults"], summary["seed_loop"]
     rows = [
         SECTION,
@@ -158,6 +174,11 @@ def markdown(summary: dict, cache: dict, settings: dict, load: tuple) -> str:
         f"Quality: with the cache, every step's loss equals the inline reference's (3 vs 4, 5 vs 6: largest "
         f"difference {same:.1e}, tolerance 1e-4). Grouping changes which pairs share a step, not which pairs "
         "are seen: the mean loss over the epoch is the comparison there.",
+        "",
+        f"Padding over all {padding['pairs']} kept pairs of the file (batches of {BATCH}, max_length "
+        f"{settings['max_length']}): random batches {100 * padding['random']:.1f}%, length-grouped "
+        f"{100 * padding['grouped']:.1f}%; {100 * padding['floor']:.1f}% is the floor no batching removes (each "
+        "pair's shorter answer padded to its longer one, in the same tensor).",
     ]
     return "\n".join(rows) + "\n"
 
@@ -168,7 +189,7 @@ def write_section(path: Path, text: str) -> None:
     if SECTION in old:
         start = old.index(SECTION)
         end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
+        new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
@@ -225,13 +246,13 @@ def run(args) -> None:
     from dpo.model import load_tokenizer
 
     if args.model is None:
-        from dpo.models import materialize
+        from dpo.models import default_cache_dir, materialize
 
-        args.model = str(materialize(MODEL, ROOT / "outputs" / "models" / MODEL))
+        args.model = str(materialize(MODEL, default_cache_dir(MODEL)))  # built once from the pip GGUF
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     args.workdir = tempfile.mkdtemp(prefix="run-", dir=work)  # a fresh cache and outputs every invocation
-    pairs = prepare_pairs(
+    pairs, padding = prepare_pairs(
         args.dataset_name,
         load_tokenizer(args.model),
         args.pairs,
@@ -261,16 +282,18 @@ def run(args) -> None:
     command = "python benchmarks/bench_training.py" + (" --quick" if args.quick else "")
     settings = {
         "command": command,
+        "model": Path(args.model).name,
         "pairs": pairs,
         "max_length": args.max_length,
         "rounds": args.rounds,
         "threads": args.threads,
     }
-    text = markdown(summary, cache, settings, (load_before, os.getloadavg()))
+    text = markdown(summary, cache, settings, (load_before, os.getloadavg()), padding)
     write_section(Path(args.out), text)
     if args.json:
         payload = {
             "settings": settings,
+            "dataset_padding": padding,
             "versions": versions(),
             "cache_build": cache,
             "summary": summary,

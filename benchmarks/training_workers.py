@@ -20,7 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
 
-CONFIGS = ("seed_loop", "trl_defaults", "recipe", "recipe_cache", "recipe_grouped", "recipe_both")
+CONFIGS = (
+    "seed_loop",
+    "trl_defaults",
+    "recipe",
+    "recipe_cache",
+    "recipe_grouped",
+    "recipe_both",
+    "recipe_both_lowmem",
+)
 BATCH = 4  # pairs per step, every configuration
 
 
@@ -144,7 +152,8 @@ def seed_loop_worker(args) -> Meter:
         ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s, _ in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs])
         completion = torch.tensor([[0] * p + [1] * (len(s) - p) + [0] * (width - len(s)) for s, p in seqs])
-        meter.count(mask)
+        if model is policy:  # each pair's tokens once, as for the trainers (their batch goes through both)
+            meter.count(mask)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         return (token_logps * completion[:, 1:]).sum(-1)
@@ -170,7 +179,8 @@ def worker(config: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    meter = seed_loop_worker(args) if config == "seed_loop" else trainer_worker(config, args)
+    same = {"recipe_both_lowmem": "recipe_both"}  # differs only by the environment bench_training.py gives it
+    meter = seed_loop_worker(args) if config == "seed_loop" else trainer_worker(same.get(config, config), args)
     return {
         "config": config,
         "seconds": meter.seconds,

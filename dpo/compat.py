@@ -54,6 +54,7 @@ __all__ = [
     "reference_model",
     "use_reference_columns",
     "use_samplers",
+    "lean_cpu_lm_head",
     "save_resumable_checkpoint",
     "upcast_trainable_params",
 ]
@@ -170,6 +171,33 @@ def use_samplers(trainer: DPOTrainer, train_sampler=None, eval_sampler=None) -> 
         trainer._get_train_sampler = lambda dataset=None: train_sampler(dataset or trainer.train_dataset)
     if eval_sampler is not None:
         trainer._get_eval_sampler = eval_sampler
+
+
+CPU_VOCAB_TILE = 4096  # vocabulary columns per LM-head tile on CPU: 2k tokens x 4096 x 4 B = 32 MB per temporary
+
+
+def lean_cpu_lm_head() -> bool:
+    """Make TRL's fused LM head (trl.trainer.utils, `fused_lm_head=True`) cheap on CPU. Returns True if it
+    changed anything (once per process).
+
+    TRL 1.16 scores logits in tiles of up to 4096 tokens x `_CHUNKED_LOGPROB_CHUNK_SIZE` (32768)
+    vocabulary columns, and off CUDA/XPU it scores every position, prompt and padding included
+    (`compact` only where Triton runs; the comment there is about recompilation on Neuron). On CPU
+    that is a 270 MB tile for 2k tokens, five or more tile-sized temporaries in the torch fallback,
+    and LM-head work on positions whose log-prob is thrown away. Narrower tiles and scoring only the
+    completion positions give the same per-token values (each row is independent) with a fraction of
+    the memory and time. Only the `compact` decision in trl.trainer.utils changes; the kernels' own
+    Triton switch is untouched.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if getattr(trl_utils, "_dpo_recipes_lean_cpu", False):
+        return False
+    triton_device = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: triton_device(device) or device.type == "cpu"
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCAB_TILE
+    trl_utils._dpo_recipes_lean_cpu = True
+    return True
 
 
 def save_resumable_checkpoint(trainer: DPOTrainer) -> None:

@@ -16,6 +16,7 @@ from accelerate import PartialState
 
 from dpo.compat import (
     DPOTrainer,
+    lean_cpu_lm_head,
     lora_config,
     quantization_config,
     save_resumable_checkpoint,
@@ -70,6 +71,8 @@ def build_dpo_trainer(model_args, training_args, train_dataset, eval_dataset, to
     log(
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = base with adapters disabled"
     )
+    if trainer.args.device.type == "cpu" and lean_cpu_lm_head():
+        log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
     if training_args.train_sampling_strategy == "group_by_length":
         log(install_length_grouping(trainer))
     if use_cache:
