@@ -197,8 +197,8 @@ def recipe_flags(args, config: str) -> list[str]:
     flags += ["--dataset_name", str(work / "pairs.jsonl"), "--output_dir", str(work / config)]
     flags += ["--reference_cache", str(config in ("recipe_cache", "recipe_both", "cache_build"))]
     flags += ["--reference_cache_dir", str(work / "refcache")]
-    if config in ("recipe_grouped", "recipe_both"):
-        flags += ["--train_sampling_strategy", "group_by_length"]
+    grouped = config in ("recipe_grouped", "recipe_both")
+    flags += ["--train_sampling_strategy", "group_by_length" if grouped else "random"]  # whatever the YAML says
     return flags
 
 
