@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # DPO of the real SmolLM2-135M-Instruct on real Anthropic HH-RLHF pairs, offline, measured on held-out
-# pairs; writes benchmarks/results/real_alignment.{md,png,json} (target: ~15 minutes on 2 CPU cores).
+# pairs; writes benchmarks/results/real_alignment.{md,png,json} (18 minutes on 2 CPU cores).
 real: $(STAMP)
 	$(BIN)/python benchmarks/real_alignment.py
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,12 @@ def markdown(walls: list[float], runs: list[dict], load_before: tuple, load_afte
     return "\n".join(lines)
 
 
+def other_sections(old: str) -> str:
+    """The `## ` sections other scripts write into the same file (bench_training.py's), kept as they are."""
+    sections = re.split(r"(?m)^(?=## )", old)[1:]
+    return "".join("\n" + s.rstrip("\n") + "\n" for s in sections if not s.startswith("## `make demo`"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -124,7 +131,9 @@ def main() -> None:
         walls.append(wall)
         runs.append(metrics)
         print(f"run {i + 1}: {wall:.1f} s end to end; phases {metrics['seconds']}", flush=True)
-    Path(args.out).write_text(markdown(walls, runs, load_before, os.getloadavg()))
+    out = Path(args.out)
+    kept = other_sections(out.read_text()) if out.exists() else ""
+    out.write_text(markdown(walls, runs, load_before, os.getloadavg()).rstrip("\n") + "\n" + kept)
     print(f"median {statistics.median(walls):.1f} s; written to {args.out}")
 
 

@@ -4,6 +4,7 @@
     python benchmarks/frontier_sentiment.py --betas 0.1 1 --loss_types sigmoid ipo --out /tmp/frontier
     python benchmarks/frontier_sentiment.py --num_train_epochs 2         # any recipe setting passes through
     python benchmarks/frontier_sentiment.py --from_csv benchmarks/results/frontier.csv   # redraw only
+    python benchmarks/frontier_sentiment.py --reference_cache false      # reference forwards inline, every step
 
 One pi_ref (phase 1 of recipes/dpo_sentiment_tiny.py) and one set of preference pairs (phase 2)
 serve every run. Each (loss type, beta) is then a DPO run with the recipe's settings
@@ -39,6 +40,9 @@ RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
 # 2.5x the demo's 2 epochs (the recipe's other settings unchanged): long enough for a run to pass
 # the peak of the reward-KL path wherever its loss and beta let it.
 DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
+# Every run of the sweep shares pi_ref and the pairs, so the reference log-probs are computed by the
+# first run and read by the others (dpo/refcache.py); `--reference_cache false` recomputes them inline.
+CACHE_OVERRIDES = ["--reference_cache", "true"]
 FIELDS = [
     "loss_type",
     "beta",
@@ -156,7 +160,8 @@ def main() -> None:
     args, recipe_argv = parser.parse_known_args()  # the rest: recipe settings, e.g. --num_train_epochs 2
     if args.from_csv:
         return write_outputs(read_csv(Path(args.from_csv)), Path(args.out), csv_path=Path(args.from_csv))
-    recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *recipe_argv]
+    cache_dir = ["--reference_cache_dir", str(Path(args.workdir) / "reference-logps")]
+    recipe_argv = [*DEFAULT_RECIPE_OVERRIDES, *CACHE_OVERRIDES, *cache_dir, *recipe_argv]
     start = time.time()
     script_arguments = runpy.run_path(str(RECIPE))["ScriptArguments"]  # the recipe's settings, without running it
     workdir = Path(args.workdir)

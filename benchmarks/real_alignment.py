@@ -1,6 +1,6 @@
 """Does DPO align a real chat model on real human preferences? Measured on pairs never trained on.
 
-    make real                                    # = python benchmarks/real_alignment.py (~15 min on 2 CPU cores)
+    make real                                    # = python benchmarks/real_alignment.py (~18 min on 2 CPU cores)
     python benchmarks/real_alignment.py --train_pairs 64 --heldout_pairs 64 --out /tmp/probe   # a quick probe
 
 Model: SmolLM2-135M-Instruct (dpo/models.py builds it offline from requirements-models.txt; any
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 import transformers
-import trl
 from matplotlib.figure import Figure
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
+from dpo.compat import INSTALLED_TRL
 from dpo.data import load_preference_data
 from dpo.doctor import check_data
 from dpo.errors import UserError, exit_on_user_error
@@ -85,14 +85,27 @@ def batches(examples: list[dict], size: int, pad_token_id: int):
 
 @torch.no_grad()
 def sequence_logps(model, examples, pad_token_id, batch_size, desc) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed completion log-probs of every pair, shape (N,) each."""
+    """(chosen, rejected) summed completion log-probs of every pair, shape (N,) each, in the order
+    of `examples`. Batches are formed from pairs sorted by length (less padding); each row's
+    log-prob does not depend on its batch-mates."""
     model.eval()
+    order = sorted(range(len(examples)), key=lambda i: pair_length(examples[i]))
     chosen, rejected = [], []
-    for batch in tqdm(list(batches(examples, batch_size, pad_token_id)), desc=desc, file=sys.stderr, leave=False):
+    sorted_examples = [examples[i] for i in order]
+    for batch in tqdm(
+        list(batches(sorted_examples, batch_size, pad_token_id)), desc=desc, file=sys.stderr, leave=False
+    ):
         c, r = split_pairs(forward_logps(model, batch))
         chosen.append(c.logps)
         rejected.append(r.logps)
-    return torch.cat(chosen), torch.cat(rejected)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # position of each pair in the sorted order
+    return torch.cat(chosen)[back], torch.cat(rejected)[back]
+
+
+def pair_length(example: dict) -> int:
+    """Tokens of the pair's longer sequence (prompt + reply): what its row pads to."""
+    return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
 
 
 def wilson(k: float, n: int) -> tuple[float, float]:
@@ -193,7 +206,7 @@ def write_markdown(r: dict, path: Path) -> None:
         f"Wall time: {r['wall_s'] / 60:.1f} min on {r['machine']}; {r['threads']} torch threads; "
         f"1-minute load average {r['load_min']:.1f}-{r['load_max']:.1f} during the run "
         f"({'other processes shared the cores' if r['load_max'] > r['threads'] + 0.5 else 'cores not shared'}).  ",
-        f"Versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"Versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {INSTALLED_TRL}, "
         f"python {platform.python_version()}.",
         "",
         f"Settings: {a['train_pairs']} training pairs seen once in batches of {a['batch_size']} "
@@ -255,17 +268,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_name_or_path", default=None, help="default: SmolLM2-135M-Instruct built by dpo.models")
     p.add_argument("--dataset_name", default=str(HH_FILE))
-    p.add_argument("--train_pairs", type=int, default=640)
-    p.add_argument("--heldout_pairs", type=int, default=400)
-    p.add_argument("--curve_pairs", type=int, default=160, help="held-out pairs scored at each curve point")
-    p.add_argument("--eval_every", type=int, default=20, help="optimizer steps between curve points")
+    p.add_argument("--train_pairs", type=int, default=320)
+    p.add_argument("--heldout_pairs", type=int, default=256)
+    p.add_argument("--curve_pairs", type=int, default=64, help="held-out pairs scored at each curve point")
+    p.add_argument("--eval_every", type=int, default=10, help="optimizer steps between curve points")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--learning_rate", type=float, default=5e-4)
     p.add_argument("--warmup_steps", type=int, default=5)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lora_r", type=int, default=16)
     p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--kl_pairs", type=int, default=48)
+    p.add_argument("--kl_pairs", type=int, default=32)
     p.add_argument("--gen_prompts", type=int, default=8, help="held-out prompts answered greedily (5 shown)")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=42)
@@ -313,13 +326,12 @@ def main(argv=None) -> dict:
     order = list(range(n_train))
     random.Random(args.seed).shuffle(order)
     steps, curve, losses = math.ceil(n_train / args.batch_size), [], []
-    curve_held, curve_ref = (
-        held[: args.curve_pairs],
-        (ref_held[0][: args.curve_pairs], ref_held[1][: args.curve_pairs]),
-    )
+    curve_held, curve_ref = held[: args.curve_pairs], []
 
     def point(step):
         pc, pr = sequence_logps(model, curve_held, pad, eval_bs, f"held-out, step {step}")
+        if step == 0:  # the policy is the reference now; batched exactly as every later curve point
+            curve_ref.extend((pc, pr))
         m = heldout_metrics(pc, pr, *curve_ref, args.beta)
         curve.append(
             {
@@ -372,7 +384,7 @@ def main(argv=None) -> dict:
     loads.append(os.getloadavg()[0])
 
     result = {
-        "command": "python benchmarks/real_alignment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/real_alignment.py", *(argv if argv is not None else sys.argv[1:])]),
         "args": vars(args), "steps": steps, "wall_s": time.time() - start, "threads": torch.get_num_threads(),
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})", "load_min": min(loads), "load_max": max(loads),
         "doctor": f"{report.rows_in} rows in, {report.rows_kept} kept, {report.rows_dropped} dropped",

@@ -20,7 +20,6 @@ import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from dpo.compat import DPOConfig, SFTConfig
 from dpo.errors import UserError
 from dpo.log import log
 
@@ -45,16 +44,6 @@ class RunOptions:
             "help": "Reuse an output_dir that holds a different run: its final files and checkpoints are deleted."
         },
     )
-
-
-@dataclass
-class RecipeDPOConfig(DPOConfig, RunOptions):
-    """TRL's DPOConfig plus RunOptions: what the DPO recipes parse."""
-
-
-@dataclass
-class RecipeSFTConfig(SFTConfig, RunOptions):
-    """TRL's SFTConfig plus RunOptions: what recipes/sft_phi2.py parses."""
 
 
 PER_INVOCATION_KEYS = ("resume_from_checkpoint", *(f.name for f in fields(RunOptions)))  # not part of a run's settings

@@ -52,6 +52,7 @@ __all__ = [
     "REFERENCE_ADAPTER",
     "use_adapter",
     "TESTED_TRL",
+    "INSTALLED_TRL",
     "TRL_DEFAULT_MAX_LENGTH",
     "TRL_DEFAULT_TRUNCATION_MODE",
     "LOSS_TYPES",
@@ -62,12 +63,17 @@ __all__ = [
     "continue_token_count",
     "load_final_checkpoint",
     "route_checkpoint_writes",
+    "reference_model",
+    "use_reference_columns",
+    "use_samplers",
+    "lean_cpu_lm_head",
     "upcast_trainable_params",
     "EvalOnceDPOTrainer",
     "without_zero3_init",
 ]
 
 TESTED_TRL = "1.16.0"
+INSTALLED_TRL = trl.__version__  # what benchmarks report
 if trl.__version__ != TESTED_TRL:
     warnings.warn(
         f"dpo-recipes is tested with trl=={TESTED_TRL}; you have {trl.__version__}. See dpo/compat.py.", stacklevel=2
@@ -158,13 +164,65 @@ def quantization_config(model_args, quant_storage: str | None = None):
 
 
 def precomputed_reference_logps(trainer: DPOTrainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed reference log-probs (chosen, rejected) as TRL computes them for
-    `precompute_ref_log_probs=True` (with LoRA: inside `model.disable_adapter()`).
+    """Summed reference log-probs (chosen, rejected) of one collated batch as TRL computes them for
+    `precompute_ref_log_probs=True`: no grad, checkpointing off, LD-DPO's ld_alpha applied, through
+    `reference_model` (with LoRA: inside `model.disable_adapter()`).
 
     During ordinary training TRL computes the reference inline in `_compute_loss`, with the
     same adapter switch; tests check that path through the logged rewards.
     """
-    return trainer.compute_ref_log_probs(trainer.model, batch)
+    return trainer.compute_ref_log_probs(reference_model(trainer), batch)
+
+
+def reference_model(trainer: DPOTrainer) -> torch.nn.Module:
+    """The module whose forward gives pi_ref: TRL's separate `ref_model` (full fine-tuning), else the
+    PEFT model itself, whose adapters `compute_ref_log_probs` disables (or switches to "ref")."""
+    return trainer.ref_model or trainer.model
+
+
+def use_reference_columns(trainer: DPOTrainer, train_dataset, eval_dataset) -> None:
+    """Hand the trainer datasets that carry `ref_chosen_logps` / `ref_rejected_logps` and make its loss
+    read them (TRL's `precompute_ref_log_probs` path, switched on after __init__ so TRL does not
+    precompute them itself). The signature columns already include both, so the Trainer keeps them."""
+    trainer.train_dataset = train_dataset
+    trainer.eval_dataset = eval_dataset
+    trainer.precompute_ref_logps = True
+
+
+def use_samplers(trainer: DPOTrainer, train_sampler=None, eval_sampler=None) -> None:
+    """Replace the Trainer's sampler hooks (transformers' private `_get_train_sampler` /
+    `_get_eval_sampler`, called with the dataset a DataLoader is built for)."""
+    if train_sampler is not None:
+        trainer._get_train_sampler = lambda dataset=None: train_sampler(dataset or trainer.train_dataset)
+    if eval_sampler is not None:
+        trainer._get_eval_sampler = eval_sampler
+
+
+CPU_VOCAB_TILE = 4096  # vocabulary columns per LM-head tile on CPU: 2k tokens x 4096 x 4 B = 32 MB per temporary
+
+
+def lean_cpu_lm_head() -> bool:
+    """Make TRL's fused LM head (trl.trainer.utils, `fused_lm_head=True`) cheap on CPU. Returns True if it
+    changed anything (once per process).
+
+    TRL 1.16 scores logits in tiles of up to 4096 tokens x `_CHUNKED_LOGPROB_CHUNK_SIZE` (32768)
+    vocabulary columns, and off CUDA/XPU it scores every position, prompt and padding included
+    (`compact` only where Triton runs; the comment there is about recompilation on Neuron). On CPU
+    that is a 270 MB tile for 2k tokens, five or more tile-sized temporaries in the torch fallback,
+    and LM-head work on positions whose log-prob is thrown away. Narrower tiles and scoring only the
+    completion positions give the same per-token values (each row is independent) with a fraction of
+    the memory and time. Only the `compact` decision in trl.trainer.utils changes; the kernels' own
+    Triton switch is untouched.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if getattr(trl_utils, "_dpo_recipes_lean_cpu", False):
+        return False
+    triton_device = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: triton_device(device) or device.type == "cpu"
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCAB_TILE
+    trl_utils._dpo_recipes_lean_cpu = True
+    return True
 
 
 def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:

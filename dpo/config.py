@@ -15,13 +15,35 @@ from pathlib import Path
 
 import yaml
 
-from dpo.checkpoints import PER_INVOCATION_KEYS, RecipeDPOConfig, resolve_resume
-from dpo.compat import REMOVED_OPTIONS, ModelConfig, TrlParser
+from dpo.checkpoints import PER_INVOCATION_KEYS, RunOptions, resolve_resume
+from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.distributed import check_launch, topology
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
 from dpo.log import log
 from dpo.validate import check_no_secrets, check_output_dir, check_settings
+
+
+@dataclasses.dataclass
+class RecipeDPOConfig(DPOConfig, RunOptions):
+    """What the DPO recipes parse: TRL's DPOConfig, RunOptions (resume and output_dir reuse,
+    dpo/checkpoints.py) and the reference cache (dpo/refcache.py). YAML keys like every other field."""
+
+    reference_cache: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Compute reference log-probs once and keep them on disk for later runs (dpo/refcache.py)."},
+    )
+    reference_cache_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
+        },
+    )
+
+
+@dataclasses.dataclass
+class RecipeSFTConfig(SFTConfig, RunOptions):
+    """What recipes/sft_phi2.py parses: TRL's SFTConfig and RunOptions."""
 
 
 def _unknown_key_message(keys: list[str], source: str) -> str:

@@ -27,7 +27,6 @@ from dpo.loss import (
     SequenceLogps,
     dpo_loss,
     ld_logps,
-    reward_metrics,
     sequence_logps,
     sft_nll,
     wpo_weights,
@@ -56,6 +55,25 @@ def forward_logps(model: nn.Module, batch: dict, with_log_sum_sq_probs: bool = F
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # score completions only
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logps(logits, labels, with_log_sum_sq_probs=with_log_sum_sq_probs)
+
+
+def reward_metrics(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+) -> dict[str, float]:
+    """Batch means as TRL logs them: rewards/{chosen,rejected,margins}, rewards/accuracies (the
+    fraction of pairs whose implicit reward ranks y_w strictly above y_l) and logps/{chosen,rejected}.
+    All inputs (B,)."""
+    return {
+        "rewards/chosen": chosen_rewards.mean().item(),
+        "rewards/rejected": rejected_rewards.mean().item(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+        "logps/chosen": policy_chosen_logps.detach().mean().item(),
+        "logps/rejected": policy_rejected_logps.detach().mean().item(),
+    }
 
 
 def split_pairs(logps: SequenceLogps) -> tuple[SequenceLogps, SequenceLogps]:

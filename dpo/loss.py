@@ -315,22 +315,6 @@ def dpo_loss(
     return DPOLoss(losses, chosen_rewards, rejected_rewards)
 
 
-def reward_metrics(
-    chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
-) -> dict[str, float]:
-    """Batch means as TRL logs them: rewards/{chosen,rejected,margins}, rewards/accuracies (the
-    fraction of pairs whose implicit reward ranks y_w strictly above y_l) and logps/{chosen,rejected}.
-    All inputs (B,)."""
-    return {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-        "logps/chosen": policy_chosen_logps.detach().mean().item(),
-        "logps/rejected": policy_rejected_logps.detach().mean().item(),
-    }
-
-
 def loss_settings_error(
     loss_types, weights, beta, eps, f_divergence_type="reverse_kl", f_alpha=DEFAULT_F_ALPHA,
     tau=DEFAULT_DISCOPOP_TAU, known=LOSS_TYPES, use_weighting=False,
@@ -380,12 +364,10 @@ def _check_args(
 ):  # fmt: skip
     """Raise ValueError for every combination that would be wrong or silently ignored."""
     kinds = set(loss_types)
-    wpo = pair_weights is not None
     if problem := loss_settings_error(
-        loss_types, weights, beta, eps, f_divergence_type, f_alpha, tau, use_weighting=wpo
+        loss_types, weights, beta, eps, f_divergence_type, f_alpha, tau, use_weighting=pair_weights is not None
     ):
         raise ValueError(problem)
-
     if reference_free and (reference_chosen is not None or reference_rejected is not None):
         raise ValueError("reference_free=True takes the reference log-probs as 0; pass None for them.")
     if not reference_free and (reference_chosen is None or reference_rejected is None):
@@ -400,7 +382,6 @@ def _check_args(
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like policy_chosen_logps.")
     if len(shape) != 1:
         raise ValueError(f"log-probs must be (B,) per-sequence sums; got shape {tuple(shape)}.")
-
     if needs := sorted(kinds & LENGTH_LOSS_TYPES):
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"{needs} divide by completion lengths: pass chosen_lengths and rejected_lengths.")

@@ -43,6 +43,8 @@ STAGING = ".final-staging"
 # Settings that do not change the trained weights: output, logging, saving, evaluation, hub.
 IGNORED = {
     *PER_INVOCATION_KEYS,
+    "reference_cache",  # where pi_ref's log-probs come from, not what they are (checked each epoch)
+    "reference_cache_dir",
     "output_dir",
     "run_name",
     "report_to",

@@ -20,6 +20,7 @@ from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed
 from dpo.compat import (
     DPOTrainer,
     EvalOnceDPOTrainer,
+    lean_cpu_lm_head,
     load_final_checkpoint,
     lora_config,
     quantization_config,
@@ -35,7 +36,9 @@ from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
+from dpo.refcache import attach_reference_cache, check_reference_cache
 from dpo.runs import ContinueCounters, prepare_output_dir, run_settings, whole_run_metrics, write_final_outputs
+from dpo.sampler import install_length_grouping
 from dpo.validate import check_no_secrets
 
 
@@ -52,6 +55,9 @@ def build_dpo_trainer(
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
+    use_cache = getattr(training_args, "reference_cache", False)  # dpo.config.RecipeDPOConfig's switch
+    if use_cache:
+        check_reference_cache(training_args)
     trainer_args = copy.copy(training_args)
     trainer_args.model_init_kwargs = {
         **model_init_kwargs(model_args, training_args),
@@ -87,6 +93,13 @@ def build_dpo_trainer(
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     protect_run(trainer, run)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
+    if trainer.args.device.type == "cpu" and lean_cpu_lm_head():
+        log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
+    if training_args.train_sampling_strategy == "group_by_length":
+        log(install_length_grouping(trainer))
+    if use_cache:
+        cache = attach_reference_cache(trainer, training_args.reference_cache_dir)
+        trainer.add_callback(cache.parity_callback())
     return trainer
 
 

@@ -20,8 +20,7 @@ Offline (no GPU, no internet):
 
 from dataclasses import dataclass, field
 
-from dpo.checkpoints import RecipeSFTConfig
-from dpo.config import load_recipe_args
+from dpo.config import RecipeSFTConfig, load_recipe_args
 from dpo.data import load_preference_data, split_heldout
 from dpo.doctor import check_data
 from dpo.errors import exit_on_user_error

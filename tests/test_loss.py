@@ -30,12 +30,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dpo.loop import reward_metrics
 from dpo.loss import (
     LOSS_TYPES,
     dpo_loss,
     f_divergence_scores,
     ld_logps,
-    reward_metrics,
     sequence_logps,
     sft_nll,
     wpo_weights,

@@ -27,7 +27,8 @@ from helpers import (
     tiny_policy_and_reference,
 )
 
-from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, reward_metrics, sequence_logps, sft_nll, wpo_weights
+from dpo.loop import reward_metrics
+from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 

@@ -1,0 +1,314 @@
+"""One configuration of benchmarks/bench_training.py, in a process of its own (so that its peak
+resident memory is its own). Prints one line, `RESULT {json}`: training seconds, real and padded
+tokens of every training batch, the loss of every step, peak resident memory.
+
+    python benchmarks/training_workers.py recipe_both --model MODEL_DIR --workdir DIR --max_length 512
+
+DIR holds pairs.jsonl (written by bench_training.py) and refcache/ (the `cache_build` worker fills it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
+RECIPE = ROOT / "recipes" / "dpo_any.py"
+
+
+def recipe_settings():
+    """recipes/dpo_any.py's ScriptArguments, without running the recipe (recipes/ is not a package)."""
+    import runpy
+
+    return runpy.run_path(str(RECIPE))["ScriptArguments"]
+
+
+CONFIGS = (
+    "seed_loop",
+    "trl_defaults",
+    "recipe",
+    "recipe_cache",
+    "recipe_grouped",
+    "recipe_both",
+    "recipe_both_lowmem",
+)
+BATCH = 4  # pairs per step, every configuration
+
+
+def read_pairs(path: Path):
+    from datasets import Dataset
+
+    return Dataset.from_list([json.loads(line) for line in open(path)])
+
+
+# ── workers: one configuration per process ──────────────────────────────────────────────────
+def tokenizer_for(model: str):
+    """The tokenizer as the recipe uses it: a plain chat template added when the model has none."""
+    from dpo.formats import ensure_chat_template
+    from dpo.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    ensure_chat_template(tokenizer)
+    return tokenizer
+
+
+class Meter:
+    """Counts real and padded tokens of every training batch, and times the training steps."""
+
+    def __init__(self):
+        self.tokens = self.padded = 0
+        self.losses, self.began, self.seconds = [], None, 0.0
+
+    def count(self, attention_mask):
+        self.tokens += int(attention_mask.sum())
+        self.padded += attention_mask.numel()
+
+
+def trainer_worker(config: str, args) -> Meter:
+    import torch
+    from transformers import TrainerCallback
+
+    from dpo.compat import DPOConfig, DPOTrainer, ModelConfig, get_quantization_config, lora_config
+    from dpo.config import load_recipe_args
+    from dpo.training import build_dpo_trainer
+
+    meter, work = Meter(), Path(args.workdir)
+    common = dict(
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        max_length=args.max_length,
+        num_train_epochs=1,
+        logging_steps=1,  # a loss per step, for the quality check
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+    )
+    pairs = read_pairs(work / "pairs.jsonl")
+    if config == "trl_defaults":
+        model_args = ModelConfig(model_name_or_path=args.model, use_peft=True, load_in_4bit=True, dtype="float32")
+        training_args = DPOConfig(output_dir=str(work / config), **common)
+        training_args.model_init_kwargs = {"dtype": torch.float32}
+        trainer = DPOTrainer(
+            model=args.model,
+            args=training_args,
+            train_dataset=pairs,
+            processing_class=tokenizer_for(args.model),
+            quantization_config=get_quantization_config(model_args),
+            peft_config=lora_config(model_args),
+        )
+    else:
+        flags = recipe_flags(args, config) + [f"--{k}={v}" for k, v in common.items()]
+        _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
+        trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
+
+    compute_loss = trainer.compute_loss
+
+    def counting_compute_loss(model, inputs, *args, **kwargs):  # training batches only (not the parity check)
+        meter.count(inputs["attention_mask"])
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting_compute_loss
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            meter.began = time.perf_counter()
+
+        def on_train_end(self, *_, **__):
+            meter.seconds = time.perf_counter() - meter.began
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    meter.losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return meter
+
+
+def seed_loop_worker(args) -> Meter:
+    """The seed article's loop: two fp32 models, four forwards a step (policy and reference, chosen and
+    rejected separately), full logits and log_softmax over the vocabulary, AdamW on every weight."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from dpo.formats import count_tokens, render
+
+    meter, tokenizer = Meter(), tokenizer_for(args.model)
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-7)  # the DPO paper code's default
+    rows = list(read_pairs(Path(args.workdir) / "pairs.jsonl"))
+    random.Random(42).shuffle(rows)
+
+    def sequences(row):
+        texts = render(row["prompt"], row["chosen"], row["rejected"], tokenizer)
+        ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ((n_prompt, _, _),) = count_tokens([texts], tokenizer, chat=True)
+        return [(ids[k][: args.max_length], n_prompt) for k in (1, 2)]
+
+    def logps(model, seqs):
+        width = max(len(s) for s, _ in seqs)
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s, _ in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs])
+        completion = torch.tensor([[0] * p + [1] * (len(s) - p) + [0] * (width - len(s)) for s, p in seqs])
+        if model is policy:  # each pair's tokens once, as for the trainers (their batch goes through both)
+            meter.count(mask)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (token_logps * completion[:, 1:]).sum(-1)
+
+    policy.train()
+    meter.began = time.perf_counter()
+    for start in range(0, len(rows), BATCH):
+        batch = [sequences(r) for r in rows[start : start + BATCH]]
+        chosen, rejected = [b[0] for b in batch], [b[1] for b in batch]
+        pc, pr = logps(policy, chosen), logps(policy, rejected)
+        with torch.no_grad():
+            rc, rr = logps(reference, chosen), logps(reference, rejected)
+        loss = -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        meter.losses.append(loss.item())
+    meter.seconds = time.perf_counter() - meter.began
+    return meter
+
+
+def worker(config: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    same = {"recipe_both_lowmem": "recipe_both"}  # differs only by the environment bench_training.py gives it
+    meter = seed_loop_worker(args) if config == "seed_loop" else trainer_worker(same.get(config, config), args)
+    return {
+        "config": config,
+        "seconds": meter.seconds,
+        "tokens": meter.tokens,
+        "padded_tokens": meter.padded,
+        "losses": meter.losses,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+    }
+
+
+def recipe_flags(args, config: str) -> list[str]:
+    work = Path(args.workdir)
+    flags = ["--config", str(ROOT / "recipes" / "dpo_hh_rlhf.yaml"), "--model_name_or_path", args.model]
+    flags += ["--dataset_name", str(work / "pairs.jsonl"), "--output_dir", str(work / config)]
+    flags += ["--reference_cache", str(config in ("recipe_cache", "recipe_both", "cache_build"))]
+    flags += ["--reference_cache_dir", str(work / "refcache")]
+    grouped = config in ("recipe_grouped", "recipe_both")
+    flags += ["--train_sampling_strategy", "group_by_length" if grouped else "random"]  # whatever the YAML says
+    return flags
+
+
+def build_cache(args) -> dict:
+    """The one-off cost: a recipe trainer that fills the reference cache, without training."""
+    from dpo.config import load_recipe_args
+    from dpo.refcache import Store
+    from dpo.training import build_dpo_trainer
+
+    work = Path(args.workdir)
+    flags = recipe_flags(args, "cache_build") + [
+        f"--max_length={args.max_length}",
+        f"--per_device_eval_batch_size={BATCH}",
+    ]
+    flags += ["--use_cpu=true", "--bf16=false", "--report_to=none", "--eval_strategy=no"]
+    _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
+    build_dpo_trainer(model_args, training_args, read_pairs(work / "pairs.jsonl"), None, tokenizer_for(args.model))
+    (folder,) = [p for p in (work / "refcache").iterdir() if p.is_dir()]
+    rows = Store(folder).load().rows
+    return {"config": "cache_build", "pairs": len(rows), "seconds": sum(r[2] for r in rows.values())}
+
+
+def rss_mb() -> float:
+    """Resident memory now (/proc/self/statm, pages)."""
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def profile_worker(args, steps: int = 4, profiled_step: int = 3) -> dict:
+    """The recipe (config 3) for `steps` steps: resident memory after each, wall time of our own per-step
+    code (collator, callbacks, logging), and torch.profiler's CPU time and memory tables of one step."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    from dpo.config import load_recipe_args
+    from dpo.training import build_dpo_trainer
+
+    flags = recipe_flags(args, "recipe") + [f"--max_steps={steps}", f"--max_length={args.max_length}"]
+    flags += [f"--per_device_train_batch_size={BATCH}", "--gradient_accumulation_steps=1", "--logging_steps=1"]
+    flags += ["--use_cpu=true", "--bf16=false", "--report_to=none", "--eval_strategy=no", "--save_strategy=no"]
+    _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
+    pairs = read_pairs(Path(args.workdir) / "pairs.jsonl")
+    trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
+    spent = {"collator": 0.0, "callbacks": 0.0, "log": 0.0}
+    record = {"rss_after_load_mb": rss_mb(), "rss_after_step_mb": [], "step_s": []}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            began = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - began
+
+        return wrapper
+
+    trainer.data_collator = timed("collator", trainer.data_collator)
+    trainer.log = timed("log", trainer.log)
+    trainer.callback_handler.call_event = timed("callbacks", trainer.callback_handler.call_event)
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.began = time.perf_counter()
+            if state.global_step + 1 == profiled_step:  # our code's share: the steps before the profiled one
+                record["own_code_s"] = dict(spent)
+                record["unprofiled_s"] = sum(record["step_s"])
+                profiler.start()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == profiled_step:
+                profiler.stop()
+            record["step_s"].append(time.perf_counter() - self.began)
+            record["rss_after_step_mb"].append(rss_mb())
+
+    trainer.add_callback(Steps())
+    began = time.perf_counter()
+    trainer.train()
+    record["train_s"] = time.perf_counter() - began
+    events = profiler.key_averages()
+    record["top_time"] = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
+    record["top_memory"] = events.table(sort_by="self_cpu_memory_usage", row_limit=15, max_name_column_width=60)
+    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", choices=[*CONFIGS, "cache_build", "profile"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--max_length", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.config in ("cache_build", "profile"):
+        result = build_cache(args) if args.config == "cache_build" else profile_worker(args)
+    else:
+        result = worker(args.config, args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""benchmarks/bench_training.py --quick runs end to end (on the tiny offline model and a few real
+HH-RLHF pairs, for correctness only: no timing is asserted) and writes its table and JSON."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from helpers import HH_FILE, ROOT, load_script
+
+BENCH = load_script(ROOT / "benchmarks" / "bench_training.py", "bench_training")
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
+    out, data = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    out.write_text("# Benchmarks\n\n## Another section\n\nkept as it is\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--quick", "--pairs", "8"]
+    cmd += ["--max_length", "64", "--threads", "1", "--model_name_or_path", str(tiny_model_dir)]
+    cmd += [
+        "--dataset_name",
+        str(HH_FILE),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+        "--json",
+        str(data),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    result = json.loads(data.read_text())
+    summary = result["summary"]
+    assert list(summary) == list(BENCH.CONFIGS)
+    assert result["settings"]["pairs"] == 8 and result["cache_build"]["pairs"] == 8
+    for config, numbers in summary.items():
+        assert numbers["tokens_per_s"] > 0 and 0 <= numbers["padding"] < 1, config
+        assert len(numbers["losses"]) == 2 and all(math.isfinite(x) for x in numbers["losses"]), config
+        assert numbers["peak_rss_mb"] > 100, config
+    # the same pairs: every configuration saw the same real tokens
+    tokens = {r["config"]: r["tokens"] for r in result["runs"]}
+    assert len(set(tokens.values())) == 1, tokens
+    # the cache gives the inline reference's losses, step by step
+    assert summary["recipe_cache"]["losses"] == pytest.approx(summary["recipe"]["losses"], abs=1e-4)
+    assert summary["recipe_both"]["losses"] == pytest.approx(summary["recipe_grouped"]["losses"], abs=1e-4)
+    assert summary["recipe_both_lowmem"]["losses"] == pytest.approx(summary["recipe_both"]["losses"], abs=1e-6)
+    assert 0 <= result["dataset_padding"]["floor"] <= result["dataset_padding"]["grouped"] <= 1
+
+    text = out.read_text()
+    assert text.count(BENCH.SECTION) == 1 and "## Another section\n\nkept as it is" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "configuration" not in line]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(BENCH.CONFIGS.values())
+
+
+def test_section_is_replaced_in_place(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text(f"# Benchmarks\n\n## First\n\na\n\n{BENCH.SECTION}\n\nold\n\n## Last\n\nz\n")
+    BENCH.write_section(path, f"{BENCH.SECTION}\n\nnew\n")
+    assert path.read_text() == f"# Benchmarks\n\n## First\n\na\n\n{BENCH.SECTION}\n\nnew\n\n## Last\n\nz\n"
