@@ -23,7 +23,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from dpo.tiny import build_tiny_model, build_tokenizer
+from dpo.compat import ModelConfig
+from dpo.config import RecipeDPOConfig
+from dpo.loop import reward_metrics
+from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.model import load_tokenizer
+from dpo.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
+from dpo.training import build_dpo_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real human preferences: Anthropic HH-RLHF harmless-base test split, the original file (data/hh-rlhf/README.md).
@@ -231,3 +237,102 @@ def one_line_error(main, argv, capsys) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "usage:" not in err and "Traceback" not in err
     return lines[0]
+
+
+# ── agreement with TRL (tests/test_loss_agreement.py, test_loop_agreement.py, test_real_dpo.py) ──
+RTOL = 1e-5  # loss, logged metrics and gradient tensors (relative, in norm)
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def ours(trainer, batch, cfg):
+    """Our loss on `batch` from the trainer's own policy and reference, via their ordinary logits."""
+    model, ref_model = trainer.model, trainer.ref_model
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    use_weighting, ld_alpha = cfg.get("use_weighting", False), cfg.get("ld_alpha")
+    pol = sequence_logps(model(**inputs).logits, labels, with_log_sum_sq_probs=use_weighting)
+    with torch.no_grad():
+        ref = sequence_logps(ref_model(**inputs).logits, labels)
+    B = labels.shape[0] // 2  # rows: [chosen; rejected]
+    if ld_alpha is None:
+        pc, pr, rc, rr = pol.logps[:B], pol.logps[B:], ref.logps[:B], ref.logps[B:]
+    else:
+        pc, pr = ld_logps(pol.token_logps[:B], pol.mask[:B], pol.token_logps[B:], pol.mask[B:], ld_alpha)
+        rc, rr = ld_logps(ref.token_logps[:B], ref.mask[:B], ref.token_logps[B:], ref.mask[B:], ld_alpha)
+
+    kinds = set(cfg["loss_type"])
+    kwargs = {k: cfg[k] for k in ("beta", "loss_weights", "label_smoothing", "f_divergence_type",
+                                  "f_alpha_divergence_coef", "discopop_tau") if k in cfg}  # fmt: skip
+    if kinds & LENGTH_LOSS_TYPES:
+        kwargs.update(chosen_lengths=pol.lengths[:B], rejected_lengths=pol.lengths[B:])
+    if "sft" in kinds:
+        kwargs["chosen_nll"] = sft_nll(pol.token_logps[:B], pol.mask[:B])
+    if use_weighting:
+        w = wpo_weights(pol.token_logps, pol.log_sum_sq_probs, pol.mask)
+        kwargs["pair_weights"] = w[:B] * w[B:]
+    out = dpo_loss(pc, pr, rc, rr, loss_type=cfg["loss_type"], **kwargs)
+    return out.losses.mean(), reward_metrics(out.chosen_rewards, out.rejected_rewards, pc, pr)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rel_err(a, b):
+    return (torch.as_tensor(a, dtype=torch.float64) - b).norm().item() / torch.as_tensor(
+        b, dtype=torch.float64
+    ).norm().item()
+
+
+# ── the reference cache and the pair sampler (tests/test_refcache.py, test_sampler.py) ──
+def pairs(n: int, seed: int = 0) -> Dataset:
+    """n distinct prompt/chosen/rejected pairs (the truthy facts repeat; a numbered prompt makes each unique)."""
+    rows = truthy_like_rows(n, seed)
+    return Dataset.from_list(
+        [
+            {**{k: r[k] for k in ("chosen", "rejected")}, "prompt": f"{r['prompt']} ({seed}.{i})"}
+            for i, r in enumerate(rows)
+        ]
+    )
+
+
+def recipe_trainer(model_dir, out, cache_dir=None, train=None, config=RecipeDPOConfig, **overrides):
+    """build_dpo_trainer on the tiny model (4-bit base + LoRA) and `pairs`, optionally with the reference cache."""
+    settings = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=4,
+        max_length=48,
+        learning_rate=1e-2,  # large: the policy must move away from the reference within a few steps
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        activation_checkpointing=False,
+        seed=0,
+    )
+    if config is RecipeDPOConfig and cache_dir is not None:
+        settings.update(reference_cache=True, reference_cache_dir=str(cache_dir))
+    args = config(**{**settings, **overrides})
+    model_args = ModelConfig(
+        model_name_or_path=str(model_dir),
+        dtype="float32",
+        load_in_4bit=True,
+        use_peft=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"],
+    )
+    tokenizer = load_tokenizer(str(model_dir))
+    return build_dpo_trainer(model_args, args, train if train is not None else pairs(12), pairs(4, 1), tokenizer)

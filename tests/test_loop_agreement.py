@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 from helpers import (
+    METRICS,
     make_trainer,
     preference_dataset,
     tiny_policy_and_reference,
@@ -27,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one int
 STEPS = 20
 ATOL = 1e-4  # per-step loss and metrics
 HYPER = dict(learning_rate=2e-3, weight_decay=0.05, warmup_steps=3, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7)
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
 
 
 def run_both(policy, trl_reference, tokenizer, loss_kwargs):

@@ -21,18 +21,20 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    RTOL,
+    grads,
     last_metrics,
     make_trainer,
+    ours,
     preference_dataset,
+    rel_err,
     tiny_policy_and_reference,
 )
 
-from dpo.loop import reward_metrics
-from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.loss import dpo_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one intra-op thread
 
-RTOL = 1e-5  # loss, logged metrics and gradient tensors (relative, in norm)
 
 # (id, DPOConfig fields). Every TRL 1.16 loss type, every f-divergence, label smoothing, loss
 # weights, LD-DPO and WPO. beta is raised where the default would make the loss nearly flat.
@@ -92,46 +94,6 @@ CONFIGS = [
 def setup():
     tokenizer, policy, reference = tiny_policy_and_reference()
     return tokenizer, policy, reference, preference_dataset()
-
-
-def ours(trainer, batch, cfg):
-    """Our loss on `batch` from the trainer's own policy and reference, via their ordinary logits."""
-    model, ref_model = trainer.model, trainer.ref_model
-    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    use_weighting, ld_alpha = cfg.get("use_weighting", False), cfg.get("ld_alpha")
-    pol = sequence_logps(model(**inputs).logits, labels, with_log_sum_sq_probs=use_weighting)
-    with torch.no_grad():
-        ref = sequence_logps(ref_model(**inputs).logits, labels)
-    B = labels.shape[0] // 2  # rows: [chosen; rejected]
-    if ld_alpha is None:
-        pc, pr, rc, rr = pol.logps[:B], pol.logps[B:], ref.logps[:B], ref.logps[B:]
-    else:
-        pc, pr = ld_logps(pol.token_logps[:B], pol.mask[:B], pol.token_logps[B:], pol.mask[B:], ld_alpha)
-        rc, rr = ld_logps(ref.token_logps[:B], ref.mask[:B], ref.token_logps[B:], ref.mask[B:], ld_alpha)
-
-    kinds = set(cfg["loss_type"])
-    kwargs = {k: cfg[k] for k in ("beta", "loss_weights", "label_smoothing", "f_divergence_type",
-                                  "f_alpha_divergence_coef", "discopop_tau") if k in cfg}  # fmt: skip
-    if kinds & LENGTH_LOSS_TYPES:
-        kwargs.update(chosen_lengths=pol.lengths[:B], rejected_lengths=pol.lengths[B:])
-    if "sft" in kinds:
-        kwargs["chosen_nll"] = sft_nll(pol.token_logps[:B], pol.mask[:B])
-    if use_weighting:
-        w = wpo_weights(pol.token_logps, pol.log_sum_sq_probs, pol.mask)
-        kwargs["pair_weights"] = w[:B] * w[B:]
-    out = dpo_loss(pc, pr, rc, rr, loss_type=cfg["loss_type"], **kwargs)
-    return out.losses.mean(), reward_metrics(out.chosen_rewards, out.rejected_rewards, pc, pr)
-
-
-def grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def rel_err(a, b):
-    return (torch.as_tensor(a, dtype=torch.float64) - b).norm().item() / torch.as_tensor(
-        b, dtype=torch.float64
-    ).norm().item()
 
 
 @pytest.mark.parametrize("cfg", [c for _, c in CONFIGS], ids=[i for i, _ in CONFIGS])

@@ -20,9 +20,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from helpers import HH_FILE, ROOT, last_metrics, load_recipe, make_trainer
-from test_loop_agreement import METRICS
-from test_loss_agreement import RTOL, grads, ours, rel_err
+from helpers import HH_FILE, METRICS, ROOT, RTOL, grads, last_metrics, load_recipe, make_trainer, ours, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo.data import load_preference_data

@@ -226,12 +226,12 @@ def test_reward_metrics_logged_every_step(run):
 
 
 def test_resolved_config_reruns_the_same_settings(run):
-    from dpo.compat import DPOConfig, ModelConfig
-    from dpo.config import parse_recipe_args
+    from dpo.compat import ModelConfig
+    from dpo.config import RecipeDPOConfig, parse_recipe_args
 
     recipe = load_recipe("dpo_phi2")
     script, training, model, _ = parse_recipe_args(
-        (recipe.ScriptArguments, DPOConfig, ModelConfig),
+        (recipe.ScriptArguments, RecipeDPOConfig, ModelConfig),
         ROOT / "recipes" / "dpo_phi2.yaml",
         ["--config", str(run["output_dir"] / "resolved_config.yaml")],
     )

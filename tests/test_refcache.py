@@ -9,60 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from datasets import Dataset
+from helpers import recipe_trainer
 
-from dpo.compat import DPOConfig, ModelConfig
+from dpo.compat import DPOConfig
 from dpo.config import RecipeDPOConfig
 from dpo.errors import UserError
-from dpo.model import load_tokenizer
 from dpo.refcache import COLUMNS, Store, _fill, check_reference_cache, row_ids
-from dpo.tiny import truthy_like_rows
-from dpo.training import build_dpo_trainer
-
-
-def pairs(n: int, seed: int = 0) -> Dataset:
-    """n distinct prompt/chosen/rejected pairs (the truthy facts repeat; a numbered prompt makes each unique)."""
-    rows = truthy_like_rows(n, seed)
-    return Dataset.from_list(
-        [
-            {**{k: r[k] for k in ("chosen", "rejected")}, "prompt": f"{r['prompt']} ({seed}.{i})"}
-            for i, r in enumerate(rows)
-        ]
-    )
-
-
-def make_trainer(model_dir, out, cache_dir=None, train=None, config=RecipeDPOConfig, **overrides):
-    settings = dict(
-        output_dir=str(out),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=2,
-        per_device_eval_batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=4,
-        max_length=48,
-        learning_rate=1e-2,  # large: the policy must move away from the reference within a few steps
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        activation_checkpointing=False,
-        seed=0,
-    )
-    if config is RecipeDPOConfig and cache_dir is not None:
-        settings.update(reference_cache=True, reference_cache_dir=str(cache_dir))
-    args = config(**{**settings, **overrides})
-    model_args = ModelConfig(
-        model_name_or_path=str(model_dir),
-        dtype="float32",
-        load_in_4bit=True,
-        use_peft=True,
-        lora_r=4,
-        lora_alpha=8,
-        lora_target_modules=["q_proj", "v_proj"],
-    )
-    tokenizer = load_tokenizer(str(model_dir))
-    return build_dpo_trainer(model_args, args, train if train is not None else pairs(12), pairs(4, 1), tokenizer)
 
 
 def logged(capsys) -> str:
@@ -72,28 +24,28 @@ def logged(capsys) -> str:
 @pytest.mark.parametrize("ld_alpha", [None, 0.5])
 def test_cache_equals_trls_precompute_then_hits(tiny_model_dir, tmp_path, capsys, ld_alpha):
     cache = tmp_path / "cache"
-    first = make_trainer(tiny_model_dir, tmp_path / "a", cache, ld_alpha=ld_alpha)
+    first = recipe_trainer(tiny_model_dir, tmp_path / "a", cache, ld_alpha=ld_alpha)
     assert "reference cache: miss, computed 16 of 16 pairs" in logged(capsys)
-    trl = make_trainer(
+    trl = recipe_trainer(
         tiny_model_dir, tmp_path / "trl", config=DPOConfig, precompute_ref_log_probs=True, ld_alpha=ld_alpha
     )
     for ours, theirs in ((first.train_dataset, trl.train_dataset), (first.eval_dataset, trl.eval_dataset)):
         for column in COLUMNS:
             torch.testing.assert_close(torch.tensor(ours[column]), torch.tensor(theirs[column]), rtol=1e-5, atol=1e-4)
 
-    second = make_trainer(tiny_model_dir, tmp_path / "b", cache, ld_alpha=ld_alpha)
+    second = recipe_trainer(tiny_model_dir, tmp_path / "b", cache, ld_alpha=ld_alpha)
     assert "reference cache: hit, 16 pairs read" in logged(capsys)
     assert second.train_dataset[COLUMNS[0]] == first.train_dataset[COLUMNS[0]]
     # a setting the values depend on is part of the key: a new folder, computed afresh
-    make_trainer(tiny_model_dir, tmp_path / "c", cache, ld_alpha=ld_alpha, max_length=24)
+    recipe_trainer(tiny_model_dir, tmp_path / "c", cache, ld_alpha=ld_alpha, max_length=24)
     assert "reference cache: miss" in logged(capsys)
     assert len(list(cache.iterdir())) == 2
 
 
 def test_training_with_the_cache_gives_the_inline_reference_loss(tiny_model_dir, tmp_path):
     """Same pairs, same order: per-step losses with cached and with inline reference log-probs agree."""
-    inline = make_trainer(tiny_model_dir, tmp_path / "inline")
-    cached = make_trainer(tiny_model_dir, tmp_path / "cached", tmp_path / "cache")
+    inline = recipe_trainer(tiny_model_dir, tmp_path / "inline")
+    cached = recipe_trainer(tiny_model_dir, tmp_path / "cached", tmp_path / "cache")
     losses = []
     for trainer in (inline, cached):
         trainer.train()
@@ -105,14 +57,14 @@ def test_training_with_the_cache_gives_the_inline_reference_loss(tiny_model_dir,
 
 def test_tampered_cache_stops_the_run_at_the_parity_check(tiny_model_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
-    make_trainer(tiny_model_dir, tmp_path / "a", cache)
+    recipe_trainer(tiny_model_dir, tmp_path / "a", cache)
     (folder,) = cache.iterdir()
     for part in folder.glob("part-*.parquet"):  # shift every cached value by 1%: a changed kernel would look so
         table = pq.read_table(part)
         at = table.schema.get_field_index(COLUMNS[0])
         shifted = table.set_column(at, table.field(at), pa.array(table[COLUMNS[0]].to_numpy() * 1.01, pa.float32()))
         pq.write_table(shifted.replace_schema_metadata(table.schema.metadata), part)
-    trainer = make_trainer(tiny_model_dir, tmp_path / "b", cache)
+    trainer = recipe_trainer(tiny_model_dir, tmp_path / "b", cache)
     assert "reference cache: hit" in logged(capsys)
     with pytest.raises(UserError, match="parity check failed: training pair .* cached in .*part-.*Likely cause"):
         trainer.train()
@@ -124,10 +76,10 @@ def test_resume_mid_epoch_reuses_the_cache_and_the_grouped_order(tiny_model_dir,
     steps 8-9 see the same batches and give the same losses as the uninterrupted run."""
     cache = tmp_path / "cache"
     settings = dict(max_steps=9, save_strategy="steps", save_steps=7, train_sampling_strategy="group_by_length")
-    first = make_trainer(tiny_model_dir, tmp_path / "run", cache, **settings)
+    first = recipe_trainer(tiny_model_dir, tmp_path / "run", cache, **settings)
     first.train()
     logged(capsys)
-    resumed = make_trainer(tiny_model_dir, tmp_path / "run", cache, **settings)
+    resumed = recipe_trainer(tiny_model_dir, tmp_path / "run", cache, **settings)
     assert "reference cache: hit" in logged(capsys)
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-7"))
     assert "reference cache parity: 8 pairs recomputed" in logged(capsys)  # also checked on resume
@@ -141,7 +93,7 @@ def test_resume_mid_epoch_reuses_the_cache_and_the_grouped_order(tiny_model_dir,
 def test_each_process_computes_only_its_share(tiny_model_dir, tmp_path, monkeypatch):
     """Two processes of one launch, simulated one after the other from the same empty store: each
     computes every other missing pair into its own part file; together they hold every pair once."""
-    trainer = make_trainer(tiny_model_dir, tmp_path / "dp", config=DPOConfig)  # no cache
+    trainer = recipe_trainer(tiny_model_dir, tmp_path / "dp", config=DPOConfig)  # no cache
     real, store = trainer.accelerator, Store(tmp_path / "store")
     store.folder.mkdir()
     rows = row_ids(trainer.train_dataset)
@@ -163,7 +115,7 @@ def test_each_process_computes_only_its_share(tiny_model_dir, tmp_path, monkeypa
     assert [len(s) for s in shares] == [6, 6] and not shares[0] & shares[1]
     assert shares[0] | shares[1] == set(rows)
     # and the values are the ones one process would compute alone
-    alone = make_trainer(tiny_model_dir, tmp_path / "alone", tmp_path / "cache")
+    alone = recipe_trainer(tiny_model_dir, tmp_path / "alone", tmp_path / "cache")
     loaded = store.load().rows
     assert [loaded[r][0] for r in rows] == pytest.approx(alone.train_dataset[COLUMNS[0]], rel=1e-5)
 

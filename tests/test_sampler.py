@@ -6,7 +6,7 @@ import random
 
 import pytest
 from accelerate import skip_first_batches
-from test_refcache import make_trainer, pairs
+from helpers import pairs, recipe_trainer
 
 from dpo.sampler import LengthSortedSampler, PairLengthGroupedSampler, padding_floor, padding_fraction
 
@@ -61,7 +61,7 @@ def test_under_data_parallelism_one_steps_batches_come_from_one_sorted_stretch()
 
 
 def test_trainer_uses_it_and_resume_reaches_the_epoch(tiny_model_dir, tmp_path, capsys):
-    trainer = make_trainer(
+    trainer = recipe_trainer(
         tiny_model_dir, tmp_path / "t", train=pairs(12), train_sampling_strategy="group_by_length", max_length=64
     )
     assert "length-grouped batches: padding" in capsys.readouterr().out
