@@ -23,7 +23,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from dpo.compat import ModelConfig
+from dpo.compat import REWARD_METRICS, ModelConfig
 from dpo.config import RecipeDPOConfig
 from dpo.loop import reward_metrics
 from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
@@ -241,14 +241,7 @@ def one_line_error(main, argv, capsys) -> str:
 
 # ── agreement with TRL (tests/test_loss_agreement.py, test_loop_agreement.py, test_real_dpo.py) ──
 RTOL = 1e-5  # loss, logged metrics and gradient tensors (relative, in norm)
-METRICS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-)
+METRICS = REWARD_METRICS  # what TRL logs each step (dpo.compat)
 
 
 def ours(trainer, batch, cfg):
