@@ -131,10 +131,11 @@ def check_adapter_fits(adapter: str, adapter_config: dict, model_config, base_na
 def load_with_adapter(base_name: str, base_kwargs: dict, adapter: str, trainable: bool, adapter_name="default"):
     """Load `base_name` with `base_kwargs` as TRL loads a model given by name, and put `adapter` on it."""
     from dpo.compat import create_model_from_path
-    from dpo.kernels import use_portable_4bit_kernels
+    from dpo.kernels import portable_4bit_layers, use_portable_4bit_kernels
 
-    base = create_model_from_path(base_name, **base_kwargs)
-    use_portable_4bit_kernels(base)  # one 4-bit kernel on every CPU (dpo/kernels.py); no-op without 4-bit layers
+    with portable_4bit_layers():  # one 4-bit kernel on every CPU (dpo/kernels.py)
+        base = create_model_from_path(base_name, **base_kwargs)
+    use_portable_4bit_kernels(base)  # checks the switch; no-op without 4-bit layers
     return put_adapter(base, adapter, adapter_name, trainable)
 
 

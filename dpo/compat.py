@@ -17,6 +17,7 @@ upgrade that changes tokenization fails that test.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -201,9 +202,11 @@ def use_samplers(trainer: DPOTrainer, train_sampler=None, eval_sampler=None) -> 
 CPU_VOCAB_TILE = 4096  # vocabulary columns per LM-head tile on CPU: 2k tokens x 4096 x 4 B = 32 MB per temporary
 
 
-def lean_cpu_lm_head() -> bool:
-    """Make TRL's fused LM head (trl.trainer.utils, `fused_lm_head=True`) cheap on CPU. Returns True if it
-    changed anything (once per process).
+@contextlib.contextmanager
+def lean_cpu_lm_head():
+    """While active, TRL's fused LM head (trl.trainer.utils, `fused_lm_head=True`) is cheap on CPU;
+    on exit TRL is as it was, so anything else in the process (a plain DPOTrainer, the agreement
+    tests' reference runs) sees TRL's own code. Our trainer enters it around each step (CPU only).
 
     TRL 1.16 scores logits in tiles of up to 4096 tokens x `_CHUNKED_LOGPROB_CHUNK_SIZE` (32768)
     vocabulary columns, and off CUDA/XPU it scores every position, prompt and padding included
@@ -216,13 +219,14 @@ def lean_cpu_lm_head() -> bool:
     """
     import trl.trainer.utils as trl_utils
 
-    if getattr(trl_utils, "_dpo_recipes_lean_cpu", False):
-        return False
-    triton_device = trl_utils._use_triton
+    saved = trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    triton_device = saved[0]
     trl_utils._use_triton = lambda device: triton_device(device) or device.type == "cpu"
     trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_VOCAB_TILE
-    trl_utils._dpo_recipes_lean_cpu = True
-    return True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = saved
 
 
 def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
@@ -314,7 +318,23 @@ class EvalOnceDPOTrainer(DPOTrainer):
     (and only then) this routes `gather` through the same truncation. One process: no change.
     """
 
+    def _lm_head(self):
+        """dpo.compat.lean_cpu_lm_head on CPU (forward and backward of a step), nothing elsewhere."""
+        return lean_cpu_lm_head() if self.args.device.type == "cpu" else contextlib.nullcontext()
+
+    def training_step(self, *args, **kwargs):
+        with self._lm_head():
+            return super().training_step(*args, **kwargs)
+
+    def compute_ref_log_probs(self, *args, **kwargs):  # precompute_ref_log_probs and dpo/refcache.py
+        with self._lm_head():
+            return super().compute_ref_log_probs(*args, **kwargs)
+
     def prediction_step(self, *args, **kwargs):
+        with self._lm_head():
+            return self._prediction_step_each_pair_once(*args, **kwargs)
+
+    def _prediction_step_each_pair_once(self, *args, **kwargs):
         accelerator = self.accelerator
         gather_all = accelerator.gather  # the bound method, before we shadow it on the instance
 

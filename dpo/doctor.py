@@ -94,6 +94,21 @@ def check_data(
     return report
 
 
+def check_training_split(script_args, training_args, tokenizer, **formatting) -> DoctorReport:
+    """A recipe's data phase: load the training split named by `script_args` (dataset_name,
+    dataset_config, dataset_train_split) and check every row with `check_data`, at the run's
+    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns."""
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    return check_data(
+        raw,
+        script_args.dataset_name,
+        tokenizer,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+        **formatting,
+    )
+
+
 # ── the command line ─────────────────────────────────────────────────────────────────────
 
 

@@ -16,10 +16,14 @@ from `bitsandbytes.functional.has_avx512bf16()`. `use_portable_4bit_kernels` tur
 every 4-bit layer (unpacking any weight already packed), so training, evaluation and
 generation run the same dequantize-then-matmul kernel on every x86 CPU. On a GPU the switch
 is never consulted. Call it right after a 4-bit model is loaded; `build_dpo_trainer` does.
+Where the model runs before our code sees it (TRL's `precompute_ref_log_probs` scores the
+reference inside `DPOTrainer.__init__`), build it inside `portable_4bit_layers()`: its layers
+start with the switch off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 from torch import nn
@@ -32,6 +36,21 @@ def cpu_has_avx512bf16() -> bool:
     from bitsandbytes.functional import has_avx512bf16
 
     return bool(has_avx512bf16())
+
+
+@contextlib.contextmanager
+def portable_4bit_layers():
+    """Inside this context, every `Linear4bit` is built with the switch off, as on a CPU without
+    AVX512-BF16 (bitsandbytes reads `has_avx512bf16` in `Linear4bit.__init__`, through the name
+    `bitsandbytes.nn.modules.has_avx512bf16`). Restored on exit, so nothing outside changes."""
+    import bitsandbytes.nn.modules as modules
+
+    original = modules.has_avx512bf16
+    modules.has_avx512bf16 = lambda: False
+    try:
+        yield
+    finally:
+        modules.has_avx512bf16 = original
 
 
 def use_portable_4bit_kernels(model: nn.Module) -> int:

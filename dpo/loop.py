@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dpo.kernels import use_portable_4bit_kernels
 from dpo.loss import (
     LENGTH_LOSS_TYPES,
     SequenceLogps,
@@ -196,8 +197,11 @@ def train(
     """Train `model` with DPO for num_steps batches (cycling through `batches`); return per-step logs
     (loss, grad_norm, learning_rate and the reward metrics). `ref_model` defaults to `make_reference`.
     The defaults (lr 1e-6, AdamW, linear schedule, clip at 1.0) are DPOConfig's."""
+    use_portable_4bit_kernels(model)  # 4-bit layers: the same kernel on every CPU (dpo/kernels.py)
     if ref_model is None and not loss_kwargs.get("reference_free", False):
         ref_model = make_reference(model)
+    if ref_model is not None:
+        use_portable_4bit_kernels(ref_model)
     disable_dropout(model)
     if ref_model is not None:
         disable_dropout(ref_model)

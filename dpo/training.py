@@ -20,7 +20,6 @@ from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed
 from dpo.compat import (
     DPOTrainer,
     EvalOnceDPOTrainer,
-    lean_cpu_lm_head,
     load_final_checkpoint,
     lora_config,
     quantization_config,
@@ -32,7 +31,7 @@ from dpo.distributed import topology
 from dpo.errors import RunStopped
 from dpo.guards import HealthCheck, NonFiniteGuard, NonFiniteTraining, nonfinite_advice
 from dpo.interrupts import StopOnSignal
-from dpo.kernels import cpu_has_avx512bf16, use_portable_4bit_kernels
+from dpo.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
 from dpo.log import log
 from dpo.model import match_quant_storage, model_init_kwargs
 from dpo.plots import plot_training_curves
@@ -69,18 +68,19 @@ def build_dpo_trainer(
         quantization, trainer_args.model_init_kwargs = None, None  # the base is loaded: TRL would warn
     else:
         peft_config = lora_config(model_args)
-    trainer = EvalOnceDPOTrainer(
-        model=model,
-        ref_model=None,  # the base with adapters disabled (or TRL's frozen "ref" copy of the SFT adapter)
-        args=trainer_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        quantization_config=quantization,
-        peft_config=peft_config,
-    )
-    n_4bit = use_portable_4bit_kernels(trainer.model)
+    with portable_4bit_layers():  # TRL's precompute_ref_log_probs runs the model inside __init__
+        trainer = EvalOnceDPOTrainer(
+            model=model,
+            ref_model=None,  # the base with adapters disabled (or TRL's frozen "ref" copy of the SFT adapter)
+            args=trainer_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            quantization_config=quantization,
+            peft_config=peft_config,
+        )
+    n_4bit = use_portable_4bit_kernels(trainer.model)  # also an SFT-adapter model loaded before (a no-op check)
     if n_4bit and cpu_has_avx512bf16():
         log(f"CPU has AVX512-BF16: {n_4bit} 4-bit layers kept on the portable kernel (dpo/kernels.py)")
     if model_args.dtype == "float32":
@@ -93,7 +93,7 @@ def build_dpo_trainer(
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     protect_run(trainer, run)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
-    if trainer.args.device.type == "cpu" and lean_cpu_lm_head():
+    if trainer.args.device.type == "cpu":
         log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
     if training_args.train_sampling_strategy == "group_by_length":
         log(install_length_grouping(trainer))

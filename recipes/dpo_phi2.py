@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 from dpo.adapters import start_point
 from dpo.config import load_recipe_args
-from dpo.data import load_preference_data, split_heldout
+from dpo.data import split_heldout
 from dpo.distributed import on_main_process
-from dpo.doctor import check_data
+from dpo.doctor import check_training_split
 from dpo.errors import exit_on_user_error
 from dpo.formats import phi2_qa_format
 from dpo.log import log
@@ -47,20 +47,6 @@ class ScriptArguments:
     )
 
 
-def doctor(script_args, training_args, tokenizer):
-    """Load the training split and check every row in phi-2's QA format: the doctor's report."""
-    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    return check_data(
-        raw,
-        script_args.dataset_name,
-        tokenizer,
-        prompt_format="text",
-        text_format=phi2_qa_format,
-        max_length=training_args.max_length,
-        truncation_mode=training_args.truncation_mode,
-    )
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None):
     # ── args: YAML beside this file < --config other.yaml < CLI flags ─────────────────
@@ -75,7 +61,9 @@ def main(argv: list[str] | None = None, callbacks=None):
     # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
     #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load.
     #    Under several processes it runs once, on the main process; the others wait for its report.
-    report = on_main_process(doctor, script_args, training_args, tokenizer)
+    report = on_main_process(
+        check_training_split, script_args, training_args, tokenizer, prompt_format="text", text_format=phi2_qa_format
+    )
     log(report.summary())
     train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
     log(

@@ -21,8 +21,9 @@ Offline (no GPU, no internet):
 from dataclasses import dataclass, field
 
 from dpo.config import RecipeSFTConfig, load_recipe_args
-from dpo.data import load_preference_data, split_heldout
-from dpo.doctor import check_data
+from dpo.data import split_heldout
+from dpo.distributed import on_main_process
+from dpo.doctor import check_training_split
 from dpo.errors import exit_on_user_error
 from dpo.formats import phi2_qa_format
 from dpo.log import log
@@ -50,15 +51,8 @@ def main(argv: list[str] | None = None, callbacks=None):
     # ── data: the DPO recipe's rows and checks; SFT keeps the prompt and the chosen answer.
     #    The same seed holds out the same pairs as recipes/dpo_phi2.py, so DPO's held-out
     #    pairs were not seen by SFT either.
-    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
-    report = check_data(
-        raw,
-        script_args.dataset_name,
-        tokenizer,
-        prompt_format="text",
-        text_format=phi2_qa_format,
-        max_length=training_args.max_length,
-        truncation_mode=training_args.truncation_mode,
+    report = on_main_process(  # once, on the main process, under several processes
+        check_training_split, script_args, training_args, tokenizer, prompt_format="text", text_format=phi2_qa_format
     )
     log(report.summary())
     train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)

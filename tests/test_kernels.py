@@ -6,6 +6,8 @@ function answer True, so any machine builds its 4-bit layers as a CPU with AVX51
 and the tests check what happens then with and without `use_portable_4bit_kernels`.
 """
 
+import warnings
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -98,9 +100,9 @@ def test_weights_packed_before_the_fix_are_unpacked(tiny_model_dir, avx512bf16_c
     model(IDS).logits.logsumexp(-1).mean().backward()
 
 
-def run_phi2(model_dir, data, out):
+def run_phi2(model_dir, data, out, *extra):
     """The phi-2 recipe with an evaluation before the first save and before training
-    (what crashed on AVX512-BF16 CPUs); returns the logged history."""
+    (what crashed on AVX512-BF16 CPUs), plus `extra` flags; returns the logged history."""
     trainer = load_recipe("dpo_phi2").main(
         [
             "--model_name_or_path",
@@ -125,6 +127,7 @@ def run_phi2(model_dir, data, out):
             "4",
             "--test_size",
             "0.25",
+            *extra,
         ]
     )
     assert not is_packed(trainer.model)
@@ -145,3 +148,48 @@ def test_recipe_on_a_simulated_avx512bf16_cpu_matches_any_cpu(tiny_model_dir, tr
     timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]  # noqa: E731
     assert strip(simulated) == strip(plain)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_on_a_simulated_avx512bf16_cpu_matches_any_cpu(
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch
+):
+    """TRL's `precompute_ref_log_probs` scores the reference inside DPOTrainer.__init__, before
+    build_dpo_trainer sees the model: the 4-bit layers must already be built portable there."""
+    plain = run_phi2(tiny_model_dir, truthy_file, tmp_path / "plain", "--precompute_ref_log_probs", "true")
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*repacked.*")  # nothing was packed, so nothing to unpack
+        simulated = run_phi2(
+            tiny_model_dir, truthy_file, tmp_path / "avx512bf16", "--precompute_ref_log_probs", "true"
+        )
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]  # noqa: E731
+    assert any("eval_loss" in entry for entry in plain)
+    assert strip(simulated) == strip(plain)
+
+
+def test_portable_layers_context_restores_the_cpu_check(avx512bf16_cpu):
+    from dpo.kernels import portable_4bit_layers
+
+    with portable_4bit_layers():
+        inside = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
+    outside = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
+    assert getattr(inside, SWITCH) is False and getattr(outside, SWITCH) is True
+
+
+def test_the_from_scratch_loop_trains_after_an_evaluation(tiny_model_dir, avx512bf16_cpu):
+    """dpo.loop.train on a 4-bit PeftModel that was evaluated first (a sample before training, as
+    the notebooks do): on an AVX512-BF16 CPU that repacked every weight and the first training
+    step died in bitsandbytes' in-place bias add. The loop switches the kernel back first."""
+    from dpo.loop import collate, train
+
+    model = load_qlora(tiny_model_dir)
+    eval_logits(model)  # packs on this (simulated) CPU
+    assert is_packed(model)
+    pairs = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 11, 12, 2]}] * 2
+    with pytest.warns(UserWarning, match="repacked"):
+        history = train(model, [collate(pairs, 0)], num_steps=2, lr=1e-2, progress=False)
+    assert not is_packed(model)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert history[1]["loss"] != history[0]["loss"]  # the adapters moved

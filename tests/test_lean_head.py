@@ -3,6 +3,7 @@ tiles, and gives the same per-token log-probs and gradients as TRL's own CPU pat
 
 import torch
 import trl.trainer.utils as trl_utils
+from helpers import load_recipe
 from trl.trainer.utils import add_fused_lm_head
 
 from dpo.compat import CPU_VOCAB_TILE, lean_cpu_lm_head
@@ -17,9 +18,6 @@ def scored(model, ids, labels):
 
 
 def test_same_log_probs_and_gradients_with_less_work(monkeypatch):
-    for name in ("_use_triton", "_CHUNKED_LOGPROB_CHUNK_SIZE"):  # undone after the test
-        monkeypatch.setattr(trl_utils, name, getattr(trl_utils, name))
-    monkeypatch.delattr(trl_utils, "_dpo_recipes_lean_cpu", raising=False)
     monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 100)  # narrower than the vocab: several tiles
     model = build_tiny_model(build_tokenizer(), seed=0)
     add_fused_lm_head(model)
@@ -34,10 +32,24 @@ def test_same_log_probs_and_gradients_with_less_work(monkeypatch):
     monkeypatch.setattr(
         trl_utils._ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(len(h)) or original(h, *a)
     )
-    assert lean_cpu_lm_head() and not lean_cpu_lm_head()  # once per process
-    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_VOCAB_TILE
-    ours = scored(model, ids, labels)
+    tiles = {"use_triton": trl_utils._use_triton, "chunk": trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE}
+    with lean_cpu_lm_head():
+        assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == CPU_VOCAB_TILE
+        ours = scored(model, ids, labels)
     assert rows == [int((labels != -100)[:, 1:].sum())]  # completion positions only (after the shift)
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-6)
     assert (ours[0][:, :9] == 0).all() and (ours[0] != 0).any()
+    # outside the context TRL is its own again: the agreement tests compare with unpatched TRL
+    assert {"use_triton": trl_utils._use_triton, "chunk": trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE} == tiles
+
+
+def test_recipe_trainer_leaves_trl_unchanged(tiny_model_dir, truthy_file, tmp_path):
+    """Building and stepping the recipe trainer patches TRL only inside its own steps."""
+    before = (trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    trainer = load_recipe("dpo_phi2").main(
+        ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file)]
+        + ["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--gradient_accumulation_steps", "1"]
+    )
+    assert trainer.state.global_step == 1
+    assert (trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE) == before
