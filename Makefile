@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test real lint notebooks clean
+.PHONY: demo test real deepspeed lint notebooks clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 # pairs; writes benchmarks/results/real_alignment.{md,png,json} (18 minutes on 2 CPU cores).
 real: $(STAMP)
 	$(BIN)/python benchmarks/real_alignment.py
+
+# DeepSpeed ZeRO-2/3 on 2 CPU processes, each compared with one process (tests/test_distributed.py).
+# Not part of `make test`: deepspeed is not in requirements.txt (requirements-deepspeed.txt).
+deepspeed: $(STAMP)
+	$(BIN)/pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
+	$(BIN)/python -m pytest -m slow -k deepspeed tests/test_distributed.py
 
 # Style: ruff lint + format check (settings in pyproject.toml; `ruff format .` fixes formatting).
 lint: $(STAMP)

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.sections import write_section  # noqa: E402
+
+SECTION = "## `make demo` (`python recipes/dpo_sentiment_tiny.py`), end to end"
 PHASES = ("sft", "pairs", "dpo", "evaluate")
 RESULT_KEYS = (
     "reference_reward",
@@ -64,11 +67,9 @@ def markdown(walls: list[float], runs: list[dict], load_before: tuple, load_afte
         else "RUNS DISAGREE"
     )
     lines = [
-        "# Benchmarks",
+        SECTION,
         "",
-        "## `make demo` (`python recipes/dpo_sentiment_tiny.py`), end to end",
-        "",
-        f"Made by `python benchmarks/bench_demo.py --runs {len(runs)}`; this file is its output. Each run is a fresh",
+        f"Made by `python benchmarks/bench_demo.py --runs {len(runs)}`; this section is its output. Each run is a fresh",
         "process (interpreter start and imports included) after the environment is installed, as `make demo`",
         "runs it. Phases are the recipe's own timers (metrics.json `seconds`); start-up is the remainder.",
         "",
@@ -112,12 +113,6 @@ def markdown(walls: list[float], runs: list[dict], load_before: tuple, load_afte
     return "\n".join(lines)
 
 
-def other_sections(old: str) -> str:
-    """The `## ` sections other scripts write into the same file (bench_training.py's), kept as they are."""
-    sections = re.split(r"(?m)^(?=## )", old)[1:]
-    return "".join("\n" + s.rstrip("\n") + "\n" for s in sections if not s.startswith("## `make demo`"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
@@ -131,9 +126,7 @@ def main() -> None:
         walls.append(wall)
         runs.append(metrics)
         print(f"run {i + 1}: {wall:.1f} s end to end; phases {metrics['seconds']}", flush=True)
-    out = Path(args.out)
-    kept = other_sections(out.read_text()) if out.exists() else ""
-    out.write_text(markdown(walls, runs, load_before, os.getloadavg()).rstrip("\n") + "\n" + kept)
+    write_section(Path(args.out), markdown(walls, runs, load_before, os.getloadavg()), SECTION)
     print(f"median {statistics.median(walls):.1f} s; written to {args.out}")
 
 

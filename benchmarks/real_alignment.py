@@ -175,9 +175,14 @@ def plot_curve(curve: list[dict], final: dict, baseline: float, path: Path) -> N
     ax.plot(steps, [100 * p["accuracy"] for p in curve], marker="o", label=f"policy, {curve[0]['n']} held-out pairs")
     lo, hi = final["accuracy_ci"]
     ax.errorbar(
-        [steps[-1]], [100 * final["accuracy"]], yerr=[[100 * (final["accuracy"] - lo)], [100 * (hi - final["accuracy"])]],
-        fmt="s", color="C3", capsize=4, label=f"policy, all {final['n']} held-out pairs (95% interval)",
-    )  # fmt: skip
+        [steps[-1]],
+        [100 * final["accuracy"]],
+        yerr=[[100 * (final["accuracy"] - lo)], [100 * (hi - final["accuracy"])]],
+        fmt="s",
+        color="C3",
+        capsize=4,
+        label=f"policy, all {final['n']} held-out pairs (95% interval)",
+    )
     ax.axhline(50, color="gray", linestyle="--", label="chance")
     ax.axhline(100 * baseline, color="C2", linestyle=":", label="reference's own ranking (log pi_ref)")
     ax.set_xlabel("optimizer step")
@@ -385,15 +390,26 @@ def main(argv=None) -> dict:
 
     result = {
         "command": " ".join(["python benchmarks/real_alignment.py", *(argv if argv is not None else sys.argv[1:])]),
-        "args": vars(args), "steps": steps, "wall_s": time.time() - start, "threads": torch.get_num_threads(),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})", "load_min": min(loads), "load_max": max(loads),
+        "args": vars(args),
+        "steps": steps,
+        "wall_s": time.time() - start,
+        "threads": torch.get_num_threads(),
+        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+        "load_min": min(loads),
+        "load_max": max(loads),
         "doctor": f"{report.rows_in} rows in, {report.rows_kept} kept, {report.rows_dropped} dropped",
-        "truncated_share": truncated, "reference_ranking": reference_ranking,
+        "truncated_share": truncated,
+        "reference_ranking": reference_ranking,
         "reference_ranking_ci": wilson(int((ref_held[0] > ref_held[1]).sum()), n_held),
-        "final": final, "curve": curve, "kl": kl, "kl_pairs": min(args.kl_pairs, n_held), "lengths": lengths,
-        "length_ref": sum(r for r, _ in lengths) / len(lengths), "length_policy": sum(p for _, p in lengths) / len(lengths),
+        "final": final,
+        "curve": curve,
+        "kl": kl,
+        "kl_pairs": min(args.kl_pairs, n_held),
+        "lengths": lengths,
+        "length_ref": sum(r for r, _ in lengths) / len(lengths),
+        "length_policy": sum(p for _, p in lengths) / len(lengths),
         "samples": samples,
-    }  # fmt: skip
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "real_alignment.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from dpo.kernels import use_portable_4bit_kernels
 from dpo.loss import (
-    LENGTH_LOSS_TYPES,
     SequenceLogps,
     dpo_loss,
     ld_logps,
@@ -32,6 +31,7 @@ from dpo.loss import (
     sft_nll,
     wpo_weights,
 )
+from dpo.loss_settings import LENGTH_LOSS_TYPES
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

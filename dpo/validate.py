@@ -15,7 +15,7 @@ crash on after minutes of loading, or train on silently in the wrong direction:
     output_dir that is a file, under a file, or not writable
 
 Each raises dpo.errors.UserError (one line, exit status 2 in a recipe). The loss rules are
-dpo.loss.loss_settings_error, shared with the from-scratch loss, restricted to TRL's loss types.
+dpo.loss_settings.loss_settings_error, shared with the from-scratch loss, restricted to TRL's loss types.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 from dpo.errors import UserError
-from dpo.loss import DEFAULT_DISCOPOP_TAU, DEFAULT_F_ALPHA, loss_settings_error
+from dpo.loss_settings import DEFAULT_DISCOPOP_TAU, DEFAULT_F_ALPHA, loss_settings_error
 
 # A Hugging Face access token: "hf_" + 30 or more letters and digits (user tokens have 34).
 HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")

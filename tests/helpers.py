@@ -26,7 +26,8 @@ from datasets import Dataset
 from dpo.compat import REWARD_METRICS, ModelConfig
 from dpo.config import RecipeDPOConfig
 from dpo.loop import reward_metrics
-from dpo.loss import LENGTH_LOSS_TYPES, dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.loss import dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.loss_settings import LENGTH_LOSS_TYPES
 from dpo.model import load_tokenizer
 from dpo.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
 from dpo.training import build_dpo_trainer
@@ -261,8 +262,18 @@ def ours(trainer, batch, cfg):
         rc, rr = ld_logps(ref.token_logps[:B], ref.mask[:B], ref.token_logps[B:], ref.mask[B:], ld_alpha)
 
     kinds = set(cfg["loss_type"])
-    kwargs = {k: cfg[k] for k in ("beta", "loss_weights", "label_smoothing", "f_divergence_type",
-                                  "f_alpha_divergence_coef", "discopop_tau") if k in cfg}  # fmt: skip
+    kwargs = {
+        k: cfg[k]
+        for k in (
+            "beta",
+            "loss_weights",
+            "label_smoothing",
+            "f_divergence_type",
+            "f_alpha_divergence_coef",
+            "discopop_tau",
+        )
+        if k in cfg
+    }
     if kinds & LENGTH_LOSS_TYPES:
         kwargs.update(chosen_lengths=pol.lengths[:B], rejected_lengths=pol.lengths[B:])
     if "sft" in kinds:

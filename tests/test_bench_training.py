@@ -57,5 +57,32 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
 def test_section_is_replaced_in_place(tmp_path):
     path = tmp_path / "B.md"
     path.write_text(f"# Benchmarks\n\n## First\n\na\n\n{BENCH.SECTION}\n\nold\n\n## Last\n\nz\n")
-    BENCH.write_section(path, f"{BENCH.SECTION}\n\nnew\n")
+    BENCH.write_section(path, f"{BENCH.SECTION}\n\nnew\n", BENCH.SECTION)
     assert path.read_text() == f"# Benchmarks\n\n## First\n\na\n\n{BENCH.SECTION}\n\nnew\n\n## Last\n\nz\n"
+
+
+def test_profile_section_states_our_share_of_the_step(tmp_path):
+    """--profile's section: our per-step code as a share of the unprofiled steps (2 + 1 of 150 s = 2.00%),
+    written as its own section beside the training table."""
+    record = {
+        "step_s": [50.0, 50.0, 50.0, 60.0],
+        "own_code_s": {"collator": 2.0, "callbacks": 0.5, "log": 0.5},
+        "unprofiled_s": 150.0,
+        "rss_after_load_mb": 1000.0,
+        "rss_after_step_mb": [2000.0, 2100.0, 2100.0, 2200.0],
+        "peak_rss_mb": 2300.0,
+        "load": "1.00 / 2.00",
+        "top_time": "op table",
+        "top_memory": "memory table",
+    }
+
+    class Args:
+        threads, max_length = 2, 512
+
+    text = BENCH.profile_markdown(record, Args)
+    assert "= **2.00%** of 150.0 s" in text and "peak 2300 MB" in text
+    path = tmp_path / "B.md"
+    path.write_text(f"# Benchmarks\n\n{BENCH.SECTION}\n\ntable\n")
+    BENCH.write_section(path, text, BENCH.PROFILE_SECTION)
+    BENCH.write_section(path, text, BENCH.PROFILE_SECTION)  # rewritten in place, not appended twice
+    assert path.read_text().count(BENCH.PROFILE_SECTION) == 1 and "\ntable\n" in path.read_text()

@@ -33,7 +33,7 @@ def table_rows(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_demo.py", "frontier_sentiment.py", "real_alignment.py"])
+@pytest.mark.parametrize("script", ["bench_demo.py", "bench_sweep.py", "frontier_sentiment.py", "real_alignment.py"])
 def test_help_exits_0(script):
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
@@ -177,3 +177,22 @@ def test_real_alignment_interval_and_ties():
     zero = torch.zeros(4)
     m = heldout_metrics(torch.tensor([1.0, 0.0, 0.0, 0.0]), zero, zero, zero, beta=0.1)
     assert m["accuracy"] == pytest.approx((1 + 0.5 * 3) / 4) and m["n"] == 4
+
+
+# ── bench_sweep.py ───────────────────────────────────────────────────────────────────────────
+def test_bench_sweep_reports_the_median_ratio_and_the_largest_difference():
+    bench = load_benchmark("bench_sweep")
+
+    class Args:
+        rounds, loss_types, betas = 2, ["sigmoid"], [0.1, 1.0]
+
+    def row(step, reward, kl):
+        return {"loss_type": "sigmoid", "beta": "0.1", "step": step, "policy_reward": reward, "kl": kl}
+
+    diff = bench.largest_difference([row(0, 0.1, 0.0), row(9, 0.3, 1.0)], [row(0, 0.1, 0.0), row(9, 0.3, 1.25)])
+    assert diff == 0.25
+    with pytest.raises(AssertionError):  # different scored points are not compared
+        bench.largest_difference([row(0, 0.1, 0.0)], [row(9, 0.1, 0.0)])
+    text = bench.markdown({"cache": [100.0, 110.0], "inline": [150.0, 160.0]}, diff, Args, (1.0, 2.0))
+    assert "| 150, 160 | 155 |" in text and "| 100, 110 | 105 |" in text
+    assert "**The cached sweep is 1.48x as fast end to end.**" in text and "2.5e-01" in text

@@ -9,16 +9,19 @@ so every kill lands where the test says, inside a save included.
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 from helpers import ROOT, load_recipe
 from safetensors.torch import load_file
 
-from dpo.checkpoints import MARKER, checkpoint_problems
+from dpo.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
 from dpo.runs import RUN_MARKER
 
 
@@ -110,6 +113,56 @@ def test_kill_9_in_saves_and_steps_then_last_ends_bit_identical(tiny_model_dir, 
     # the same six per-step losses, summed in a different order (float64 rounding only)
     assert math.isclose(metrics["train_loss"], ref_metrics["train_loss"], rel_tol=1e-12)
     assert metrics["train_resumed_at_step"] == 6
+
+
+TRAINING_BEGINS = "trainable parameters:"  # the recipe's log line once the model is built, just before training
+
+
+def run_until(argv, kill_after=None):
+    """The recipe in its own process, streamed; `kill_after` seconds after TRAINING_BEGINS is printed,
+    kill -9 from outside, wherever the run is then. Returns (exit status, seconds from that line to the end)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    began, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if began is None and TRAINING_BEGINS in line:
+            began = time.monotonic()
+            if kill_after is not None:
+                threading.Timer(kill_after, proc.kill).start()
+    status = proc.wait(timeout=300)
+    assert began is not None or status == -signal.SIGKILL, "".join(lines)[-3000:]
+    return status, (time.monotonic() - began) if began else 0.0
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_last_ends_bit_identical(tiny_model_dir, truthy_file, tmp_path):
+    """kill -9 from outside at seeded random moments of training, saving and writing the final files
+    (not at hook points: wherever the process happens to be, a torch.save half-done included),
+    then `--resume_from_checkpoint last` (or a fresh start if no checkpoint is complete yet), until the
+    run finishes: the adapter and every logged step equal an uninterrupted run's."""
+    reference = tmp_path / "uninterrupted"
+    status, training = run_until(flags(tiny_model_dir, truthy_file, reference))
+    assert status == 0
+    rng, out, kills = random.Random(1), tmp_path / "killed", 0
+    for _ in range(12):
+        resume = ["--resume_from_checkpoint", "last"] if newest_complete_checkpoint(out, warn=False) else []
+        kill_after = rng.uniform(0, 0.8 * training) if kills < 4 else None
+        status, _ = run_until([*flags(tiny_model_dir, truthy_file, out), *resume], kill_after)
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL
+        kills += 1
+    assert status == 0 and kills >= 1  # the first kill always lands: it comes before a full run would end
+    expected = load_file(reference / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert train_losses(out) == train_losses(reference)
+    assert (out / RUN_MARKER).is_file()
 
 
 def run_in_process(argv, signal_at, monkeypatch, capsys):

@@ -193,3 +193,29 @@ def test_the_from_scratch_loop_trains_after_an_evaluation(tiny_model_dir, avx512
     assert not is_packed(model)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert history[1]["loss"] != history[0]["loss"]  # the adapters moved
+
+
+def test_evaluation_and_export_load_on_the_portable_kernel(tiny_model_dir, avx512bf16_cpu, tmp_path):
+    """dpo.evaluate and dpo.export load base + adapter through dpo.adapters.load_with_adapter:
+    on an AVX512-BF16 CPU, generating with it must neither repack the weights nor change the kernel."""
+    from dpo.adapters import load_with_adapter
+
+    adapter = tmp_path / "adapter"
+    load_qlora(tiny_model_dir).save_pretrained(adapter)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = load_with_adapter(
+        str(tiny_model_dir), {"quantization_config": quant, "dtype": torch.float32}, str(adapter), trainable=False
+    )
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(getattr(m, SWITCH) for m in layers)
+    model.eval()
+    with torch.no_grad():
+        model.generate(IDS[:1], max_new_tokens=4, do_sample=False)
+    assert not is_packed(model)
+
+
+def test_a_bitsandbytes_without_the_switch_is_refused():
+    layer = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32)
+    delattr(layer, SWITCH)  # as a bitsandbytes that renamed or dropped it would build the layer
+    with pytest.raises(RuntimeError, match="dpo/kernels.py"):
+        use_portable_4bit_kernels(torch.nn.Sequential(layer))

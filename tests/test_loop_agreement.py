@@ -35,20 +35,37 @@ def run_both(policy, trl_reference, tokenizer, loss_kwargs):
     `policy`; return (TRL's per-step logs, ours)."""
     ours_model = copy.deepcopy(policy)  # before TRL patches its copy
     trainer = make_trainer(
-        policy, trl_reference, tokenizer, preference_dataset(),
-        per_device_train_batch_size=2, max_steps=STEPS, logging_steps=1, optim="adamw_torch",
-        lr_scheduler_type="linear", max_grad_norm=1.0, **HYPER, **loss_kwargs,
-    )  # fmt: skip
+        policy,
+        trl_reference,
+        tokenizer,
+        preference_dataset(),
+        per_device_train_batch_size=2,
+        max_steps=STEPS,
+        logging_steps=1,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        **HYPER,
+        **loss_kwargs,
+    )
     batches = list(trainer.get_train_dataloader())  # one epoch, in the order the trainer will see it
     assert len(batches) == 4  # 8 pairs, 2 per batch: 20 steps = 5 epochs
     trainer.train()
     trl_logs = [log for log in trainer.state.log_history if "loss" in log and "train_runtime" not in log]
 
     ours = train(
-        ours_model, batches, num_steps=STEPS, lr=HYPER["learning_rate"], weight_decay=HYPER["weight_decay"],
-        betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]), eps=HYPER["adam_epsilon"],
-        warmup_steps=HYPER["warmup_steps"], max_grad_norm=1.0, progress=False, **loss_kwargs,
-    )  # fmt: skip
+        ours_model,
+        batches,
+        num_steps=STEPS,
+        lr=HYPER["learning_rate"],
+        weight_decay=HYPER["weight_decay"],
+        betas=(HYPER["adam_beta1"], HYPER["adam_beta2"]),
+        eps=HYPER["adam_epsilon"],
+        warmup_steps=HYPER["warmup_steps"],
+        max_grad_norm=1.0,
+        progress=False,
+        **loss_kwargs,
+    )
     return trl_logs, ours
 
 

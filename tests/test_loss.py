@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from dpo.loop import reward_metrics
 from dpo.loss import (
-    LOSS_TYPES,
     dpo_loss,
     f_divergence_scores,
     ld_logps,
@@ -40,6 +39,7 @@ from dpo.loss import (
     sft_nll,
     wpo_weights,
 )
+from dpo.loss_settings import LOSS_TYPES
 
 TOL = dict(rtol=1e-6, atol=1e-6)  # float32 round-off on O(1) numbers
 

@@ -53,11 +53,31 @@ def test_one_qlora_dpo_step_on_real_hh_rows_with_the_recipe(smollm2_dir, tmp_pat
     import bitsandbytes as bnb
 
     trainer = load_recipe("dpo_any").main(
-        ["--config", str(ROOT / "recipes" / "dpo_smollm2_hh.yaml"), "--model_name_or_path", str(smollm2_dir),
-         "--dataset_name", str(HH_FILE), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-         "--per_device_train_batch_size", "2", "--max_length", str(MAX_LENGTH), "--test_size", "0.002",
-         "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1"]
-    )  # fmt: skip
+        [
+            "--config",
+            str(ROOT / "recipes" / "dpo_smollm2_hh.yaml"),
+            "--model_name_or_path",
+            str(smollm2_dir),
+            "--dataset_name",
+            str(HH_FILE),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--max_length",
+            str(MAX_LENGTH),
+            "--test_size",
+            "0.002",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert f"data doctor: {HH_FILE}" in stdout and "rows in      2312" in stdout
     assert "tokenizer's chat template" in stdout and "<|im_start|>assistant" in stdout
@@ -159,23 +179,46 @@ def test_the_loop_reproduces_trls_steps_on_the_real_model(real):
 
     tokenizer, model, data = real
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
-                      layers_to_transform=[26, 27, 28, 29])  # fmt: skip
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        layers_to_transform=[26, 27, 28, 29],
+    )
     policy = get_peft_model(copy.deepcopy(model), lora)
     ours_model = copy.deepcopy(policy)
     hyper = dict(learning_rate=5e-3, weight_decay=0.0, warmup_steps=0)
     trainer = make_trainer(
-        policy, None, tokenizer, data, per_device_train_batch_size=2, max_steps=3, logging_steps=1,
-        optim="adamw_torch", lr_scheduler_type="linear", max_grad_norm=1.0, max_length=MAX_LENGTH,
-        beta=0.1, loss_type=["sigmoid"], **hyper,
-    )  # fmt: skip
+        policy,
+        None,
+        tokenizer,
+        data,
+        per_device_train_batch_size=2,
+        max_steps=3,
+        logging_steps=1,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        max_length=MAX_LENGTH,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        **hyper,
+    )
     batches = list(trainer.get_train_dataloader())
     trainer.train()
     theirs = [e for e in trainer.state.log_history if "loss" in e and "train_runtime" not in e]
     mine = train(
-        ours_model, batches, num_steps=3, lr=hyper["learning_rate"], warmup_steps=0, max_grad_norm=1.0,
-        progress=False, beta=0.1, loss_type=["sigmoid"],
-    )  # fmt: skip
+        ours_model,
+        batches,
+        num_steps=3,
+        lr=hyper["learning_rate"],
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        progress=False,
+        beta=0.1,
+        loss_type=["sigmoid"],
+    )
     assert len(theirs) == len(mine) == 3
     for step, (t, m) in enumerate(zip(theirs, mine)):
         assert m["loss"] == pytest.approx(t["loss"], abs=1e-4), step

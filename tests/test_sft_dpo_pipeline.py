@@ -204,6 +204,8 @@ def test_tensorboard_events_hold_the_reward_metrics(dpo):
     for key in ("train/loss", "train/rewards/margins", "train/rewards/accuracies", "train/rewards/chosen"):
         assert key in tags, (key, tags)
     assert len(acc.Scalars("train/rewards/margins")) == 3  # logging_steps 1 (the recipe's YAML), 3 steps
+    for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"):  # the held-out evaluation at the end
+        assert key in tags, (key, tags)
 
 
 # ── evaluate ───────────────────────────────────────────────────────────────────────────────────
