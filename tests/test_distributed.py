@@ -236,31 +236,23 @@ def small_run(tiny_model_dir, truthy_file, *extra):
     ]
 
 
+def launch_two_cpu(tmp_path, flags, env=None):
+    """2 CPU processes (multi_cpu.yaml) writing to tmp_path/out, any free port."""
+    return launch(
+        "multi_cpu.yaml", tmp_path / "out", tmp_path / "facts", "--main_process_port", "0", recipe_flags=flags, env=env
+    )
+
+
 def test_a_crash_in_one_process_stops_all_and_resume_continues(tiny_model_dir, truthy_file, tmp_path):
     """Rank 1 fails at step 3 (a checkpoint exists at step 2): the whole job stops, the failure is
     reported once, and a resumed 2-process launch runs only steps 3 and 4."""
     flags = small_run(tiny_model_dir, truthy_file, "--max_steps", "4", "--save_steps", "2")
-    crashed = launch(
-        "multi_cpu.yaml",
-        tmp_path / "out",
-        tmp_path / "facts",
-        "--main_process_port",
-        "0",
-        recipe_flags=flags,
-        env={"DPO_TEST_CRASH": "1:3"},
-    )
+    crashed = launch_two_cpu(tmp_path, flags, env={"DPO_TEST_CRASH": "1:3"})
     log = finish(crashed, ok=False)
     assert log.count("RuntimeError: test crash in rank 1 at step 3") == 1
     assert "[dpo-recipes] done:" not in log  # rank 0 did not go on alone
     assert (tmp_path / "out" / "checkpoint-2" / "optimizer.pt").is_file()
-    resumed = launch(
-        "multi_cpu.yaml",
-        tmp_path / "out",
-        tmp_path / "facts",
-        "--main_process_port",
-        "0",
-        recipe_flags=[*flags, "--resume_from_checkpoint", "last"],
-    )
+    resumed = launch_two_cpu(tmp_path, [*flags, "--resume_from_checkpoint", "last"])
     finish(resumed)
     assert [h["step"] for h in train_logs(tmp_path / "out")] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
@@ -268,26 +260,11 @@ def test_a_crash_in_one_process_stops_all_and_resume_continues(tiny_model_dir, t
 
 def test_ctrl_c_under_two_processes_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     flags = small_run(tiny_model_dir, truthy_file, "--max_steps", "4", "--save_steps", "100")
-    interrupted = launch(
-        "multi_cpu.yaml",
-        tmp_path / "out",
-        tmp_path / "facts",
-        "--main_process_port",
-        "0",
-        recipe_flags=flags,
-        env={"DPO_TEST_CTRL_C": "3"},
-    )
+    interrupted = launch_two_cpu(tmp_path, flags, env={"DPO_TEST_CTRL_C": "3"})
     log = finish(interrupted, ok=False)
     assert (tmp_path / "out" / "checkpoint-3" / "optimizer.pt").is_file(), log[-3000:]
     assert log.count("SIGINT at step 3: checkpoint saved") == 1, log[-4000:]  # one message, from rank 0
-    resumed = launch(
-        "multi_cpu.yaml",
-        tmp_path / "out",
-        tmp_path / "facts",
-        "--main_process_port",
-        "0",
-        recipe_flags=[*flags, "--resume_from_checkpoint", "last"],
-    )
+    resumed = launch_two_cpu(tmp_path, [*flags, "--resume_from_checkpoint", "last"])
     finish(resumed)
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
 

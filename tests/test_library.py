@@ -34,11 +34,11 @@ def test_trl_is_imported_only_in_compat():
 
 
 def test_loss_types_match_trl_and_our_module():
-    from dpo import loss
+    from dpo import loss_settings
     from dpo.compat import LOSS_TYPES, TESTED_TRL
 
     assert trl.__version__ == TESTED_TRL
-    assert set(loss.LOSS_TYPES) - {"cdpo"} == set(LOSS_TYPES)
+    assert set(loss_settings.LOSS_TYPES) - {"cdpo"} == set(LOSS_TYPES)
     # TRL's trainer names its accepted loss types in its unknown-loss error message
     source = (Path(trl.__file__).parent / "trainer" / "dpo_trainer.py").read_text()
     accepted = source[source.index("Unknown loss type") :][:600]

@@ -168,6 +168,55 @@ def test_policy_starts_as_the_sft_adapter_and_moves(dpo, sft):
         assert not torch.equal(final[name].detach(), initial[name]), f"{name} did not move"
 
 
+def test_the_generic_recipe_also_starts_from_the_sft_adapter(sft, tiny_model_dir, truthy_file, tmp_path):
+    """recipes/dpo_any.py with --sft_adapter_path: the same start (the SFT weights), the same frozen reference."""
+    snapshot = SnapshotTrainable()
+    trainer = load_recipe("dpo_any").main(
+        ["--model_name_or_path", str(tiny_model_dir), "--sft_adapter_path", str(sft["dir"])]
+        + ["--dataset_name", str(truthy_file), "--output_dir", str(tmp_path / "any")]
+        + FAST
+        + ["--max_steps", "2", "--learning_rate", "1e-2", "--test_size", "0", "--save_strategy", "no"],
+        callbacks=[snapshot],
+    )
+    assert sorted(trainer.model.peft_config) == ["default", "ref"]
+    saved = load_file(sft["dir"] / "adapter_model.safetensors")
+    for key, value in saved.items():
+        torch.testing.assert_close(snapshot.initial[key.replace(".weight", ".default.weight")].float(), value.float())
+    assert digest(sft["dir"]) == sft["digest"]
+
+
+def test_sft_resumes_its_last_checkpoint(tiny_model_dir, truthy_file, tmp_path):
+    """The SFT recipe has the DPO recipes' run safety: a stopped run continues with `last`."""
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file)]
+    argv += ["--output_dir", str(tmp_path / "sft"), *FAST, "--test_size", "0", "--save_steps", "2"]
+    load_recipe("sft_phi2").main([*argv, "--max_steps", "2"])
+    trainer = load_recipe("sft_phi2").main(
+        [*argv, "--max_steps", "4", "--resume_from_checkpoint", "last", "--resume_with_different_settings", "true"]
+    )
+    assert trainer.state.global_step == 4
+    metrics = json.loads((tmp_path / "sft" / "final_metrics.json").read_text())
+    assert metrics["train_resumed_at_step"] == 2
+
+
+def test_sft_bad_row_is_one_line_before_weights_load(tiny_model_dir, tmp_path, capsys, no_weights_load):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Hi?", "chosen": "Hello."}\n')
+    with pytest.raises(SystemExit) as exit_:
+        load_recipe("sft_phi2").main(
+            [
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--dataset_name",
+                str(data),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ]
+        )
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "rejected" in err and "Traceback" not in err
+
+
 def test_wrong_base_model_is_a_clear_error_before_training(sft, truthy_file, tmp_path, capsys):
     from dpo.tiny import build_tiny_model, build_tokenizer
 
