@@ -1,7 +1,7 @@
 """DPO training speed and memory on CPU: the seed article's loop, TRL's defaults and this repo's
 recipe (alone, + reference cache, + length-grouped batches, + both), on the same real pairs.
 
-    python benchmarks/bench_training.py                  # the BENCHMARKS.md table (~25 min on 2 CPU cores)
+    python benchmarks/bench_training.py                  # the BENCHMARKS.md table (57 min on 2 CPU cores)
     python benchmarks/bench_training.py --quick          # ~2 min: fewer, shorter pairs, one round
     python benchmarks/bench_training.py --json out.json  # the same numbers for machines
     python benchmarks/bench_training.py --profile        # instead: where a recipe step's time and memory go
@@ -209,15 +209,17 @@ def profile_markdown(record: dict, args) -> str:
         + f" = **{100 * share:.2f}%** of {unprofiled:.1f} s (target: under 2%)",
         f"- resident memory: {record['rss_after_load_mb']:.0f} MB after loading; after each step "
         + ", ".join(f"{x:.0f}" for x in record["rss_after_step_mb"])
-        + f" MB; peak {record['peak_rss_mb']:.0f} MB",
+        + f" MB; peak {record['peak_rss_mb']:.0f} MB (the profiled step's figure includes torch.profiler's own records)",
         "",
         "What the largest consumers are, and what this repo does about each:",
         "- the LM head over the 49k-token vocabulary: TRL's fused head never builds full logits, and on CPU",
         "  `dpo.compat.lean_cpu_lm_head` scores completion positions only, in 4096-column tiles (TRL's CPU path",
         "  scores every position in 32768-column tiles: a 270 MB tile for 2k tokens);",
         "- activations: checkpointing (the recipe's `activation_checkpointing: true`) keeps one layer's at a time;",
-        "- 4-bit dequantization: each Linear4bit dequantizes its weight for the matmul and frees it (the",
-        "  `aten::empty`/`copy_` rows); one layer's weight at a time, nothing to keep;",
+        "- 4-bit dequantization (`bitsandbytes::dequantize_4bit`): each Linear4bit dequantizes its weight for",
+        "  the matmul and frees it again, one layer's weight at a time: nothing accumulates;",
+        "- elementwise temporaries (`aten::mul`, `aten::add`: RMSNorm, rotary embeddings, LoRA scaling) are the",
+        "  largest allocation totals of a step, each freed within its layer (transformers' and peft's code);",
         "- the allocator: glibc keeps freed blocks under its dynamic mmap threshold, so resident memory grows",
         "  over the first steps; configuration 7 of the table above fixes the threshold at 1 MiB (lower peak, slower);",
         "- the reference forward: with `reference_cache: true` it is gone from training steps altogether.",

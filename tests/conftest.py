@@ -13,6 +13,12 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite is CPU-only, also on a GPU 
 # Measured on 2 cores: tests/test_recipe_phi2.py + test_recipe_generic.py took 23 s with one
 # thread and 96 s with two. Subprocesses and notebook kernels inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The recipes keep reference log-probs on disk (reference_cache: true): one fresh folder per test
+# session, never the user's ~/.cache. Subprocesses inherit it.
+if "DPO_REFERENCE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["DPO_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="dpo-test-refcache-")
 
 from pathlib import Path  # noqa: E402
 

@@ -81,13 +81,13 @@ def test_every_problem_is_named_at_once(recipe, local, capsys, no_weights_load):
     ],
 )
 def test_edge_values_that_are_valid_pass(flags, local):
-    from dpo.compat import DPOConfig, ModelConfig
-    from dpo.config import parse_recipe_args
+    from dpo.compat import ModelConfig
+    from dpo.config import RecipeDPOConfig, parse_recipe_args
     from dpo.validate import check_settings
 
     recipe = load_recipe("dpo_phi2")
-    _, training, model, _ = parse_recipe_args(
-        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / "dpo_phi2.yaml", [*local, *flags]
+    _, training, model, _ = parse_recipe_args(  # as the recipe parses it
+        (recipe.ScriptArguments, RecipeDPOConfig, ModelConfig), ROOT / "recipes" / "dpo_phi2.yaml", [*local, *flags]
     )
     check_settings(training, model)  # raises on a false alarm
 
@@ -98,17 +98,18 @@ def test_edge_values_that_are_valid_pass(flags, local):
         ("dpo_phi2", "dpo_phi2.yaml"),
         ("dpo_any", "dpo_any.yaml"),
         ("dpo_any", "dpo_hh_rlhf.yaml"),
+        ("dpo_any", "dpo_smollm2_hh.yaml"),
         ("dpo_sentiment_tiny", "dpo_sentiment_tiny.yaml"),
     ],
 )
 def test_every_shipped_yaml_passes_the_checks(name, config):
-    from dpo.compat import DPOConfig, ModelConfig
-    from dpo.config import parse_recipe_args
+    from dpo.compat import ModelConfig
+    from dpo.config import RecipeDPOConfig, parse_recipe_args
     from dpo.validate import check_no_secrets, check_settings
 
     recipe = load_recipe(name)
     _, training, model, _ = parse_recipe_args(
-        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / config, []
+        (recipe.ScriptArguments, RecipeDPOConfig, ModelConfig), ROOT / "recipes" / config, []
     )
     check_settings(training, model)
     check_no_secrets(training, model)

@@ -4,15 +4,15 @@ import pytest
 import torch
 from helpers import ROOT, load_recipe
 
-from dpo.compat import DPOConfig, ModelConfig
-from dpo.config import parse_recipe_args
+from dpo.compat import ModelConfig
+from dpo.config import RecipeDPOConfig, parse_recipe_args
 
 PHI2_YAML = ROOT / "recipes" / "dpo_phi2.yaml"
 
 
 def parse(argv=()):
     recipe = load_recipe("dpo_phi2")
-    return parse_recipe_args((recipe.ScriptArguments, DPOConfig, ModelConfig), PHI2_YAML, list(argv))
+    return parse_recipe_args((recipe.ScriptArguments, RecipeDPOConfig, ModelConfig), PHI2_YAML, list(argv))
 
 
 def test_phi2_yaml_parses_with_the_documented_settings():

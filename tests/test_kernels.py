@@ -156,12 +156,26 @@ def test_precomputed_reference_on_a_simulated_avx512bf16_cpu_matches_any_cpu(
 ):
     """TRL's `precompute_ref_log_probs` scores the reference inside DPOTrainer.__init__, before
     build_dpo_trainer sees the model: the 4-bit layers must already be built portable there."""
-    plain = run_phi2(tiny_model_dir, truthy_file, tmp_path / "plain", "--precompute_ref_log_probs", "true")
+    plain = run_phi2(
+        tiny_model_dir,
+        truthy_file,
+        tmp_path / "plain",
+        "--precompute_ref_log_probs",
+        "true",
+        "--reference_cache",
+        "false",
+    )
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*repacked.*")  # nothing was packed, so nothing to unpack
         simulated = run_phi2(
-            tiny_model_dir, truthy_file, tmp_path / "avx512bf16", "--precompute_ref_log_probs", "true"
+            tiny_model_dir,
+            truthy_file,
+            tmp_path / "avx512bf16",
+            "--precompute_ref_log_probs",
+            "true",
+            "--reference_cache",
+            "false",
         )
     timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     strip = lambda h: [{k: v for k, v in e.items() if k not in timing} for e in h]  # noqa: E731

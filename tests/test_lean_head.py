@@ -1,6 +1,7 @@
 """dpo.compat.lean_cpu_lm_head: TRL's fused LM head on CPU scores only completion tokens, in narrow
 tiles, and gives the same per-token log-probs and gradients as TRL's own CPU path."""
 
+import pytest
 import torch
 import trl.trainer.utils as trl_utils
 from helpers import load_recipe
@@ -44,6 +45,7 @@ def test_same_log_probs_and_gradients_with_less_work(monkeypatch):
     assert {"use_triton": trl_utils._use_triton, "chunk": trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE} == tiles
 
 
+@pytest.mark.slow
 def test_recipe_trainer_leaves_trl_unchanged(tiny_model_dir, truthy_file, tmp_path):
     """Building and stepping the recipe trainer patches TRL only inside its own steps."""
     before = (trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE)

@@ -76,6 +76,8 @@ def test_one_qlora_dpo_step_on_real_hh_rows_with_the_recipe(smollm2_dir, tmp_pat
             "no",
             "--logging_steps",
             "1",
+            "--reference_cache",
+            "false",  # one step: the cache would first score all ~2,300 pairs
         ]
     )
     stdout = capsys.readouterr().out

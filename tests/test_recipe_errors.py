@@ -108,13 +108,15 @@ def test_config_flag_without_a_file(recipe, capsys):
 
 
 def test_config_equals_form_is_read(tmp_path):
-    from dpo.compat import DPOConfig, ModelConfig
-    from dpo.config import parse_recipe_args
+    from dpo.compat import ModelConfig
+    from dpo.config import RecipeDPOConfig, parse_recipe_args
 
     other = tmp_path / "other.yaml"
     other.write_text((ROOT / "recipes" / "dpo_phi2.yaml").read_text().replace("beta: 0.1", "beta: 0.3"))
     recipe = load_recipe("dpo_phi2")
     _, training, _, _ = parse_recipe_args(
-        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / "dpo_phi2.yaml", [f"--config={other}"]
+        (recipe.ScriptArguments, RecipeDPOConfig, ModelConfig),
+        ROOT / "recipes" / "dpo_phi2.yaml",
+        [f"--config={other}"],
     )
     assert training.beta == 0.3

@@ -163,11 +163,11 @@ def test_schema_error_is_one_clean_line_naming_file_row_and_field(recipe, tiny_m
 
 
 def test_yaml_defaults_and_docstring(recipe):
-    from dpo.compat import DPOConfig, ModelConfig
-    from dpo.config import parse_recipe_args
+    from dpo.compat import ModelConfig
+    from dpo.config import RecipeDPOConfig, parse_recipe_args
 
     script, training, model, _ = parse_recipe_args(
-        (recipe.ScriptArguments, DPOConfig, ModelConfig), ROOT / "recipes" / "dpo_any.yaml", []
+        (recipe.ScriptArguments, RecipeDPOConfig, ModelConfig), ROOT / "recipes" / "dpo_any.yaml", []
     )
     assert model.lora_target_modules == "all-linear" and model.load_in_4bit and model.use_peft
     assert script.prompt_format == "chat" and script.degenerate_rows == "drop"

@@ -185,6 +185,7 @@ def test_the_generic_recipe_also_starts_from_the_sft_adapter(sft, tiny_model_dir
     assert digest(sft["dir"]) == sft["digest"]
 
 
+@pytest.mark.slow
 def test_sft_resumes_its_last_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     """The SFT recipe has the DPO recipes' run safety: a stopped run continues with `last`."""
     argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file)]
