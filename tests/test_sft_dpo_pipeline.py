@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from helpers import load_recipe
+from helpers import load_recipe, one_line_error
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
@@ -202,20 +202,9 @@ def test_sft_resumes_its_last_checkpoint(tiny_model_dir, truthy_file, tmp_path):
 def test_sft_bad_row_is_one_line_before_weights_load(tiny_model_dir, tmp_path, capsys, no_weights_load):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "Hi?", "chosen": "Hello."}\n')
-    with pytest.raises(SystemExit) as exit_:
-        load_recipe("sft_phi2").main(
-            [
-                "--model_name_or_path",
-                str(tiny_model_dir),
-                "--dataset_name",
-                str(data),
-                "--output_dir",
-                str(tmp_path / "o"),
-            ]
-        )
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "bad.jsonl" in err and "rejected" in err and "Traceback" not in err
+    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", data, "--output_dir", tmp_path / "o"]
+    line = one_line_error(load_recipe("sft_phi2").main, argv, capsys)
+    assert "bad.jsonl" in line and "rejected" in line
 
 
 def test_wrong_base_model_is_a_clear_error_before_training(sft, truthy_file, tmp_path, capsys):
