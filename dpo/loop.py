@@ -200,10 +200,9 @@ def train(
     use_portable_4bit_kernels(model)  # 4-bit layers: the same kernel on every CPU (dpo/kernels.py)
     if ref_model is None and not loss_kwargs.get("reference_free", False):
         ref_model = make_reference(model)
-    if ref_model is not None:
-        use_portable_4bit_kernels(ref_model)
     disable_dropout(model)
     if ref_model is not None:
+        use_portable_4bit_kernels(ref_model)  # a reference passed in may not be switched yet
         disable_dropout(ref_model)
 
     params = [p for p in model.parameters() if p.requires_grad]
