@@ -38,9 +38,11 @@ from trl import (
     get_peft_config,
     get_quantization_config,
 )
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import create_model_from_path, use_adapter
 
 __all__ = [
+    "DataCollatorForPreference",
     "DPOConfig",
     "DPOTrainer",
     "ModelConfig",

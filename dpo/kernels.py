@@ -19,16 +19,40 @@ is never consulted. Call it right after a 4-bit model is loaded; `build_dpo_trai
 Where the model runs before our code sees it (TRL's `precompute_ref_log_probs` scores the
 reference inside `DPOTrainer.__init__`), build it inside `portable_4bit_layers()`: its layers
 start with the switch off.
+
+bitsandbytes also logs, at import on every AVX512-BF16 CPU, that it could not load an optional
+fused kernel from the `kernels` package (which would fetch code from the Hub at run time).
+That path is the inference kernel we switch off, so the note only tells users to install
+something they must not need; `quiet_bitsandbytes_import_note` drops that one record, and
+`dpo/__init__.py` installs it before anything imports bitsandbytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 
 from torch import nn
 
 SWITCH = "support_avx512bf16_for_cpu"  # bitsandbytes 0.50.2, nn/modules.py: Linear4bit
+
+# bitsandbytes 0.50.2, backends/cpu/ops.py, the `has_avx512bf16()` branch: logged once at import.
+IMPORT_NOTE_LOGGER = "bitsandbytes.backends.cpu.ops"
+IMPORT_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropImportNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(IMPORT_NOTE)
+
+
+def quiet_bitsandbytes_import_note() -> None:
+    """Drop bitsandbytes' import-time note about the optional `kernels` package, and nothing else
+    it logs. Safe to call before bitsandbytes is imported (loggers exist by name) and repeatedly."""
+    logger = logging.getLogger(IMPORT_NOTE_LOGGER)
+    if not any(isinstance(f, _DropImportNote) for f in logger.filters):
+        logger.addFilter(_DropImportNote())
 
 
 def cpu_has_avx512bf16() -> bool:

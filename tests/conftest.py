@@ -25,6 +25,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import dpo  # noqa: E402, F401  (first: it silences bitsandbytes' AVX512-BF16 import note, dpo/kernels.py)
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
