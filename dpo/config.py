@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from dpo import lock
 from dpo.checkpoints import PER_INVOCATION_KEYS, RunOptions, resolve_resume
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
-from dpo import lock
 from dpo.distributed import check_launch, on_main_process, topology
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision

@@ -29,9 +29,9 @@ from dpo.adapters import adapter_weights
 from dpo.checkpoints import (
     MARKER,
     PER_INVOCATION_KEYS,
-    checkpoint_step,
     checkpoint_problems,
     checkpoint_run,
+    checkpoint_step,
     checkpoints_in,
     kill_point,
     newest_complete_checkpoint,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dpo import lock
 from dpo.adapters import policy_from_sft_adapter
 from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
 from dpo.compat import (
@@ -26,7 +27,6 @@ from dpo.compat import (
     route_checkpoint_writes,
     upcast_trainable_params,
 )
-from dpo import lock
 from dpo.config import write_resolved_config
 from dpo.distributed import on_main_process, topology
 from dpo.errors import RunStopped
