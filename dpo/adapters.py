@@ -93,6 +93,14 @@ def _linear_shapes(model_config, trust_remote_code: bool = False) -> dict[str, t
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def adapter_weights(adapter: str) -> Path:
+    """The adapter's adapter_model.safetensors (downloaded for a hub id); UserError if it has none."""
+    weights = _adapter_file(adapter, ADAPTER_WEIGHTS)
+    if weights is None:
+        raise UserError(f"{adapter}: no {ADAPTER_WEIGHTS} (adapters load from safetensors only)")
+    return weights
+
+
 def check_adapter_fits(adapter: str, adapter_config: dict, model_config, base_name: str) -> None:
     """Fail before any weights load if the adapter was not trained on a model shaped like this base.
 
@@ -102,9 +110,7 @@ def check_adapter_fits(adapter: str, adapter_config: dict, model_config, base_na
     """
     from safetensors import safe_open
 
-    weights = _adapter_file(adapter, ADAPTER_WEIGHTS)
-    if weights is None:
-        raise UserError(f"{adapter}: no {ADAPTER_WEIGHTS} (adapters load from safetensors only)")
+    weights = adapter_weights(adapter)
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter}: a {adapter_config.get('peft_type')} adapter; only LoRA adapters are supported")
     shapes = _linear_shapes(model_config)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import yaml
 
+from dpo import lock
 from dpo.checkpoints import PER_INVOCATION_KEYS, RunOptions, resolve_resume
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
-from dpo.distributed import check_launch, topology
+from dpo.distributed import check_launch, on_main_process, topology
 from dpo.errors import UserError
 from dpo.hardware import describe, detect_precision
 from dpo.log import log
-from dpo.validate import check_no_secrets, check_output_dir, check_settings
+from dpo.validate import check_no_secrets, check_output_dir, check_output_dir_apart, check_settings
 
 
 @dataclasses.dataclass
@@ -139,7 +140,8 @@ def load_recipe_args(
 
     Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
     the config, settings that would reverse or zero the preference, and an unwritable output_dir
-    (dpo/validate.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
+    (dpo/validate.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
+    the run (dpo/lock.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     `training_config` is RecipeDPOConfig (TRL's DPOConfig and our fields), or RecipeSFTConfig for the SFT recipe.
     """
     script_args, training_args, model_args, precision = parse_recipe_args(
@@ -148,11 +150,15 @@ def load_recipe_args(
     check_no_secrets(script_args, training_args, model_args)
     check_settings(training_args, model_args)
     check_output_dir(training_args.output_dir)
-    training_args.resume_from_checkpoint = resolve_resume(
-        training_args.resume_from_checkpoint, training_args.output_dir
+    check_output_dir_apart(
+        training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)
     )
     log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
     check_launch()
+    on_main_process(lock.take, training_args.output_dir)  # held until the recipe's main ends (dpo/lock.py)
+    training_args.resume_from_checkpoint = resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
     log(f"topology: {topology(training_args).describe()}")
     return script_args, training_args, model_args
 

@@ -32,12 +32,16 @@ def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
 
 def exit_on_user_error(main):
     """Decorator for a script's entry point: UserError -> one-line message, exit status 2;
-    RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130."""
+    RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130.
+    Output-folder locks taken during the call are released however it ends (dpo/lock.py)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from dpo.lock import scope  # dpo.lock raises this module's errors
+
         try:
-            return main(*args, **kwargs)
+            with scope():
+                return main(*args, **kwargs)
         except UserError as err:
             # Under N processes every process meets the same input mistake: one message per
             # machine (its local rank 0), since each machine's launcher shows its own output.

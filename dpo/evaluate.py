@@ -38,9 +38,12 @@ GENERATION_MODES = ("greedy", "sampled")
 # ── the run folder, checked before any weights load ─────────────────────────────────────────
 def read_run(output_dir: str | Path) -> tuple[dict, list[dict]]:
     """(resolved config, held-out pairs) of a run folder; UserError naming what is missing."""
+    from dpo.runs import require_finished_run
+
     out = Path(output_dir)
     if not out.is_dir():
         raise UserError(f"run folder not found: {out}")
+    require_finished_run(out, "python -m dpo.evaluate")
     for name in ("adapter_config.json", "resolved_config.yaml"):
         if not (out / name).is_file():
             raise UserError(f"{out} has no {name}: not a finished run folder of these recipes")
@@ -81,12 +84,13 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    tokenizer = load_tokenizer(str(output_dir))  # checked before any weights load
     model = load_with_adapter(model_args.model_name_or_path, kwargs, str(output_dir), False, adapter_name="policy")
     ref = reference_adapter(output_dir, resolved)
     if ref:
         model = put_adapter(model, ref, adapter_name="ref")
     model.eval()
-    return model, load_tokenizer(str(output_dir))
+    return model, tokenizer
 
 
 # ── log-probabilities and generations ────────────────────────────────────────────────────────

@@ -49,6 +49,11 @@ ADAPTER_FILES = (
 
 def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None) -> dict:
     """Everything checkable before weights load; returns the resolved config."""
+    from dpo.runs import require_finished_run
+
+    if not output_dir.is_dir():
+        raise UserError(f"run folder not found: {output_dir}")
+    require_finished_run(output_dir, "python -m dpo.export")
     for name in ("adapter_config.json", "adapter_model.safetensors", "resolved_config.yaml"):
         if not (output_dir / name).is_file():
             raise UserError(f"{output_dir} has no {name}: not a finished run folder of these recipes")

@@ -74,12 +74,41 @@ def check_safetensors(name: str, revision: str = "main") -> None:
     )
 
 
+# Files any transformers tokenizer is built from (fast: tokenizer.json; slow: a vocabulary, BPE merges or
+# a sentencepiece model). A folder with none of them still "loads": as an empty-vocabulary GPT-2 tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+SAMPLE_TEXT = "Hello, world."  # any real tokenizer gives this at least one token (an unknown-token one at worst)
+
+
 def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):
-    """The model's tokenizer; pads with EOS when it has no pad token (phi-2 has none)."""
+    """The model's tokenizer; pads with EOS when it has no pad token (phi-2 has none). Refused, naming
+    the folder, when a local folder holds no tokenizer files or the tokenizer turns text into 0 tokens:
+    every row would train (or be scored) as nothing."""
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): transformers would build an "
+            "empty tokenizer and every text would become 0 tokens. Save the tokenizer of the model it came from "
+            f"into it (tokenizer.save_pretrained('{name}'))"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _fetch_error("tokenizer", name, err, "--model_name_or_path") from None
+    if not tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise UserError(
+            f"the tokenizer of {name} encodes {SAMPLE_TEXT!r} to 0 tokens ({type(tokenizer).__name__}, "
+            f"{len(tokenizer)} entries): every text would become 0 tokens. Check its tokenizer files"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

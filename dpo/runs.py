@@ -25,12 +25,16 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import TrainerCallback
 
+from dpo.adapters import adapter_weights
 from dpo.checkpoints import (
+    MARKER,
     PER_INVOCATION_KEYS,
     checkpoint_problems,
     checkpoint_run,
+    checkpoint_step,
     checkpoints_in,
     kill_point,
+    newest_complete_checkpoint,
     write_json_atomic,
 )
 from dpo.compat import continue_token_count
@@ -75,12 +79,24 @@ def data_sha256(rows) -> str:
     return digest.hexdigest()
 
 
-def run_settings(training_args, model_args, train_rows) -> dict:
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_settings(training_args, model_args, train_rows, sft_adapter: str | None = None) -> dict:
+    """What a run trains from. Starting from an SFT adapter, its weights count too (sha256 of its
+    safetensors, not its path: an adapter replaced in place is another starting point and reference)."""
     settings = {}
     for obj in (training_args, model_args):
         settings.update(to_plain(obj))
     settings = {k: v for k, v in settings.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)}
     settings["training_data_sha256"] = data_sha256(train_rows)
+    if sft_adapter:
+        settings["sft_adapter_sha256"] = file_sha256(adapter_weights(sft_adapter))
     return settings
 
 
@@ -106,14 +122,53 @@ def finished_run(output_dir: Path) -> dict | None:
         return None
 
 
-def prepare_output_dir(training_args, run: dict) -> None:
+def require_finished_run(folder: str | Path, command: str) -> None:
+    """For `command` (dpo.evaluate, dpo.export), before any weights load: refuse a run folder without
+    run_complete.json (killed, still running, or killed while writing its final files), saying why and
+    how to finish it, and a checkpoint folder given instead of its run folder. A folder that is no run
+    at all (no checkpoints, no adapter) is left to the caller, which names the file it lacks."""
+    folder = Path(folder)
+    if finished_run(folder) is not None:
+        return
+    if checkpoint_step(folder) is not None and (folder / MARKER).is_file():
+        raise UserError(
+            f"{folder} is a checkpoint; {command} takes a finished run folder ({folder.parent}, with "
+            f"{RUN_MARKER}): checkpoints hold neither the held-out pairs nor the resolved config"
+        )
+    newest = newest_complete_checkpoint(folder, warn=False)
+    if newest is None and not checkpoints_in(folder) and not (folder / "adapter_config.json").is_file():
+        return
+    finish = (
+        f"finish it: run the same training command again with --resume_from_checkpoint last (it continues from "
+        f"{newest.name})"
+        if newest
+        else "it has no complete checkpoint to continue from: run the training command again"
+    )
+    raise UserError(
+        f"{folder} has no {RUN_MARKER}: the run did not finish (stopped, killed, or still running), so its "
+        f"adapter and metrics may be missing, partial or from an earlier run; {finish}"
+    )
+
+
+def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None) -> None:
     """Before any weights load: refuse to resume a checkpoint of a different run, or to reuse an
-    output_dir holding a different run; with --overwrite_output_dir delete that run's files."""
+    output_dir holding a different run; with --overwrite_output_dir delete that run's files.
+    A checkpoint trained from other SFT adapter weights is never resumed: the reference would change
+    under the policy (and a reference cache would no longer match it)."""
     output_dir, resume = Path(training_args.output_dir), training_args.resume_from_checkpoint
     allow = getattr(training_args, "resume_with_different_settings", False)
     overwrite = getattr(training_args, "overwrite_output_dir", False)
     if resume:
-        diffs = differences(checkpoint_run(resume), run)
+        old = checkpoint_run(resume)
+        was, now = old.get("sft_adapter_sha256"), run.get("sft_adapter_sha256")
+        if was != now:
+            started = f"the SFT adapter with sha256 {was[:12]}..." if was else "no recorded SFT adapter"
+            given = f"the SFT adapter {sft_adapter} has sha256 {now[:12]}..." if now else "no SFT adapter is given"
+            raise UserError(
+                f"{resume} was trained from {started}, but {given} (replaced or changed since): resuming would "
+                "train against another reference. Put the original adapter back, or start anew in another --output_dir"
+            )
+        diffs = differences(old, run)
         if diffs and not allow:
             raise UserError(
                 f"{resume} was written by a run with different settings; resuming would mix two runs. Differences "

@@ -28,7 +28,7 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
     """An SFTTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
     exactly as dpo.training.build_dpo_trainer does for DPO, so the adapter fits the DPO run's base,
     with the same run safety (dpo.training.start_run / protect_run)."""
-    run = start_run(model_args, training_args, train_dataset)
+    run, took_lock = start_run(model_args, training_args, train_dataset)
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
@@ -55,5 +55,5 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     loss_on = "answer tokens only" if training_args.completion_only_loss is not False else "every token"
     log(f"SFT: {trainable:,} trainable LoRA parameters; loss on {loss_on}")
-    protect_run(trainer, run)
+    protect_run(trainer, run, took_lock)
     return trainer

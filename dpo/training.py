@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dpo import lock
 from dpo.adapters import policy_from_sft_adapter
 from dpo.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
 from dpo.compat import (
@@ -27,7 +28,7 @@ from dpo.compat import (
     upcast_trainable_params,
 )
 from dpo.config import write_resolved_config
-from dpo.distributed import topology
+from dpo.distributed import on_main_process, topology
 from dpo.errors import RunStopped
 from dpo.guards import HealthCheck, NonFiniteGuard, NonFiniteTraining, nonfinite_advice
 from dpo.interrupts import StopOnSignal
@@ -38,7 +39,7 @@ from dpo.plots import plot_training_curves
 from dpo.refcache import attach_reference_cache, check_reference_cache
 from dpo.runs import ContinueCounters, prepare_output_dir, run_settings, whole_run_metrics, write_final_outputs
 from dpo.sampler import install_length_grouping
-from dpo.validate import check_no_secrets
+from dpo.validate import check_no_secrets, check_output_dir_apart
 
 
 def build_dpo_trainer(
@@ -50,7 +51,7 @@ def build_dpo_trainer(
     The arguments are not changed: the trainer gets a copy of `training_args` whose
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
     """
-    run = start_run(model_args, training_args, train_dataset)
+    run, took_lock = start_run(model_args, training_args, train_dataset, sft_adapter)
     storage = match_quant_storage(model_args, training_args)
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
@@ -91,7 +92,7 @@ def build_dpo_trainer(
     total = sum(p.numel() for p in trainer.model.parameters())
     reference = f"base + frozen SFT adapter ({sft_adapter})" if sft_adapter else "base with adapters disabled"
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
-    protect_run(trainer, run)
+    protect_run(trainer, run, took_lock)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
     if trainer.args.device.type == "cpu":
         log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
@@ -103,19 +104,29 @@ def build_dpo_trainer(
     return trainer
 
 
-def start_run(model_args, training_args, train_dataset) -> dict:
-    """Before any weights load: refuse secrets in the settings and mixing two runs in one output_dir.
-    Returns the run's settings fingerprint (dpo/runs.py) for `protect_run`."""
+def start_run(model_args, training_args, train_dataset, sft_adapter=None) -> tuple[dict, bool]:
+    """Before any weights load: refuse secrets in the settings, an output_dir in the model or adapter
+    folder, an output_dir another run holds, and mixing two runs in one output_dir. Returns the run's
+    settings fingerprint (dpo/runs.py) and whether the output_dir lock was taken here (not by the
+    recipe around it), both for `protect_run`."""
     check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
-    run = run_settings(training_args, model_args, train_dataset)
-    prepare_output_dir(training_args, run)
-    return run
+    check_output_dir_apart(training_args.output_dir, model_args.model_name_or_path, sft_adapter)
+    run = run_settings(training_args, model_args, train_dataset, sft_adapter)
+    took_lock = on_main_process(lock.take, training_args.output_dir)
+    try:
+        prepare_output_dir(training_args, run, sft_adapter)
+    except BaseException:
+        if took_lock:
+            lock.release(training_args.output_dir)
+        raise
+    return run, took_lock
 
 
-def protect_run(trainer, run: dict) -> None:
+def protect_run(trainer, run: dict, took_lock: bool) -> None:
     """What `train_and_save` relies on, for a DPO or an SFT trainer: checkpoints marked complete,
-    Ctrl-C/SIGTERM saving one, a stop on a non-finite loss or gradient, counters that continue on resume."""
-    trainer.run_settings, trainer.stop_on_signal = run, StopOnSignal()
+    Ctrl-C/SIGTERM saving one, a stop on a non-finite loss or gradient, counters that continue on resume,
+    and the output_dir lock released at its end if `start_run` took it."""
+    trainer.run_settings, trainer.stop_on_signal, trainer.took_output_lock = run, StopOnSignal(), took_lock
     route_checkpoint_writes(trainer, CheckpointSaver(trainer, run, trainer.stop_on_signal.held))
     for callback in (trainer.stop_on_signal, NonFiniteGuard(trainer), ContinueCounters(trainer)):
         trainer.add_callback(callback)
@@ -136,6 +147,14 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
     Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
     exit status 128 + signal. A non-finite loss/gradient stops before that step, exit status 3.
     """
+    try:
+        return _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout)
+    finally:
+        if getattr(trainer, "took_output_lock", False):  # built outside a recipe: the run ends here
+            lock.release(trainer.args.output_dir)
+
+
+def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout) -> dict:
     output_dir, stopper = Path(trainer.args.output_dir), trainer.stop_on_signal
     resumed_at = resumed_step(resume_from_checkpoint) if resume_from_checkpoint else 0  # rotation may delete it
     with stopper.installed():

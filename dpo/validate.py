@@ -9,10 +9,14 @@ crash on after minutes of loading, or train on silently in the wrong direction:
     unknown loss_type, loss_weights of another length, f-divergence with a loss that has none
     learning_rate <= 0             0 trains nothing; < 0 climbs the loss
     batch sizes, accumulation, lora_r < 1; lora_dropout outside [0, 1)
+    lora_alpha <= 0                the LoRA update is scaled by lora_alpha / lora_r: 0 trains nothing
+    max_length < 1                 every row would be dropped as too long (null: no limit)
     max_steps 0                    transformers reads 0 as "unset" and trains num_train_epochs instead
     a token anywhere in the config (hub_token, model_init_kwargs.token, any "hf_..." value): it would be
                                    pickled into every checkpoint's training_args.bin
-    output_dir that is a file, under a file, or not writable
+    output_dir that is a file, under a file, or not writable; output_dir that is, or lies inside, the
+                                   model folder or the SFT adapter folder (its README.md, tokenizer files
+                                   and adapter would be overwritten)
 
 Each raises dpo.errors.UserError (one line, exit status 2 in a recipe). The loss rules are
 dpo.loss_settings.loss_settings_error, shared with the from-scratch loss, restricted to TRL's loss types.
@@ -21,6 +25,7 @@ dpo.loss_settings.loss_settings_error, shared with the from-scratch loss, restri
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -66,6 +71,9 @@ def check_settings(training_args, model_args) -> None:
             f"max_steps must be >= 1, or -1 to train num_train_epochs; got {training_args.max_steps} "
             "(transformers reads 0 as unset and would train every epoch)"
         )
+    max_length = getattr(training_args, "max_length", None)
+    if max_length is not None and max_length < 1:
+        problems.append(f"max_length must be >= 1, or null for no limit; got {max_length}")
     if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
         problems.append(f"num_train_epochs must be > 0 when max_steps is -1; got {training_args.num_train_epochs}")
     ld_alpha = getattr(training_args, "ld_alpha", None)
@@ -74,6 +82,11 @@ def check_settings(training_args, model_args) -> None:
     if getattr(model_args, "use_peft", False):
         if model_args.lora_r < 1:
             problems.append(f"lora_r must be >= 1; got {model_args.lora_r}")
+        if not model_args.lora_alpha > 0:
+            problems.append(
+                f"lora_alpha must be > 0; got {model_args.lora_alpha} (the LoRA update is scaled by "
+                "lora_alpha / lora_r: 0 trains nothing)"
+            )
         if not 0 <= model_args.lora_dropout < 1:
             problems.append(f"lora_dropout must lie in [0, 1); got {model_args.lora_dropout}")
     if problems:
@@ -129,3 +142,33 @@ def check_output_dir(output_dir: str | Path) -> None:
         raise UserError(
             f"output_dir {output_dir} is not writable ({parent}: {err.strerror}); pick another --output_dir"
         ) from None
+
+
+def _folder(name: str | None) -> Path | None:
+    path = Path(name).expanduser() if name else None
+    return path.resolve() if path is not None and path.is_dir() else None
+
+
+def check_output_dir_apart(output_dir: str | Path, model_name_or_path: str | None, sft_adapter: str | None) -> None:
+    """output_dir must not be, nor lie inside, a local model folder or SFT adapter folder: the run's
+    README.md, tokenizer files and adapter would overwrite the user's. An adapter folder given as the
+    model (dpo/adapters.py) protects the local base it names as well."""
+    from dpo.adapters import ADAPTER_CONFIG
+
+    out = Path(output_dir).expanduser().resolve()
+    protected = [("model", model_name_or_path), ("SFT adapter", sft_adapter)]
+    model = _folder(model_name_or_path)
+    if model is not None and (model / ADAPTER_CONFIG).is_file() and not (model / "config.json").is_file():
+        try:
+            base = json.loads((model / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None  # dpo.adapters reports an unreadable adapter_config.json
+        protected.append(("base model", base))
+    for what, name in protected:
+        folder = _folder(name)
+        if folder is not None and (out == folder or folder in out.parents):
+            where = "is the" if out == folder else "lies inside the"
+            raise UserError(
+                f"--output_dir {output_dir} {where} {what} folder {name}: the run would overwrite its files "
+                "(README.md, tokenizer files, adapter); pick an --output_dir outside it"
+            )

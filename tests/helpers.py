@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import re
 import tempfile
 from pathlib import Path
@@ -225,6 +226,23 @@ def message_lines(stderr: str) -> list[str]:
     """The lines of stderr a user reads, without progress bars ("Generating train split: ... examples/s]")."""
     parts = re.split(r"[\r\n]", stderr)
     return [p for p in parts if p.strip() and not re.search(r"(examples|it)/s\]$", p.strip())]
+
+
+def fake_checkpoint(folder, step_marker=True):
+    """A checkpoint-<step> folder with every file a complete one has (tiny contents), marked complete
+    unless `step_marker` is False (a save killed before its marker)."""
+    from safetensors.torch import save_file
+
+    from dpo.checkpoints import mark_complete
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, folder / "adapter_model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(b"x" * 16)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    if step_marker:
+        mark_complete(folder, {"seed": 1})
+    return folder
 
 
 def one_line_error(main, argv, capsys) -> str:

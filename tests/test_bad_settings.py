@@ -4,6 +4,7 @@ with one `error:` line and exit status 2, before any weights load (the `no_weigh
 fails the test if they do). docs/reliability.md lists these cases; tests/test_reliability_doc.py
 checks that every test it names exists."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ BAD_SETTINGS = {
     "eval_batch_size_zero": (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1"),
     "accumulation_zero": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1"),
     "lora_r_zero": (["--lora_r", "0"], "lora_r must be >= 1"),
+    "lora_alpha_zero": (["--lora_alpha", "0"], "lora_alpha must be > 0; got 0"),  # scale alpha/r = 0
+    "max_length_zero": (["--max_length", "0"], "max_length must be >= 1"),  # not "every row was dropped"
     "lora_dropout_one": (["--lora_dropout", "1.0"], "lora_dropout must lie in [0, 1)"),
     "lora_dropout_negative": (["--lora_dropout", "-0.1"], "lora_dropout must lie in [0, 1)"),
     "max_steps_zero": (["--max_steps", "0"], "max_steps must be >= 1"),
@@ -206,6 +209,96 @@ def test_output_dir_not_writable(recipe, tiny_model_dir, truthy_file, tmp_path, 
 
     check_output_dir(ok)  # a creatable folder passes, and the check leaves nothing behind
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+def model_copy(tiny_model_dir, folder):
+    """A copy of the tiny model with a README.md of the user's own; returns (folder, its files' bytes)."""
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "README.md").write_text("my own notes on this model")
+    return folder, {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["model folder", "inside the model folder"])
+@pytest.mark.parametrize("name", ["dpo_phi2", "sft_phi2"])
+def test_output_dir_in_the_model_folder_is_refused(
+    name, where, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    model, files = model_copy(tiny_model_dir, tmp_path / "my-model")
+    out = model if where == "model folder" else model / "runs" / "first"
+    argv = ["--model_name_or_path", model, "--dataset_name", truthy_file, "--output_dir", out]
+    line = one_line_error(load_recipe(name).main, argv, capsys)
+    assert f"--output_dir {out} " in line and f"model folder {model}" in line, line
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == files  # nothing written
+    assert not (model / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "given_as, where",
+    [
+        ("--sft_adapter_path", "adapter"),
+        ("--sft_adapter_path", "inside"),
+        ("--model_name_or_path", "adapter"),
+        ("--model_name_or_path", "inside"),
+        ("--model_name_or_path", "base"),  # with --sft_adapter_path, the base is the model: the test above
+    ],
+)
+def test_output_dir_in_the_sft_adapter_folder_or_its_base_is_refused(
+    given_as, where, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """Checked with the arguments as given, before the adapter is read: an adapter folder given as the
+    model protects the local base its adapter_config.json names as well."""
+    base, files = model_copy(tiny_model_dir, tmp_path / "base")
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (adapter / "README.md").write_text("the SFT run's card")
+    out = {"adapter": adapter, "inside": adapter / "dpo", "base": base}[where]
+    model = ["--model_name_or_path", adapter] if given_as == "--model_name_or_path" else []
+    if given_as == "--sft_adapter_path":
+        model = ["--model_name_or_path", base, "--sft_adapter_path", adapter]
+    line = one_line_error(
+        load_recipe("dpo_any").main, [*model, "--dataset_name", truthy_file, "--output_dir", out], capsys
+    )
+    what = "base model" if where == "base" else ("model" if given_as == "--model_name_or_path" else "SFT adapter")
+    assert f"{what} folder" in line and "pick an --output_dir outside it" in line, line
+    assert (adapter / "README.md").read_text() == "the SFT run's card"
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == files
+
+
+# ── model folders without a usable tokenizer ───────────────────────────────────────────────────
+
+
+def without_tokenizer(tiny_model_dir, folder):
+    shutil.copytree(tiny_model_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def empty_vocabulary(tiny_model_dir, folder):
+    """Tokenizer files that load but hold no vocabulary: what transformers builds for a folder without any."""
+    from transformers import AutoTokenizer
+
+    without_tokenizer(tiny_model_dir, folder)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # the empty GPT-2 tokenizer, saved
+    return folder
+
+
+@pytest.mark.parametrize(
+    "make, expected", [(without_tokenizer, "has no tokenizer files"), (empty_vocabulary, "to 0 tokens")]
+)
+@pytest.mark.parametrize("name", ["dpo_phi2", "dpo_any", "sft_phi2", "dpo_sentiment_tiny"])
+def test_model_folder_without_a_usable_tokenizer_is_refused(
+    name, make, expected, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """transformers turns such a folder into an empty-vocabulary tokenizer: every text 0 tokens, margins 0,
+    train_loss 0, exit 0. Refused, naming the folder, before any weights load."""
+    model = make(tiny_model_dir, tmp_path / "model")
+    data = [] if name == "dpo_sentiment_tiny" else ["--dataset_name", truthy_file]
+    line = one_line_error(
+        load_recipe(name).main, ["--model_name_or_path", model, *data, "--output_dir", tmp_path / "out"], capsys
+    )
+    assert expected in line and str(model) in line, line
 
 
 # ── model folders without safetensors ──────────────────────────────────────────────────────────

@@ -7,12 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import load_recipe
-from safetensors.torch import save_file
+from helpers import fake_checkpoint, load_recipe
 from transformers import TrainerCallback
 
 import dpo.runs
-from dpo.checkpoints import checkpoint_problems, mark_complete, resolve_resume
+from dpo.checkpoints import checkpoint_problems, resolve_resume
 from dpo.errors import UserError
 from dpo.guards import HealthCheck
 from dpo.runs import RUN_MARKER, write_final_outputs
@@ -114,17 +113,6 @@ def test_health_check_warns_when_nothing_is_trainable(capsys):
 
 
 # ── complete checkpoints ────────────────────────────────────────────────────────────────────
-
-
-def fake_checkpoint(folder, step_marker=True):
-    folder.mkdir(parents=True)
-    save_file({"w": torch.ones(4)}, folder / "adapter_model.safetensors")
-    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        (folder / name).write_bytes(b"x" * 16)
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
-    if step_marker:
-        mark_complete(folder, {"seed": 1})
-    return folder
 
 
 def test_a_truncated_or_unmarked_checkpoint_is_incomplete_and_last_falls_back(tmp_path, capsys):
@@ -260,3 +248,117 @@ def test_a_kill_while_final_files_are_replaced_never_leaves_new_beside_old(tmp_p
     marker = json.loads((out / RUN_MARKER).read_text())
     assert marker["files"] == ["adapter_model.safetensors", "final_metrics.json"] and marker["run"] == {"seed": 2}
     assert (out / "final_metrics.json").read_text() == "new" and not (out / ".final-staging").exists()
+
+
+# ── one run per output_dir: the lock (dpo/lock.py) ──────────────────────────────────────────
+
+
+def run_in_background(argv, env_extra=None, stdin=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, *argv], env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition, timeout=240.0):
+    import time
+
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, "timed out"
+        time.sleep(0.2)
+
+
+def stopped(proc) -> bool:
+    from pathlib import Path
+
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    return "T (stopped)" in status
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_naming_the_holder(
+    tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """Run A is paused (SIGSTOP) after its first optimizer step, alive and holding output_dir; run B into
+    the same folder stops in one line naming A's pid, host and start time, before any weights load.
+    A then finishes normally and releases the folder."""
+    import signal
+    import socket
+
+    from helpers import ROOT, one_line_error
+
+    out = tmp_path / "out"
+    argv = flags(tiny_model_dir, truthy_file, out, "--max_steps", "2", "--save_strategy", "no")
+    first = run_in_background([str(ROOT / "recipes" / "dpo_phi2.py"), *argv], {"DPO_TEST_SIGNAL_AT": "step:1:SIGSTOP"})
+    try:
+        wait_for(lambda: first.poll() is not None or stopped(first))
+        assert first.poll() is None, first.communicate()
+        line = one_line_error(load_recipe("dpo_phi2").main, argv, capsys)
+        assert "is in use by another run" in line and f"pid {first.pid} on host {socket.gethostname()}" in line, line
+        assert "started 20" in line
+    finally:
+        first.send_signal(signal.SIGCONT)
+        log, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert "done:" in log and (out / RUN_MARKER).is_file()
+    assert not (out / ".run.lock").exists()  # released at the end
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_one_from_another_host_is_refused(tmp_path, capsys):
+    """kill -9 leaves the lock file behind: its pid no longer runs on this host, so it is stale. A lock
+    written on another host cannot be checked by pid: refused, saying so."""
+    import subprocess
+
+    from dpo import lock
+
+    out = tmp_path / "out"
+    code = f"import sys; from dpo import lock; lock.take({str(out)!r}); print('held', flush=True); sys.stdin.read()"
+    holder = run_in_background(["-c", code], stdin=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+    with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} on host"):
+        lock.take(out)  # alive: refused
+    holder.kill()
+    holder.wait()
+    left = json.loads((out / ".run.lock").read_text())
+    assert left["pid"] == holder.pid
+    assert lock.take(out)  # dead: taken over
+    assert "was left by a run that no longer runs" in capsys.readouterr().out
+    assert json.loads((out / ".run.lock").read_text())["pid"] != holder.pid
+    lock.release(out)
+    assert not (out / ".run.lock").exists()
+
+    (out / ".run.lock").write_text(json.dumps({**left, "host": "some-other-machine"}))
+    with pytest.raises(UserError, match="run on another host .*some-other-machine.*cannot be checked from"):
+        lock.take(out)
+    assert json.loads((out / ".run.lock").read_text())["host"] == "some-other-machine"  # left alone
+
+
+def test_the_lock_is_released_when_a_run_fails_or_is_terminated(tiny_model_dir, truthy_file, tmp_path, capsys):
+    """A run that stops on an error releases the folder (and removes the folder it created for nothing);
+    SIGTERM before training exits 143 through the same path, lock removed."""
+    import signal
+
+    from helpers import one_line_error
+
+    out = tmp_path / "new-out"
+    argv = flags(tiny_model_dir, tmp_path / "missing.jsonl", out, "--max_steps", "1")
+    one_line_error(load_recipe("dpo_phi2").main, argv, capsys)  # a data error, after the lock was taken
+    assert not out.exists()
+
+    code = (
+        "import os, signal, sys, time; from dpo.errors import exit_on_user_error; from dpo import lock\n"
+        "@exit_on_user_error\n"
+        f"def main():\n    lock.take({str(out)!r}); print('held', flush=True); time.sleep(60)\n"
+        "main()"
+    )
+    proc = run_in_background(["-c", code])
+    assert proc.stdout.readline().strip() == "held"
+    assert (out / ".run.lock").is_file()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped: SIGTERM" in err and "Traceback" not in err, err
+    assert not out.exists()  # lock removed, and the empty folder it had made

@@ -10,11 +10,12 @@ counts wins, the merged model reproduces base + adapter, and TensorBoard gets th
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
-from helpers import load_recipe, one_line_error
-from safetensors.torch import load_file
+from helpers import fake_checkpoint, load_recipe, one_line_error
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 FAST = ["--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "64"]
@@ -397,6 +398,73 @@ def test_export_refuses_before_loading_anything(dpo, tmp_path, capsys, monkeypat
         main([str(dpo["dir"]), "--push_to_hub", "someone/model"])
     assert "HF_TOKEN" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def run_copy(dpo, folder):
+    shutil.copytree(dpo["dir"], folder, ignore=shutil.ignore_patterns("eval", "runs"))
+    return folder
+
+
+def test_evaluate_and_export_refuse_an_unfinished_run(dpo, tmp_path, capsys, no_weights_load):
+    """A folder without run_complete.json (killed, e.g. while its final files were moved in) is refused
+    with why and how to finish it; a checkpoint given instead of its run folder is named as one."""
+    from dpo.evaluate import main as evaluate
+    from dpo.export import main as export
+
+    run = run_copy(dpo, tmp_path / "run")
+    (run / "run_complete.json").unlink()
+    for main, extra in ((evaluate, []), (export, ["--merged", tmp_path / "merged"])):
+        line = one_line_error(main, [run, *extra], capsys)
+        assert f"{run} has no run_complete.json: the run did not finish" in line, line
+        assert "no complete checkpoint to continue from" in line, line
+    fake_checkpoint(run / "checkpoint-2")
+    for main, extra in ((evaluate, []), (export, ["--merged", tmp_path / "merged"])):
+        line = one_line_error(main, [run, *extra], capsys)
+        assert "--resume_from_checkpoint last (it continues from checkpoint-2)" in line, line
+        line = one_line_error(main, [run / "checkpoint-2", *extra], capsys)
+        assert "is a checkpoint" in line and f"finished run folder ({run}" in line, line
+    assert not (tmp_path / "merged").exists() and not (run / "eval").exists()
+
+
+def test_evaluate_and_export_refuse_a_run_folder_without_tokenizer_files(dpo, tmp_path, capsys, no_weights_load):
+    from dpo.evaluate import main as evaluate
+    from dpo.export import main as export
+
+    run = run_copy(dpo, tmp_path / "run")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (run / name).unlink(missing_ok=True)
+    for main, extra in ((evaluate, []), (export, ["--merged", tmp_path / "merged"])):
+        line = one_line_error(main, [run, *extra], capsys)
+        assert f"{run} has no tokenizer files" in line, line
+
+
+def replace_adapter_weights(folder):
+    """The SFT adapter retrained in place: same shapes, other values (every lora_B moved by 0.05)."""
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v + 0.05 if "lora_B" in k else v for k, v in weights.items()}, folder / "adapter_model.safetensors")
+
+
+def test_resuming_after_the_sft_adapter_was_replaced_in_place_is_refused(
+    sft, tiny_model_dir, truthy_file, tmp_path, capsys, request
+):
+    """The checkpoint records the adapter's sha256, not its path: the same folder with other weights is
+    another reference. Refused in one line before weights load, with the reference cache (which would
+    otherwise stop after loading, blaming its own files) and without it (which would resume silently)."""
+    adapter = tmp_path / "sft"
+    shutil.copytree(sft["dir"], adapter)
+    out = tmp_path / "dpo"
+    argv = ["--model_name_or_path", tiny_model_dir, "--sft_adapter_path", adapter, "--dataset_name", truthy_file]
+    argv += ["--output_dir", out, *FAST, "--max_steps", "2", "--save_steps", "2", "--test_size", "0"]
+    argv = [str(a) for a in argv]
+    load_recipe("dpo_phi2").main(argv)
+    resume = [*argv, "--resume_from_checkpoint", "last"]
+    load_recipe("dpo_phi2").main(resume)  # the same adapter: resumes (the last step: final files only)
+    replace_adapter_weights(adapter)
+    request.getfixturevalue("no_weights_load")
+    for cache in ("true", "false"):
+        line = one_line_error(load_recipe("dpo_phi2").main, [*resume, "--reference_cache", cache], capsys)
+        assert "checkpoint-2 was trained from the SFT adapter with sha256" in line, line
+        assert f"but the SFT adapter {adapter} has sha256" in line and "Put the original adapter back" in line
 
 
 def test_sft_adapter_path_must_be_an_adapter(tiny_model_dir, sft):
