@@ -26,11 +26,11 @@ test: $(STAMP)
 real: $(STAMP)
 	$(BIN)/python benchmarks/real_alignment.py
 
-# DeepSpeed ZeRO-2/3 on 2 CPU processes, each compared with one process (tests/test_distributed.py).
+# DeepSpeed ZeRO-2/3 on 2 CPU processes, each compared with one process (tests/train/test_distributed.py).
 # Not part of `make test`: deepspeed is not in requirements.txt (requirements-deepspeed.txt).
 deepspeed: $(STAMP)
 	$(BIN)/pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
-	$(BIN)/python -m pytest -m slow -k deepspeed tests/test_distributed.py
+	$(BIN)/python -m pytest -m slow -k deepspeed tests/train/test_distributed.py
 
 # Style: ruff lint + format check (settings in pyproject.toml; `ruff format .` fixes formatting).
 lint: $(STAMP)

@@ -1,4 +1,4 @@
-"""A beta sweep end to end, with and without the reference log-prob cache (dpo/refcache.py).
+"""A beta sweep end to end, with and without the reference log-prob cache (dpo/train/speed/refcache.py).
 
     python benchmarks/bench_sweep.py                 # BENCHMARKS.md's sweep section (~10 min on 2 CPU cores)
     python benchmarks/bench_sweep.py --rounds 1      # half the time, one sweep each

@@ -67,9 +67,9 @@ WORKERS = ROOT / "benchmarks" / "training_workers.py"
 def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, path: Path) -> tuple[int, dict]:
     """Convert and check every row as recipes/dpo_any.py does (the data doctor); write a seeded pick of `n`
     pairs. Also returns the padding share of batches of 4 over ALL kept pairs: random, grouped, floor."""
-    from dpo.data import load_preference_data
-    from dpo.doctor import check_data
-    from dpo.sampler import PairLengthGroupedSampler, padding_floor, padding_fraction
+    from dpo.data.doctor import check_data
+    from dpo.data.loading import load_preference_data
+    from dpo.train.speed.sampler import PairLengthGroupedSampler, padding_floor, padding_fraction
 
     report = check_data(load_preference_data(dataset, None, "train"), dataset, tokenizer, max_length=max_length)
     kept, lengths = report.kept, report.lengths
@@ -263,10 +263,10 @@ def main() -> None:
 
 def run(args) -> None:
     from dpo.log import log
-    from dpo.model import load_tokenizer
+    from dpo.train.model_checks import load_tokenizer
 
     if args.model is None:
-        from dpo.models import default_cache_dir, materialize
+        from dpo.offline.pip_models import default_cache_dir, materialize
 
         args.model = str(materialize(MODEL, default_cache_dir(MODEL)))  # built once from the pip GGUF
     work = Path(args.workdir)

@@ -27,13 +27,13 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from dpo.config import load_recipe_args
 from dpo.errors import exit_on_user_error
 from dpo.log import log
-from dpo.model import load_tokenizer
-from dpo.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
-from dpo.sentiment_eval import evaluate_alignment
-from dpo.training import build_dpo_trainer
+from dpo.offline.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
+from dpo.offline.sentiment_eval import evaluate_alignment
+from dpo.train.config import load_recipe_args
+from dpo.train.model_checks import load_tokenizer
+from dpo.train.trainer import build_dpo_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
@@ -41,7 +41,7 @@ RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
 # the peak of the reward-KL path wherever its loss and beta let it.
 DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
 # Every run of the sweep shares pi_ref and the pairs, so the reference log-probs are computed by the
-# first run and read by the others (dpo/refcache.py); `--reference_cache false` recomputes them inline.
+# first run and read by the others (dpo/train/speed/refcache.py); `--reference_cache false` recomputes them inline.
 CACHE_OVERRIDES = ["--reference_cache", "true"]
 FIELDS = [
     "loss_type",

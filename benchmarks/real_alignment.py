@@ -3,13 +3,13 @@
     make real                                    # = python benchmarks/real_alignment.py (~18 min on 2 CPU cores)
     python benchmarks/real_alignment.py --train_pairs 64 --heldout_pairs 64 --out /tmp/probe   # a quick probe
 
-Model: SmolLM2-135M-Instruct (dpo/models.py builds it offline from requirements-models.txt; any
+Model: SmolLM2-135M-Instruct (dpo/offline/pip_models.py builds it offline from requirements-models.txt; any
 --model_name_or_path works, e.g. HuggingFaceTB/SmolLM2-135M-Instruct with internet). Data:
 Anthropic HH-RLHF harmless-base test split (data/hh-rlhf/, content warning there), checked by the
 data doctor, rendered with the model's chat template, split by a seeded shuffle into training
 pairs and held-out pairs.
 
-Training: LoRA on every linear layer, sigmoid DPO (dpo/loss.py), AdamW, linear warm-up then
+Training: LoRA on every linear layer, sigmoid DPO (dpo/scratch/loss.py), AdamW, linear warm-up then
 constant, one pass over the training pairs. The reference is fixed, so its log-probs are computed
 once for every pair (TRL's precompute_ref_log_probs) and each step runs only the policy.
 
@@ -39,14 +39,14 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from dpo.compat import INSTALLED_TRL
-from dpo.data import load_preference_data
-from dpo.doctor import check_data
+from dpo.data.doctor import check_data
+from dpo.data.loading import load_preference_data
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
-from dpo.loop import collate, disable_dropout, forward_logps, split_pairs
-from dpo.loss import dpo_loss
-from dpo.model import load_tokenizer
-from dpo.models import default_cache_dir, materialize
+from dpo.offline.pip_models import default_cache_dir, materialize
+from dpo.scratch.loop import collate, disable_dropout, forward_logps, split_pairs
+from dpo.scratch.loss import dpo_loss
+from dpo.train.model_checks import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -271,7 +271,9 @@ def write_markdown(r: dict, path: Path) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_name_or_path", default=None, help="default: SmolLM2-135M-Instruct built by dpo.models")
+    p.add_argument(
+        "--model_name_or_path", default=None, help="default: SmolLM2-135M-Instruct built by dpo.offline.pip_models"
+    )
     p.add_argument("--dataset_name", default=str(HH_FILE))
     p.add_argument("--train_pairs", type=int, default=320)
     p.add_argument("--heldout_pairs", type=int, default=256)

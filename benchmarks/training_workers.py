@@ -50,8 +50,8 @@ def read_pairs(path: Path):
 # ── workers: one configuration per process ──────────────────────────────────────────────────
 def tokenizer_for(model: str):
     """The tokenizer as the recipe uses it: a plain chat template added when the model has none."""
-    from dpo.formats import ensure_chat_template
-    from dpo.model import load_tokenizer
+    from dpo.data.formats import ensure_chat_template
+    from dpo.train.model_checks import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     ensure_chat_template(tokenizer)
@@ -75,8 +75,8 @@ def trainer_worker(config: str, args) -> Meter:
     from transformers import TrainerCallback
 
     from dpo.compat import DPOConfig, DPOTrainer, ModelConfig, get_quantization_config, lora_config
-    from dpo.config import load_recipe_args
-    from dpo.training import build_dpo_trainer
+    from dpo.train.config import load_recipe_args
+    from dpo.train.trainer import build_dpo_trainer
 
     meter, work = Meter(), Path(args.workdir)
     common = dict(
@@ -140,7 +140,7 @@ def seed_loop_worker(args) -> Meter:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from dpo.formats import count_tokens, render
+    from dpo.data.formats import count_tokens, render
 
     meter, tokenizer = Meter(), tokenizer_for(args.model)
     policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
@@ -212,9 +212,9 @@ def recipe_flags(args, config: str) -> list[str]:
 
 def build_cache(args) -> dict:
     """The one-off cost: a recipe trainer that fills the reference cache, without training."""
-    from dpo.config import load_recipe_args
-    from dpo.refcache import Store
-    from dpo.training import build_dpo_trainer
+    from dpo.train.config import load_recipe_args
+    from dpo.train.speed.refcache import Store
+    from dpo.train.trainer import build_dpo_trainer
 
     work = Path(args.workdir)
     flags = recipe_flags(args, "cache_build") + [
@@ -240,8 +240,8 @@ def profile_worker(args, steps: int = 4, profiled_step: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
-    from dpo.config import load_recipe_args
-    from dpo.training import build_dpo_trainer
+    from dpo.train.config import load_recipe_args
+    from dpo.train.trainer import build_dpo_trainer
 
     flags = recipe_flags(args, "recipe") + [f"--max_steps={steps}", f"--max_length={args.max_length}"]
     flags += [f"--per_device_train_batch_size={BATCH}", "--gradient_accumulation_steps=1", "--logging_steps=1"]

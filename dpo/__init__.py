@@ -1,6 +1,6 @@
 """dpo-recipes: the library behind the recipes, notebooks and benchmarks."""
 
-from dpo.kernels import quiet_bitsandbytes_import_note
+from dpo.train.speed.kernels import quiet_bitsandbytes_import_note
 
-# Before anything imports bitsandbytes: its AVX512-BF16 import note is noise here (dpo/kernels.py).
+# Before anything imports bitsandbytes: its AVX512-BF16 import note is noise here (dpo/train/speed/kernels.py).
 quiet_bitsandbytes_import_note()

@@ -9,9 +9,9 @@ YAML keys: transformers 5 renamed gradient_checkpointing to activation_checkpoin
 name warns); TRL 1.16 still reads `args.gradient_checkpointing`, which transformers keeps in
 step with the new one, so the recipes' YAMLs use the new name.
 
-One more place mirrors TRL on purpose: dpo/doctor.py counts tokens the way DPOTrainer
+One more place mirrors TRL on purpose: dpo/data/doctor.py counts tokens the way DPOTrainer
 tokenizes (EOS added to text completions, chat templates for messages), and
-tests/test_doctor.py checks it against DPOTrainer's own dataset preparation, so a TRL
+tests/data/test_doctor.py checks it against DPOTrainer's own dataset preparation, so a TRL
 upgrade that changes tokenization fails that test.
 """
 
@@ -71,7 +71,7 @@ __all__ = [
     "use_samplers",
     "lean_cpu_lm_head",
     "upcast_trainable_params",
-    "EvalOnceDPOTrainer",
+    "RecipeDPOTrainer",
     "without_zero3_init",
 ]
 
@@ -123,7 +123,7 @@ REMOVED_OPTIONS = {
     "ref_adapter_name": "leave it out: with LoRA the reference is the base model with adapters disabled",
     "model_adapter_name": "leave it out: the trainer trains the 'default' adapter",
     "force_use_ref_model": "leave it out: with LoRA no reference model is loaded",
-    "reference_free": "not in TRL; dpo.loss.dpo_loss(reference_free=True) has it",
+    "reference_free": "not in TRL; dpo.scratch.loss.dpo_loss(reference_free=True) has it",
     "max_prompt_length": "use max_length (with truncation_mode) instead",
     "max_completion_length": "use max_length (with truncation_mode) instead",
     "generate_during_eval": "not in TRL any more; generate after training instead",
@@ -147,7 +147,7 @@ def lora_config(model_args):
     TRL's ModelConfig turns a one-item list (`--lora_target_modules q_proj`) into the bare
     string "q_proj", and PEFT reads a bare string as a regex that must match a module's whole
     dotted name: it matches nothing and fails after the weights have loaded. A list means
-    "modules named this", the rule dpo.model.check_lora_targets applies up front.
+    "modules named this", the rule dpo.train.model_checks.check_lora_targets applies up front.
     `model_args` is left as it is.
     """
     targets = model_args.lora_target_modules
@@ -159,7 +159,7 @@ def lora_config(model_args):
 
 def quantization_config(model_args, quant_storage: str | None = None):
     """TRL's get_quantization_config (None unless load_in_4bit / load_in_8bit), with the 4-bit
-    storage dtype `quant_storage` when given (dpo.model.match_quant_storage); `model_args` is left as it is."""
+    storage dtype `quant_storage` when given (dpo.train.model_checks.match_quant_storage); `model_args` is left as it is."""
     if quant_storage:
         model_args = copy.copy(model_args)
         model_args.bnb_4bit_quant_storage = quant_storage
@@ -310,7 +310,7 @@ def without_zero3_init():
     return set_zero3_state()
 
 
-class EvalOnceDPOTrainer(DPOTrainer):
+class RecipeDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer, except that held-out reward metrics count every pair once under N processes.
 
     To give every process a full last batch, accelerate pads the last evaluation batch with pairs
@@ -328,7 +328,7 @@ class EvalOnceDPOTrainer(DPOTrainer):
         with self._lm_head():
             return super().training_step(*args, **kwargs)
 
-    def compute_ref_log_probs(self, *args, **kwargs):  # precompute_ref_log_probs and dpo/refcache.py
+    def compute_ref_log_probs(self, *args, **kwargs):  # precompute_ref_log_probs and dpo/train/speed/refcache.py
         with self._lm_head():
             return super().compute_ref_log_probs(*args, **kwargs)
 

@@ -33,11 +33,11 @@ def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
 def exit_on_user_error(main):
     """Decorator for a script's entry point: UserError -> one-line message, exit status 2;
     RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130.
-    Output-folder locks taken during the call are released however it ends (dpo/lock.py)."""
+    Output-folder locks taken during the call are released however it ends (dpo/train/safety/lock.py)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from dpo.lock import scope  # dpo.lock raises this module's errors
+        from dpo.train.safety.lock import scope  # dpo.train.safety.lock raises this module's errors
 
         try:
             with scope():

@@ -44,7 +44,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
 
 
 def plot_lengths(report, path: str | Path) -> Path:
-    """The data doctor's lengths (a dpo.doctor_report.DoctorReport): histograms of prompt / chosen /
+    """The data doctor's lengths (a dpo.data.doctor_report.DoctorReport): histograms of prompt / chosen /
     rejected lengths and of the full sequence, with max_length marked."""
     fig = Figure(figsize=(10, 3.6))
     left, right = fig.subplots(1, 2)

@@ -23,8 +23,8 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/dpo-recipes/dpo-recipes/blob/main/notebooks/dpo_from_scratch.ipynb)
 #
 # From the Bradley-Terry model of preferences to the DPO loss in five short steps. Then the
-# loss and a plain PyTorch training loop from this repository (`dpo/loss.py`,
-# `dpo/loop.py`) train a tiny language model, and the same batches go through TRL's
+# loss and a plain PyTorch training loop from this repository (`dpo/scratch/loss.py`,
+# `dpo/scratch/loop.py`) train a tiny language model, and the same batches go through TRL's
 # `DPOTrainer`: the numbers agree. It all runs on a CPU in a minute or two.
 #
 # **Smoke mode.** With `DPO_SMOKE=1` in the environment the training runs are shorter; the
@@ -131,7 +131,7 @@ if "google.colab" in sys.modules:  # on Colab only; elsewhere use the repo's env
 # %% [markdown]
 # ## The loss on a few numbers
 #
-# `dpo_loss` (`dpo/loss.py`) takes the summed log-probabilities of each answer under the
+# `dpo_loss` (`dpo/scratch/loss.py`) takes the summed log-probabilities of each answer under the
 # policy and under the reference. Two pairs: the first ranked right (chosen up, rejected
 # down against the reference), the second ranked wrong.
 
@@ -141,7 +141,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dpo.loss import dpo_loss
+from dpo.scratch.loss import dpo_loss
 
 beta = 0.1
 policy_chosen, policy_rejected = torch.tensor([-12.0, -30.0]), torch.tensor([-15.0, -26.0])
@@ -163,13 +163,13 @@ print("implicit rewards: chosen", out.chosen_rewards, "rejected", out.rejected_r
 # a whole answer is the sum over its tokens,
 # $\log \pi(y \mid x) = \sum_t \log \pi(y_t \mid x, y_{<t})$. Prompt and padding tokens are not
 # scored. The model here is a randomly initialised 2-layer Phi (phi-2's architecture, 0.1M
-# parameters, `dpo/tiny.py`); the pairs have truthy-dpo's shape, in phi-2's prompt format.
+# parameters, `dpo/offline/tiny.py`); the pairs have truthy-dpo's shape, in phi-2's prompt format.
 
 # %%
 import copy
 
-from dpo.formats import phi2_qa_format
-from dpo.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
+from dpo.data.formats import phi2_qa_format
+from dpo.offline.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
 
 SMOKE = os.environ.get("DPO_SMOKE") == "1"
 STEPS = 12 if SMOKE else 60  # optimizer steps in each training run below
@@ -186,7 +186,7 @@ print(pairs[0]["prompt"] + pairs[0]["chosen"])
 # the chosen rows first, with a mask marking the answer tokens.
 
 # %%
-from dpo.loop import collate
+from dpo.scratch.loop import collate
 
 
 def tokenize(pair):
@@ -202,7 +202,7 @@ batches = [collate(examples[i : i + BATCH], tokenizer.eos_token_id) for i in ran
 print({k: tuple(v.shape) for k, v in batches[0].items()})
 
 # %%
-from dpo.loss import sequence_logps
+from dpo.scratch.loss import sequence_logps
 
 batch = batches[0]
 labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # -100: not scored
@@ -219,14 +219,14 @@ print(
 # %% [markdown]
 # ## Training with a plain PyTorch loop
 #
-# One step of `dpo.loop.train`: the policy scores the $2B$ rows (with gradients); the
+# One step of `dpo.scratch.loop.train`: the policy scores the $2B$ rows (with gradients); the
 # reference scores them too (without: a frozen copy of the starting model, or for a LoRA
 # model the same model with its adapters disabled); `dpo_loss`; backward; clip the gradient
 # norm at 1; AdamW with a linear warm-up and decay. These are DPOConfig's defaults, so the
 # loop can be compared with TRL step by step. First, step 0:
 
 # %%
-from dpo.loop import dpo_batch_loss, make_reference, train
+from dpo.scratch.loop import dpo_batch_loss, make_reference, train
 
 initial = copy.deepcopy(policy)  # the starting point, for TRL below
 loss, metrics = dpo_batch_loss(policy, make_reference(policy), batches[0], beta=0.1)
@@ -341,11 +341,11 @@ plt.show()
 # %% [markdown]
 # ## Next
 #
-# * `dpo/loss.py` also has IPO, hinge (SLiC), robust and conservative DPO, f-divergences and
-#   more, each checked against TRL in `tests/test_loss_agreement.py`.
+# * `dpo/scratch/loss.py` also has IPO, hinge (SLiC), robust and conservative DPO, f-divergences and
+#   more, each checked against TRL in `tests/scratch/test_loss_agreement.py`.
 
 # %%
-# For tests/test_notebooks.py: with DPO_RESULTS naming a file, the numbers it checks go there as JSON.
+# For tests/notebooks/test_notebooks.py: with DPO_RESULTS naming a file, the numbers it checks go there as JSON.
 import json
 from pathlib import Path
 

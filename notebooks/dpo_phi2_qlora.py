@@ -97,7 +97,7 @@ EPOCHS = 1
 
 SMOKE = os.environ.get("DPO_SMOKE") == "1"
 if SMOKE:  # a 2-layer Phi model and truthy-shaped rows, built locally: no download
-    from dpo.tiny import save_tiny_model, truthy_like_rows, write_jsonl
+    from dpo.offline.tiny import save_tiny_model, truthy_like_rows, write_jsonl
 
     MODEL = str(save_tiny_model("outputs/smoke/tiny-phi"))
     DATASET = str(write_jsonl(truthy_like_rows(64), "outputs/smoke/truthy.jsonl"))
@@ -106,7 +106,7 @@ print(f"model: {MODEL}\ndata:  {DATASET}\nsmoke mode: {SMOKE}")
 # %% [markdown]
 # ## Hardware
 #
-# Precision follows the GPU (`dpo/hardware.py`): **bf16** where the GPU has it (A100, L4,
+# Precision follows the GPU (`dpo/train/hardware.py`): **bf16** where the GPU has it (A100, L4,
 # H100, RTX 30xx and newer); **fp32 compute** where it does not (T4, V100), because DPO's
 # summed log-probabilities overflow in fp16 and give NaN losses. The 4-bit weights are the
 # same either way.
@@ -114,7 +114,7 @@ print(f"model: {MODEL}\ndata:  {DATASET}\nsmoke mode: {SMOKE}")
 # %%
 import torch
 
-from dpo.hardware import describe, detect_precision
+from dpo.train.hardware import describe, detect_precision
 
 precision = detect_precision()
 print(f"{precision.reason} -> {describe(precision.bf16, precision.fp16, precision.dtype)}")
@@ -137,7 +137,7 @@ import warnings
 from pathlib import Path
 
 import dpo
-from dpo.config import load_recipe_args
+from dpo.train.config import load_recipe_args
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames options TRL uses; harmless
 RECIPE = Path(dpo.__file__).resolve().parents[1] / "recipes" / "dpo_phi2.py"  # in the repository checkout
@@ -205,7 +205,7 @@ print(
 
 # %%
 from dpo.compat import lora_config
-from dpo.model import check_lora_targets, load_model_config
+from dpo.train.model_checks import check_lora_targets, load_model_config
 
 targets = check_lora_targets(load_model_config(MODEL), model_args.lora_target_modules)
 lora = lora_config(model_args)
@@ -218,7 +218,7 @@ print(", ".join(targets[:6]), "...")
 # Each row of truthy-dpo has a `system` text, a `prompt`, a `chosen` and a `rejected` answer.
 
 # %%
-from dpo.data import load_preference_data
+from dpo.data.loading import load_preference_data
 
 raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
 print(f"{len(raw)} rows, fields {raw.column_names}\n")
@@ -230,15 +230,15 @@ for field in ("system", "prompt", "chosen", "rejected"):
 # the system text opens the instruction (`phi2_qa_format`). TRL appends the end-of-text
 # token to each answer, so the model also learns where to stop.
 #
-# The data doctor (`dpo/doctor.py`), which the recipe runs too, converts every row, checks
+# The data doctor (`dpo/data/doctor.py`), which the recipe runs too, converts every row, checks
 # it, and drops and counts degenerate ones (empty answers, chosen identical to rejected,
 # duplicates) before any weights load. It counts lengths in tokens exactly as TRL will, and
 # how many pairs `max_length` would cut.
 
 # %%
-from dpo.doctor import check_data
-from dpo.formats import phi2_qa_format
-from dpo.model import load_tokenizer
+from dpo.data.doctor import check_data
+from dpo.data.formats import phi2_qa_format
+from dpo.train.model_checks import load_tokenizer
 
 tokenizer = load_tokenizer(MODEL)
 report = check_data(
@@ -259,7 +259,7 @@ print(report.example["prompt"] + report.example["chosen"])
 # compared below come from prompts the model never trained on.
 
 # %%
-from dpo.data import split_heldout
+from dpo.data.loading import split_heldout
 
 train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
 print(f"{len(train_pairs)} pairs to train on, {len(heldout_pairs)} held out")
@@ -267,7 +267,7 @@ print(f"{len(train_pairs)} pairs to train on, {len(heldout_pairs)} held out")
 # %% [markdown]
 # ## Load phi-2 in 4-bit with LoRA, and the DPO trainer
 #
-# `build_dpo_trainer` (`dpo/training.py`, what the recipe calls) gives TRL's `DPOTrainer`
+# `build_dpo_trainer` (`dpo/train/trainer.py`, what the recipe calls) gives TRL's `DPOTrainer`
 # the model id, the 4-bit settings and the LoRA settings; TRL loads the 4-bit base and
 # wraps it with the adapters. No reference model is passed: DPO measures the policy
 # against a frozen reference $\pi_{ref}$, and with LoRA that is the same base with the
@@ -276,7 +276,7 @@ print(f"{len(train_pairs)} pairs to train on, {len(heldout_pairs)} held out")
 # %%
 import bitsandbytes as bnb
 
-from dpo.training import build_dpo_trainer
+from dpo.train.trainer import build_dpo_trainer
 
 trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer)
 model = trainer.model
@@ -295,7 +295,7 @@ print(f"{n_4bit} linear layers in 4-bit; weights in memory: {model.get_memory_fo
 # the adapter, the metrics and the curves to `OUTPUT_DIR`.
 
 # %%
-from dpo.training import train_and_save
+from dpo.train.trainer import train_and_save
 
 metrics = train_and_save(trainer, (script_args, training_args, model_args))
 for key in ("train_loss", "eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
@@ -430,7 +430,7 @@ print(sorted(p.name for p in MERGED_DIR.iterdir()))
 # * Your own preference data: `dpo_your_dataset.ipynb`.
 
 # %%
-# For tests/test_notebooks.py: with DPO_RESULTS naming a file, the numbers it checks go there as JSON.
+# For tests/notebooks/test_notebooks.py: with DPO_RESULTS naming a file, the numbers it checks go there as JSON.
 import json
 
 if os.environ.get("DPO_RESULTS"):

@@ -90,7 +90,7 @@ if "google.colab" in sys.modules:  # on Colab only; elsewhere use the repo's env
 # %%
 from pathlib import Path
 
-from dpo.pairs import Columns
+from dpo.data.pairs import Columns
 
 MODEL = "microsoft/phi-2"
 DATASET = "Intel/orca_dpo_pairs"  # or your file: "my_pairs.jsonl"
@@ -107,7 +107,7 @@ print(f"model: {MODEL}\ndata:  {DATASET}\nsmoke mode: {SMOKE}")
 
 # %%
 if SMOKE:
-    from dpo.tiny import save_tiny_model, truthy_like_rows, write_jsonl
+    from dpo.offline.tiny import save_tiny_model, truthy_like_rows, write_jsonl
 
     MODEL = str(save_tiny_model("outputs/smoke/tiny-phi"))
     rows = [
@@ -126,7 +126,7 @@ if SMOKE:
 # ## Load it
 
 # %%
-from dpo.data import load_preference_data
+from dpo.data.loading import load_preference_data
 
 raw = load_preference_data(DATASET)
 print(raw)
@@ -135,7 +135,7 @@ print({k: (v[:120] if isinstance(v, str) else v) for k, v in raw[0].items()})
 # %% [markdown]
 # ## The data doctor
 #
-# `check_data` (`dpo/doctor.py`, what every recipe runs first) detects the layout, converts
+# `check_data` (`dpo/data/doctor.py`, what every recipe runs first) detects the layout, converts
 # every row to TRL's `prompt` / `chosen` / `rejected` format and checks it:
 #
 # * a **schema error** (a missing field, a number where text should be, a malformed JSON
@@ -149,8 +149,8 @@ print({k: (v[:120] if isinstance(v, str) else v) for k, v in raw[0].items()})
 # `Human: ... Assistant: ...` one, with a warning; a chat model's own template is used as is.
 
 # %%
-from dpo.doctor import check_data
-from dpo.model import load_tokenizer
+from dpo.data.doctor import check_data
+from dpo.train.model_checks import load_tokenizer
 
 MAX_LENGTH = 1024  # prompt + answer tokens, as in recipes/dpo_any.yaml
 tokenizer = load_tokenizer(MODEL)
@@ -170,7 +170,7 @@ display(Image(filename=str(plot_lengths(report, OUTPUT_DIR / "data_lengths.png")
 
 # %%
 from dpo.errors import UserError
-from dpo.tiny import write_jsonl
+from dpo.offline.tiny import write_jsonl
 
 broken = write_jsonl(
     [
@@ -268,7 +268,7 @@ display(Image(filename=str(OUTPUT_DIR / "training_curves.png")))
 # * Compare answers before and after training, and merge the adapter: `dpo_phi2_qlora.ipynb`.
 
 # %%
-# For tests/test_notebooks.py: with DPO_RESULTS naming a file, what it checks goes there as JSON.
+# For tests/notebooks/test_notebooks.py: with DPO_RESULTS naming a file, what it checks goes there as JSON.
 if os.environ.get("DPO_RESULTS"):
     drops = {reason: [row for row, why in report.drops if why == reason] for reason in report.dropped}
     results = {"layout": report.layout, "rows_in": report.rows_in, "drops": drops, "schema_error": schema_error}

@@ -14,25 +14,25 @@ Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same cod
 
 Data: prompt/chosen/rejected text (+ system), conversational message lists (explicit or implicit
 prompt), Anthropic HH transcripts, or any columns named in the YAML (`prompt_column: question`);
-see dpo/pairs.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
-row; a tokenizer without one gets dpo/formats.py's plain Human/Assistant template and a warning.
-The data doctor (dpo/doctor.py) checks every row and prints its table before any weights load.
+see dpo/data/pairs.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
+row; a tokenizer without one gets dpo/data/formats.py's plain Human/Assistant template and a warning.
+The data doctor (dpo/data/doctor.py) checks every row and prints its table before any weights load.
 """
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo.adapters import start_point
-from dpo.config import load_recipe_args
-from dpo.data import load_preference_data, split_heldout
-from dpo.distributed import on_main_process
-from dpo.doctor import check_data
+from dpo.data.doctor import check_data
+from dpo.data.loading import load_preference_data, split_heldout
+from dpo.data.pairs import Columns
 from dpo.errors import exit_on_user_error
 from dpo.log import log
-from dpo.model import check_model_and_load_tokenizer
-from dpo.pairs import Columns
 from dpo.plots import plot_lengths
-from dpo.training import build_dpo_trainer, train_and_save
+from dpo.train.adapters import start_point
+from dpo.train.config import load_recipe_args
+from dpo.train.distributed import on_main_process
+from dpo.train.model_checks import check_model_and_load_tokenizer
+from dpo.train.trainer import build_dpo_trainer, train_and_save
 
 
 @dataclass

@@ -13,23 +13,23 @@ Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same cod
         --dataset_name outputs/truthy_sample.jsonl --max_steps 5 --gradient_accumulation_steps 1
 
 Prompt format: phi-2 has no chat template; its documented QA format is used, with the
-dataset's system text opening the instruction (dpo/formats.py:phi2_qa_format):
+dataset's system text opening the instruction (dpo/data/formats.py:phi2_qa_format):
 
     Instruct: <system>\\n\\n<prompt>\\nOutput: <answer><|endoftext|>
 """
 
 from dataclasses import dataclass, field
 
-from dpo.adapters import start_point
-from dpo.config import load_recipe_args
-from dpo.data import split_heldout
-from dpo.distributed import on_main_process
-from dpo.doctor import check_training_split
+from dpo.data.doctor import check_training_split
+from dpo.data.formats import phi2_qa_format
+from dpo.data.loading import split_heldout
 from dpo.errors import exit_on_user_error
-from dpo.formats import phi2_qa_format
 from dpo.log import log
-from dpo.model import check_model_and_load_tokenizer
-from dpo.training import build_dpo_trainer, train_and_save
+from dpo.train.adapters import start_point
+from dpo.train.config import load_recipe_args
+from dpo.train.distributed import on_main_process
+from dpo.train.model_checks import check_model_and_load_tokenizer
+from dpo.train.trainer import build_dpo_trainer, train_and_save
 
 
 @dataclass
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None, callbacks=None):
     tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
     # ── data: truthy rows (system, prompt, chosen, rejected) -> phi-2 QA format; the doctor
-    #    (dpo/doctor.py) checks every row and drops degenerate ones, counted, before any weights load.
+    #    (dpo/data/doctor.py) checks every row and drops degenerate ones, counted, before any weights load.
     #    Under several processes it runs once, on the main process; the others wait for its report.
     report = on_main_process(
         check_training_split, script_args, training_args, tokenizer, prompt_format="text", text_format=phi2_qa_format

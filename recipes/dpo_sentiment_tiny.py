@@ -7,13 +7,13 @@
         --output_dir outputs/sentiment_again                  # reuse a pi_ref: skips phase 1
     python benchmarks/frontier_sentiment.py               # the reward-KL frontier over beta and losses
 
-Phases (Rafailov et al. 2023, section 6.1, IMDb; the task itself is in dpo/sentiment.py):
+Phases (Rafailov et al. 2023, section 6.1, IMDb; the task itself is in dpo/offline/sentiment.py):
   1. SFT a tiny Phi model from scratch on unlabeled reviews (TRL SFTTrainer) -> pi_ref
   2. sample two reviews per prompt from pi_ref; the ground-truth reward picks the chosen one
   3. DPO through the phi-2 recipe's code path: 4-bit NF4 base + LoRA, reference = adapters off
   4. on held-out prompts: reward of pi_ref vs pi_theta, KL(pi_theta || pi_ref), implicit-reward
      accuracy on held-out pairs, lengths -> output_dir/{metrics.json, report.md, training_curves.png}
-     (dpo/sentiment_eval.py)
+     (dpo/offline/sentiment_eval.py)
 Run as a script, it ends with the before/after summary that `make demo` shows.
 """
 
@@ -33,14 +33,14 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
-from dpo.adapters import put_adapter, start_point
-from dpo.config import load_recipe_args
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
-from dpo.model import load_tokenizer
-from dpo.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
-from dpo.sentiment_eval import PhaseClock, evaluate_alignment, sample_and_score, summary, write_report
-from dpo.training import build_dpo_trainer, train_and_save
+from dpo.offline.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
+from dpo.offline.sentiment_eval import PhaseClock, evaluate_alignment, sample_and_score, summary, write_report
+from dpo.train.adapters import put_adapter, start_point
+from dpo.train.config import load_recipe_args
+from dpo.train.model_checks import load_tokenizer
+from dpo.train.trainer import build_dpo_trainer, train_and_save
 
 
 @dataclass

@@ -6,7 +6,7 @@
 
 The DPO paper fine-tunes on the preferred answers first and uses that model as pi_ref. This
 recipe writes that SFT model as a LoRA adapter on the 4-bit base; the DPO recipes then take it
-as their starting point and their reference (dpo/adapters.py). Same prompt format as
+as their starting point and their reference (dpo/train/adapters.py). Same prompt format as
 recipes/dpo_phi2.py (phi-2's `Instruct: ...\\nOutput:`), same data checks, same outputs
 (adapter, tokenizer, resolved_config.yaml, final_metrics.json, curves, checkpoints), and the
 loss covers the answer tokens only.
@@ -20,16 +20,16 @@ Offline (no GPU, no internet):
 
 from dataclasses import dataclass, field
 
-from dpo.config import RecipeSFTConfig, load_recipe_args
-from dpo.data import split_heldout
-from dpo.distributed import on_main_process
-from dpo.doctor import check_training_split
+from dpo.data.doctor import check_training_split
+from dpo.data.formats import phi2_qa_format
+from dpo.data.loading import split_heldout
 from dpo.errors import exit_on_user_error
-from dpo.formats import phi2_qa_format
 from dpo.log import log
-from dpo.model import check_model_and_load_tokenizer
-from dpo.sft import build_sft_trainer, sft_rows
-from dpo.training import train_and_save
+from dpo.train.config import RecipeSFTConfig, load_recipe_args
+from dpo.train.distributed import on_main_process
+from dpo.train.model_checks import check_model_and_load_tokenizer
+from dpo.train.sft import build_sft_trainer, sft_rows
+from dpo.train.trainer import train_and_save
 
 
 @dataclass

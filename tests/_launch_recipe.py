@@ -1,4 +1,4 @@
-"""Entry point that tests/test_distributed.py starts under `accelerate launch`: runs a recipe and
+"""Entry point that tests/train/test_distributed.py starts under `accelerate launch`: runs a recipe and
 records, per process, what the test cannot see from outside.
 
     accelerate launch ... tests/_launch_recipe.py <recipe name> <recipe flags...>
@@ -20,10 +20,10 @@ from pathlib import Path
 
 from helpers import load_recipe  # tests/ is on sys.path: this file runs as a script from there
 
-import dpo.doctor
+import dpo.data.doctor
 
 doctor_runs = []
-check_data = dpo.doctor.check_data
+check_data = dpo.data.doctor.check_data
 
 
 def counted_check_data(*args, **kwargs):
@@ -31,7 +31,7 @@ def counted_check_data(*args, **kwargs):
     return check_data(*args, **kwargs)
 
 
-dpo.doctor.check_data = counted_check_data  # before the recipe imports it by name
+dpo.data.doctor.check_data = counted_check_data  # before the recipe imports it by name
 
 from accelerate.state import AcceleratorState  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402

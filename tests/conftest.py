@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite is CPU-only, also on a GPU machine
 # One intra-op thread: the models here are tiny, and thread hand-offs cost more than the math.
-# Measured on 2 cores: tests/test_recipe_phi2.py + test_recipe_generic.py took 23 s with one
+# Measured on 2 cores: tests/recipes/test_recipe_phi2.py + test_recipe_generic.py took 23 s with one
 # thread and 96 s with two. Subprocesses and notebook kernels inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The recipes keep reference log-probs on disk (reference_cache: true): one fresh folder per test
@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import dpo  # noqa: E402, F401  (first: it silences bitsandbytes' AVX512-BF16 import note, dpo/kernels.py)
+import dpo  # noqa: E402, F401  (first: it silences bitsandbytes' AVX512-BF16 import note, dpo/train/speed/kernels.py)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -33,7 +33,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Phi-architecture model + local tokenizer saved as a model folder (safetensors)."""
-    from dpo.tiny import save_tiny_model
+    from dpo.offline.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-phi"), seed=0)
 
@@ -41,10 +41,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a model folder, built from the pip-installed GGUF
-    (requirements-models.txt) once into the user cache (dpo.models.default_cache_dir, outside the
+    (requirements-models.txt) once into the user cache (dpo.offline.pip_models.default_cache_dir, outside the
     repo; $DPO_MODELS_CACHE moves it); later sessions find it there. Fails, not skips, when the
     package is missing: `make test` installs it."""
-    from dpo.models import default_cache_dir, materialize
+    from dpo.offline.pip_models import default_cache_dir, materialize
 
     return materialize("smollm2-135m-instruct", default_cache_dir("smollm2-135m-instruct"))
 
@@ -52,7 +52,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def truthy_file(tmp_path_factory) -> Path:
     """48 rows in jondurbin/truthy-dpo-v0.1's exact shape, as a .jsonl file."""
-    from dpo.tiny import truthy_like_rows, write_jsonl
+    from dpo.offline.tiny import truthy_like_rows, write_jsonl
 
     return write_jsonl(truthy_like_rows(48, seed=0), tmp_path_factory.mktemp("data") / "truthy.jsonl")
 
@@ -74,11 +74,11 @@ def no_weights_load(monkeypatch):
     """Fail the test if any model weights load: for checks that must run before that."""
     import transformers
 
-    import dpo.training
+    import dpo.train.trainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("model weights were loaded before the error was reported")
 
-    monkeypatch.setattr(dpo.training, "DPOTrainer", refuse)
+    monkeypatch.setattr(dpo.train.trainer, "DPOTrainer", refuse)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(refuse))

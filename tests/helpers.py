@@ -25,13 +25,13 @@ import torch
 from datasets import Dataset
 
 from dpo.compat import REWARD_METRICS, ModelConfig
-from dpo.config import RecipeDPOConfig
-from dpo.loop import reward_metrics
-from dpo.loss import dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
-from dpo.loss_settings import LENGTH_LOSS_TYPES
-from dpo.model import load_tokenizer
-from dpo.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
-from dpo.training import build_dpo_trainer
+from dpo.offline.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
+from dpo.scratch.loop import reward_metrics
+from dpo.scratch.loss import dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.scratch.loss_settings import LENGTH_LOSS_TYPES
+from dpo.train.config import RecipeDPOConfig
+from dpo.train.model_checks import load_tokenizer
+from dpo.train.trainer import build_dpo_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real human preferences: Anthropic HH-RLHF harmless-base test split, the original file (data/hh-rlhf/README.md).
@@ -233,7 +233,7 @@ def fake_checkpoint(folder, step_marker=True):
     unless `step_marker` is False (a save killed before its marker)."""
     from safetensors.torch import save_file
 
-    from dpo.checkpoints import mark_complete
+    from dpo.train.safety.checkpoints import mark_complete
 
     folder.mkdir(parents=True)
     save_file({"w": torch.ones(4)}, folder / "adapter_model.safetensors")
@@ -246,7 +246,7 @@ def fake_checkpoint(folder, step_marker=True):
 
 
 def one_line_error(main, argv, capsys) -> str:
-    """Run an entry point's main(argv) (a recipe, dpo.doctor); assert exit status 2 and exactly one
+    """Run an entry point's main(argv) (a recipe, dpo.data.doctor); assert exit status 2 and exactly one
     `error:` line on stderr (no usage, no traceback); return that line."""
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in argv])
@@ -258,7 +258,7 @@ def one_line_error(main, argv, capsys) -> str:
     return lines[0]
 
 
-# ── agreement with TRL (tests/test_loss_agreement.py, test_loop_agreement.py, test_real_dpo.py) ──
+# ── agreement with TRL (tests/scratch/test_loss_agreement.py, test_loop_agreement.py, test_real_dpo.py) ──
 RTOL = 1e-5  # loss, logged metrics and gradient tensors (relative, in norm)
 METRICS = REWARD_METRICS  # what TRL logs each step (dpo.compat)
 
@@ -313,7 +313,7 @@ def rel_err(a, b):
     ).norm().item()
 
 
-# ── the reference cache and the pair sampler (tests/test_refcache.py, test_sampler.py) ──
+# ── the reference cache and the pair sampler (tests/train/speed/test_refcache.py, test_sampler.py) ──
 def pairs(n: int, seed: int = 0) -> Dataset:
     """n distinct prompt/chosen/rejected pairs (the truthy facts repeat; a numbered prompt makes each unique)."""
     rows = truthy_like_rows(n, seed)

@@ -23,8 +23,8 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_from_scratch_dpo_uses_plain_pytorch_only():
     """loss.py never imports TRL or transformers; loop.py imports no TRL (it may use peft)."""
-    assert not imported_modules(ROOT / "dpo" / "loss.py") & {"trl", "transformers", "peft"}
-    assert "trl" not in imported_modules(ROOT / "dpo" / "loop.py")
+    assert not imported_modules(ROOT / "dpo" / "scratch" / "loss.py") & {"trl", "transformers", "peft"}
+    assert "trl" not in imported_modules(ROOT / "dpo" / "scratch" / "loop.py")
 
 
 def test_trl_is_imported_only_in_compat():
@@ -34,8 +34,8 @@ def test_trl_is_imported_only_in_compat():
 
 
 def test_loss_types_match_trl_and_our_module():
-    from dpo import loss_settings
     from dpo.compat import LOSS_TYPES, TESTED_TRL
+    from dpo.scratch import loss_settings
 
     assert trl.__version__ == TESTED_TRL
     assert set(loss_settings.LOSS_TYPES) - {"cdpo"} == set(LOSS_TYPES)
@@ -48,7 +48,7 @@ def test_loss_types_match_trl_and_our_module():
 
 def test_the_hub_hint_names_a_command_that_is_installed():
     """The 'could not load' message suggests `hf download`; the pinned huggingface_hub ships `hf`."""
-    from dpo.model import _fetch_error
+    from dpo.train.model_checks import _fetch_error
 
     message = str(_fetch_error("model", "org/name", OSError("offline"), "--model_name_or_path"))
     command = message.split("`")[1].split()[0]

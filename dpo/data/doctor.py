@@ -1,0 +1,204 @@
+"""The data doctor: check every preference pair before any model is loaded, so no GPU time goes
+to bad rows. Runs inside every recipe (`check_data`), and alone, with the recipes' flag names:
+
+    python -m dpo.doctor data.jsonl
+    python -m dpo.doctor trl-lib/ultrafeedback_binarized --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --max_length 1024
+    python -m dpo.doctor Anthropic/hh-rlhf --model_name_or_path outputs/tiny-phi --histogram outputs/hh_lengths.png
+    python -m dpo.doctor my.csv --prompt_column question --chosen_column good --rejected_column bad
+    python -m dpo.doctor truthy.jsonl --model_name_or_path microsoft/phi-2 --prompt_format text --text_format phi2
+                                      # as recipes/dpo_phi2.py formats and counts it
+    python -m dpo.doctor --dataset_name org/data --dataset_config en --dataset_train_split test
+
+What it does, on the pairs from dpo.data.pairs.to_pairs:
+  * schema errors (missing field, wrong type, malformed JSON line, empty file) stop with the file,
+    the row and the field; they are raised while loading and converting (dpo/data/loading.py, dpo/data/pairs.py);
+  * degenerate rows are dropped and counted by reason, with a warning (`fail=True`,
+    `--fail_on_degenerate`, or `degenerate_rows: fail` in a recipe's YAML: stop instead);
+  * length statistics in tokens, exactly as TRL's DPOTrainer will tokenize (chat template or
+    text + EOS): median, p95, max of prompt / chosen / rejected, and the share of rows that
+    `max_length` truncates. Without --model_name_or_path, lengths are in characters and no row
+    is dropped for length;
+  * invariant, asserted: rows in = rows kept + rows dropped with a reason.
+The checks and the report live in dpo/data/doctor_report.py, the length histogram in dpo/plots.py.
+
+Exit status: 0 (degenerate rows dropped, with a warning), 2 with a one-line message on a schema
+error or, with --fail_on_degenerate, on any degenerate row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from datasets import Dataset
+
+from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
+from dpo.data.doctor_report import DoctorReport, examine
+from dpo.data.formats import PLAIN_CHAT_TEMPLATE, ensure_chat_template, is_chat, phi2_qa_format
+from dpo.data.loading import load_preference_data
+from dpo.data.pairs import Columns, to_pairs
+from dpo.errors import UserError, exit_on_user_error
+from dpo.plots import plot_lengths
+from dpo.train.config import one_line_parse_errors
+from dpo.train.model_checks import load_tokenizer
+
+# --text_format: a recipe's own formatting of text rows (prompt_format text), by name.
+TEXT_FORMATS = {"none": None, "phi2": phi2_qa_format}
+
+
+# ── one call for recipes ─────────────────────────────────────────────────────────────────
+
+
+def check_data(
+    data: Dataset,
+    source: str,
+    tokenizer=None,
+    *,
+    columns: Columns | None = None,
+    prompt_format: str = "chat",
+    text_format=None,
+    max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
+    truncation_mode: str = TRL_DEFAULT_TRUNCATION_MODE,
+    degenerate_rows: str = "drop",
+) -> DoctorReport:
+    """to_pairs + examine: convert the raw rows and check every one. What recipes call."""
+    if degenerate_rows not in ("drop", "fail"):
+        raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
+    pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
+    template = ""
+    if is_chat(pairs):
+        if tokenizer is None or ensure_chat_template(tokenizer) or tokenizer.chat_template == PLAIN_CHAT_TEMPLATE:
+            template = ", plain template"
+        else:
+            template = ", tokenizer's chat template"
+    fmt = (
+        f"{prompt_format} format"
+        + template
+        + (
+            f" ({getattr(text_format, '__name__', 'custom text_format')})"
+            if text_format and not is_chat(pairs)
+            else ""
+        )
+    )
+    report = examine(
+        pairs,
+        tokenizer,
+        max_length,
+        truncation_mode,
+        source,
+        f"{layout.describe()}; {fmt}",
+        fail=degenerate_rows == "fail",
+    )
+    if report.rows_kept == 0:
+        raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
+    return report
+
+
+def check_training_split(script_args, training_args, tokenizer, **formatting) -> DoctorReport:
+    """A recipe's data phase: load the training split named by `script_args` (dataset_name,
+    dataset_config, dataset_train_split) and check every row with `check_data`, at the run's
+    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns."""
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    return check_data(
+        raw,
+        script_args.dataset_name,
+        tokenizer,
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+        **formatting,
+    )
+
+
+# ── the command line ─────────────────────────────────────────────────────────────────────
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dpo.doctor",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dataset", nargs="?", help="the same as --dataset_name, shorter")
+    p.add_argument("--dataset_name", help="hub dataset id or local .jsonl/.json/.parquet/.csv file or folder")
+    p.add_argument("--dataset_config", help="hub dataset configuration name")
+    p.add_argument("--dataset_train_split", default="train", help="the split to check (default: train)")
+    p.add_argument(
+        "--model_name_or_path",
+        help="the model whose tokenizer counts tokens (hub id or local folder); without it, characters",
+    )
+    p.add_argument(
+        "--max_length",
+        type=int,
+        default=TRL_DEFAULT_MAX_LENGTH,
+        help=f"as in the recipe's YAML (default: TRL's {TRL_DEFAULT_MAX_LENGTH})",
+    )
+    p.add_argument("--truncation_mode", default=TRL_DEFAULT_TRUNCATION_MODE, choices=["keep_start", "keep_end"])
+    p.add_argument("--histogram", help="write a PNG of the length distributions here")
+    p.add_argument(
+        "--prompt_format",
+        default="chat",
+        choices=["chat", "text"],
+        help="chat: the tokenizer's chat template (default); text: the strings as they are",
+    )
+    p.add_argument(
+        "--text_format",
+        default="none",
+        choices=list(TEXT_FORMATS),
+        help="with --prompt_format text, a recipe's own prompt format for text rows: phi2 = "
+        "recipes/dpo_phi2.py's 'Instruct: <prompt>\\nOutput: <answer>' (dpo.data.formats.phi2_qa_format); "
+        "none = <system>\\n\\n<prompt> (default)",
+    )
+    for role in ("prompt", "chosen", "rejected", "system"):
+        p.add_argument(f"--{role}_column", help=f"the column holding the {role}, if not detected")
+    p.add_argument("--fail_on_degenerate", action="store_true", help="exit 2 instead of dropping degenerate rows")
+    p.add_argument("--trust_remote_code", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> DoctorReport:
+    """Command-line entry point: load, check, print the table; UserError -> message and exit 2."""
+
+    @exit_on_user_error
+    def run() -> DoctorReport:
+        given = list(sys.argv[1:] if argv is None else argv)
+        args = one_line_parse_errors(_parser(), given).parse_args(given)
+        if args.dataset and args.dataset_name and args.dataset != args.dataset_name:
+            raise UserError(f"two datasets given: {args.dataset} and --dataset_name {args.dataset_name}; pass one")
+        dataset = args.dataset_name or args.dataset
+        if not dataset:
+            raise UserError("no dataset: python -m dpo.doctor <hub id or file> (or --dataset_name <hub id or file>)")
+        if args.text_format != "none" and args.prompt_format != "text":
+            raise UserError(f"--text_format {args.text_format} formats text rows: add --prompt_format text")
+        tokenizer = None
+        if args.model_name_or_path:
+            tokenizer = load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        data = load_preference_data(dataset, args.dataset_config, args.dataset_train_split)
+        columns = Columns(args.prompt_column, args.chosen_column, args.rejected_column, args.system_column)
+        report = check_data(
+            data,
+            dataset,
+            tokenizer,
+            columns=columns,
+            prompt_format=args.prompt_format,
+            text_format=TEXT_FORMATS[args.text_format],
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            degenerate_rows="fail" if args.fail_on_degenerate else "drop",
+        )
+        print(report.table())
+        if report.example:
+            print(
+                f"first pair as the model sees it:\n  prompt: {report.example['prompt']!r:.300}\n"
+                f"  chosen: {report.example['chosen']!r:.300}"
+            )
+        if warning := report.warning():
+            print(warning, file=sys.stderr)
+        if args.histogram:
+            print(f"length histogram written to {plot_lengths(report, args.histogram)}")
+        return report
+
+    return run()
+
+
+if __name__ == "__main__":
+    main()

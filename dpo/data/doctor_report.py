@@ -1,0 +1,237 @@
+"""The data doctor's checks and report: every preference pair examined before any model is loaded.
+
+    report = examine(pairs, tokenizer, max_length=1024)   # pairs from dpo.data.pairs.to_pairs
+    print(report.summary()); train_on(report.kept)
+
+Degenerate rows are dropped and counted by reason (`fail=True`: stop instead); lengths are
+counted in tokens exactly as TRL's DPOTrainer will tokenize (dpo/data/formats.py); the invariant
+rows in = rows kept + rows dropped with a reason is asserted. Recipes and the command line go
+through dpo/data/doctor.py (`check_data`, `python -m dpo.doctor`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasets import Dataset
+
+from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
+from dpo.data.formats import count_tokens, is_chat, render
+from dpo.data.pairs import DIVERGE, EMPTY_PROMPT, NO_SHARED_PROMPT
+from dpo.errors import UserError
+
+# Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
+EMPTY = "empty chosen or rejected"
+IDENTICAL = "chosen identical to rejected"
+DUPLICATE = "duplicate of an earlier row"
+PROMPT_TOO_LONG = "prompt alone >= max_length tokens"
+REASONS = (NO_SHARED_PROMPT, DIVERGE, EMPTY_PROMPT, EMPTY, IDENTICAL, DUPLICATE, PROMPT_TOO_LONG)
+
+CHUNK = 1000  # rows rendered and tokenized per batch: one progress-bar tick
+SHOW_ROWS = 5  # row numbers listed per drop reason
+
+
+@dataclass
+class DoctorReport:
+    """What the doctor found. `kept` holds the usable pairs (prompt, chosen, rejected) in input order."""
+
+    source: str
+    rows_in: int
+    kept: Dataset
+    dropped: Counter = field(default_factory=Counter)  # reason -> number of rows
+    drops: list = field(default_factory=list)  # (row number, reason) for every dropped row
+    kept_rows: list = field(default_factory=list)  # input row number of each kept pair
+    lengths: dict = field(default_factory=dict)  # "prompt"/"chosen"/"rejected" -> np.ndarray over kept rows
+    unit: str = "tokens"
+    max_length: int | None = None
+    truncated: int = 0  # kept rows whose prompt + longer answer exceeds max_length
+    layout: str = ""
+    example: dict = field(default_factory=dict)  # the first kept pair as the model sees it (text)
+
+    @property
+    def rows_kept(self) -> int:
+        return len(self.kept)
+
+    @property
+    def rows_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def table(self) -> str:
+        """The short table every recipe prints before training."""
+        lines = [f"data doctor: {self.source}"]
+        if self.layout:
+            lines.append(f"  layout      {self.layout}")
+        lines.append(f"  rows in   {self.rows_in:>7}")
+        for reason in REASONS:
+            if self.dropped[reason]:
+                first = [row for row, why in self.drops if why == reason][:SHOW_ROWS]
+                rows = ", ".join(map(str, first))
+                more = ", ..." if self.dropped[reason] > len(first) else ""
+                lines.append(f"  dropped   {self.dropped[reason]:>7}  {reason}: row {rows}{more}")
+        lines.append(f"  rows kept {self.rows_kept:>7}")
+        if self.rows_kept:
+            lines.append(f"  {self.unit:<10}{'median':>8}{'p95':>8}{'max':>8}")
+            for part in ("prompt", "chosen", "rejected"):
+                values = self.lengths[part]
+                lines.append(
+                    f"  {part:<10}{np.median(values):>8.0f}{np.percentile(values, 95):>8.0f}{values.max():>8}"
+                )
+            if self.unit != "tokens":
+                lines.append(
+                    "  (no tokenizer: lengths in characters; pass --model_name_or_path to count tokens and check max_length)"
+                )
+            elif self.max_length is None:
+                lines.append("  max_length: none, nothing is truncated")
+            else:
+                share = 100 * self.truncated / self.rows_kept
+                lines.append(
+                    f"  truncated by max_length={self.max_length}: {self.truncated} of {self.rows_kept} rows ({share:.1f}%)"
+                )
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """The table, then the drop warning if rows were dropped: what a recipe prints."""
+        warning = self.warning()
+        return self.table() + (f"\n{warning}" if warning else "")
+
+    def warning(self) -> str | None:
+        """One line when rows were dropped, None otherwise."""
+        if not self.rows_dropped:
+            return None
+        counts = ", ".join(f"{self.dropped[r]} {r}" for r in REASONS if self.dropped[r])
+        first = ", ".join(str(row) for row, _ in self.drops[:SHOW_ROWS])
+        return f"warning: {self.source}: dropped {self.rows_dropped} of {self.rows_in} rows ({counts}; first: row {first})"
+
+
+# ── checks ─────────────────────────────────────────────────────────────────────────────
+
+
+def _is_empty(answer) -> bool:
+    if isinstance(answer, str):
+        return not answer.strip()
+    return not any(m["content"].strip() for m in answer)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, str):
+        return a.strip() == b.strip()
+    return [(m["role"], m["content"].strip()) for m in a] == [(m["role"], m["content"].strip()) for m in b]
+
+
+def _key(prompt, chosen, rejected) -> bytes:
+    return hashlib.blake2b(
+        json.dumps([prompt, chosen, rejected], ensure_ascii=False).encode(), digest_size=16
+    ).digest()
+
+
+def examine(
+    pairs: Dataset,
+    tokenizer=None,
+    max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
+    truncation_mode: str = TRL_DEFAULT_TRUNCATION_MODE,
+    source: str = "data",
+    layout: str = "",
+    fail: bool = False,
+    progress: bool | None = None,
+) -> DoctorReport:
+    """Check every row of `pairs` (from dpo.data.pairs.to_pairs); return the report with the kept pairs.
+
+    Drops, by the first reason that applies: the conversion's problem (no shared prompt, replies
+    that differ before the last turn), empty chosen or rejected, chosen identical to rejected,
+    duplicate of an earlier row, and (with a tokenizer, under TRL's default keep_start truncation)
+    a prompt that alone fills max_length, which TRL would otherwise drop silently. `fail=True`
+    raises UserError instead of dropping.
+    """
+    from tqdm.auto import tqdm
+
+    chat = is_chat(pairs)
+    if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "chat-format pairs need a tokenizer with a chat template; call dpo.data.formats.ensure_chat_template first"
+        )
+    rows_in = len(pairs)
+    columns = pairs[:]  # every column as Python lists: one pass over the Arrow table
+    prompts, chosens, rejecteds = columns["prompt"], columns["chosen"], columns["rejected"]
+    row_numbers = columns.get("row") or list(range(1, rows_in + 1))
+    problems = columns.get("problem") or [""] * rows_in
+    drops: list[tuple[int, str]] = []
+
+    def drop(reason: str, row: int) -> None:
+        drops.append((row, reason))
+
+    # cheap checks on every row
+    candidates: list[int] = []
+    seen: set[bytes] = set()
+    for i, (prompt, chosen, rejected) in enumerate(zip(prompts, chosens, rejecteds)):
+        if problems[i]:
+            drop(problems[i], row_numbers[i])
+        elif _is_empty(chosen) or _is_empty(rejected):
+            drop(EMPTY, row_numbers[i])
+        elif _same(chosen, rejected):
+            drop(IDENTICAL, row_numbers[i])
+        elif (key := _key(prompt, chosen, rejected)) in seen:
+            drop(DUPLICATE, row_numbers[i])
+        else:
+            seen.add(key)
+            candidates.append(i)
+
+    # lengths, as TRL will tokenize them
+    kept: list[int] = []
+    lengths: list[tuple[int, int, int]] = []
+    example: dict = {}
+    check_length = tokenizer is not None and max_length is not None and truncation_mode == "keep_start"
+    show = len(candidates) >= 20_000 if progress is None else progress
+    for start in tqdm(
+        range(0, len(candidates), CHUNK),
+        desc="doctor: counting tokens (batches of 1000)",
+        disable=not show,
+        file=sys.stderr,
+    ):
+        chunk = candidates[start : start + CHUNK]
+        texts = []
+        for i in chunk:
+            try:
+                texts.append(render(prompts[i], chosens[i], rejecteds[i], tokenizer))
+            except Exception as err:  # a chat template refusing the row (e.g. no system role)
+                raise UserError(
+                    f"{source}, row {row_numbers[i]}: the chat template failed on this row: {err}"
+                ) from None
+        for i, text, counts in zip(chunk, texts, count_tokens(texts, tokenizer, chat)):
+            if check_length and counts[0] >= max_length:
+                drop(PROMPT_TOO_LONG, row_numbers[i])
+                continue
+            kept.append(i)
+            lengths.append(counts)
+            if not example:
+                example = {"prompt": text[0], "chosen": text[1][len(text[0]) :]}
+
+    report = DoctorReport(
+        source=source,
+        rows_in=rows_in,
+        kept=pairs.select(kept).select_columns(["prompt", "chosen", "rejected"]),
+        dropped=Counter(reason for _, reason in drops),
+        drops=sorted(drops),
+        kept_rows=[row_numbers[i] for i in kept],
+        unit="tokens" if tokenizer is not None else "characters",
+        max_length=max_length,
+        layout=layout,
+        example=example,
+    )
+    arr = np.array(lengths, dtype=np.int64).reshape(-1, 3)
+    report.lengths = {"prompt": arr[:, 0], "chosen": arr[:, 1], "rejected": arr[:, 2]}
+    if max_length is not None and tokenizer is not None:
+        report.truncated = int((arr[:, 0] + np.maximum(arr[:, 1], arr[:, 2]) > max_length).sum())
+    assert report.rows_in == report.rows_kept + report.rows_dropped == len(report.kept_rows) + len(report.drops), (
+        "a row was lost without a reason"
+    )
+    if fail and report.rows_dropped:
+        raise UserError(
+            f"{report.warning()[len('warning: ') :]}. Degenerate rows fail this run "
+            f"(degenerate_rows: fail / --fail_on_degenerate); fix them, or drop them with degenerate_rows: drop"
+        )
+    return report

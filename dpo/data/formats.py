@@ -1,0 +1,165 @@
+"""How a preference pair becomes the text and the tokens the model sees.
+
+    prompt_format="chat"   prompt/chosen/rejected are message lists; TRL renders them with the
+                           tokenizer's chat template (PLAIN_CHAT_TEMPLATE when it has none:
+                           `ensure_chat_template`).
+    prompt_format="text"   plain strings, joined as they are: TRL trains on prompt + chosen + EOS.
+                           Text rows are formatted by `plain_text_format` or a recipe's own
+                           (`phi2_qa_format`).
+
+`render` and `count_tokens` do what TRL's DPOTrainer does with a pair (chat template or text +
+EOS, prompt and prompt+answer tokenized separately), so the data doctor's lengths are the ones
+TRL trains on; tests/data/test_doctor.py checks them against DPOTrainer's own dataset preparation.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from datasets import Dataset
+
+# The documented fallback for a tokenizer without a chat template (base models: phi-2, pythia,
+# gpt2). It is Anthropic HH's transcript format, so HH data looks as it was written; every
+# assistant turn ends with EOS, which teaches the model to stop. The generation prompt is
+# "\n\nAssistant:" with no trailing space: the reply's leading space then starts the first
+# answer token, and the prompt's tokens are a prefix of prompt+answer tokens. Saved with the
+# tokenizer in output_dir, so inference formats prompts the same way.
+#   <system>\n\nHuman: <user>\n\nAssistant: <assistant><eos>\n\nHuman: ...\n\nAssistant:
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}{{ '\n\nHuman: ' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\n\nAssistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}{{ '\n\n' + message['role'] | capitalize + ': ' + message['content'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\n\nAssistant:' }}{%- endif -%}"
+)
+
+
+# ── text formats for text rows ─────────────────────────────────────────────────────────
+
+
+def plain_text_format(row: dict) -> dict:
+    """Text rows in text format: the strings as they are, the system text (if any) opening the prompt.
+
+    <system>\\n\\n<prompt> | <chosen> | <rejected>; TRL appends EOS to each answer.
+    """
+    system = row.get("system") or ""
+    return {
+        "prompt": f"{system}\n\n{row['prompt']}" if system.strip() else row["prompt"],
+        "chosen": row["chosen"],
+        "rejected": row["rejected"],
+    }
+
+
+def phi2_qa_format(row: dict) -> dict:
+    """phi-2's documented QA format; the system text, when present, opens the instruction.
+
+    Instruct: <system>\\n\\n<prompt>\\nOutput: <answer>
+
+    phi-2 has no chat template. The answer starts with a space after "Output:", and TRL
+    appends the EOS token to each completion.
+    """
+    system = (row.get("system") or "").strip()
+    instruction = f"{system}\n\n{row['prompt'].strip()}" if system else row["prompt"].strip()
+    return {
+        "prompt": f"Instruct: {instruction}\nOutput:",
+        "chosen": " " + row["chosen"].strip(),
+        "rejected": " " + row["rejected"].strip(),
+    }
+
+
+# ── chat templates ─────────────────────────────────────────────────────────────────────
+
+
+def is_chat(pairs: Dataset) -> bool:
+    """True when the pairs are message lists (chat format), False for plain strings."""
+    feature = pairs.features["chosen"]
+    return getattr(feature, "dtype", None) not in ("string", "large_string")
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template PLAIN_CHAT_TEMPLATE, with a warning; True if it did."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    print(
+        "warning: the tokenizer has no chat template; using the plain Human/Assistant template "
+        "(dpo/data/formats.py: PLAIN_CHAT_TEMPLATE, saved with the tokenizer). For a chat model, pass its own "
+        "tokenizer; for data already formatted as text, set prompt_format: text",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True
+
+
+# ── rendering and token counts, exactly as TRL's DPOTrainer does them ──────────────────
+
+
+def render(prompt, chosen, rejected, tokenizer) -> tuple[str, str, str]:
+    """(prompt text, prompt+chosen text, prompt+rejected text) as TRL builds them.
+
+    Chat format: the chat template, with the generation prompt after the prompt. Text: the
+    strings joined, EOS appended to each answer unless it already ends with it.
+    """
+    if isinstance(chosen, str):
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        return prompt, prompt + _with_eos(chosen, eos), prompt + _with_eos(rejected, eos)
+    if tokenizer is None:
+        return (
+            _render_plain(prompt, True),
+            _render_plain(prompt + chosen, False),
+            _render_plain(prompt + rejected, False),
+        )
+    apply = tokenizer.apply_chat_template
+    return (
+        apply(prompt, tokenize=False, add_generation_prompt=True),
+        apply(prompt + chosen, tokenize=False),
+        apply(prompt + rejected, tokenize=False),
+    )
+
+
+def _with_eos(text: str, eos: str) -> str:
+    return text if not eos or text.endswith(eos) else text + eos
+
+
+def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
+    """PLAIN_CHAT_TEMPLATE in Python, for character counts when no tokenizer is given (no EOS)."""
+    out = []
+    for m in messages:
+        if m["role"] == "system":
+            out.append(m["content"])
+        else:
+            name = {"user": "Human", "assistant": "Assistant"}.get(m["role"], m["role"].capitalize())
+            out.append(f"\n\n{name}: {m['content']}")
+    return "".join(out) + ("\n\nAssistant:" if add_generation_prompt else "")
+
+
+def common_prefix_length(a: list, b: list) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:  # the usual case, at C speed
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
+def count_tokens(texts: list[tuple[str, str, str]], tokenizer, chat: bool) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) lengths per row; tokens as TRL counts them, or characters without a tokenizer.
+
+    TRL tokenizes the prompt and prompt+answer separately; the answer starts where the two
+    token sequences diverge (dpo_trainer.tokenize_fn). Chat text is tokenized without extra
+    special tokens (the template has them), plain text with the tokenizer's defaults.
+    """
+    if tokenizer is None:
+        return [(len(p), len(pc) - len(p), len(pr) - len(p)) for p, pc, pr in texts]
+    flat = [t for triple in texts for t in triple]
+    ids = tokenizer(flat, add_special_tokens=not chat)["input_ids"]
+    out = []
+    for i in range(0, len(ids), 3):
+        p, pc, pr = ids[i], ids[i + 1], ids[i + 2]
+        n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
+        out.append((n, len(pc) - n, len(pr) - n))
+    return out

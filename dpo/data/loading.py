@@ -1,0 +1,358 @@
+"""Preference data in: a hub dataset, a local file or a dataset folder, loaded as one split.
+
+    raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # or data.jsonl / .json / .parquet / .csv,
+                                                                     # .jsonl.gz / .json.gz / .csv.gz / .jsonl.zst
+    train, heldout = split_heldout(pairs, test_size=0.1, seed=42)
+
+What happens to the rows next: dpo/data/pairs.py detects the layout and converts them, dpo/data/doctor.py
+checks them.
+
+Every problem with the user's data stops with the file, the row number and the field. Row N is
+the N-th record, counted from 1: the N-th non-blank line of a .jsonl (its line number is added
+when they differ), the N-th data line of a .csv (header excluded). `RowLocator` writes those
+references; `text_field` / `messages_field` check one value and name it when it is wrong.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from dpo.errors import UserError, hub_error
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Compressed text files, as datasets are often distributed (Anthropic HH-RLHF: .jsonl.gz); the
+# datasets library decompresses them itself. Parquet is compressed inside, so never outer-compressed.
+COMPRESSIONS = (".gz", ".zst")
+
+
+# ── loading ──────────────────────────────────────────────────────────────────────────
+
+
+def _data_suffix(path: Path) -> tuple[str, str]:
+    """(format suffix, compression suffix): ('.jsonl', '.gz') for data.jsonl.gz, ('.csv', '') for data.csv."""
+    path = Path(path)
+    if path.suffix in COMPRESSIONS and Path(path.stem).suffix in (".json", ".jsonl", ".csv"):
+        return Path(path.stem).suffix, path.suffix
+    return path.suffix, ""
+
+
+def _open_data_file(path: Path):
+    """A binary file object over the (decompressed) bytes of a local data file."""
+    _, compression = _data_suffix(path)
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        import zstandard
+
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
+        )
+    return open(path, "rb")
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
+    return name.startswith((".", "/", "~")) or _data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
+
+
+def _json_type(value) -> str:
+    return {
+        str: "text",
+        list: "a list",
+        dict: "an object",
+        bool: "true/false",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
+
+
+def _json_problem(path: Path) -> str | None:
+    """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
+    whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
+    with _open_data_file(path) as f:
+        text = f.read().decode("utf-8", errors="replace")
+    suffix = _data_suffix(path)[0]
+    if suffix == ".json":
+        try:
+            records = json.loads(text)
+            numbered = [
+                (i, None, r) for i, r in enumerate(records if isinstance(records, list) else [records], start=1)
+            ]
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":  # "Extra data": a .json file written as JSON Lines
+                return f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
+            numbered = None
+    if suffix == ".jsonl" or numbered is None:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((len(numbered) + 1, lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                return f"line {lineno}: malformed JSON ({err.msg}, column {err.colno})"
+    first_type: dict[str, str] = {}
+    for row, lineno, record in numbered:
+        where = f"row {row}" + (f" (line {lineno})" if lineno and lineno != row else "")
+        if not isinstance(record, dict):
+            return f"{where}: expected one JSON object {{...}} per record, got {_json_type(record)}"
+        for key, value in record.items():
+            if value is None:
+                continue
+            kind = first_type.setdefault(key, _json_type(value))
+            if _json_type(value) != kind:
+                return f"{where}, field '{key}': expected {kind} as in the rows before, got {_json_type(value)} ({value!r:.60})"
+    return None
+
+
+def _blank(path: Path) -> bool:
+    """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
+    with _open_data_file(path) as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _check_utf8(name: str, path: Path) -> None:
+    """UserError naming the row, line and byte offset of the first byte that is not UTF-8 (pyarrow reads
+    such a .jsonl without complaint and fails later, in the middle of a row)."""
+    offset, line, carry = 0, 1, b""  # bytes and newlines before `carry + chunk`
+    with _open_data_file(path) as f:
+        while chunk := f.read(1 << 20):
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+                carry = b""
+            except UnicodeDecodeError as err:
+                if err.reason == "unexpected end of data" and len(data) - err.start < 4:  # cut at the chunk's end
+                    carry, data = data[err.start :], data[: err.start]
+                else:
+                    line += data.count(b"\n", 0, err.start)
+                    _not_utf8(name, path, offset + err.start, line, data[err.start])
+            offset, line = offset + len(data), line + data.count(b"\n")
+    if carry:  # the file ends inside a character
+        _not_utf8(name, path, offset, line, carry[0])
+
+
+def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
+    suffix, compression = _data_suffix(path)
+    if suffix == ".jsonl":  # row = non-blank lines up to this one
+        with _open_data_file(path) as f:
+            row = sum(1 for _, text in zip(range(line), f) if text.strip())
+        where = f"row {row}" + (f" (line {line})" if row != line else "")
+    elif suffix == ".csv":  # the header is line 1 (a cell spanning lines shifts this)
+        where = f"row {line - 1} (line {line})"
+    else:
+        where = f"line {line}"
+    uncompressed = " (uncompressed)" if compression else ""
+    raise UserError(
+        f"{name}, {where}, byte offset {offset}{uncompressed}: not UTF-8 (byte 0x{byte:02x}); "
+        f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 in{suffix} > out{suffix}"
+    )
+
+
+def _load_file(name: str, path: Path) -> Dataset:
+    """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
+    suffix, compression = _data_suffix(path)
+    if suffix not in LOCAL_FORMATS:
+        raise UserError(
+            f"{name}: unsupported file type '{''.join(path.suffixes[-2:])}'; use one of {sorted(LOCAL_FORMATS)}, "
+            f"or .json/.jsonl/.csv compressed as {' or '.join(COMPRESSIONS)}"
+        )
+    if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
+        raise UserError(f"{name}: the file is empty")
+    if suffix in (".json", ".jsonl", ".csv"):
+        _check_utf8(name, path)
+    # CSV: only an empty cell is missing; pandas would also read the text None, NA, null, n/a, ... as missing
+    csv_text = {"keep_default_na": False, "na_values": [""]} if suffix == ".csv" else {}
+    try:
+        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
+    except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
+        where = _json_problem(path) if suffix in (".json", ".jsonl") else None
+        if where:
+            raise UserError(f"{name}, {where}") from None
+        cause = err.__cause__ or err.__context__ or err
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in reason:
+            raise UserError(f"{name}: the file has no rows") from None
+        raise UserError(f"{name}: could not be read as {suffix[1:]}{compression}: {reason}") from None
+    if len(data) == 0:
+        raise UserError(f"{name}: the file has no rows")
+    return data
+
+
+def load_preference_data(
+    name: str, config_name: str | None = None, split: str = "train", missing_ok: bool = False
+) -> Dataset | None:
+    """Split `split` of a hub dataset id, a local data file, or a local dataset folder.
+
+    Local files: .jsonl / .json (JSON Lines or one JSON array), .parquet, .csv, and the text
+    formats compressed as .gz or .zst (Anthropic HH-RLHF ships .jsonl.gz); a file is one
+    split, "train". A folder is read with `load_from_disk` when it was written by `save_to_disk`,
+    else as a folder of data files, split by file name as the datasets library does (train*, test*,
+    ...), one file at a time, so that an error names the file and its own row. `missing_ok`: None
+    instead of an error when there is no such split.
+    """
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise UserError(f"dataset file not found: {name}")
+        if path.is_file():
+            if split != "train" and missing_ok:
+                return None
+            return _load_file(name, path)
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            data = load_from_disk(str(path))
+            return _pick_split(data, name, split, missing_ok)
+        if config_name is None:
+            return _load_folder(name, path, split, missing_ok)
+    try:
+        data = load_dataset(str(Path(name).expanduser()) if _looks_local(name) else name, config_name)
+    except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, offline mode
+        raise hub_error(
+            "dataset",
+            name,
+            err,
+            f"If the Hub is unreachable, save the data as a .jsonl/.parquet/.csv file where you have access "
+            f"(`datasets.load_dataset('{name}', split='{split}').to_json('data.jsonl')`) "
+            f"and pass it: --dataset_name data.jsonl",
+        ) from None
+    return _pick_split(data, name, split, missing_ok)
+
+
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
+
+# A dataset read from a folder of files keeps, per row, its file and its row in that file, so errors
+# can name them (RowLocator). dpo/data/pairs.py reads only the columns it converts; these never reach TRL.
+FILE_COLUMN, FILE_ROW_COLUMN = "__dpo_file__", "__dpo_file_row__"
+
+
+def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Dataset | None:
+    """Split `split` of a folder of data files: each file loaded and checked alone, then concatenated."""
+    from datasets import concatenate_datasets
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    splits = {str(k): sorted(f for f in v if _data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
+    splits = {k: v for k, v in splits.items() if v}
+    if not splits:
+        raise UserError(f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst)")
+    if split not in splits:
+        if missing_ok:
+            return None
+        raise UserError(f"dataset '{name}' has no split '{split}'; it has {sorted(splits)} (from the file names)")
+    parts = []
+    for file in splits[split]:
+        shown = str(Path(name) / Path(file).relative_to(folder))
+        data = _load_file(shown, Path(file))
+        data = data.add_column(FILE_COLUMN, [shown] * len(data)).add_column(FILE_ROW_COLUMN, range(1, len(data) + 1))
+        if parts and data.features != parts[0].features:
+            first = parts[0][FILE_COLUMN][0]
+            theirs = {k: str(v) for k, v in data.features.items()}
+            ours = {k: str(v) for k, v in parts[0].features.items()}
+            diff = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+            raise UserError(f"{shown}: columns {diff} differ from {first} (missing, or of another type)")
+        parts.append(data)
+    return concatenate_datasets(parts)
+
+
+def _pick_split(data, name: str, split: str, missing_ok: bool = False) -> Dataset | None:
+    """`data[split]` of a DatasetDict (a lone Dataset counts as "train"); UserError if it has no rows."""
+    if not isinstance(data, DatasetDict) and split != "train" and missing_ok:
+        return None
+    if isinstance(data, DatasetDict):
+        if split not in data and missing_ok:
+            return None
+        if split not in data:
+            raise UserError(f"dataset '{name}' has no split '{split}'; it has {sorted(data)}")
+        data = data[split]
+    if len(data) == 0:
+        raise UserError(f"dataset '{name}' (split '{split}') has no rows")
+    return data
+
+
+# ── where a problem is: file, row, line, field ──────────────────────────────────────────────────
+
+
+class RowLocator:
+    """'<file>, row N[ (line L)], field 'f'' for error messages; line numbers only for .jsonl files.
+    For data read from a folder (`data` has FILE_COLUMN), the file of the row and its row in that file."""
+
+    def __init__(self, source: str, data: Dataset | None = None):
+        self.source = source
+        self._data = data if data is not None and FILE_COLUMN in data.column_names else None
+        self._lines: dict[str, list[int]] = {}
+
+    def _line(self, source: str, row: int) -> int | None:
+        path = Path(source).expanduser()
+        if _data_suffix(path)[0] != ".jsonl" or not path.is_file():
+            return None
+        if source not in self._lines:
+            with _open_data_file(path) as f:
+                self._lines[source] = [i for i, line in enumerate(f, start=1) if line.strip()]
+        lines = self._lines[source]
+        return lines[row - 1] if row <= len(lines) else None
+
+    def at(self, row: int, field: str | None = None) -> str:
+        source = self.source
+        if self._data is not None:  # row N of the folder is row M of one of its files
+            record = self._data.select_columns([FILE_COLUMN, FILE_ROW_COLUMN])[row - 1]
+            source, row = record[FILE_COLUMN], record[FILE_ROW_COLUMN]
+        line = self._line(source, row)
+        where = f"{source}, row {row}" + (f" (line {line})" if line and line != row else "")
+        return where + (f", field '{field}'" if field else "")
+
+
+def text_field(value, where: str) -> str:
+    if value is None:
+        raise UserError(f"{where}: missing (no value)")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: expected text, got {type(value).__name__} ({value!r:.60})")
+    return value
+
+
+def messages_field(value, where: str) -> list[dict]:
+    """A list of {"role": str, "content": str}; other keys (name, tool_calls) are not kept."""
+    if value is None:
+        raise UserError(f"{where}: missing (no value)")
+    if not isinstance(value, list):
+        raise UserError(
+            f"{where}: expected a list of messages [{{'role': ..., 'content': ...}}], got {type(value).__name__} ({value!r:.60})"
+        )
+    out = []
+    for i, message in enumerate(value, start=1):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
+            raise UserError(f"{where}, message {i}: expected {{'role': text, 'content': text}}, got {message!r:.80}")
+        if (role := message["role"]) not in ROLES:  # chat templates skip or refuse other roles
+            hint = ""
+            if role.lower() in ROLES:
+                hint = " (roles are lower case)"
+            elif role.lower() in ("human", "gpt", "bot", "model"):
+                hint = " (ShareGPT-style names: map human -> user, gpt/model -> assistant)"
+            raise UserError(f"{where}, message {i}: role '{role}' is not one of {list(ROLES)}{hint}")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+# ── held-out split ────────────────────────────────────────────────────────────────────
+
+
+def split_heldout(data: Dataset, test_size: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """A seeded train/test split; the same seed always holds out the same rows."""
+    if not test_size:
+        return data, None
+    try:
+        parts = data.train_test_split(test_size=test_size, seed=seed)
+    except ValueError as err:  # e.g. too few rows for this test_size
+        raise UserError(f"test_size {test_size} cannot split {len(data)} rows: {str(err).splitlines()[0]}") from None
+    return parts["train"], parts["test"]

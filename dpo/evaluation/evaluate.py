@@ -1,0 +1,278 @@
+"""Did the model get better? `python -m dpo.evaluate OUTPUT_DIR` on any run folder (SFT or DPO).
+
+    python -m dpo.evaluate outputs/dpo_phi2
+    python -m dpo.evaluate outputs/dpo_phi2 --reward_model OpenAssistant/reward-model-deberta-v3-large-v2
+    python -m dpo.evaluate outputs/dpo_phi2 --num_prompts 64 --max_new_tokens 256
+
+pi_theta is the run's adapter; pi_ref is what the run trained against: the base with adapters
+disabled, or base + the SFT adapter when DPO started from one (output_dir/ref, TRL's frozen
+copy). One model is in memory: the base once, both adapters on it, switched per forward.
+
+  1. held-out pairs (heldout_pairs.jsonl, written by the recipe): implicit-reward accuracy and
+     margin, beta * (log pi_theta/pi_ref of chosen - of rejected), with 95% intervals;
+  2. the first --num_prompts held-out prompts answered by pi_ref and pi_theta, greedy and
+     sampled (temperature 1, same seed), with lengths; KL(pi_theta || pi_ref) from the sampled
+     policy answers and the length ratio (a policy that only got longer is exploiting length);
+  3. with --reward_model, a judge: win rate of pi_theta over pi_ref with its 95% interval, and
+     the length-controlled win rate (dpo/evaluation/judge.py).
+
+Writes output_dir/eval/: metrics.json, report.md, report.html (answers side by side),
+generations.jsonl. The folder is replaced only once everything has been computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from dpo.errors import UserError, exit_on_user_error
+from dpo.log import log
+
+GENERATION_MODES = ("greedy", "sampled")
+
+
+# ── the run folder, checked before any weights load ─────────────────────────────────────────
+def read_run(output_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(resolved config, held-out pairs) of a run folder; UserError naming what is missing."""
+    from dpo.train.safety.runs import require_finished_run
+
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise UserError(f"run folder not found: {out}")
+    require_finished_run(out, "python -m dpo.evaluate")
+    for name in ("adapter_config.json", "resolved_config.yaml"):
+        if not (out / name).is_file():
+            raise UserError(f"{out} has no {name}: not a finished run folder of these recipes")
+    pairs_file = out / "heldout_pairs.jsonl"
+    if not pairs_file.is_file():
+        raise UserError(
+            f"{out} has no heldout_pairs.jsonl: the run held nothing out (test_size 0); re-run with a test_size"
+        )
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    if not pairs:
+        raise UserError(f"{pairs_file} is empty")
+    return resolved, pairs
+
+
+def reference_adapter(output_dir: Path, resolved: dict) -> str | None:
+    """The SFT adapter DPO trained against: the run's own frozen copy, else the configured one."""
+    if (output_dir / "ref" / "adapter_config.json").is_file():
+        return str(output_dir / "ref")
+    return resolved.get("sft_adapter_path") or None
+
+
+def load_policy_and_reference(output_dir: Path, resolved: dict):
+    """The base as the run loaded it (4-bit if it was), adapter "policy" = the run's, and "ref"
+    = the SFT adapter if there was one. Returns (PeftModel, tokenizer)."""
+    from dpo.compat import ModelConfig, get_quantization_config
+    from dpo.train.adapters import load_with_adapter, put_adapter
+    from dpo.train.model_checks import load_tokenizer
+
+    fields = {k: v for k, v in resolved.items() if k in ModelConfig.__dataclass_fields__}
+    model_args = ModelConfig(**fields)
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": bool(resolved.get("trust_remote_code", False)),
+        "dtype": model_args.dtype or "float32",
+        "use_safetensors": True,
+    }
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    tokenizer = load_tokenizer(str(output_dir))  # checked before any weights load
+    model = load_with_adapter(model_args.model_name_or_path, kwargs, str(output_dir), False, adapter_name="policy")
+    ref = reference_adapter(output_dir, resolved)
+    if ref:
+        model = put_adapter(model, ref, adapter_name="ref")
+    model.eval()
+    return model, tokenizer
+
+
+# ── log-probabilities and generations ────────────────────────────────────────────────────────
+def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
+    """Token ids of each prompt and of its chosen and rejected answers, split and truncated as TRL does."""
+    from dpo.data.formats import common_prefix_length, render
+
+    prompt_ids, chosen_ids, rejected_ids = [], [], []
+    for pair in pairs:
+        chat = not isinstance(pair["chosen"], str)
+        p, pc, pr = (
+            tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in render(**pair, tokenizer=tokenizer)
+        )
+        n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
+        keep = max_length - n if max_length else None  # keep_start: the answer is cut, the prompt kept
+        prompt_ids.append(p[:n])
+        chosen_ids.append(pc[n:][:keep])
+        rejected_ids.append(pr[n:][:keep])
+    return prompt_ids, chosen_ids, rejected_ids
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """A prompt as the model reads it: the chat template's generation prompt, or the text itself."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], chat: bool, sample: bool, max_new_tokens: int, seed: int, bs: int):
+    """Answers (completion token ids, EOS included when emitted) for each prompt, left-padded batches."""
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)  # both models sample with the same seed
+    out = []
+    for i in range(0, len(prompts), bs):
+        batch = tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=not chat)
+        ids = model.generate(
+            **batch.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in ids[:, batch["input_ids"].shape[1] :].tolist():
+            eos = tokenizer.eos_token_id
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def as_model(model, name: str):
+    """Context in which the one loaded model is pi_theta ("policy") or pi_ref ("reference")."""
+    from dpo.compat import use_adapter
+    from dpo.train.adapters import as_reference
+
+    return use_adapter(model, "policy") if name == "policy" else as_reference(model)
+
+
+# ── the whole evaluation ─────────────────────────────────────────────────────────────────────
+def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, batch_size=8, seed=0) -> dict:
+    from dpo.evaluation.judge import mean_interval, wilson
+    from dpo.scratch.logps import completion_logps
+
+    output_dir = Path(output_dir)
+    resolved, pairs = read_run(output_dir)
+    if reward_model:
+        from dpo.train.model_checks import load_model_config
+
+        load_model_config(reward_model)  # the judge resolves before any weights load
+    model, tokenizer = load_policy_and_reference(output_dir, resolved)
+    pad, beta = tokenizer.pad_token_id, float(resolved.get("beta", 0.1))
+    log(
+        f"evaluating {output_dir}: pi_theta = its adapter, pi_ref = {reference_adapter(output_dir, resolved) or 'base'}"
+    )
+
+    # 1. implicit rewards on the held-out pairs
+    prompt_ids, chosen_ids, rejected_ids = encode_pairs(tokenizer, pairs, resolved.get("max_length"))
+    logps = {}
+    for name in ("policy", "reference"):
+        with as_model(model, name):
+            logps[name] = [completion_logps(model, prompt_ids, c, pad, batch_size) for c in (chosen_ids, rejected_ids)]
+    reward_chosen = beta * (logps["policy"][0] - logps["reference"][0])
+    reward_rejected = beta * (logps["policy"][1] - logps["reference"][1])
+    margins = (reward_chosen - reward_rejected).tolist()
+    accuracy = sum(m > 0 for m in margins) / len(margins)
+    margin, margin_low, margin_high = mean_interval(margins)
+    metrics = {
+        "heldout_pairs": len(pairs),
+        "beta": beta,
+        "reward_accuracy": accuracy,
+        "reward_accuracy_ci95": list(wilson(accuracy, len(margins))),
+        "reward_margin": margin,
+        "reward_margin_ci95": [margin_low, margin_high],
+    }
+
+    # 2. generations from both models, greedy and sampled; KL from the sampled policy answers
+    chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
+    chat = not isinstance(pairs[0]["chosen"], str)
+    texts = [prompt_text(tokenizer, p) for p in chosen_prompts]
+    answers = {}
+    for mode in GENERATION_MODES:
+        for name in ("policy", "reference"):
+            with as_model(model, name):
+                answers[mode, name] = generate(
+                    model, tokenizer, texts, chat, mode == "sampled", max_new_tokens, seed, batch_size
+                )
+    gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    sampled = answers["sampled", "policy"]
+    with as_model(model, "policy"):
+        logp_policy = completion_logps(model, gen_prompt_ids, sampled, pad, batch_size)
+    with as_model(model, "reference"):
+        logp_reference = completion_logps(model, gen_prompt_ids, sampled, pad, batch_size)
+    kl, kl_low, kl_high = mean_interval((logp_policy - logp_reference).tolist())
+    lengths = {key: [len(a) for a in value] for key, value in answers.items()}
+    for mode in GENERATION_MODES:
+        pol, ref = sum(lengths[mode, "policy"]), sum(lengths[mode, "reference"])
+        metrics[f"{mode}_length_policy"] = pol / len(texts)
+        metrics[f"{mode}_length_reference"] = ref / len(texts)
+        metrics[f"{mode}_length_ratio"] = pol / max(ref, 1)
+    metrics.update(generation_prompts=len(texts), kl=kl, kl_ci95=[kl_low, kl_high], max_new_tokens=max_new_tokens)
+    decoded = {k: [tokenizer.decode(a, skip_special_tokens=True) for a in v] for k, v in answers.items()}
+    model = None  # free the policy before loading a judge
+
+    # 3. the judge
+    if reward_model:
+        from dpo.evaluation.judge import load_reward_model, score, win_rates
+
+        judge, judge_tokenizer = load_reward_model(reward_model, "cuda" if torch.cuda.is_available() else "cpu")
+        plain_prompts = [t if isinstance(p, str) else p[-1]["content"] for p, t in zip(chosen_prompts, texts)]
+        metrics["judge"] = {"reward_model": reward_model}
+        for mode in GENERATION_MODES:
+            scores = {
+                name: score(judge, judge_tokenizer, plain_prompts, decoded[mode, name], batch_size)
+                for name in ("policy", "reference")
+            }
+            metrics["judge"][mode] = win_rates(
+                scores["policy"], scores["reference"], lengths[mode, "policy"], lengths[mode, "reference"]
+            )
+            for name in ("policy", "reference"):
+                decoded[mode, f"{name}_score"] = scores[name]
+
+    rows = [
+        {
+            "prompt": t,
+            **{f"{m}_{n}": decoded[m, n][i] for m in GENERATION_MODES for n in ("policy", "reference")},
+            **{f"{m}_{n}_tokens": lengths[m, n][i] for m in GENERATION_MODES for n in ("policy", "reference")},
+            **{
+                f"{m}_{n}_score": decoded[m, f"{n}_score"][i]
+                for m in GENERATION_MODES
+                for n in ("policy", "reference")
+                if (m, f"{n}_score") in decoded
+            },
+        }
+        for i, t in enumerate(texts)
+    ]
+    from dpo.evaluation.report import write_eval_folder
+
+    folder = write_eval_folder(output_dir, metrics, rows)
+    log(f"evaluation written to {folder} (report.md, report.html, metrics.json, generations.jsonl)")
+    return metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output_dir", help="a run folder written by a recipe (SFT or DPO)")
+    parser.add_argument("--reward_model", help="sequence-classification reward model (hub id or folder) as judge")
+    parser.add_argument("--num_prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
+    parser.add_argument("--max_new_tokens", type=int, default=128, help="answer length cap in tokens (default 128)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    return evaluate(
+        args.output_dir, args.reward_model, args.num_prompts, args.max_new_tokens, args.batch_size, args.seed
+    )
+
+
+if __name__ == "__main__":
+    main()

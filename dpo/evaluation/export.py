@@ -1,0 +1,180 @@
+"""Ship a run: merge its adapter into a full-precision base, and/or upload it with a model card.
+
+    python -m dpo.export outputs/dpo_phi2 --merged outputs/dpo_phi2_merged
+    python -m dpo.export outputs/dpo_phi2 --push_to_hub you/phi2-truthy-dpo            # the adapter
+    python -m dpo.export outputs/dpo_phi2 --merged outputs/merged --push_to_hub you/phi2-truthy-dpo-merged
+
+--merged: the base is loaded in 16/32-bit (`--dtype`, default: the run's dtype), never in the
+4-bit form training used (merging into quantized weights would round the update away), the
+adapter is merged, and the result saved as safetensors that plain AutoModelForCausalLM loads.
+The merged model is then reloaded from disk and its logits compared with base + adapter on the
+run's held-out prompts; the folder appears only if they agree within TOLERANCE.
+
+--push_to_hub: uploads the merged folder (or the adapter, tokenizer, configs, metrics and
+evaluation) with a generated model card (dpo/evaluation/model_card.py), through huggingface_hub with the
+token in HF_TOKEN. The card is tested offline; the upload itself is not exercised by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from dpo.errors import UserError, exit_on_user_error
+from dpo.files import replace_folder
+from dpo.log import log
+
+# Largest |logit difference| allowed between the reloaded merged model and base + adapter, relative
+# to the largest |logit| (at least 1). fp32: summation order alone, ~1e-6; 1e-4 leaves room for a
+# deep model. bf16 keeps 8 bits of mantissa (3e-3 relative per rounding): merging W + BA into
+# one bf16 tensor rounds differently from computing them apart, so the bound is 5e-2.
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+    "README.md",
+    "resolved_config.yaml",
+    "final_metrics.json",
+    "eval/*",
+)
+
+
+def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None) -> dict:
+    """Everything checkable before weights load; returns the resolved config."""
+    from dpo.train.safety.runs import require_finished_run
+
+    if not output_dir.is_dir():
+        raise UserError(f"run folder not found: {output_dir}")
+    require_finished_run(output_dir, "python -m dpo.export")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "resolved_config.yaml"):
+        if not (output_dir / name).is_file():
+            raise UserError(f"{output_dir} has no {name}: not a finished run folder of these recipes")
+    if not merged and not push_to_hub:
+        raise UserError("nothing to do: pass --merged DIR and/or --push_to_hub REPO")
+    if merged and Path(merged).exists() and any(Path(merged).iterdir()):
+        raise UserError(f"--merged {merged} exists and is not empty; pick a new folder (nothing is overwritten)")
+    if push_to_hub and not os.environ.get("HF_TOKEN"):
+        raise UserError("--push_to_hub needs a write token in the HF_TOKEN environment variable (never in a file)")
+    return yaml.safe_load((output_dir / "resolved_config.yaml").read_text())
+
+
+def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
+    """A small batch of held-out prompts (or a fixed text) for the logits comparison."""
+    pairs_file = output_dir / "heldout_pairs.jsonl"
+    texts = ["Instruct: What is the capital of France?\nOutput: The capital of France is Paris."]
+    if pairs_file.is_file():
+        from dpo.evaluation.evaluate import prompt_text
+
+        rows = [json.loads(line) for line in pairs_file.read_text().splitlines()[:n]]
+        texts = [
+            prompt_text(tokenizer, r["prompt"]) + (r["chosen"] if isinstance(r["chosen"], str) else "") for r in rows
+        ]
+    tokenizer.padding_side = "right"
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False) -> dict:
+    """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo.train.adapters import put_adapter
+    from dpo.train.model_checks import load_tokenizer
+
+    adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
+    base_name = adapter_config["base_model_name_or_path"]
+    tokenizer = load_tokenizer(str(output_dir))
+    load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    model = put_adapter(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
+    model.eval()
+    batch = check_prompts(output_dir, tokenizer)
+    mask = batch["attention_mask"].bool()
+    expected = model(**batch).logits.float()[mask]
+    merged = model.merge_and_unload()
+    del model
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, **load).eval()
+        got = reloaded(**batch).logits.float()[mask]
+        scale = max(1.0, expected.abs().max().item())
+        check.update(max_abs_diff=(got - expected).abs().max().item(), scale=scale, tolerance=TOLERANCE[dtype])
+        if check["max_abs_diff"] > TOLERANCE[dtype] * scale:
+            raise RuntimeError(
+                f"merged model's logits differ from base + adapter by {check['max_abs_diff']:.3g} "
+                f"(allowed {TOLERANCE[dtype]} x {scale:.3g}); nothing written"
+            )
+        (folder / "merge_check.json").write_text(json.dumps(check, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(output_dir, merged=True))
+
+    from dpo.evaluation.model_card import model_card
+
+    check = {"dtype": dtype, "base_model": base_name, "adapter": str(output_dir), "tokens_compared": int(mask.sum())}
+    replace_folder(target, write)
+    return check
+
+
+def push(folder: Path, repo: str, adapter: bool) -> str:
+    """Upload `folder` to the Hub repo `repo` (created if missing) with the token in HF_TOKEN."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ["HF_TOKEN"])
+    api.create_repo(repo, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        repo_id=repo,
+        folder_path=str(folder),
+        allow_patterns=list(ADAPTER_FILES) if adapter else None,
+        commit_message="Upload from dpo-recipes (python -m dpo.export)",
+    )
+    return str(getattr(info, "commit_url", repo))
+
+
+def export(output_dir, merged=None, push_to_hub=None, dtype=None) -> dict:
+    from dpo.evaluation.model_card import model_card
+
+    output_dir = Path(output_dir)
+    resolved = check_inputs(output_dir, merged, push_to_hub)
+    dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" else "float32")
+    if dtype not in TOLERANCE:
+        raise UserError(f"--dtype {dtype}: one of {sorted(TOLERANCE)} (a 4-bit base cannot take a merge)")
+    result = {}
+    if merged:
+        check = merge(output_dir, Path(merged), dtype, bool(resolved.get("trust_remote_code", False)))
+        log(
+            f"merged into a {dtype} base: {merged}; logits match base + adapter within "
+            f"{check['max_abs_diff']:.2g} (tolerance {check['tolerance']} x {check['scale']:.3g})"
+        )
+        result["merge_check"] = check
+    if not merged:
+        (output_dir / "README.md").write_text(model_card(output_dir))  # the adapter's card, uploaded with it
+    if push_to_hub:
+        url = push(Path(merged) if merged else output_dir, push_to_hub, adapter=not merged)
+        log(f"uploaded to https://huggingface.co/{push_to_hub} ({url})")
+        result["pushed"] = push_to_hub
+    return result
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output_dir", help="a run folder written by a recipe")
+    parser.add_argument("--merged", metavar="DIR", help="write the merged model (safetensors) to this new folder")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="upload to this Hub repo (token: HF_TOKEN)")
+    parser.add_argument("--dtype", choices=sorted(TOLERANCE), help="merge precision (default: the run's dtype)")
+    args = parser.parse_args(argv)
+    return export(args.output_dir, args.merged, args.push_to_hub, args.dtype)
+
+
+if __name__ == "__main__":
+    main()

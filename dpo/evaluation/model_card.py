@@ -1,0 +1,120 @@
+"""A Hugging Face model card (README.md) for a run folder, built offline from what the run wrote.
+
+Front matter (base_model, license, datasets, library_name, tags) in the Hub's metadata keys,
+then: the method and loss, held-out metrics (final_metrics.json), the evaluation
+(eval/metrics.json, when `python -m dpo.evaluate` ran), every setting (resolved_config.yaml),
+and the command that reproduces the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def base_license(base: str) -> str | None:
+    """The base model's license from its card's front matter (local folder or, if reachable, the Hub)."""
+    readme = Path(base) / "README.md"
+    text = None
+    if readme.is_file():
+        text = readme.read_text()
+    elif not Path(base).expanduser().exists():
+        try:
+            from huggingface_hub import ModelCard
+
+            return ModelCard.load(base).data.to_dict().get("license")
+        except Exception:  # offline, private, no card: the card says so instead
+            return None
+    if text and text.startswith("---"):
+        front = yaml.safe_load(text.split("---")[1]) or {}
+        return front.get("license")
+    return None
+
+
+def recipe_of(resolved: dict) -> str:
+    """Which recipe wrote resolved_config.yaml, from the script fields only that recipe has."""
+    if "completion_only_loss" in resolved:
+        return "recipes/sft_phi2.py"
+    if "task_seed" in resolved:
+        return "recipes/dpo_sentiment_tiny.py"
+    if "prompt_format" in resolved:
+        return "recipes/dpo_any.py"
+    return "recipes/dpo_phi2.py"
+
+
+def method(resolved: dict) -> str:
+    if "completion_only_loss" in resolved:
+        return "Supervised fine-tuning (TRL SFTTrainer), loss on the answer tokens only"
+    losses = " + ".join(resolved.get("loss_type") or ["sigmoid"])
+    start = (
+        f"starting from the SFT adapter `{resolved['sft_adapter_path']}` (the reference: base + that adapter, frozen)"
+        if resolved.get("sft_adapter_path")
+        else "reference: the base model (adapters disabled)"
+    )
+    return f"Direct Preference Optimization (TRL DPOTrainer), loss {losses}, beta {resolved.get('beta')}, {start}"
+
+
+def model_card(output_dir: str | Path, merged: bool = False) -> str:
+    """README.md text for the adapter in `output_dir` (or, `merged`, the model merged from it)."""
+    out = Path(output_dir)
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    base = resolved["model_name_or_path"]
+    metrics_file, eval_file = out / "final_metrics.json", out / "eval" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    dataset = resolved.get("dataset_name")
+    front = {
+        "base_model": base,
+        "license": base_license(base) or "other",
+        "library_name": "transformers" if merged else "peft",
+        "tags": ["trl", "dpo" if "beta" in resolved and "completion_only_loss" not in resolved else "sft", "qlora"],
+    }
+    if dataset and not Path(dataset).exists():
+        front["datasets"] = [dataset]
+    quant = "4-bit NF4 base (QLoRA)" if resolved.get("load_in_4bit") else "base in its own dtype"
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {out.resolve().name}",
+        "",
+        f"{'A merged model' if merged else 'A LoRA adapter'} for `{base}`, trained with dpo-recipes on `{dataset}`.",
+        "",
+        f"- Method: {method(resolved)}.",
+        f"- Training: LoRA r={resolved.get('lora_r')}, alpha={resolved.get('lora_alpha')} on "
+        f"{resolved.get('lora_target_modules')}, {quant}.",
+        f"- License: {front['license']} (the base model's; check its card).",
+    ]
+    if merged:
+        lines.append("- The adapter is merged into the base loaded in 16/32-bit, not into 4-bit weights.")
+    held = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    if held:
+        lines += ["", "## Held-out metrics (end of training)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(held.items()) if isinstance(v, int | float)]
+    if eval_file.is_file():
+        from dpo.evaluation.report import summary_lines
+
+        lines += [
+            "",
+            "## Evaluation (`python -m dpo.evaluate`)",
+            "",
+            *summary_lines(json.loads(eval_file.read_text())),
+        ]
+    lines += [
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        f"accelerate launch {recipe_of(resolved)} --config resolved_config.yaml   # the file below",
+        "```",
+        "",
+        "## Every setting (resolved_config.yaml)",
+        "",
+        "```yaml",
+        yaml.safe_dump(resolved, sort_keys=True).strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

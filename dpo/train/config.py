@@ -1,0 +1,202 @@
+"""Command-line and YAML configuration for recipes, through TRL's own `TrlParser`.
+
+Order of precedence, lowest first: dataclass defaults < hardware precision defaults
+(dpo/train/hardware.py) < the YAML (`--config`, by default the YAML beside the recipe) < CLI flags.
+YAML keys are dataclass field names; an unknown key or flag stops the run and is named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
+from dpo.errors import UserError
+from dpo.log import log
+from dpo.train.distributed import check_launch, on_main_process, topology
+from dpo.train.hardware import describe, detect_precision
+from dpo.train.safety import lock
+from dpo.train.safety.checkpoints import PER_INVOCATION_KEYS, RunOptions, resolve_resume
+from dpo.train.validate import check_no_secrets, check_output_dir, check_output_dir_apart, check_settings
+
+
+@dataclasses.dataclass
+class RecipeDPOConfig(DPOConfig, RunOptions):
+    """What the DPO recipes parse: TRL's DPOConfig, RunOptions (resume and output_dir reuse,
+    dpo/train/safety/checkpoints.py) and the reference cache (dpo/train/speed/refcache.py). YAML keys like every other field."""
+
+    reference_cache: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Compute reference log-probs once and keep them on disk for later runs (dpo/train/speed/refcache.py)."
+        },
+    )
+    reference_cache_dir: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
+        },
+    )
+
+
+@dataclasses.dataclass
+class RecipeSFTConfig(SFTConfig, RunOptions):
+    """What recipes/sft_phi2.py parses: TRL's SFTConfig and RunOptions."""
+
+
+def _unknown_key_message(keys: list[str], source: str) -> str:
+    lines = [f"unknown {source} key(s): {', '.join(keys)}"]
+    for key in keys:
+        if key in REMOVED_OPTIONS:
+            lines.append(f"  {key}: removed from TRL; {REMOVED_OPTIONS[key]}")
+    lines.append("  valid keys are the fields of the recipe's dataclasses; see `--help`")
+    return "\n".join(lines)
+
+
+def _accepted(action) -> str:
+    """What a flag takes, in words: its choices, or its type."""
+    if action.choices:
+        return "one of " + ", ".join(map(str, action.choices))
+    if action.nargs == "?" and action.const is True:  # booleans: --flag, --flag true/false
+        return "true or false"
+    kind = {int: "a whole number", float: "a number", str: "a value"}.get(action.type, "a value")
+    return kind + (" (one or more)" if action.nargs in ("+", "*") else "")
+
+
+def one_line_parse_errors(parser, argv: list[str], config_path: Path | None = None):
+    """Make `parser` (argparse, TrlParser) report a bad flag as one UserError line instead of its usage
+    and message; `config_path`: the YAML its defaults came from, if any. Returns the parser."""
+    parser.error = lambda message: _parse_error(parser, message, argv, config_path)
+    return parser
+
+
+def _parse_error(parser, message: str, argv: list[str], config_path: Path | None):
+    """argparse's error (usage + message, exit 2) as one UserError line naming the flag, what it accepts,
+    and where the bad value came from."""
+    flags = re.match(r"argument ([^:]+): (.*)", message)
+    if not flags:
+        if message.startswith("the following arguments are required: "):
+            missing = message.split(": ", 1)[1]
+            where = f"in {config_path} or " if config_path else ""
+            raise UserError(f"missing setting(s) {missing}: set them {where}on the command line")
+        raise UserError(f"command line: {message}")
+    names, reason = flags.group(1).split("/"), flags.group(2)
+    action = parser._option_string_actions.get(names[0])
+    reason = re.sub(r" \(choose from .*\)$", "", reason)  # the choices are listed below, once
+    given = any(arg.split("=", 1)[0] in names for arg in argv)
+    after = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in names]
+    if reason == "expected one argument" and after and after[0].startswith("-"):
+        reason += f" (a negative number goes after '=': {names[0]}={after[0]})"
+    where = "on the command line" if given or config_path is None else f"in {config_path}"
+    accepted = f"; accepted: {_accepted(action)}" if action is not None and "expected one of" not in reason else ""
+    raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
+
+
+def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[str] | None = None):
+    """Parse `argv` (default: sys.argv) into instances of `dataclass_types`.
+
+    Without `--config`, the recipe's own YAML (`default_config`) is read.
+    Returns (instances..., precision) where precision says what the hardware suggested.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    if "--config" not in argv:
+        argv = ["--config", str(default_config), *argv]
+    at = argv.index("--config")
+    if at + 1 >= len(argv) or argv[at + 1].startswith("--"):
+        raise UserError(f"--config needs a YAML file: --config {Path(default_config).name}")
+    config_path = Path(argv[at + 1])
+    if not config_path.is_file():
+        raise UserError(f"config file not found: {config_path}")
+    try:
+        yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{config_path} is not valid YAML: {err}") from None
+
+    parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
+    precision = detect_precision()
+    parser.set_defaults_with_config(**precision.as_defaults())
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except ValueError as err:
+        msg = str(err)
+        if msg.startswith("Unknown arguments from config file"):
+            keys = re.findall(r"'--([^']+)'", msg)
+            raise UserError(f"{config_path}: " + _unknown_key_message(keys, "config")) from None
+        if msg.startswith("Some specified arguments are not used"):
+            keys = [k.lstrip("-") for k in re.findall(r"'(--[^']+)'", msg)]
+            raise UserError(_unknown_key_message(keys, "command-line")) from None
+        raise UserError(f"invalid configuration ({config_path} + command line): {msg}") from None
+    return (*parsed, precision)
+
+
+def load_recipe_args(
+    script_arguments_class, recipe_file: str | Path, argv: list[str] | None = None, training_config=RecipeDPOConfig
+):
+    """The args phase of a recipe: (script_args, training_args, model_args), checked and logged.
+
+    Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
+    the config, settings that would reverse or zero the preference, and an unwritable output_dir
+    (dpo/train/validate.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
+    the run (dpo/train/safety/lock.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
+    `training_config` is RecipeDPOConfig (TRL's DPOConfig and our fields), or RecipeSFTConfig for the SFT recipe.
+    """
+    script_args, training_args, model_args, precision = parse_recipe_args(
+        (script_arguments_class, training_config, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
+    )
+    check_no_secrets(script_args, training_args, model_args)
+    check_settings(training_args, model_args)
+    check_output_dir(training_args.output_dir)
+    check_output_dir_apart(
+        training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)
+    )
+    log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+    check_launch()
+    on_main_process(
+        lock.take, training_args.output_dir
+    )  # held until the recipe's main ends (dpo/train/safety/lock.py)
+    training_args.resume_from_checkpoint = resolve_resume(
+        training_args.resume_from_checkpoint, training_args.output_dir
+    )
+    log(f"topology: {topology(training_args).describe()}")
+    return script_args, training_args, model_args
+
+
+SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.train.validate.check_no_secrets refuses it anyway)
+HARDWARE_KEYS = ("bf16", "fp16", "use_cpu", "dtype")  # picked by dpo/train/hardware.py for the machine that ran
+
+
+def to_plain(obj):
+    """A dataclass as a YAML/JSON-safe dict (enums and paths as strings, secrets dropped)."""
+    data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+    data = {k: v for k, v in data.items() if k not in SECRET_KEYS}
+    return json.loads(json.dumps(data, default=str))
+
+
+def write_resolved_config(path: str | Path, *arg_objects, notes: str = "") -> Path:
+    """Write every field of every argument object, as resolved, to one YAML file.
+
+    The file is a valid `--config` for the same recipe: re-running with it repeats the run.
+    `notes` are extra comment lines for the header (the launch topology).
+    """
+    merged: dict = {}
+    for obj in arg_objects:
+        merged.update(to_plain(obj))
+    for key in PER_INVOCATION_KEYS:  # a re-run starts fresh unless asked to resume
+        merged.pop(key, None)
+    header = (
+        "# Every setting of this run, as resolved (YAML < --config < CLI). Re-run with:\n"
+        "#   accelerate launch <recipe>.py --config <this file>\n"
+        f"# {', '.join(HARDWARE_KEYS)} were picked for the hardware of the machine that ran;\n"
+        "# delete those lines to let a different machine pick its own.\n"
+        f"{notes}"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(merged, sort_keys=True))
+    return path

@@ -1,0 +1,274 @@
+"""One run per output_dir: settings fingerprints, refusing to mix runs, final files that are
+complete or visibly not, and whole-run metrics after a resume.
+
+A run's settings are every field of DPOConfig and ModelConfig that can change what is trained
+(IGNORED lists the ones that cannot: where and how often to log, save or evaluate) plus a
+sha256 of the training pairs. Each checkpoint's marker and the finished output_dir's
+`run_complete.json` record them; a resume or a reuse with different ones is refused, listing
+the differences, unless --resume_with_different_settings / --overwrite_output_dir.
+
+The final files (adapter, tokenizer, resolved_config.yaml, final_metrics.json, trainer_state.json,
+training_curves.png) are written to output_dir/.final-staging/, then the old run_complete.json
+and the old final files are removed, the new ones moved in, and run_complete.json written last.
+A kill at any point leaves either a finished run or a folder without run_complete.json: never a
+new adapter beside an old run's metrics or config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import TrainerCallback
+
+from dpo.compat import continue_token_count
+from dpo.errors import UserError
+from dpo.log import log
+from dpo.train.adapters import adapter_weights
+from dpo.train.config import HARDWARE_KEYS, to_plain
+from dpo.train.safety.checkpoints import (
+    MARKER,
+    PER_INVOCATION_KEYS,
+    checkpoint_problems,
+    checkpoint_run,
+    checkpoint_step,
+    checkpoints_in,
+    kill_point,
+    newest_complete_checkpoint,
+    write_json_atomic,
+)
+
+RUN_MARKER = "run_complete.json"
+STAGING = ".final-staging"
+# Settings that do not change the trained weights: output, logging, saving, evaluation, hub.
+IGNORED = {
+    *PER_INVOCATION_KEYS,
+    "reference_cache",  # where pi_ref's log-probs come from, not what they are (checked each epoch)
+    "reference_cache_dir",
+    "output_dir",
+    "run_name",
+    "report_to",
+    "disable_tqdm",
+    "per_device_eval_batch_size",
+    "eval_accumulation_steps",
+    "load_best_model_at_end",
+    "metric_for_best_model",
+    "greater_is_better",
+    "dataloader_num_workers",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_pin_memory",
+    "local_rank",
+    "log_level",
+    "log_level_replica",
+    "log_on_each_node",
+    "push_to_hub",
+}
+IGNORED_PREFIXES = ("logging_", "save_", "eval_", "hub_", "include_")
+
+
+def data_sha256(rows) -> str:
+    """sha256 of the training pairs (a list of dicts or a datasets.Dataset), row by row."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_settings(training_args, model_args, train_rows, sft_adapter: str | None = None) -> dict:
+    """What a run trains from. Starting from an SFT adapter, its weights count too (sha256 of its
+    safetensors, not its path: an adapter replaced in place is another starting point and reference)."""
+    settings = {}
+    for obj in (training_args, model_args):
+        settings.update(to_plain(obj))
+    settings = {k: v for k, v in settings.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)}
+    settings["training_data_sha256"] = data_sha256(train_rows)
+    if sft_adapter:
+        settings["sft_adapter_sha256"] = file_sha256(adapter_weights(sft_adapter))
+    return settings
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs (or exists on one side only)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            lines.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
+    return lines
+
+
+def _listing(diffs: list[str]) -> str:
+    hardware = [d for d in diffs if d.split(":")[0] in HARDWARE_KEYS]
+    note = " (bf16/fp16/dtype follow the hardware: set them to the old values on the new machine)" if hardware else ""
+    return "\n  " + "\n  ".join(diffs) + note
+
+
+def finished_run(output_dir: Path) -> dict | None:
+    try:
+        return json.loads((output_dir / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def require_finished_run(folder: str | Path, command: str) -> None:
+    """For `command` (dpo.evaluation.evaluate, dpo.evaluation.export), before any weights load: refuse a run folder without
+    run_complete.json (killed, still running, or killed while writing its final files), saying why and
+    how to finish it, and a checkpoint folder given instead of its run folder. A folder that is no run
+    at all (no checkpoints, no adapter) is left to the caller, which names the file it lacks."""
+    folder = Path(folder)
+    if finished_run(folder) is not None:
+        return
+    if checkpoint_step(folder) is not None and (folder / MARKER).is_file():
+        raise UserError(
+            f"{folder} is a checkpoint; {command} takes a finished run folder ({folder.parent}, with "
+            f"{RUN_MARKER}): checkpoints hold neither the held-out pairs nor the resolved config"
+        )
+    newest = newest_complete_checkpoint(folder, warn=False)
+    if newest is None and not checkpoints_in(folder) and not (folder / "adapter_config.json").is_file():
+        return
+    finish = (
+        f"finish it: run the same training command again with --resume_from_checkpoint last (it continues from "
+        f"{newest.name})"
+        if newest
+        else "it has no complete checkpoint to continue from: run the training command again"
+    )
+    raise UserError(
+        f"{folder} has no {RUN_MARKER}: the run did not finish (stopped, killed, or still running), so its "
+        f"adapter and metrics may be missing, partial or from an earlier run; {finish}"
+    )
+
+
+def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None) -> None:
+    """Before any weights load: refuse to resume a checkpoint of a different run, or to reuse an
+    output_dir holding a different run; with --overwrite_output_dir delete that run's files.
+    A checkpoint trained from other SFT adapter weights is never resumed: the reference would change
+    under the policy (and a reference cache would no longer match it)."""
+    output_dir, resume = Path(training_args.output_dir), training_args.resume_from_checkpoint
+    allow = getattr(training_args, "resume_with_different_settings", False)
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if resume:
+        old = checkpoint_run(resume)
+        was, now = old.get("sft_adapter_sha256"), run.get("sft_adapter_sha256")
+        if was != now:
+            started = f"the SFT adapter with sha256 {was[:12]}..." if was else "no recorded SFT adapter"
+            given = f"the SFT adapter {sft_adapter} has sha256 {now[:12]}..." if now else "no SFT adapter is given"
+            raise UserError(
+                f"{resume} was trained from {started}, but {given} (replaced or changed since): resuming would "
+                "train against another reference. Put the original adapter back, or start anew in another --output_dir"
+            )
+        diffs = differences(old, run)
+        if diffs and not allow:
+            raise UserError(
+                f"{resume} was written by a run with different settings; resuming would mix two runs. Differences "
+                f"(checkpoint -> now):{_listing(diffs)}\n  pass --resume_with_different_settings true to resume anyway"
+            )
+        if diffs:
+            log(f"warning: resuming {resume} with different settings:{_listing(diffs)}")
+    finished = finished_run(output_dir)
+    others = [] if resume else [c for c in checkpoints_in(output_dir) if not checkpoint_problems(c)]
+    others = [c for c in others if checkpoint_run(c) != run]
+    diffs = differences(finished["run"], run) if finished else []
+    if (diffs and not (resume and allow)) or others:
+        if not overwrite:
+            what = (
+                f"a finished run with different settings:{_listing(diffs)}"
+                if diffs
+                else f"checkpoints of another run ({others[-1].name})"
+            )
+            raise UserError(
+                f"--output_dir {output_dir} holds {what}\n  use another --output_dir, --resume_from_checkpoint last, or "
+                "--overwrite_output_dir true to delete that run's files"
+            )
+        removed = remove_run(output_dir, finished) if PartialState().is_main_process else []
+        log(f"--overwrite_output_dir: deleted the previous run's {len(removed)} files and checkpoints in {output_dir}")
+
+
+def remove_run(output_dir: Path, finished: dict | None) -> list[Path]:
+    """Delete a finished run's marker and files, every checkpoint and any staging folder."""
+    doomed = [output_dir / RUN_MARKER, output_dir / STAGING, *checkpoints_in(output_dir)]
+    doomed += [output_dir / name for name in (finished or {}).get("files", [])]
+    for path in doomed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return doomed
+
+
+def write_final_outputs(trainer, run: dict, write_into) -> Path:
+    """`write_into(folder)` writes the final files; they reach output_dir as described above.
+    Every process calls this (saving a sharded model needs all of them)."""
+    accelerator, output_dir = trainer.accelerator, Path(trainer.args.output_dir)
+    staging, step = output_dir / STAGING, trainer.state.global_step
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    write_into(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        names = sorted(p.name for p in staging.iterdir())
+        for name in names:
+            if (staging / name).is_file():
+                fd = os.open(staging / name, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+        kill_point("final-staged", step)
+        old = finished_run(output_dir)
+        (output_dir / RUN_MARKER).unlink(missing_ok=True)  # from here on the folder is visibly unfinished
+        for name in {*(old or {}).get("files", []), *names}:
+            target = output_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        kill_point("final-cleared", step)
+        for name in names:
+            os.replace(staging / name, output_dir / name)
+        staging.rmdir()
+        kill_point("final-moved", step)
+        write_json_atomic(output_dir / RUN_MARKER, {"global_step": step, "files": names, "run": run})
+    accelerator.wait_for_everyone()
+    return output_dir
+
+
+def whole_run_metrics(metrics: dict, log_history: list[dict], resumed_at: int, global_step: int) -> dict:
+    """transformers' train metrics cover only this session's steps after a resume; rebuild
+    train_loss over the whole run from the logged losses (each the mean since the previous log)
+    up to the resume step, and report the last num_tokens."""
+    metrics = dict(metrics)
+    train_logs = [h for h in log_history if "loss" in h and "step" in h]
+    if train_logs and "num_tokens" in train_logs[-1]:
+        metrics["num_tokens"] = train_logs[-1]["num_tokens"]
+    if not resumed_at:
+        return metrics
+    total, covered = 0.0, 0
+    for entry in (h for h in train_logs if h["step"] <= resumed_at):
+        total += entry["loss"] * (entry["step"] - covered)
+        covered = entry["step"]
+    session_steps = global_step - resumed_at
+    metrics["train_loss"] = (total + metrics.get("train_loss", 0.0) * session_steps) / max(covered + session_steps, 1)
+    metrics["train_resumed_at_step"] = resumed_at
+    return metrics
+
+
+class ContinueCounters(TrainerCallback):
+    """On a resume, TRL's num_tokens carries on from the checkpoint instead of restarting at 0."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        continue_token_count(self.trainer)

@@ -1,0 +1,331 @@
+"""Reference log-probs computed once, kept on disk, reused by every later run.
+
+With a frozen base as pi_ref, log pi_ref(chosen | prompt) and log pi_ref(rejected | prompt) of a
+pair never change. TRL recomputes them in every step of every run (one extra forward per batch);
+this module computes each pair's once (batched, longest first, no grad, adapters disabled, through
+TRL's own `compute_ref_log_probs`), stores them under `reference_cache_dir`, and hands them to
+the trainer as the `ref_chosen_logps` / `ref_rejected_logps` columns TRL reads with
+`precompute_ref_log_probs`. Later runs, resumed runs, evaluation and every run of a sweep reuse
+them.
+
+Layout: <reference_cache_dir>/<key>/key.json and part-*.parquet (columns row, ref_chosen_logps,
+ref_rejected_logps, seconds). `key` hashes everything the values depend on besides the pair:
+the reference weights (every frozen tensor, so 4-bit weights hash as stored), the model config,
+the quantization config and compute dtype, max_length, truncation_mode, LD-DPO's ld_alpha (it
+splits the sum) and TRL's version. `row` hashes the pair's token ids (prompt, chosen, rejected),
+so the tokenizer, its chat template and the data are covered exactly: a different template gives
+different rows, i.e. a miss, never a wrong value. Pairs of any split or subset share one store.
+
+Data parallelism: every process looks up every row; the missing ones are split across processes
+(each computes its share once and writes its own part file), then all read the store back.
+
+Parity: at the start of each epoch PARITY_ROWS cached pairs, drawn at random, are recomputed and
+compared; beyond the tolerance (TOLERANCE) the run stops and names the likely cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from dpo.compat import TESTED_TRL, precomputed_reference_logps, reference_model, use_reference_columns
+from dpo.errors import UserError
+from dpo.log import log
+from dpo.train.speed.sampler import LengthSortedSampler, sequence_lengths
+
+PARITY_ROWS = 8  # pairs recomputed per epoch and process: a few forwards, enough to see a drift
+# |recomputed - cached| <= rtol * |cached| + atol (nats, on a sum over the completion's tokens).
+# fp32: batching changes only round-off (~1e-6 relative); a different kernel or device moves sums
+# by ~1e-4 relative, harmless to DPO, so the bar sits well above that. bf16/fp16: ~1e-2 relative.
+TOLERANCE = {"fp32": (1e-3, 0.05), "half": (2e-2, 0.5)}
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def check_reference_cache(training_args) -> None:
+    """Refuse what a fixed, precomputed reference cannot serve: before any weights load."""
+    if getattr(training_args, "sync_ref_model", False):
+        raise UserError("reference_cache: true cannot serve sync_ref_model (TR-DPO moves the reference); turn one off")
+    if training_args.precompute_ref_log_probs:
+        raise UserError(
+            "reference_cache and precompute_ref_log_probs both precompute the reference; keep reference_cache "
+            "(kept on disk across runs) and set precompute_ref_log_probs: false"
+        )
+    if training_args.deepspeed or training_args.fsdp:
+        raise UserError(
+            "reference_cache: true is not supported with DeepSpeed or FSDP yet; set reference_cache: false"
+        )
+
+
+def _hash_tensor(h, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+    h.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    h.update(tensor.view(torch.uint8).numpy())  # raw bytes, whatever the dtype (bf16, 4-bit packed)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Hash of every frozen tensor of the reference (a trainable LoRA adapter is not part of it)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted([*model.named_parameters(), *model.named_buffers()], key=lambda kv: kv[0]):
+        if not tensor.requires_grad:
+            h.update(name.encode())
+            _hash_tensor(h, tensor)
+    return h.hexdigest()
+
+
+def cache_key(trainer) -> tuple[str, dict]:
+    """(hex key, what went into it). The pair itself is keyed per row (row_ids)."""
+    model = reference_model(trainer)
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    quant = config.pop("quantization_config", None)
+    parts = {
+        "weights": weights_hash(model),
+        "config": config,
+        "quantization_config": quant,
+        "dtype": str(model.dtype),
+        "max_length": trainer.args.max_length,
+        "truncation_mode": trainer.args.truncation_mode,
+        "ld_alpha": trainer.args.ld_alpha,
+        "trl": TESTED_TRL,
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest(), parts
+
+
+def row_ids(dataset) -> list[str]:
+    """One hash per pair of its prompt, chosen and rejected token ids, as DPOTrainer tokenized them."""
+    table = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).with_format("arrow")[:]
+    columns = []
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        array = table[name].combine_chunks()
+        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+        values = array.flatten().to_numpy(zero_copy_only=False).astype("int64")
+        starts = lengths.cumsum() - lengths
+        columns.append((lengths, values, starts))
+    ids = []
+    for i in range(len(table)):
+        h = hashlib.blake2b(digest_size=16)
+        for lengths, values, starts in columns:
+            h.update(int(lengths[i]).to_bytes(4, "little"))
+            h.update(values[starts[i] : starts[i] + lengths[i]].tobytes())
+        ids.append(h.hexdigest())
+    return ids
+
+
+def environment(trainer) -> dict:
+    """Where values were computed; printed when a parity check fails, to name the difference."""
+    model = reference_model(trainer)
+    env = {
+        "device": str(trainer.accelerator.device),
+        "torch": torch.__version__,
+        "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
+        "machine": platform.machine(),
+    }
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    return env
+
+
+@dataclass
+class Store:
+    """The rows of one key folder: row id -> (ref chosen, ref rejected, seconds it took, part file)."""
+
+    folder: Path
+    rows: dict = field(default_factory=dict)
+
+    def load(self) -> Store:
+        rows = {}
+        for part in sorted(self.folder.glob("part-*.parquet")):
+            table = pq.read_table(part)
+            for row, c, r, s in zip(*(table[k].to_pylist() for k in ("row", *COLUMNS, "seconds"))):
+                rows[row] = (c, r, s, part.name)
+        return Store(self.folder, rows)
+
+    def write(self, rows: list[str], chosen: list[float], rejected: list[float], seconds: list[float], env: dict):
+        """A new part file, written whole or not at all (temporary name, then an atomic rename)."""
+        table = pa.table(
+            {
+                "row": rows,
+                COLUMNS[0]: pa.array(chosen, pa.float32()),
+                COLUMNS[1]: pa.array(rejected, pa.float32()),
+                "seconds": seconds,
+            }
+        ).replace_schema_metadata({"environment": json.dumps(env)})
+        name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.folder / name)
+
+    def environment_of(self, part: str) -> dict:
+        meta = pq.read_schema(self.folder / part).metadata or {}
+        return json.loads(meta.get(b"environment", b"{}"))
+
+
+def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[list, list, list]:
+    """Reference sums of `dataset[indices]` through TRL, longest pairs first (little padding).
+    Returns (chosen, rejected, seconds per row) in the order of `indices`."""
+    if not indices:
+        return [], [], []
+    subset = dataset.select(indices).select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    chosen_len, rejected_len = sequence_lengths(subset, trainer.args.max_length)
+    order = list(LengthSortedSampler([max(c, r) for c, r in zip(chosen_len, rejected_len)]))
+    size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size
+    chosen, rejected, seconds = [0.0] * len(order), [0.0] * len(order), [0.0] * len(order)
+    model = reference_model(trainer)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(
+            range(0, len(order), size), desc=desc, disable=not trainer.accelerator.is_local_main_process
+        ):
+            batch_rows = order[start : start + size]
+            began = time.perf_counter()
+            batch = trainer.data_collator([subset[i] for i in batch_rows])
+            c, r = precomputed_reference_logps(
+                trainer, {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+            )
+            per_row = (time.perf_counter() - began) / len(batch_rows)
+            for j, i in enumerate(batch_rows):
+                chosen[i], rejected[i], seconds[i] = float(c[j]), float(r[j]), per_row
+    finally:
+        model.train(was_training)
+    return chosen, rejected, seconds
+
+
+def _fill(trainer, store: Store, dataset, rows: list[str], name: str, env: dict) -> tuple[Store, int, float]:
+    """Compute this process's share of the rows missing from `store`; (store reloaded, misses, seconds)."""
+    missing = sorted({row: i for i, row in enumerate(rows) if row not in store.rows}.values())
+    state = trainer.accelerator
+    mine = missing[state.process_index :: state.num_processes]
+    began = time.perf_counter()
+    chosen, rejected, seconds = compute_reference(trainer, dataset, mine, f"reference log-probs ({name})")
+    if mine:
+        store.write([rows[i] for i in mine], chosen, rejected, seconds, env)
+    state.wait_for_everyone()
+    return (store.load() if missing else store), len(missing), time.perf_counter() - began
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DPO_REFERENCE_CACHE", "~/.cache/dpo-recipes/reference-logps")).expanduser()
+
+
+def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> ReferenceCache:
+    """Look up (or compute and store) the reference log-probs of the trainer's train and eval pairs and
+    give them to the trainer; returns the cache, whose `parity_callback()` checks it each epoch."""
+    key, parts = cache_key(trainer)
+    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / key
+    if trainer.accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "key.json").write_text(json.dumps(parts, indent=2, sort_keys=True, default=str))
+    trainer.accelerator.wait_for_everyone()
+    store, env = Store(folder).load(), environment(trainer)
+
+    evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
+    datasets = {"train": trainer.train_dataset, **{k: v for k, v in evals.items() if v is not None}}
+    ids, before, misses, computed = {}, store, 0, 0.0
+    for name, dataset in datasets.items():
+        ids[name] = row_ids(dataset)
+        store, n, seconds = _fill(trainer, store, dataset, ids[name], name, env)
+        misses, computed = misses + n, computed + seconds
+    hit_rows = {row for rows in ids.values() for row in rows if row in before.rows}
+    hits, saved = len(hit_rows), sum(before.rows[row][2] for row in hit_rows)
+    with_columns = {name: _with_columns(dataset, store, ids[name]) for name, dataset in datasets.items()}
+    train = with_columns.pop("train")
+    evaluation = with_columns if isinstance(trainer.eval_dataset, dict) else with_columns.get("eval")
+    use_reference_columns(trainer, train, evaluation)
+
+    total = hits + misses  # distinct pairs of train + eval
+    if misses == 0:
+        log(f"reference cache: hit, {total:,} pairs read from {folder}; saved ~{saved:.0f} s of reference forwards")
+    else:
+        log(
+            f"reference cache: {'miss' if hits == 0 else 'partial hit'}, computed {misses:,} of {total:,} pairs in "
+            f"{computed:.0f} s (stored in {folder}; later runs reuse them)"
+            + (f"; saved ~{saved:.0f} s on the {hits:,} cached" if hits else "")
+        )
+    return ReferenceCache(trainer, store, env, ids["train"], hits=hits, misses=misses, saved_s=saved)
+
+
+def _with_columns(dataset, store: Store, rows: list[str]):
+    dataset = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
+    values = [store.rows[row] for row in rows]
+    dataset = dataset.add_column(COLUMNS[0], [v[0] for v in values])
+    return dataset.add_column(COLUMNS[1], [v[1] for v in values])
+
+
+@dataclass
+class ReferenceCache:
+    trainer: object
+    store: Store
+    env: dict
+    train_rows: list[str]
+    hits: int = 0
+    misses: int = 0
+    saved_s: float = 0.0
+
+    def parity(self, epoch: int, n: int = PARITY_ROWS) -> float:
+        """Recompute `n` random cached training pairs; raise UserError beyond TOLERANCE. Returns the worst
+        |difference| / allowed, reduced over processes (so every process stops together)."""
+        trainer, accelerator = self.trainer, self.trainer.accelerator
+        seed = trainer.args.seed * 1_000_003 + epoch * 1_009 + accelerator.process_index
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(len(self.train_rows), generator=generator)[:n].tolist()
+        chosen, rejected, _ = compute_reference(trainer, trainer.train_dataset, picks, "reference parity check")
+        rtol, atol = TOLERANCE["half" if trainer.args.bf16 or trainer.args.fp16 else "fp32"]
+        worst, worst_at = 0.0, None
+        for i, c, r in zip(picks, chosen, rejected):
+            cached_c, cached_r, _, part = self.store.rows[self.train_rows[i]]
+            for new, old in ((c, cached_c), (r, cached_r)):
+                ratio = abs(new - old) / (rtol * abs(old) + atol)
+                if ratio > worst:
+                    worst, worst_at = ratio, (i, new, old, part)
+        worst_all = float(accelerator.reduce(torch.tensor([worst], device=accelerator.device), "max").item())
+        if worst_all > 1:
+            raise UserError(
+                self._drift_message(worst_at, rtol, atol)
+                if worst > 1
+                else "reference cache parity check failed on another process (see its message)"
+            )
+        return worst_all
+
+    def _drift_message(self, worst_at, rtol: float, atol: float) -> str:
+        i, new, old, part = worst_at
+        then = self.store.environment_of(part)
+        changed = [f"{k} {then.get(k)} -> {v}" for k, v in self.env.items() if then.get(k) != v]
+        cause = (
+            "computed with a different " + ", ".join(changed)
+            if changed
+            else "same key and environment: the cache files were changed after they were written, or the "
+            "reference forward changed without its weights (a kernel, a patched model class, adapters not disabled)"
+        )
+        return (
+            f"reference cache parity check failed: training pair {i} has reference log-prob {new:.4f} now, "
+            f"{old:.4f} cached in {self.store.folder / part} (allowed {rtol:g} relative + {atol:g} nats). "
+            f"Likely cause: {cause}. Delete {self.store.folder} to recompute, or set reference_cache: false"
+        )
+
+    def parity_callback(self) -> TrainerCallback:
+        cache = self
+
+        class ParityCheck(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                worst = cache.parity(int(state.epoch or 0))
+                log(f"reference cache parity: {PARITY_ROWS} pairs recomputed, worst {worst:.2g} of the tolerance")
+
+        return ParityCheck()

@@ -1,0 +1,209 @@
+"""Build, run and save a LoRA/QLoRA DPOTrainer. Shared by every recipe.
+
+The reference model rule: we never pass `ref_model`. With a `peft_config`, TRL computes the
+reference log-probs with the adapters disabled, so the frozen (4-bit) base *is* pi_ref and one
+copy of the weights is in memory. Starting from an SFT adapter (dpo/train/adapters.py), the policy
+is that adapter, trainable, and TRL's frozen copy of it ("ref") makes the reference base + SFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+from pathlib import Path
+
+import torch
+
+from dpo.compat import (
+    DPOTrainer,
+    RecipeDPOTrainer,
+    load_final_checkpoint,
+    lora_config,
+    quantization_config,
+    route_checkpoint_writes,
+    upcast_trainable_params,
+)
+from dpo.errors import RunStopped
+from dpo.log import log
+from dpo.plots import plot_training_curves
+from dpo.train.adapters import policy_from_sft_adapter
+from dpo.train.config import write_resolved_config
+from dpo.train.distributed import on_main_process, topology
+from dpo.train.model_checks import match_quant_storage, model_init_kwargs
+from dpo.train.safety import lock
+from dpo.train.safety.checkpoints import CheckpointSaver, newest_complete_checkpoint, resumed_step
+from dpo.train.safety.guards import HealthCheck, NonFiniteGuard, NonFiniteTraining, nonfinite_advice
+from dpo.train.safety.interrupts import StopOnSignal
+from dpo.train.safety.runs import (
+    ContinueCounters,
+    prepare_output_dir,
+    run_settings,
+    whole_run_metrics,
+    write_final_outputs,
+)
+from dpo.train.speed.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
+from dpo.train.speed.refcache import attach_reference_cache, check_reference_cache
+from dpo.train.speed.sampler import install_length_grouping
+from dpo.train.validate import check_no_secrets, check_output_dir_apart
+
+
+def build_dpo_trainer(
+    model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None, sft_adapter=None
+) -> DPOTrainer:
+    """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
+    or, given `sft_adapter` (checked by dpo.train.adapters.start_point), puts that adapter on it to train.
+
+    The arguments are not changed: the trainer gets a copy of `training_args` whose
+    model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
+    """
+    run, took_lock = start_run(model_args, training_args, train_dataset, sft_adapter)
+    storage = match_quant_storage(model_args, training_args)
+    if storage:
+        log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
+    use_cache = getattr(training_args, "reference_cache", False)  # dpo.train.config.RecipeDPOConfig's switch
+    if use_cache:
+        check_reference_cache(training_args)
+    trainer_args = copy.copy(training_args)
+    trainer_args.model_init_kwargs = {
+        **model_init_kwargs(model_args, training_args),
+        **(training_args.model_init_kwargs or {}),
+    }
+    model, quantization, peft_config = model_args.model_name_or_path, quantization_config(model_args, storage), None
+    if sft_adapter:
+        model = policy_from_sft_adapter(model, trainer_args, quantization, sft_adapter)
+        quantization, trainer_args.model_init_kwargs = None, None  # the base is loaded: TRL would warn
+    else:
+        peft_config = lora_config(model_args)
+    with portable_4bit_layers():  # TRL's precompute_ref_log_probs runs the model inside __init__
+        trainer = RecipeDPOTrainer(
+            model=model,
+            ref_model=None,  # the base with adapters disabled (or TRL's frozen "ref" copy of the SFT adapter)
+            args=trainer_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            quantization_config=quantization,
+            peft_config=peft_config,
+        )
+    n_4bit = use_portable_4bit_kernels(trainer.model)  # also an SFT-adapter model loaded before (a no-op check)
+    if n_4bit and cpu_has_avx512bf16():
+        log(f"CPU has AVX512-BF16: {n_4bit} 4-bit layers kept on the portable kernel (dpo/train/speed/kernels.py)")
+    if model_args.dtype == "float32":
+        n = upcast_trainable_params(trainer, torch.float32)
+        if n:
+            log(f"kept {n} trainable LoRA tensors in float32 to match fp32 compute")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    reference = f"base + frozen SFT adapter ({sft_adapter})" if sft_adapter else "base with adapters disabled"
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
+    protect_run(trainer, run, took_lock)
+    trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
+    if trainer.args.device.type == "cpu":
+        log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
+    if training_args.train_sampling_strategy == "group_by_length":
+        log(install_length_grouping(trainer))
+    if use_cache:
+        cache = attach_reference_cache(trainer, training_args.reference_cache_dir)
+        trainer.add_callback(cache.parity_callback())
+    return trainer
+
+
+def start_run(model_args, training_args, train_dataset, sft_adapter=None) -> tuple[dict, bool]:
+    """Before any weights load: refuse secrets in the settings, an output_dir in the model or adapter
+    folder, an output_dir another run holds, and mixing two runs in one output_dir. Returns the run's
+    settings fingerprint (dpo/train/safety/runs.py) and whether the output_dir lock was taken here (not by the
+    recipe around it), both for `protect_run`."""
+    check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
+    check_output_dir_apart(training_args.output_dir, model_args.model_name_or_path, sft_adapter)
+    run = run_settings(training_args, model_args, train_dataset, sft_adapter)
+    took_lock = on_main_process(lock.take, training_args.output_dir)
+    try:
+        prepare_output_dir(training_args, run, sft_adapter)
+    except BaseException:
+        if took_lock:
+            lock.release(training_args.output_dir)
+        raise
+    return run, took_lock
+
+
+def protect_run(trainer, run: dict, took_lock: bool) -> None:
+    """What `train_and_save` relies on, for a DPO or an SFT trainer: checkpoints marked complete,
+    Ctrl-C/SIGTERM saving one, a stop on a non-finite loss or gradient, counters that continue on resume,
+    and the output_dir lock released at its end if `start_run` took it."""
+    trainer.run_settings, trainer.stop_on_signal, trainer.took_output_lock = run, StopOnSignal(), took_lock
+    route_checkpoint_writes(trainer, CheckpointSaver(trainer, run, trainer.stop_on_signal.held))
+    for callback in (trainer.stop_on_signal, NonFiniteGuard(trainer), ContinueCounters(trainer)):
+        trainer.add_callback(callback)
+
+
+def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None, heldout=None) -> dict:
+    """Train, evaluate on the held-out split, and write everything a user needs to `output_dir`.
+
+    output_dir/
+      adapter_model.safetensors, adapter_config.json   the LoRA adapter
+      tokenizer files                                  so the folder loads on its own
+      resolved_config.yaml                             every setting of the run; a valid --config
+      final_metrics.json                               train metrics + held-out eval metrics
+      trainer_state.json, training_curves.png          the logged history and its plot
+      run_complete.json                                written last: the files above are one whole run
+      heldout_pairs.jsonl                              `heldout` (prompt/chosen/rejected), for dpo.evaluation.evaluate
+
+    Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
+    exit status 128 + signal. A non-finite loss/gradient stops before that step, exit status 3.
+    """
+    try:
+        return _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout)
+    finally:
+        if getattr(trainer, "took_output_lock", False):  # built outside a recipe: the run ends here
+            lock.release(trainer.args.output_dir)
+
+
+def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout) -> dict:
+    output_dir, stopper = Path(trainer.args.output_dir), trainer.stop_on_signal
+    resumed_at = resumed_step(resume_from_checkpoint) if resume_from_checkpoint else 0  # rotation may delete it
+    with stopper.installed():
+        try:
+            if resume_from_checkpoint and load_final_checkpoint(trainer, resume_from_checkpoint):
+                log(f"{resume_from_checkpoint} is the run's last step: writing the final files only")
+                train_metrics = {}
+            else:
+                train_metrics = trainer.train(resume_from_checkpoint=resume_from_checkpoint).metrics
+        except NonFiniteTraining as err:
+            raise RunStopped(nonfinite_advice(err, trainer.args, newest_complete_checkpoint(output_dir)), 3) from None
+        except KeyboardInterrupt:
+            last = newest_complete_checkpoint(output_dir)
+            raise RunStopped(
+                f"interrupted twice: stopped without saving; newest complete checkpoint: {last}", 130
+            ) from None
+        if stopper.signum is not None:
+            raise RunStopped(
+                f"{signal.Signals(stopper.signum).name} at step {trainer.state.global_step}: checkpoint saved in "
+                f"{newest_complete_checkpoint(output_dir)}. Resume with --resume_from_checkpoint last",
+                128 + stopper.signum,
+            )
+        metrics = whole_run_metrics(train_metrics, trainer.state.log_history, resumed_at, trainer.state.global_step)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+
+        def write_into(folder: Path) -> None:
+            trainer.save_model(str(folder))
+            if trainer.accelerator.is_main_process:
+                launched = "# How this run was launched (the launcher decides this, not the file):\n"
+                notes = launched + topology(trainer.args).as_comments()
+                write_resolved_config(folder / "resolved_config.yaml", *arg_objects, notes=notes)
+                (folder / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+                trainer.state.save_to_json(str(folder / "trainer_state.json"))
+                plot_training_curves(trainer.state.log_history, folder / "training_curves.png")
+                if heldout is not None:
+                    heldout.select_columns(["prompt", "chosen", "rejected"]).to_json(folder / "heldout_pairs.jsonl")
+
+        with stopper.held():  # a Ctrl-C now waits for the final files
+            write_final_outputs(trainer, trainer.run_settings, write_into)
+    summary = ", ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if "rewards/" in k or k in ("train_loss", "eval_loss")
+    )
+    log(f"done: {summary}")
+    log(f"adapter, tokenizer, resolved_config.yaml, final_metrics.json and training_curves.png in {output_dir}")
+    return metrics

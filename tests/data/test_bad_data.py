@@ -1,0 +1,203 @@
+"""Data files as users have them, broken in the ways they break: non-UTF-8 bytes, a bad file in a
+folder, CSV cells that pandas would read as missing, chat roles in the wrong case, empty prompts.
+Each goes through the real entry points (`python -m dpo.doctor`, the recipes) and stops with one
+`error:` line naming the file, its own row and, for bytes, the offset, or drops and counts the row.
+docs/reliability.md lists these cases."""
+
+import gzip
+import json
+
+import pytest
+from helpers import load_recipe, one_line_error
+
+from dpo.data import doctor
+
+ROW = {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def doctor_error(argv, capsys) -> str:
+    """`python -m dpo.doctor ...` in-process: exit 2 and exactly one `error:` line on stderr."""
+    return one_line_error(doctor.main, argv, capsys)
+
+
+# ── bytes that are not UTF-8 ───────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "json", "jsonl.gz"])
+def test_non_utf8_bytes_name_file_row_and_byte_offset(suffix, tmp_path, capsys):
+    good = json.dumps(ROW).encode()
+    latin1 = json.dumps({**ROW, "prompt": "PLACEHOLDER"}).encode().replace(b"PLACEHOLDER", b"caf\xe9 au lait?")
+    if suffix.startswith("jsonl"):  # a blank line: row 2 is on line 3
+        content = good + b"\n\n" + latin1 + b"\n"
+        expected = "row 2 (line 3)"
+    elif suffix == "csv":
+        content = b"prompt,chosen,rejected\nq1,a,b\ncaf\xe9 au lait?,a,b\n"
+        expected = "row 2 (line 3)"
+    else:
+        content = b"[" + good + b",\n" + latin1 + b"]\n"
+        expected = "line 2"
+    path = tmp_path / f"latin1.{suffix}"
+    path.write_bytes(gzip.compress(content) if suffix.endswith(".gz") else content)
+    offset = content.index(b"\xe9")  # in the uncompressed bytes, as the message says
+    line = doctor_error([path], capsys)
+    assert str(path) in line and expected in line and f"byte offset {offset}" in line, line
+    assert "0xe9" in line and "UTF-8" in line
+
+
+# ── folders of data files ──────────────────────────────────────────────────────────────────────
+
+
+def test_malformed_file_inside_a_folder_is_named(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", [ROW, ROW])
+    (folder / "part-1.jsonl").write_text(json.dumps(ROW) + "\n" + '{"prompt": "q", "chosen": "a"\n')
+    line = doctor_error([folder], capsys)
+    assert str(folder / "part-1.jsonl") in line and "line 2" in line and "malformed JSON" in line, line
+
+
+def test_row_error_inside_a_folder_names_the_file_and_its_own_row(tmp_path, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", [ROW, ROW, ROW])
+    write_jsonl(folder / "part-1.jsonl", [ROW, {**ROW, "rejected": None}])  # row 5 of the folder, row 2 of its file
+    line = doctor_error([folder], capsys)
+    assert f"{folder / 'part-1.jsonl'}, row 2, field 'rejected'" in line, line
+
+
+def test_a_folder_still_loads_by_split(tmp_path):
+    """Files named train*/test* are splits, as datasets reads a folder; each keeps its rows."""
+    from dpo.data.loading import load_preference_data
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [ROW] * 3)
+    write_jsonl(folder / "test.jsonl", [{**ROW, "prompt": "held out"}])
+    assert len(load_preference_data(str(folder), split="train")) == 3
+    test = load_preference_data(str(folder), split="test")
+    assert test["prompt"] == ["held out"]
+    assert load_preference_data(str(folder), split="validation", missing_ok=True) is None
+
+
+# ── CSV cells that look like "missing" ─────────────────────────────────────────────────────────
+
+
+def test_csv_cells_none_na_null_are_text(tmp_path, capsys):
+    from dpo.data.loading import load_preference_data
+
+    path = tmp_path / "words.csv"
+    path.write_text('prompt,chosen,rejected\nSay none,None,"nothing"\nCountry code of Namibia?,NA,null\n')
+    data = load_preference_data(str(path))
+    assert data["chosen"] == ["None", "NA"] and data["rejected"] == ["nothing", "null"]
+    report = doctor.main([str(path)])
+    assert report.rows_kept == 2 and report.rows_dropped == 0
+
+
+def test_csv_empty_cell_is_still_missing(tmp_path, capsys):
+    path = tmp_path / "hole.csv"
+    path.write_text("prompt,chosen,rejected\nq1,a,b\nq2,,b\n")
+    line = doctor_error([path], capsys)
+    assert f"{path}, row 2, field 'chosen': missing" in line, line
+
+
+# ── conversational rows ────────────────────────────────────────────────────────────────────────
+
+
+def chat(user, answer, user_role="user", assistant_role="assistant"):
+    return [{"role": user_role, "content": user}, {"role": assistant_role, "content": answer}]
+
+
+@pytest.mark.parametrize(
+    "chosen, expected",
+    [
+        (chat("hi", "hello", user_role="User"), "role 'User'"),
+        (chat("hi", "hello", assistant_role="Assistant"), "role 'Assistant'"),
+        (chat("hi", "hello", user_role="human"), "role 'human'"),
+    ],
+    ids=["capitalised_user", "capitalised_assistant", "sharegpt_human"],
+)
+def test_unknown_or_capitalised_role_is_named(chosen, expected, tmp_path, capsys):
+    rows = [{"chosen": chat("hi", "hello"), "rejected": chat("hi", "bye")}] * 2
+    rows = [*rows, {"chosen": chosen, "rejected": chat("hi", "bye")}]
+    path = write_jsonl(tmp_path / "roles.jsonl", rows)
+    line = doctor_error([path], capsys)
+    assert f"{path}, row 3, field 'chosen', message" in line and expected in line, line
+    assert "user" in line and "assistant" in line  # the roles that are accepted
+    assert "share no prompt" not in line
+
+
+@pytest.mark.parametrize("blank", ["", "   \n\t"])
+def test_empty_prompt_is_dropped_and_counted(blank, tmp_path, capsys):
+    def answer(text):
+        return [{"role": "assistant", "content": text}]
+
+    implicit = [  # the prompt is the turns chosen and rejected share
+        {"chosen": chat("hi", "hello"), "rejected": chat("hi", "bye")},
+        {"chosen": chat(blank, "hello"), "rejected": chat(blank, "bye")},
+    ]
+    explicit = [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": answer("a"), "rejected": answer("b")},
+        {"prompt": [{"role": "user", "content": blank}], "chosen": answer("a"), "rejected": answer("b")},
+    ]
+    text = [ROW, {**ROW, "prompt": blank, "chosen": "other"}]
+    for name, rows in (("implicit", implicit), ("explicit", explicit), ("text", text)):
+        report = doctor.main([str(write_jsonl(tmp_path / f"{name}.jsonl", rows))])
+        assert report.rows_kept == 1 and report.drops == [(2, "empty prompt")], name
+        assert "1 empty prompt" in capsys.readouterr().err  # the drop warning counts it
+
+
+# ── the phi-2 recipe suggests only its own options ──────────────────────────────────────────────
+
+# Options that other entry points have (dpo_any.py's ScriptArguments, the doctor's flags) and dpo_phi2.py lacks.
+NOT_PHI2_OPTIONS = (
+    "prompt_column",
+    "chosen_column",
+    "rejected_column",
+    "system_column",
+    "prompt_format",
+    "degenerate_rows",
+    "dataset_test_split",
+    "fail_on_degenerate",
+    "text_format",
+)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"question": "q", "good": "a", "bad": "b"}] * 3,  # other column names
+        [{"prompt": "q", "chosen": "a"}] * 3,  # no rejected
+        [{"chosen": "a", "rejected": "b"}] * 3,  # no prompt, not a transcript
+        [{"chosen": chat("q", "a"), "rejected": chat("q", "b")}] * 3,  # conversational
+        [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3,  # every row dropped: the doctor's table
+    ],
+    ids=["other_columns", "no_rejected", "no_prompt", "conversational", "all_degenerate"],
+)
+def test_phi2_errors_never_suggest_options_it_lacks(rows, tiny_model_dir, tmp_path, capsys):
+    recipe = load_recipe("dpo_phi2")
+    fields = {f for cls in (recipe.ScriptArguments,) for f in cls.__dataclass_fields__}
+    assert not fields & set(NOT_PHI2_OPTIONS)  # the premise: phi2 really lacks them
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(path), "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    message = err[err.index("error: ") :]
+    assert not [o for o in NOT_PHI2_OPTIONS if o in message], message
+
+
+# ── the doctor's own command line ─────────────────────────────────────────────────────────────
+
+
+def test_doctor_parse_error_is_one_line_naming_flag_and_accepted_values(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "ok.jsonl", [ROW])
+    line = doctor_error([path, "--prompt_format", "html"], capsys)
+    assert "--prompt_format" in line and "'html'" in line and "chat" in line and "text" in line, line
+    line = doctor_error([path, "--max_length", "long"], capsys)
+    assert "--max_length" in line and "a whole number" in line, line

@@ -1,0 +1,273 @@
+"""dpo/data/doctor.py and dpo/data/doctor_report.py: every degenerate row is dropped and counted under its reason, no row is lost
+silently, token counts are TRL's own, and the command line exits cleanly on bad data."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from datasets import Dataset
+from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
+
+from dpo.compat import DPOTrainer
+from dpo.data.doctor import check_data, main
+from dpo.data.doctor_report import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, examine
+from dpo.data.formats import ensure_chat_template, phi2_qa_format
+from dpo.data.loading import load_preference_data
+from dpo.data.pairs import DIVERGE, NO_SHARED_PROMPT, to_pairs
+from dpo.errors import UserError
+from dpo.offline.tiny import write_jsonl
+from dpo.train.model_checks import load_tokenizer
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def trl_tokenized(pairs, tokenizer, max_length):
+    """What TRL's DPOTrainer itself makes of `pairs`: its own dataset preparation, run directly."""
+    args = SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
+    data = pairs.select_columns(["prompt", "chosen", "rejected"])
+    return DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), data, tokenizer, args, "train")
+
+
+def bad_hh_rows():
+    """Six good HH rows, then one row per drop reason (rows 7..13), the long prompt last."""
+    good = hh_rows(6)
+    return good + [
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"},  # 7 no shared prompt
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: x\n\nAssistant: y",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: z\n\nAssistant: w",
+        },  # 8 differ before the last reply
+        {"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello"},  # 9 empty chosen
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: yo",
+            "rejected": "\n\nHuman: hi\n\nAssistant:   ",
+        },  # 10 empty rejected
+        {
+            "chosen": "\n\nHuman: hi\n\nAssistant: same",
+            "rejected": "\n\nHuman: hi\n\nAssistant: same ",
+        },  # 11 identical
+        dict(good[2]),  # 12 duplicate of row 3
+        {
+            "chosen": "\n\nHuman: " + "word " * 300 + "\n\nAssistant: a",
+            "rejected": "\n\nHuman: " + "word " * 300 + "\n\nAssistant: b",
+        },  # 13
+    ]
+
+
+EXPECTED_DROPS = [
+    (7, NO_SHARED_PROMPT),
+    (8, DIVERGE),
+    (9, EMPTY),
+    (10, EMPTY),
+    (11, IDENTICAL),
+    (12, DUPLICATE),
+    (13, PROMPT_TOO_LONG),
+]
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "text"])
+def test_each_degenerate_class_is_dropped_and_counted_and_no_row_is_lost(tokenizer, prompt_format):
+    rows = bad_hh_rows()
+    report = check_data(Dataset.from_list(rows), "hh.jsonl", tokenizer, prompt_format=prompt_format, max_length=256)
+    assert report.drops == EXPECTED_DROPS
+    assert report.kept_rows == [1, 2, 3, 4, 5, 6]
+    assert report.rows_in == len(rows) == report.rows_kept + report.rows_dropped
+    assert report.dropped == {
+        NO_SHARED_PROMPT: 1,
+        DIVERGE: 1,
+        EMPTY: 2,
+        IDENTICAL: 1,
+        DUPLICATE: 1,
+        PROMPT_TOO_LONG: 1,
+    }
+    table = report.table()
+    assert "rows in        13" in table and "rows kept       6" in table
+    assert "2  empty chosen or rejected: row 9, 10" in table
+    assert report.warning().startswith("warning: hh.jsonl: dropped 7 of 13 rows")
+
+
+def test_fail_instead_of_drop(tokenizer):
+    with pytest.raises(UserError, match=r"hh.jsonl: dropped 7 of 13 rows .*Degenerate rows fail this run"):
+        check_data(Dataset.from_list(bad_hh_rows()), "hh.jsonl", tokenizer, max_length=256, degenerate_rows="fail")
+
+
+def test_no_usable_row_is_an_error_that_shows_the_table(tokenizer):
+    rows = [{"prompt": "q", "chosen": "same", "rejected": "same"}] * 3
+    with pytest.raises(UserError, match=r"(?s)no usable pair.*chosen identical to rejected: row 1, 2, 3"):
+        check_data(Dataset.from_list(rows), "d.jsonl", tokenizer)
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "text"])
+def test_token_counts_and_length_drops_are_exactly_trls(tokenizer, prompt_format):
+    """The doctor's prompt / chosen / rejected token counts equal those TRL trains on, and after
+    the doctor TRL's own 'prompt fills max_length' filter has nothing left to drop silently."""
+    ensure_chat_template(tokenizer)
+    rows = bad_hh_rows()
+    pairs, _ = to_pairs(Dataset.from_list(rows), "hh", prompt_format=prompt_format)
+    max_length = 256
+    report = examine(pairs, tokenizer, max_length)
+    trl_kept = trl_tokenized(report.kept, tokenizer, max_length)
+    assert len(trl_kept) == report.rows_kept  # nothing more for TRL to drop
+    trl_counts = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trl_kept]
+    ours = list(
+        zip(report.lengths["prompt"].tolist(), report.lengths["chosen"].tolist(), report.lengths["rejected"].tolist())
+    )
+    assert ours == trl_counts
+    # without the doctor, TRL would drop the long-prompt row, and only that one, silently
+    trl_all = trl_tokenized(pairs.select(range(len(rows) - 1, len(rows))), tokenizer, max_length)
+    assert len(trl_all) == 0
+
+
+def test_a_prompt_of_exactly_max_length_is_dropped_as_trl_would(tokenizer):
+    pairs, _ = to_pairs(Dataset.from_list(orca_rows(6)), "orca", prompt_format="text")
+    prompt_lengths = examine(pairs, tokenizer, max_length=None).lengths["prompt"].tolist()
+    limit = max(prompt_lengths)  # the longest prompts alone fill max_length exactly
+    report = examine(pairs, tokenizer, max_length=limit)
+    assert (
+        report.dropped[PROMPT_TOO_LONG]
+        == prompt_lengths.count(limit)
+        == 6 - len(trl_tokenized(pairs, tokenizer, limit))
+    )
+    assert 0 < report.rows_kept < 6
+
+
+def test_truncated_share_counts_rows_longer_than_max_length(tokenizer):
+    ensure_chat_template(tokenizer)
+    pairs, _ = to_pairs(Dataset.from_list(h4_ultrafeedback_rows(9)), "uf")
+    full = examine(pairs, tokenizer, max_length=None)
+    totals = full.lengths["prompt"] + [max(c, r) for c, r in zip(full.lengths["chosen"], full.lengths["rejected"])]
+    limit = int(sorted(totals)[4])  # rows longer than the median total are truncated
+    report = examine(pairs, tokenizer, max_length=limit)
+    assert report.truncated == sum(int(t) > limit for t in totals) > 0
+    assert f"truncated by max_length={limit}: {report.truncated} of 9 rows" in report.table()
+    assert "nothing is truncated" in full.table()
+
+
+def test_lengths_without_a_tokenizer_are_characters_and_drop_nothing_for_length():
+    rows = bad_hh_rows()
+    report = check_data(Dataset.from_list(rows), "hh", None, max_length=8)
+    assert report.unit == "characters" and PROMPT_TOO_LONG not in report.dropped
+    assert report.kept_rows == [1, 2, 3, 4, 5, 6, 13]
+    q_len = len(rows[0]["chosen"].rsplit("\n\nAssistant:", 1)[0]) + len("\n\nAssistant:")
+    assert report.lengths["prompt"][0] == q_len  # prompt rendered by the plain template = HH text
+
+
+def test_conversational_rows_with_a_chat_template_failure_name_the_row(tokenizer):
+    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    rows = orca_rows(4)  # rows 2 and 4 have a system text
+    with pytest.raises(UserError, match="orca, row 2: the chat template failed on this row: no system role"):
+        check_data(Dataset.from_list(rows), "orca", tokenizer)
+
+
+# ── command line ─────────────────────────────────────────────────────────────────────────
+
+
+def test_cli_prints_the_table_and_writes_a_histogram(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(trl_ultrafeedback_rows(12) + trl_ultrafeedback_rows(2), tmp_path / "uf.jsonl")  # 2 duplicates
+    png = tmp_path / "lengths.png"
+    report = main(
+        [str(data), "--model_name_or_path", str(tiny_model_dir), "--max_length", "512", "--histogram", str(png)]
+    )
+    out, err = capsys.readouterr()
+    assert out.startswith(f"data doctor: {data}")
+    assert "dropped         2  duplicate of an earlier row: row 13, 14" in out
+    assert "truncated by max_length=512" in out and "first pair as the model sees it" in out
+    assert "dropped 2 of 14 rows" in err
+    assert report.rows_kept == 12
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _stats_line(table: str, part: str) -> str:
+    return next(line for line in table.splitlines() if line.split()[:1] == [part])
+
+
+def test_cli_text_format_phi2_counts_what_the_phi2_recipe_trains_on(truthy_file, tiny_model_dir, capsys):
+    """`--prompt_format text --text_format phi2` formats rows as recipes/dpo_phi2.py does (its
+    check_data call, repeated here), so the CLI's token counts are the recipe's."""
+    cli = main(
+        [
+            str(truthy_file),
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--prompt_format",
+            "text",
+            "--text_format",
+            "phi2",
+        ]
+    )
+    out = capsys.readouterr().out
+    recipe = check_data(
+        load_preference_data(str(truthy_file)),
+        str(truthy_file),
+        load_tokenizer(str(tiny_model_dir)),
+        prompt_format="text",
+        text_format=phi2_qa_format,
+        max_length=1024,
+        truncation_mode="keep_start",
+    )
+    for part in ("prompt", "chosen", "rejected"):
+        assert cli.lengths[part].tolist() == recipe.lengths[part].tolist(), part
+    assert _stats_line(out, "prompt") == _stats_line(recipe.table(), "prompt")
+    assert "prompt: 'Instruct: " in out and "(phi2_qa_format)" in out
+    plain = main([str(truthy_file), "--model_name_or_path", str(tiny_model_dir), "--prompt_format", "text"])
+    assert (
+        plain.lengths["prompt"] < cli.lengths["prompt"]
+    ).all()  # the flag changes the counts: "Instruct:", "Output:"
+
+
+def test_cli_text_format_needs_text_prompt_format(truthy_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(truthy_file), "--text_format", "phi2"])
+    assert info.value.code == 2 and "add --prompt_format text" in capsys.readouterr().err
+
+
+def test_cli_column_mapping_and_characters(tmp_path, capsys):
+    data = tmp_path / "mine.csv"
+    Dataset.from_list([{"query": f"q{i}", "good": "yes", "bad": "no"} for i in range(3)]).to_csv(data, index=False)
+    report = main([str(data), "--prompt_column", "query", "--chosen_column", "good", "--rejected_column", "bad"])
+    assert report.rows_kept == 3 and "characters" in capsys.readouterr().out
+
+
+def test_cli_fail_on_degenerate_exits_2(tmp_path, capsys):
+    data = write_jsonl(
+        [{"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": "a", "rejected": "b"}],
+        tmp_path / "d.jsonl",
+    )
+    with pytest.raises(SystemExit) as info:
+        main([str(data), "--fail_on_degenerate"])
+    assert info.value.code == 2 and "1 chosen identical to rejected" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_schema_error_exits_2_with_one_clean_line(tmp_path):
+    data = tmp_path / "broken.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + '\n{"prompt": "q", "chosen": \n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo.doctor", str(data)], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"error: {data}, line 2: malformed JSON" in proc.stderr
+
+
+def test_cli_speaks_the_recipes_flag_names(tmp_path, capsys):
+    """--dataset_name / --dataset_train_split as in every recipe; --config is a recipe's YAML file, not a doctor flag."""
+    from datasets import DatasetDict
+
+    rows = [{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(5)]
+    DatasetDict({"train": Dataset.from_list(rows[:3]), "test": Dataset.from_list(rows[3:])}).save_to_disk(
+        tmp_path / "dd"
+    )
+    report = main(["--dataset_name", str(tmp_path / "dd"), "--dataset_train_split", "test"])
+    assert report.rows_in == 2 and capsys.readouterr().out.startswith(f"data doctor: {tmp_path / 'dd'}")
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "dd"), "--config", "en"])
+    assert info.value.code == 2 and "unrecognized arguments: --config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2 and "no dataset" in capsys.readouterr().err

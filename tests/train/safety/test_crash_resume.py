@@ -1,0 +1,203 @@
+"""Kill -9 and signals at chosen moments of training and saving (dpo/train/safety/checkpoints.py, dpo/train/safety/runs.py,
+dpo/train/safety/interrupts.py), through the phi-2 recipe on the tiny 4-bit model.
+
+The moments come from the test hook DPO_TEST_SIGNAL_AT=<point>:<step>[:<signal>] (see
+dpo.train.safety.checkpoints.kill_point), which sends the signal from inside the process at that exact point,
+so every kill lands where the test says, inside a save included.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from helpers import ROOT, load_recipe
+from safetensors.torch import load_file
+
+from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
+from dpo.train.safety.runs import RUN_MARKER
+
+
+def flags(tiny_model_dir, truthy_file, output_dir, *extra):
+    return [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--dataset_name",
+        str(truthy_file),
+        "--output_dir",
+        str(output_dir),
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "1",  # the harshest rotation: only one checkpoint is ever kept
+        "--gradient_accumulation_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",  # large: every step changes the adapter visibly
+        "--logging_steps",
+        "1",
+        "--test_size",
+        "0",
+        *extra,
+    ]
+
+
+def run_recipe(argv, signal_at="", cwd=None):
+    """The recipe as a user runs it, in its own process, with the test hook set."""
+    env = {**os.environ, "DPO_TEST_SIGNAL_AT": signal_at}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def train_losses(output_dir):
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [(h["step"], h["loss"], h["num_tokens"]) for h in state["log_history"] if "loss" in h]
+
+
+@pytest.mark.slow
+def test_kill_9_in_saves_and_steps_then_last_ends_bit_identical(tiny_model_dir, truthy_file, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    assert run_recipe(flags(tiny_model_dir, truthy_file, reference)).returncode == 0
+    out = tmp_path / "killed"
+    argv = flags(tiny_model_dir, truthy_file, out)
+
+    # 1. kill -9 inside the save of checkpoint-4: files written, marker not yet
+    proc = run_recipe(argv, "files:4")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert checkpoint_problems(out / "checkpoint-4"), "a half-saved checkpoint passed as complete"
+    assert not checkpoint_problems(out / "checkpoint-2"), "rotation deleted the last complete checkpoint"
+
+    # 2. `last` falls back to checkpoint-2 with a warning; kill -9 after optimizer step 5
+    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"], "step:5")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "skipping" in proc.stdout and "checkpoint-4: incomplete" in proc.stdout
+    assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
+    assert not checkpoint_problems(out / "checkpoint-4")
+
+    # 3. resume from checkpoint-4; kill -9 while the final files replace each other
+    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"], "final-cleared:6")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert f"resuming from {out / 'checkpoint-4'}" in proc.stdout
+    assert not (out / RUN_MARKER).exists(), "a half-written output_dir looks finished"
+
+    # 4. resume from checkpoint-6 (the end): only the final files are written
+    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / RUN_MARKER).is_file()
+
+    expected = load_file(reference / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert train_losses(out) == train_losses(reference)  # every step's loss and num_tokens, exactly
+    ref_metrics = json.loads((reference / "final_metrics.json").read_text())
+    metrics = json.loads((out / "final_metrics.json").read_text())
+    assert metrics["num_tokens"] == ref_metrics["num_tokens"] > 0
+    # the same six per-step losses, summed in a different order (float64 rounding only)
+    assert math.isclose(metrics["train_loss"], ref_metrics["train_loss"], rel_tol=1e-12)
+    assert metrics["train_resumed_at_step"] == 6
+
+
+TRAINING_BEGINS = "trainable parameters:"  # the recipe's log line once the model is built, just before training
+
+
+def run_until(argv, kill_after=None):
+    """The recipe in its own process, streamed; `kill_after` seconds after TRAINING_BEGINS is printed,
+    kill -9 from outside, wherever the run is then. Returns (exit status, seconds from that line to the end)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    watchdog = threading.Timer(300, proc.kill)  # a hung run fails the test instead of hanging it
+    watchdog.start()
+    began, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if began is None and TRAINING_BEGINS in line:
+            began = time.monotonic()
+            if kill_after is not None:
+                threading.Timer(kill_after, proc.kill).start()
+    status = proc.wait()
+    watchdog.cancel()
+    assert status in (0, -signal.SIGKILL) and (began is not None or status), "".join(lines)[-3000:]
+    return status, (time.monotonic() - began) if began else 0.0
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_last_ends_bit_identical(tiny_model_dir, truthy_file, tmp_path):
+    """kill -9 from outside at seeded random moments of training, saving and writing the final files
+    (not at hook points: wherever the process happens to be, a torch.save half-done included),
+    then `--resume_from_checkpoint last` (or a fresh start if no checkpoint is complete yet), until the
+    run finishes: the adapter and every logged step equal an uninterrupted run's."""
+    reference = tmp_path / "uninterrupted"
+    status, training = run_until(flags(tiny_model_dir, truthy_file, reference))
+    assert status == 0
+    rng, out, kills = random.Random(1), tmp_path / "killed", 0
+    for _ in range(12):
+        resume = ["--resume_from_checkpoint", "last"] if newest_complete_checkpoint(out, warn=False) else []
+        kill_after = rng.uniform(0, 0.8 * training) if kills < 4 else None
+        status, _ = run_until([*flags(tiny_model_dir, truthy_file, out), *resume], kill_after)
+        if status == 0:
+            break
+        assert status == -signal.SIGKILL
+        kills += 1
+    assert status == 0 and kills >= 1  # the first kill always lands: it comes before a full run would end
+    expected = load_file(reference / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert train_losses(out) == train_losses(reference)
+    assert (out / RUN_MARKER).is_file()
+
+
+def run_in_process(argv, signal_at, monkeypatch, capsys):
+    """The recipe's entry point in this process, signals sent by the hook: (exit status, stdout, stderr)."""
+    monkeypatch.setenv("DPO_TEST_SIGNAL_AT", signal_at)
+    with pytest.raises(SystemExit) as stopped:
+        load_recipe("dpo_phi2").main(argv)
+    out, err = capsys.readouterr()
+    return stopped.value.code, out, err
+
+
+def test_ctrl_c_exits_130_without_traceback_and_a_second_one_cannot_break_the_save(
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys
+):
+    """SIGINT during step 3, and again while checkpoint-3 is being written."""
+    out = tmp_path / "run"
+    argv = flags(tiny_model_dir, truthy_file, out, "--save_steps", "100")
+    status, stdout, stderr = run_in_process(argv, "step:3:SIGINT,files:3:SIGINT", monkeypatch, capsys)
+    assert status == 130
+    assert "Traceback" not in stderr
+    assert "will be finished first" in stdout
+    assert not checkpoint_problems(out / "checkpoint-3")
+    assert not (out / "adapter_model.safetensors").exists() and not (out / RUN_MARKER).exists()
+    assert "resume with --resume_from_checkpoint last" in stderr.lower()
+
+
+def test_sigterm_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = flags(tiny_model_dir, truthy_file, out, "--save_steps", "100")
+    status, _, stderr = run_in_process(argv, "step:3:SIGTERM", monkeypatch, capsys)
+    assert status == 128 + signal.SIGTERM
+    assert "Traceback" not in stderr and "SIGTERM at step 3" in stderr
+    assert not checkpoint_problems(out / "checkpoint-3")
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and MARKER in os.listdir(out / "checkpoint-3")

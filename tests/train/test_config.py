@@ -1,0 +1,163 @@
+"""The recipe YAML through the real TrlParser; hardware precision; accelerate configs."""
+
+import pytest
+import torch
+from helpers import ROOT, load_recipe
+
+from dpo.compat import ModelConfig
+from dpo.train.config import RecipeDPOConfig, parse_recipe_args
+
+PHI2_YAML = ROOT / "recipes" / "dpo_phi2.yaml"
+
+
+def parse(argv=()):
+    recipe = load_recipe("dpo_phi2")
+    return parse_recipe_args((recipe.ScriptArguments, RecipeDPOConfig, ModelConfig), PHI2_YAML, list(argv))
+
+
+def test_phi2_yaml_parses_with_the_documented_settings():
+    script, training, model, precision = parse()
+    assert model.model_name_or_path == "microsoft/phi-2"
+    assert script.dataset_name == "jondurbin/truthy-dpo-v0.1"
+    assert model.load_in_4bit and model.bnb_4bit_quant_type == "nf4" and model.use_bnb_nested_quant
+    assert model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    assert training.beta == 0.1 and training.loss_type == ["sigmoid"]
+    # the DPO paper's batch: 2 pairs x 32 accumulation
+    assert training.per_device_train_batch_size * training.gradient_accumulation_steps == 64
+    # the YAML uses transformers 5's name; TRL 1.16 reads the old one, which must follow it
+    assert training.activation_checkpointing and training.gradient_checkpointing
+    assert not training.trust_remote_code
+    assert training.output_dir == "outputs/dpo_phi2"
+
+
+def test_yaml_opens_with_the_command_that_runs_it():
+    first_lines = PHI2_YAML.read_text().splitlines()[:6]
+    assert any("accelerate launch recipes/dpo_phi2.py" in line for line in first_lines)
+
+
+def test_cli_overrides_yaml_and_other_config(tmp_path):
+    _, training, _, _ = parse(["--beta", "0.2"])
+    assert training.beta == 0.2
+    other = tmp_path / "other.yaml"
+    other.write_text(PHI2_YAML.read_text().replace("beta: 0.1", "beta: 0.3"))
+    _, training, _, _ = parse(["--config", str(other)])
+    assert training.beta == 0.3
+    _, training, _, _ = parse(["--config", str(other), "--beta", "0.4"])
+    assert training.beta == 0.4
+
+
+def test_precision_follows_hardware_on_cpu():
+    _, training, model, precision = parse()
+    assert not torch.cuda.is_available()  # conftest hides GPUs
+    assert (training.bf16, training.fp16, model.dtype, training.use_cpu) == (False, False, "float32", True)
+    assert "CPU" in precision.reason
+
+
+@pytest.mark.parametrize("bf16_ok, expected", [(True, (True, False, "bfloat16")), (False, (False, False, "float32"))])
+def test_precision_on_gpus_with_and_without_bf16(monkeypatch, bf16_ok, expected):
+    """A100-class GPUs get bf16; a T4 (no native bf16) gets fp32, never fp16 (NaN DPO losses)."""
+    from dpo.train.hardware import detect_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_ok)
+    p = detect_precision()
+    assert (p.bf16, p.fp16, p.dtype) == expected and not p.use_cpu
+
+
+def test_lora_targets_match_the_real_phi2_architecture():
+    """phi-2's published dimensions, built on the meta device: the YAML's targets cover all
+    32 layers x 6 projections; the stale remote-code names match nothing."""
+    from transformers import PhiConfig
+
+    from dpo.errors import UserError
+    from dpo.train.model_checks import check_lora_targets
+
+    phi2 = PhiConfig(
+        vocab_size=51200,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        partial_rotary_factor=0.4,
+    )
+    _, _, model, _ = parse()
+    matched = check_lora_targets(phi2, model.lora_target_modules)
+    assert len(matched) == 32 * 6
+    with pytest.raises(UserError, match="Wqkv"):
+        check_lora_targets(phi2, ["Wqkv", "out_proj"])
+
+
+def test_quant_storage_matches_model_dtype_only_when_sharded(monkeypatch):
+    from types import SimpleNamespace
+
+    from dpo.train.model_checks import match_quant_storage
+
+    def args(**kw):
+        return SimpleNamespace(load_in_4bit=True, bnb_4bit_quant_storage=None, dtype="bfloat16", **kw)
+
+    plain = SimpleNamespace(fsdp=[], deepspeed_plugin=None)
+    zero3 = SimpleNamespace(fsdp=[], deepspeed_plugin=SimpleNamespace(zero_stage=3))
+    zero2 = SimpleNamespace(fsdp=[], deepspeed_plugin=SimpleNamespace(zero_stage=2))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert match_quant_storage(args(), plain) is None
+    assert match_quant_storage(args(), zero2) is None
+    model_args = args()
+    assert match_quant_storage(model_args, zero3) == "bfloat16"
+    assert model_args.bnb_4bit_quant_storage is None  # returned, not written into the arguments
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert match_quant_storage(args(), plain) == "bfloat16"
+
+
+EXPECTED_TOPOLOGY = {
+    "single_gpu.yaml": ("NO", 1, None),
+    "multi_gpu.yaml": ("MULTI_GPU", 2, None),
+    "multi_cpu.yaml": ("MULTI_GPU", 2, None),  # torchrun's launcher; gloo on CPU (see the file)
+    "deepspeed_zero2.yaml": ("DEEPSPEED", 2, 2),
+    "deepspeed_zero3.yaml": ("DEEPSPEED", 2, 3),
+    "fsdp.yaml": ("FSDP", 2, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TOPOLOGY))
+def test_accelerate_config_loads_with_accelerates_loader(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "accelerate_configs" / name
+    config = load_config_from_file(str(path))  # raises on unknown keys
+    kind, processes, zero_stage = EXPECTED_TOPOLOGY[name]
+    assert config.distributed_type.value == kind
+    assert config.num_processes == processes
+    assert str(config.mixed_precision) in ("no", "PrecisionType.NO")  # precision comes from the recipe
+    if zero_stage:
+        assert config.deepspeed_config["zero_stage"] == zero_stage
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+    assert f"--config_file accelerate_configs/{name}" in path.read_text()
+
+
+def test_every_accelerate_config_is_tested():
+    assert sorted(p.name for p in (ROOT / "accelerate_configs").glob("*.yaml")) == sorted(EXPECTED_TOPOLOGY)
+
+
+def test_readme_shows_the_single_gpu_launch():
+    readme = (ROOT / "README.md").read_text()
+    assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py" in readme
+
+
+def test_all_linear_targets_every_linear_layer_but_the_output_head():
+    """As PEFT's all-linear: 2 layers x 6 projections, and not lm_head."""
+    from dpo.offline.tiny import build_tokenizer, tiny_phi_config
+    from dpo.train.model_checks import check_lora_targets
+
+    matched = check_lora_targets(tiny_phi_config(len(build_tokenizer())), "all-linear")
+    assert len(matched) == 12 and "lm_head" not in matched
+
+
+def test_lora_config_returns_a_list_of_targets_and_leaves_model_args_alone():
+    from dpo.compat import lora_config
+
+    model_args = ModelConfig(model_name_or_path="x", use_peft=True, lora_target_modules=["q_proj"])
+    assert model_args.lora_target_modules == "q_proj"  # TRL turns a one-item list into a bare string (a regex to PEFT)
+    assert set(lora_config(model_args).target_modules) == {"q_proj"}
+    assert model_args.lora_target_modules == "q_proj"
