@@ -136,7 +136,8 @@ def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
     return "".join(out) + ("\n\nAssistant:" if add_generation_prompt else "")
 
 
-def _common_prefix(a: list, b: list) -> int:
+def common_prefix_length(a: list, b: list) -> int:
+    """How many leading tokens two id lists share: where TRL's answer starts (dpo_trainer.tokenize_fn)."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the usual case, at C speed
         return n
@@ -160,6 +161,6 @@ def count_tokens(texts: list[tuple[str, str, str]], tokenizer, chat: bool) -> li
     out = []
     for i in range(0, len(ids), 3):
         p, pc, pr = ids[i], ids[i + 1], ids[i + 2]
-        n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+        n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
         out.append((n, len(pc) - n, len(pr) - n))
     return out

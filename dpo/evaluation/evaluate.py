@@ -92,7 +92,7 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
 # ── log-probabilities and generations ────────────────────────────────────────────────────────
 def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
     """Token ids of each prompt and of its chosen and rejected answers, split and truncated as TRL does."""
-    from dpo.data.formats import _common_prefix, render
+    from dpo.data.formats import common_prefix_length, render
 
     prompt_ids, chosen_ids, rejected_ids = [], [], []
     for pair in pairs:
@@ -100,7 +100,7 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
         p, pc, pr = (
             tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in render(**pair, tokenizer=tokenizer)
         )
-        n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+        n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
         keep = max_length - n if max_length else None  # keep_start: the answer is cut, the prompt kept
         prompt_ids.append(p[:n])
         chosen_ids.append(pc[n:][:keep])
@@ -148,7 +148,7 @@ def as_model(model, name: str):
 # ── the whole evaluation ─────────────────────────────────────────────────────────────────────
 def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, batch_size=8, seed=0) -> dict:
     from dpo.evaluation.judge import mean_interval, wilson
-    from dpo.offline.sentiment import completion_logps
+    from dpo.scratch.logps import completion_logps
 
     output_dir = Path(output_dir)
     resolved, pairs = read_run(output_dir)

@@ -10,7 +10,8 @@ import math
 import time
 from pathlib import Path
 
-from dpo.offline.sentiment import completion_logps, decode, n_words, reward, sample, well_formed
+from dpo.offline.sentiment import decode, n_words, reward, sample, well_formed
+from dpo.scratch.logps import completion_logps
 from dpo.train.adapters import as_reference
 
 
