@@ -69,7 +69,7 @@ __all__ = [
     "use_samplers",
     "lean_cpu_lm_head",
     "upcast_trainable_params",
-    "EvalOnceDPOTrainer",
+    "RecipeDPOTrainer",
     "without_zero3_init",
 ]
 
@@ -308,14 +308,19 @@ def without_zero3_init():
     return set_zero3_state()
 
 
-class EvalOnceDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, except that held-out reward metrics count every pair once under N processes.
+class RecipeDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer as every recipe builds it (beside RecipeDPOConfig), with three changes:
 
-    To give every process a full last batch, accelerate pads the last evaluation batch with pairs
-    from the start of the set; `gather_for_metrics` drops that padding again. TRL 1.16 gathers
-    entropy, logits and token accuracy with `gather_for_metrics`, but rewards/* and logps/* with a
-    plain `gather`, so under N processes those counted some held-out pairs twice. During evaluation
-    (and only then) this routes `gather` through the same truncation. One process: no change.
+    1. Held-out metrics count each pair once under N processes. To give every process a full last
+       batch, accelerate pads the last evaluation batch with pairs from the start of the set;
+       `gather_for_metrics` drops that padding again. TRL 1.16 gathers entropy, logits and token
+       accuracy with `gather_for_metrics`, but rewards/* and logps/* with a plain `gather`, so under N
+       processes those counted some held-out pairs twice. During evaluation (and only then) this
+       routes `gather` through the same truncation. One process: no change.
+    2. A lean LM head on CPU in training steps (`lean_cpu_lm_head`): completion tokens only, in
+       narrow tiles; the same log-probs and gradients as TRL's CPU path, far less memory.
+    3. The same lean head when it scores the reference (`compute_ref_log_probs`: TRL's
+       precompute_ref_log_probs and dpo/train/speed/refcache.py) and in evaluation steps.
     """
 
     def _lm_head(self):

@@ -17,7 +17,7 @@ import torch
 
 from dpo.compat import (
     DPOTrainer,
-    EvalOnceDPOTrainer,
+    RecipeDPOTrainer,
     load_final_checkpoint,
     lora_config,
     quantization_config,
@@ -75,7 +75,7 @@ def build_dpo_trainer(
     else:
         peft_config = lora_config(model_args)
     with portable_4bit_layers():  # TRL's precompute_ref_log_probs runs the model inside __init__
-        trainer = EvalOnceDPOTrainer(
+        trainer = RecipeDPOTrainer(
             model=model,
             ref_model=None,  # the base with adapters disabled (or TRL's frozen "ref" copy of the SFT adapter)
             args=trainer_args,
