@@ -166,7 +166,7 @@ def test_evaluation_reads_no_demo_and_no_private_helper():
 
 
 def test_entry_modules_only_call_the_real_main():
-    """dpo/doctor.py & co.: a docstring, `from <real module> import main`, `if __name__ == "__main__": main()`."""
+    """Each entry module: a docstring, `from <real module> import main`, `if __name__ == "__main__": main()`."""
     for name, real in ENTRY_MODULES.items():
         body = ast.parse((ROOT / "dpo" / f"{name}.py").read_text()).body
         assert len(body) == 3, name
