@@ -40,6 +40,9 @@ from trl import (
 )
 from trl.trainer.utils import create_model_from_path, use_adapter
 
+from dpo.scratch.loss_settings import LOSS_TYPES as _ALL_LOSS_TYPES
+from dpo.scratch.loss_settings import NOT_IN_TRL as _NOT_IN_TRL
+
 __all__ = [
     "DPOConfig",
     "DPOTrainer",
@@ -86,24 +89,9 @@ _DPO_FIELDS = {f.name: f for f in dataclasses.fields(DPOConfig)}
 TRL_DEFAULT_MAX_LENGTH: int | None = _DPO_FIELDS["max_length"].default
 TRL_DEFAULT_TRUNCATION_MODE: str = _DPO_FIELDS["truncation_mode"].default
 
-# DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights).
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
+# DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights): the from-scratch
+# loss types less the ones TRL dropped (tests/test_library.py checks them against TRL's own list).
+LOSS_TYPES = tuple(name for name in _ALL_LOSS_TYPES if name not in _NOT_IN_TRL)
 
 # What DPOTrainer logs every `logging_steps` (eval_ prefixed during evaluation).
 REWARD_METRICS = (
