@@ -41,6 +41,9 @@ from trl import (
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import create_model_from_path, use_adapter
 
+from dpo.scratch.loss_settings import LOSS_TYPES as _ALL_LOSS_TYPES
+from dpo.scratch.loss_settings import NOT_IN_TRL as _NOT_IN_TRL
+
 __all__ = [
     "DataCollatorForPreference",
     "DPOConfig",
@@ -88,24 +91,9 @@ _DPO_FIELDS = {f.name: f for f in dataclasses.fields(DPOConfig)}
 TRL_DEFAULT_MAX_LENGTH: int | None = _DPO_FIELDS["max_length"].default
 TRL_DEFAULT_TRUNCATION_MODE: str = _DPO_FIELDS["truncation_mode"].default
 
-# DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights).
-LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
+# DPOConfig.loss_type accepts a list of these (combined with DPOConfig.loss_weights): the from-scratch
+# loss types less the ones TRL dropped (tests/test_library.py checks them against TRL's own list).
+LOSS_TYPES = tuple(name for name in _ALL_LOSS_TYPES if name not in _NOT_IN_TRL)
 
 # What DPOTrainer logs every `logging_steps` (eval_ prefixed during evaluation).
 REWARD_METRICS = (
@@ -311,13 +299,18 @@ def without_zero3_init():
 
 
 class RecipeDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer, except that held-out reward metrics count every pair once under N processes.
+    """TRL's DPOTrainer as every recipe builds it (beside RecipeDPOConfig), with three changes:
 
-    To give every process a full last batch, accelerate pads the last evaluation batch with pairs
-    from the start of the set; `gather_for_metrics` drops that padding again. TRL 1.16 gathers
-    entropy, logits and token accuracy with `gather_for_metrics`, but rewards/* and logps/* with a
-    plain `gather`, so under N processes those counted some held-out pairs twice. During evaluation
-    (and only then) this routes `gather` through the same truncation. One process: no change.
+    1. Held-out metrics count each pair once under N processes. To give every process a full last
+       batch, accelerate pads the last evaluation batch with pairs from the start of the set;
+       `gather_for_metrics` drops that padding again. TRL 1.16 gathers entropy, logits and token
+       accuracy with `gather_for_metrics`, but rewards/* and logps/* with a plain `gather`, so under N
+       processes those counted some held-out pairs twice. During evaluation (and only then) this
+       routes `gather` through the same truncation. One process: no change.
+    2. A lean LM head on CPU in training steps (`lean_cpu_lm_head`): completion tokens only, in
+       narrow tiles; the same log-probs and gradients as TRL's CPU path, far less memory.
+    3. The same lean head when it scores the reference (`compute_ref_log_probs`: TRL's
+       precompute_ref_log_probs and dpo/train/speed/refcache.py) and in evaluation steps.
     """
 
     def _lm_head(self):

@@ -38,6 +38,15 @@ ROOT = Path(__file__).resolve().parents[1]
 HH_FILE = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 
 
+def cli(**settings) -> list[str]:
+    """Command-line flags from settings, in the order given: cli(max_steps=4, output_dir=out) is
+    ["--max_steps", "4", "--output_dir", str(out)]; booleans as TrlParser reads them (true/false)."""
+    argv = []
+    for name, value in settings.items():
+        argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
 def load_script(path: str | Path, name: str | None = None):
     """Import a script file (a recipe, a benchmark) as a module without running its `__main__`."""
     path = Path(path)

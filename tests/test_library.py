@@ -1,7 +1,6 @@
 """Properties of the dpo/ library as a whole."""
 
 import ast
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -22,15 +21,16 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_from_scratch_dpo_uses_plain_pytorch_only():
-    """loss.py never imports TRL or transformers; loop.py imports no TRL (it may use peft)."""
-    assert not imported_modules(ROOT / "dpo" / "scratch" / "loss.py") & {"trl", "transformers", "peft"}
-    assert "trl" not in imported_modules(ROOT / "dpo" / "scratch" / "loop.py")
+    """dpo/scratch/ never imports TRL or transformers; only loop.py may use peft (to disable adapters)."""
+    for path in sorted((ROOT / "dpo" / "scratch").glob("*.py")):
+        allowed = {"peft"} if path.name == "loop.py" else set()
+        assert not imported_modules(path) & ({"trl", "transformers", "peft", "bitsandbytes"} - allowed), path.name
 
 
 def test_trl_is_imported_only_in_compat():
     """Everything sensitive to the TRL version lives in dpo/compat.py."""
-    users = sorted(p.name for p in (ROOT / "dpo").glob("*.py") if "trl" in imported_modules(p))
-    assert users == ["compat.py"]
+    users = sorted(str(p.relative_to(ROOT)) for p in library_files() if "trl" in imported_modules(p))
+    assert users == ["dpo/compat.py"]
 
 
 def test_loss_types_match_trl_and_our_module():
@@ -65,7 +65,7 @@ def test_no_script_in_recipes_shadows_the_library():
 def test_the_library_never_loads_files_from_recipes():
     """dpo/ works installed without -e: recipes, notebooks, benchmarks and tests import dpo/, never the reverse."""
     offenders = []
-    for path in sorted((ROOT / "dpo").glob("*.py")):
+    for path in library_files():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and node.value in ("recipes", "recipes/"):
                 offenders.append(f"{path.name}:{node.lineno}: path into recipes/")
@@ -74,9 +74,126 @@ def test_the_library_never_loads_files_from_recipes():
     assert offenders == []
 
 
-def test_readme_layout_lists_every_module():
+# ── the layout: every module in a subpackage that names its job, imports running downward ──────
+# Lowest first. A module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    "dpo.errors dpo.log dpo.files dpo.plots",  # shared by all: one-line errors, progress, whole folders, plots
+    "dpo.scratch",  # DPO in plain PyTorch: loss, loss settings, log-probs, loop
+    "dpo.compat",  # the one TRL seam (its loss types: the from-scratch ones less those TRL dropped)
+    "dpo.train",  # config, checks, the trainer builder; train.safety (runs that never lie), train.speed
+    "dpo.data",  # loading, layouts -> pairs, formats, the data doctor
+    "dpo.evaluation",  # evaluate, judge, report, export, model card
+    "dpo.offline",  # what works without the Hub: pip-packaged models, the tiny model, the sentiment demo
+]
+# `python -m dpo.<name>` keeps its short name: dpo/<name>.py only imports the real `main` and calls it.
+# dpo/__init__.py may import any layer cheaply (it installs the bitsandbytes log filter).
+ENTRY_MODULES = {
+    "doctor": "dpo.data.doctor",
+    "evaluate": "dpo.evaluation.evaluate",
+    "export": "dpo.evaluation.export",
+    "tiny": "dpo.offline.tiny",
+    "models": "dpo.offline.pip_models",
+}
+
+
+def library_files() -> list[Path]:
+    return sorted((ROOT / "dpo").rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer_of(module: str) -> int | None:
+    """Index in LAYERS; None for an entry module or dpo/__init__.py (above every layer)."""
+    for i, members in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members.split()):
+            return i
+    return None
+
+
+def dpo_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every dpo module `path` imports, `from dpo.data import doctor` as dpo.data.doctor."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "dpo"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dpo":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                is_module = (ROOT / (sub.replace(".", "/") + ".py")).exists() or (
+                    ROOT / sub.replace(".", "/")
+                ).is_dir()
+                found.append((node.lineno, sub if is_module else node.module))
+    return found
+
+
+def test_every_module_lives_in_a_subpackage_or_is_shared_or_an_entry():
+    top = {p.stem for p in (ROOT / "dpo").glob("*.py")} - {"__init__"}
+    shared = {m.split(".")[1] for layer in (LAYERS[0], LAYERS[2]) for m in layer.split()}
+    assert top == shared | set(ENTRY_MODULES), "a new module goes into the subpackage that names its job"
+    for path in library_files():
+        assert path.name == "__init__.py" or layer_of(module_name(path)) is not None or path.stem in ENTRY_MODULES
+    assert not (ROOT / "dpo" / "train" / "model.py").exists()  # model checks and pip models are named apart
+
+
+def test_imports_run_downward_only():
+    """shared < scratch < compat < train < data < evaluation < offline; nothing imports an entry module."""
+    entries = {f"dpo.{name}" for name in ENTRY_MODULES}
+    upward = []
+    for path in library_files():
+        here = layer_of(module_name(path))
+        for line, target in dpo_imports(path):
+            where = f"{path.relative_to(ROOT)}:{line} imports {target}"
+            if target in entries:
+                upward.append(where + " (an entry module)")
+            elif here is not None and target != "dpo" and (layer_of(target) or 0) > here:
+                upward.append(where)
+    assert upward == []
+
+
+def test_the_from_scratch_code_leaves_the_kernel_workaround_to_its_caller():
+    for path in sorted((ROOT / "dpo" / "scratch").glob("*.py")):
+        assert not [t for _, t in dpo_imports(path) if t.startswith("dpo.train")], path.name
+
+
+def test_evaluation_reads_no_demo_and_no_private_helper():
+    for path in sorted((ROOT / "dpo" / "evaluation").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert not [t for _, t in dpo_imports(path) if t.startswith("dpo.offline")], path.name
+        private = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+        assert not [name for name in private if name.startswith("_")], path.name
+
+
+def test_entry_modules_only_call_the_real_main():
+    """Each entry module: a docstring, `from <real module> import main`, `if __name__ == "__main__": main()`."""
+    for name, real in ENTRY_MODULES.items():
+        body = ast.parse((ROOT / "dpo" / f"{name}.py").read_text()).body
+        assert len(body) == 3, name
+        docstring, imported, guard = body
+        assert isinstance(docstring, ast.Expr) and f"python -m dpo.{name}" in docstring.value.value
+        assert isinstance(imported, ast.ImportFrom) and imported.module == real
+        assert [a.name for a in imported.names] == ["main"]
+        assert isinstance(guard, ast.If) and ast.unparse(guard.body[0]) == "main()"
+
+
+def test_the_package_ships_every_subpackage():
+    """pyproject's setuptools package list covers every folder with an __init__.py (pip install -e . and a wheel)."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["packages"]["find"]["include"] == ["dpo", "dpo.*"]
+    folders = {module_name(p) for p in (ROOT / "dpo").rglob("__init__.py")}
+    assert {"dpo", "dpo.train", "dpo.train.safety", "dpo.train.speed", "dpo.data", "dpo.scratch"} <= folders
+    assert all((ROOT / m.replace(".", "/") / "__init__.py").exists() for m in folders)
+    for path in library_files():  # a folder of modules without __init__.py would be left out of a wheel
+        assert (path.parent / "__init__.py").exists(), path
+
+
+def test_readme_layout_tree_names_every_subpackage():
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout") :].split("```")[1]
-    listed = set(re.findall(r"\b(\w+\.py)\b", layout))
-    modules = {p.name for p in (ROOT / "dpo").glob("*.py")} - {"__init__.py"}
-    assert modules - listed == set(), "add them to README's layout section"
+    assert len(layout.strip().splitlines()) <= 12
+    for folder in sorted({p.parent for p in library_files()} - {ROOT / "dpo"}):
+        assert folder.name + "/" in layout, f"README's layout tree misses dpo/{folder.relative_to(ROOT / 'dpo')}/"

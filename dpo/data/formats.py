@@ -137,6 +137,7 @@ def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
 
 
 def common_prefix_length(a: list, b: list) -> int:
+    """How many leading tokens two id lists share: where TRL's answer starts (dpo_trainer.tokenize_fn)."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the usual case, at C speed
         return n

@@ -152,12 +152,18 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"tiny Phi model written to {save_tiny_model(args.output_dir, args.seed)}")
     if args.truthy_rows:
         print(f"truthy-format rows written to {write_jsonl(truthy_like_rows(64, args.seed), args.truthy_rows)}")
+
+
+if __name__ == "__main__":
+    main()

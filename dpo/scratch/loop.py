@@ -11,6 +11,10 @@ The batch format is TRL's (`DataCollatorForPreference`): input_ids, attention_ma
 completion_mask of shape (2B, T), right-padded, the B chosen rows first. `collate` builds it.
 tests/scratch/test_loop_agreement.py checks that, fed the same batches, this loop reproduces the per-step
 loss of TRL's DPOTrainer.
+
+Plain PyTorch only: a 4-bit (bitsandbytes) model is the caller's to prepare. On a CPU with
+AVX512-BF16, call `dpo.train.speed.kernels.use_portable_4bit_kernels(model)` (and on a reference
+passed in) before `train`, as tests/train/speed/test_kernels.py does.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from dpo.scratch.loss import (
     wpo_weights,
 )
 from dpo.scratch.loss_settings import LENGTH_LOSS_TYPES
-from dpo.train.speed.kernels import use_portable_4bit_kernels
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -197,12 +200,10 @@ def train(
     """Train `model` with DPO for num_steps batches (cycling through `batches`); return per-step logs
     (loss, grad_norm, learning_rate and the reward metrics). `ref_model` defaults to `make_reference`.
     The defaults (lr 1e-6, AdamW, linear schedule, clip at 1.0) are DPOConfig's."""
-    use_portable_4bit_kernels(model)  # 4-bit layers: the same kernel on every CPU (dpo/train/speed/kernels.py)
     if ref_model is None and not loss_kwargs.get("reference_free", False):
         ref_model = make_reference(model)
     disable_dropout(model)
     if ref_model is not None:
-        use_portable_4bit_kernels(ref_model)  # a reference passed in may not be switched yet
         disable_dropout(ref_model)
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -44,6 +44,7 @@ from dpo.scratch.loss_settings import (
     DEFAULT_DISCOPOP_TAU,
     DEFAULT_F_ALPHA,
     F_DIVERGENCES,
+    LOSS_TYPES,
     check_args,
 )
 
@@ -172,6 +173,141 @@ class DPOLoss(NamedTuple):
     rejected_rewards: Tensor  # (B,) beta log pi(y_l|x)/pi_ref(y_l|x), detached
 
 
+class Batch(NamedTuple):
+    """What every loss function reads. u_w, u_l: log-ratios log pi/pi_ref of y_w and y_l; s_w, s_l:
+    their f-divergence scores (= u for reverse KL); h = s_w - s_l; eps = label_smoothing."""
+
+    beta: float
+    h: Tensor
+    u_w: Tensor
+    u_l: Tensor
+    s_w: Tensor
+    s_l: Tensor
+    eps: float
+    tau: float
+    policy_margin: Tensor  # log pi(y_w) - log pi(y_l), for aot
+    reference_margin: Tensor  # log pi_ref(y_w) - log pi_ref(y_l), for aot
+    chosen_lengths: Tensor | None
+    rejected_lengths: Tensor | None
+    chosen_nll: Tensor | None
+
+
+# ── one function per loss type: (Batch) -> (B,) per-pair losses ──────────────────────────────────
+
+
+def sigmoid(b: Batch) -> Tensor:
+    """DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 7): -log sigma(beta h)."""
+    return -F.logsigmoid(b.beta * b.h)
+
+
+def cdpo(b: Batch) -> Tensor:
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"), labels flipped with
+    probability eps: -(1-eps) log sigma(beta h) - eps log sigma(-beta h)."""
+    return -(1 - b.eps) * F.logsigmoid(b.beta * b.h) - b.eps * F.logsigmoid(-b.beta * b.h)
+
+
+def robust(b: Batch) -> Tensor:
+    """rDPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409, Eq. 8), unbiased under label flips
+    with probability eps: [-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)."""
+    return (-(1 - b.eps) * F.logsigmoid(b.beta * b.h) + b.eps * F.logsigmoid(-b.beta * b.h)) / (1 - 2 * b.eps)
+
+
+def hinge(b: Batch) -> Tensor:
+    """SLiC (Zhao et al. 2023, https://arxiv.org/abs/2305.10425): max(0, 1 - beta h)."""
+    return torch.relu(1 - b.beta * b.h)
+
+
+def _length_normalised_margin(b: Batch) -> Tensor:
+    """s_w/|y_w| - s_l/|y_l|, lengths clamped at 1, as TRL does."""
+    return b.s_w / b.chosen_lengths.clamp(min=1) - b.s_l / b.rejected_lengths.clamp(min=1)
+
+
+def ipo(b: Batch) -> Tensor:
+    """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17), per-token averaged scores as in
+    TRL: (s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2."""
+    return (_length_normalised_margin(b) - 1 / (2 * b.beta)) ** 2
+
+
+def sigmoid_norm(b: Batch) -> Tensor:
+    """Length-normalised DPO (as TRL's "sigmoid_norm"): -log sigma(beta (s_w/|y_w| - s_l/|y_l|))."""
+    return -F.logsigmoid(b.beta * _length_normalised_margin(b))
+
+
+def exo_pair(b: Batch) -> Tensor:
+    """EXO (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16): the reverse KL from the model's
+    pair distribution to the smoothed labels, KL([sigma(beta h), sigma(-beta h)] || [1-eps, eps])."""
+    x = b.beta * b.h
+    return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-b.eps)) + torch.sigmoid(-x) * (
+        F.logsigmoid(-x) - math.log(b.eps)
+    )
+
+
+def nca_pair(b: Batch) -> Tensor:
+    """NCA (Chen et al. 2024, https://arxiv.org/abs/2402.05369):
+    -log sigma(beta u_w) - 1/2 log sigma(-beta u_w) - 1/2 log sigma(-beta u_l)."""
+    rw, rl = b.beta * b.u_w, b.beta * b.u_l
+    return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+
+
+def bco_pair(b: Batch) -> Tensor:
+    """BCO (Jung et al. 2024, https://arxiv.org/abs/2404.04656), paired: -log sigma(beta u_w) - log sigma(-beta u_l)."""
+    return -F.logsigmoid(b.beta * b.u_w) - F.logsigmoid(-b.beta * b.u_l)
+
+
+def sppo_hard(b: Batch) -> Tensor:
+    """SPPO (Wu et al. 2024, https://arxiv.org/abs/2405.00675) with hard labels, P(y_w wins) = 1: regress
+    the log-ratios to +-1/(2 beta): (u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2."""
+    return (b.u_w - 0.5 / b.beta) ** 2 + (b.u_l + 0.5 / b.beta) ** 2
+
+
+def _smoothed_sigmoid(b: Batch, delta: Tensor) -> Tensor:
+    return -F.logsigmoid(b.beta * delta) * (1 - b.eps) - F.logsigmoid(-b.beta * delta) * b.eps
+
+
+def aot(b: Batch) -> Tensor:
+    """AOT (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882), first-order stochastic dominance over
+    the batch: smoothed sigmoid of sort(log pi_w - log pi_l) - sort(log pi_ref_w - log pi_ref_l).
+    Sorts the batch: loss i belongs to the i-th smallest margin, not to pair i."""
+    delta = torch.sort(b.policy_margin, dim=0).values - torch.sort(b.reference_margin, dim=0).values
+    return _smoothed_sigmoid(b, delta)
+
+
+def aot_unpaired(b: Batch) -> Tensor:
+    """AOT unpaired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882): smoothed sigmoid of
+    sort(u_w) - sort(u_l). Sorts the batch, as `aot`."""
+    return _smoothed_sigmoid(b, torch.sort(b.u_w, dim=0).values - torch.sort(b.u_l, dim=0).values)
+
+
+def apo_zero(b: Batch) -> Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 7), y_w up and y_l down:
+    1 - sigma(beta u_w) + sigma(beta u_l)."""
+    return 1 - torch.sigmoid(b.beta * b.u_w) + torch.sigmoid(b.beta * b.u_l)
+
+
+def apo_down(b: Batch) -> Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, Eq. 8), both down, y_l more:
+    sigma(beta u_w) + 1 - sigma(beta (u_w - u_l))."""
+    return torch.sigmoid(b.beta * b.u_w) + 1 - torch.sigmoid(b.beta * (b.u_w - b.u_l))
+
+
+def discopop(b: Batch) -> Tensor:
+    """DiscoPOP (Lu et al. 2024, https://arxiv.org/abs/2406.08414, Eq. 5), a log-ratio modulated blend of
+    the logistic and exponential losses, x = beta h: -log sigma(x) (1 - sigma(x/tau)) + exp(-x) sigma(x/tau).
+    exp(-x) sigma(x/tau) is written as one exponent, finite where the product is (TRL's overflows to nan)."""
+    x = b.beta * b.h
+    return -F.logsigmoid(x) * torch.sigmoid(-x / b.tau) + torch.exp(F.logsigmoid(x / b.tau) - x)
+
+
+def sft(b: Batch) -> Tensor:
+    """The chosen answers' mean NLL per token (`sft_nll`), the same for every pair (RPO = sigmoid + sft)."""
+    return b.chosen_nll.expand_as(b.h)
+
+
+LOSSES = {fn.__name__: fn for fn in (sigmoid, hinge, ipo, exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot,
+                                     aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm, cdpo)}  # fmt: skip
+assert tuple(LOSSES) == LOSS_TYPES, "dpo/scratch/loss_settings.py's LOSS_TYPES names these, in this order"
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -191,7 +327,7 @@ def dpo_loss(
     chosen_nll: Tensor | None = None,
     pair_weights: Tensor | None = None,
 ) -> DPOLoss:
-    """The DPO loss (Eq. 7) and its variants, for a batch of B preference pairs.
+    """The DPO loss (Eq. 7) and its variants (`LOSSES`, one function each), for a batch of B pairs.
 
     policy_chosen_logps, policy_rejected_logps: (B,) log pi(y_w|x), log pi(y_l|x), summed over the
         completion tokens (`sequence_logps`, or `ld_logps` for LD-DPO). Gradients flow through these.
@@ -212,109 +348,56 @@ def dpo_loss(
     pair_weights: (B,) optional weights multiplied onto each pair's loss (WPO: w(y_w) w(y_l), see
         `wpo_weights`). Not with the sorting losses aot/aot_unpaired.
 
-    With u_w = log pi(y_w)/pi_ref(y_w), u_l likewise, s = f'(.) of them (= u for reverse KL) and
-    h = s_w - s_l, the per-pair losses are (sigma = sigmoid):
-        sigmoid       -log sigma(beta h)                                       DPO, Eq. 7
-        cdpo          -(1-eps) log sigma(beta h) - eps log sigma(-beta h)      conservative DPO (Mitchell 2023)
-        robust        [-(1-eps) log sigma(beta h) + eps log sigma(-beta h)] / (1 - 2 eps)   rDPO, Chowdhury et al. 2024
-        hinge         max(0, 1 - beta h)                                       SLiC, Zhao et al. 2023
-        ipo           (s_w/|y_w| - s_l/|y_l| - 1/(2 beta))^2                   IPO, Azar et al. 2023, Eq. 17
-        sigmoid_norm  -log sigma(beta (s_w/|y_w| - s_l/|y_l|))                 length-normalised DPO
-        exo_pair      KL([sigma(beta h), sigma(-beta h)] || [1-eps, eps])      EXO, Ji et al. 2024, Eq. 16
-        nca_pair      -log sigma(beta u_w) - 1/2 log sigma(-beta u_w) - 1/2 log sigma(-beta u_l)   NCA, Chen et al. 2024
-        bco_pair      -log sigma(beta u_w) - log sigma(-beta u_l)              BCO, Jung et al. 2024
-        sppo_hard     (u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2              SPPO, Wu et al. 2024 (hard labels)
-        aot           smoothed sigmoid of sort(log pi_w - log pi_l) - sort(reference's), over the batch
-        aot_unpaired  smoothed sigmoid of sort(u_w) - sort(u_l)                AOT, Melnyk et al. 2024
-        apo_zero      1 - sigma(beta u_w) + sigma(beta u_l)                    APO, D'Oosterlinck et al. 2024, Eq. 7
-        apo_down      sigma(beta u_w) + 1 - sigma(beta (u_w - u_l))            APO, Eq. 8
-        discopop      -log sigma(x) (1 - sigma(x/tau)) + exp(-x) sigma(x/tau), x = beta h   DiscoPOP, Lu et al. 2024, Eq. 5
-        sft           chosen_nll (the same for every pair)
-    For the sorting losses, loss i belongs to the i-th smallest margin, not to pair i.
-
     Returns DPOLoss(losses (B,), chosen_rewards (B,), rejected_rewards (B,)).
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     check_args(
-        loss_types,
-        weights,
-        beta,
-        label_smoothing,
-        f_divergence_type,
-        f_alpha_divergence_coef,
-        discopop_tau,
-        policy_chosen_logps,
-        policy_rejected_logps,
-        reference_chosen_logps,
-        reference_rejected_logps,
-        reference_free,
-        chosen_lengths,
-        rejected_lengths,
-        chosen_nll,
-        pair_weights,
+        loss_types=loss_types,
+        weights=weights,
+        beta=beta,
+        eps=label_smoothing,
+        f_divergence_type=f_divergence_type,
+        f_alpha=f_alpha_divergence_coef,
+        tau=discopop_tau,
+        policy_chosen=policy_chosen_logps,
+        policy_rejected=policy_rejected_logps,
+        reference_chosen=reference_chosen_logps,
+        reference_rejected=reference_rejected_logps,
+        reference_free=reference_free,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_nll=chosen_nll,
+        pair_weights=pair_weights,
     )
     if reference_free:  # pi_ref uniform: its log-probs are a constant, which cancels; take 0
         reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
         reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
 
     # The log-ratios u = log pi/pi_ref; beta u is the implicit reward of Eq. 5 (up to beta log Z(x)).
-    chosen_logratios = policy_chosen_logps - reference_chosen_logps
-    rejected_logratios = policy_rejected_logps - reference_rejected_logps
-    chosen_scores = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-    h = chosen_scores - rejected_scores  # beta * h is the Bradley-Terry logit of Eq. 7
-    eps = label_smoothing
-
+    u_w = policy_chosen_logps - reference_chosen_logps
+    u_l = policy_rejected_logps - reference_rejected_logps
+    s_w = f_divergence_scores(u_w, f_divergence_type, f_alpha_divergence_coef)
+    s_l = f_divergence_scores(u_l, f_divergence_type, f_alpha_divergence_coef)
+    batch = Batch(
+        beta=beta,
+        h=s_w - s_l,  # beta * h is the Bradley-Terry logit of Eq. 7
+        u_w=u_w,
+        u_l=u_l,
+        s_w=s_w,
+        s_l=s_l,
+        eps=label_smoothing,
+        tau=discopop_tau,
+        policy_margin=policy_chosen_logps - policy_rejected_logps,
+        reference_margin=reference_chosen_logps - reference_rejected_logps,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_nll=chosen_nll,
+    )
     losses = 0.0
     for kind, weight in zip(loss_types, weights):
-        if kind == "sigmoid":
-            loss = -F.logsigmoid(beta * h)
-        elif kind == "cdpo":
-            loss = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-        elif kind == "robust":  # unbiased under label flips with probability eps
-            loss = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-        elif kind == "hinge":
-            loss = torch.relu(1 - beta * h)
-        elif kind in ("ipo", "sigmoid_norm"):  # per-token average scores
-            h_norm = chosen_scores / chosen_lengths.clamp(min=1) - rejected_scores / rejected_lengths.clamp(min=1)
-            loss = (h_norm - 1 / (2 * beta)) ** 2 if kind == "ipo" else -F.logsigmoid(beta * h_norm)
-        elif kind == "exo_pair":  # reverse KL from the model's pair distribution to the smoothed labels
-            loss = torch.sigmoid(beta * h) * (F.logsigmoid(beta * h) - math.log1p(-eps)) + torch.sigmoid(-beta * h) * (
-                F.logsigmoid(-beta * h) - math.log(eps)
-            )
-        elif kind == "nca_pair":
-            rw, rl = beta * chosen_logratios, beta * rejected_logratios
-            loss = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
-        elif kind == "bco_pair":
-            loss = -F.logsigmoid(beta * chosen_logratios) - F.logsigmoid(-beta * rejected_logratios)
-        elif kind == "sppo_hard":  # regress the log-ratios to +-1/(2 beta): P(y_w wins) = 1, P(y_l wins) = 0
-            loss = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
-        elif kind in ("aot", "aot_unpaired"):  # first-order stochastic dominance via sorted margins
-            if kind == "aot":
-                policy_sorted = torch.sort(policy_chosen_logps - policy_rejected_logps, dim=0).values
-                delta = policy_sorted - torch.sort(reference_chosen_logps - reference_rejected_logps, dim=0).values
-            else:
-                delta = torch.sort(chosen_logratios, dim=0).values - torch.sort(rejected_logratios, dim=0).values
-            loss = -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
-        elif kind == "apo_zero":  # push y_w up and y_l down
-            loss = 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
-        elif kind == "apo_down":  # push both down, y_l more
-            loss = (
-                torch.sigmoid(beta * chosen_logratios)
-                + 1
-                - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
-            )
-        elif kind == "discopop":  # log-ratio modulated blend of the logistic and exponential losses
-            x = beta * h
-            # exp(-x) * sigma(x/tau) written as one exponent, finite where the product is (TRL's overflows to nan)
-            loss = -F.logsigmoid(x) * torch.sigmoid(-x / discopop_tau) + torch.exp(F.logsigmoid(x / discopop_tau) - x)
-        elif kind == "sft":
-            loss = chosen_nll.expand_as(h)
+        loss = LOSSES[kind](batch)
         if pair_weights is not None:
             loss = loss * pair_weights
         losses = losses + weight * loss
-
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return DPOLoss(losses, chosen_rewards, rejected_rewards)
+    return DPOLoss(losses, beta * u_w.detach(), beta * u_l.detach())

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
-# The loss types of TRL 1.16 (DPOConfig.loss_type), plus conservative DPO ("cdpo"), which TRL dropped.
+# The loss types of TRL 1.16 (DPOConfig.loss_type), plus conservative DPO ("cdpo"), which TRL dropped;
+# dpo/scratch/loss.py has one function per name (LOSSES), dpo/compat.py derives TRL's list from this one.
+NOT_IN_TRL = ("cdpo",)
 LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "cdpo",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", *NOT_IN_TRL,
 )  # fmt: skip
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # f-DPO's reparametrisation leaves a beta log Z(x) term that cancels only in the chosen - rejected
@@ -75,6 +77,7 @@ def loss_settings_error(
 
 
 def check_args(
+    *,
     loss_types,
     weights,
     beta,

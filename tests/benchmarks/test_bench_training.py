@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import HH_FILE, ROOT, load_script
+from helpers import HH_FILE, ROOT, cli, load_script
 
 BENCH = load_script(ROOT / "benchmarks" / "bench_training.py", "bench_training")
 
@@ -18,16 +18,12 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     out.write_text("# Benchmarks\n\n## Another section\n\nkept as it is\n")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--quick", "--pairs", "8"]
     cmd += ["--max_length", "64", "--threads", "1", "--model_name_or_path", str(tiny_model_dir)]
-    cmd += [
-        "--dataset_name",
-        str(HH_FILE),
-        "--workdir",
-        str(tmp_path / "work"),
-        "--out",
-        str(out),
-        "--json",
-        str(data),
-    ]
+    cmd += cli(
+        dataset_name=HH_FILE,
+        workdir=tmp_path / "work",
+        out=out,
+        json=data,
+    )
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, load_script
+from helpers import ROOT, cli, load_script
 
 BENCH = ROOT / "benchmarks"
 
@@ -131,26 +131,17 @@ def test_frontier_redraws_from_csv_into_a_new_folder(tmp_path, monkeypatch):
 
 def test_frontier_refuses_a_hub_token(tmp_path, monkeypatch, capfd):
     frontier = load_benchmark("frontier_sentiment")
-    tiny = [
-        "--betas",
-        "0.1",
-        "--loss_types",
-        "sigmoid",
-        "--eval_prompts",
-        "8",
-        "--out",
-        str(tmp_path),  # were it not refused
-        "--sft_examples",
-        "64",
-        "--sft_steps",
-        "2",
-        "--pair_prompts",
-        "16",
-        "--heldout_pair_prompts",
-        "16",
-        "--max_steps",
-        "1",
-    ]
+    tiny = cli(
+        betas="0.1",
+        loss_types="sigmoid",
+        eval_prompts="8",
+        out=tmp_path,  # were it not refused
+        sft_examples="64",
+        sft_steps="2",
+        pair_prompts="16",
+        heldout_pair_prompts="16",
+        max_steps="1",
+    )
     monkeypatch.setattr(
         sys, "argv", ["frontier_sentiment.py", *tiny, "--hub_token", "hf_x_secret", "--workdir", str(tmp_path)]
     )

@@ -20,7 +20,7 @@ import copy
 import pytest
 import torch
 from datasets import Dataset
-from helpers import HH_FILE, METRICS, ROOT, RTOL, grads, last_metrics, load_recipe, make_trainer, ours, rel_err
+from helpers import HH_FILE, METRICS, ROOT, RTOL, cli, grads, last_metrics, load_recipe, make_trainer, ours, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo.data.loading import load_preference_data
@@ -53,32 +53,20 @@ def test_one_qlora_dpo_step_on_real_hh_rows_with_the_recipe(smollm2_dir, tmp_pat
     import bitsandbytes as bnb
 
     trainer = load_recipe("dpo_any").main(
-        [
-            "--config",
-            str(ROOT / "recipes" / "dpo_smollm2_hh.yaml"),
-            "--model_name_or_path",
-            str(smollm2_dir),
-            "--dataset_name",
-            str(HH_FILE),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--max_steps",
-            "1",
-            "--per_device_train_batch_size",
-            "2",
-            "--max_length",
-            str(MAX_LENGTH),
-            "--test_size",
-            "0.002",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--logging_steps",
-            "1",
-            "--reference_cache",
-            "false",  # one step: the cache would first score all ~2,300 pairs
-        ]
+        cli(
+            config=ROOT / "recipes" / "dpo_smollm2_hh.yaml",
+            model_name_or_path=smollm2_dir,
+            dataset_name=HH_FILE,
+            output_dir=tmp_path / "out",
+            max_steps="1",
+            per_device_train_batch_size="2",
+            max_length=MAX_LENGTH,
+            test_size="0.002",
+            eval_strategy="no",
+            save_strategy="no",
+            logging_steps="1",
+            reference_cache="false",  # one step: the cache would first score all ~2,300 pairs
+        )
     )
     stdout = capsys.readouterr().out
     assert f"data doctor: {HH_FILE}" in stdout and "rows in      2312" in stdout

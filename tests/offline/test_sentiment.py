@@ -16,10 +16,11 @@ import statistics
 
 import pytest
 import torch
-from helpers import ROOT, load_recipe
+from helpers import ROOT, cli, load_recipe
 
 from dpo.offline import sentiment as S
 from dpo.offline.sentiment_eval import evaluate_alignment, summary
+from dpo.scratch.logps import completion_logps
 
 # A shortened pipeline: the demo's DPO settings (sigmoid, beta 0.1, ~54 steps at 2e-4) on a
 # pi_ref SFT-trained for 200 steps instead of 300, with fewer held-out prompts. ~25 s on 2 cores.
@@ -140,8 +141,8 @@ def test_sampling_is_seeded_and_logps_ignore_padding(tiny_policy):
     assert (p1, c1) == S.sample(policy, tok, prompts, 6, seed=1)
     assert all(len(c) <= 6 for c in c1)
     assert all(tok.eos_token_id not in c[:-1] for c in c1)  # at most one EOS, and only at the end
-    together = S.completion_logps(policy, p1, c1, tok.eos_token_id)
-    alone = torch.cat([S.completion_logps(policy, [p], [c], tok.eos_token_id) for p, c in zip(p1, c1)])
+    together = completion_logps(policy, p1, c1, tok.eos_token_id)
+    alone = torch.cat([completion_logps(policy, [p], [c], tok.eos_token_id) for p, c in zip(p1, c1)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
     assert (together < 0).all()
 
@@ -213,20 +214,14 @@ def test_missing_reference_folder_is_a_user_error(tmp_path, capsys):
 
 # ── the recipe's args phase and loading rules ──────────────────────────────────────────────────
 # Without the checks these would run the pipeline; these settings keep such a run short.
-TINY = [
-    "--sft_examples",
-    "64",
-    "--sft_steps",
-    "2",
-    "--pair_prompts",
-    "16",
-    "--heldout_pair_prompts",
-    "16",
-    "--eval_prompts",
-    "8",
-    "--max_steps",
-    "1",
-]
+TINY = cli(
+    sft_examples="64",
+    sft_steps="2",
+    pair_prompts="16",
+    heldout_pair_prompts="16",
+    eval_prompts="8",
+    max_steps="1",
+)
 
 
 def test_hub_token_on_the_command_line_is_refused_without_echoing_it(tmp_path, capfd):

@@ -4,7 +4,7 @@ weights are loaded. Each case runs the real recipe entry point in-process."""
 import json
 
 import pytest
-from helpers import ROOT, load_recipe
+from helpers import ROOT, cli, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,11 @@ def fail(recipe, argv, capsys) -> str:
 
 @pytest.fixture
 def local(tiny_model_dir, truthy_file, tmp_path):
-    return [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(truthy_file),
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+    return cli(
+        model_name_or_path=tiny_model_dir,
+        dataset_name=truthy_file,
+        output_dir=tmp_path / "out",
+    )
 
 
 def test_unknown_yaml_key(recipe, local, tmp_path, capsys):

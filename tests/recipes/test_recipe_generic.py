@@ -5,25 +5,19 @@ recipes/dpo_hh_rlhf.yaml, the README's worked second recipe, on HH rows."""
 import json
 
 import pytest
-from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, load_recipe
+from helpers import ROOT, cli, h4_ultrafeedback_rows, hh_rows, load_recipe
 
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE
 from dpo.offline.tiny import write_jsonl
 
-FAST = [
-    "--max_steps",
-    "2",
-    "--gradient_accumulation_steps",
-    "1",
-    "--per_device_train_batch_size",
-    "2",
-    "--eval_steps",
-    "2",
-    "--save_strategy",
-    "no",
-    "--logging_steps",
-    "1",
-]
+FAST = cli(
+    max_steps="2",
+    gradient_accumulation_steps="1",
+    per_device_train_batch_size="2",
+    eval_steps="2",
+    save_strategy="no",
+    logging_steps="1",
+)
 PHI_LINEAR = {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
 
 
@@ -86,16 +80,13 @@ def test_hh_rlhf_recipe_yaml_trains_on_hh_rows(recipe, tiny_model_dir, tmp_path,
     out = tmp_path / "hh_out"
     trainer = recipe.main(
         [
-            "--config",
-            str(ROOT / "recipes" / "dpo_hh_rlhf.yaml"),
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--dataset_name",
-            str(data),
-            "--output_dir",
-            str(out),
-            "--test_size",
-            "0.25",
+            *cli(
+                config=ROOT / "recipes" / "dpo_hh_rlhf.yaml",
+                model_name_or_path=tiny_model_dir,
+                dataset_name=data,
+                output_dir=out,
+                test_size="0.25",
+            ),
             *FAST,
         ]
     )
@@ -118,16 +109,12 @@ def test_degenerate_rows_fail_stops_before_any_weights_load(recipe, tiny_model_d
     data = write_jsonl(rows, tmp_path / "uf.jsonl")
     with pytest.raises(SystemExit) as info:
         recipe.main(
-            [
-                "--model_name_or_path",
-                str(tiny_model_dir),
-                "--dataset_name",
-                str(data),
-                "--output_dir",
-                str(tmp_path / "o"),
-                "--degenerate_rows",
-                "fail",
-            ]
+            cli(
+                model_name_or_path=tiny_model_dir,
+                dataset_name=data,
+                output_dir=tmp_path / "o",
+                degenerate_rows="fail",
+            )
         )
     assert info.value.code == 2
     assert "1 chosen identical to rejected; first: row 3" in capsys.readouterr().err
@@ -147,14 +134,11 @@ def test_schema_error_is_one_clean_line_naming_file_row_and_field(recipe, tiny_m
     data = write_jsonl(rows, tmp_path / "hh.jsonl")
     with pytest.raises(SystemExit) as info:
         recipe.main(
-            [
-                "--model_name_or_path",
-                str(tiny_model_dir),
-                "--dataset_name",
-                str(data),
-                "--output_dir",
-                str(tmp_path / "o"),
-            ]
+            cli(
+                model_name_or_path=tiny_model_dir,
+                dataset_name=data,
+                output_dir=tmp_path / "o",
+            )
         )
     assert info.value.code == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 import transformers
-from helpers import ROOT, load_recipe
+from helpers import ROOT, cli, load_recipe
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps
@@ -23,22 +23,15 @@ from dpo.train.speed.kernels import use_portable_4bit_kernels
 
 pytestmark = pytest.mark.slow  # every test here trains the recipe or starts a Python subprocess
 
-RUN_FLAGS = [
-    "--max_steps",
-    "4",
-    "--gradient_accumulation_steps",
-    "1",
-    "--per_device_train_batch_size",
-    "4",
-    "--learning_rate",
-    "1e-2",  # large on purpose: every LoRA weight must move within 4 steps
-    "--eval_steps",
-    "2",
-    "--save_steps",
-    "2",
-    "--test_size",
-    "0.25",
-]
+RUN_FLAGS = cli(
+    max_steps="4",
+    gradient_accumulation_steps="1",
+    per_device_train_batch_size="4",
+    learning_rate="1e-2",  # large on purpose: every LoRA weight must move within 4 steps
+    eval_steps="2",
+    save_steps="2",
+    test_size="0.25",
+)
 
 
 class SnapshotLoRA(TrainerCallback):
@@ -77,12 +70,11 @@ def run(tiny_model_dir, truthy_file, tmp_path_factory, monkeypatch_module):
     recipe = load_recipe("dpo_phi2")
     trainer = recipe.main(
         [
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--dataset_name",
-            str(truthy_file),
-            "--output_dir",
-            str(output_dir),
+            *cli(
+                model_name_or_path=tiny_model_dir,
+                dataset_name=truthy_file,
+                output_dir=output_dir,
+            ),
             *RUN_FLAGS,
         ],
         callbacks=[snapshot],
@@ -264,20 +256,14 @@ def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     """Resuming from checkpoint-2 runs only steps 3 and 4: a fresh start would run four.
     (A longer max_steps is a different setting: allowed with --resume_with_different_settings.)"""
     recipe = load_recipe("dpo_phi2")
-    common = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(truthy_file),
-        "--output_dir",
-        str(tmp_path),
-        "--gradient_accumulation_steps",
-        "1",
-        "--test_size",
-        "0",
-        "--save_steps",
-        "2",
-    ]
+    common = cli(
+        model_name_or_path=tiny_model_dir,
+        dataset_name=truthy_file,
+        output_dir=tmp_path,
+        gradient_accumulation_steps="1",
+        test_size="0",
+        save_steps="2",
+    )
     recipe.main([*common, "--max_steps", "2"])
     assert (tmp_path / "checkpoint-2").is_dir()
     counter = CountSteps()
@@ -291,22 +277,15 @@ def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     recipe = load_recipe("dpo_phi2")
-    common = [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(truthy_file),
-        "--output_dir",
-        str(tmp_path),
-        "--gradient_accumulation_steps",
-        "1",
-        "--test_size",
-        "0",
-        "--save_steps",
-        "100",
-        "--max_steps",
-        "4",
-    ]
+    common = cli(
+        model_name_or_path=tiny_model_dir,
+        dataset_name=truthy_file,
+        output_dir=tmp_path,
+        gradient_accumulation_steps="1",
+        test_size="0",
+        save_steps="100",
+        max_steps="4",
+    )
     with pytest.raises(SystemExit) as stopped:
         recipe.main(common, callbacks=[InterruptAt(3)])
     assert stopped.value.code == 130
@@ -319,22 +298,15 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_pa
 def test_a_single_lora_target_trains(tiny_model_dir, truthy_file, tmp_path):
     """TRL turns a one-item target list into a string, which PEFT would read as a regex."""
     trainer = load_recipe("dpo_phi2").main(
-        [
-            "--model_name_or_path",
-            str(tiny_model_dir),
-            "--dataset_name",
-            str(truthy_file),
-            "--output_dir",
-            str(tmp_path),
-            "--gradient_accumulation_steps",
-            "1",
-            "--test_size",
-            "0",
-            "--max_steps",
-            "1",
-            "--lora_target_modules",
-            "q_proj",
-        ]
+        cli(
+            model_name_or_path=tiny_model_dir,
+            dataset_name=truthy_file,
+            output_dir=tmp_path,
+            gradient_accumulation_steps="1",
+            test_size="0",
+            max_steps="1",
+            lora_target_modules="q_proj",
+        )
     )
     wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert wrapped == {"q_proj"}

@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import fake_checkpoint, load_recipe, one_line_error
+from helpers import cli, fake_checkpoint, load_recipe, one_line_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 
@@ -217,14 +217,11 @@ def test_wrong_base_model_is_a_clear_error_before_training(sft, truthy_file, tmp
     tokenizer.save_pretrained(other)
     with pytest.raises(SystemExit) as exit_:
         load_recipe("dpo_phi2").main(
-            [
-                "--model_name_or_path",
-                str(other),
-                "--sft_adapter_path",
-                str(sft["dir"]),
-                "--dataset_name",
-                str(truthy_file),
-            ]
+            cli(
+                model_name_or_path=other,
+                sft_adapter_path=sft["dir"],
+                dataset_name=truthy_file,
+            )
             + ["--output_dir", str(tmp_path / "out")]
         )
     assert exit_.value.code == 2

@@ -260,7 +260,8 @@ def test_portable_layers_context_restores_the_cpu_check(avx512bf16_cpu):
 def test_the_from_scratch_loop_trains_after_an_evaluation(tiny_model_dir, avx512bf16_cpu):
     """dpo.scratch.loop.train on a 4-bit PeftModel that was evaluated first (a sample before training, as
     the notebooks do): on an AVX512-BF16 CPU that repacked every weight and the first training
-    step died in bitsandbytes' in-place bias add. The loop switches the kernel back first."""
+    step died in bitsandbytes' in-place bias add. The loop is plain PyTorch: the caller switches the
+    kernel back first, as the notebooks do."""
     from dpo.scratch.loop import collate, train
 
     model = load_qlora(tiny_model_dir)
@@ -268,7 +269,8 @@ def test_the_from_scratch_loop_trains_after_an_evaluation(tiny_model_dir, avx512
     assert is_packed(model)
     pairs = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 2], "rejected_ids": [10, 11, 12, 2]}] * 2
     with pytest.warns(UserWarning, match="repacked"):
-        history = train(model, [collate(pairs, 0)], num_steps=2, lr=1e-2, progress=False)
+        use_portable_4bit_kernels(model)
+    history = train(model, [collate(pairs, 0)], num_steps=2, lr=1e-2, progress=False)
     assert not is_packed(model)
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert history[1]["loss"] != history[0]["loss"]  # the adapters moved
