@@ -7,6 +7,7 @@ without a `chosen` field). Recipes wrap their `main` in `exit_on_user_error`, wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -30,17 +31,22 @@ def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
     return UserError(f"could not load {kind} '{name}': {reason}\n  {remedy}")
 
 
+# Context managers every entry point runs inside, registered by the modules that need one (this
+# module sits below them all): dpo/train/safety/lock.py adds the scope that releases output-folder locks.
+ENTRY_SCOPES: list = []
+
+
 def exit_on_user_error(main):
     """Decorator for a script's entry point: UserError -> one-line message, exit status 2;
     RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130.
-    Output-folder locks taken during the call are released however it ends (dpo/train/safety/lock.py)."""
+    The call runs inside every scope in ENTRY_SCOPES (output-folder locks are released however it ends)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from dpo.train.safety.lock import scope  # dpo.train.safety.lock raises this module's errors
-
         try:
-            with scope():
+            with contextlib.ExitStack() as scopes:
+                for scope in ENTRY_SCOPES:
+                    scopes.enter_context(scope())
                 return main(*args, **kwargs)
         except UserError as err:
             # Under N processes every process meets the same input mistake: one message per

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from dpo.errors import RunStopped, UserError
+from dpo.errors import ENTRY_SCOPES, RunStopped, UserError
 from dpo.log import log
 
 LOCK_NAME = ".run.lock"
@@ -206,3 +206,6 @@ def scope():
             signal.signal(s, handler)
         for key in [k for k in _held if k not in before]:
             release(key)
+
+
+ENTRY_SCOPES.append(scope)  # every exit_on_user_error entry point releases the locks it took

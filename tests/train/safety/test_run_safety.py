@@ -316,7 +316,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_one_from_another_host_is_
     from dpo.train.safety import lock
 
     out = tmp_path / "out"
-    code = f"import sys; from dpo import lock; lock.take({str(out)!r}); print('held', flush=True); sys.stdin.read()"
+    code = f"import sys; from dpo.train.safety import lock; lock.take({str(out)!r}); print('held', flush=True); sys.stdin.read()"
     holder = run_in_background(["-c", code], stdin=subprocess.PIPE)
     assert holder.stdout.readline().strip() == "held", holder.stderr.read()
     with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} on host"):
@@ -350,7 +350,7 @@ def test_the_lock_is_released_when_a_run_fails_or_is_terminated(tiny_model_dir, 
     assert not out.exists()
 
     code = (
-        "import os, signal, sys, time; from dpo.errors import exit_on_user_error; from dpo import lock\n"
+        "import os, signal, sys, time; from dpo.errors import exit_on_user_error; from dpo.train.safety import lock\n"
         "@exit_on_user_error\n"
         f"def main():\n    lock.take({str(out)!r}); print('held', flush=True); time.sleep(60)\n"
         "main()"
