@@ -101,16 +101,28 @@ def mark_complete(folder: Path, run: dict) -> None:
     write_json_atomic(folder / MARKER, {"step": checkpoint_step(folder), "files": files, "run": run})
 
 
-def _safetensors_readable(path: Path) -> bool:
-    """The 8-byte header length and the JSON header parse, and the data they announce is there."""
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, None if it is. Reads the header only (cheap at any
+    size): the 8-byte header length, the JSON header, and exactly the tensor bytes it announces, which
+    is what safetensors itself checks when the weights load (its "incomplete metadata")."""
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, less than the 8-byte header length"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"{size:,} bytes, its header length alone says {8 + n:,}"
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return path.stat().st_size >= 8 + n + end
-    except (OSError, ValueError, KeyError, struct.error):
-        return False
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "its header is not safetensors JSON"
+    if size != 8 + n + end:
+        return f"{size:,} bytes, its header announces {8 + n + end:,}"
+    return None
 
 
 def checkpoint_problems(folder: str | Path) -> list[str]:
@@ -143,7 +155,7 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
     except ValueError:
         problems.append("trainer_state.json unreadable")
     problems += [
-        f"{n} unreadable" for n in names if n.endswith(".safetensors") and not _safetensors_readable(folder / n)
+        f"{n} unreadable" for n in names if n.endswith(".safetensors") and safetensors_problem(folder / n)
     ]
     return problems
 

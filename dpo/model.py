@@ -6,6 +6,7 @@ download of 5 GB: the model id must resolve, and every LoRA target must name a m
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from dpo.checkpoints import safetensors_problem
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.log import log
@@ -24,6 +26,10 @@ def _looks_local(name: str) -> bool:
 
 
 def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
+    """Why `name` could not be loaded; for a hub id, how to use a downloaded copy (a local folder gets no hub hint)."""
+    if _looks_local(name):
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return UserError(f"could not load the {kind} in folder {name}: {reason}")
     return hub_error(
         kind,
         name,
@@ -38,10 +44,33 @@ def load_model_config(name: str, revision: str = "main", trust_remote_code: bool
     """AutoConfig for a hub id or a local folder, with one clear error if it can't be had."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise UserError(f"model folder not found: {name}")
+    if _looks_local(name):
+        check_config_json(Path(name).expanduser())
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _fetch_error("model", name, err, "--model_name_or_path") from None
+
+
+def check_config_json(folder: Path) -> None:
+    """A local model folder has a config.json that is a JSON object: else it is not a model folder."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"{folder} is not a model folder: it has no config.json (a model folder holds config.json, "
+            "the tokenizer files and *.safetensors weights, as save_pretrained writes them)"
+        )
+    try:
+        data = json.loads(config.read_bytes())
+    except UnicodeDecodeError as err:
+        raise UserError(f"{config} is not valid JSON: byte {err.start} is not UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{config} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+            f"{folder} is not a usable model folder"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config} holds a JSON {type(data).__name__}, not a model configuration (an object)")
 
 
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: loading runs code
@@ -61,6 +90,8 @@ def check_safetensors(name: str, revision: str = "main") -> None:
         except Exception:  # offline, private, rate-limited: from_pretrained will say what is wrong
             return
     if any(f.endswith(".safetensors") for f in files):
+        if path.is_dir():
+            check_weight_files(path)
         return
     pickled = sorted(f for f in files if f.endswith(PICKLED_WEIGHTS))
     if not pickled:
@@ -72,6 +103,29 @@ def check_safetensors(name: str, revision: str = "main") -> None:
         f"M.from_pretrained('{name}', use_safetensors=False).save_pretrained('{path.name}-safetensors')\" "
         f"and pass --model_name_or_path {path.name}-safetensors"
     )
+
+
+def check_weight_files(folder: Path) -> None:
+    """Every *.safetensors file of a local model folder is whole, and every shard its index names is
+    there: an interrupted download or copy is named here, before anything loads, instead of failing
+    inside from_pretrained with safetensors' "incomplete metadata"."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is truncated or corrupt (no readable weight_map): download it again") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UserError(
+                f"{folder} is missing {len(missing)} of the {len(shards)} weight shards that {index.name} lists "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): download them again"
+            )
+    for weights in sorted(folder.glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise UserError(
+                f"{weights} is truncated or corrupt ({problem}): download or copy it again "
+                "(an interrupted download or copy leaves such a file)"
+            )
 
 
 def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):
