@@ -17,10 +17,12 @@ import re
 import shutil
 import signal
 import struct
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dpo.errors import UserError
+from dpo.files import SMALL_FILES, check_free_space, disk_full_message, disk_full_while_writing, size_text
 from dpo.log import log
 
 MARKER = "checkpoint_complete.json"
@@ -154,9 +156,7 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
         json.loads((folder / "trainer_state.json").read_text())
     except ValueError:
         problems.append("trainer_state.json unreadable")
-    problems += [
-        f"{n} unreadable" for n in names if n.endswith(".safetensors") and safetensors_problem(folder / n)
-    ]
+    problems += [f"{n} unreadable" for n in names if n.endswith(".safetensors") and safetensors_problem(folder / n)]
     return problems
 
 
@@ -244,6 +244,75 @@ def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None) -
     return doomed
 
 
+# ── how much a save writes: refused before weights load when it cannot fit, named when a disk fills ──
+# Before weights load the trainable parameters are counted (dpo.model.trainable_parameter_count) and
+# taken as float32, 4 bytes each: the widest dtype they are kept in (bf16/fp16 halve it), so this
+# overestimates. The optimizer state is AdamW's (transformers' default): exp_avg and exp_avg_sq, each
+# a tensor like its parameter; the other optimizers transformers offers keep at most as much.
+BYTES_PER_TRAINABLE = 4
+ADAM_STATES = 2
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """What `tokenizer.save_pretrained` writes, measured by saving it to a temporary folder; where that
+    fails (a full /tmp), a fast tokenizer's tokenizer.json as compact JSON (the saved file is indented, larger)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    except OSError:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return len(backend.to_str().encode()) if backend is not None else 0
+
+
+def save_sizes(weights: int, optimizer: int, tokenizer: int) -> dict[str, int]:
+    """Bytes one checkpoint and the final files take: weights (the adapter), optimizer state, tokenizer,
+    and dpo.files.SMALL_FILES for everything else (states, configs, metrics, the curves)."""
+    return {"checkpoint": weights + optimizer + tokenizer + SMALL_FILES, "final": weights + tokenizer + SMALL_FILES}
+
+
+def check_room_for_run(training_args, trainable: int, tokenizer) -> None:
+    """Before any weights load: output_dir's disk must hold one checkpoint (unless save_strategy is
+    "no") and the final files, for `trainable` parameters. More checkpoints kept need more; a disk that
+    fills later is named by the save that fails (CheckpointSaver, dpo.runs.write_final_outputs)."""
+    weights, tok = BYTES_PER_TRAINABLE * trainable, tokenizer_bytes(tokenizer)
+    sizes = save_sizes(weights, ADAM_STATES * weights, tok)
+    saves = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    needed = sizes["final"] + (sizes["checkpoint"] if saves else 0)
+    what = (
+        f"one checkpoint (adapter {size_text(weights)}, optimizer state {size_text(ADAM_STATES * weights)}, "
+        f"tokenizer {size_text(tok)}, other files {size_text(SMALL_FILES)}) and the final files "
+        f"({size_text(sizes['final'])})"
+        if saves
+        else f"the final files (adapter {size_text(weights)}, tokenizer {size_text(tok)}, other files)"
+    )
+    check_free_space(training_args.output_dir, needed, what)
+
+
+def trainer_save_sizes(trainer) -> dict[str, int]:
+    """save_sizes from what this trainer holds: its trainable tensors and its optimizer's state tensors."""
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    state = getattr(getattr(trainer, "optimizer", None), "state", {}) or {}
+    optimizer = sum(
+        v.numel() * v.element_size() for per_param in state.values() for v in per_param.values() if hasattr(v, "numel")
+    )
+    return save_sizes(weights, optimizer, tokenizer_bytes(trainer.processing_class))
+
+
+def checkpoint_disk_full(folder: Path, needed: int) -> UserError:
+    """A checkpoint save that filled the disk, in one line: what it needs, what is kept, how to go on."""
+    last = newest_complete_checkpoint(folder.parent, warn=False)
+    kept = (
+        f"the newest complete checkpoint is {last.name}. Free space, then rerun with --resume_from_checkpoint last"
+        if last
+        else "no checkpoint is complete yet. Free space, then rerun the same command"
+    )
+    return UserError(
+        f"{disk_full_message(folder.parent, folder.name, needed)}; nothing complete was lost: "
+        f"the half-written {folder.name} is incomplete (resume skips it; delete it to free its space) and {kept}"
+    )
+
+
 class CheckpointSaver:
     """Replaces transformers' checkpoint writer (see dpo.compat.route_checkpoint_writes):
     writes with signals held back, marks the folder complete, then rotates."""
@@ -257,11 +326,19 @@ class CheckpointSaver:
             if accelerator.is_main_process and (folder / MARKER).exists():
                 (folder / MARKER).unlink()  # re-saving this step: incomplete until rewritten
             kill_point("begin", step)
-            write()  # transformers' writer, its own rotation off
-            kill_point("files", step)
-            accelerator.wait_for_everyone()
+            try:
+                write()  # transformers' writer, its own rotation off
+                kill_point("files", step)
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    mark_complete(folder, self.run)
+            except Exception as err:
+                last = newest_complete_checkpoint(folder.parent, warn=False)  # its size: what a save takes
+                needed = sum(list_files(last).values()) if last else trainer_save_sizes(self.trainer)["checkpoint"]
+                if disk_full_while_writing(err, folder.parent, needed):
+                    raise checkpoint_disk_full(folder, needed) from None
+                raise
             if accelerator.is_main_process:
-                mark_complete(folder, self.run)
                 kill_point("marked", step)
                 rotate(folder.parent, self.trainer.args.save_total_limit, self.trainer.state.best_model_checkpoint)
             accelerator.wait_for_everyone()

@@ -102,7 +102,9 @@ def yaml_error_line(path: Path, err: Exception) -> str:
         return f"{path} is not valid YAML: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
     problem = getattr(err, "problem", None) or "syntax error"
     context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
-    began = f" ({context} that began at line {start.line + 1})" if context and start and start.line != mark.line else ""
+    began = (
+        f" ({context} that began at line {start.line + 1})" if context and start and start.line != mark.line else ""
+    )
     return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}{began}"
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dpo.checkpoints import safetensors_problem
+from dpo.checkpoints import check_room_for_run, safetensors_problem
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.log import log
@@ -139,11 +139,16 @@ def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = 
     return tokenizer
 
 
+def meta_model(config, trust_remote_code: bool = False):
+    """The architecture built on the meta device: names and shapes, no weights, no memory."""
+    with torch.device("meta"), without_zero3_init():  # shapes only: no ZeRO-3 partitioning
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def linear_module_names(config, trust_remote_code: bool = False) -> tuple[list[str], str | None]:
     """Dotted names of every nn.Linear in the architecture, and the name of the output layer
     (lm_head), from a model built on the meta device (no weights, no memory)."""
-    with torch.device("meta"), without_zero3_init():  # names only: no ZeRO-3 partitioning
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code)
     output_layer = model.get_output_embeddings()
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     head = next((name for name, module in model.named_modules() if module is output_layer), None)
@@ -173,17 +178,41 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
     return [n for n in names if any(n in found for found in matches.values())]
 
 
+def trainable_parameter_count(config, model_args, targets: list[str], trust_remote_code: bool = False) -> int:
+    """How many parameters training will update, from shapes alone: LoRA's A (r x in) and B (out x r)
+    on each targeted linear layer (+ DoRA's magnitude, out), full copies of `lora_modules_to_save`;
+    without PEFT, every parameter of the model."""
+    model = meta_model(config, trust_remote_code)
+    if not model_args.use_peft:
+        return sum(p.numel() for p in model.parameters())
+    modules = dict(model.named_modules())
+    count = 0
+    for name in targets:
+        layer = modules[name]
+        count += model_args.lora_r * (layer.in_features + layer.out_features)
+        count += layer.out_features if model_args.use_dora else 0
+    for keep in model_args.lora_modules_to_save or []:
+        kept = [m for n, m in modules.items() if n == keep or n.endswith("." + keep)]
+        count += sum(p.numel() for m in kept for p in m.parameters())
+    return count
+
+
 def check_model_and_load_tokenizer(model_args, training_args):
     """The model phase of a recipe, before any weights load: the model id resolves, its weights
-    are safetensors, every LoRA target names a layer (logged), and the tokenizer loads. Returns the tokenizer."""
+    are safetensors (whole, not truncated), every LoRA target names a layer (logged), the tokenizer
+    loads, and output_dir's disk has room for a checkpoint and the final files. Returns the tokenizer."""
     remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
     config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
     check_safetensors(model_args.model_name_or_path, model_args.model_revision)
+    targets = []
     if model_args.use_peft:
         targets = check_lora_targets(config, model_args.lora_target_modules, remote_code)
         kinds = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
         log(f"LoRA on {len(targets)} linear layers ({kinds})")
-    return load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    trainable = trainable_parameter_count(config, model_args, targets, remote_code)
+    check_room_for_run(training_args, trainable, tokenizer)
+    return tokenizer
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
