@@ -333,12 +333,15 @@ class CheckpointSaver:
                 if accelerator.is_main_process:
                     mark_complete(folder, self.run)
             except Exception as err:
-                last = newest_complete_checkpoint(folder.parent, warn=False)  # its size: what a save takes
-                needed = sum(list_files(last).values()) if last else trainer_save_sizes(self.trainer)["checkpoint"]
-                if disk_full_while_writing(err, folder.parent, needed):
+                if needed := disk_full_while_writing(err, folder.parent, lambda: self.checkpoint_bytes(folder)):
                     raise checkpoint_disk_full(folder, needed) from None
                 raise
             if accelerator.is_main_process:
                 kill_point("marked", step)
                 rotate(folder.parent, self.trainer.args.save_total_limit, self.trainer.state.best_model_checkpoint)
             accelerator.wait_for_everyone()
+
+    def checkpoint_bytes(self, folder: Path) -> int:
+        """What a checkpoint takes: the newest complete one's files, else the trainer's tensors (trainer_save_sizes)."""
+        last = newest_complete_checkpoint(folder.parent, warn=False)
+        return sum(list_files(last).values()) if last else trainer_save_sizes(self.trainer)["checkpoint"]

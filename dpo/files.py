@@ -72,10 +72,15 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def disk_full_while_writing(err: BaseException, folder: str | Path, needed: int) -> bool:
-    """Did writing `needed` bytes into `folder` fail because the disk is full? Its error says so, or
-    less than `needed` is left now (torch.save's "unexpected pos" carries no errno)."""
-    return is_disk_full(err) or free_bytes(folder) < needed
+def disk_full_while_writing(err: BaseException, folder: str | Path, needed) -> int | None:
+    """When writing into `folder` failed with `err` because the disk is full: the bytes the write
+    needed (`needed()`, called only then); None for any other failure. Full means the error says so,
+    or it is an OSError / RuntimeError (torch.save's "unexpected pos" carries no errno) and less
+    than `needed()` is free now."""
+    if not (is_disk_full(err) or isinstance(err, (OSError, RuntimeError))):
+        return None
+    size = needed()
+    return size if is_disk_full(err) or free_bytes(folder) < size else None
 
 
 def disk_full_message(folder: str | Path, what: str, needed: int) -> str:

@@ -158,7 +158,7 @@ def unfinished_run_message(output_dir: Path, checkpoint: Path) -> str:
     when = (
         "during its final save (the checkpoint is at its last step: resuming writes the final files only)"
         if last and step >= last
-        else f"at step {step}" + (f" of {last}" if last else "")
+        else f"after step {step}" + (f" of {last}" if last else "") + " was saved"
     )
     return (
         f"--output_dir {output_dir} holds a complete checkpoint of this run ({checkpoint.name}) but no {RUN_MARKER}: "
@@ -194,8 +194,8 @@ def write_final_outputs(trainer, run: dict, write_into) -> Path:
         if accelerator.is_main_process:
             _move_in(staging, output_dir, run, step)
     except Exception as err:
-        needed = trainer_save_sizes(trainer)["final"]
-        if not disk_full_while_writing(err, output_dir, needed):
+        needed = disk_full_while_writing(err, output_dir, lambda: trainer_save_sizes(trainer)["final"])
+        if not needed:
             raise
         shutil.rmtree(staging, ignore_errors=True)  # copies of what the trainer holds: frees their space
         last = newest_complete_checkpoint(output_dir, warn=False)
