@@ -51,7 +51,7 @@ def small_disk(tmp_path):
 
     yield mount
     for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a failed test may hold a file open
 
 
 def fill(folder):

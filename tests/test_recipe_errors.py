@@ -155,8 +155,9 @@ def copy_model(tiny_model_dir, folder):
     [
         (None, "is not a model folder: it has no config.json"),
         ('{"model_type": "phi",\n  "hidden_size": 64,,\n}', "config.json is not valid JSON (line 2, column 21"),
+        ('{"hidden_size": 64}', "could not load the model in folder"),  # transformers' own error, no hub hint
     ],
-    ids=["missing", "invalid_json"],
+    ids=["missing", "invalid_json", "no_model_type"],
 )
 def test_local_folder_without_a_valid_config_json_is_not_a_model_folder(
     recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load, config_json, expected
