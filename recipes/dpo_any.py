@@ -26,7 +26,7 @@ from dpo.data.doctor import check_data
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns
 from dpo.errors import exit_on_user_error
-from dpo.log import log
+from dpo.log import first_pair_preview, log
 from dpo.plots import plot_lengths
 from dpo.train.adapters import start_point
 from dpo.train.config import load_recipe_args
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None, callbacks=None):
         train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
     log(
         f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
-        f"{report.example.get('prompt', '')}{report.example.get('chosen', '')}"
+        + first_pair_preview(report.example, tokenizer, training_args)
     )
     if heldout_pairs is None:
         training_args.eval_strategy = "no"

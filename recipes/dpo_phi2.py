@@ -24,7 +24,7 @@ from dpo.data.doctor import check_training_split
 from dpo.data.formats import phi2_qa_format
 from dpo.data.loading import split_heldout
 from dpo.errors import exit_on_user_error
-from dpo.log import log
+from dpo.log import first_pair_preview, log
 from dpo.train.adapters import start_point
 from dpo.train.config import load_recipe_args
 from dpo.train.distributed import on_main_process
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None, callbacks=None):
     log(report.summary())
     train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
     log(
-        f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; first prompt:\n{train_pairs[0]['prompt']}"
+        f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
+        + first_pair_preview(report.example, tokenizer, training_args)
     )
     if heldout_pairs is None:
         training_args.eval_strategy = "no"

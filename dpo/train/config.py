@@ -97,6 +97,20 @@ def _parse_error(parser, message: str, argv: list[str], config_path: Path | None
     raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
 
 
+def yaml_error_line(path: Path, err: Exception) -> str:
+    """PyYAML's error (a snippet with a caret, several lines) as one line: file:line:column, the problem,
+    and where the construct it was parsing began."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:  # not a marked error (e.g. a reader error): its own first line
+        return f"{path} is not valid YAML: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
+    problem = getattr(err, "problem", None) or "syntax error"
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    began = (
+        f" ({context} that began at line {start.line + 1})" if context and start and start.line != mark.line else ""
+    )
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}{began}"
+
+
 def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[str] | None = None):
     """Parse `argv` (default: sys.argv) into instances of `dataclass_types`.
 
@@ -116,7 +130,7 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     try:
         yaml.safe_load(config_path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"{config_path} is not valid YAML: {err}") from None
+        raise UserError(yaml_error_line(config_path, err)) from None
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     precision = detect_precision()

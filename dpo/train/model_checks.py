@@ -6,6 +6,7 @@ download of 5 GB: the model id must resolve, and every LoRA target must name a m
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.log import log
+from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
 
 
 def _looks_local(name: str) -> bool:
@@ -24,6 +26,10 @@ def _looks_local(name: str) -> bool:
 
 
 def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
+    """Why `name` could not be loaded; for a hub id, how to use a downloaded copy (a local folder gets no hub hint)."""
+    if _looks_local(name):
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return UserError(f"could not load the {kind} in folder {name}: {reason}")
     return hub_error(
         kind,
         name,
@@ -38,10 +44,33 @@ def load_model_config(name: str, revision: str = "main", trust_remote_code: bool
     """AutoConfig for a hub id or a local folder, with one clear error if it can't be had."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise UserError(f"model folder not found: {name}")
+    if _looks_local(name):
+        check_config_json(Path(name).expanduser())
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _fetch_error("model", name, err, "--model_name_or_path") from None
+
+
+def check_config_json(folder: Path) -> None:
+    """A local model folder has a config.json that is a JSON object: else it is not a model folder."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"{folder} is not a model folder: it has no config.json (a model folder holds config.json, "
+            "the tokenizer files and *.safetensors weights, as save_pretrained writes them)"
+        )
+    try:
+        data = json.loads(config.read_bytes())
+    except UnicodeDecodeError as err:
+        raise UserError(f"{config} is not valid JSON: byte {err.start} is not UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{config} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+            f"{folder} is not a usable model folder"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config} holds a JSON {type(data).__name__}, not a model configuration (an object)")
 
 
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: loading runs code
@@ -61,6 +90,8 @@ def check_safetensors(name: str, revision: str = "main") -> None:
         except Exception:  # offline, private, rate-limited: from_pretrained will say what is wrong
             return
     if any(f.endswith(".safetensors") for f in files):
+        if path.is_dir():
+            check_weight_files(path)
         return
     pickled = sorted(f for f in files if f.endswith(PICKLED_WEIGHTS))
     if not pickled:
@@ -89,6 +120,29 @@ TOKENIZER_FILES = (
 SAMPLE_TEXT = "Hello, world."  # any real tokenizer gives this at least one token (an unknown-token one at worst)
 
 
+def check_weight_files(folder: Path) -> None:
+    """Every *.safetensors file of a local model folder is whole, and every shard its index names is
+    there: an interrupted download or copy is named here, before anything loads, instead of failing
+    inside from_pretrained with safetensors' "incomplete metadata"."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is truncated or corrupt (no readable weight_map): download it again") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise UserError(
+                f"{folder} is missing {len(missing)} of the {len(shards)} weight shards that {index.name} lists "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): download them again"
+            )
+    for weights in sorted(folder.glob("*.safetensors")):
+        if problem := safetensors_problem(weights):
+            raise UserError(
+                f"{weights} is truncated or corrupt ({problem}): download or copy it again "
+                "(an interrupted download or copy leaves such a file)"
+            )
+
+
 def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):
     """The model's tokenizer; pads with EOS when it has no pad token (phi-2 has none). Refused, naming
     the folder, when a local folder holds no tokenizer files or the tokenizer turns text into 0 tokens:
@@ -114,11 +168,16 @@ def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = 
     return tokenizer
 
 
+def meta_model(config, trust_remote_code: bool = False):
+    """The architecture built on the meta device: names and shapes, no weights, no memory."""
+    with torch.device("meta"), without_zero3_init():  # shapes only: no ZeRO-3 partitioning
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def linear_module_names(config, trust_remote_code: bool = False) -> tuple[list[str], str | None]:
     """Dotted names of every nn.Linear in the architecture, and the name of the output layer
     (lm_head), from a model built on the meta device (no weights, no memory)."""
-    with torch.device("meta"), without_zero3_init():  # names only: no ZeRO-3 partitioning
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code)
     output_layer = model.get_output_embeddings()
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     head = next((name for name, module in model.named_modules() if module is output_layer), None)
@@ -148,17 +207,41 @@ def check_lora_targets(config, target_modules, trust_remote_code: bool = False) 
     return [n for n in names if any(n in found for found in matches.values())]
 
 
+def trainable_parameter_count(config, model_args, targets: list[str], trust_remote_code: bool = False) -> int:
+    """How many parameters training will update, from shapes alone: LoRA's A (r x in) and B (out x r)
+    on each targeted linear layer (+ DoRA's magnitude, out), full copies of `lora_modules_to_save`;
+    without PEFT, every parameter of the model."""
+    model = meta_model(config, trust_remote_code)
+    if not model_args.use_peft:
+        return sum(p.numel() for p in model.parameters())
+    modules = dict(model.named_modules())
+    count = 0
+    for name in targets:
+        layer = modules[name]
+        count += model_args.lora_r * (layer.in_features + layer.out_features)
+        count += layer.out_features if model_args.use_dora else 0
+    for keep in model_args.lora_modules_to_save or []:
+        kept = [m for n, m in modules.items() if n == keep or n.endswith("." + keep)]
+        count += sum(p.numel() for m in kept for p in m.parameters())
+    return count
+
+
 def check_model_and_load_tokenizer(model_args, training_args):
     """The model phase of a recipe, before any weights load: the model id resolves, its weights
-    are safetensors, every LoRA target names a layer (logged), and the tokenizer loads. Returns the tokenizer."""
+    are safetensors (whole, not truncated), every LoRA target names a layer (logged), the tokenizer
+    loads, and output_dir's disk has room for a checkpoint and the final files. Returns the tokenizer."""
     remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
     config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
     check_safetensors(model_args.model_name_or_path, model_args.model_revision)
+    targets = []
     if model_args.use_peft:
         targets = check_lora_targets(config, model_args.lora_target_modules, remote_code)
         kinds = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
         log(f"LoRA on {len(targets)} linear layers ({kinds})")
-    return load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    trainable = trainable_parameter_count(config, model_args, targets, remote_code)
+    check_room_for_run(training_args, trainable, tokenizer)
+    return tokenizer
 
 
 def model_init_kwargs(model_args, training_args) -> dict:

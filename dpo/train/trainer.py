@@ -37,6 +37,7 @@ from dpo.train.safety.guards import HealthCheck, NonFiniteGuard, NonFiniteTraini
 from dpo.train.safety.interrupts import StopOnSignal
 from dpo.train.safety.runs import (
     ContinueCounters,
+    finished_run,
     prepare_output_dir,
     run_settings,
     whole_run_metrics,
@@ -205,5 +206,21 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout) -> di
         f"{k}={v:.4g}" for k, v in metrics.items() if "rewards/" in k or k in ("train_loss", "eval_loss")
     )
     log(f"done: {summary}")
-    log(f"adapter, tokenizer, resolved_config.yaml, final_metrics.json and training_curves.png in {output_dir}")
+    log(f"{written_summary((finished_run(output_dir) or {}).get('files', []))} in {output_dir}")
     return metrics
+
+
+def written_summary(names: list[str]) -> str:
+    """The final files that were written, in words ("adapter, tokenizer, ... and training_curves.png"):
+    only what is there (no training_curves.png when nothing was logged to plot)."""
+    parts = []
+    if any(n.startswith("adapter_model") for n in names):
+        parts.append("adapter")
+    elif any(n.startswith("model") and n.endswith(".safetensors") for n in names):
+        parts.append("model")
+    if any(n.startswith(("tokenizer", "vocab", "merges", "special_tokens")) for n in names):
+        parts.append("tokenizer")
+    parts += [n for n in ("resolved_config.yaml", "final_metrics.json", "training_curves.png") if n in names]
+    if len(parts) < 2:
+        return "".join(parts) or "no final files"
+    return f"{', '.join(parts[:-1])} and {parts[-1]}"

@@ -4,7 +4,7 @@ weights are loaded. Each case runs the real recipe entry point in-process."""
 import json
 
 import pytest
-from helpers import ROOT, cli, load_recipe
+from helpers import ROOT, cli, load_recipe, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,75 @@ def test_config_equals_form_is_read(tmp_path):
         [f"--config={other}"],
     )
     assert training.beta == 0.3
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ("beta: 0.1\n  learning_rate: [1\n", ":2:16:", "mapping values are not allowed here"),
+        (
+            "beta: 0.1\nlora_target_modules: [q_proj, v_proj\n",
+            ":3:1:",
+            "while parsing a flow sequence that began at line 2",
+        ),
+    ],
+    ids=["bad_indentation", "unclosed_list"],
+)
+def test_invalid_yaml_is_one_line_with_file_line_and_column(
+    recipe, tmp_path, capsys, no_weights_load, text, where, problem
+):
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    line = one_line_error(recipe.main, ["--config", config], capsys)
+    assert f"{config}{where} not valid YAML" in line and problem in line, line
+
+
+def copy_model(tiny_model_dir, folder):
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize(
+    "config_json, expected",
+    [
+        (None, "is not a model folder: it has no config.json"),
+        ('{"model_type": "phi",\n  "hidden_size": 64,,\n}', "config.json is not valid JSON (line 2, column 21"),
+        ('{"hidden_size": 64}', "could not load the model in folder"),  # transformers' own error, no hub hint
+    ],
+    ids=["missing", "invalid_json", "no_model_type"],
+)
+def test_local_folder_without_a_valid_config_json_is_not_a_model_folder(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load, config_json, expected
+):
+    model = copy_model(tiny_model_dir, tmp_path / "my-model")
+    if config_json is None:
+        (model / "config.json").unlink()
+    else:
+        (model / "config.json").write_text(config_json)
+    line = one_line_error(
+        recipe.main,
+        ["--model_name_or_path", model, "--dataset_name", truthy_file, "--output_dir", tmp_path / "o"],
+        capsys,
+    )
+    assert str(model) in line and expected in line, line
+    assert "hf download" not in line and "Hub" not in line  # a local folder gets no download hint
+
+
+@pytest.mark.parametrize(
+    "keep", [0.5, 100 / 534680, 4 / 534680], ids=["half", "inside_the_header", "no_header_length"]
+)
+def test_truncated_safetensors_is_named_before_weights_load(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load, keep
+):
+    model = copy_model(tiny_model_dir, tmp_path / "my-model")
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(int(len(data) * keep), 1)])
+    line = one_line_error(
+        recipe.main,
+        ["--model_name_or_path", model, "--dataset_name", truthy_file, "--output_dir", tmp_path / "o"],
+        capsys,
+    )
+    assert f"{weights} is truncated or corrupt" in line and "download or copy it again" in line, line

@@ -17,10 +17,12 @@ import re
 import shutil
 import signal
 import struct
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dpo.errors import UserError
+from dpo.files import SMALL_FILES, check_free_space, disk_full_message, disk_full_while_writing, size_text
 from dpo.log import log
 
 MARKER = "checkpoint_complete.json"
@@ -101,16 +103,28 @@ def mark_complete(folder: Path, run: dict) -> None:
     write_json_atomic(folder / MARKER, {"step": checkpoint_step(folder), "files": files, "run": run})
 
 
-def _safetensors_readable(path: Path) -> bool:
-    """The 8-byte header length and the JSON header parse, and the data they announce is there."""
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file, None if it is. Reads the header only (cheap at any
+    size): the 8-byte header length, the JSON header, and exactly the tensor bytes it announces, which
+    is what safetensors itself checks when the weights load (its "incomplete metadata")."""
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, less than the 8-byte header length"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"{size:,} bytes, its header length alone says {8 + n:,}"
             header = json.loads(f.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return path.stat().st_size >= 8 + n + end
-    except (OSError, ValueError, KeyError, struct.error):
-        return False
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "its header is not safetensors JSON"
+    if size != 8 + n + end:
+        return f"{size:,} bytes, its header announces {8 + n + end:,}"
+    return None
 
 
 def checkpoint_problems(folder: str | Path) -> list[str]:
@@ -142,9 +156,7 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
         json.loads((folder / "trainer_state.json").read_text())
     except ValueError:
         problems.append("trainer_state.json unreadable")
-    problems += [
-        f"{n} unreadable" for n in names if n.endswith(".safetensors") and not _safetensors_readable(folder / n)
-    ]
+    problems += [f"{n} unreadable" for n in names if n.endswith(".safetensors") and safetensors_problem(folder / n)]
     return problems
 
 
@@ -232,6 +244,75 @@ def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None) -
     return doomed
 
 
+# ── how much a save writes: refused before weights load when it cannot fit, named when a disk fills ──
+# Before weights load the trainable parameters are counted (dpo.train.model_checks.trainable_parameter_count) and
+# taken as float32, 4 bytes each: the widest dtype they are kept in (bf16/fp16 halve it), so this
+# overestimates. The optimizer state is AdamW's (transformers' default): exp_avg and exp_avg_sq, each
+# a tensor like its parameter; the other optimizers transformers offers keep at most as much.
+BYTES_PER_TRAINABLE = 4
+ADAM_STATES = 2
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """What `tokenizer.save_pretrained` writes, measured by saving it to a temporary folder; where that
+    fails (a full /tmp), a fast tokenizer's tokenizer.json as compact JSON (the saved file is indented, larger)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    except OSError:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return len(backend.to_str().encode()) if backend is not None else 0
+
+
+def save_sizes(weights: int, optimizer: int, tokenizer: int) -> dict[str, int]:
+    """Bytes one checkpoint and the final files take: weights (the adapter), optimizer state, tokenizer,
+    and dpo.files.SMALL_FILES for everything else (states, configs, metrics, the curves)."""
+    return {"checkpoint": weights + optimizer + tokenizer + SMALL_FILES, "final": weights + tokenizer + SMALL_FILES}
+
+
+def check_room_for_run(training_args, trainable: int, tokenizer) -> None:
+    """Before any weights load: output_dir's disk must hold one checkpoint (unless save_strategy is
+    "no") and the final files, for `trainable` parameters. More checkpoints kept need more; a disk that
+    fills later is named by the save that fails (CheckpointSaver, dpo.train.safety.runs.write_final_outputs)."""
+    weights, tok = BYTES_PER_TRAINABLE * trainable, tokenizer_bytes(tokenizer)
+    sizes = save_sizes(weights, ADAM_STATES * weights, tok)
+    saves = str(getattr(training_args.save_strategy, "value", training_args.save_strategy)) != "no"
+    needed = sizes["final"] + (sizes["checkpoint"] if saves else 0)
+    what = (
+        f"one checkpoint (adapter {size_text(weights)}, optimizer state {size_text(ADAM_STATES * weights)}, "
+        f"tokenizer {size_text(tok)}, other files {size_text(SMALL_FILES)}) and the final files "
+        f"({size_text(sizes['final'])})"
+        if saves
+        else f"the final files (adapter {size_text(weights)}, tokenizer {size_text(tok)}, other files)"
+    )
+    check_free_space(training_args.output_dir, needed, what)
+
+
+def trainer_save_sizes(trainer) -> dict[str, int]:
+    """save_sizes from what this trainer holds: its trainable tensors and its optimizer's state tensors."""
+    weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    state = getattr(getattr(trainer, "optimizer", None), "state", {}) or {}
+    optimizer = sum(
+        v.numel() * v.element_size() for per_param in state.values() for v in per_param.values() if hasattr(v, "numel")
+    )
+    return save_sizes(weights, optimizer, tokenizer_bytes(trainer.processing_class))
+
+
+def checkpoint_disk_full(folder: Path, needed: int) -> UserError:
+    """A checkpoint save that filled the disk, in one line: what it needs, what is kept, how to go on."""
+    last = newest_complete_checkpoint(folder.parent, warn=False)
+    kept = (
+        f"the newest complete checkpoint is {last.name}. Free space, then rerun with --resume_from_checkpoint last"
+        if last
+        else "no checkpoint is complete yet. Free space, then rerun the same command"
+    )
+    return UserError(
+        f"{disk_full_message(folder.parent, folder.name, needed)}; nothing complete was lost: "
+        f"the half-written {folder.name} is incomplete (resume skips it; delete it to free its space) and {kept}"
+    )
+
+
 class CheckpointSaver:
     """Replaces transformers' checkpoint writer (see dpo.compat.route_checkpoint_writes):
     writes with signals held back, marks the folder complete, then rotates."""
@@ -245,11 +326,22 @@ class CheckpointSaver:
             if accelerator.is_main_process and (folder / MARKER).exists():
                 (folder / MARKER).unlink()  # re-saving this step: incomplete until rewritten
             kill_point("begin", step)
-            write()  # transformers' writer, its own rotation off
-            kill_point("files", step)
-            accelerator.wait_for_everyone()
+            try:
+                write()  # transformers' writer, its own rotation off
+                kill_point("files", step)
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    mark_complete(folder, self.run)
+            except Exception as err:
+                if needed := disk_full_while_writing(err, folder.parent, lambda: self.checkpoint_bytes(folder)):
+                    raise checkpoint_disk_full(folder, needed) from None
+                raise
             if accelerator.is_main_process:
-                mark_complete(folder, self.run)
                 kill_point("marked", step)
                 rotate(folder.parent, self.trainer.args.save_total_limit, self.trainer.state.best_model_checkpoint)
             accelerator.wait_for_everyone()
+
+    def checkpoint_bytes(self, folder: Path) -> int:
+        """What a checkpoint takes: the newest complete one's files, else the trainer's tensors (trainer_save_sizes)."""
+        last = newest_complete_checkpoint(folder.parent, warn=False)
+        return sum(list_files(last).values()) if last else trainer_save_sizes(self.trainer)["checkpoint"]

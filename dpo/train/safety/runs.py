@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from dpo.compat import continue_token_count
 from dpo.errors import UserError
+from dpo.files import disk_full_message, disk_full_while_writing
 from dpo.log import log
 from dpo.train.adapters import adapter_weights
 from dpo.train.config import HARDWARE_KEYS, to_plain
@@ -39,6 +40,7 @@ from dpo.train.safety.checkpoints import (
     checkpoints_in,
     kill_point,
     newest_complete_checkpoint,
+    trainer_save_sizes,
     write_json_atomic,
 )
 
@@ -177,10 +179,15 @@ def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None)
         if diffs:
             log(f"warning: resuming {resume} with different settings:{_listing(diffs)}")
     finished = finished_run(output_dir)
-    others = [] if resume else [c for c in checkpoints_in(output_dir) if not checkpoint_problems(c)]
-    others = [c for c in others if checkpoint_run(c) != run]
+    complete = [] if resume else [c for c in checkpoints_in(output_dir) if not checkpoint_problems(c)]
+    others = [c for c in complete if checkpoint_run(c) != run]
+    # this run's own checkpoints and no run_complete.json: it was stopped (during its final save, perhaps);
+    # starting at step 0 would silently redo it, so say how to finish it
+    unfinished = [c for c in complete if c not in others] if finished is None else []
     diffs = differences(finished["run"], run) if finished else []
-    if (diffs and not (resume and allow)) or others:
+    if (diffs and not (resume and allow)) or others or unfinished:
+        if unfinished and not others and not overwrite:
+            raise UserError(unfinished_run_message(output_dir, unfinished[-1]))
         if not overwrite:
             what = (
                 f"a finished run with different settings:{_listing(diffs)}"
@@ -193,6 +200,25 @@ def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None)
             )
         removed = remove_run(output_dir, finished) if PartialState().is_main_process else []
         log(f"--overwrite_output_dir: deleted the previous run's {len(removed)} files and checkpoints in {output_dir}")
+
+
+def unfinished_run_message(output_dir: Path, checkpoint: Path) -> str:
+    """One line: output_dir holds a complete checkpoint of this very run but no run_complete.json."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, last = state["global_step"], state.get("max_steps")
+    except (OSError, ValueError, KeyError):
+        step, last = checkpoint.name.rsplit("-", 1)[-1], None
+    when = (
+        "during its final save (the checkpoint is at its last step: resuming writes the final files only)"
+        if last and step >= last
+        else f"after step {step}" + (f" of {last}" if last else "") + " was saved"
+    )
+    return (
+        f"--output_dir {output_dir} holds a complete checkpoint of this run ({checkpoint.name}) but no {RUN_MARKER}: "
+        f"the run was stopped {when}. Finish it with --resume_from_checkpoint last, or start over with "
+        "--overwrite_output_dir true"
+    )
 
 
 def remove_run(output_dir: Path, finished: dict | None) -> list[Path]:
@@ -216,32 +242,52 @@ def write_final_outputs(trainer, run: dict, write_into) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    write_into(staging)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        names = sorted(p.name for p in staging.iterdir())
-        for name in names:
-            if (staging / name).is_file():
-                fd = os.open(staging / name, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-        kill_point("final-staged", step)
-        old = finished_run(output_dir)
-        (output_dir / RUN_MARKER).unlink(missing_ok=True)  # from here on the folder is visibly unfinished
-        for name in {*(old or {}).get("files", []), *names}:
-            target = output_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        kill_point("final-cleared", step)
-        for name in names:
-            os.replace(staging / name, output_dir / name)
-        staging.rmdir()
-        kill_point("final-moved", step)
-        write_json_atomic(output_dir / RUN_MARKER, {"global_step": step, "files": names, "run": run})
+    try:
+        write_into(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _move_in(staging, output_dir, run, step)
+    except Exception as err:
+        needed = disk_full_while_writing(err, output_dir, lambda: trainer_save_sizes(trainer)["final"])
+        if not needed:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # copies of what the trainer holds: frees their space
+        last = newest_complete_checkpoint(output_dir, warn=False)
+        then = (
+            f"the newest complete checkpoint is {last.name}: free space, then rerun with --resume_from_checkpoint last"
+            if last
+            else "no complete checkpoint was saved (save_strategy), so the trained weights are lost: free space and rerun"
+        )
+        raise UserError(f"{disk_full_message(output_dir, 'the final files', needed)}; {then}") from None
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def _move_in(staging: Path, output_dir: Path, run: dict, step: int) -> list[str]:
+    """The main process's part of write_final_outputs: fsync the staged files, remove the old run's
+    marker and files, move the new ones in, write run_complete.json last. Returns the names moved in."""
+    names = sorted(p.name for p in staging.iterdir())
+    for name in names:
+        if (staging / name).is_file():
+            fd = os.open(staging / name, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    kill_point("final-staged", step)
+    old = finished_run(output_dir)
+    (output_dir / RUN_MARKER).unlink(missing_ok=True)  # from here on the folder is visibly unfinished
+    for name in {*(old or {}).get("files", []), *names}:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    kill_point("final-cleared", step)
+    for name in names:
+        os.replace(staging / name, output_dir / name)
+    staging.rmdir()
+    kill_point("final-moved", step)
+    write_json_atomic(output_dir / RUN_MARKER, {"global_step": step, "files": names, "run": run})
+    return names
 
 
 def whole_run_metrics(metrics: dict, log_history: list[dict], resumed_at: int, global_step: int) -> dict:

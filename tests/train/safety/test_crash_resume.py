@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, load_recipe
+from helpers import ROOT, load_recipe, one_line_error
 from safetensors.torch import load_file
 
 from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
@@ -201,3 +201,32 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_p
     assert not checkpoint_problems(out / "checkpoint-3")
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and MARKER in os.listdir(out / "checkpoint-3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kill_at, said",
+    [
+        ("final-staged:6", "the run was stopped during its final save"),
+        ("step:5", "the run was stopped after step 4 of 6 was saved"),
+    ],
+    ids=["during_the_final_save", "during_training"],
+)
+def test_rerun_beside_this_runs_complete_checkpoint_is_refused_naming_resume_last(
+    tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load, kill_at, said
+):
+    """Rerunning the same command after a kill must not silently start again at step 0."""
+    out = tmp_path / "run"
+    argv = flags(tiny_model_dir, truthy_file, out, "--save_total_limit", "2")
+    proc = run_recipe(argv, kill_at)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / RUN_MARKER).exists()
+    newest = newest_complete_checkpoint(out, warn=False)
+
+    line = one_line_error(load_recipe("dpo_phi2").main, argv, capsys)
+    assert f"--output_dir {out} holds a complete checkpoint of this run ({newest.name})" in line, line
+    assert said in line and "--resume_from_checkpoint last" in line and "--overwrite_output_dir true" in line
+
+    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"])  # its own process: weights may load there
+    assert proc.returncode == 0 and f"resuming from {newest}" in proc.stdout, proc.stderr[-2000:]
+    assert (out / RUN_MARKER).is_file()

@@ -79,9 +79,10 @@ def test_resume_mid_epoch_reuses_the_cache_and_the_grouped_order(tiny_model_dir,
     first = recipe_trainer(tiny_model_dir, tmp_path / "run", cache, **settings)
     first.train()
     logged(capsys)
-    resumed = recipe_trainer(tiny_model_dir, tmp_path / "run", cache, **settings)
+    checkpoint = str(tmp_path / "run" / "checkpoint-7")  # named in the settings too: the output_dir holds this run
+    resumed = recipe_trainer(tiny_model_dir, tmp_path / "run", cache, resume_from_checkpoint=checkpoint, **settings)
     assert "reference cache: hit" in logged(capsys)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-7"))
+    resumed.train(resume_from_checkpoint=checkpoint)
     assert "reference cache parity: 8 pairs recomputed" in logged(capsys)  # also checked on resume
     for key in ("loss", "logps/chosen", "logps/rejected"):  # (num_tokens restarts on resume)
         want = [h[key] for h in first.state.log_history if h.get("step") in (8, 9) and key in h]
