@@ -15,9 +15,11 @@ references; `text_field` / `messages_field` check one value and name it when it 
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -53,6 +55,52 @@ def _open_data_file(path: Path):
             zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
         )
     return open(path, "rb")
+
+
+def _decompression_error(name: str, path: Path, err: Exception) -> UserError:
+    """A compressed file that cannot be read to its end, as one line naming it and what to do."""
+    _, compression = _data_suffix(path)
+    if isinstance(err, EOFError):
+        return UserError(
+            f"{name}: the {compression} file is cut short ({err}); download or copy it again, "
+            f"or check it with: {'gzip -t' if compression == '.gz' else 'zstd -t'} {path}"
+        )
+    plain = path.with_suffix("")  # data.jsonl.gz -> data.jsonl
+    return UserError(
+        f"{name}: not a valid {compression} file ({type(err).__name__}: {err}); if it is not compressed, "
+        f"rename it to {plain.name}"
+    )
+
+
+def _decompression_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged .gz / .zst raises: cut short (EOFError), not gzip at all (gzip.BadGzipFile,
+    an OSError), corrupt deflate data (zlib.error), corrupt zstd frames (zstandard.ZstdError)."""
+    errors: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+def _check_zstd_complete(path: Path) -> None:
+    """EOFError when a .zst file ends inside a frame: zstandard's stream reader (and the datasets
+    library) would return the part before the cut as if it were the whole file."""
+    import zstandard
+
+    decoder, in_frame = zstandard.ZstdDecompressor().decompressobj(), False
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                decoder.decompress(chunk)
+                in_frame = not decoder.eof
+                chunk = decoder.unused_data if decoder.eof else b""
+                if decoder.eof:  # a frame ended; the next one starts in the rest of this chunk
+                    decoder = zstandard.ZstdDecompressor().decompressobj()
+    if in_frame:
+        raise EOFError("the file ends inside a zstd frame")
 
 
 def _looks_local(name: str) -> bool:
@@ -165,12 +213,16 @@ def _load_file(name: str, path: Path) -> Dataset:
             f"{name}: unsupported file type '{''.join(path.suffixes[-2:])}'; use one of {sorted(LOCAL_FORMATS)}, "
             f"or .json/.jsonl/.csv compressed as {' or '.join(COMPRESSIONS)}"
         )
-    if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
-        raise UserError(f"{name}: the file is empty")
-    if suffix in (".json", ".jsonl", ".csv"):
-        _check_utf8(name, path)
-    # CSV: only an empty cell is missing; pandas would also read the text None, NA, null, n/a, ... as missing
-    csv_text = {"keep_default_na": False, "na_values": [""]} if suffix == ".csv" else {}
+    try:  # every later read of the file decompresses it: a damaged archive is found here, once
+        if compression == ".zst":
+            _check_zstd_complete(path)
+        if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
+            raise UserError(f"{name}: the file is empty")
+        if suffix in (".json", ".jsonl", ".csv"):
+            _check_utf8(name, path)
+    except _decompression_errors() as err:
+        raise _decompression_error(name, path, err) from None
+    csv_text = _csv_as_text(path) if suffix == ".csv" else {}
     try:
         data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
     except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
@@ -185,6 +237,21 @@ def _load_file(name: str, path: Path) -> Dataset:
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
     return data
+
+
+def _csv_as_text(path: Path) -> dict:
+    """load_dataset("csv") settings that keep every cell as the text it is: "4" and "02134" stay
+    strings (pandas would read numbers, and "02134" as 2134), and only an empty cell is missing
+    (pandas would also read the text None, NA, null, n/a, ... as missing)."""
+    from datasets import Features, Value
+
+    with _open_data_file(path) as f:
+        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")), [])
+    return {
+        "keep_default_na": False,
+        "na_values": [""],
+        "features": Features({column: Value("string") for column in header}),
+    }
 
 
 def load_preference_data(
@@ -238,6 +305,7 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
     from datasets import concatenate_datasets
     from datasets.data_files import DataFilesDict, get_data_patterns
 
+    folder = folder.resolve()  # the datasets library lists the files with absolute paths
     by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
     splits = {str(k): sorted(f for f in v if _data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
     splits = {k: v for k, v in splits.items() if v}
@@ -252,6 +320,8 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
         shown = str(Path(name) / Path(file).relative_to(folder))
         data = _load_file(shown, Path(file))
         data = data.add_column(FILE_COLUMN, [shown] * len(data)).add_column(FILE_ROW_COLUMN, range(1, len(data) + 1))
+        if parts and data.features != parts[0].features and _same_but_text_width(data.features, parts[0].features):
+            data = data.cast(parts[0].features)  # .jsonl gives large_string, .csv and .parquet string
         if parts and data.features != parts[0].features:
             first = parts[0][FILE_COLUMN][0]
             theirs = {k: str(v) for k, v in data.features.items()}
@@ -260,6 +330,11 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
             raise UserError(f"{shown}: columns {diff} differ from {first} (missing, or of another type)")
         parts.append(data)
     return concatenate_datasets(parts)
+
+
+def _same_but_text_width(a, b) -> bool:
+    """True when two files' columns differ only in Arrow's two text types, string and large_string."""
+    return str(a).replace("large_string", "string") == str(b).replace("large_string", "string")
 
 
 def _pick_split(data, name: str, split: str, missing_ok: bool = False) -> Dataset | None:
