@@ -60,8 +60,10 @@ def check_data(
     max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
     truncation_mode: str = TRL_DEFAULT_TRUNCATION_MODE,
     degenerate_rows: str = "drop",
+    sft: bool = False,
 ) -> DoctorReport:
-    """to_pairs + examine: convert the raw rows and check every one. What recipes call."""
+    """to_pairs + examine: convert the raw rows and check every one. What recipes call. `sft=True`
+    for SFT, which never reads rejected (examine keeps rows whose rejected is empty or = chosen)."""
     if degenerate_rows not in ("drop", "fail"):
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
@@ -88,6 +90,7 @@ def check_data(
         source,
         f"{layout.describe()}; {fmt}",
         fail=degenerate_rows == "fail",
+        sft=sft,
     )
     if report.rows_kept == 0:
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
@@ -97,7 +100,7 @@ def check_data(
 def check_training_split(script_args, training_args, tokenizer, **formatting) -> DoctorReport:
     """A recipe's data phase: load the training split named by `script_args` (dataset_name,
     dataset_config, dataset_train_split) and check every row with `check_data`, at the run's
-    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns."""
+    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns, sft."""
     raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     return check_data(
         raw,
