@@ -24,13 +24,25 @@ from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
 from dpo.errors import UserError
 from dpo.formats import count_tokens, is_chat, render
 from dpo.pairs import DIVERGE, EMPTY_PROMPT, NO_SHARED_PROMPT
+from dpo.preferences import CONTRADICTS, TIE, TOO_FEW
 
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
 EMPTY = "empty chosen or rejected"
 IDENTICAL = "chosen identical to rejected"
 DUPLICATE = "duplicate of an earlier row"
 PROMPT_TOO_LONG = "prompt alone >= max_length tokens"
-REASONS = (NO_SHARED_PROMPT, DIVERGE, EMPTY_PROMPT, EMPTY, IDENTICAL, DUPLICATE, PROMPT_TOO_LONG)
+REASONS = (
+    TIE,
+    CONTRADICTS,
+    TOO_FEW,
+    NO_SHARED_PROMPT,
+    DIVERGE,
+    EMPTY_PROMPT,
+    EMPTY,
+    IDENTICAL,
+    DUPLICATE,
+    PROMPT_TOO_LONG,
+)
 
 CHUNK = 1000  # rows rendered and tokenized per batch: one progress-bar tick
 SHOW_ROWS = 5  # row numbers listed per drop reason

@@ -8,7 +8,7 @@ import gzip
 import json
 
 import pytest
-from helpers import load_recipe, one_line_error
+from helpers import load_recipe, one_line_error, pku_rows
 
 from dpo import doctor
 
@@ -168,6 +168,8 @@ NOT_PHI2_OPTIONS = (
     "chosen_column",
     "rejected_column",
     "system_column",
+    "label_column",
+    "score_columns",
     "prompt_format",
     "degenerate_rows",
     "dataset_test_split",
@@ -184,8 +186,10 @@ NOT_PHI2_OPTIONS = (
         [{"chosen": "a", "rejected": "b"}] * 3,  # no prompt, not a transcript
         [{"chosen": chat("q", "a"), "rejected": chat("q", "b")}] * 3,  # conversational
         [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3,  # every row dropped: the doctor's table
+        pku_rows(3),  # two label columns: which one?
+        [{"prompt": "q", "response_a": "a", "response_b": "b"}] * 3,  # two responses, nothing says which is better
     ],
-    ids=["other_columns", "no_rejected", "no_prompt", "conversational", "all_degenerate"],
+    ids=["other_columns", "no_rejected", "no_prompt", "conversational", "all_degenerate", "two_labels", "no_label"],
 )
 def test_phi2_errors_never_suggest_options_it_lacks(rows, tiny_model_dir, tmp_path, capsys):
     recipe = load_recipe("dpo_phi2")
