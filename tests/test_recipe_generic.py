@@ -184,10 +184,10 @@ def test_yaml_defaults_and_docstring(recipe):
 # ── label layouts train the right way round ─────────────────────────────────────────────────────
 
 
-def review_rows(n: int, seed: int, invert: bool = False) -> list[dict]:
-    """A tiny learnable label-layout set in PKU-SafeRLHF's shape: the better review ends in "wonderful",
-    the worse in "awful" (the only difference), at a random position named by better_response_id;
-    `invert` writes the other id. safer_response_id is random noise, so only the named label can be right."""
+def review_rows(n: int, seed: int, invert: bool = False, layout: str = "label") -> list[dict]:
+    """A tiny learnable set: the better review ends in "wonderful", the worse in "awful" (the only difference).
+    layout "label": PKU-SafeRLHF's shape, the better one at a random position named by better_response_id
+    (`invert`: the other id); "chosen": the same pairs as plain chosen/rejected, the truth without any label."""
     import random
 
     rng = random.Random(seed)
@@ -197,13 +197,16 @@ def review_rows(n: int, seed: int, invert: bool = False) -> list[dict]:
         thing = rng.choice(things)
         good, bad, better = f" {thing} was wonderful", f" {thing} was awful", rng.randrange(2)
         responses = [good, bad] if better == 0 else [bad, good]
+        prompt = f"review of the movie: {rng.choice(things)} (#{seed}.{i})"  # numbered: no duplicates
+        if layout == "chosen":
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+            continue
         rows.append(
             {
-                "prompt": f"review of the movie: {rng.choice(things)} (#{seed}.{i})",  # numbered: no duplicates
+                "prompt": prompt,
                 "response_0": responses[0],
                 "response_1": responses[1],
                 "better_response_id": 1 - better if invert else better,
-                "safer_response_id": rng.randrange(2),
             }
         )
     return rows
@@ -211,10 +214,11 @@ def review_rows(n: int, seed: int, invert: bool = False) -> list[dict]:
 
 @pytest.mark.slow
 def test_label_layout_trains_the_preferred_answer_up_and_an_inverted_label_down(recipe, tiny_model_dir, tmp_path):
-    """recipes/dpo_any.py on label-layout data: held-out implicit-reward accuracy, measured on correctly
-    labelled pairs, is > 0.9 after training on the right labels and < 0.1 after training on inverted ones
-    (a layout read the wrong way round would train every pair backwards, as PKU's rows were)."""
-    heldout = review_rows(16, seed=99)  # 16 = 4 eval batches of 4: no padded batch in the mean
+    """recipes/dpo_any.py on label-layout data (detected: better_response_id): held-out implicit-reward
+    accuracy, on pairs given as plain chosen/rejected (the truth, read without the label code), is > 0.9
+    after training on the right labels and < 0.1 after training on inverted ones (a label read the wrong
+    way round would train every pair backwards, as PKU's rows were)."""
+    heldout = review_rows(16, seed=99, layout="chosen")  # 16 = 4 eval batches of 4: no padded batch in the mean
     accuracy = {}
     for invert in (False, True):
         folder = tmp_path / f"data_{invert}"
@@ -230,8 +234,6 @@ def test_label_layout_trains_the_preferred_answer_up_and_an_inverted_label_down(
                 str(folder),
                 "--dataset_test_split",
                 "test",
-                "--label_column",
-                "better_response_id",
                 "--output_dir",
                 str(out),
                 "--max_length",
