@@ -16,96 +16,29 @@ references; `text_field` / `messages_field` check one value and name it when it 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
-import zlib
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from dpo.datafiles import (
+    COMPRESSIONS,
+    LOCAL_FORMATS,
+    check_zstd_complete,
+    data_suffix,
+    decompression_error,
+    decompression_errors,
+    open_data_file,
+)
 from dpo.errors import UserError, hub_error
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-# Compressed text files, as datasets are often distributed (Anthropic HH-RLHF: .jsonl.gz); the
-# datasets library decompresses them itself. Parquet is compressed inside, so never outer-compressed.
-COMPRESSIONS = (".gz", ".zst")
-
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
 
-def _data_suffix(path: Path) -> tuple[str, str]:
-    """(format suffix, compression suffix): ('.jsonl', '.gz') for data.jsonl.gz, ('.csv', '') for data.csv."""
-    path = Path(path)
-    if path.suffix in COMPRESSIONS and Path(path.stem).suffix in (".json", ".jsonl", ".csv"):
-        return Path(path.stem).suffix, path.suffix
-    return path.suffix, ""
-
-
-def _open_data_file(path: Path):
-    """A binary file object over the (decompressed) bytes of a local data file."""
-    _, compression = _data_suffix(path)
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(
-            zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        )
-    return open(path, "rb")
-
-
-def _decompression_error(name: str, path: Path, err: Exception) -> UserError:
-    """A compressed file that cannot be read to its end, as one line naming it and what to do."""
-    _, compression = _data_suffix(path)
-    if isinstance(err, EOFError):
-        return UserError(
-            f"{name}: the {compression} file is cut short ({err}); download or copy it again, "
-            f"or check it with: {'gzip -t' if compression == '.gz' else 'zstd -t'} {path}"
-        )
-    plain = path.with_suffix("")  # data.jsonl.gz -> data.jsonl
-    return UserError(
-        f"{name}: not a valid {compression} file ({type(err).__name__}: {err}); if it is not compressed, "
-        f"rename it to {plain.name}"
-    )
-
-
-def _decompression_errors() -> tuple[type[Exception], ...]:
-    """What reading a damaged .gz / .zst raises: cut short (EOFError), not gzip at all (gzip.BadGzipFile,
-    an OSError), corrupt deflate data (zlib.error), corrupt zstd frames (zstandard.ZstdError)."""
-    errors: tuple[type[Exception], ...] = (EOFError, gzip.BadGzipFile, zlib.error)
-    try:
-        import zstandard
-
-        errors += (zstandard.ZstdError,)
-    except ImportError:
-        pass
-    return errors
-
-
-def _check_zstd_complete(path: Path) -> None:
-    """EOFError when a .zst file ends inside a frame: zstandard's stream reader (and the datasets
-    library) would return the part before the cut as if it were the whole file."""
-    import zstandard
-
-    decoder, in_frame = zstandard.ZstdDecompressor().decompressobj(), False
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            while chunk:
-                decoder.decompress(chunk)
-                in_frame = not decoder.eof
-                chunk = decoder.unused_data if decoder.eof else b""
-                if decoder.eof:  # a frame ended; the next one starts in the rest of this chunk
-                    decoder = zstandard.ZstdDecompressor().decompressobj()
-    if in_frame:
-        raise EOFError("the file ends inside a zstd frame")
-
-
 def _looks_local(name: str) -> bool:
     """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
-    return name.startswith((".", "/", "~")) or _data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
+    return name.startswith((".", "/", "~")) or data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
 
 
 def _json_type(value) -> str:
@@ -122,9 +55,9 @@ def _json_type(value) -> str:
 def _json_problem(path: Path) -> str | None:
     """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
     whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         text = f.read().decode("utf-8", errors="replace")
-    suffix = _data_suffix(path)[0]
+    suffix = data_suffix(path)[0]
     if suffix == ".json":
         try:
             records = json.loads(text)
@@ -160,7 +93,7 @@ def _json_problem(path: Path) -> str | None:
 
 def _blank(path: Path) -> bool:
     """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         while chunk := f.read(1 << 20):
             if chunk.strip():
                 return False
@@ -171,7 +104,7 @@ def _check_utf8(name: str, path: Path) -> None:
     """UserError naming the row, line and byte offset of the first byte that is not UTF-8 (pyarrow reads
     such a .jsonl without complaint and fails later, in the middle of a row)."""
     offset, line, carry = 0, 1, b""  # bytes and newlines before `carry + chunk`
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         while chunk := f.read(1 << 20):
             data = carry + chunk
             try:
@@ -189,9 +122,9 @@ def _check_utf8(name: str, path: Path) -> None:
 
 
 def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
-    suffix, compression = _data_suffix(path)
+    suffix, compression = data_suffix(path)
     if suffix == ".jsonl":  # row = non-blank lines up to this one
-        with _open_data_file(path) as f:
+        with open_data_file(path) as f:
             row = sum(1 for _, text in zip(range(line), f) if text.strip())
         where = f"row {row}" + (f" (line {line})" if row != line else "")
     elif suffix == ".csv":  # the header is line 1 (a cell spanning lines shifts this)
@@ -207,7 +140,7 @@ def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
 
 def _load_file(name: str, path: Path) -> Dataset:
     """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
-    suffix, compression = _data_suffix(path)
+    suffix, compression = data_suffix(path)
     if suffix not in LOCAL_FORMATS:
         raise UserError(
             f"{name}: unsupported file type '{''.join(path.suffixes[-2:])}'; use one of {sorted(LOCAL_FORMATS)}, "
@@ -215,13 +148,13 @@ def _load_file(name: str, path: Path) -> Dataset:
         )
     try:  # every later read of the file decompresses it: a damaged archive is found here, once
         if compression == ".zst":
-            _check_zstd_complete(path)
+            check_zstd_complete(path)
         if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
             raise UserError(f"{name}: the file is empty")
         if suffix in (".json", ".jsonl", ".csv"):
             _check_utf8(name, path)
-    except _decompression_errors() as err:
-        raise _decompression_error(name, path, err) from None
+    except decompression_errors() as err:
+        raise decompression_error(name, path, err) from None
     csv_text = _csv_as_text(path) if suffix == ".csv" else {}
     try:
         data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
@@ -245,7 +178,7 @@ def _csv_as_text(path: Path) -> dict:
     (pandas would also read the text None, NA, null, n/a, ... as missing)."""
     from datasets import Features, Value
 
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")), [])
     return {
         "keep_default_na": False,
@@ -307,7 +240,7 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
 
     folder = folder.resolve()  # the datasets library lists the files with absolute paths
     by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
-    splits = {str(k): sorted(f for f in v if _data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
+    splits = {str(k): sorted(f for f in v if data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
     splits = {k: v for k, v in splits.items() if v}
     if not splits:
         raise UserError(f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst)")
@@ -366,10 +299,10 @@ class RowLocator:
 
     def _line(self, source: str, row: int) -> int | None:
         path = Path(source).expanduser()
-        if _data_suffix(path)[0] != ".jsonl" or not path.is_file():
+        if data_suffix(path)[0] != ".jsonl" or not path.is_file():
             return None
         if source not in self._lines:
-            with _open_data_file(path) as f:
+            with open_data_file(path) as f:
                 self._lines[source] = [i for i, line in enumerate(f, start=1) if line.strip()]
         lines = self._lines[source]
         return lines[row - 1] if row <= len(lines) else None

@@ -14,6 +14,9 @@ Layouts, detected from the column names and the first row (extra columns are ign
     hh               chosen, rejected: "\\n\\nHuman: ... \\n\\nAssistant: ..."    Anthropic/hh-rlhf (multi-turn)
                      transcripts, no prompt column
 
+Two responses and a label or a score saying which is better (PKU-SafeRLHF, SHP, HelpSteer2, raw
+UltraFeedback; `label_column:` / `score_columns:`): dpo/preferences.py picks chosen and rejected per row.
+
 Any other column names: `Columns(prompt="query", chosen="good", ...)`, in a recipe's YAML as
 `prompt_column: query`, `chosen_column: good`, ... When chosen and rejected hold the whole
 conversation (hh, conversational without a prompt, or with a prompt *string* as in H4's
