@@ -210,9 +210,12 @@ def test_label_and_score_settings_flow_through_the_recipes_yaml(tmp_path, tiny_m
 
     recipe = load_recipe("dpo_any")
     yaml = tmp_path / "mine.yaml"
+    shipped = (ROOT / "recipes" / "dpo_any.yaml").read_text()
+    assert "label_column: null" in shipped and "score_columns: null" in shipped  # listed with the other columns
     yaml.write_text(
-        (ROOT / "recipes" / "dpo_any.yaml").read_text()
-        + "label_column: better_response_id\nscore_columns: [score_a, score_b]\n"
+        shipped.replace("label_column: null", "label_column: better_response_id").replace(
+            "score_columns: null", "score_columns: [score_a, score_b]"
+        )
     )
     script, *_ = parse_recipe_args((recipe.ScriptArguments, RecipeDPOConfig, ModelConfig), yaml, [])
     assert script.label_column == "better_response_id" and script.score_columns == ["score_a", "score_b"]
