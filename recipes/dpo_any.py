@@ -14,7 +14,9 @@ Offline (no GPU, no internet): a tiny Phi model and truthy-format rows, same cod
 
 Data: prompt/chosen/rejected text (+ system), conversational message lists (explicit or implicit
 prompt), Anthropic HH transcripts, or any columns named in the YAML (`prompt_column: question`);
-see dpo/data/pairs.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
+see dpo/data/pairs.py. Two responses and a label saying which is better (PKU-SafeRLHF, SHP, HelpSteer2,
+`label_column: better_response_id`) or a score per response (`score_columns: [score_a, score_b]`,
+raw UltraFeedback's completions): see dpo/data/preferences.py. With `prompt_format: chat` (default) the tokenizer's chat template formats every
 row; a tokenizer without one gets dpo/data/formats.py's plain Human/Assistant template and a warning.
 The data doctor (dpo/data/doctor.py) checks every row and prints its table before any weights load.
 """
@@ -58,6 +60,20 @@ class ScriptArguments:
     system_column: str | None = field(
         default=None, metadata={"help": "Column with a system text (detected: system, system_prompt)."}
     )
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column saying which of two responses is better (detected: better_response_id, labels, "
+            "preference, preference_strength; PKU-SafeRLHF: choose better_response_id or safer_response_id)."
+        },
+    )
+    score_columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A score column per response (detected: chosen_score/rejected_score, score_A/score_B, ...), "
+            "or the score key of a completions list (default overall_score); higher is better."
+        },
+    )
     prompt_format: str = field(
         default="chat", metadata={"help": "chat: the tokenizer's chat template; text: strings as they are."}
     )
@@ -79,7 +95,12 @@ def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool =
     if raw is None:
         return None
     columns = Columns(
-        script_args.prompt_column, script_args.chosen_column, script_args.rejected_column, script_args.system_column
+        script_args.prompt_column,
+        script_args.chosen_column,
+        script_args.rejected_column,
+        script_args.system_column,
+        script_args.label_column,
+        script_args.score_columns,
     )
     source = (
         script_args.dataset_name

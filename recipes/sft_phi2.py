@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 
 from dpo.data.doctor import check_training_split
 from dpo.data.formats import phi2_qa_format
-from dpo.data.loading import split_heldout
 from dpo.errors import exit_on_user_error
 from dpo.log import log
 from dpo.train.config import RecipeSFTConfig, load_recipe_args
 from dpo.train.distributed import on_main_process
 from dpo.train.model_checks import check_model_and_load_tokenizer
-from dpo.train.sft import build_sft_trainer, sft_rows
+from dpo.train.sft import build_sft_trainer, sft_rows, split_like_dpo
 from dpo.train.trainer import train_and_save
 
 
@@ -48,14 +47,20 @@ def main(argv: list[str] | None = None, callbacks=None):
     # ── model: checks only; TRL loads the 4-bit weights when it builds the trainer ─────
     tokenizer = check_model_and_load_tokenizer(model_args, training_args)
 
-    # ── data: the DPO recipe's rows and checks; SFT keeps the prompt and the chosen answer.
-    #    The same seed holds out the same pairs as recipes/dpo_phi2.py, so DPO's held-out
-    #    pairs were not seen by SFT either.
+    # ── data: the DPO recipe's rows and checks; SFT keeps the prompt and the chosen answer, also
+    #    where rejected is empty or equal to chosen (SFT never reads it). The same seed holds out
+    #    the same pairs as recipes/dpo_phi2.py, so DPO's held-out pairs were not seen by SFT either.
     report = on_main_process(  # once, on the main process, under several processes
-        check_training_split, script_args, training_args, tokenizer, prompt_format="text", text_format=phi2_qa_format
+        check_training_split,
+        script_args,
+        training_args,
+        tokenizer,
+        prompt_format="text",
+        text_format=phi2_qa_format,
+        sft=True,
     )
     log(report.summary())
-    train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
+    train_pairs, heldout_pairs = split_like_dpo(report, script_args.test_size, training_args.seed)
     train_rows = sft_rows(train_pairs)
     heldout_rows = sft_rows(heldout_pairs) if heldout_pairs is not None else None
     log(f"{len(train_rows)} SFT rows (prompt + chosen answer), {len(heldout_rows or [])} held out")

@@ -137,6 +137,98 @@ def orca_rows(n):
     ]
 
 
+def _good_first(i: int) -> bool:
+    """Where the better response sits in row i of a label layout: it alternates irregularly (1, 2, 4, 5, ... first),
+    so that neither position alone is right."""
+    return i % 3 != 2
+
+
+def pku_rows(n):
+    """PKU-Alignment/PKU-SafeRLHF: prompt, response_0, response_1, better_response_id and safer_response_id
+    (0 or 1, the better one's index); here the safer one is the other response in every third row."""
+    rows = []
+    for i in range(n):
+        q, good, bad = qa(i)
+        first = _good_first(i)
+        better = 0 if first else 1
+        rows.append(
+            {
+                "prompt": q,
+                "response_0": good if first else bad,
+                "response_1": bad if first else good,
+                "is_response_0_safe": True,
+                "is_response_1_safe": True,
+                "better_response_id": better,
+                "safer_response_id": better if i % 3 else 1 - better,
+            }
+        )
+    return rows
+
+
+def shp_rows(n):
+    """stanfordnlp/SHP: history (the post), human_ref_A, human_ref_B, labels (1 = A preferred, 0 = B), score_A/score_B."""
+    rows = []
+    for i in range(n):
+        q, good, bad = qa(i)
+        first = _good_first(i)
+        rows.append(
+            {
+                "post_id": f"p{i}",
+                "domain": "askscience_train",
+                "history": q,
+                "human_ref_A": good if first else bad,
+                "human_ref_B": bad if first else good,
+                "labels": 1 if first else 0,
+                "score_A": 40 if first else 3,
+                "score_B": 3 if first else 40,
+                "score_ratio": 40 / 3,
+            }
+        )
+    return rows
+
+
+def helpsteer2_preference_rows(n):
+    """nvidia/HelpSteer2 preference: prompt, response_1, response_2, preference_strength (-3..3: < 0 = response_1
+    better, 0 = tie), preference_statement."""
+    rows = []
+    for i in range(n):
+        q, good, bad = qa(i)
+        first = _good_first(i)
+        strength = (1 + i % 3) * (-1 if first else 1)
+        rows.append(
+            {
+                "split": "train",
+                "prompt": q,
+                "response_1": good if first else bad,
+                "response_2": bad if first else good,
+                "preference_strength": strength,
+                "preference_statement": "@Response 1 is better" if first else "@Response 2 is better",
+            }
+        )
+    return rows
+
+
+def ultrafeedback_raw_rows(n):
+    """openbmb/UltraFeedback: instruction, completions: [{model, response, overall_score, fine-grained_score, ...}]
+    with four completions; the good answer scores highest, the bad one lowest, two middling ones between."""
+    rows = []
+    for i in range(n):
+        q, good, bad = qa(i)
+        scored = [(f"{good} (a close second)", 6.5), (bad, 2.0 + i % 2), (good, 8.5), ("I am not sure.", 5.0)]
+        rows.append(
+            {
+                "source": "evol_instruct",
+                "instruction": q,
+                "models": [f"model-{k}" for k in range(4)],
+                "completions": [
+                    {"model": f"model-{k}", "response": text, "overall_score": score, "fine-grained_score": score / 2}
+                    for k, (text, score) in enumerate(scored)
+                ],
+            }
+        )
+    return rows
+
+
 # ── tiny models and real TRL trainers, for agreement tests ─────────────────────────────────
 
 # Eight pairs with chosen shorter than rejected, longer, and equal-ish, so padding, the per-row

@@ -5,6 +5,8 @@ to bad rows. Runs inside every recipe (`check_data`), and alone, with the recipe
     python -m dpo.doctor trl-lib/ultrafeedback_binarized --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --max_length 1024
     python -m dpo.doctor Anthropic/hh-rlhf --model_name_or_path outputs/tiny-phi --histogram outputs/hh_lengths.png
     python -m dpo.doctor my.csv --prompt_column question --chosen_column good --rejected_column bad
+    python -m dpo.doctor pku.jsonl --label_column better_response_id      # two responses + which is better
+    python -m dpo.doctor pairs.csv --score_columns score_a score_b           # a score per response
     python -m dpo.doctor truthy.jsonl --model_name_or_path microsoft/phi-2 --prompt_format text --text_format phi2
                                       # as recipes/dpo_phi2.py formats and counts it
     python -m dpo.doctor --dataset_name org/data --dataset_config en --dataset_train_split test
@@ -60,8 +62,10 @@ def check_data(
     max_length: int | None = TRL_DEFAULT_MAX_LENGTH,
     truncation_mode: str = TRL_DEFAULT_TRUNCATION_MODE,
     degenerate_rows: str = "drop",
+    sft: bool = False,
 ) -> DoctorReport:
-    """to_pairs + examine: convert the raw rows and check every one. What recipes call."""
+    """to_pairs + examine: convert the raw rows and check every one. What recipes call. `sft=True`
+    for SFT, which never reads rejected (examine keeps rows whose rejected is empty or = chosen)."""
     if degenerate_rows not in ("drop", "fail"):
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
@@ -88,6 +92,7 @@ def check_data(
         source,
         f"{layout.describe()}; {fmt}",
         fail=degenerate_rows == "fail",
+        sft=sft,
     )
     if report.rows_kept == 0:
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
@@ -97,7 +102,7 @@ def check_data(
 def check_training_split(script_args, training_args, tokenizer, **formatting) -> DoctorReport:
     """A recipe's data phase: load the training split named by `script_args` (dataset_name,
     dataset_config, dataset_train_split) and check every row with `check_data`, at the run's
-    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns."""
+    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns, sft."""
     raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     return check_data(
         raw,
@@ -150,6 +155,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     for role in ("prompt", "chosen", "rejected", "system"):
         p.add_argument(f"--{role}_column", help=f"the column holding the {role}, if not detected")
+    p.add_argument(
+        "--label_column",
+        help="the column saying which of two responses is better (e.g. PKU-SafeRLHF's better_response_id); dpo/data/preferences.py",
+    )
+    p.add_argument(
+        "--score_columns",
+        nargs="+",
+        help="a score column per response (e.g. score_a score_b), or the score key of a completions list",
+    )
     p.add_argument("--fail_on_degenerate", action="store_true", help="exit 2 instead of dropping degenerate rows")
     p.add_argument("--trust_remote_code", action="store_true")
     return p
@@ -173,7 +187,14 @@ def main(argv: list[str] | None = None) -> DoctorReport:
         if args.model_name_or_path:
             tokenizer = load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         data = load_preference_data(dataset, args.dataset_config, args.dataset_train_split)
-        columns = Columns(args.prompt_column, args.chosen_column, args.rejected_column, args.system_column)
+        columns = Columns(
+            args.prompt_column,
+            args.chosen_column,
+            args.rejected_column,
+            args.system_column,
+            args.label_column,
+            args.score_columns,
+        )
         report = check_data(
             data,
             dataset,

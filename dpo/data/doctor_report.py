@@ -23,6 +23,7 @@ from datasets import Dataset
 from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
 from dpo.data.formats import count_tokens, is_chat, render
 from dpo.data.pairs import DIVERGE, EMPTY_PROMPT, NO_SHARED_PROMPT
+from dpo.data.preferences import CONTRADICTS, TIE, TOO_FEW
 from dpo.errors import UserError
 
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
@@ -30,7 +31,18 @@ EMPTY = "empty chosen or rejected"
 IDENTICAL = "chosen identical to rejected"
 DUPLICATE = "duplicate of an earlier row"
 PROMPT_TOO_LONG = "prompt alone >= max_length tokens"
-REASONS = (NO_SHARED_PROMPT, DIVERGE, EMPTY_PROMPT, EMPTY, IDENTICAL, DUPLICATE, PROMPT_TOO_LONG)
+REASONS = (
+    TIE,
+    CONTRADICTS,
+    TOO_FEW,
+    NO_SHARED_PROMPT,
+    DIVERGE,
+    EMPTY_PROMPT,
+    EMPTY,
+    IDENTICAL,
+    DUPLICATE,
+    PROMPT_TOO_LONG,
+)
 
 CHUNK = 1000  # rows rendered and tokenized per batch: one progress-bar tick
 SHOW_ROWS = 5  # row numbers listed per drop reason
@@ -52,6 +64,8 @@ class DoctorReport:
     truncated: int = 0  # kept rows whose prompt + longer answer exceeds max_length
     layout: str = ""
     example: dict = field(default_factory=dict)  # the first kept pair as the model sees it (text)
+    # With sft=True: input rows kept although DPO drops them (rejected empty or equal to chosen); SFT never reads rejected
+    sft_only: list = field(default_factory=list)
 
     @property
     def rows_kept(self) -> int:
@@ -74,6 +88,13 @@ class DoctorReport:
                 more = ", ..." if self.dropped[reason] > len(first) else ""
                 lines.append(f"  dropped   {self.dropped[reason]:>7}  {reason}: row {rows}{more}")
         lines.append(f"  rows kept {self.rows_kept:>7}")
+        if self.sft_only:
+            first = ", ".join(map(str, self.sft_only[:SHOW_ROWS])) + (
+                ", ..." if len(self.sft_only) > SHOW_ROWS else ""
+            )
+            lines.append(
+                f"  of which {len(self.sft_only):>4}  kept for SFT only (rejected empty or equal to chosen; DPO drops them): row {first}"
+            )
         if self.rows_kept:
             lines.append(f"  {self.unit:<10}{'median':>8}{'p95':>8}{'max':>8}")
             for part in ("prompt", "chosen", "rejected"):
@@ -138,6 +159,7 @@ def examine(
     layout: str = "",
     fail: bool = False,
     progress: bool | None = None,
+    sft: bool = False,
 ) -> DoctorReport:
     """Check every row of `pairs` (from dpo.data.pairs.to_pairs); return the report with the kept pairs.
 
@@ -145,7 +167,9 @@ def examine(
     that differ before the last turn), empty chosen or rejected, chosen identical to rejected,
     duplicate of an earlier row, and (with a tokenizer, under TRL's default keep_start truncation)
     a prompt that alone fills max_length, which TRL would otherwise drop silently. `fail=True`
-    raises UserError instead of dropping.
+    raises UserError instead of dropping. `sft=True`: the pairs feed SFT, which trains on prompt +
+    chosen only, so an empty rejected or one equal to chosen drops nothing (`report.sft_only` lists
+    those rows) and max_length truncation counts the chosen answer alone.
     """
     from tqdm.auto import tqdm
 
@@ -167,18 +191,22 @@ def examine(
     # cheap checks on every row
     candidates: list[int] = []
     seen: set[bytes] = set()
+    sft_only: set[int] = set()
     for i, (prompt, chosen, rejected) in enumerate(zip(prompts, chosens, rejecteds)):
+        unpaired = _is_empty(rejected) or _same(chosen, rejected)  # no preference for DPO to learn
         if problems[i]:
             drop(problems[i], row_numbers[i])
-        elif _is_empty(chosen) or _is_empty(rejected):
+        elif _is_empty(chosen) or (_is_empty(rejected) and not sft):
             drop(EMPTY, row_numbers[i])
-        elif _same(chosen, rejected):
+        elif unpaired and not sft:
             drop(IDENTICAL, row_numbers[i])
         elif (key := _key(prompt, chosen, rejected)) in seen:
             drop(DUPLICATE, row_numbers[i])
         else:
             seen.add(key)
             candidates.append(i)
+            if unpaired:
+                sft_only.add(i)
 
     # lengths, as TRL will tokenize them
     kept: list[int] = []
@@ -221,11 +249,13 @@ def examine(
         max_length=max_length,
         layout=layout,
         example=example,
+        sft_only=[row_numbers[i] for i in kept if i in sft_only],
     )
     arr = np.array(lengths, dtype=np.int64).reshape(-1, 3)
     report.lengths = {"prompt": arr[:, 0], "chosen": arr[:, 1], "rejected": arr[:, 2]}
     if max_length is not None and tokenizer is not None:
-        report.truncated = int((arr[:, 0] + np.maximum(arr[:, 1], arr[:, 2]) > max_length).sum())
+        answer = arr[:, 1] if sft else np.maximum(arr[:, 1], arr[:, 2])  # SFT trains on the chosen answer alone
+        report.truncated = int((arr[:, 0] + answer > max_length).sum())
     assert report.rows_in == report.rows_kept + report.rows_dropped == len(report.kept_rows) + len(report.drops), (
         "a row was lost without a reason"
     )

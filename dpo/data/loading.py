@@ -15,49 +15,30 @@ references; `text_field` / `messages_field` check one value and name it when it 
 
 from __future__ import annotations
 
-import gzip
+import csv
 import io
 import json
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from dpo.data.datafiles import (
+    COMPRESSIONS,
+    LOCAL_FORMATS,
+    check_zstd_complete,
+    data_suffix,
+    decompression_error,
+    decompression_errors,
+    open_data_file,
+)
 from dpo.errors import UserError, hub_error
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-# Compressed text files, as datasets are often distributed (Anthropic HH-RLHF: .jsonl.gz); the
-# datasets library decompresses them itself. Parquet is compressed inside, so never outer-compressed.
-COMPRESSIONS = (".gz", ".zst")
-
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
 
-def _data_suffix(path: Path) -> tuple[str, str]:
-    """(format suffix, compression suffix): ('.jsonl', '.gz') for data.jsonl.gz, ('.csv', '') for data.csv."""
-    path = Path(path)
-    if path.suffix in COMPRESSIONS and Path(path.stem).suffix in (".json", ".jsonl", ".csv"):
-        return Path(path.stem).suffix, path.suffix
-    return path.suffix, ""
-
-
-def _open_data_file(path: Path):
-    """A binary file object over the (decompressed) bytes of a local data file."""
-    _, compression = _data_suffix(path)
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(
-            zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True)
-        )
-    return open(path, "rb")
-
-
 def _looks_local(name: str) -> bool:
     """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
-    return name.startswith((".", "/", "~")) or _data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
+    return name.startswith((".", "/", "~")) or data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
 
 
 def _json_type(value) -> str:
@@ -74,9 +55,9 @@ def _json_type(value) -> str:
 def _json_problem(path: Path) -> str | None:
     """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
     whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         text = f.read().decode("utf-8", errors="replace")
-    suffix = _data_suffix(path)[0]
+    suffix = data_suffix(path)[0]
     if suffix == ".json":
         try:
             records = json.loads(text)
@@ -112,7 +93,7 @@ def _json_problem(path: Path) -> str | None:
 
 def _blank(path: Path) -> bool:
     """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         while chunk := f.read(1 << 20):
             if chunk.strip():
                 return False
@@ -123,7 +104,7 @@ def _check_utf8(name: str, path: Path) -> None:
     """UserError naming the row, line and byte offset of the first byte that is not UTF-8 (pyarrow reads
     such a .jsonl without complaint and fails later, in the middle of a row)."""
     offset, line, carry = 0, 1, b""  # bytes and newlines before `carry + chunk`
-    with _open_data_file(path) as f:
+    with open_data_file(path) as f:
         while chunk := f.read(1 << 20):
             data = carry + chunk
             try:
@@ -141,9 +122,9 @@ def _check_utf8(name: str, path: Path) -> None:
 
 
 def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
-    suffix, compression = _data_suffix(path)
+    suffix, compression = data_suffix(path)
     if suffix == ".jsonl":  # row = non-blank lines up to this one
-        with _open_data_file(path) as f:
+        with open_data_file(path) as f:
             row = sum(1 for _, text in zip(range(line), f) if text.strip())
         where = f"row {row}" + (f" (line {line})" if row != line else "")
     elif suffix == ".csv":  # the header is line 1 (a cell spanning lines shifts this)
@@ -159,18 +140,22 @@ def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
 
 def _load_file(name: str, path: Path) -> Dataset:
     """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
-    suffix, compression = _data_suffix(path)
+    suffix, compression = data_suffix(path)
     if suffix not in LOCAL_FORMATS:
         raise UserError(
             f"{name}: unsupported file type '{''.join(path.suffixes[-2:])}'; use one of {sorted(LOCAL_FORMATS)}, "
             f"or .json/.jsonl/.csv compressed as {' or '.join(COMPRESSIONS)}"
         )
-    if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
-        raise UserError(f"{name}: the file is empty")
-    if suffix in (".json", ".jsonl", ".csv"):
-        _check_utf8(name, path)
-    # CSV: only an empty cell is missing; pandas would also read the text None, NA, null, n/a, ... as missing
-    csv_text = {"keep_default_na": False, "na_values": [""]} if suffix == ".csv" else {}
+    try:  # every later read of the file decompresses it: a damaged archive is found here, once
+        if compression == ".zst":
+            check_zstd_complete(path)
+        if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
+            raise UserError(f"{name}: the file is empty")
+        if suffix in (".json", ".jsonl", ".csv"):
+            _check_utf8(name, path)
+    except decompression_errors() as err:
+        raise decompression_error(name, path, err) from None
+    csv_text = _csv_as_text(path) if suffix == ".csv" else {}
     try:
         data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
     except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
@@ -185,6 +170,21 @@ def _load_file(name: str, path: Path) -> Dataset:
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
     return data
+
+
+def _csv_as_text(path: Path) -> dict:
+    """load_dataset("csv") settings that keep every cell as the text it is: "4" and "02134" stay
+    strings (pandas would read numbers, and "02134" as 2134), and only an empty cell is missing
+    (pandas would also read the text None, NA, null, n/a, ... as missing)."""
+    from datasets import Features, Value
+
+    with open_data_file(path) as f:
+        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")), [])
+    return {
+        "keep_default_na": False,
+        "na_values": [""],
+        "features": Features({column: Value("string") for column in header}),
+    }
 
 
 def load_preference_data(
@@ -238,8 +238,9 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
     from datasets import concatenate_datasets
     from datasets.data_files import DataFilesDict, get_data_patterns
 
+    folder = folder.resolve()  # the datasets library lists the files with absolute paths
     by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
-    splits = {str(k): sorted(f for f in v if _data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
+    splits = {str(k): sorted(f for f in v if data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
     splits = {k: v for k, v in splits.items() if v}
     if not splits:
         raise UserError(f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst)")
@@ -252,6 +253,8 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
         shown = str(Path(name) / Path(file).relative_to(folder))
         data = _load_file(shown, Path(file))
         data = data.add_column(FILE_COLUMN, [shown] * len(data)).add_column(FILE_ROW_COLUMN, range(1, len(data) + 1))
+        if parts and data.features != parts[0].features and _same_but_text_width(data.features, parts[0].features):
+            data = data.cast(parts[0].features)  # .jsonl gives large_string, .csv and .parquet string
         if parts and data.features != parts[0].features:
             first = parts[0][FILE_COLUMN][0]
             theirs = {k: str(v) for k, v in data.features.items()}
@@ -260,6 +263,11 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
             raise UserError(f"{shown}: columns {diff} differ from {first} (missing, or of another type)")
         parts.append(data)
     return concatenate_datasets(parts)
+
+
+def _same_but_text_width(a, b) -> bool:
+    """True when two files' columns differ only in Arrow's two text types, string and large_string."""
+    return str(a).replace("large_string", "string") == str(b).replace("large_string", "string")
 
 
 def _pick_split(data, name: str, split: str, missing_ok: bool = False) -> Dataset | None:
@@ -291,10 +299,10 @@ class RowLocator:
 
     def _line(self, source: str, row: int) -> int | None:
         path = Path(source).expanduser()
-        if _data_suffix(path)[0] != ".jsonl" or not path.is_file():
+        if data_suffix(path)[0] != ".jsonl" or not path.is_file():
             return None
         if source not in self._lines:
-            with _open_data_file(path) as f:
+            with open_data_file(path) as f:
                 self._lines[source] = [i for i, line in enumerate(f, start=1) if line.strip()]
         lines = self._lines[source]
         return lines[row - 1] if row <= len(lines) else None

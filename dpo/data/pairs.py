@@ -14,6 +14,9 @@ Layouts, detected from the column names and the first row (extra columns are ign
     hh               chosen, rejected: "\\n\\nHuman: ... \\n\\nAssistant: ..."    Anthropic/hh-rlhf (multi-turn)
                      transcripts, no prompt column
 
+Two responses and a label or a score saying which is better (PKU-SafeRLHF, SHP, HelpSteer2, raw
+UltraFeedback; `label_column:` / `score_columns:`): dpo/data/preferences.py picks chosen and rejected per row.
+
 Any other column names: `Columns(prompt="query", chosen="good", ...)`, in a recipe's YAML as
 `prompt_column: query`, `chosen_column: good`, ... When chosen and rejected hold the whole
 conversation (hh, conversational without a prompt, or with a prompt *string* as in H4's
@@ -39,6 +42,7 @@ the field (dpo/data/loading.py: RowLocator).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -48,6 +52,7 @@ from datasets import Dataset
 
 from dpo.data.formats import plain_text_format
 from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, messages_field, text_field
+from dpo.data.preferences import HISTORY, Preference, detect_preference
 from dpo.errors import UserError
 
 # Column names tried, in order, when the YAML names none (`prompt_column:` etc.).
@@ -74,6 +79,8 @@ class Columns:
     chosen: str | None = None
     rejected: str | None = None
     system: str | None = None
+    label: str | None = None  # the column saying which of two responses is better (dpo/data/preferences.py)
+    scores: list[str] | None = None  # a score column per response, or the score key of a completions list
 
 
 @dataclass
@@ -87,19 +94,22 @@ class Layout:
     prompt_kind: str | None = None  # "text" or "messages" when there is a prompt column
     system: str | None = None
     full_conversations: bool = False  # chosen/rejected start with the prompt's turns (first row)
+    preference: Preference | None = None  # label / score layouts: which answer is chosen, row by row
 
     def describe(self) -> str:
-        """e.g. 'text pairs (prompt=question, chosen, rejected, system)'."""
+        """e.g. 'text pairs (prompt=question, chosen, rejected, system)'; label and score layouts say
+        how the chosen answer is picked: 'text pairs (prompt, system; chosen = the better of ...)'."""
+        answers = (("chosen", self.chosen), ("rejected", self.rejected))
+        if self.preference is not None and self.preference.kind != "check":
+            answers = ()
         used = [
             role if col == role else f"{role}={col}"
-            for role, col in (
-                ("prompt", self.prompt),
-                ("chosen", self.chosen),
-                ("rejected", self.rejected),
-                ("system", self.system),
-            )
+            for role, col in (("prompt", self.prompt), *answers, ("system", self.system))
             if col
         ]
+        if self.preference is not None:
+            how = self.preference.describe()
+            used.append(how if self.preference.kind == "check" else f"chosen = {how}")
         if self.kind == "conversational":
             kind = "conversational, prompt = " + (
                 "shared turns"
@@ -141,10 +151,17 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
     system = _pick(names, columns.system, SYSTEM_NAMES, "system_column", source)
     chosen = _pick(names, columns.chosen, ("chosen",), "chosen_column", source)
     rejected = _pick(names, columns.rejected, ("rejected",), "rejected_column", source)
+    preference = detect_preference(data, names, source, columns if mappable else None, chosen, rejected)
+    if preference is not None and preference.kind != "check":  # the first response decides the kind of data
+        chosen = rejected = preference.columns()[0]
+        if prompt is None and preference.responses == ("human_ref_A", "human_ref_B") and HISTORY in names:
+            prompt = HISTORY  # SHP: the Reddit post the comments answer
     missing = [f for f, c in (("chosen", chosen), ("rejected", rejected)) if c is None]
     if missing:
         how = (
-            "set chosen_column: / rejected_column: in the YAML (--chosen_column / --rejected_column)"
+            "set chosen_column: / rejected_column: in the YAML (--chosen_column / --rejected_column); if the data "
+            "has two responses and a column saying which is better, or a score per response, set label_column: / "
+            "score_columns: instead"
             if mappable
             else "rename them, or use recipes/dpo_any.py, which maps other column names"
         )
@@ -152,11 +169,20 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
             f"{source}: missing field(s) {missing}; the data has {names}. If yours are named differently, {how}"
         )
     first = _first_value(data, chosen)
+    if preference is not None and preference.kind == "completions":  # the first completion's response
+        first = (first or [{}])[0].get("response")
     prompt_value = _first_value(data, prompt) if prompt else None
     prompt_kind = None if prompt is None else ("messages" if _is_messages(prompt_value) else "text")
     if _is_messages(first):
         return Layout(
-            "conversational", chosen, rejected, prompt, prompt_kind, system, first[0].get("role") != "assistant"
+            "conversational",
+            chosen,
+            rejected,
+            prompt,
+            prompt_kind,
+            system,
+            first[0].get("role") != "assistant",
+            preference,
         )
     if isinstance(first, str):
         if prompt is not None:
@@ -164,9 +190,9 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
                 raise UserError(
                     f"{source}: column '{prompt}' holds messages but '{chosen}' holds text; use one kind for both"
                 )
-            return Layout("text", chosen, rejected, prompt, "text", system)
+            return Layout("text", chosen, rejected, prompt, "text", system, preference=preference)
         if "Assistant:" in first and "Human:" in first:
-            return Layout("hh", chosen, rejected, None, None, system)
+            return Layout("hh", chosen, rejected, None, None, system, preference=preference)
         how = (
             "name the prompt column in the YAML: prompt_column: <name>"
             if mappable
@@ -237,6 +263,17 @@ def _system_message(system) -> list[dict]:
 
 def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool, text_format) -> dict:
     """One input row -> {prompt, chosen, rejected, problem}; UserError on a schema error."""
+    if layout.preference is not None:  # label / score layouts: this row's chosen and rejected fields
+        raw, chosen, rejected, problem = layout.preference.pick(raw, lambda field: rows.at(n, field))
+        pair = _convert_row(
+            raw,
+            dataclasses.replace(layout, chosen=chosen, rejected=rejected, preference=None),
+            rows,
+            n,
+            chat,
+            text_format,
+        )
+        return {**pair, "problem": problem or pair["problem"]}
     system = None
     if layout.system is not None and raw.get(layout.system) is not None:
         system = text_field(raw[layout.system], rows.at(n, layout.system))
@@ -329,6 +366,8 @@ def to_pairs(
     text_format = text_format or plain_text_format
     rows = RowLocator(source, data)
     wanted = [c for c in (layout.prompt, layout.chosen, layout.rejected, layout.system) if c]
+    if layout.preference is not None:
+        wanted = list(dict.fromkeys([*wanted, *layout.preference.columns()]))
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], "problem": []}
     batch_size = 1000
     from tqdm.auto import tqdm

@@ -8,7 +8,7 @@ import gzip
 import json
 
 import pytest
-from helpers import load_recipe, one_line_error
+from helpers import load_recipe, one_line_error, pku_rows
 
 from dpo.data import doctor
 
@@ -87,15 +87,24 @@ def test_a_folder_still_loads_by_split(tmp_path):
 # ── CSV cells that look like "missing" ─────────────────────────────────────────────────────────
 
 
-def test_csv_cells_none_na_null_are_text(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "lines, chosen, rejected",
+    [
+        (['Say none,None,"nothing"', "Country code of Namibia?,NA,null"], ["None", "NA"], ["nothing", "null"]),
+        (["What is 2+2?,4,5", "ZIP code of Boston?,02134,2134"], ["4", "02134"], ["5", "2134"]),  # not int, not 2134.0
+    ],
+    ids=["none_na_null", "numbers"],
+)
+def test_csv_cells_are_read_as_the_text_they_are(lines, chosen, rejected, tmp_path, capsys):
     from dpo.data.loading import load_preference_data
 
-    path = tmp_path / "words.csv"
-    path.write_text('prompt,chosen,rejected\nSay none,None,"nothing"\nCountry code of Namibia?,NA,null\n')
+    path = tmp_path / "cells.csv"
+    path.write_text("prompt,chosen,rejected\n" + "\n".join(lines) + "\n")
     data = load_preference_data(str(path))
-    assert data["chosen"] == ["None", "NA"] and data["rejected"] == ["nothing", "null"]
+    assert data["chosen"] == chosen and data["rejected"] == rejected
     report = doctor.main([str(path)])
     assert report.rows_kept == 2 and report.rows_dropped == 0
+    assert [c[0]["content"] for c in report.kept["chosen"]] == chosen
 
 
 def test_csv_empty_cell_is_still_missing(tmp_path, capsys):
@@ -159,6 +168,8 @@ NOT_PHI2_OPTIONS = (
     "chosen_column",
     "rejected_column",
     "system_column",
+    "label_column",
+    "score_columns",
     "prompt_format",
     "degenerate_rows",
     "dataset_test_split",
@@ -175,8 +186,10 @@ NOT_PHI2_OPTIONS = (
         [{"chosen": "a", "rejected": "b"}] * 3,  # no prompt, not a transcript
         [{"chosen": chat("q", "a"), "rejected": chat("q", "b")}] * 3,  # conversational
         [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 3,  # every row dropped: the doctor's table
+        pku_rows(3),  # two label columns: which one?
+        [{"prompt": "q", "response_a": "a", "response_b": "b"}] * 3,  # two responses, nothing says which is better
     ],
-    ids=["other_columns", "no_rejected", "no_prompt", "conversational", "all_degenerate"],
+    ids=["other_columns", "no_rejected", "no_prompt", "conversational", "all_degenerate", "two_labels", "no_label"],
 )
 def test_phi2_errors_never_suggest_options_it_lacks(rows, tiny_model_dir, tmp_path, capsys):
     recipe = load_recipe("dpo_phi2")
@@ -201,3 +214,85 @@ def test_doctor_parse_error_is_one_line_naming_flag_and_accepted_values(tmp_path
     assert "--prompt_format" in line and "'html'" in line and "chat" in line and "text" in line, line
     line = doctor_error([path, "--max_length", "long"], capsys)
     assert "--max_length" in line and "a whole number" in line, line
+
+
+# ── damaged compressed files ──────────────────────────────────────────────────────────────────
+
+
+def _jsonl_bytes(n: int) -> bytes:
+    return "".join(json.dumps({**ROW, "prompt": f"What is {i}+2?"}) + "\n" for i in range(n)).encode()
+
+
+def test_truncated_gzip_is_one_line_naming_the_file(tmp_path, capsys):
+    whole = gzip.compress(_jsonl_bytes(200))
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])  # a download stopped halfway
+    line = doctor_error([path], capsys)
+    assert str(path) in line and "cut short" in line, line
+
+
+def test_plain_text_named_gz_is_one_line_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "plain.jsonl.gz"
+    path.write_bytes(_jsonl_bytes(3))  # never compressed, only renamed
+    line = doctor_error([path], capsys)
+    assert str(path) in line and "not a valid .gz file" in line and "rename it to plain.jsonl" in line, line
+
+
+def test_truncated_zstd_is_refused_not_read_in_part(tmp_path, capsys):
+    """zstandard's stream reader returns the part before the cut without an error: a silent loss of rows."""
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress(_jsonl_bytes(5000))
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(whole[: len(whole) // 2])
+    line = doctor_error([path], capsys)
+    assert str(path) in line and "cut short" in line, line
+
+
+# ── folders given as relative paths, and of mixed file types ──────────────────────────────────
+
+
+@pytest.mark.parametrize("entry", ["doctor", "dpo_any", "dpo_phi2", "sft_phi2"])
+def test_a_relative_folder_path_loads_in_the_doctor_and_every_recipe(
+    entry, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """The folder is read (its second file's bad row is found and named by the relative path), and
+    Path.relative_to no longer fails on a relative folder against the absolute paths datasets lists."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "mydir"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "part-0.jsonl", [ROW, ROW])
+    write_jsonl(folder / "part-1.jsonl", [ROW, {**ROW, "chosen": None}])
+    if entry == "doctor":
+        main, argv = doctor.main, ["data/mydir"]
+    else:
+        main = load_recipe(entry).main
+        argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", "data/mydir", "--output_dir", "out"]
+    line = one_line_error(main, argv, capsys)
+    assert "data/mydir/part-1.jsonl, row 2, field 'chosen': missing" in line, line
+
+
+def test_a_folder_of_jsonl_csv_and_parquet_with_the_same_columns_is_read_as_one(tmp_path, capsys):
+    """Arrow has two text types: .jsonl is read as string, a .csv (pandas 3) and a parquet file written
+    by polars or pyarrow's large types as large_string. The same text columns either way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", [ROW, {**ROW, "prompt": "What is 3+3?", "chosen": "6"}])
+    (folder / "part-1.csv").write_text("prompt,chosen,rejected\nWhat is 4+4?,8,9\n")
+    wide = pa.table({k: pa.array([v], pa.large_string()) for k, v in {**ROW, "prompt": "What is 5+5?"}.items()})
+    pq.write_table(wide, folder / "part-2.parquet")
+    report = doctor.main([str(folder)])
+    assert report.rows_in == 4 and report.rows_kept == 4
+    assert report.kept["chosen"][2] == [{"role": "assistant", "content": "8"}]
+
+
+def test_a_folder_of_files_whose_columns_really_differ_is_still_refused(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "part-0.jsonl", [ROW])
+    write_jsonl(folder / "part-1.jsonl", [{**ROW, "chosen": 4}])
+    line = doctor_error([folder], capsys)
+    assert "columns ['chosen'] differ" in line, line

@@ -91,6 +91,53 @@ def test_each_degenerate_class_is_dropped_and_counted_and_no_row_is_lost(tokeniz
     assert report.warning().startswith("warning: hh.jsonl: dropped 7 of 13 rows")
 
 
+def test_sft_keeps_rows_whose_rejected_is_empty_or_equal_to_chosen(tokenizer):
+    """SFT never reads rejected: rows 10 (empty rejected) and 11 (rejected = chosen) are kept, listed
+    as SFT-only; every other drop stays, and rows in = kept + dropped."""
+    rows = bad_hh_rows()
+    report = check_data(Dataset.from_list(rows), "hh.jsonl", tokenizer, max_length=256, sft=True)
+    assert report.drops == [d for d in EXPECTED_DROPS if d[0] not in (10, 11)]
+    assert report.kept_rows == [1, 2, 3, 4, 5, 6, 10, 11] and report.sft_only == [10, 11]
+    assert report.rows_in == report.rows_kept + report.rows_dropped
+    assert "kept for SFT only (rejected empty or equal to chosen; DPO drops them): row 10, 11" in report.table()
+
+
+def test_sft_recipe_trains_on_identical_pairs_and_holds_out_what_dpo_holds_out(
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch
+):
+    """recipes/sft_phi2.py up to its trainer (captured, nothing trained): the rows with chosen = rejected
+    are SFT training rows, and the held-out rows are exactly recipes/dpo_phi2.py's with the same seed."""
+    from helpers import load_recipe
+
+    rows = [json.loads(line) for line in truthy_file.read_text().splitlines()]
+    for i in (3, 17, 30):
+        rows[i]["rejected"] = rows[i]["chosen"]
+    data = write_jsonl(rows, tmp_path / "truthy.jsonl")
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(name):
+        def build(model_args, training_args, train, heldout, *rest):
+            seen[name] = (train, heldout)
+            raise Captured
+
+        return build
+
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--test_size", "0.25"]
+    for name, builder in (("sft_phi2", "build_sft_trainer"), ("dpo_phi2", "build_dpo_trainer")):
+        recipe = load_recipe(name)
+        monkeypatch.setattr(recipe, builder, capture(name))
+        with pytest.raises(Captured):
+            recipe.main([*argv, "--output_dir", str(tmp_path / name)])
+    (sft_train, sft_heldout), (dpo_train, dpo_heldout) = seen["sft_phi2"], seen["dpo_phi2"]
+    identical = {" " + rows[i]["chosen"].strip() for i in (3, 17, 30)}  # phi2_qa_format's answers
+    assert identical <= set(sft_train["completion"])
+    assert len(sft_train) == len(dpo_train) + 3
+    assert sft_heldout["prompt"] == dpo_heldout["prompt"]
+
+
 def test_fail_instead_of_drop(tokenizer):
     with pytest.raises(UserError, match=r"hh.jsonl: dropped 7 of 13 rows .*Degenerate rows fail this run"):
         check_data(Dataset.from_list(bad_hh_rows()), "hh.jsonl", tokenizer, max_length=256, degenerate_rows="fail")

@@ -43,7 +43,10 @@ def test_generic_recipe_trains_on_ultrafeedback_rows_doctor_first(recipe, tiny_m
     # the doctor's table comes before any weights are loaded, with every drop counted
     doctor_at = stdout.index(f"data doctor: {data}")
     assert doctor_at < stdout.index("trainable parameters")
-    assert "conversational, prompt = shared turns (prompt, chosen, rejected); chat format, plain template" in stdout
+    assert (  # H4's score_chosen / score_rejected check every pair's orientation (dpo/data/preferences.py)
+        "conversational, prompt = shared turns (prompt, chosen, rejected, checked by score_chosen / score_rejected, "
+        "ties dropped); chat format, plain template" in stdout
+    )
     assert "1  empty chosen or rejected: row 6" in stdout and "1  duplicate of an earlier row: row 21" in stdout
     assert "rows kept      19" in stdout
     assert "no split 'test'" in stdout  # a local file: held out test_size of train instead
@@ -160,3 +163,80 @@ def test_yaml_defaults_and_docstring(recipe):
     for yaml_file in ("dpo_any.yaml", "dpo_hh_rlhf.yaml"):
         head = (ROOT / "recipes" / yaml_file).read_text().splitlines()[:6]
         assert any("accelerate launch recipes/dpo_any.py" in line for line in head), yaml_file
+
+
+# ── label layouts train the right way round ─────────────────────────────────────────────────────
+
+
+def review_rows(n: int, seed: int, invert: bool = False, layout: str = "label") -> list[dict]:
+    """A tiny learnable set: the better review ends in "wonderful", the worse in "awful" (the only difference).
+    layout "label": PKU-SafeRLHF's shape, the better one at a random position named by better_response_id
+    (`invert`: the other id); "chosen": the same pairs as plain chosen/rejected, the truth without any label."""
+    import random
+
+    rng = random.Random(seed)
+    things = ["the plot", "the actors", "the story", "the music", "the ending", "the pacing", "the writing"]
+    rows = []
+    for i in range(n):
+        thing = rng.choice(things)
+        good, bad, better = f" {thing} was wonderful", f" {thing} was awful", rng.randrange(2)
+        responses = [good, bad] if better == 0 else [bad, good]
+        prompt = f"review of the movie: {rng.choice(things)} (#{seed}.{i})"  # numbered: no duplicates
+        if layout == "chosen":
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+            continue
+        rows.append(
+            {
+                "prompt": prompt,
+                "response_0": responses[0],
+                "response_1": responses[1],
+                "better_response_id": 1 - better if invert else better,
+            }
+        )
+    return rows
+
+
+@pytest.mark.slow
+def test_label_layout_trains_the_preferred_answer_up_and_an_inverted_label_down(recipe, tiny_model_dir, tmp_path):
+    """recipes/dpo_any.py on label-layout data (detected: better_response_id): held-out implicit-reward
+    accuracy, on pairs given as plain chosen/rejected (the truth, read without the label code), is > 0.9
+    after training on the right labels and < 0.1 after training on inverted ones (a label read the wrong
+    way round would train every pair backwards, as PKU's rows were)."""
+    heldout = review_rows(16, seed=99, layout="chosen")  # 16 = 4 eval batches of 4: no padded batch in the mean
+    accuracy = {}
+    for invert in (False, True):
+        folder = tmp_path / f"data_{invert}"
+        folder.mkdir()
+        write_jsonl(review_rows(48, seed=0, invert=invert), folder / "train.jsonl")
+        write_jsonl(heldout, folder / "test.jsonl")
+        out = tmp_path / f"out_{invert}"
+        recipe.main(
+            [
+                "--model_name_or_path",
+                str(tiny_model_dir),
+                "--dataset_name",
+                str(folder),
+                "--dataset_test_split",
+                "test",
+                "--output_dir",
+                str(out),
+                "--max_length",
+                "64",
+                "--max_steps",
+                "12",
+                "--per_device_train_batch_size",
+                "4",
+                "--gradient_accumulation_steps",
+                "1",
+                "--learning_rate",
+                "2e-2",  # a LoRA on a random tiny model: large, so 12 steps learn the one-token difference
+                "--warmup_steps",
+                "0",
+                "--eval_strategy",
+                "no",
+                "--save_strategy",
+                "no",
+            ]
+        )
+        accuracy[invert] = json.loads((out / "final_metrics.json").read_text())["eval_rewards/accuracies"]
+    assert accuracy[False] > 0.9 and accuracy[True] < 0.1, accuracy
