@@ -20,14 +20,14 @@ Offline (no GPU, no internet):
 
 from dataclasses import dataclass, field
 
-from dpo.data.doctor import check_training_split
+from dpo.data.doctor import check_training_split, split_like_dpo
 from dpo.data.formats import phi2_qa_format
 from dpo.errors import exit_on_user_error
 from dpo.log import log
 from dpo.train.config import RecipeSFTConfig, load_recipe_args
 from dpo.train.distributed import on_main_process
 from dpo.train.model_checks import check_model_and_load_tokenizer
-from dpo.train.sft import build_sft_trainer, sft_rows, split_like_dpo
+from dpo.train.sft import build_sft_trainer, sft_rows
 from dpo.train.trainer import train_and_save
 
 

@@ -37,7 +37,7 @@ from datasets import Dataset
 from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
 from dpo.data.doctor_report import DoctorReport, examine
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE, ensure_chat_template, is_chat, phi2_qa_format
-from dpo.data.loading import load_preference_data
+from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
 from dpo.errors import UserError, exit_on_user_error
 from dpo.plots import plot_lengths
@@ -97,6 +97,23 @@ def check_data(
     if report.rows_kept == 0:
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
     return report
+
+
+def split_like_dpo(report, test_size: float, seed: int):
+    """(train pairs, held-out pairs or None) for SFT from the doctor's `report` (check_data with sft=True).
+
+    The pairs DPO can use are split exactly as recipes/dpo_phi2.py splits them with the same seed, so
+    DPO's held-out pairs stay unseen by SFT; the rows only SFT can use (`report.sft_only`: rejected empty
+    or equal to chosen) all go to training."""
+    from datasets import concatenate_datasets
+
+    only = set(report.sft_only)
+    paired = [i for i, row in enumerate(report.kept_rows) if row not in only]
+    train, heldout = split_heldout(report.kept.select(paired), test_size, seed)
+    if only:
+        extra = report.kept.select([i for i, row in enumerate(report.kept_rows) if row in only])
+        train = concatenate_datasets([train, extra])
+    return train, heldout
 
 
 def check_training_split(script_args, training_args, tokenizer, **formatting) -> DoctorReport:

@@ -24,25 +24,6 @@ def sft_rows(pairs):
     return pairs.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
 
 
-def split_like_dpo(report, test_size: float, seed: int):
-    """(train pairs, held-out pairs or None) for SFT from the doctor's `report` (check_data with sft=True).
-
-    The pairs DPO can use are split exactly as recipes/dpo_phi2.py splits them with the same seed, so
-    DPO's held-out pairs stay unseen by SFT; the rows only SFT can use (`report.sft_only`: rejected empty
-    or equal to chosen) all go to training."""
-    from datasets import concatenate_datasets
-
-    from dpo.data.loading import split_heldout
-
-    only = set(report.sft_only)
-    paired = [i for i, row in enumerate(report.kept_rows) if row not in only]
-    train, heldout = split_heldout(report.kept.select(paired), test_size, seed)
-    if only:
-        extra = report.kept.select([i for i, row in enumerate(report.kept_rows) if row in only])
-        train = concatenate_datasets([train, extra])
-    return train, heldout
-
-
 def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None) -> SFTTrainer:
     """An SFTTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
     exactly as dpo.train.trainer.build_dpo_trainer does for DPO, so the adapter fits the DPO run's base,
