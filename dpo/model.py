@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from dpo.attention import attention_implementation
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.log import log
@@ -137,7 +138,8 @@ def model_init_kwargs(model_args, training_args) -> dict:
     return {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
+        # fp16: no eager attention that overflows (dpo/attention.py)
+        "attn_implementation": attention_implementation(model_args.attn_implementation, training_args.fp16),
         "dtype": model_args.dtype,
         "use_safetensors": True,  # never unpickle downloaded weights
     }
