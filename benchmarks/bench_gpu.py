@@ -54,7 +54,7 @@ PRECISIONS = {  # on top of the recipe's YAML; `compute`: the dtype matmuls run 
 # Step counts sized for `make gpu` under 8 minutes on an H200 (benchmarks/README.md: the estimate).
 SCALES = {
     "phi2": dict(
-        lengths=(512, 1024), steps=8, warmup=2, pairs=16, curve_steps=200, curve_fp32_steps=40, curve_pairs=64
+        lengths=(512, 1024), steps=8, warmup=2, pairs=16, curve_steps=200, curve_fp32_steps=30, curve_pairs=64
     ),
     "tiny": dict(lengths=(64, 128), steps=4, warmup=1, pairs=8, curve_steps=20, curve_fp32_steps=8, curve_pairs=16),
 }
@@ -332,12 +332,16 @@ def main(argv=None) -> None:
         common.update(max_steps=s["steps"], logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True)
         for name, extra in (("trl_defaults", {}), ("trl_precompute", {"precompute_ref_log_probs": True})):
             from benchmarks.training_workers import trl_trainer
+            from dpo.kernels import portable_4bit_layers, use_portable_4bit_kernels
 
             def build(name=name, extra=extra):
                 out = str(work / "runs" / name)
-                return trl_trainer(
-                    str(work / "model"), pairs[longest], tokenizer, output_dir=out, **common, **cpu, **extra
-                )
+                with portable_4bit_layers():  # CPU only (dpo/kernels.py): TRL's precompute runs in __init__
+                    trainer = trl_trainer(
+                        str(work / "model"), pairs[longest], tokenizer, output_dir=out, **common, **cpu, **extra
+                    )
+                use_portable_4bit_kernels(trainer.model)
+                return trainer
 
             runs[name] = run(name, build, shape, longest, s["warmup"], "bf16", not extra)
             results.put("runs", runs)

@@ -90,6 +90,9 @@ def markdown(data: dict, command: str) -> str:
             peak = r.get("peak_allocated_gib")
             fits = r["status"] == "ok" and peak is not None and peak < budget["target_gib"]
             extra = {k: v for k, v in r["settings"].items() if k not in ("bf16", "fp16", "dtype")}
+            if peak is None:
+                lines.append(f"- {r['name']}: {r['status']}; no CUDA, so no GPU memory was measured")
+                continue
             lines.append(
                 f"- {'recipe defaults' if not extra else extra}: {r['status']}, peak {_num(peak, '.2f')} GiB allocated / "
                 f"{_num(r.get('peak_reserved_gib'), '.2f')} GiB reserved: "

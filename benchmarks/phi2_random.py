@@ -72,6 +72,7 @@ def synthetic_pairs(tokenizer, n: int, length: int, seed: int = 0):
 
     rows = []
     for row in truthy_like_rows(n, seed):
-        row = {**row, "chosen": answer(row["chosen"], 1.1 * length), "rejected": answer(row["rejected"], 0.7 * length)}
-        rows.append(phi2_qa_format(row))
+        prompt = len(tokenizer(phi2_qa_format(row)["prompt"])["input_ids"])
+        chosen, rejected = answer(row["chosen"], 1.1 * length), answer(row["rejected"], 0.75 * length - prompt)
+        rows.append(phi2_qa_format({**row, "chosen": chosen, "rejected": rejected}))
     return Dataset.from_list(rows)
