@@ -56,7 +56,7 @@ SCALES = {
     "phi2": dict(
         lengths=(512, 1024), steps=8, warmup=2, pairs=16, curve_steps=200, curve_fp32_steps=30, curve_pairs=64
     ),
-    "tiny": dict(lengths=(64, 128), steps=4, warmup=1, pairs=8, curve_steps=20, curve_fp32_steps=8, curve_pairs=16),
+    "tiny": dict(lengths=(48, 96), steps=4, warmup=1, pairs=8, curve_steps=12, curve_fp32_steps=6, curve_pairs=16),
 }
 CURVE_WARMUP = 20  # absolute warm-up steps for both curves, so their schedules agree step for step
 BEGAN = time.perf_counter()

@@ -29,10 +29,10 @@ def trainable_dtypes(trainer) -> set:
 @pytest.mark.parametrize(
     "precision, dtype, expected",
     [
-        ({"fp16": True}, "float16", torch.float32),  # the fix: TRL would leave bf16 and the GradScaler fails
-        ({"fp16": True}, "float32", torch.float32),
-        ({}, "float32", torch.float32),  # fp32 compute (CPU, the T4 default)
-        ({"bf16": True}, "bfloat16", torch.bfloat16),  # bf16 mixed precision keeps TRL's (QLoRA's) bf16
+        pytest.param({"fp16": True}, "float16", torch.float32, id="fp16_float16"),  # TRL would leave bf16
+        pytest.param({"fp16": True}, "float32", torch.float32, id="fp16_float32"),
+        pytest.param({}, "float32", torch.float32, id="fp32"),  # fp32 compute (CPU, the T4 default)
+        pytest.param({"bf16": True}, "bfloat16", torch.bfloat16, id="bf16"),  # keeps TRL's (QLoRA's) bf16
     ],
 )
 def test_trainable_lora_weights_are_float32_whenever_compute_is_fp16_or_fp32(
