@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test real deepspeed lint notebooks clean
+.PHONY: demo test real deepspeed gpu gpu-wheels lint notebooks clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ real: $(STAMP)
 deepspeed: $(STAMP)
 	$(BIN)/pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/python -m pytest -m slow -k deepspeed tests/train/test_distributed.py
+
+# On a GPU machine with no network (the device tool's H200): install the wheels carried in .whl/, check the
+# GPU, run `pytest -m gpu` and benchmarks/bench_gpu.py at phi-2 size, all into one folder ($OUT there).
+# Uses the machine's own python3, not .venv. Under 8 minutes on an H200 (benchmarks/README.md).
+gpu:
+	$(PYTHON) benchmarks/gpu_run.py --results $${OUT:-outputs/gpu}
+
+# Here, where pip reaches a registry: download those wheels into .whl/ and check tree + wheels < 64 MiB.
+gpu-wheels: $(STAMP)
+	$(BIN)/python benchmarks/gpu_wheels.py download
 
 # Style: ruff lint + format check (settings in pyproject.toml; `ruff format .` fixes formatting).
 lint: $(STAMP)

@@ -22,11 +22,11 @@ sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checko
 RECIPE = ROOT / "recipes" / "dpo_any.py"
 
 
-def recipe_settings():
-    """recipes/dpo_any.py's ScriptArguments, without running the recipe (recipes/ is not a package)."""
+def recipe_settings(recipe: Path = RECIPE):
+    """A recipe's ScriptArguments (recipes/dpo_any.py's unless told), without running it (recipes/ is not a package)."""
     import runpy
 
-    return runpy.run_path(str(RECIPE))["ScriptArguments"]
+    return runpy.run_path(str(recipe))["ScriptArguments"]
 
 
 CONFIGS = (
@@ -64,17 +64,66 @@ class Meter:
     def __init__(self):
         self.tokens = self.padded = 0
         self.losses, self.began, self.seconds = [], None, 0.0
+        self.step_ends, self.step_tokens = [], []  # per optimizer step: clock and token count at its end
 
     def count(self, attention_mask):
         self.tokens += int(attention_mask.sum())
         self.padded += attention_mask.numel()
 
 
-def trainer_worker(config: str, args) -> Meter:
-    import torch
+def measure(trainer, meter: Meter, sync=lambda: None) -> None:
+    """Count every training batch's tokens into `meter` (not the cache's parity check: it does not go
+    through compute_loss) and time train() as a whole and each optimizer step's end, after `sync()`
+    (torch.cuda.synchronize on a GPU, where kernels run asynchronously)."""
     from transformers import TrainerCallback
 
+    compute_loss = trainer.compute_loss
+
+    def counting_compute_loss(model, inputs, *args, **kwargs):
+        meter.count(inputs["attention_mask"])
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counting_compute_loss
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            sync()
+            meter.began = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            sync()
+            meter.step_ends.append(time.perf_counter())
+            meter.step_tokens.append(meter.tokens)
+
+        def on_train_end(self, *_, **__):
+            sync()
+            meter.seconds = time.perf_counter() - meter.began
+
+    trainer.add_callback(Clock())
+
+
+def trl_trainer(model: str, pairs, tokenizer, **config):
+    """TRL's DPOTrainer as `trl dpo --use_peft --load_in_4bit` builds it: the model by name in float32
+    (ModelConfig's default dtype), a 4-bit base, LoRA with ModelConfig's defaults, every DPOConfig field
+    TRL's default except `config` (what a comparison fixes: batch, length, steps, logging)."""
+    import torch
+
     from dpo.compat import DPOConfig, DPOTrainer, ModelConfig, get_quantization_config, lora_config
+
+    model_args = ModelConfig(model_name_or_path=model, use_peft=True, load_in_4bit=True, dtype="float32")
+    training_args = DPOConfig(**config)
+    training_args.model_init_kwargs = {"dtype": torch.float32}
+    return DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=lora_config(model_args),
+    )
+
+
+def trainer_worker(config: str, args) -> Meter:
     from dpo.train.config import load_recipe_args
     from dpo.train.trainer import build_dpo_trainer
 
@@ -94,38 +143,12 @@ def trainer_worker(config: str, args) -> Meter:
     )
     pairs = read_pairs(work / "pairs.jsonl")
     if config == "trl_defaults":
-        model_args = ModelConfig(model_name_or_path=args.model, use_peft=True, load_in_4bit=True, dtype="float32")
-        training_args = DPOConfig(output_dir=str(work / config), **common)
-        training_args.model_init_kwargs = {"dtype": torch.float32}
-        trainer = DPOTrainer(
-            model=args.model,
-            args=training_args,
-            train_dataset=pairs,
-            processing_class=tokenizer_for(args.model),
-            quantization_config=get_quantization_config(model_args),
-            peft_config=lora_config(model_args),
-        )
+        trainer = trl_trainer(args.model, pairs, tokenizer_for(args.model), output_dir=str(work / config), **common)
     else:
         flags = recipe_flags(args, config) + [f"--{k}={v}" for k, v in common.items()]
         _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
         trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
-
-    compute_loss = trainer.compute_loss
-
-    def counting_compute_loss(model, inputs, *args, **kwargs):  # training batches only (not the parity check)
-        meter.count(inputs["attention_mask"])
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = counting_compute_loss
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            meter.began = time.perf_counter()
-
-        def on_train_end(self, *_, **__):
-            meter.seconds = time.perf_counter() - meter.began
-
-    trainer.add_callback(Clock())
+    measure(trainer, meter)
     trainer.train()
     meter.losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return meter

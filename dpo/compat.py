@@ -74,6 +74,8 @@ __all__ = [
     "use_samplers",
     "lean_cpu_lm_head",
     "upcast_trainable_params",
+    "keep_trainable_weights_fp32",
+    "fp16_loss_scale",
     "RecipeDPOTrainer",
     "without_zero3_init",
 ]
@@ -238,6 +240,27 @@ def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
             param.data = exact.data.to(dtype, copy=True)  # a copy: never share storage with "ref"
             n += 1
     return n
+
+
+def keep_trainable_weights_fp32(trainer, model_dtype: str | None, fp16: bool) -> tuple[int, str | None]:
+    """Put trainable (LoRA) weights back in float32 after TRL's bf16 cast where bf16 ones are wrong:
+    fp32 compute (dtype float32: CPU, the T4 default), and fp16 mixed precision whatever the model
+    dtype, because the fp16 GradScaler unscales fp32 gradients only (bf16 ones fail with
+    `_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'`, TRL#4901; fp16
+    ones with "Attempting to unscale FP16 gradients") and fp16 master weights would round updates away.
+    Under bf16 mixed precision TRL's bf16 (the QLoRA paper's choice) stays.
+    Returns (tensors cast, why) for the caller's log line; (0, None) when nothing needed it."""
+    why = "fp16 mixed precision: the gradient scaler needs fp32 gradients" if fp16 else None
+    why = why or ("to match fp32 compute" if model_dtype == "float32" else None)
+    return (upcast_trainable_params(trainer, torch.float32), why) if why else (0, None)
+
+
+def fp16_loss_scale(trainer) -> float | None:
+    """The fp16 gradient scaler's current loss scale (accelerate's `Accelerator.scaler`, a
+    torch.amp.GradScaler); None when the run has none (no fp16, or fp16 on CPU, where accelerate
+    makes no scaler)."""
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
 
 def route_checkpoint_writes(trainer: DPOTrainer, save) -> None:

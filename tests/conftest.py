@@ -8,7 +8,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the suite is CPU-only, also on a GPU machine
+# The suite is CPU-only, also on a GPU machine; `make gpu` sets DPO_GPU_TESTS=1 to run `pytest -m gpu`
+# (tests/test_gpu.py, skipped wherever no CUDA GPU is visible).
+if os.environ.get("DPO_GPU_TESTS") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # One intra-op thread: the models here are tiny, and thread hand-offs cost more than the math.
 # Measured on 2 cores: tests/recipes/test_recipe_phi2.py + test_recipe_generic.py took 23 s with one
 # thread and 96 s with two. Subprocesses and notebook kernels inherit it.

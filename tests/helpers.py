@@ -426,8 +426,9 @@ def pairs(n: int, seed: int = 0) -> Dataset:
     )
 
 
-def recipe_trainer(model_dir, out, cache_dir=None, train=None, config=RecipeDPOConfig, **overrides):
-    """build_dpo_trainer on the tiny model (4-bit base + LoRA) and `pairs`, optionally with the reference cache."""
+def recipe_trainer(model_dir, out, cache_dir=None, train=None, config=RecipeDPOConfig, dtype="float32", **overrides):
+    """build_dpo_trainer on the tiny model (4-bit base + LoRA, model and compute `dtype`) and `pairs`,
+    optionally with the reference cache."""
     settings = dict(
         output_dir=str(out),
         use_cpu=True,
@@ -450,7 +451,7 @@ def recipe_trainer(model_dir, out, cache_dir=None, train=None, config=RecipeDPOC
     args = config(**{**settings, **overrides})
     model_args = ModelConfig(
         model_name_or_path=str(model_dir),
-        dtype="float32",
+        dtype=dtype,
         load_in_4bit=True,
         use_peft=True,
         lora_r=4,

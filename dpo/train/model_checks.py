@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.log import log
+from dpo.train.attention import attention_implementation
 from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
 
 
@@ -249,7 +250,8 @@ def model_init_kwargs(model_args, training_args) -> dict:
     return {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
+        # fp16: no eager attention that overflows (dpo/train/attention.py)
+        "attn_implementation": attention_implementation(model_args.attn_implementation, training_args.fp16),
         "dtype": model_args.dtype,
         "use_safetensors": True,  # never unpickle downloaded weights
     }

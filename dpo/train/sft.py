@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
-from dpo.compat import SFTTrainer, lora_config, quantization_config, upcast_trainable_params
+from dpo.compat import SFTTrainer, keep_trainable_weights_fp32, lora_config, quantization_config
 from dpo.log import log
 from dpo.train.model_checks import match_quant_storage, model_init_kwargs
 from dpo.train.speed.kernels import use_portable_4bit_kernels
@@ -48,10 +46,9 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
         peft_config=lora_config(model_args),
     )
     use_portable_4bit_kernels(trainer.model)  # one 4-bit kernel on every CPU (dpo/train/speed/kernels.py)
-    if model_args.dtype == "float32":
-        n = upcast_trainable_params(trainer, torch.float32)
-        if n:
-            log(f"kept {n} trainable LoRA tensors in float32 to match fp32 compute")
+    n, why = keep_trainable_weights_fp32(trainer, model_args.dtype, training_args.fp16)
+    if n:
+        log(f"kept {n} trainable LoRA tensors in float32 ({why})")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     loss_on = "answer tokens only" if training_args.completion_only_loss is not False else "every token"
     log(f"SFT: {trainable:,} trainable LoRA parameters; loss on {loss_on}")

@@ -13,16 +13,14 @@ import json
 import signal
 from pathlib import Path
 
-import torch
-
 from dpo.compat import (
     DPOTrainer,
     RecipeDPOTrainer,
+    keep_trainable_weights_fp32,
     load_final_checkpoint,
     lora_config,
     quantization_config,
     route_checkpoint_writes,
-    upcast_trainable_params,
 )
 from dpo.errors import RunStopped
 from dpo.log import log
@@ -91,10 +89,9 @@ def build_dpo_trainer(
     n_4bit = use_portable_4bit_kernels(trainer.model)  # also an SFT-adapter model loaded before (a no-op check)
     if n_4bit and cpu_has_avx512bf16():
         log(f"CPU has AVX512-BF16: {n_4bit} 4-bit layers kept on the portable kernel (dpo/train/speed/kernels.py)")
-    if model_args.dtype == "float32":
-        n = upcast_trainable_params(trainer, torch.float32)
-        if n:
-            log(f"kept {n} trainable LoRA tensors in float32 to match fp32 compute")
+    n, why = keep_trainable_weights_fp32(trainer, model_args.dtype, training_args.fp16)
+    if n:
+        log(f"kept {n} trainable LoRA tensors in float32 ({why})")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     reference = f"base + frozen SFT adapter ({sft_adapter})" if sft_adapter else "base with adapters disabled"

@@ -15,7 +15,12 @@ import math
 import torch
 from transformers import TrainerCallback
 
+from dpo.compat import fp16_loss_scale
 from dpo.log import log
+
+# GradScaler starts at 2**16 and halves on each overflowed step (it grows only after 2000 clean ones):
+# below 1 it has skipped 17 or more steps net, and no scale makes the gradients representable.
+MIN_LOSS_SCALE = 1.0
 
 
 class NonFiniteTraining(RuntimeError):
@@ -53,8 +58,13 @@ class NonFiniteGuard(TrainerCallback):
         step = self.trainer.state.global_step + 1  # the optimizer step being computed
         if not torch.isfinite(loss).all():
             raise NonFiniteTraining(step, "the loss", loss.float().mean().item())
-        # With fp16 loss scaling, inf gradients are expected now and then: the scaler skips those steps.
+        # With fp16 loss scaling, inf gradients are expected now and then: the scaler skips those steps
+        # and halves the scale. A scale below MIN_LOSS_SCALE means the gradients overflow fp16 even
+        # unscaled, step after step: every step is skipped and the run would "train" on, learning nothing.
         if self.trainer.args.fp16:
+            scale = fp16_loss_scale(self.trainer)
+            if scale is not None and scale < MIN_LOSS_SCALE:
+                raise NonFiniteTraining(step, "the fp16 loss scale (gradients overflow at every step)", scale)
             return
         grads = [p.grad for p in _trainable(model) if p.grad is not None]
         if grads:

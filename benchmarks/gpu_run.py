@@ -1,0 +1,142 @@
+"""`make gpu`: everything the GPU machine is for, in one command, into one results folder.
+
+    python3 benchmarks/gpu_run.py --results $OUT                 # on the GPU machine (make gpu)
+    python benchmarks/gpu_run.py --scale tiny --no-install --skip pytest --results DIR   # CPU rehearsal (tests)
+
+  1/4 install  the carried wheels (.whl/, benchmarks/gpu_wheels.py) into --site, first on PYTHONPATH;
+               every requirement they still miss is printed
+  2/4 check    the GPU (torch, nvidia-smi) and the versions that will run; no CUDA at phi-2 scale: stop
+  3/4 pytest   pytest -m gpu tests/test_gpu.py (conftest.py keeps CUDA visible under DPO_GPU_TESTS=1)
+  4/4 bench    benchmarks/bench_gpu.py (results.json is rewritten after every run inside it)
+
+Results folder (at most 8 files, what a device call brings back): progress.log, env.txt, pytest.log,
+bench.log, results.json, gpu_section.md. Every line of every phase is also printed as it comes, and each
+phase has its own time limit, so a run cut short still says how far it got and keeps what it measured.
+Budget on an H200 (benchmarks/README.md): install ~15 s, check ~10 s, pytest ~60 s, bench ~5 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import gpu_wheels  # noqa: E402
+
+LIMITS_S = {"check": 60, "pytest": 150, "bench": 480}  # each phase's own limit, within --budget
+BEGAN = time.perf_counter()
+
+
+class Progress:
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = open(folder / "progress.log", "a")
+
+    def say(self, message: str) -> None:
+        line = f"[make gpu +{time.perf_counter() - BEGAN:6.1f}s] {message}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+
+def stream(cmd: list[str], log: Path, env: dict, limit_s: float) -> int:
+    """Run `cmd`, printing and logging each line as it comes; killed after `limit_s`. Returns its exit status
+    (-9 when killed)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        timer = threading.Timer(limit_s, proc.kill)
+        timer.start()
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            out.write(line)
+            out.flush()
+        timer.cancel()
+        return proc.wait()
+
+
+CHECK = """
+import importlib.metadata as md, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+for name in ("transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "liger-kernel"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+print("cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm{p.major}{p.minor}", f"{p.total_memory / 2**30:.1f} GiB")
+    print("bf16 native", torch.cuda.is_bf16_supported(including_emulation=False))
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(ROOT / "outputs" / "gpu"), help="the results folder ($OUT there)")
+    parser.add_argument("--scale", choices=["phi2", "tiny"], default="phi2")
+    parser.add_argument("--site", default="/tmp/dpo-gpu-site", help="where the carried wheels are installed")
+    parser.add_argument("--workdir", default="/tmp/dpo-bench-gpu", help="bench_gpu.py's model, runs and cache")
+    parser.add_argument("--no-install", action="store_true", help="use the packages already installed")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: pytest, bench")
+    parser.add_argument("--phases", help="bench_gpu.py --phases (default: all)")
+    parser.add_argument("--budget", type=float, default=570, help="seconds for everything (a device call: 600)")
+    args = parser.parse_args(argv)
+    results, skip = Path(args.results), set(filter(None, args.skip.split(",")))
+
+    def limit(phase: str) -> float:  # the phase's own limit, or what is left of the budget
+        return max(1.0, min(LIMITS_S[phase], args.budget - (time.perf_counter() - BEGAN)))
+
+    progress = Progress(results)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.update(TOKENIZERS_PARALLELISM="false", DPO_REFERENCE_CACHE=str(Path(args.workdir) / "refcache-tests"))
+    paths = [str(ROOT)]
+    if not args.no_install:
+        progress.say("1/4 install: carried wheels -> " + args.site)
+        for gap in gpu_wheels.install(Path(args.site)):
+            progress.say(f"1/4 install: warning: {gap}")
+        paths.insert(0, args.site)
+    else:
+        progress.say("1/4 install: skipped (--no-install)")
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])
+
+    progress.say("2/4 check: GPU and versions")
+    rc = stream([sys.executable, "-c", CHECK], results / "env.txt", env, limit("check"))
+    smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True) if _has("nvidia-smi") else None
+    with open(results / "env.txt", "a") as out:
+        out.write(smi.stdout if smi else "nvidia-smi: not found\n")
+    cuda = "cuda available True" in (results / "env.txt").read_text()
+    if rc or (args.scale == "phi2" and not cuda):
+        progress.say(f"2/4 check: {'failed' if rc else 'no CUDA GPU'}: stopping (env.txt)")
+        return 1
+
+    if "pytest" in skip:
+        progress.say("3/4 pytest: skipped")
+    else:
+        progress.say("3/4 pytest -m gpu: started")
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider", "-q", "-rA"]
+        rc = stream(cmd, results / "pytest.log", {**env, "DPO_GPU_TESTS": "1"}, limit("pytest"))
+        progress.say(f"3/4 pytest -m gpu: exit {rc}")
+
+    if "bench" in skip:
+        progress.say("4/4 bench: skipped")
+        return 0
+    progress.say("4/4 bench_gpu.py: started")
+    cmd = [sys.executable, "benchmarks/bench_gpu.py", "--scale", args.scale, "--results", str(results)]
+    cmd += ["--workdir", args.workdir] + (["--phases", args.phases] if args.phases else [])
+    rc = stream(cmd, results / "bench.log", env, limit("bench"))
+    progress.say(f"4/4 bench_gpu.py: exit {rc}; results in {results}")
+    return rc
+
+
+def _has(program: str) -> bool:
+    return any((Path(p) / program).exists() for p in os.environ.get("PATH", "").split(os.pathsep))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""phi-2's architecture with random weights, and truthy-shaped pairs of a given length, for
+benchmarks/bench_gpu.py (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def phi2_config(scale: str, tokenizer):
+    from transformers import PhiConfig
+
+    from dpo.offline.tiny import tiny_phi_config
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if scale == "tiny":
+        return tiny_phi_config(len(tokenizer), partial_rotary_factor=0.4, max_position_embeddings=2048, **ids)
+    return PhiConfig(  # microsoft/phi-2's config.json
+        vocab_size=51200,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        partial_rotary_factor=0.4,
+        max_position_embeddings=2048,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu_new",
+        resid_pdrop=0.1,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        **ids,
+    )
+
+
+def make_model(scale: str, folder: Path) -> dict:
+    """Random weights of the architecture, built on the GPU when there is one, saved as fp16 safetensors
+    (phi-2's hub dtype) with the offline tokenizer (dpo/offline/tiny.py; its 512 ids are a subset of the vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpo.offline.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = phi2_config(scale, tokenizer)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    return {"folder": str(folder), "parameters": params, "config": config.to_dict()}
+
+
+def synthetic_pairs(tokenizer, n: int, length: int, seed: int = 0):
+    """`n` truthy-shaped rows in phi-2's QA format: chosen answers longer than `length` tokens with the
+    prompt (TRL cuts them to max_length), rejected ones about 3/4 of it."""
+    import random
+
+    from datasets import Dataset
+
+    from dpo.data.formats import phi2_qa_format
+    from dpo.offline.tiny import CORPUS, truthy_like_rows
+
+    words = CORPUS.split()
+    per_word = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) / len(words)
+    rng = random.Random(seed)
+
+    def answer(start: str, tokens: int) -> str:
+        return start + " " + " ".join(rng.choice(words) for _ in range(int(tokens / per_word)))
+
+    rows = []
+    for row in truthy_like_rows(n, seed):
+        prompt = len(tokenizer(phi2_qa_format(row)["prompt"])["input_ids"])
+        chosen, rejected = answer(row["chosen"], 1.1 * length), answer(row["rejected"], 0.75 * length - prompt)
+        rows.append(phi2_qa_format({**row, "chosen": chosen, "rejected": rejected}))
+    return Dataset.from_list(rows)
