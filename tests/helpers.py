@@ -460,3 +460,13 @@ def recipe_trainer(model_dir, out, cache_dir=None, train=None, config=RecipeDPOC
     )
     tokenizer = load_tokenizer(str(model_dir))
     return build_dpo_trainer(model_args, args, train if train is not None else pairs(12), pairs(4, 1), tokenizer)
+
+
+def overflowing_qkv(scale: float = 60.0):
+    """fp16 q, k, v of one causal head pair whose raw scores q @ k^T reach about 1e5 > 65504 (fp16's max)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = ((torch.randn(1, 2, 16, 80, generator=g) * scale).half() for _ in range(2))
+    v = torch.randn(1, 2, 16, 80, generator=g).half()
+    assert (q.float() @ k.float().transpose(-1, -2)).abs().max() > torch.finfo(torch.float16).max
+    causal = torch.full((16, 16), float("-inf")).triu(1)[None, None]  # eager's additive mask
+    return q, k, v, causal

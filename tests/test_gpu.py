@@ -17,8 +17,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, load_recipe, recipe_trainer
-from test_fp16 import overflowing_qkv
+from helpers import ROOT, load_recipe, overflowing_qkv, recipe_trainer
 
 from dpo.compat import DPOConfig, fp16_loss_scale
 from dpo.train.attention import eager_fp32_scores

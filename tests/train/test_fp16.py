@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import load_recipe, recipe_trainer
+from helpers import load_recipe, overflowing_qkv, recipe_trainer
 from test_run_safety import PoisonAt, flags
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForCausalLM
@@ -52,16 +52,6 @@ def test_an_fp16_float16_run_trains_with_float32_lora_weights(tiny_model_dir, tm
     after = dict(trainer.model.named_parameters())
     assert all(after[n].dtype == torch.float32 for n in before)
     assert any(not torch.equal(after[n], w) for n, w in before.items())  # it trained
-
-
-def overflowing_qkv(scale: float = 60.0):
-    """fp16 q, k, v of one causal head pair whose raw scores q @ k^T reach about 1e5 > 65504 (fp16's max)."""
-    g = torch.Generator().manual_seed(0)
-    q, k = ((torch.randn(1, 2, 16, 80, generator=g) * scale).half() for _ in range(2))
-    v = torch.randn(1, 2, 16, 80, generator=g).half()
-    assert (q.float() @ k.float().transpose(-1, -2)).abs().max() > torch.finfo(torch.float16).max
-    causal = torch.full((16, 16), float("-inf")).triu(1)[None, None]  # eager's additive mask
-    return q, k, v, causal
 
 
 class Heads(torch.nn.Module):
