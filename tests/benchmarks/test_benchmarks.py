@@ -43,12 +43,13 @@ def test_help_exits_0(script):
 
 
 # ── bench_demo.py ────────────────────────────────────────────────────────────────────────────
-README_DEMO = "## What `make demo` shows"
+README_DEMO = "## What `make demo` shows"  # benchmarks/README.md
+PAGE = ROOT / "benchmarks" / "README.md"
 
 
-def test_readme_demo_numbers_are_the_benchmarked_ones():
-    """Every number in README's "What `make demo` shows" table is in BENCHMARKS.md's demo table."""
-    assert missing_from_benchmarks((ROOT / "README.md").read_text(), (ROOT / "BENCHMARKS.md").read_text()) == []
+def test_demo_numbers_are_the_benchmarked_ones():
+    """Every number in benchmarks/README.md's "What `make demo` shows" table is in BENCHMARKS.md's demo table."""
+    assert missing_from_benchmarks(PAGE.read_text(), (ROOT / "BENCHMARKS.md").read_text()) == []
 
 
 def missing_from_benchmarks(readme: str, benchmarks: str) -> list[str]:
@@ -61,7 +62,7 @@ def missing_from_benchmarks(readme: str, benchmarks: str) -> list[str]:
 
 
 def test_a_drifted_readme_number_is_caught():
-    readme, benchmarks = (ROOT / "README.md").read_text(), (ROOT / "BENCHMARKS.md").read_text()
+    readme, benchmarks = PAGE.read_text(), (ROOT / "BENCHMARKS.md").read_text()
     row = next(r for r in table_rows(section(readme, README_DEMO)) if "%" in r)
     number = re.findall(r"\d+\.\d%", row)[0]
     drifted = readme.replace(row, row.replace(number, f"{float(number[:-1]) - 0.1:.1f}%"))
@@ -193,11 +194,11 @@ def test_bench_sweep_reports_the_median_ratio_and_the_largest_difference():
 BENCH_TRAINING = load_benchmark("bench_training")
 
 
-def test_readme_training_numbers_are_the_benchmarked_ones():
-    """Every decimal in README's "Faster and leaner" section (ratios, GB, padding, loss difference) is
+def test_training_numbers_are_the_benchmarked_ones():
+    """Every decimal in benchmarks/README.md's "Faster and leaner" section (ratios, GB, padding, loss difference) is
     in bench_training.py's or bench_sweep.py's section of BENCHMARKS.md; 0.25x and 1.3x are the
     targets, not measurements."""
-    readme = section((ROOT / "README.md").read_text(), "## Faster and leaner than TRL's defaults, measured")
+    readme = section(PAGE.read_text(), "## Faster and leaner than TRL's defaults, measured")
     text = (ROOT / "BENCHMARKS.md").read_text()
     measured = "".join(
         section(text, heading) for heading in (BENCH_TRAINING.SECTION, load_benchmark("bench_sweep").SECTION)
@@ -205,3 +206,52 @@ def test_readme_training_numbers_are_the_benchmarked_ones():
     numbers = set(re.findall(r"\d+\.\d+(?:e-\d+)?", readme)) - {"0.25", "1.3"}
     assert len(numbers) >= 8, numbers
     assert sorted(n for n in numbers if n not in measured) == []
+
+
+# ── README.md's results table ────────────────────────────────────────────────────────────────
+RESULT_LINK = re.compile(r"\[([^\]]*(?:\[[^\]]*\][^\]]*)?)\]\(([^)#]+)#([^)]+)\)")
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a markdown heading: lower case, punctuation but - and _ dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def unlinked_results(readme: str) -> list[str]:
+    """Each number of README's results table whose link does not lead to a heading of a file holding that number."""
+    rows = table_rows(section(readme, "## Results"))
+    links = [m for row in rows for m in RESULT_LINK.findall(row)]
+    assert len(links) >= 7, rows
+    problems = []
+    for text, path, anchor in links:
+        target = (ROOT / path).read_text()
+        headings = [github_anchor(h) for h in re.findall(r"^#+ (.+)$", target, re.M)]
+        if anchor not in headings:
+            problems.append(f"{path}#{anchor}: no such heading")
+        for number in re.findall(r"[+-]?\d+(?:\.\d+)?%?", text):
+            if not re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", target):
+                problems.append(f"{number} is not in {path}")
+    return problems
+
+
+def test_every_readme_result_links_to_the_output_that_holds_it():
+    assert unlinked_results((ROOT / "README.md").read_text()) == []
+
+
+def test_a_drifted_readme_result_is_caught():
+    readme = (ROOT / "README.md").read_text()
+    drifted = readme.replace("[86.9%]", "[87.9%]", 1)
+    assert drifted != readme and unlinked_results(drifted) == ["87.9% is not in BENCHMARKS.md"]
+
+
+def test_every_relative_link_of_the_readme_resolves():
+    """Moved sections stay reachable: each relative link of README.md names a file that exists and,
+    with an anchor, a heading of that file."""
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((?!https?://)([^)#\s]+)(?:#([^)\s]+))?\)", readme)
+    assert len(links) >= 10, links
+    for path, anchor in links:
+        assert (ROOT / path).exists(), path
+        if anchor:
+            headings = [github_anchor(h) for h in re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)]
+            assert anchor in headings, f"{path}#{anchor}"

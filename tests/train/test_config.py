@@ -140,9 +140,9 @@ def test_every_accelerate_config_is_tested():
     assert sorted(p.name for p in (ROOT / "accelerate_configs").glob("*.yaml")) == sorted(EXPECTED_TOPOLOGY)
 
 
-def test_readme_shows_the_single_gpu_launch():
-    readme = (ROOT / "README.md").read_text()
-    assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py" in readme
+def test_the_distributed_page_shows_the_single_gpu_launch():
+    page = (ROOT / "docs" / "distributed.md").read_text()
+    assert "accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/dpo_phi2.py" in page
 
 
 def test_all_linear_targets_every_linear_layer_but_the_output_head():
