@@ -33,9 +33,10 @@
 # %% [markdown]
 # ## Install
 #
-# On Colab this cell installs the exact versions this repository is tested with
-# (`requirements.txt`) and the repository itself, for its small `dpo` library. Anywhere else it
-# does nothing: run the notebook in the repository's environment (`pip install -r requirements.txt`).
+# On Colab this cell clones the repository and installs its `requirements.txt` (the exact versions
+# it is tested with, and its small `dpo` library). Anywhere else it does nothing: run the notebook
+# in the repository's environment. If Colab asks to restart the session after the install, do so
+# and run all cells again.
 
 # %%
 REPO_URL = "https://github.com/dpo-recipes/dpo-recipes"  # the one place the repository's address is written
@@ -44,28 +45,12 @@ import os
 import subprocess
 import sys
 
-if "google.colab" in sys.modules:  # on Colab only; elsewhere use the repo's environment (requirements.txt)
-    PINS = [  # exactly requirements.txt
-        "torch==2.13.0",
-        "transformers==5.23.0",
-        "trl==1.16.0",
-        "peft==0.21.2",
-        "datasets==5.2.0",
-        "bitsandbytes==0.50.2",
-        "accelerate==1.15.0",
-        "matplotlib==3.11.2",
-        "gguf==0.19.0",
-        "zstandard==0.25.0",
-    ]
-    if not os.path.isdir("dpo-recipes"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "dpo-recipes"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *PINS], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "-e", "dpo-recipes"], check=True)
+if "google.colab" in sys.modules:  # Colab: clone, then install the pinned versions from requirements.txt
+    subprocess.run(f"test -d dpo-recipes || git clone --depth 1 {REPO_URL} dpo-recipes", shell=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd="dpo-recipes", check=True
+    )
     sys.path.insert(0, os.path.abspath("dpo-recipes"))  # importable now, without restarting the session
-    for pin in PINS:  # a package the session had already imported keeps its old version until a restart
-        name, version = pin.split("==")
-        if name in sys.modules and getattr(sys.modules[name], "__version__", version).split("+")[0] != version:
-            raise SystemExit(f"{name} was imported before this install: Runtime > Restart session, then Run all.")
 
 # %% [markdown]
 # ## 1. Preferences from rewards: Bradley-Terry

@@ -46,9 +46,10 @@
 # %% [markdown]
 # ## Install
 #
-# On Colab this cell installs the exact versions this repository is tested with
-# (`requirements.txt`) and the repository itself, for its small `dpo` library. Anywhere else it
-# does nothing: run the notebook in the repository's environment (`pip install -r requirements.txt`).
+# On Colab this cell clones the repository and installs its `requirements.txt` (the exact versions
+# it is tested with, and its small `dpo` library). Anywhere else it does nothing: run the notebook
+# in the repository's environment. If Colab asks to restart the session after the install, do so
+# and run all cells again.
 
 # %%
 REPO_URL = "https://github.com/dpo-recipes/dpo-recipes"  # the one place the repository's address is written
@@ -57,35 +58,20 @@ import os
 import subprocess
 import sys
 
-if "google.colab" in sys.modules:  # on Colab only; elsewhere use the repo's environment (requirements.txt)
-    PINS = [  # exactly requirements.txt
-        "torch==2.13.0",
-        "transformers==5.23.0",
-        "trl==1.16.0",
-        "peft==0.21.2",
-        "datasets==5.2.0",
-        "bitsandbytes==0.50.2",
-        "accelerate==1.15.0",
-        "matplotlib==3.11.2",
-        "gguf==0.19.0",
-        "zstandard==0.25.0",
-    ]
-    if not os.path.isdir("dpo-recipes"):
-        subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "dpo-recipes"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *PINS], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "-e", "dpo-recipes"], check=True)
+if "google.colab" in sys.modules:  # Colab: clone, then install the pinned versions from requirements.txt
+    subprocess.run(f"test -d dpo-recipes || git clone --depth 1 {REPO_URL} dpo-recipes", shell=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd="dpo-recipes", check=True
+    )
     sys.path.insert(0, os.path.abspath("dpo-recipes"))  # importable now, without restarting the session
-    for pin in PINS:  # a package the session had already imported keeps its old version until a restart
-        name, version = pin.split("==")
-        if name in sys.modules and getattr(sys.modules[name], "__version__", version).split("+")[0] != version:
-            raise SystemExit(f"{name} was imported before this install: Runtime > Restart session, then Run all.")
 
 # %% [markdown]
-# ## What to train
+# ## Parameters
 #
-# The model, the data and where the results go. `EPOCHS`: the recipe trains 3 epochs
-# (about 45 optimizer steps of 64 pairs); one epoch, about 15 steps, shows the effect and
-# takes roughly an hour on a T4, a few minutes on an A100.
+# The model, the data, where the results go, and the few numbers smoke mode changes. `EPOCHS`: the
+# recipe trains 3 epochs (about 45 optimizer steps of 64 pairs); one epoch, about 15 steps, shows
+# the effect and takes roughly an hour on a T4, a few minutes on an A100. Every other setting is in
+# the cells below, as the arguments of the real calls, with `recipes/dpo_phi2.yaml`'s values.
 
 # %%
 from pathlib import Path
@@ -94,13 +80,19 @@ MODEL = "microsoft/phi-2"
 DATASET = "jondurbin/truthy-dpo-v0.1"
 OUTPUT_DIR = Path("outputs/dpo_phi2_qlora")  # adapter, metrics, curves
 EPOCHS = 1
+MAX_STEPS = -1  # -1: train EPOCHS epochs
+BATCH, ACCUMULATION = 2, 32  # 2 pairs per forward x 32 = the DPO paper's 64 pairs per optimizer step
+LEARNING_RATE = 5e-5  # LoRA takes about 10x the paper's full fine-tuning rate
+EVAL_STEPS = 10
+TEST_SIZE = 0.1  # a seeded tenth of the pairs held out
 
 SMOKE = os.environ.get("DPO_SMOKE") == "1"
-if SMOKE:  # a 2-layer Phi model and truthy-shaped rows, built locally: no download
+if SMOKE:  # a 2-layer Phi model and truthy-shaped rows, built locally: no download; a few CPU steps
     from dpo.offline.tiny import save_tiny_model, truthy_like_rows, write_jsonl
 
     MODEL = str(save_tiny_model("outputs/smoke/tiny-phi"))
     DATASET = str(write_jsonl(truthy_like_rows(64), "outputs/smoke/truthy.jsonl"))
+    MAX_STEPS, BATCH, ACCUMULATION, LEARNING_RATE, EVAL_STEPS, TEST_SIZE = 6, 4, 1, 5e-3, 3, 0.2
 print(f"model: {MODEL}\ndata:  {DATASET}\nsmoke mode: {SMOKE}")
 
 # %% [markdown]
@@ -117,6 +109,7 @@ import torch
 from dpo.train.hardware import describe, detect_precision
 
 precision = detect_precision()
+COMPUTE_DTYPE = torch.bfloat16 if precision.bf16 else torch.float32
 print(f"{precision.reason} -> {describe(precision.bf16, precision.fp16, precision.dtype)}")
 if torch.cuda.is_available():
     free, total = torch.cuda.mem_get_info()
@@ -125,57 +118,7 @@ elif not SMOKE:
     raise RuntimeError("No GPU. In Colab: Runtime > Change runtime type > T4 GPU, then run again.")
 
 # %% [markdown]
-# ## The recipe's settings
-#
-# Read `recipes/dpo_phi2.yaml` with the recipe's own parser (TRL's `TrlParser`), as
-# `accelerate launch recipes/dpo_phi2.py` would. The list below overrides a few fields,
-# exactly like command-line flags.
-
-# %%
-import runpy
-import warnings
-from pathlib import Path
-
-import dpo
-from dpo.train.config import load_recipe_args
-
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames options TRL uses; harmless
-RECIPE = Path(dpo.__file__).resolve().parents[1] / "recipes" / "dpo_phi2.py"  # in the repository checkout
-recipe = runpy.run_path(str(RECIPE))  # the recipe's definitions (ScriptArguments, main), not run
-
-flags = [
-    "--model_name_or_path",
-    MODEL,
-    "--dataset_name",
-    DATASET,
-    "--output_dir",
-    str(OUTPUT_DIR),
-    "--num_train_epochs",
-    str(EPOCHS),
-]
-if SMOKE:  # a few steps of 4 pairs, and a learning rate a random tiny model notices
-    flags += [
-        "--max_steps",
-        "6",
-        "--per_device_train_batch_size",
-        "4",
-        "--gradient_accumulation_steps",
-        "1",
-        "--learning_rate",
-        "5e-3",
-        "--eval_steps",
-        "3",
-        "--save_steps",
-        "6",
-        "--test_size",
-        "0.2",
-    ]
-script_args, training_args, model_args = load_recipe_args(recipe["ScriptArguments"], RECIPE, flags)
-batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-print(f"beta {training_args.beta}, learning rate {training_args.learning_rate}, {batch} pairs per step")
-
-# %% [markdown]
-# ## phi-2 in 4-bit
+# ## phi-2 in 4-bit: `BitsAndBytesConfig`
 #
 # QLoRA keeps the frozen base model in **4-bit NF4** (a 4-bit code spaced for normally
 # distributed weights): phi-2 needs about 2 GB instead of 5.5 GB in fp16. Each layer
@@ -183,16 +126,17 @@ print(f"beta {training_args.beta}, learning rate {training_args.learning_rate}, 
 # compresses the per-block scale constants.
 
 # %%
-from dpo.compat import get_quantization_config
+from transformers import BitsAndBytesConfig
 
-bnb_config = get_quantization_config(model_args)
-print(
-    f"4-bit: {bnb_config.load_in_4bit}, type: {bnb_config.bnb_4bit_quant_type}, "
-    f"double quantization: {bnb_config.bnb_4bit_use_double_quant}, compute: {bnb_config.bnb_4bit_compute_dtype}"
+bnb_config = BitsAndBytesConfig(
+    load_in_4bit=True,
+    bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=COMPUTE_DTYPE,
 )
 
 # %% [markdown]
-# ## LoRA adapters
+# ## LoRA adapters: `LoraConfig`
 #
 # Only small matrices are trained: beside a frozen linear layer $W$, LoRA adds
 # $\frac{\alpha}{r} B A$ with $A \in \mathbb{R}^{r \times d_{in}}$, $B \in \mathbb{R}^{d_{out} \times r}$,
@@ -204,13 +148,21 @@ print(
 # names. It needs the model's config only, not its weights.
 
 # %%
-from dpo.compat import lora_config
+from peft import LoraConfig
+
 from dpo.train.model_checks import check_lora_targets, load_model_config
 
-targets = check_lora_targets(load_model_config(MODEL), model_args.lora_target_modules)
-lora = lora_config(model_args)
-print(f"LoRA r={lora.r}, alpha={lora.lora_alpha}, dropout={lora.lora_dropout} on {len(targets)} layers:")
-print(", ".join(targets[:6]), "...")
+peft_config = LoraConfig(
+    r=16,
+    lora_alpha=32,  # scale alpha / r = 2
+    lora_dropout=0.05,
+    target_modules=["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    task_type="CAUSAL_LM",
+)
+targets = check_lora_targets(load_model_config(MODEL), list(peft_config.target_modules))
+print(
+    f"LoRA r={peft_config.r}, alpha={peft_config.lora_alpha} on {len(targets)} layers:", ", ".join(targets[:6]), "..."
+)
 
 # %% [markdown]
 # ## The data
@@ -220,7 +172,7 @@ print(", ".join(targets[:6]), "...")
 # %%
 from dpo.data.loading import load_preference_data
 
-raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+raw = load_preference_data(DATASET)
 print(f"{len(raw)} rows, fields {raw.column_names}\n")
 for field in ("system", "prompt", "chosen", "rejected"):
     print(f"{field:>8}: {raw[0][field][:300]}")
@@ -233,55 +185,105 @@ for field in ("system", "prompt", "chosen", "rejected"):
 # The data doctor (`dpo/data/doctor.py`), which the recipe runs too, converts every row, checks
 # it, and drops and counts degenerate ones (empty answers, chosen identical to rejected,
 # duplicates) before any weights load. It counts lengths in tokens exactly as TRL will, and
-# how many pairs `max_length` would cut.
+# how many pairs `max_length` would cut. A seeded tenth is held out: the trainer evaluates on it,
+# and the answers compared below come from prompts the model never trained on.
 
 # %%
 from dpo.data.doctor import check_data
 from dpo.data.formats import phi2_qa_format
+from dpo.data.loading import split_heldout
 from dpo.train.model_checks import load_tokenizer
 
+MAX_LENGTH = 1024  # prompt + answer tokens; truthy pairs are far shorter
 tokenizer = load_tokenizer(MODEL)
-report = check_data(
-    raw,
-    DATASET,
-    tokenizer,
-    prompt_format="text",
-    text_format=phi2_qa_format,
-    max_length=training_args.max_length,
-    truncation_mode=training_args.truncation_mode,
-)
+report = check_data(raw, DATASET, tokenizer, prompt_format="text", text_format=phi2_qa_format, max_length=MAX_LENGTH)
 print(report.summary())
 print("\n--- the first pair as the model sees it:")
-print(report.example["prompt"] + report.example["chosen"])
-
-# %% [markdown]
-# A seeded tenth of the pairs is held out: the trainer evaluates on it, and the answers
-# compared below come from prompts the model never trained on.
-
-# %%
-from dpo.data.loading import split_heldout
-
-train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
+print((report.example["prompt"] + report.example["chosen"])[:1200])
+train_pairs, heldout_pairs = split_heldout(report.kept, TEST_SIZE, seed=42)
 print(f"{len(train_pairs)} pairs to train on, {len(heldout_pairs)} held out")
 
 # %% [markdown]
-# ## Load phi-2 in 4-bit with LoRA, and the DPO trainer
+# ## Load phi-2 in 4-bit
 #
-# `build_dpo_trainer` (`dpo/train/trainer.py`, what the recipe calls) gives TRL's `DPOTrainer`
-# the model id, the 4-bit settings and the LoRA settings; TRL loads the 4-bit base and
-# wraps it with the adapters. No reference model is passed: DPO measures the policy
-# against a frozen reference $\pi_{ref}$, and with LoRA that is the same base with the
-# adapters switched off. One copy of phi-2 in memory serves both.
+# `from_pretrained` with the 4-bit settings. On a CPU with AVX512-BF16 (smoke mode on a recent
+# laptop or server), bitsandbytes would switch a 4-bit layer to an inference-only kernel at its
+# first evaluation and later training steps would fail; `use_portable_4bit_kernels` keeps one
+# kernel everywhere (on a GPU it changes nothing).
 
 # %%
-import bitsandbytes as bnb
+from transformers import AutoModelForCausalLM
 
-from dpo.train.trainer import build_dpo_trainer
+from dpo.train.speed.kernels import use_portable_4bit_kernels
 
-trainer = build_dpo_trainer(model_args, training_args, train_pairs, heldout_pairs, tokenizer)
-model = trainer.model
-n_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+model = AutoModelForCausalLM.from_pretrained(
+    MODEL,
+    quantization_config=bnb_config,
+    dtype=COMPUTE_DTYPE,
+    device_map={"": 0} if torch.cuda.is_available() else None,
+    use_safetensors=True,
+)
+n_4bit = use_portable_4bit_kernels(model)
 print(f"{n_4bit} linear layers in 4-bit; weights in memory: {model.get_memory_footprint() / 2**20:,.1f} MiB")
+
+# %% [markdown]
+# ## The DPO trainer: `DPOConfig` and `DPOTrainer`
+#
+# `ref_model=None` with a `peft_config`: DPO measures the policy against a frozen reference
+# $\pi_{ref}$, and with LoRA that is the same base with the adapters switched off. One copy of
+# phi-2 in memory serves both. The settings are the recipe's (`recipes/dpo_phi2.yaml`).
+
+# %%
+from trl import DPOConfig, DPOTrainer
+
+from dpo.compat import keep_trainable_weights_fp32
+
+training_args = DPOConfig(
+    output_dir=str(OUTPUT_DIR),
+    beta=0.1,  # the DPO paper's beta
+    loss_type=["sigmoid"],  # the paper's loss
+    learning_rate=LEARNING_RATE,
+    lr_scheduler_type="constant_with_warmup",
+    warmup_steps=0.1,
+    num_train_epochs=EPOCHS,
+    max_steps=MAX_STEPS,
+    per_device_train_batch_size=BATCH,
+    gradient_accumulation_steps=ACCUMULATION,
+    per_device_eval_batch_size=4,
+    max_length=MAX_LENGTH,
+    gradient_checkpointing=True,
+    gradient_checkpointing_kwargs={"use_reentrant": False},
+    bf16=precision.bf16,
+    use_cpu=not torch.cuda.is_available(),
+    eval_strategy="steps",
+    eval_steps=EVAL_STEPS,
+    save_strategy="no",
+    logging_steps=1,
+    report_to="none",
+    seed=42,
+)
+trainer = DPOTrainer(
+    model=model,
+    ref_model=None,
+    args=training_args,
+    train_dataset=train_pairs,
+    eval_dataset=heldout_pairs,
+    processing_class=tokenizer,
+    peft_config=peft_config,
+)
+model = trainer.model  # the PeftModel: phi-2 in 4-bit with the adapters
+if not precision.bf16:  # TRL stores a 4-bit model's LoRA weights in bf16; with fp32 compute keep them fp32
+    keep_trainable_weights_fp32(trainer, "float32", fp16=False)
+model.print_trainable_parameters()
+
+# %% [markdown]
+# **What the recipe adds on top.** `accelerate launch recipes/dpo_phi2.py` builds this same
+# `DPOTrainer` through `dpo.train.trainer.build_dpo_trainer(model_args, training_args, train, heldout,
+# tokenizer)`, which adds: the data doctor's checks before any weights load, checkpoints that are
+# complete or visibly not (`--resume_from_checkpoint last`), a stop on a non-finite loss, Ctrl-C and
+# SIGTERM that save first, a lock so two runs cannot share an output folder, the reference
+# log-probs computed once and cached on disk, and length-grouped batches (less padding).
+# `train_and_save` then writes the adapter, metrics and curves whole.
 
 # %% [markdown]
 # ## Train
@@ -291,13 +293,19 @@ print(f"{n_4bit} linear layers in 4-bit; weights in memory: {model.get_memory_fo
 # $\beta \log \frac{\pi_\theta(y|x)}{\pi_{ref}(y|x)}$, and the loss pushes the chosen
 # answer's reward above the rejected one's: $-\log \sigma(r_{chosen} - r_{rejected})$.
 # TRL logs these every step (`rewards/chosen`, `rewards/rejected`, `rewards/margins`,
-# `rewards/accuracies`). `train_and_save` trains, evaluates on the held-out pairs and writes
-# the adapter, the metrics and the curves to `OUTPUT_DIR`.
+# `rewards/accuracies`).
 
 # %%
-from dpo.train.trainer import train_and_save
+import json
 
-metrics = train_and_save(trainer, (script_args, training_args, model_args))
+from dpo.plots import plot_training_curves
+
+trainer.train()
+metrics = {**trainer.state.log_history[-1], **trainer.evaluate()}
+trainer.save_model(str(OUTPUT_DIR))
+tokenizer.save_pretrained(OUTPUT_DIR)
+(OUTPUT_DIR / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+plot_training_curves(trainer.state.log_history, OUTPUT_DIR / "training_curves.png")
 for key in ("train_loss", "eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
     print(f"{key:>24}: {metrics[key]:.4f}")
 
