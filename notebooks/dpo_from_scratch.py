@@ -46,10 +46,8 @@ import subprocess
 import sys
 
 if "google.colab" in sys.modules:  # Colab: clone, then install the pinned versions from requirements.txt
-    subprocess.run(f"test -d dpo-recipes || git clone --depth 1 {REPO_URL} dpo-recipes", shell=True, check=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd="dpo-recipes", check=True
-    )
+    clone = f"test -d dpo-recipes || git clone --depth 1 {REPO_URL} dpo-recipes"
+    subprocess.run(f"{clone} && cd dpo-recipes && pip install -q -r requirements.txt", shell=True, check=True)
     sys.path.insert(0, os.path.abspath("dpo-recipes"))  # importable now, without restarting the session
 
 # %% [markdown]

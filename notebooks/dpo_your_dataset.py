@@ -51,10 +51,8 @@ import subprocess
 import sys
 
 if "google.colab" in sys.modules:  # Colab: clone, then install the pinned versions from requirements.txt
-    subprocess.run(f"test -d dpo-recipes || git clone --depth 1 {REPO_URL} dpo-recipes", shell=True, check=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], cwd="dpo-recipes", check=True
-    )
+    clone = f"test -d dpo-recipes || git clone --depth 1 {REPO_URL} dpo-recipes"
+    subprocess.run(f"{clone} && cd dpo-recipes && pip install -q -r requirements.txt", shell=True, check=True)
     sys.path.insert(0, os.path.abspath("dpo-recipes"))  # importable now, without restarting the session
 
 # %% [markdown]
@@ -77,9 +75,9 @@ from pathlib import Path
 
 from dpo.data.pairs import Columns
 
-MODEL = "microsoft/phi-2"
-DATASET = "Intel/orca_dpo_pairs"  # or your file: "my_pairs.jsonl"
 COLUMNS = Columns()  # None everywhere: detect the columns
+DATASET = "Intel/orca_dpo_pairs"  # or your file: "my_pairs.jsonl"
+MODEL = "microsoft/phi-2"
 OUTPUT_DIR = Path("outputs/dpo_your_dataset")
 
 SMOKE = os.environ.get("DPO_SMOKE") == "1"
