@@ -70,8 +70,6 @@ def main(argv: list[str] | None = None, callbacks=None):
         f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
         + first_pair_preview(report.example, tokenizer, training_args)
     )
-    if heldout_pairs is None:
-        training_args.eval_strategy = "no"
 
     # ── trainer: 4-bit base + LoRA; no ref_model, the base with adapters off is pi_ref ──
     trainer = build_dpo_trainer(

@@ -64,8 +64,6 @@ def main(argv: list[str] | None = None, callbacks=None):
     train_rows = sft_rows(train_pairs)
     heldout_rows = sft_rows(heldout_pairs) if heldout_pairs is not None else None
     log(f"{len(train_rows)} SFT rows (prompt + chosen answer), {len(heldout_rows or [])} held out")
-    if heldout_rows is None:
-        training_args.eval_strategy = "no"
 
     # ── trainer: 4-bit base + LoRA, loss on the answer tokens ───────────────────────────
     trainer = build_sft_trainer(model_args, training_args, train_rows, heldout_rows, tokenizer, callbacks)

@@ -214,3 +214,9 @@ def write_resolved_config(path: str | Path, *arg_objects, notes: str = "") -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(merged, sort_keys=True))
     return path
+
+
+def eval_strategy_for(training_args, eval_dataset) -> str:
+    """The evaluation schedule a trainer can follow: the configured one, or "no" when there is nothing
+    held out (test_size 0 and no test split). Trainers get it on their own copy of the arguments."""
+    return "no" if eval_dataset is None else training_args.eval_strategy

@@ -12,6 +12,7 @@ import copy
 
 from dpo.compat import SFTTrainer, keep_trainable_weights_fp32, lora_config, quantization_config
 from dpo.log import log
+from dpo.train.config import eval_strategy_for
 from dpo.train.model_checks import match_quant_storage, model_init_kwargs
 from dpo.train.speed.kernels import use_portable_4bit_kernels
 from dpo.train.trainer import protect_run, start_run
@@ -31,6 +32,7 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
     if storage:
         log(f"FSDP/ZeRO-3 with a 4-bit base: storing 4-bit weights as {storage} so they shard with the rest")
     trainer_args = copy.copy(training_args)  # the caller's arguments stay as they are
+    trainer_args.eval_strategy = eval_strategy_for(training_args, eval_dataset)
     trainer_args.model_init_kwargs = {
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),

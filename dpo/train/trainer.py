@@ -26,7 +26,7 @@ from dpo.errors import RunStopped
 from dpo.log import log
 from dpo.plots import plot_training_curves
 from dpo.train.adapters import policy_from_sft_adapter
-from dpo.train.config import write_resolved_config
+from dpo.train.config import eval_strategy_for, write_resolved_config
 from dpo.train.distributed import on_main_process, topology
 from dpo.train.model_checks import match_quant_storage, model_init_kwargs
 from dpo.train.safety import lock
@@ -64,6 +64,7 @@ def build_dpo_trainer(
     if use_cache:
         check_reference_cache(training_args)
     trainer_args = copy.copy(training_args)
+    trainer_args.eval_strategy = eval_strategy_for(training_args, eval_dataset)
     trainer_args.model_init_kwargs = {
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
