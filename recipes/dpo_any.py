@@ -122,8 +122,7 @@ def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool =
 
 
 def doctor_splits(script_args, training_args, tokenizer):
-    """The doctor on the train split (and the test split, if named): (train report, test report or None,
-    the tokenizer's chat template, which the doctor sets when the tokenizer has none)."""
+    """The doctor on the train split (and the test split, if named): (train report, test report or None)."""
     report = doctor(script_args, training_args, tokenizer, script_args.dataset_train_split)
     plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")  # the doctor's lengths, as a picture
     test = (
@@ -131,7 +130,7 @@ def doctor_splits(script_args, training_args, tokenizer):
         if script_args.dataset_test_split
         else None
     )
-    return report, test, tokenizer.chat_template
+    return report, test
 
 
 @exit_on_user_error
@@ -147,8 +146,9 @@ def main(argv: list[str] | None = None, callbacks=None):
 
     # ── data: any layout -> prompt/chosen/rejected; the doctor checks every row ─────────
     #    Under several processes it runs once, on the main process; the others wait for its reports.
-    report, test, chat_template = on_main_process(doctor_splits, script_args, training_args, tokenizer)
-    tokenizer.chat_template = chat_template  # the doctor may have given it the plain template
+    report, test = on_main_process(doctor_splits, script_args, training_args, tokenizer)
+    if report.chat_template:  # chat rows: train (and save the tokenizer) with the template the doctor rendered
+        tokenizer.chat_template = report.chat_template
     if test is not None:
         train_pairs, heldout_pairs = report.kept, test.kept
     else:

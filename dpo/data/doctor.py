@@ -30,13 +30,14 @@ error or, with --fail_on_degenerate, on any degenerate row.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 from datasets import Dataset
 
 from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
 from dpo.data.doctor_report import DoctorReport, examine
-from dpo.data.formats import PLAIN_CHAT_TEMPLATE, ensure_chat_template, is_chat, phi2_qa_format
+from dpo.data.formats import PLAIN_CHAT_TEMPLATE, chat_template_for, is_chat, phi2_qa_format
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
 from dpo.errors import UserError, exit_on_user_error
@@ -65,16 +66,19 @@ def check_data(
     sft: bool = False,
 ) -> DoctorReport:
     """to_pairs + examine: convert the raw rows and check every one. What recipes call. `sft=True`
-    for SFT, which never reads rejected (examine keeps rows whose rejected is empty or = chosen)."""
+    for SFT, which never reads rejected (examine keeps rows whose rejected is empty or = chosen).
+    Changes nothing it is given: for chat rows the template it rendered them with (the tokenizer's
+    own, or the plain one when it has none) is `report.chat_template`, for the caller to train with."""
     if degenerate_rows not in ("drop", "fail"):
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
-    template = ""
+    template, chat_template = "", None
     if is_chat(pairs):
-        if tokenizer is None or ensure_chat_template(tokenizer) or tokenizer.chat_template == PLAIN_CHAT_TEMPLATE:
-            template = ", plain template"
-        else:
-            template = ", tokenizer's chat template"
+        chat_template = chat_template_for(tokenizer) if tokenizer is not None else PLAIN_CHAT_TEMPLATE
+        if tokenizer is not None and chat_template != tokenizer.chat_template:  # the caller's tokenizer stays as it is
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = chat_template
+        template = ", plain template" if chat_template == PLAIN_CHAT_TEMPLATE else ", tokenizer's chat template"
     fmt = (
         f"{prompt_format} format"
         + template
@@ -96,6 +100,7 @@ def check_data(
     )
     if report.rows_kept == 0:
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
+    report.chat_template = chat_template
     return report
 
 

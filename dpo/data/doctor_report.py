@@ -66,6 +66,7 @@ class DoctorReport:
     example: dict = field(default_factory=dict)  # the first kept pair as the model sees it (text)
     # With sft=True: input rows kept although DPO drops them (rejected empty or equal to chosen); SFT never reads rejected
     sft_only: list = field(default_factory=list)
+    chat_template: str | None = None  # chat rows: the template they were rendered with (check_data's decision)
 
     @property
     def rows_kept(self) -> int:

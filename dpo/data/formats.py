@@ -79,11 +79,12 @@ def is_chat(pairs: Dataset) -> bool:
     return getattr(feature, "dtype", None) not in ("string", "large_string")
 
 
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a tokenizer without a chat template PLAIN_CHAT_TEMPLATE, with a warning; True if it did."""
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+def chat_template_for(tokenizer) -> str:
+    """The chat template pairs are rendered with: the tokenizer's own, or PLAIN_CHAT_TEMPLATE with a
+    warning when it has none. Changes nothing; the caller decides where the template goes."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own
     print(
         "warning: the tokenizer has no chat template; using the plain Human/Assistant template "
         "(dpo/data/formats.py: PLAIN_CHAT_TEMPLATE, saved with the tokenizer). For a chat model, pass its own "
@@ -91,6 +92,15 @@ def ensure_chat_template(tokenizer) -> bool:
         file=sys.stderr,
         flush=True,
     )
+    return PLAIN_CHAT_TEMPLATE
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template PLAIN_CHAT_TEMPLATE (chat_template_for), for scripts
+    that keep one tokenizer throughout; True if it did."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = chat_template_for(tokenizer)
     return True
 
 

@@ -318,3 +318,16 @@ def test_cli_speaks_the_recipes_flag_names(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2 and "no dataset" in capsys.readouterr().err
+
+
+def test_check_data_returns_the_template_it_chose_and_leaves_the_tokenizer_alone(tokenizer, capsys):
+    """A tokenizer without a chat template: the rows are rendered with the plain template, which the
+    report carries (the recipe trains and saves with it); the caller's tokenizer is not rewritten."""
+    from dpo.data.formats import PLAIN_CHAT_TEMPLATE
+
+    tokenizer.chat_template = None
+    report = check_data(Dataset.from_list(hh_rows(4)), "hh.jsonl", tokenizer, max_length=256)
+    assert report.chat_template == PLAIN_CHAT_TEMPLATE and tokenizer.chat_template is None
+    assert "no chat template" in capsys.readouterr().err
+    text = check_data(Dataset.from_list(orca_rows(4)), "orca.jsonl", tokenizer, prompt_format="text")
+    assert text.chat_template is None  # text rows use no template
