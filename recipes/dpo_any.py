@@ -22,31 +22,26 @@ The data doctor (dpo/data/doctor.py) checks every row and prints its table befor
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from dpo.data.doctor import check_data
-from dpo.data.loading import load_preference_data, split_heldout
+from dpo.data.doctor import check_splits
+from dpo.data.loading import split_heldout
 from dpo.data.pairs import Columns
 from dpo.errors import exit_on_user_error
 from dpo.log import first_pair_preview, log
-from dpo.plots import plot_lengths
 from dpo.train.adapters import start_point
-from dpo.train.config import load_recipe_args
+from dpo.train.config import DPOScriptArguments, load_recipe_args
 from dpo.train.distributed import on_main_process
 from dpo.train.model_checks import check_model_and_load_tokenizer
 from dpo.train.trainer import build_dpo_trainer, train_and_save
 
 
 @dataclass
-class ScriptArguments:
-    dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file or folder."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+class ScriptArguments(DPOScriptArguments):
+    """The phi-2 recipe's data and start-point fields (dpo.train.config.DPOScriptArguments), plus a test split
+    and the layout settings."""
+
     dataset_test_split: str | None = field(
         default=None, metadata={"help": "Split to evaluate on; unset: hold out test_size."}
-    )
-    test_size: float = field(
-        default=0.1, metadata={"help": "Fraction of train held out (seeded) when there is no test split; 0 for none."}
     )
     prompt_column: str | None = field(
         default=None, metadata={"help": "Column with the prompt (detected: prompt, question, instruction)."}
@@ -81,57 +76,6 @@ class ScriptArguments:
         default="drop", metadata={"help": "drop (count and warn) or fail on empty/identical/duplicate/too-long rows."}
     )
 
-    sft_adapter_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
-        },
-    )
-
-
-def doctor(script_args, training_args, tokenizer, split: str, missing_ok: bool = False):
-    """Load `split`, convert and check every row, print the doctor's table; the report (None: no such split)."""
-    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, split, missing_ok)
-    if raw is None:
-        return None
-    columns = Columns(
-        script_args.prompt_column,
-        script_args.chosen_column,
-        script_args.rejected_column,
-        script_args.system_column,
-        script_args.label_column,
-        script_args.score_columns,
-    )
-    source = (
-        script_args.dataset_name
-        if split == script_args.dataset_train_split
-        else f"{script_args.dataset_name} [{split}]"
-    )
-    report = check_data(
-        raw,
-        source,
-        tokenizer,
-        columns=columns,
-        prompt_format=script_args.prompt_format,
-        max_length=training_args.max_length,
-        truncation_mode=training_args.truncation_mode,
-        degenerate_rows=script_args.degenerate_rows,
-    )
-    log(report.summary())
-    return report
-
-
-def doctor_splits(script_args, training_args, tokenizer):
-    """The doctor on the train split (and the test split, if named): (train report, test report or None)."""
-    report = doctor(script_args, training_args, tokenizer, script_args.dataset_train_split)
-    plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")  # the doctor's lengths, as a picture
-    test = (
-        doctor(script_args, training_args, tokenizer, script_args.dataset_test_split, missing_ok=True)
-        if script_args.dataset_test_split
-        else None
-    )
-    return report, test
-
 
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None):
@@ -146,7 +90,18 @@ def main(argv: list[str] | None = None, callbacks=None):
 
     # ── data: any layout -> prompt/chosen/rejected; the doctor checks every row ─────────
     #    Under several processes it runs once, on the main process; the others wait for its reports.
-    report, test = on_main_process(doctor_splits, script_args, training_args, tokenizer)
+    columns = Columns(
+        script_args.prompt_column,
+        script_args.chosen_column,
+        script_args.rejected_column,
+        script_args.system_column,
+        script_args.label_column,
+        script_args.score_columns,
+    )
+    formatting = dict(
+        columns=columns, prompt_format=script_args.prompt_format, degenerate_rows=script_args.degenerate_rows
+    )
+    report, test = on_main_process(check_splits, script_args, training_args, tokenizer, **formatting)
     if report.chat_template:  # chat rows: train (and save the tokenizer) with the template the doctor rendered
         tokenizer.chat_template = report.chat_template
     if test is not None:

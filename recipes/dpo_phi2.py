@@ -18,33 +18,18 @@ dataset's system text opening the instruction (dpo/data/formats.py:phi2_qa_forma
     Instruct: <system>\\n\\n<prompt>\\nOutput: <answer><|endoftext|>
 """
 
-from dataclasses import dataclass, field
-
 from dpo.data.doctor import check_training_split
 from dpo.data.formats import phi2_qa_format
 from dpo.data.loading import split_heldout
 from dpo.errors import exit_on_user_error
 from dpo.log import first_pair_preview, log
 from dpo.train.adapters import start_point
-from dpo.train.config import load_recipe_args
+from dpo.train.config import DPOScriptArguments, load_recipe_args
 from dpo.train.distributed import on_main_process
 from dpo.train.model_checks import check_model_and_load_tokenizer
 from dpo.train.trainer import build_dpo_trainer, train_and_save
 
-
-@dataclass
-class ScriptArguments:
-    dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to load."})
-    test_size: float = field(default=0.1, metadata={"help": "Fraction held out (seeded) for evaluation; 0 for none."})
-
-    sft_adapter_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
-        },
-    )
+ScriptArguments = DPOScriptArguments  # dataset_name/config/train_split, test_size, sft_adapter_path (dpo.train.config)
 
 
 @exit_on_user_error

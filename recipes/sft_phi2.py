@@ -18,25 +18,17 @@ Offline (no GPU, no internet):
         --max_steps 5 --output_dir outputs/sft_tiny
 """
 
-from dataclasses import dataclass, field
-
 from dpo.data.doctor import check_training_split, split_like_dpo
 from dpo.data.formats import phi2_qa_format
 from dpo.errors import exit_on_user_error
 from dpo.log import log
-from dpo.train.config import RecipeSFTConfig, load_recipe_args
+from dpo.train.config import DataArguments, RecipeSFTConfig, load_recipe_args
 from dpo.train.distributed import on_main_process
 from dpo.train.model_checks import check_model_and_load_tokenizer
 from dpo.train.sft import build_sft_trainer, sft_rows
 from dpo.train.trainer import train_and_save
 
-
-@dataclass
-class ScriptArguments:
-    dataset_name: str = field(metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file."})
-    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to load."})
-    test_size: float = field(default=0.1, metadata={"help": "Fraction held out (seeded) for evaluation; 0 for none."})
+ScriptArguments = DataArguments  # dataset_name/config/train_split, test_size (dpo.train.config)
 
 
 @exit_on_user_error

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 from datasets import Dataset
 
@@ -41,6 +42,7 @@ from dpo.data.formats import PLAIN_CHAT_TEMPLATE, chat_template_for, is_chat, ph
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
 from dpo.errors import UserError, exit_on_user_error
+from dpo.log import log
 from dpo.plots import plot_lengths
 from dpo.train.config import one_line_parse_errors
 from dpo.train.model_checks import load_tokenizer
@@ -121,19 +123,48 @@ def split_like_dpo(report, test_size: float, seed: int):
     return train, heldout
 
 
-def check_training_split(script_args, training_args, tokenizer, **formatting) -> DoctorReport:
-    """A recipe's data phase: load the training split named by `script_args` (dataset_name,
-    dataset_config, dataset_train_split) and check every row with `check_data`, at the run's
-    max_length and truncation_mode. `formatting`: check_data's prompt_format, text_format, columns, sft."""
-    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+def check_training_split(
+    script_args, training_args, tokenizer, split: str | None = None, missing_ok: bool = False, **formatting
+) -> DoctorReport | None:
+    """A recipe's data phase: load `split` (default: the training split) of the data named by
+    `script_args` (dataset_name, dataset_config, dataset_train_split) and check every row with
+    `check_data`, at the run's max_length and truncation_mode. `formatting`: check_data's prompt_format,
+    text_format, columns, degenerate_rows, sft. None only when `missing_ok` and there is no such split."""
+    split = split or script_args.dataset_train_split
+    raw = load_preference_data(script_args.dataset_name, script_args.dataset_config, split, missing_ok)
+    if raw is None:
+        return None
+    source = (
+        script_args.dataset_name
+        if split == script_args.dataset_train_split
+        else f"{script_args.dataset_name} [{split}]"
+    )
     return check_data(
         raw,
-        script_args.dataset_name,
+        source,
         tokenizer,
         max_length=training_args.max_length,
         truncation_mode=training_args.truncation_mode,
         **formatting,
     )
+
+
+def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[DoctorReport, DoctorReport | None]:
+    """The doctor on the train split and, if `script_args.dataset_test_split` names one that exists, the test
+    split: (train report, test report or None), each table printed; the train split's token lengths drawn
+    to output_dir/data_lengths.png. What recipes/dpo_any.py runs, once, on the main process."""
+    report = check_training_split(script_args, training_args, tokenizer, **formatting)
+    log(report.summary())
+    plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")
+    test_split = getattr(script_args, "dataset_test_split", None)
+    test = (
+        check_training_split(script_args, training_args, tokenizer, test_split, True, **formatting)
+        if test_split
+        else None
+    )
+    if test is not None:
+        log(test.summary())
+    return report, test
 
 
 # ── the command line ─────────────────────────────────────────────────────────────────────

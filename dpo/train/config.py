@@ -26,6 +26,33 @@ from dpo.train.validate import check_no_secrets, check_output_dir, check_output_
 
 
 @dataclasses.dataclass
+class DataArguments:
+    """The data fields every recipe shares (as the alignment-handbook's ScriptArguments); YAML keys = field names."""
+
+    dataset_name: str = dataclasses.field(
+        metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file or folder."}
+    )
+    dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = dataclasses.field(default="train", metadata={"help": "Split to train on."})
+    test_size: float = dataclasses.field(
+        default=0.1,
+        metadata={"help": "Fraction of the training rows held out (seeded) when there is no test split; 0 for none."},
+    )
+
+
+@dataclasses.dataclass
+class DPOScriptArguments(DataArguments):
+    """DataArguments plus where DPO starts: a base model, or an SFT adapter on it."""
+
+    sft_adapter_path: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
+        },
+    )
+
+
+@dataclasses.dataclass
 class RecipeDPOConfig(DPOConfig, RunOptions):
     """What the DPO recipes parse: TRL's DPOConfig, RunOptions (resume and output_dir reuse,
     dpo/train/safety/checkpoints.py) and the reference cache (dpo/train/speed/refcache.py). YAML keys like every other field."""
