@@ -32,7 +32,9 @@ def preview(text: str, tokenizer=None, max_length: int | None = None, keep_end: 
     return text + (f"\n[{'; '.join(notes)}]" if notes else "")
 
 
-def first_pair_preview(example: dict, tokenizer, training_args) -> str:
-    """The data doctor's first kept pair (`report.example`: prompt + chosen text) as a recipe logs it."""
+def pairs_line(train, heldout, example: dict, tokenizer, training_args) -> str:
+    """What a recipe logs before training: how many pairs train and are held out, and the data doctor's
+    first kept pair (`report.example`: prompt + chosen text) cut to what the model sees."""
     text = example.get("prompt", "") + example.get("chosen", "")
-    return preview(text, tokenizer, training_args.max_length, training_args.truncation_mode == "keep_end")
+    shown = preview(text, tokenizer, training_args.max_length, training_args.truncation_mode == "keep_end")
+    return f"{len(train)} training pairs, {len(heldout or [])} held out; the first as the model sees it:\n{shown}"

@@ -27,7 +27,7 @@ from dpo.data.doctor import check_splits
 from dpo.data.loading import split_heldout
 from dpo.data.pairs import Columns
 from dpo.errors import exit_on_user_error
-from dpo.log import first_pair_preview, log
+from dpo.log import log, pairs_line
 from dpo.train.adapters import start_point
 from dpo.train.config import DPOScriptArguments, load_recipe_args
 from dpo.train.distributed import on_main_process
@@ -105,28 +105,23 @@ def main(argv: list[str] | None = None, callbacks=None):
     if report.chat_template:  # chat rows: train (and save the tokenizer) with the template the doctor rendered
         tokenizer.chat_template = report.chat_template
     if test is not None:
-        train_pairs, heldout_pairs = report.kept, test.kept
+        train, heldout = report.kept, test.kept
     else:
         if script_args.dataset_test_split:  # e.g. a local file, which has only "train"
             log(
                 f"no split '{script_args.dataset_test_split}' in {script_args.dataset_name}; "
                 f"holding out test_size={script_args.test_size} of the training rows instead"
             )
-        train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
-    log(
-        f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
-        + first_pair_preview(report.example, tokenizer, training_args)
-    )
+        train, heldout = split_heldout(report.kept, script_args.test_size, training_args.seed)
+    log(pairs_line(train, heldout, report.example, tokenizer, training_args))
 
     # ── trainer: (4-bit) base + LoRA; no ref_model, the base with adapters off is pi_ref ─
     trainer = build_dpo_trainer(
-        model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks, script_args.sft_adapter_path
+        model_args, training_args, train, heldout, tokenizer, callbacks, script_args.sft_adapter_path
     )
 
     # ── train and save: adapter, tokenizer (with its chat template), config, metrics, curves
-    train_and_save(
-        trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout_pairs
-    )
+    train_and_save(trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout)
     return trainer
 
 

@@ -22,7 +22,7 @@ from dpo.data.doctor import check_training_split
 from dpo.data.formats import phi2_qa_format
 from dpo.data.loading import split_heldout
 from dpo.errors import exit_on_user_error
-from dpo.log import first_pair_preview, log
+from dpo.log import log, pairs_line
 from dpo.train.adapters import start_point
 from dpo.train.config import DPOScriptArguments, load_recipe_args
 from dpo.train.distributed import on_main_process
@@ -50,21 +50,16 @@ def main(argv: list[str] | None = None, callbacks=None):
         check_training_split, script_args, training_args, tokenizer, prompt_format="text", text_format=phi2_qa_format
     )
     log(report.summary())
-    train_pairs, heldout_pairs = split_heldout(report.kept, script_args.test_size, training_args.seed)
-    log(
-        f"{len(train_pairs)} training pairs, {len(heldout_pairs or [])} held out; the first as the model sees it:\n"
-        + first_pair_preview(report.example, tokenizer, training_args)
-    )
+    train, heldout = split_heldout(report.kept, script_args.test_size, training_args.seed)
+    log(pairs_line(train, heldout, report.example, tokenizer, training_args))
 
     # ── trainer: 4-bit base + LoRA; no ref_model, the base with adapters off is pi_ref ──
     trainer = build_dpo_trainer(
-        model_args, training_args, train_pairs, heldout_pairs, tokenizer, callbacks, script_args.sft_adapter_path
+        model_args, training_args, train, heldout, tokenizer, callbacks, script_args.sft_adapter_path
     )
 
     # ── train and save: adapter, tokenizer, resolved config, metrics, curves ────────────
-    train_and_save(
-        trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout_pairs
-    )
+    train_and_save(trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout)
     return trainer
 
 
