@@ -470,3 +470,15 @@ def overflowing_qkv(scale: float = 60.0):
     assert (q.float() @ k.float().transpose(-1, -2)).abs().max() > torch.finfo(torch.float16).max
     causal = torch.full((16, 16), float("-inf")).triu(1)[None, None]  # eager's additive mask
     return q, k, v, causal
+
+
+def qlora_quantization_config():
+    """What the recipes' YAMLs ask for (NF4, double quantization), with fp32 compute as on CPU."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )

@@ -113,10 +113,7 @@ def test_degenerate_rows_fail_stops_before_any_weights_load(recipe, tiny_model_d
     with pytest.raises(SystemExit) as info:
         recipe.main(
             cli(
-                model_name_or_path=tiny_model_dir,
-                dataset_name=data,
-                output_dir=tmp_path / "o",
-                degenerate_rows="fail",
+                model_name_or_path=tiny_model_dir, dataset_name=data, output_dir=tmp_path / "o", degenerate_rows="fail"
             )
         )
     assert info.value.code == 2
@@ -136,13 +133,7 @@ def test_schema_error_is_one_clean_line_naming_file_row_and_field(recipe, tiny_m
     rows[1]["rejected"] = ["not", "a", "transcript"]
     data = write_jsonl(rows, tmp_path / "hh.jsonl")
     with pytest.raises(SystemExit) as info:
-        recipe.main(
-            cli(
-                model_name_or_path=tiny_model_dir,
-                dataset_name=data,
-                output_dir=tmp_path / "o",
-            )
-        )
+        recipe.main(cli(model_name_or_path=tiny_model_dir, dataset_name=data, output_dir=tmp_path / "o"))
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {data}, row 2, field 'rejected': expected text" in err  # HH rows hold transcripts

@@ -15,8 +15,8 @@ import weakref
 import pytest
 import torch
 import transformers
-from helpers import ROOT, cli, load_recipe
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from helpers import ROOT, cli, load_recipe, qlora_quantization_config
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps
 from dpo.train.speed.kernels import use_portable_4bit_kernels
@@ -42,16 +42,6 @@ class SnapshotLoRA(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def quantization_config():
-    """What the recipe's YAML asks for (NF4, double quantization), fp32 compute on CPU."""
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +110,7 @@ def test_every_base_weight_unchanged(run, tiny_model_dir):
     """Compare with a fresh 4-bit load of the same folder: same quantization, same bytes."""
     trained = run["trainer"].model.get_base_model()
     fresh = AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, quantization_config=quantization_config(), dtype=torch.float32
+        tiny_model_dir, quantization_config=qlora_quantization_config(), dtype=torch.float32
     )
     use_portable_4bit_kernels(fresh)
     fresh_params = dict(fresh.named_parameters())
@@ -144,7 +134,7 @@ def test_no_reference_model_is_allocated(run):
 def base_logps(model_dir, batch):
     """Summed completion log-probs under a fresh 4-bit load of the base: (chosen, rejected)."""
     base = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quantization_config(), dtype=torch.float32
+        model_dir, quantization_config=qlora_quantization_config(), dtype=torch.float32
     )
     use_portable_4bit_kernels(base)  # the same kernel as the trainer's, on any CPU
     with torch.no_grad():

@@ -14,20 +14,11 @@ import shutil
 
 import pytest
 import torch
-from helpers import cli, fake_checkpoint, load_recipe, one_line_error
+from helpers import cli, fake_checkpoint, load_recipe, one_line_error, qlora_quantization_config
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 FAST = ["--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "64"]
-
-
-def quantization_config():
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
 
 
 class SnapshotTrainable(TrainerCallback):
@@ -83,7 +74,7 @@ def fresh_4bit(model_dir, adapter=None):
     from dpo.train.speed.kernels import use_portable_4bit_kernels
 
     base = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quantization_config(), dtype=torch.float32
+        model_dir, quantization_config=qlora_quantization_config(), dtype=torch.float32
     )
     use_portable_4bit_kernels(base)  # the kernel training used, on any CPU
     return PeftModel.from_pretrained(base, str(adapter)).eval() if adapter else base.eval()

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, load_recipe, one_line_error
+from helpers import ROOT, cli, load_recipe, one_line_error
 from safetensors.torch import load_file
 
 from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
@@ -27,28 +27,10 @@ from dpo.train.safety.runs import RUN_MARKER
 
 def flags(tiny_model_dir, truthy_file, output_dir, *extra):
     return [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(truthy_file),
-        "--output_dir",
-        str(output_dir),
-        "--max_steps",
-        "6",
-        "--save_steps",
-        "2",
-        "--save_total_limit",
-        "1",  # the harshest rotation: only one checkpoint is ever kept
-        "--gradient_accumulation_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "4",
-        "--learning_rate",
-        "1e-2",  # large: every step changes the adapter visibly
-        "--logging_steps",
-        "1",
-        "--test_size",
-        "0",
+        *cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=output_dir, max_steps=6),
+        *cli(save_steps=2, save_total_limit=1),  # the harshest rotation: only one checkpoint is ever kept
+        *cli(gradient_accumulation_steps=1, per_device_train_batch_size=4, logging_steps=1, test_size=0),
+        *cli(learning_rate=1e-2),  # large: every step changes the adapter visibly
         *extra,
     ]
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import ROOT, load_recipe, one_line_error
+from helpers import ROOT, cli, load_recipe, one_line_error
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -80,28 +80,10 @@ class FillDiskAt(TrainerCallback):
 
 
 def flags(tiny_model_dir, truthy_file, output_dir):
-    return [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(truthy_file),
-        "--output_dir",
-        str(output_dir),
-        "--max_steps",
-        "6",
-        "--save_steps",
-        "2",
-        "--save_total_limit",
-        "1",  # rotation must never delete the last complete checkpoint, even when a save fails
-        "--gradient_accumulation_steps",
-        "1",
-        "--per_device_train_batch_size",
-        "4",
-        "--logging_steps",
-        "1",
-        "--test_size",
-        "0",
-    ]
+    # save_total_limit 1: rotation must never delete the last complete checkpoint, even when a save fails
+    settings = dict(max_steps=6, save_steps=2, save_total_limit=1, gradient_accumulation_steps=1)
+    settings.update(per_device_train_batch_size=4, logging_steps=1, test_size=0)
+    return cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=output_dir, **settings)
 
 
 def error_line(main, argv, callbacks, capsys) -> str:

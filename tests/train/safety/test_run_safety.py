@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import fake_checkpoint, load_recipe
+from helpers import cli, fake_checkpoint, load_recipe
 from transformers import TrainerCallback
 
 import dpo.train.safety.runs
@@ -18,21 +18,8 @@ from dpo.train.safety.runs import RUN_MARKER, write_final_outputs
 
 
 def flags(tiny_model_dir, truthy_file, output_dir, *extra):
-    return [
-        "--model_name_or_path",
-        str(tiny_model_dir),
-        "--dataset_name",
-        str(truthy_file),
-        "--output_dir",
-        str(output_dir),
-        "--gradient_accumulation_steps",
-        "1",
-        "--test_size",
-        "0",
-        "--logging_steps",
-        "1",
-        *extra,
-    ]
+    data = cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=output_dir)
+    return [*data, *cli(gradient_accumulation_steps=1, test_size=0, logging_steps=1), *extra]
 
 
 # ── non-finite loss / gradient ───────────────────────────────────────────────────────────────
