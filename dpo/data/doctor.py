@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> DoctorReport:
             raise UserError("no dataset: python -m dpo.doctor <hub id or file> (or --dataset_name <hub id or file>)")
         if args.text_format != "none" and args.prompt_format != "text":
             raise UserError(f"--text_format {args.text_format} formats text rows: add --prompt_format text")
+        if args.max_length is not None and args.max_length < 1:  # as the recipes' settings check says it
+            raise UserError(
+                f"invalid setting(s): max_length must be >= 1, or null for no limit; got {args.max_length}"
+            )
         tokenizer = None
         if args.model_name_or_path:
             tokenizer = load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)

@@ -86,12 +86,15 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
     """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check."""
     from transformers import AutoModelForCausalLM
 
-    from dpo.train.adapters import put_adapter
-    from dpo.train.model_checks import load_tokenizer
+    from dpo.train.adapters import adapter_weights, put_adapter
+    from dpo.train.model_checks import check_weight_files, load_tokenizer
 
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     base_name = adapter_config["base_model_name_or_path"]
     tokenizer = load_tokenizer(str(output_dir))
+    adapter_weights(str(output_dir))  # whole, before the base loads
+    if Path(base_name).is_dir():
+        check_weight_files(Path(base_name))
     load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
     model = put_adapter(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
     model.eval()

@@ -95,9 +95,13 @@ def _linear_shapes(model_config, trust_remote_code: bool = False) -> dict[str, t
 
 def adapter_weights(adapter: str) -> Path:
     """The adapter's adapter_model.safetensors (downloaded for a hub id); UserError if it has none."""
+    from dpo.train.safety.checkpoints import safetensors_problem
+
     weights = _adapter_file(adapter, ADAPTER_WEIGHTS)
     if weights is None:
         raise UserError(f"{adapter}: no {ADAPTER_WEIGHTS} (adapters load from safetensors only)")
+    if problem := safetensors_problem(weights):  # an interrupted copy or download: named, not a SafetensorError
+        raise UserError(f"{weights} is truncated or corrupt ({problem}): copy or download the adapter again")
     return weights
 
 
@@ -137,8 +141,12 @@ def check_adapter_fits(adapter: str, adapter_config: dict, model_config, base_na
 def load_with_adapter(base_name: str, base_kwargs: dict, adapter: str, trainable: bool, adapter_name="default"):
     """Load `base_name` with `base_kwargs` as TRL loads a model given by name, and put `adapter` on it."""
     from dpo.compat import create_model_from_path
+    from dpo.train.model_checks import check_weight_files
     from dpo.train.speed.kernels import portable_4bit_layers, use_portable_4bit_kernels
 
+    if Path(base_name).is_dir():  # a local base: every weight file whole before anything loads
+        check_weight_files(Path(base_name))
+    adapter_weights(adapter)  # the adapter's too
     with portable_4bit_layers():  # one 4-bit kernel on every CPU (dpo/train/speed/kernels.py)
         base = create_model_from_path(base_name, **base_kwargs)
     use_portable_4bit_kernels(base)  # checks the switch; no-op without 4-bit layers
@@ -150,8 +158,7 @@ def put_adapter(model, adapter: str, adapter_name: str = "default", trainable: b
     would fall back to a pickled adapter_model.bin). A PeftModel gets it as one more adapter."""
     from peft import PeftModel
 
-    if _adapter_file(adapter, ADAPTER_WEIGHTS) is None:
-        raise UserError(f"{adapter}: no {ADAPTER_WEIGHTS} (adapters load from safetensors only)")
+    adapter_weights(adapter)  # safetensors only (and whole)
     if isinstance(model, PeftModel):
         model.load_adapter(adapter, adapter_name=adapter_name, is_trainable=trainable)
         return model

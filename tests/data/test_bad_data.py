@@ -296,3 +296,11 @@ def test_a_folder_of_files_whose_columns_really_differ_is_still_refused(tmp_path
     write_jsonl(folder / "part-1.jsonl", [{**ROW, "chosen": 4}])
     line = doctor_error([folder], capsys)
     assert "columns ['chosen'] differ" in line, line
+
+
+@pytest.mark.parametrize("tokenizer", [False, True], ids=["characters", "tokens"])
+def test_doctor_refuses_max_length_below_one_as_a_setting(tokenizer, tiny_model_dir, truthy_file, capsys):
+    """As the recipes do: a bad setting, not "every row was dropped" (with a tokenizer) or a pass (without)."""
+    argv = [truthy_file, "--max_length", "0", *(["--model_name_or_path", tiny_model_dir] if tokenizer else [])]
+    line = one_line_error(doctor.main, argv, capsys)
+    assert "max_length must be >= 1, or null for no limit; got 0" in line, line

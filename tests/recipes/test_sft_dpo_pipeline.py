@@ -468,3 +468,26 @@ def test_sft_adapter_path_must_be_an_adapter(tiny_model_dir, sft):
         str(sft["dir"]),
         str(tiny_model_dir),
     )
+
+
+def test_a_truncated_adapter_is_one_line_in_evaluate_export_and_dpo_from_sft(
+    dpo, sft, truthy_file, tiny_model_dir, tmp_path, capsys, no_weights_load
+):
+    """An interrupted copy of adapter_model.safetensors (the run's own, or the SFT adapter DPO starts
+    from) is named before anything loads, instead of safetensors' "incomplete metadata" traceback."""
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    run = run_copy(dpo, tmp_path / "run")
+    weights = run / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for main, extra in ((evaluate, []), (export, ["--merged", tmp_path / "merged"])):
+        line = one_line_error(main, [run, *extra], capsys)
+        assert f"{weights} is truncated or corrupt" in line, line
+    adapter = tmp_path / "sft"
+    shutil.copytree(sft["dir"], adapter)
+    cut = adapter / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:100])
+    flags = cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=tmp_path / "o")
+    line = one_line_error(load_recipe("dpo_phi2").main, [*flags, "--sft_adapter_path", adapter], capsys)
+    assert f"{cut} is truncated or corrupt" in line, line
