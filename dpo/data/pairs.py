@@ -2,7 +2,7 @@
 
     raw = load_preference_data("trl-lib/ultrafeedback_binarized")   # dpo/data/loading.py
     pairs, layout = to_pairs(raw, source="trl-lib/ultrafeedback_binarized")
-    # recipes call dpo.data.doctor.check_data(raw, source, tokenizer): to_pairs, ensure_chat_template, checks
+    # recipes call dpo.data.doctor.check_data(raw, source, tokenizer): to_pairs, the chat template (returned as report.chat_template), checks
 
 Layouts, detected from the column names and the first row (extra columns are ignored):
 
