@@ -185,7 +185,7 @@ batches = [collate(examples[i : i + BATCH], tokenizer.eos_token_id) for i in ran
 print({k: tuple(v.shape) for k, v in batches[0].items()})
 
 # %%
-from dpo.scratch.loss import sequence_logps
+from dpo.scratch.logps import sequence_logps
 
 batch = batches[0]
 labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)  # -100: not scored

@@ -26,8 +26,9 @@ from datasets import Dataset
 
 from dpo.compat import REWARD_METRICS, ModelConfig
 from dpo.offline.tiny import build_tiny_model, build_tokenizer, truthy_like_rows
+from dpo.scratch.logps import ld_logps, sequence_logps, sft_nll, wpo_weights
 from dpo.scratch.loop import reward_metrics
-from dpo.scratch.loss import dpo_loss, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.scratch.loss import dpo_loss
 from dpo.scratch.loss_settings import LENGTH_LOSS_TYPES
 from dpo.train.config import RecipeDPOConfig
 from dpo.train.model_checks import load_tokenizer

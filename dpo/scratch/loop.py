@@ -26,14 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpo.scratch.loss import (
-    SequenceLogps,
-    dpo_loss,
-    ld_logps,
-    sequence_logps,
-    sft_nll,
-    wpo_weights,
-)
+from dpo.scratch.logps import SequenceLogps, ld_logps, sequence_logps, sft_nll, wpo_weights
+from dpo.scratch.loss import dpo_loss
 from dpo.scratch.loss_settings import LENGTH_LOSS_TYPES
 
 

@@ -30,15 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dpo.scratch.logps import ld_logps, sequence_logps, sft_nll, wpo_weights
 from dpo.scratch.loop import reward_metrics
-from dpo.scratch.loss import (
-    dpo_loss,
-    f_divergence_scores,
-    ld_logps,
-    sequence_logps,
-    sft_nll,
-    wpo_weights,
-)
+from dpo.scratch.loss import dpo_loss, f_divergence_scores
 from dpo.scratch.loss_settings import LOSS_TYPES
 
 TOL = dict(rtol=1e-6, atol=1e-6)  # float32 round-off on O(1) numbers
