@@ -55,7 +55,8 @@ class DPOScriptArguments(DataArguments):
 @dataclasses.dataclass
 class RecipeDPOConfig(DPOConfig, RunOptions):
     """What the DPO recipes parse: TRL's DPOConfig, RunOptions (resume and output_dir reuse,
-    dpo/train/safety/checkpoints.py) and the reference cache (dpo/train/speed/refcache.py). YAML keys like every other field."""
+    dpo/train/safety/checkpoints.py), the reference cache (dpo/train/speed/refcache.py) and packed pairs
+    (dpo/train/speed/packing.py). YAML keys like every other field."""
 
     reference_cache: bool = dataclasses.field(
         default=False,
@@ -67,6 +68,12 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
         default=None,
         metadata={
             "help": "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
+        },
+    )
+    packing: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py)."
         },
     )
 

@@ -42,6 +42,7 @@ from dpo.train.safety.runs import (
     write_final_outputs,
 )
 from dpo.train.speed.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
+from dpo.train.speed.packing import check_packing, install_packing
 from dpo.train.speed.refcache import attach_reference_cache, check_reference_cache
 from dpo.train.speed.sampler import install_length_grouping
 from dpo.train.validate import check_no_secrets, check_output_dir_apart
@@ -63,6 +64,7 @@ def build_dpo_trainer(
     use_cache = getattr(training_args, "reference_cache", False)  # dpo.train.config.RecipeDPOConfig's switch
     if use_cache:
         check_reference_cache(training_args)
+    check_packing(training_args)
     trainer_args = copy.copy(training_args)
     trainer_args.eval_strategy = eval_strategy_for(training_args, eval_dataset)
     trainer_args.model_init_kwargs = {
@@ -90,6 +92,8 @@ def build_dpo_trainer(
     n_4bit = use_portable_4bit_kernels(trainer.model)  # also an SFT-adapter model loaded before (a no-op check)
     if n_4bit and cpu_has_avx512bf16():
         log(f"CPU has AVX512-BF16: {n_4bit} 4-bit layers kept on the portable kernel (dpo/train/speed/kernels.py)")
+    if getattr(training_args, "packing", False):  # after the kernel switch: its probe runs the model
+        log(install_packing(trainer))
     n, why = keep_trainable_weights_fp32(trainer, model_args.dtype, training_args.fp16)
     if n:
         log(f"kept {n} trainable LoRA tensors in float32 ({why})")

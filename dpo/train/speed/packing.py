@@ -1,0 +1,190 @@
+"""Packed pairs (padding-free DPO): a batch's chosen and rejected sequences in one row, no padding.
+
+TRL's collator pads every sequence of a batch (2 x pairs rows: chosen first, then rejected) to
+the longest one. With `packing: true` the model never sees that padding: the recipe's trainer
+concatenates the real tokens of all 2B sequences into a single row, with position ids that
+restart at 0 at each sequence, runs the model once, and puts the per-token outputs back into the
+padded [2B, L-1] layout TRL's loss reads (zeros where the padded path has padding). Everything
+downstream (the loss, every metric, the reference cache, evaluation) is TRL's code, unchanged.
+
+Why the results are the padded path's: every position attends only to earlier positions of its
+own sequence, and rotary positions restart, so each token sees exactly what it sees when padded.
+transformers 5 turns restarting position ids into that block-diagonal causal mask itself
+(`masking_utils.find_packed_sequence_indices`); flash-attention 2/3 reads them as varlen
+boundaries. On SDPA (the default, and all a CPU has), a dense T x T mask would make attention
+cost grow with the square of the whole row, so `SEGMENTED_SDPA` runs PyTorch's SDPA kernel once
+per sequence (causal, no mask): attention costs what it costs padded, the linear layers and the
+LM head no longer pay for padding. The first target of each sequence is the sequence's own first
+token, which the padded path never scores (the shift drops it), so its label is masked here too.
+
+`check_packing` refuses, before weights load, what this cannot serve: DeepSpeed and FSDP (the
+forward below is patched on the unwrapped model; not tested sharded) and TRL's own
+`padding_free` (disabled in TRL 1.16: it warns and pads). `install_packing` runs a two-sequence
+probe through the loaded model and refuses one whose attention ignores position ids.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from dpo.errors import UserError
+
+SEGMENTED_SDPA = "sdpa_segments"
+# Fields of TRL's FusedCausalLMOutput that hold one value per next-token position.
+PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+# The probe's bound: how many times the measured reordering floor (8 extra padding columns) packing may
+# move the hidden states (`probe`); float32's resolution stands in where the floor is 0. Measured on the
+# tiny Phi model in fp32 (tests/train/speed/test_packing.py): floor 6.4e-8, packed 4.9e-8 (0.8x), an
+# attention that lets the sequences see each other 0.26 (4e6x).
+PROBE_MULTIPLE = 8
+
+
+def segment_starts(position_ids: torch.Tensor) -> list[int]:
+    """Start offsets of the packed sequences of one row (where position ids restart at 0), plus its end."""
+    row = position_ids[0]
+    return [*(row == 0).nonzero().flatten().tolist(), row.numel()]
+
+
+def segmented_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """transformers' SDPA attention, once per packed sequence (causal, unmasked) when the row is packed.
+    Shapes: query [1, heads, T, d], key/value [1, kv_heads, T, d] -> output [1, T, heads, d]."""
+    packed = attention_mask is None and position_ids is not None and query.shape[0] == 1
+    starts = segment_starts(position_ids) if packed else []
+    if len(starts) <= 2:  # padded input, or one sequence: nothing to split
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    pieces = [
+        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
+        for a, b in zip(starts[:-1], starts[1:])
+    ]
+    return torch.cat(pieces, dim=1), None
+
+
+def segmented_sdpa_mask(**kwargs):
+    """SDPA's mask, except for one row without padding: there `segmented_sdpa` makes the segments the mask."""
+    one_row = kwargs.get("attention_mask") is None and kwargs.get("batch_size") == 1
+    return None if one_row else sdpa_mask(**kwargs)
+
+
+AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
+AttentionMaskInterface.register(SEGMENTED_SDPA, segmented_sdpa_mask)
+
+
+def check_packing(training_args) -> None:
+    """Before any weights load: refuse what packed pairs cannot serve."""
+    if getattr(training_args, "padding_free", False):
+        raise UserError("padding_free: TRL 1.16 ignores it (it warns and pads); use packing: true instead")
+    if not getattr(training_args, "packing", False):
+        return
+    if training_args.deepspeed or training_args.fsdp:
+        launcher = "DeepSpeed" if training_args.deepspeed else "FSDP"
+        raise UserError(f"packing: true is not supported under {launcher} (untested sharded); set packing: false")
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The real tokens of right-padded [N, L] rows as one [1, T] row, and how to put outputs back.
+
+    Returns input_ids, position_ids, labels (each [1, T]; labels -100 at each sequence's first token)
+    and `index`/`valid` ([N, L-1]): padded next-token position (i, j) is packed position index[i, j]."""
+    keep = attention_mask.bool()
+    lengths = keep.sum(dim=1)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    flat_labels = labels[keep].clone()
+    flat_labels[starts[lengths > 0]] = -100  # the padded path never predicts a sequence's first token
+    total = int(lengths.sum())
+    index = (starts[:, None] + positions[None, :-1]).clamp(max=max(total - 2, 0))
+    return {
+        "input_ids": input_ids[keep][None],
+        "position_ids": positions.expand_as(input_ids)[keep][None],
+        "labels": flat_labels[None],
+        "index": index,
+        "valid": positions[None, :-1] < (lengths[:, None] - 1),
+    }
+
+
+def unpack(flat: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Packed per-token values [1, T-1] back in the padded layout [N, L-1], zero where padded."""
+    if flat.numel() == 0:
+        return flat.new_zeros(index.shape)
+    return flat[0][index].masked_fill(~valid, 0)
+
+
+def packed_forward(fused_forward):
+    """Wrap TRL's fused forward (trl.trainer.utils.add_fused_lm_head): padded calls with
+    `fused_lm_head=True` run packed and return outputs in the padded layout; others pass through."""
+
+    @functools.wraps(fused_forward)
+    def forward(*args, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
+        if not fused_lm_head or args or attention_mask is None or labels is None or "position_ids" in kwargs:
+            return fused_forward(
+                *args, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                fused_lm_head=fused_lm_head, **kwargs,
+            )  # fmt: skip
+        row = pack(input_ids, attention_mask, labels)
+        out = fused_forward(
+            input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"], fused_lm_head=True,
+            **kwargs,
+        )  # fmt: skip
+        for name in PER_TOKEN:
+            if getattr(out, name, None) is not None:
+                setattr(out, name, unpack(getattr(out, name), row["index"], row["valid"]))
+        return out
+
+    forward.unpacked = fused_forward
+    return forward
+
+
+def probe(model) -> tuple[float, float]:
+    """How far packing moves the backbone's last hidden states of two sequences (a long one, then a short
+    one that a leak would drown), against how far extra padding moves them (the reordering floor): both
+    ||x - padded|| / ||padded|| over the real tokens. Returns (packed, floor)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, 24), generator=generator).to(model.device)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # the second sequence is 4 tokens, after 24 foreign ones in the packed row
+    row = pack(ids, mask, ids)
+    wider = torch.nn.functional.pad(mask, (0, 8))  # 8 more padding columns: other shapes, same values
+    backbone = model.base_model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].float()
+            packed = backbone(input_ids=row["input_ids"], position_ids=row["position_ids"]).last_hidden_state[0]
+            ids_wider = torch.nn.functional.pad(ids, (0, 8))
+            padded_wider = backbone(input_ids=ids_wider, attention_mask=wider).last_hidden_state[wider.bool()]
+    finally:
+        model.train(was_training)
+    scale = padded.norm().clamp(min=1e-12)
+    return float((packed.float() - padded).norm() / scale), float((padded_wider.float() - padded).norm() / scale)
+
+
+def install_packing(trainer) -> str:
+    """Pack every fused forward of the trainer's model (training, evaluation, reference scoring).
+    SDPA becomes SEGMENTED_SDPA; other attention implementations must honour position ids, which a
+    probe checks. Returns the log line; raises UserError for a model that does not honour them."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "forward" not in vars(base):  # TRL's add_fused_lm_head sets an instance forward
+        raise UserError("packing: true needs TRL's fused LM head on the model (dpo/compat.py); set packing: false")
+    config = base.config
+    implementation = config._attn_implementation
+    if implementation == "sdpa":
+        base.set_attn_implementation(SEGMENTED_SDPA)
+        implementation = SEGMENTED_SDPA
+    base.forward = packed_forward(base.forward)
+    drift, floor = probe(base)
+    bound = PROBE_MULTIPLE * max(floor, torch.finfo(torch.float32).eps)
+    if not drift <= bound:
+        base.forward = base.forward.unpacked
+        raise UserError(
+            f"packing: true: {config.model_type} with attn_implementation {implementation} does not keep packed "
+            f"sequences apart (hidden states moved {drift:.2g} relative, bound {bound:.2g}); set packing: false"
+        )
+    return f"packing: each batch's sequences run as one row without padding (attention {implementation})"
