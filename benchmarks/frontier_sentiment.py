@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpo.errors import exit_on_user_error
 from dpo.log import log
-from dpo.offline.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
+from dpo.offline.sentiment import SentimentTask, pair_sets, train_reference
 from dpo.offline.sentiment_eval import evaluate_alignment
 from dpo.train.config import load_recipe_args
 from dpo.train.model_checks import load_tokenizer
@@ -175,19 +175,7 @@ def main() -> None:
     torch.set_num_threads(script_args.torch_threads)
     seed = training_args.seed
     task = SentimentTask(seed=script_args.task_seed, heldout_topics=script_args.heldout_topics)
-    sft_dir, _ = train_reference(
-        task,
-        build_word_tokenizer(),
-        workdir / "sft_reference",
-        examples=script_args.sft_examples,
-        steps=script_args.sft_steps,
-        batch_size=script_args.sft_batch_size,
-        learning_rate=script_args.sft_learning_rate,
-        seed=seed,
-        use_cpu=training_args.use_cpu,
-        bf16=training_args.bf16,
-        fp16=training_args.fp16,
-    )
+    sft_dir, _ = train_reference(task, workdir / "sft_reference", script_args, training_args)
     tokenizer = load_tokenizer(str(sft_dir))
     sft_model = AutoModelForCausalLM.from_pretrained(sft_dir, use_safetensors=True)
     pairs = pair_sets(
@@ -199,6 +187,7 @@ def main() -> None:
         script_args.max_new_tokens,
         seed,
     )
+    pair_data = [Dataset.from_list(pairs[split]) for split in ("train", "heldout")]  # every run trains these
     prompts = task.prompts("heldout", args.eval_prompts, seed + 2)
     del sft_model
     log(
@@ -224,14 +213,7 @@ def main() -> None:
                 *extra,
             )
             trajectory = Trajectory(tokenizer, prompts, script_args.max_new_tokens, seed + 3, args.eval_every)
-            trainer = build_dpo_trainer(
-                model_args,
-                training_args,
-                Dataset.from_list(pairs["train"]),
-                Dataset.from_list(pairs["heldout"]),
-                tokenizer,
-                [trajectory],
-            )
+            trainer = build_dpo_trainer(model_args, training_args, *pair_data, tokenizer, [trajectory])
             trainer.train()
             accuracy = trainer.evaluate()["eval_rewards/accuracies"]
             for i, point in enumerate(trajectory.points):

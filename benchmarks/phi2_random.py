@@ -7,30 +7,12 @@ from pathlib import Path
 
 
 def phi2_config(scale: str, tokenizer):
-    from transformers import PhiConfig
-
-    from dpo.offline.tiny import tiny_phi_config
+    from dpo.offline.tiny import phi2_config, tiny_phi_config
 
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     if scale == "tiny":
         return tiny_phi_config(len(tokenizer), partial_rotary_factor=0.4, max_position_embeddings=2048, **ids)
-    return PhiConfig(  # microsoft/phi-2's config.json
-        vocab_size=51200,
-        hidden_size=2560,
-        intermediate_size=10240,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        partial_rotary_factor=0.4,
-        max_position_embeddings=2048,
-        layer_norm_eps=1e-5,
-        hidden_act="gelu_new",
-        resid_pdrop=0.1,
-        embd_pdrop=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        **ids,
-    )
+    return phi2_config(**ids)  # microsoft/phi-2's config.json
 
 
 def make_model(scale: str, folder: Path) -> dict:

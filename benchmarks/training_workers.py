@@ -1,25 +1,30 @@
 """One configuration of benchmarks/bench_training.py, in a process of its own (so that its peak
-resident memory is its own). Prints one line, `RESULT {json}`: training seconds, real and padded
-tokens of every training batch, the loss of every step, peak resident memory.
+resident memory is its own and its wall time is a whole run's). Prints one line, `RESULT {json}`:
+training seconds, reference-pass seconds, real and computed tokens of every training batch, the
+loss of every step, peak resident memory.
 
-    python benchmarks/training_workers.py recipe_both --model MODEL_DIR --workdir DIR --max_length 512
+    python benchmarks/training_workers.py recipe --model MODEL_DIR --workdir DIR --max_length 256
 
-DIR holds pairs.jsonl (written by bench_training.py) and refcache/ (the `cache_build` worker fills it).
+DIR holds pairs.jsonl (written by bench_training.py) and refcache/ (the `cache_build` worker fills
+it: the warm cache). Cold-cache configurations get an empty cache folder of their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
 RECIPE = ROOT / "recipes" / "dpo_any.py"
+YAML = ROOT / "recipes" / "dpo_smollm2_hh.yaml"  # the shipped settings every configuration is measured at
 
 
 def recipe_settings(recipe: Path = RECIPE):
@@ -29,16 +34,19 @@ def recipe_settings(recipe: Path = RECIPE):
     return runpy.run_path(str(recipe))["ScriptArguments"]
 
 
-CONFIGS = (
-    "seed_loop",
-    "trl_defaults",
-    "recipe",
-    "recipe_cache",
-    "recipe_grouped",
-    "recipe_both",
-    "recipe_both_lowmem",
-)
-BATCH = 4  # pairs per step, every configuration
+CONFIGS = ("seed_loop", "trl_defaults", "trl_precompute", "recipe_padded", "recipe", "recipe_warm", "recipe_lowmem")
+
+
+def shipped(key: str):
+    """A setting of the shipped YAML, which every configuration shares (batch, truncation, LoRA, 4-bit)."""
+    import yaml
+
+    return yaml.safe_load(YAML.read_text())[key]
+
+
+# Pairs per optimizer step, every configuration: the recipe as its YAML says (micro-batches of
+# per_device_train_batch_size, accumulated), TRL's and the seed loop in one batch of this size.
+BATCH = shipped("per_device_train_batch_size") * shipped("gradient_accumulation_steps")
 
 
 def read_pairs(path: Path):
@@ -63,6 +71,7 @@ class Meter:
 
     def __init__(self):
         self.tokens = self.padded = 0
+        self.reference_s, self.packed = 0.0, False
         self.losses, self.began, self.seconds = [], None, 0.0
         self.step_ends, self.step_tokens = [], []  # per optimizer step: clock and token count at its end
 
@@ -103,24 +112,75 @@ def measure(trainer, meter: Meter, sync=lambda: None) -> None:
 
 
 def trl_trainer(model: str, pairs, tokenizer, **config):
-    """TRL's DPOTrainer as `trl dpo --use_peft --load_in_4bit` builds it: the model by name in float32
-    (ModelConfig's default dtype), a 4-bit base, LoRA with ModelConfig's defaults, every DPOConfig field
-    TRL's default except `config` (what a comparison fixes: batch, length, steps, logging)."""
+    """TRL's DPOTrainer as `trl dpo --use_peft --load_in_4bit ...` builds it: the model by name in float32,
+    the shipped YAML's 4-bit base and LoRA (the same model as the recipe trains), every DPOConfig field
+    TRL's default except `config` (what a comparison fixes: batch, length, truncation, steps, logging,
+    and for the informed user precompute_ref_log_probs)."""
     import torch
 
     from dpo.compat import DPOConfig, DPOTrainer, ModelConfig, get_quantization_config, lora_config
+    from dpo.train.speed.kernels import portable_4bit_layers
 
-    model_args = ModelConfig(model_name_or_path=model, use_peft=True, load_in_4bit=True, dtype="float32")
+    same = (
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target_modules",
+        "bnb_4bit_quant_type",
+        "use_bnb_nested_quant",
+    )
+    model_args = ModelConfig(
+        model_name_or_path=model, use_peft=True, load_in_4bit=True, dtype="float32", **{k: shipped(k) for k in same}
+    )
     training_args = DPOConfig(**config)
     training_args.model_init_kwargs = {"dtype": torch.float32}
-    return DPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=pairs,
-        processing_class=tokenizer,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=lora_config(model_args),
-    )
+    # On a CPU with AVX512-BF16, plain TRL with precompute_ref_log_probs cannot train at all: the no-grad
+    # pass repacks bitsandbytes' 4-bit weights for inference and the first step fails (dpo/train/speed/
+    # kernels.py). Built with the portable kernel, the one TRL's own training steps use anyway.
+    with portable_4bit_layers():
+        return DPOTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=lora_config(model_args),
+        )
+
+
+def timed_reference_pass(meter: Meter) -> None:
+    """Add the seconds of every reference pass before training (TRL's precompute_ref_log_probs, the
+    recipe's cache fill) to meter.reference_s."""
+    from trl import DPOTrainer
+
+    import dpo.train.speed.refcache as refcache
+
+    def timing(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                meter.reference_s += time.perf_counter() - began
+
+        setattr(owner, name, wrapper)
+
+    timing(DPOTrainer, "_precompute_ref_logps")
+    timing(refcache, "_fill")
+
+
+COMMON = dict(  # what every trainer configuration fixes besides the shipped batch and length
+    num_train_epochs=1,
+    logging_steps=1,  # a loss per step, for the quality check
+    save_strategy="no",
+    eval_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    use_cpu=True,
+    bf16=False,
+)
 
 
 def trainer_worker(config: str, args) -> Meter:
@@ -128,26 +188,19 @@ def trainer_worker(config: str, args) -> Meter:
     from dpo.train.trainer import build_dpo_trainer
 
     meter, work = Meter(), Path(args.workdir)
-    common = dict(
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=1,
-        max_length=args.max_length,
-        num_train_epochs=1,
-        logging_steps=1,  # a loss per step, for the quality check
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-    )
+    common = dict(COMMON, max_length=args.max_length, truncation_mode=shipped("truncation_mode"))
     pairs = read_pairs(work / "pairs.jsonl")
-    if config == "trl_defaults":
-        trainer = trl_trainer(args.model, pairs, tokenizer_for(args.model), output_dir=str(work / config), **common)
+    timed_reference_pass(meter)
+    if config.startswith("trl_"):
+        extra = dict(per_device_train_batch_size=BATCH, gradient_accumulation_steps=1)
+        extra.update({"precompute_ref_log_probs": True} if config == "trl_precompute" else {})
+        out = str(work / f"{config}-{os.getpid()}")
+        trainer = trl_trainer(args.model, pairs, tokenizer_for(args.model), output_dir=out, **common, **extra)
     else:
         flags = recipe_flags(args, config) + [f"--{k}={v}" for k, v in common.items()]
         _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
         trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
+    meter.packed = bool(getattr(trainer.args, "packing", False))
     measure(trainer, meter)
     trainer.train()
     meter.losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -176,7 +229,13 @@ def seed_loop_worker(args) -> Meter:
         texts = render(row["prompt"], row["chosen"], row["rejected"], tokenizer)
         ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         ((n_prompt, _, _),) = count_tokens([texts], tokenizer, chat=True)
-        return [(ids[k][: args.max_length], n_prompt) for k in (1, 2)]
+        return [truncated(ids[k], n_prompt) for k in (1, 2)]
+
+    def truncated(seq, n_prompt):  # as the trainers cut: the shipped truncation_mode
+        cut = max(0, len(seq) - args.max_length)
+        if shipped("truncation_mode") == "keep_end":
+            return seq[cut:], max(0, n_prompt - cut)
+        return seq[: args.max_length], min(n_prompt, args.max_length)
 
     def logps(model, seqs):
         width = max(len(s) for s, _ in seqs)
@@ -210,26 +269,28 @@ def worker(config: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    same = {"recipe_both_lowmem": "recipe_both"}  # differs only by the environment bench_training.py gives it
+    same = {"recipe_lowmem": "recipe"}  # differs only by the environment bench_training.py gives it
     meter = seed_loop_worker(args) if config == "seed_loop" else trainer_worker(same.get(config, config), args)
     return {
         "config": config,
         "seconds": meter.seconds,
+        "reference_s": meter.reference_s,
         "tokens": meter.tokens,
-        "padded_tokens": meter.padded,
+        "padded_tokens": meter.tokens if meter.packed else meter.padded,  # what the model computed on
         "losses": meter.losses,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     }
 
 
 def recipe_flags(args, config: str) -> list[str]:
+    """The shipped YAML with this benchmark's model, pairs and output; all data trains (no held-out split).
+    Cold configurations get an empty cache folder of their own; warm ones (and the builder) share refcache/."""
     work = Path(args.workdir)
-    flags = ["--config", str(ROOT / "recipes" / "dpo_hh_rlhf.yaml"), "--model_name_or_path", args.model]
-    flags += ["--dataset_name", str(work / "pairs.jsonl"), "--output_dir", str(work / config)]
-    flags += ["--reference_cache", str(config in ("recipe_cache", "recipe_both", "cache_build"))]
-    flags += ["--reference_cache_dir", str(work / "refcache")]
-    grouped = config in ("recipe_grouped", "recipe_both")
-    flags += ["--train_sampling_strategy", "group_by_length" if grouped else "random"]  # whatever the YAML says
+    warm = config in ("recipe_warm", "cache_build")
+    cache = work / "refcache" if warm else Path(tempfile.mkdtemp(prefix=f"cold-{config}-", dir=work))
+    flags = ["--config", str(YAML), "--model_name_or_path", args.model, "--test_size", "0"]
+    flags += ["--dataset_name", str(work / "pairs.jsonl"), "--output_dir", str(work / f"{config}-{os.getpid()}")]
+    flags += ["--reference_cache_dir", str(cache), "--packing", str(config != "recipe_padded")]
     return flags
 
 
@@ -240,10 +301,7 @@ def build_cache(args) -> dict:
     from dpo.train.trainer import build_dpo_trainer
 
     work = Path(args.workdir)
-    flags = recipe_flags(args, "cache_build") + [
-        f"--max_length={args.max_length}",
-        f"--per_device_eval_batch_size={BATCH}",
-    ]
+    flags = recipe_flags(args, "cache_build") + [f"--max_length={args.max_length}"]
     flags += ["--use_cpu=true", "--bf16=false", "--report_to=none", "--eval_strategy=no"]
     _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
     build_dpo_trainer(model_args, training_args, read_pairs(work / "pairs.jsonl"), None, tokenizer_for(args.model))
@@ -257,8 +315,11 @@ def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 
 
+PROFILE_YAML, PROFILE_BATCH = ROOT / "recipes" / "dpo_hh_rlhf.yaml", 4  # --profile's own settings
+
+
 def profile_worker(args, steps: int = 4, profiled_step: int = 3) -> dict:
-    """The recipe (config 3) for `steps` steps: resident memory after each, wall time of our own per-step
+    """The recipe (recipes/dpo_hh_rlhf.yaml, no cache, random batches) for `steps` steps: resident memory after each, wall time of our own per-step
     code (collator, callbacks, logging), and torch.profiler's CPU time and memory tables of one step."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -266,9 +327,16 @@ def profile_worker(args, steps: int = 4, profiled_step: int = 3) -> dict:
     from dpo.train.config import load_recipe_args
     from dpo.train.trainer import build_dpo_trainer
 
-    flags = recipe_flags(args, "recipe") + [f"--max_steps={steps}", f"--max_length={args.max_length}"]
-    flags += [f"--per_device_train_batch_size={BATCH}", "--gradient_accumulation_steps=1", "--logging_steps=1"]
-    flags += ["--use_cpu=true", "--bf16=false", "--report_to=none", "--eval_strategy=no", "--save_strategy=no"]
+    work = Path(args.workdir)
+    flags = ["--config", str(PROFILE_YAML), "--model_name_or_path", args.model, "--output_dir", str(work / "profile")]
+    flags += [
+        "--dataset_name",
+        str(work / "pairs.jsonl"),
+        "--reference_cache=false",
+        "--train_sampling_strategy=random",
+    ]
+    flags += [f"--max_steps={steps}", f"--max_length={args.max_length}"]
+    flags += [f"--per_device_train_batch_size={PROFILE_BATCH}", "--gradient_accumulation_steps=1", "--logging_steps=1"]
     _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
     pairs = read_pairs(Path(args.workdir) / "pairs.jsonl")
     trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))

@@ -1,9 +1,10 @@
-"""Writing output folders whole (built beside the target, swapped in only when complete), and telling
-a full disk apart from other write errors."""
+"""Writing output folders whole (built beside the target, swapped in only when complete), telling
+a full disk apart from other write errors, and a file's sha256."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -94,3 +95,12 @@ def check_free_space(folder: str | Path, needed: int, what: str) -> None:
     """Before any weights load: refuse an output folder on a disk without room for `what` (`needed` bytes)."""
     if free_bytes(folder) < needed:
         raise UserError(f"{disk_full_message(folder, what, needed)}: free space or pick another --output_dir")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

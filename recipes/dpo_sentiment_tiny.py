@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
-from dpo.offline.sentiment import SentimentTask, build_word_tokenizer, pair_sets, train_reference
+from dpo.offline.sentiment import SentimentTask, pair_sets, train_reference
 from dpo.offline.sentiment_eval import PhaseClock, evaluate_alignment, sample_and_score, summary, write_report
 from dpo.train.adapters import put_adapter, start_point
 from dpo.train.config import load_recipe_args
@@ -88,19 +88,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
 
     # ── 1. SFT from scratch on unlabeled reviews: pi_ref ───────────────────────────────────────
     if model_args.model_name_or_path is None:
-        sft_dir, losses = train_reference(
-            task,
-            build_word_tokenizer(),
-            out / "sft_reference",
-            examples=args.sft_examples,
-            steps=args.sft_steps,
-            batch_size=args.sft_batch_size,
-            learning_rate=args.sft_learning_rate,
-            seed=seed,
-            use_cpu=training_args.use_cpu,
-            bf16=training_args.bf16,
-            fp16=training_args.fp16,
-        )
+        sft_dir, losses = train_reference(task, out / "sft_reference", args, training_args)
         model_args.model_name_or_path = str(sft_dir)
         log(
             f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}"

@@ -405,6 +405,15 @@ def ours(trainer, batch, cfg):
     return out.losses.mean(), reward_metrics(out.chosen_rewards, out.rejected_rewards, pc, pr)
 
 
+def eval_batch_metrics(trainer):
+    """The first held-out batch through the trainer's loss in eval mode: (batch, the metrics TRL logged for it)."""
+    batch = next(iter(trainer.get_eval_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    return batch, {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
 def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 

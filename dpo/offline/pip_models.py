@@ -19,7 +19,6 @@ from: a half-written folder never looks complete, and a second call finds the ma
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
+from dpo.files import file_sha256
 from dpo.log import log
 
 MARKER = "materialized.json"
@@ -76,14 +76,6 @@ def gguf_path(name: str) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _marker(spec: PackagedModel) -> dict:
     from importlib.metadata import version
 
@@ -117,7 +109,7 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
             f"{out}: exists and is not a model folder made by dpo.offline.pip_models; pass an empty or new folder"
         )
     source = gguf_path(name)
-    if sha256_of(source) != spec.sha256:
+    if file_sha256(source) != spec.sha256:
         raise UserError(
             f"{source}: sha256 is not the published {spec.sha256[:16]}...; reinstall {spec.requirement} "
             f"(pip install --force-reinstall --no-deps {spec.requirement})"

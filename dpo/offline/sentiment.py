@@ -196,34 +196,24 @@ def decode(tokenizer, ids) -> str:
 
 
 # ── phase 1: SFT, pi_ref ────────────────────────────────────────────────────────────────────
-def train_reference(
-    task: SentimentTask,
-    tokenizer,
-    output_dir,
-    *,
-    examples: int,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    use_cpu: bool,
-    bf16: bool,
-    fp16: bool,
-) -> tuple[Path, list[float]]:
-    """SFT a from-scratch tiny Phi model on unlabeled reviews with TRL's SFTTrainer.
+def train_reference(task: SentimentTask, output_dir, settings, training_args) -> tuple[Path, list[float]]:
+    """SFT a from-scratch tiny Phi model (word tokenizer) on unlabeled reviews with TRL's SFTTrainer.
 
+    `settings` carries the recipe's sft_examples, sft_steps, sft_batch_size and sft_learning_rate
+    (recipes/dpo_sentiment_tiny.py's ScriptArguments); `training_args` its seed and precision.
     Saves model.safetensors, config and tokenizer to `output_dir`; returns (output_dir, logged losses).
     """
     from datasets import Dataset
 
     from dpo.compat import SFTConfig, SFTTrainer
 
-    output_dir = Path(output_dir)
+    output_dir, seed, steps = Path(output_dir), training_args.seed, settings.sft_steps
+    tokenizer = build_word_tokenizer()
     args = SFTConfig(
         output_dir=str(output_dir),
         max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
+        per_device_train_batch_size=settings.sft_batch_size,
+        learning_rate=settings.sft_learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.0,
@@ -232,9 +222,9 @@ def train_reference(
         report_to="none",
         seed=seed,
         activation_checkpointing=False,  # a 0.1M-parameter model: activations are nothing
-        use_cpu=use_cpu,
-        bf16=bf16,
-        fp16=fp16,
+        use_cpu=training_args.use_cpu,
+        bf16=training_args.bf16,
+        fp16=training_args.fp16,
         max_length=64,
         dataset_num_proc=None,
         disable_tqdm=True,
@@ -243,7 +233,7 @@ def train_reference(
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(task.sft_rows(examples, seed)),
+        train_dataset=Dataset.from_list(task.sft_rows(settings.sft_examples, seed)),
         processing_class=tokenizer,
     )
     trainer.train()

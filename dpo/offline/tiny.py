@@ -63,21 +63,18 @@ def tiny_phi_config(vocab_size: int, **overrides):
     """A 2-layer PhiConfig: hidden 64, 4 heads, MLP 128. About 0.1M parameters + embeddings."""
     from transformers import PhiConfig
 
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        partial_rotary_factor=0.5,  # phi-2 rotates half of each head, as here
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return PhiConfig(**kwargs)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    # phi-2 rotates half of each head, as here, and unties the LM head from the embeddings
+    kwargs = dict(max_position_embeddings=512, partial_rotary_factor=0.5, tie_word_embeddings=False)
+    return PhiConfig(vocab_size=vocab_size, **{**shape, **no_dropout, **kwargs, **overrides})
+
+
+def phi2_config(**overrides):
+    """microsoft/phi-2's config.json (2.7B parameters), for random weights and meta-device checks."""
+    phi2 = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32)
+    more = dict(partial_rotary_factor=0.4, max_position_embeddings=2048, layer_norm_eps=1e-5, hidden_act="gelu_new")
+    return tiny_phi_config(51200, **{**phi2, **more, "num_key_value_heads": 32, "resid_pdrop": 0.1, **overrides})
 
 
 def build_tiny_model(tokenizer, seed: int = 0, **config_overrides):

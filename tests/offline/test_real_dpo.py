@@ -60,6 +60,7 @@ def test_one_qlora_dpo_step_on_real_hh_rows_with_the_recipe(smollm2_dir, tmp_pat
             output_dir=tmp_path / "out",
             max_steps="1",
             per_device_train_batch_size="2",
+            gradient_accumulation_steps="1",
             max_length=MAX_LENGTH,
             test_size="0.002",
             eval_strategy="no",

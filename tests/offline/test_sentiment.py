@@ -214,14 +214,7 @@ def test_missing_reference_folder_is_a_user_error(tmp_path, capsys):
 
 # ── the recipe's args phase and loading rules ──────────────────────────────────────────────────
 # Without the checks these would run the pipeline; these settings keep such a run short.
-TINY = cli(
-    sft_examples="64",
-    sft_steps="2",
-    pair_prompts="16",
-    heldout_pair_prompts="16",
-    eval_prompts="8",
-    max_steps="1",
-)
+TINY = cli(sft_examples=64, sft_steps=2, pair_prompts=16, heldout_pair_prompts=16, eval_prompts=8, max_steps=1)
 
 
 def test_hub_token_on_the_command_line_is_refused_without_echoing_it(tmp_path, capfd):

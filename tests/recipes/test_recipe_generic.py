@@ -10,14 +10,8 @@ from helpers import ROOT, cli, h4_ultrafeedback_rows, hh_rows, load_recipe
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE
 from dpo.offline.tiny import write_jsonl
 
-FAST = cli(
-    max_steps="2",
-    gradient_accumulation_steps="1",
-    per_device_train_batch_size="2",
-    eval_steps="2",
-    save_strategy="no",
-    logging_steps="1",
-)
+FAST = cli(max_steps=2, gradient_accumulation_steps=1, per_device_train_batch_size=2, eval_steps=2, logging_steps=1)
+FAST += cli(save_strategy="no")
 PHI_LINEAR = {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"}
 
 

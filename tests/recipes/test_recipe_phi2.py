@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 import transformers
-from helpers import ROOT, cli, load_recipe, qlora_quantization_config
+from helpers import ROOT, cli, eval_batch_metrics, load_recipe, qlora_quantization_config
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpo.compat import REWARD_METRICS, precomputed_reference_logps
@@ -32,6 +32,14 @@ RUN_FLAGS = cli(
     save_steps="2",
     test_size="0.25",
 )
+
+
+def short_run(model_dir, data, out, **settings) -> list[str]:
+    """The recipe on the tiny model and truthy rows, every pair trained, one pair-batch per step."""
+    return cli(
+        model_name_or_path=model_dir, dataset_name=data, output_dir=out, gradient_accumulation_steps="1", test_size="0",
+        **settings,
+    )  # fmt: skip
 
 
 class SnapshotLoRA(TrainerCallback):
@@ -149,11 +157,7 @@ def test_reference_in_the_training_loss_is_the_base_with_adapters_disabled(run, 
     rewards = beta * (policy - reference). With the base model's log-probs as the reference,
     the logged rewards must come out exactly; with anything else (e.g. adapters left on) not."""
     trainer = run["trainer"]
-    batch = next(iter(trainer.get_eval_dataloader()))
-    trainer.model.eval()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, batch)
-    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    batch, logged = eval_batch_metrics(trainer)
     base_chosen, base_rejected = base_logps(tiny_model_dir, batch)
     policy_chosen = torch.tensor(logged["logps/chosen"])  # batch means
     policy_rejected = torch.tensor(logged["logps/rejected"])
@@ -246,14 +250,7 @@ def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     """Resuming from checkpoint-2 runs only steps 3 and 4: a fresh start would run four.
     (A longer max_steps is a different setting: allowed with --resume_with_different_settings.)"""
     recipe = load_recipe("dpo_phi2")
-    common = cli(
-        model_name_or_path=tiny_model_dir,
-        dataset_name=truthy_file,
-        output_dir=tmp_path,
-        gradient_accumulation_steps="1",
-        test_size="0",
-        save_steps="2",
-    )
+    common = short_run(tiny_model_dir, truthy_file, tmp_path, save_steps="2")
     recipe.main([*common, "--max_steps", "2"])
     assert (tmp_path / "checkpoint-2").is_dir()
     counter = CountSteps()
@@ -267,15 +264,7 @@ def test_resume_from_checkpoint(tiny_model_dir, truthy_file, tmp_path):
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path):
     recipe = load_recipe("dpo_phi2")
-    common = cli(
-        model_name_or_path=tiny_model_dir,
-        dataset_name=truthy_file,
-        output_dir=tmp_path,
-        gradient_accumulation_steps="1",
-        test_size="0",
-        save_steps="100",
-        max_steps="4",
-    )
+    common = short_run(tiny_model_dir, truthy_file, tmp_path, save_steps="100", max_steps="4")
     with pytest.raises(SystemExit) as stopped:
         recipe.main(common, callbacks=[InterruptAt(3)])
     assert stopped.value.code == 130
@@ -288,15 +277,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_pa
 def test_a_single_lora_target_trains(tiny_model_dir, truthy_file, tmp_path):
     """TRL turns a one-item target list into a string, which PEFT would read as a regex."""
     trainer = load_recipe("dpo_phi2").main(
-        cli(
-            model_name_or_path=tiny_model_dir,
-            dataset_name=truthy_file,
-            output_dir=tmp_path,
-            gradient_accumulation_steps="1",
-            test_size="0",
-            max_steps="1",
-            lora_target_modules="q_proj",
-        )
+        short_run(tiny_model_dir, truthy_file, tmp_path, max_steps="1", lora_target_modules="q_proj")
     )
     wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     assert wrapped == {"q_proj"}

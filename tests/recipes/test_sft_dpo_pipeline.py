@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import cli, fake_checkpoint, load_recipe, one_line_error, qlora_quantization_config
+from helpers import cli, eval_batch_metrics, fake_checkpoint, load_recipe, one_line_error, qlora_quantization_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -118,11 +118,7 @@ def test_reference_log_probs_are_base_plus_sft_adapter(dpo, sft, tiny_model_dir)
     """Logged rewards = beta * (policy - reference): with base + SFT adapter as the reference they
     come out exactly; with the bare base (what a fresh LoRA run would use) they do not."""
     trainer = dpo["trainer"]
-    batch = next(iter(trainer.get_eval_dataloader()))
-    trainer.model.eval()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, batch)
-    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    batch, logged = eval_batch_metrics(trainer)
     ref_chosen, ref_rejected = completion_logps(fresh_4bit(tiny_model_dir, sft["dir"]), batch)
     beta = trainer.args.beta
     for key, ref in (("chosen", ref_chosen), ("rejected", ref_rejected)):

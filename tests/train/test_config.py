@@ -68,19 +68,11 @@ def test_precision_on_gpus_with_and_without_bf16(monkeypatch, bf16_ok, expected)
 def test_lora_targets_match_the_real_phi2_architecture():
     """phi-2's published dimensions, built on the meta device: the YAML's targets cover all
     32 layers x 6 projections; the stale remote-code names match nothing."""
-    from transformers import PhiConfig
-
     from dpo.errors import UserError
+    from dpo.offline.tiny import phi2_config
     from dpo.train.model_checks import check_lora_targets
 
-    phi2 = PhiConfig(
-        vocab_size=51200,
-        hidden_size=2560,
-        intermediate_size=10240,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        partial_rotary_factor=0.4,
-    )
+    phi2 = phi2_config()
     _, _, model, _ = parse()
     matched = check_lora_targets(phi2, model.lora_target_modules)
     assert len(matched) == 32 * 6

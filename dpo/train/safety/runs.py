@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 
 from dpo.compat import continue_token_count
 from dpo.errors import UserError
-from dpo.files import disk_full_message, disk_full_while_writing
+from dpo.files import disk_full_message, disk_full_while_writing, file_sha256
 from dpo.log import log
 from dpo.train.adapters import adapter_weights
 from dpo.train.config import HARDWARE_KEYS, to_plain
@@ -78,14 +78,6 @@ def data_sha256(rows) -> str:
     digest = hashlib.sha256()
     for row in rows:
         digest.update(json.dumps(row, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
     return digest.hexdigest()
 
 

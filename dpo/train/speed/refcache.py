@@ -190,16 +190,16 @@ def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[
     model = reference_model(trainer)
     was_training = model.training
     model.eval()
+    bar = tqdm(range(0, len(order), size), desc=desc, disable=not trainer.accelerator.is_local_main_process)
     try:
-        for start in tqdm(
-            range(0, len(order), size), desc=desc, disable=not trainer.accelerator.is_local_main_process
-        ):
+        for start in bar:
             batch_rows = order[start : start + size]
             began = time.perf_counter()
             batch = trainer.data_collator([subset[i] for i in batch_rows])
-            c, r = precomputed_reference_logps(
-                trainer, {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
-            )
+            with torch.inference_mode():  # no autograd records at all (TRL's own pass runs under no_grad)
+                c, r = precomputed_reference_logps(
+                    trainer, {k: v.to(trainer.accelerator.device) for k, v in batch.items()}
+                )
             per_row = (time.perf_counter() - began) / len(batch_rows)
             for j, i in enumerate(batch_rows):
                 chosen[i], rejected[i], seconds[i] = float(c[j]), float(r[j]), per_row

@@ -121,15 +121,23 @@ def test_full_disk_errors_from_torch_save_and_safetensors_are_recognised(small_d
     assert disk_full_while_writing(KeyError("x"), disk, lambda: 1000) is None
 
 
+def run_until_the_disk_fills(recipe, model_dir, data, small_disk, capsys, step=None):
+    """The recipe on a 20 MB disk that fills at `step`'s checkpoint (None: at the final files). Returns
+    (disk, output_dir, argv, the one error line), the line checked to name the full output_dir."""
+    disk = small_disk("20m")
+    out = disk / "out"
+    argv = flags(model_dir, data, out)
+    line = error_line(recipe.main, argv, [FillDiskAt(disk, step=step)], capsys)
+    assert line.startswith(f"error: disk full: {out} has "), line
+    return disk, out, argv, line
+
+
 @pytest.mark.slow
 def test_a_checkpoint_that_fills_the_disk_stops_in_one_line_and_last_resumes_past_it(
     recipe, tiny_model_dir, truthy_file, small_disk, capsys
 ):
-    disk = small_disk("20m")
-    out = disk / "out"
-    argv = flags(tiny_model_dir, truthy_file, out)
-    line = error_line(recipe.main, argv, [FillDiskAt(disk, step=3)], capsys)
-    assert line.startswith(f"error: disk full: {out} has ") and "needed for checkpoint-4: about" in line, line
+    disk, out, argv, line = run_until_the_disk_fills(recipe, tiny_model_dir, truthy_file, small_disk, capsys, step=3)
+    assert "needed for checkpoint-4: about" in line, line
     assert "the newest complete checkpoint is checkpoint-2" in line and "--resume_from_checkpoint last" in line
     assert checkpoint_problems(out / "checkpoint-4"), "a half-written checkpoint passed as complete"
     assert not checkpoint_problems(out / "checkpoint-2"), "the last complete checkpoint was lost"
@@ -146,11 +154,8 @@ def test_a_checkpoint_that_fills_the_disk_stops_in_one_line_and_last_resumes_pas
 def test_final_files_that_fill_the_disk_stop_in_one_line_and_last_writes_them(
     recipe, tiny_model_dir, truthy_file, small_disk, capsys
 ):
-    disk = small_disk("20m")
-    out = disk / "out"
-    argv = flags(tiny_model_dir, truthy_file, out)
-    line = error_line(recipe.main, argv, [FillDiskAt(disk)], capsys)
-    assert line.startswith(f"error: disk full: {out} has ") and "needed for the final files: about" in line, line
+    disk, out, argv, line = run_until_the_disk_fills(recipe, tiny_model_dir, truthy_file, small_disk, capsys)
+    assert "needed for the final files: about" in line, line
     assert "the newest complete checkpoint is checkpoint-6" in line and "--resume_from_checkpoint last" in line
     assert not (out / RUN_MARKER).exists() and not (out / ".final-staging").exists()
     assert not checkpoint_problems(out / "checkpoint-6")

@@ -17,7 +17,7 @@ from dpo.train.speed.packing import check_packing, install_packing, pack, unpack
 
 # How many times the reordering floor packed and padded may differ. The floor is the larger of two
 # summation-order changes of the padded step itself: the batch reversed, and padded to a multiple of
-# 64 (other GEMM and attention shapes, as packing makes). Measured on an Intel Xeon (AVX512-BF16):
+# 64 (other GEMM and attention shapes, as packing makes). Measured on an AMD EPYC (AVX512-BF16):
 # floor 4.9e-7 (gradients), packed 1.8e-7 = 0.4x; 8 leaves room for another CPU's kernels and is
 # still far below a real error (test_the_bound_catches_attention_across_pairs: ~1e-1).
 FLOOR_MULTIPLE = 8

@@ -128,3 +128,21 @@ def test_refused_settings_are_named():
     with pytest.raises(UserError, match="precompute_ref_log_probs: false"):
         check_reference_cache(RecipeDPOConfig(**base, precompute_ref_log_probs=True))
     check_reference_cache(RecipeDPOConfig(**base, loss_type=["sigmoid", "sft"], ld_alpha=0.5, use_weighting=True))
+
+
+def test_the_cold_pass_runs_under_inference_mode_and_training_follows(tiny_model_dir, tmp_path, monkeypatch):
+    """The cache fill scores every batch under torch.inference_mode (no autograd records), packed when
+    packing is on; nothing it makes reaches training, which then runs its steps."""
+    import dpo.train.speed.refcache as refcache
+
+    seen, real = [], refcache.precomputed_reference_logps
+
+    def recording(trainer, batch):
+        seen.append(torch.is_inference_mode_enabled())
+        return real(trainer, batch)
+
+    monkeypatch.setattr(refcache, "precomputed_reference_logps", recording)
+    trainer = recipe_trainer(tiny_model_dir, tmp_path / "run", tmp_path / "cache", packing=True)
+    assert len(seen) == 3 + 1 and all(seen)  # 12 training pairs in batches of 4 (the eval batch size), 4 held out
+    trainer.train()
+    assert trainer.state.global_step == 4
