@@ -73,6 +73,8 @@ __all__ = [
     "use_reference_columns",
     "use_samplers",
     "lean_cpu_lm_head",
+    "FUSED_PER_TOKEN_FIELDS",
+    "fused_lm_head_model",
     "upcast_trainable_params",
     "keep_trainable_weights_fp32",
     "fp16_loss_scale",
@@ -219,6 +221,19 @@ def lean_cpu_lm_head():
         yield
     finally:
         trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = saved
+
+
+# Fields of TRL 1.16's FusedCausalLMOutput (trl.trainer.utils) that hold one value per next-token position:
+# dpo/train/speed/packing.py puts each back in the padded layout after a packed forward.
+FUSED_PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+def fused_lm_head_model(trainer: DPOTrainer) -> torch.nn.Module | None:
+    """The model whose instance `forward` TRL 1.16 replaced with its fused LM head (`add_fused_lm_head`
+    in DPOTrainer.__init__: the PEFT model's base model, else the model); None if TRL did not."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if "forward" in vars(base) else None
 
 
 def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:

@@ -32,11 +32,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from dpo.compat import FUSED_PER_TOKEN_FIELDS, fused_lm_head_model
 from dpo.errors import UserError
 
 SEGMENTED_SDPA = "sdpa_segments"
-# Fields of TRL's FusedCausalLMOutput that hold one value per next-token position.
-PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 # The probe's bound: how many times the measured reordering floor (8 extra padding columns) packing may
 # move the hidden states (`probe`); float32's resolution stands in where the floor is 0. Measured on the
 # tiny Phi model in fp32 (tests/train/speed/test_packing.py): floor 6.4e-8, packed 4.9e-8 (0.8x), an
@@ -130,7 +129,7 @@ def packed_forward(fused_forward):
             input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"], fused_lm_head=True,
             **kwargs,
         )  # fmt: skip
-        for name in PER_TOKEN:
+        for name in FUSED_PER_TOKEN_FIELDS:
             if getattr(out, name, None) is not None:
                 setattr(out, name, unpack(getattr(out, name), row["index"], row["valid"]))
         return out
@@ -169,9 +168,8 @@ def install_packing(trainer) -> str:
     """Pack every fused forward of the trainer's model (training, evaluation, reference scoring).
     SDPA becomes SEGMENTED_SDPA; other attention implementations must honour position ids, which a
     probe checks. Returns the log line; raises UserError for a model that does not honour them."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "forward" not in vars(base):  # TRL's add_fused_lm_head sets an instance forward
+    base = fused_lm_head_model(trainer)
+    if base is None:
         raise UserError("packing: true needs TRL's fused LM head on the model (dpo/compat.py); set packing: false")
     config = base.config
     implementation = config._attn_implementation
@@ -183,6 +181,8 @@ def install_packing(trainer) -> str:
     bound = PROBE_MULTIPLE * max(floor, torch.finfo(torch.float32).eps)
     if not drift <= bound:
         base.forward = base.forward.unpacked
+        if implementation == SEGMENTED_SDPA:
+            base.set_attn_implementation("sdpa")
         raise UserError(
             f"packing: true: {config.model_type} with attn_implementation {implementation} does not keep packed "
             f"sequences apart (hidden states moved {drift:.2g} relative, bound {bound:.2g}); set packing: false"
