@@ -151,9 +151,8 @@ def trl_trainer(model: str, pairs, tokenizer, **config):
 def timed_reference_pass(meter: Meter) -> None:
     """Add the seconds of every reference pass before training (TRL's precompute_ref_log_probs, the
     recipe's cache fill) to meter.reference_s."""
-    from trl import DPOTrainer
-
     import dpo.train.speed.refcache as refcache
+    from dpo.compat import DPOTrainer
 
     def timing(owner, name):
         original = getattr(owner, name)
