@@ -179,4 +179,5 @@ def test_real_model_with_grouped_query_attention_keeps_packed_sequences_apart(sm
     drift, floor = packing.probe(base)
     assert drift <= packing.PROBE_MULTIPLE * max(floor, 2**-23)
     base.set_attn_implementation(WHOLE_ROW)
+    # a leak moved the tiny model's hidden states 4e6x its floor; 1000x leaves room for other weights and CPUs
     assert packing.probe(base)[0] > 1000 * packing.PROBE_MULTIPLE * max(floor, 2**-23)
