@@ -17,9 +17,12 @@ $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproje
 demo: $(STAMP)
 	$(BIN)/python recipes/dpo_sentiment_tiny.py
 
-# The whole offline test suite (CPU, well under 10 minutes on 2 cores).
+# The whole offline test suite (CPU, under 10 minutes on 2 cores). Two workers: each test runs on one
+# torch thread (tests/conftest.py), so one process leaves the second core idle; a file's tests stay on one
+# worker (--dist loadfile: module fixtures are built once), files with the most slow tests first (tests/conftest.py).
+# `python -m pytest` alone runs them in one process.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # DPO of the real SmolLM2-135M-Instruct on real Anthropic HH-RLHF pairs, offline, measured on held-out
 # pairs; writes benchmarks/results/real_alignment.{md,png,json} (18 minutes on 2 CPU cores).

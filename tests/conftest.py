@@ -85,3 +85,16 @@ def no_weights_load(monkeypatch):
     monkeypatch.setattr(dpo.train.trainer, "DPOTrainer", refuse)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(refuse))
+
+
+def pytest_collection_modifyitems(items):
+    """Files with the most `slow` tests run first, the rest keep their order: `make test` hands whole files
+    to its 2 workers (pytest -n 2 --dist loadfile --no-loadscope-reorder), and the quick files left for the
+    end fill whichever worker is free, instead of one long file running alone at the end."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(
+            item.get_closest_marker("slow")
+        )
+    first = {path: rank for rank, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}
+    items.sort(key=lambda item: first[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
