@@ -33,7 +33,9 @@ def table_rows(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["bench_demo.py", "bench_sweep.py", "frontier_sentiment.py", "real_alignment.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_allocator.py", "bench_demo.py", "bench_sweep.py", "frontier_sentiment.py", "real_alignment.py"]
+)
 def test_help_exits_0(script):
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
