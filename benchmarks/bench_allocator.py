@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_training import DATA, FULL, MODEL, WORKERS, cpu_name, prepare_pairs, run_worker, versions  # noqa: E402
+from bench_training import DATA, FULL, MODEL, cpu_name, prepare_pairs, run_worker, versions  # noqa: E402
 from sections import write_section  # noqa: E402
 
 SECTION = "## glibc allocator settings: peak memory against speed (`benchmarks/bench_allocator.py`)"
@@ -39,18 +37,6 @@ SETTINGS = {
         "MALLOC_TRIM_THRESHOLD_": str(64 * MIB),
     },
 }
-
-
-def run_setting(env: dict, args) -> dict:
-    """The warm-cache recipe in a fresh process under `env`: its RESULT plus the whole run's wall time."""
-    cmd = [sys.executable, str(WORKERS), "recipe_warm", "--model", args.model, "--workdir", args.workdir]
-    cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
-    began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.exit(f"{env} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return {**json.loads(lines[-1][len("RESULT ") :]), "whole_s": time.perf_counter() - began}
 
 
 def markdown(runs: list[dict], settings: dict) -> str:
@@ -119,7 +105,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = list(SETTINGS.items())
         for name, env in order if round_ % 2 == 0 else reversed(order):
-            runs.append({**run_setting(env, args), "setting": name, "round": round_})
+            runs.append({**run_worker("recipe_warm", args, env), "setting": name, "round": round_})
             r = runs[-1]
             log(
                 f"round {round_ + 1}, {name}: {r['tokens'] / r['seconds']:.0f} tokens/s, {r['peak_rss_mb'] / 1024:.2f} GB peak"

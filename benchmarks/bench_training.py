@@ -103,16 +103,19 @@ def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, p
 
 
 # ── the parent: prepare, run the configurations interleaved, write the table ──────────────────
-def run_worker(config: str, args) -> dict:
-    """One configuration in a fresh process; its RESULT plus `whole_s`, the process's wall time."""
+def run_worker(config: str, args, env: dict | None = None) -> dict:
+    """One configuration in a fresh process, its environment plus `env` (default: the configuration's own ENV);
+    its RESULT plus `whole_s`, the process's wall time."""
     cmd = [sys.executable, str(WORKERS), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
     began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV.get(config, {})})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **(ENV.get(config, {}) if env is None else env)}
+    )
     whole = time.perf_counter() - began
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
-        sys.exit(f"{config} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        sys.exit(f"{config} {env or ''} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return {**json.loads(lines[-1][len("RESULT ") :]), "whole_s": whole}
 
 

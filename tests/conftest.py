@@ -23,6 +23,7 @@ if "DPO_REFERENCE_CACHE" not in os.environ:
 
     os.environ["DPO_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="dpo-test-refcache-")
 
+import collections  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -91,10 +92,9 @@ def pytest_collection_modifyitems(items):
     """Files with the most `slow` tests run first, the rest keep their order: `make test` hands whole files
     to its 2 workers (pytest -n 2 --dist loadfile --no-loadscope-reorder), and the quick files left for the
     end fill whichever worker is free, instead of one long file running alone at the end."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(
-            item.get_closest_marker("slow")
-        )
-    first = {path: rank for rank, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}
-    items.sort(key=lambda item: first[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
+
+    def path(item):
+        return item.nodeid.split("::")[0]
+
+    slow = collections.Counter(path(item) for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[path(item)])  # stable: files in their order, a file's own order kept
