@@ -15,7 +15,7 @@ from dpo.log import log
 from dpo.train.config import eval_strategy_for
 from dpo.train.model_checks import match_quant_storage, model_init_kwargs
 from dpo.train.speed.kernels import use_portable_4bit_kernels
-from dpo.train.trainer import protect_run, start_run
+from dpo.train.trainer import log_owned_weights, protect_run, start_run
 
 
 def sft_rows(pairs):
@@ -48,6 +48,7 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
         peft_config=lora_config(model_args),
     )
     use_portable_4bit_kernels(trainer.model)  # one 4-bit kernel on every CPU (dpo/train/speed/kernels.py)
+    log_owned_weights(trainer.model)
     n, why = keep_trainable_weights_fp32(trainer, model_args.dtype, training_args.fp16)
     if n:
         log(f"kept {n} trainable LoRA tensors in float32 ({why})")

@@ -42,6 +42,7 @@ from dpo.train.safety.runs import (
     write_final_outputs,
 )
 from dpo.train.speed.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
+from dpo.train.speed.memory import own_file_mapped_weights
 from dpo.train.speed.packing import check_packing, install_packing
 from dpo.train.speed.refcache import attach_reference_cache, check_reference_cache
 from dpo.train.speed.sampler import install_length_grouping
@@ -92,6 +93,7 @@ def build_dpo_trainer(
     n_4bit = use_portable_4bit_kernels(trainer.model)  # also an SFT-adapter model loaded before (a no-op check)
     if n_4bit and cpu_has_avx512bf16():
         log(f"CPU has AVX512-BF16: {n_4bit} 4-bit layers kept on the portable kernel (dpo/train/speed/kernels.py)")
+    log_owned_weights(trainer.model)
     if getattr(training_args, "packing", False):  # after the kernel switch: its probe runs the model
         log(install_packing(trainer))
     n, why = keep_trainable_weights_fp32(trainer, model_args.dtype, training_args.fp16)
@@ -111,6 +113,13 @@ def build_dpo_trainer(
         cache = attach_reference_cache(trainer, training_args.reference_cache_dir)
         trainer.add_callback(cache.parity_callback())
     return trainer
+
+
+def log_owned_weights(model) -> None:
+    """Unmap the checkpoint file the CPU weights still view (dpo/train/speed/memory.py), saying so."""
+    n, size = own_file_mapped_weights(model)
+    if n:
+        log(f"copied {n} weights ({size / 2**20:.0f} MB) out of the checkpoint's memory map, which is released")
 
 
 def start_run(model_args, training_args, train_dataset, sft_adapter=None) -> tuple[dict, bool]:
