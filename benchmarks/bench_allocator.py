@@ -4,9 +4,9 @@ cache (configuration 6 of bench_training.py), each setting in a fresh process, i
     python benchmarks/bench_allocator.py            # its BENCHMARKS.md section (about 10 min on 2 CPU cores)
     python benchmarks/bench_allocator.py --rounds 2 # more rounds, the order reversed every other one
 
-Why: the recipe's peak resident memory is 0.31x the seed loop's, and part of it is freed memory glibc keeps
-(bench_training.py's configuration 7). This asks whether any allocator setting gives that memory back
-without the speed: each row is the same code on the same pairs; only the environment differs.
+Why: part of the recipe's peak resident memory is freed memory glibc keeps for reuse. This asks whether any
+allocator setting gives that memory back without the speed: each row is the same code on the same pairs;
+only the environment differs.
 """
 
 from __future__ import annotations

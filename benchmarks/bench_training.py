@@ -23,7 +23,8 @@ alike; the seed loop runs in the first round only (it is the memory baseline, an
   4 recipe, padded     recipes/dpo_any.py with the shipped YAML, packing: false, an empty reference cache
   5 recipe             the shipped YAML as it is (packing, cache, length grouping), an empty cache
   6 recipe, warm cache 5 with the cache filled (every later run, resume or sweep run of the same pairs)
-  7 recipe, low memory 5 with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB (memory against speed)
+  7 recipe, wider      5 with the step taken as 4 micro-batches of 2 pairs instead of the YAML's 8 of 1
+                       (memory against speed; batched into other steps, so its losses are not 5's)
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
 from benchmarks.sections import write_section  # noqa: E402
 
+WORKERS = ROOT / "benchmarks" / "training_workers.py"
+sys.path.insert(0, str(WORKERS.parent))
+from training_workers import BATCH, PROFILE_BATCH, WIDER, shipped  # noqa: E402
+
+MICRO = shipped("per_device_train_batch_size")  # pairs per forward in the recipe
+
 CONFIGS = {
     "seed_loop": "1. seed loop (full FT, fp32 reference copy, 4 forwards)",
     "trl_defaults": "2. TRL defaults (4-bit base + LoRA)",
@@ -50,11 +57,8 @@ CONFIGS = {
     "recipe_padded": "4. recipe, packing off, cold cache",
     "recipe": "5. recipe as shipped, cold cache",
     "recipe_warm": "6. recipe as shipped, warm cache",
-    "recipe_lowmem": "7. = 5, glibc MALLOC_MMAP_THRESHOLD_=1 MiB",
+    "recipe_wider": f"7. = 5, {BATCH // WIDER} micro-batches of {WIDER} pairs a step",
 }
-# Configuration 7 is 5 with glibc's allocator told to give every freed block of 1 MiB or more back to the
-# system (instead of its dynamic threshold of up to 32 MiB): the peak near what a step holds live, slower steps.
-ENV = {"recipe_lowmem": {"MALLOC_MMAP_THRESHOLD_": str(2**20)}}
 BASELINE = "trl_precompute"  # the informed user: the headline ratio is against this one
 SEED_ROUNDS = 1  # rounds that run the seed loop
 MODEL = "smollm2-135m-instruct"
@@ -63,11 +67,6 @@ SECTION = "## DPO training: speed and memory (`benchmarks/bench_training.py`)"
 FULL = dict(pairs=48, max_length=256, rounds=3)
 QUICK = dict(pairs=16, max_length=128, rounds=1)
 PROFILE = dict(pairs=64, max_length=512, rounds=1)  # --profile's settings (its own section)
-WORKERS = ROOT / "benchmarks" / "training_workers.py"
-sys.path.insert(0, str(WORKERS.parent))
-from training_workers import BATCH, PROFILE_BATCH, shipped  # noqa: E402
-
-MICRO = shipped("per_device_train_batch_size")  # pairs per forward in the recipe
 
 # The bar for "the same losses": per-step DPO losses are logged and read to 4 decimals; packing and the
 # cache change summation order only, which moves fp32 sums by ~1e-6 relative (tests/train/speed/).
@@ -104,14 +103,12 @@ def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, p
 
 # ── the parent: prepare, run the configurations interleaved, write the table ──────────────────
 def run_worker(config: str, args, env: dict | None = None) -> dict:
-    """One configuration in a fresh process, its environment plus `env` (default: the configuration's own ENV);
-    its RESULT plus `whole_s`, the process's wall time."""
+    """One configuration in a fresh process, this one's environment plus `env`; its RESULT plus `whole_s`,
+    the process's wall time."""
     cmd = [sys.executable, str(WORKERS), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
     began = time.perf_counter()
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, **(ENV.get(config, {}) if env is None else env)}
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     whole = time.perf_counter() - began
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -233,6 +230,14 @@ def markdown(summary: dict, results: list[dict], cache: dict, settings: dict, lo
         f"{100 * padding['floor']:.1f}% the floor no batching removes (each pair's shorter answer padded to its longer "
         "one), and 0.0% packed (the row holds real tokens only).",
         "",
+        f"Micro-batches: the shipped {BATCH // MICRO} x {MICRO} pairs a step (5) against {BATCH // WIDER} x {WIDER} (7): peak "
+        f"memory {s['recipe']['peak_rss_mb'] / 1024:.2f} against {s['recipe_wider']['peak_rss_mb'] / 1024:.2f} GB "
+        f"({s['recipe']['peak_rss_mb'] / s['recipe_wider']['peak_rss_mb']:.2f}x), training tokens/s "
+        f"{s['recipe']['tokens_per_s']:.0f} against {s['recipe_wider']['tokens_per_s']:.0f} "
+        f"({s['recipe']['tokens_per_s'] / s['recipe_wider']['tokens_per_s']:.2f}x). A micro-batch's activations live until "
+        "its backward, and glibc keeps the blocks they freed for the next one: the longest row sets the peak. "
+        "7 puts the pairs into other steps (the sampler groups micro-batches), so its losses are its own.",
+        "",
         f"Quality: same pairs, same batches, per-step losses: packed against padded (5 vs 4) largest difference "
         f"{largest_loss_difference(s, 'recipe', 'recipe_padded'):.1e}, warm against cold cache (6 vs 5) "
         f"{largest_loss_difference(s, 'recipe_warm', 'recipe'):.1e} (bar {SAME_LOSS:g}: losses are read to 4 decimals; "
@@ -276,10 +281,13 @@ def profile_markdown(record: dict, args) -> str:
         "- activations: checkpointing (the recipe's `activation_checkpointing: true`) keeps one layer's at a time;",
         "- 4-bit dequantization (`bitsandbytes::dequantize_4bit`): each Linear4bit dequantizes its weight for",
         "  the matmul and frees it again, one layer's weight at a time: nothing accumulates;",
+        "- the checkpoint file: transformers leaves the weights it does not convert (embedding, norms) as views",
+        "  into the memory-mapped .safetensors file, which keeps every page loading read resident;",
+        "  `dpo/train/speed/memory.py` copies them out after loading and the file is unmapped;",
         "- elementwise temporaries (`aten::mul`, `aten::add`: RMSNorm, rotary embeddings, LoRA scaling) are the",
         "  largest allocation totals of a step, each freed within its layer (transformers' and peft's code);",
         "- the allocator: glibc keeps freed blocks under its dynamic mmap threshold, so resident memory grows",
-        "  over the first steps; configuration 7 of the table above fixes the threshold at 1 MiB (lower peak, slower);",
+        "  over the first steps; bench_allocator.py's section measures glibc's settings against speed;",
         "- the reference forward: with `reference_cache: true` it is gone from training steps altogether.",
         "",
         "Top operators by self CPU time (one step):",

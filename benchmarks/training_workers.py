@@ -34,7 +34,7 @@ def recipe_settings(recipe: Path = RECIPE):
     return runpy.run_path(str(recipe))["ScriptArguments"]
 
 
-CONFIGS = ("seed_loop", "trl_defaults", "trl_precompute", "recipe_padded", "recipe", "recipe_warm", "recipe_lowmem")
+CONFIGS = ("seed_loop", "trl_defaults", "trl_precompute", "recipe_padded", "recipe", "recipe_warm", "recipe_wider")
 
 
 def shipped(key: str):
@@ -47,6 +47,7 @@ def shipped(key: str):
 # Pairs per optimizer step, every configuration: the recipe as its YAML says (micro-batches of
 # per_device_train_batch_size, accumulated), TRL's and the seed loop in one batch of this size.
 BATCH = shipped("per_device_train_batch_size") * shipped("gradient_accumulation_steps")
+WIDER = 2  # configuration 7's micro-batch (pairs): the shipped step in fewer, longer rows (the YAML's earlier setting)
 
 
 def read_pairs(path: Path):
@@ -74,9 +75,11 @@ class Meter:
         self.reference_s, self.packed = 0.0, False
         self.losses, self.began, self.seconds = [], None, 0.0
         self.step_ends, self.step_tokens = [], []  # per optimizer step: clock and token count at its end
+        self.micro_batches = 0
 
     def count(self, attention_mask):
         self.tokens += int(attention_mask.sum())
+        self.micro_batches += 1
         self.padded += attention_mask.numel()
 
 
@@ -268,14 +271,14 @@ def worker(config: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    same = {"recipe_lowmem": "recipe"}  # differs only by the environment bench_training.py gives it
-    meter = seed_loop_worker(args) if config == "seed_loop" else trainer_worker(same.get(config, config), args)
+    meter = seed_loop_worker(args) if config == "seed_loop" else trainer_worker(config, args)
     return {
         "config": config,
         "seconds": meter.seconds,
         "reference_s": meter.reference_s,
         "tokens": meter.tokens,
         "padded_tokens": meter.tokens if meter.packed else meter.padded,  # what the model computed on
+        "micro_batches": meter.micro_batches,  # forwards with a loss (the seed loop: its policy forwards)
         "losses": meter.losses,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     }
@@ -290,6 +293,8 @@ def recipe_flags(args, config: str) -> list[str]:
     flags = ["--config", str(YAML), "--model_name_or_path", args.model, "--test_size", "0"]
     flags += ["--dataset_name", str(work / "pairs.jsonl"), "--output_dir", str(work / f"{config}-{os.getpid()}")]
     flags += ["--reference_cache_dir", str(cache), "--packing", str(config != "recipe_padded")]
+    if config == "recipe_wider":
+        flags += ["--per_device_train_batch_size", str(WIDER), "--gradient_accumulation_steps", str(BATCH // WIDER)]
     return flags
 
 
