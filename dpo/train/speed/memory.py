@@ -5,11 +5,11 @@ convert stays a view into that map. With a 4-bit base that is the embedding (tie
 head) and the norms: a few hundred KB of norms and, for SmolLM2-135M, a 113 MB embedding keep
 the whole 513 MB file mapped, and every page of it that loading read (all of them: the linear
 weights were read to be quantized) stays in the process's resident memory for the whole run.
-`own_file_mapped_weights` copies those few tensors into memory of their own; the map then has
-no user left and is unmapped: 405 MB less resident, measured with the shipped SmolLM2 recipe
-(benchmarks/bench_training.py), at no cost per step.
+`own_file_mapped_weights` copies those few tensors into memory of their own (113 MB there); the
+map then has no user left and is unmapped, at no cost per step.
 
-On a GPU the weights are copied to the device while loading, so nothing stays mapped; the
+A base that is not converted (full or half precision on CPU) is the file: its weights stay mapped, as
+they are. On a GPU the weights are copied to the device while loading, so nothing stays mapped; the
 function finds nothing there, and nothing off Linux (it reads /proc/self/maps).
 """
 
@@ -37,20 +37,28 @@ def mapped_checkpoint_ranges(maps: Path = MAPS) -> list[tuple[int, int]]:
 
 
 def own_file_mapped_weights(model: nn.Module) -> tuple[int, int]:
-    """Give every CPU parameter and buffer of `model` that is a view into a mapped checkpoint file a
-    copy of its own (same values, same Parameter objects: tied weights stay tied, an optimizer built
-    later sees the same tensors). Returns (tensors copied, bytes copied); (0, 0) when none is mapped."""
+    """Give the CPU parameters and buffers of `model` that are views into a mapped checkpoint file copies
+    of their own (same values, same Parameter objects: tied weights stay tied, an optimizer built later
+    sees the same tensors), file by file, where that frees memory: when what still views a file is less
+    than half its size (a 4-bit base: the embedding and norms). A base that was not converted (its weights
+    are most of the file) is left mapped: a copy would hold the same bytes, and hold both while copying.
+    Returns (tensors copied, bytes copied); (0, 0) when none is copied."""
     ranges = mapped_checkpoint_ranges()
-    if not ranges:
-        return 0, 0
-    copied = size = 0
+    views: dict[tuple[int, int], list] = {}
     for tensor in [*model.parameters(), *model.buffers()]:  # each shared (tied) tensor once
         if tensor.device.type != "cpu" or tensor.numel() == 0:
             continue
         address = tensor.untyped_storage().data_ptr()
-        if any(start <= address < end for start, end in ranges):
-            tensor.data = tensor.data.clone()
-            copied, size = copied + 1, size + tensor.numel() * tensor.element_size()
+        for start, end in ranges:
+            if start <= address < end:
+                views.setdefault((start, end), []).append(tensor)
+    copied = size = 0
+    for (start, end), tensors in views.items():
+        viewed = sum(t.numel() * t.element_size() for t in tensors)
+        if viewed < (end - start) / 2:
+            for tensor in tensors:
+                tensor.data = tensor.data.clone()
+            copied, size = copied + len(tensors), size + viewed
     if copied:
-        gc.collect()  # the map goes with the last tensor that viewed it
+        gc.collect()  # a map goes with the last tensor that viewed it
     return copied, size
