@@ -23,12 +23,12 @@ from torch import nn
 MAPS = Path("/proc/self/maps")
 
 
-def mapped_checkpoint_ranges(maps: Path = MAPS) -> list[tuple[int, int]]:
+def mapped_checkpoint_ranges() -> list[tuple[int, int]]:
     """Address ranges [start, end) of this process's memory maps of `.safetensors` files."""
-    if not maps.exists():
+    if not MAPS.exists():
         return []
     ranges = []
-    for line in maps.read_text().splitlines():
+    for line in MAPS.read_text().splitlines():
         fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5].endswith(".safetensors"):
             start, end = (int(x, 16) for x in fields[0].split("-"))
@@ -52,6 +52,7 @@ def own_file_mapped_weights(model: nn.Module) -> tuple[int, int]:
         for start, end in ranges:
             if start <= address < end:
                 views.setdefault((start, end), []).append(tensor)
+                break
     copied = size = 0
     for (start, end), tensors in views.items():
         viewed = sum(t.numel() * t.element_size() for t in tensors)
