@@ -124,7 +124,7 @@ def run(name: str, build, shape: dict, length: int, warmup: int, compute: str, r
     from transformers import TrainerCallback
 
     from benchmarks.training_workers import Meter, measure
-    from dpo.compat import fp16_loss_scale
+    from dpo.compat import fp16_loss_scale, fused_lm_head_model
     from dpo.train.safety.guards import NonFiniteTraining
 
     cuda = torch.cuda.is_available()
@@ -139,6 +139,7 @@ def run(name: str, build, shape: dict, length: int, warmup: int, compute: str, r
     try:
         trainer = build()
         record["build_s"] = time.perf_counter() - began
+        record["fused_lm_head"] = fused_lm_head_model(trainer) is not None
         measure(trainer, meter, torch.cuda.synchronize if cuda else lambda: None)
 
         class Scale(TrainerCallback):

@@ -44,7 +44,8 @@ def model_shape(config, lora_r: int, lora_modules: list[str]) -> dict:
     shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "dense": (d, d), "fc1": (d, ffn), "fc2": (ffn, d)}
     per_layer = sum(i * o for i, o in shapes.values())
     lora = sum(lora_r * (shapes[m][0] + shapes[m][1]) for m in lora_modules)
-    return {"n": layers * per_layer + d * config.vocab_size, "n_lora": layers * lora, "layers": layers, "hidden": d}
+    n = layers * per_layer + d * config.vocab_size
+    return {"n": n, "n_lora": layers * lora, "layers": layers, "hidden": d, "vocab": config.vocab_size}
 
 
 def flops_per_token(shape: dict, seq_len: int, reference_inline: bool) -> float:

@@ -142,6 +142,22 @@ def markdown(data: dict, command: str) -> str:
         lines.append(
             f"| {label} | {_num(speed, '.0f')} | {ratio} | {_num(r.get('peak_allocated_gib'), '.2f')} | {_num(mean, '.4f')} |"
         )
+    fused = {name: r.get("fused_lm_head") for name, r in runs.items() if r.get("fused_lm_head") is not None}
+    if fused:
+        ran = sorted(name for name, on in fused.items() if on)
+        vocab, pairs = data.get("shape", {}).get("vocab"), 2  # one batch of 2 pairs per step (bench_gpu.py)
+        avoided = 2 * pairs * longest * vocab * 4 / 2**30 if vocab else None  # chosen + rejected rows, fp32 logits
+        lines.append(
+            f"\nTRL's fused LM head (log-probs without full logits): on in {len(ran)} of {len(fused)} runs"
+            + (f" (off in: {', '.join(sorted(set(fused) - set(ran)))})" if len(ran) < len(fused) else "")
+            + (
+                f". What it saves is computed, not measured (TRL has no switch to turn it off): the full fp32 logits "
+                f"of a step at {longest} tokens, 2 pairs x 2 sequences x {longest} x {vocab} x 4 B = {avoided:.2f} GiB, "
+                "and their log-softmax copy, are never built."
+                if avoided
+                else "."
+            )
+        )
     if "liger" in data:
         lines.append(f"\nLiger: {data['liger']}.")
     missing = [p for p in s.get("phases", []) if p not in ("env",) and p not in data and p not in ("cells", "speed")]

@@ -42,6 +42,7 @@ def test_the_tiny_rehearsal_runs_every_phase_and_every_run_is_finite(tiny_run):
         assert run["status"] == "ok", (name, run.get("error"))
         assert run["steps"] >= 1 and run["tokens_per_s"] > 0, name
         assert run["losses"] and all(math.isfinite(x) for x in run["losses"]), name
+        assert isinstance(run["fused_lm_head"], bool), name  # whether TRL's fused LM head replaced the forward
     assert data["runs"]["curve_fp16"]["steps"] == BENCH.SCALES["tiny"]["curve_steps"]
     assert data["fp16_curve"]["compared_steps"] == BENCH.SCALES["tiny"]["curve_fp32_steps"]
     assert data["t4_budget"]["attempts"] == [f"t4_fp32_{max(lengths)}"]  # the capped run is that cell
@@ -64,6 +65,7 @@ def test_the_gpu_section_is_written_from_the_results_and_names_what_a_cut_run_la
     data = json.loads((results / "results.json").read_text())
     text = (results / "gpu_section.md").read_text()
     assert text.startswith(SECTION.SECTION) and "random weights" in text and "no real T4" in text
+    assert "TRL's fused LM head" in text and "GiB, and their log-softmax copy" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "mixed precision" in line]
     assert len(rows) == 2 * len(BENCH.SCALES["tiny"]["lengths"]) and "not run" not in text
     del data["fp16_curve"]
