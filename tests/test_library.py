@@ -80,6 +80,7 @@ LAYERS = [
     "dpo.errors dpo.log dpo.files dpo.plots",  # shared by all: one-line errors, progress, whole folders, plots
     "dpo.scratch",  # DPO in plain PyTorch: loss, loss settings, log-probs, loop
     "dpo.compat",  # the one TRL seam (its loss types: the from-scratch ones less those TRL dropped)
+    "dpo.gate",  # the settings gate: the table of every setting's bound, the run's plan, integrations
     "dpo.train",  # config, checks, the trainer builder; train.safety (runs that never lie), train.speed
     "dpo.data",  # loading, layouts -> pairs, formats, the data doctor
     "dpo.evaluation",  # evaluate, judge, report, export, model card

@@ -42,6 +42,7 @@ from dpo.data.formats import PLAIN_CHAT_TEMPLATE, chat_template_for, is_chat, ph
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
 from dpo.errors import UserError, exit_on_user_error
+from dpo.gate.check import check_flags
 from dpo.log import log
 from dpo.plots import plot_lengths
 from dpo.train.config import one_line_parse_errors
@@ -236,10 +237,7 @@ def main(argv: list[str] | None = None) -> DoctorReport:
             raise UserError("no dataset: python -m dpo.doctor <hub id or file> (or --dataset_name <hub id or file>)")
         if args.text_format != "none" and args.prompt_format != "text":
             raise UserError(f"--text_format {args.text_format} formats text rows: add --prompt_format text")
-        if args.max_length is not None and args.max_length < 1:  # as the recipes' settings check says it
-            raise UserError(
-                f"invalid setting(s): max_length must be >= 1, or null for no limit; got {args.max_length}"
-            )
+        check_flags(args)  # the settings gate (dpo/gate/), as the recipes check the same names
         tokenizer = None
         if args.model_name_or_path:
             tokenizer = load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)

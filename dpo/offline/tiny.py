@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from dpo.errors import UserError, exit_on_user_error
+from dpo.gate.check import check_flags
+
 # A few hundred words of plain English is enough for a byte-level BPE to cover any text
 # (bytes are the fallback), while keeping the vocabulary tiny.
 CORPUS = """\
@@ -149,6 +152,21 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def check_new_target(path: Path, flag: str, folder: bool) -> None:
+    """The command writes new files only: an existing file, a folder with anything in it (a finished run's
+    tokenizer_config.json would be overwritten) or a path under a file is refused, naming it."""
+    parent = next((p for p in [path, *path.parents] if p.exists()), None)
+    if parent is not None and parent != path and not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a new or empty folder for the model")
+    if folder and path.is_dir() and any(path.iterdir()):
+        raise UserError(f"{flag} {path} is not empty; give a new or empty folder (nothing there is overwritten)")
+    if not folder and path.exists():
+        raise UserError(f"{flag} {path} already exists; give a new file name (nothing is overwritten)")
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dpo.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
     args = parser.parse_args(argv)
+    check_flags(args)
+    check_new_target(Path(args.output_dir), "output_dir", folder=True)
+    if args.truthy_rows:
+        check_new_target(Path(args.truthy_rows), "--truthy_rows", folder=False)
     print(f"tiny Phi model written to {save_tiny_model(args.output_dir, args.seed)}")
     if args.truthy_rows:
         print(f"truthy-format rows written to {write_jsonl(truthy_like_rows(64, args.seed), args.truthy_rows)}")

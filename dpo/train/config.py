@@ -168,7 +168,8 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     precision = detect_precision()
-    parser.set_defaults_with_config(**precision.as_defaults())
+    # logging_first_step: a short run (or one whose logging_steps exceed its steps) still logs step 1
+    parser.set_defaults_with_config(**precision.as_defaults(), logging_first_step=True)
     try:
         parsed = parser.parse_args_and_config(argv)
     except ValueError as err:
@@ -198,7 +199,7 @@ def load_recipe_args(
         (script_arguments_class, training_config, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
     )
     check_no_secrets(script_args, training_args, model_args)
-    check_settings(training_args, model_args)
+    check_settings(script_args, training_args, model_args)
     check_output_dir(training_args.output_dir)
     check_output_dir_apart(
         training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)

@@ -23,6 +23,7 @@ from dpo.compat import (
     route_checkpoint_writes,
 )
 from dpo.errors import RunStopped
+from dpo.gate.plan import check_plan
 from dpo.log import log
 from dpo.plots import plot_training_curves
 from dpo.train.adapters import policy_from_sft_adapter
@@ -128,6 +129,10 @@ def start_run(model_args, training_args, train_dataset, sft_adapter=None) -> tup
     settings fingerprint (dpo/train/safety/runs.py) and whether the output_dir lock was taken here (not by the
     recipe around it), both for `protect_run`."""
     check_no_secrets(model_args, training_args)  # also for notebooks and scripts that skip load_recipe_args
+    plan, warning = check_plan(len(train_dataset), training_args, topology(training_args).world_size)
+    log(f"plan: {len(train_dataset)} training pairs -> {plan.describe()}")
+    if warning:
+        log(f"warning: {warning}")
     check_output_dir_apart(training_args.output_dir, model_args.model_name_or_path, sft_adapter)
     run = run_settings(training_args, model_args, train_dataset, sft_adapter)
     took_lock = on_main_process(lock.take, training_args.output_dir)

@@ -1,7 +1,8 @@
 """Settings checks that run right after parsing, before any weights load.
 
-Every check here catches a setting that TRL, PEFT or transformers would accept and then either
-crash on after minutes of loading, or train on silently in the wrong direction:
+Bounds of single settings and relations between them are declared in the settings table
+(dpo/gate/table.py; check_settings applies it). What stays here: credentials and output folders.
+The classes the table and these checks catch (the table says why for each of its settings):
 
     beta <= 0                      reverses (or zeroes) the preference; DPO's rewards are beta * log-ratio
     label_smoothing out of range   >= 0.5 flips the labels (robust, aot); exo_pair takes log(eps), so > 0;
@@ -26,14 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import tempfile
 from pathlib import Path
 
 from dpo.errors import UserError
-from dpo.scratch.loss_settings import DEFAULT_DISCOPOP_TAU, DEFAULT_F_ALPHA, loss_settings_error
 
 # A Hugging Face access token: "hf_" + 30 or more letters and digits (user tokens have 34).
 HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
@@ -41,56 +40,11 @@ HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 SECRET_KEY_NAMES = {"token", "hub_token", "hf_token", "use_auth_token", "api_key", "access_token", "password"}
 
 
-def check_settings(training_args, model_args) -> None:
-    """Raise UserError naming every setting that would reverse, zero or silently break training."""
-    from dpo.compat import LOSS_TYPES  # TRL's loss types (no cdpo)
+def check_settings(*arg_objects) -> None:
+    """Raise UserError naming every setting that breaks a rule of the settings gate (dpo/gate/)."""
+    from dpo.gate.check import check_settings as gate
 
-    problems = []
-    if hasattr(training_args, "beta"):  # a DPO config; the SFT recipe's SFTConfig has no preference loss
-        loss = loss_settings_error(
-            list(training_args.loss_type),
-            training_args.loss_weights,
-            training_args.beta,
-            training_args.label_smoothing,
-            training_args.f_divergence_type,
-            getattr(training_args, "f_alpha_divergence_coef", DEFAULT_F_ALPHA),
-            getattr(training_args, "discopop_tau", DEFAULT_DISCOPOP_TAU),
-            known=LOSS_TYPES,
-            use_weighting=training_args.use_weighting,
-        )
-        if loss:
-            problems.append(loss)
-    lr = training_args.learning_rate
-    if not (lr > 0 and math.isfinite(lr)):
-        problems.append(f"learning_rate must be > 0; got {lr} (0 trains nothing, < 0 climbs the loss)")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(training_args, name) < 1:
-            problems.append(f"{name} must be >= 1; got {getattr(training_args, name)}")
-    if training_args.max_steps == 0 or training_args.max_steps < -1:
-        problems.append(
-            f"max_steps must be >= 1, or -1 to train num_train_epochs; got {training_args.max_steps} "
-            "(transformers reads 0 as unset and would train every epoch)"
-        )
-    max_length = getattr(training_args, "max_length", None)
-    if max_length is not None and max_length < 1:
-        problems.append(f"max_length must be >= 1, or null for no limit; got {max_length}")
-    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
-        problems.append(f"num_train_epochs must be > 0 when max_steps is -1; got {training_args.num_train_epochs}")
-    ld_alpha = getattr(training_args, "ld_alpha", None)
-    if ld_alpha is not None and not 0 <= ld_alpha <= 1:
-        problems.append(f"ld_alpha must lie in [0, 1]; got {ld_alpha}")
-    if getattr(model_args, "use_peft", False):
-        if model_args.lora_r < 1:
-            problems.append(f"lora_r must be >= 1; got {model_args.lora_r}")
-        if not model_args.lora_alpha > 0:
-            problems.append(
-                f"lora_alpha must be > 0; got {model_args.lora_alpha} (the LoRA update is scaled by "
-                "lora_alpha / lora_r: 0 trains nothing)"
-            )
-        if not 0 <= model_args.lora_dropout < 1:
-            problems.append(f"lora_dropout must lie in [0, 1); got {model_args.lora_dropout}")
-    if problems:
-        raise UserError("invalid setting(s): " + "; ".join(p.rstrip(".") for p in problems))
+    gate(*arg_objects)
 
 
 def find_secrets(*arg_objects) -> list[str]:

@@ -1,0 +1,92 @@
+"""The settings gate: every setting of a recipe or command, checked against the declared tables
+before any weights load. One call per entry point:
+
+    check_settings(script_args, training_args, model_args)   the recipes (dpo.train.config.load_recipe_args)
+    check_flags(args)                                         python -m dpo.{evaluate,export,doctor,tiny}
+
+Both apply dpo/gate/table.py (each setting's bound, and the relations between settings) and, for a
+DPO config, the loss table (dpo/scratch/loss_settings.py, restricted to TRL's loss types). Every
+problem is named at once, in one line: "invalid setting(s): a ...; b ...".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from dpo.errors import UserError
+from dpo.gate.table import RELATIONS, TABLE
+
+
+def settings_of(*arg_objects) -> dict:
+    """name -> value over dataclass instances, argparse namespaces and dicts; the first object wins."""
+    values: dict = {}
+    for obj in arg_objects:
+        if obj is None:
+            continue
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, argparse.Namespace):
+            items = vars(obj).items()
+        else:
+            items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+        for name, value in items:
+            values.setdefault(name, value)
+    return values
+
+
+def _shown(value) -> str:
+    return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def table_problems(values: dict) -> list[str]:
+    """A line per tabled setting outside its bound, then per relation that fails."""
+    problems = [
+        f"{name} {rule.describe()}; got {_shown(values[name])} ({rule.why})"
+        for name, rule in TABLE.items()
+        if name in values and not rule.ok(values[name])
+    ]
+    for _, relation in RELATIONS:
+        if message := relation(values.get):
+            problems.append(message)
+    return problems
+
+
+def loss_problems(values: dict) -> list[str]:
+    if "beta" not in values:  # not a DPO config (the SFT recipe's SFTConfig has no preference loss)
+        return []
+    from dpo.compat import LOSS_TYPES  # TRL's loss types (no cdpo)
+    from dpo.scratch.loss_settings import DEFAULT_DISCOPOP_TAU, DEFAULT_F_ALPHA, loss_settings_error
+
+    message = loss_settings_error(
+        list(values["loss_type"]),
+        values.get("loss_weights"),
+        values["beta"],
+        values["label_smoothing"],
+        values["f_divergence_type"],
+        values.get("f_alpha_divergence_coef", DEFAULT_F_ALPHA),
+        values.get("discopop_tau", DEFAULT_DISCOPOP_TAU),
+        known=LOSS_TYPES,
+        use_weighting=values.get("use_weighting", False),
+    )
+    return [message] if message else []
+
+
+def problems(*arg_objects) -> list[str]:
+    values = settings_of(*arg_objects)
+    return table_problems(values) + loss_problems(values)
+
+
+def _raise(found: list[str]) -> None:
+    if found:
+        raise UserError("invalid setting(s): " + "; ".join(p.rstrip(".") for p in found))
+
+
+def check_settings(*arg_objects) -> None:
+    """Raise one UserError naming every setting of the recipe's argument objects that breaks a rule."""
+    _raise(problems(*arg_objects))
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The same tables for a command's parsed flags (`--num_prompts`, `--seed`, ...)."""
+    _raise(problems(args))

@@ -1,0 +1,148 @@
+"""The settings table: every numeric, list and free-text setting the recipes and commands accept, with
+its bound and why the bound exists. dpo/gate/check.py applies it before any weights load.
+
+A setting is named once, whatever dataclass or command it comes from (`seed` is the recipes' and
+`python -m dpo.evaluate`'s alike). tests/gate/test_table.py enumerates every numeric field of TRL's
+DPOConfig and SFTConfig, transformers' TrainingArguments, TRL's ModelConfig, the recipes' own
+dataclasses and the commands' flags, and fails when one is in neither TABLE, DELEGATED nor UNCHECKED,
+so a field added by a TRL or transformers upgrade cannot skip the gate. It then sets each tabled
+setting just outside its bound and expects one `error:` line, exit 2, before weights load.
+"""
+
+from __future__ import annotations
+
+from dpo.gate.rules import Bound, Choice, Each, at_least, fraction, non_negative, positive
+
+SEED_RANGE = Bound(low=0, high=2**32 - 1, whole=True, why="numpy and Python's RNGs take seeds in [0, 2^32 - 1]")
+UNSET = (None,)
+
+TABLE = {
+    # ── optimisation ────────────────────────────────────────────────────────────────────────────
+    "learning_rate": positive("0 trains nothing, < 0 climbs the loss"),
+    "adam_beta1": fraction(
+        "Adam's first-moment decay: 1 freezes the moment at zero, so no update follows the gradient"
+    ),
+    "adam_beta2": fraction("Adam's second-moment decay: 1 freezes the variance estimate at zero (division by ~eps)"),
+    "adam_epsilon": positive(
+        "Adam divides by sqrt(v) + eps: 0 divides by zero where a gradient is 0, < 0 can flip a step"
+    ),
+    "weight_decay": non_negative("decoupled decay pulls weights to 0; < 0 pushes them away every step"),
+    "max_grad_norm": non_negative("the clipping norm; 0 turns clipping off (NaN would silently turn it off too)"),
+    "warmup_steps": non_negative("below 1: a fraction of the optimizer steps; from 1: a step count"),
+    "num_train_epochs": positive("0 epochs trains nothing (and with max_steps -1 nothing at all)"),
+    "max_steps": at_least(1, "transformers reads 0 as unset and would train every epoch", unset=(-1,)),
+    "gradient_accumulation_steps": at_least(1, "micro-batches per optimizer step"),
+    "per_device_train_batch_size": at_least(1, "pairs per micro-batch"),
+    "per_device_eval_batch_size": at_least(1, "pairs per eval batch"),
+    "eval_accumulation_steps": at_least(1, "eval batches held before moving to the CPU", unset=UNSET),
+    "seed": SEED_RANGE,
+    "data_seed": Bound(low=0, high=2**32 - 1, whole=True, unset=UNSET, why=SEED_RANGE.why),
+    "label_smoothing_factor": fraction("transformers' cross-entropy smoothing: 1 makes every target uniform"),
+    "neftune_noise_alpha": non_negative("the scale of NEFTune's embedding noise", unset=UNSET),
+    "router_aux_loss_coef": non_negative(
+        "a mixture-of-experts load-balancing weight; < 0 rewards imbalance", unset=UNSET
+    ),
+    "torch_empty_cache_steps": at_least(1, "steps between emptying the CUDA cache", unset=UNSET),
+    # ── the preference loss (its relations to loss_type live in the loss table, DELEGATED below) ───
+    "loss_weights": Each(non_negative("a negative weight trains that loss backwards; NaN poisons every step")),
+    "f_alpha_divergence_coef": Bound(why="the alpha-divergence exponent; NaN or inf poisons every score"),
+    "discopop_tau": positive("DiscoPOP's temperature divides the log-ratio difference"),
+    "ld_alpha": fraction("LD-DPO's weight on the tokens past the shorter answer", high_open=False, unset=UNSET),
+    "ref_model_mixup_alpha": fraction("TR-DPO's soft-update weight of the policy into the reference", high_open=False),
+    "ref_model_sync_steps": at_least(1, "steps between TR-DPO reference updates"),
+    "precompute_ref_batch_size": at_least(
+        1, "pairs per reference forward; < 1 runs no batch and caches every value as 0", unset=UNSET
+    ),
+    # ── lengths and data ────────────────────────────────────────────────────────────────────────
+    "max_length": at_least(1, "every row would be dropped as too long", unset=UNSET),
+    "pad_to_multiple_of": at_least(1, "padding granularity in tokens", unset=(None, "auto")),
+    "test_size": fraction("the held-out fraction: 1 would leave nothing to train on"),
+    "dataset_num_proc": at_least(1, "processes for dataset preprocessing", unset=UNSET),
+    "dataloader_num_workers": non_negative("data-loading processes; 0 loads in the main process", whole=True),
+    "dataloader_prefetch_factor": at_least(1, "batches each loading worker prepares ahead", unset=UNSET),
+    "prompt_format": Choice(("chat", "text"), "chat: the tokenizer's chat template; text: strings as they are"),
+    "degenerate_rows": Choice(("drop", "fail"), "what the data doctor does with empty/identical/duplicate rows"),
+    # ── LoRA ─────────────────────────────────────────────────────────────────────────────────────
+    "lora_r": at_least(1, "the adapter's rank"),
+    "lora_alpha": Bound(
+        low=0, low_open=True, whole=True, why="the LoRA update is scaled by lora_alpha / lora_r: 0 trains nothing"
+    ),
+    "lora_dropout": fraction("1 drops every input of the adapter"),
+    # ── logging, evaluation, checkpoints, distributed ───────────────────────────────────────────
+    "logging_steps": positive("below 1: a fraction of the optimizer steps"),
+    "eval_steps": positive("below 1: a fraction of the optimizer steps; 0: logging_steps", unset=(None, 0.0)),
+    "eval_delay": non_negative("steps or epochs before the first evaluation"),
+    "save_steps": positive("below 1: a fraction of the optimizer steps"),
+    "save_total_limit": at_least(1, "0 would rotate every checkpoint away", unset=UNSET),
+    "ddp_timeout": at_least(1, "seconds a process waits for the others"),
+    "ddp_bucket_cap_mb": at_least(1, "DDP's gradient bucket size", unset=UNSET),
+    # ── the sentiment demo (recipes/dpo_sentiment_tiny.py) ─────────────────────────────────────────
+    "task_seed": SEED_RANGE,
+    "heldout_topics": Bound(low=0, high=23, whole=True, why="topics held out of 24: 24 would leave none to train on"),
+    "sft_examples": at_least(1, "reviews the reference model is trained on"),
+    "sft_steps": at_least(1, "0 SFT steps leaves the reference model random"),
+    "sft_batch_size": at_least(1, "reviews per SFT step"),
+    "sft_learning_rate": positive("0 trains nothing, < 0 climbs the loss"),
+    "pair_prompts": at_least(1, "training prompts: 0 gives no preference pairs"),
+    "heldout_pair_prompts": at_least(1, "held-out prompts for the implicit-reward accuracy"),
+    "eval_prompts": at_least(1, "held-out prompts sampled from pi_ref and pi_theta"),
+    "torch_threads": at_least(1, "CPU threads"),
+    # ── the commands: python -m dpo.evaluate / dpo.export / dpo.doctor / dpo.tiny ───────────────
+    "num_prompts": at_least(1, "held-out prompts to answer: 0 writes a report of nothing"),
+    "max_new_tokens": at_least(1, "an answer of 0 tokens scores the prompt alone"),
+    "batch_size": at_least(1, "prompts per generation batch"),
+}
+
+# Settings whose rules live in another declared table, named here so the enumeration test knows them.
+DELEGATED = {
+    "beta": "the loss table (dpo/scratch/loss_settings.py): > 0, finite",
+    "label_smoothing": "the loss table: [0, 0.5) where the loss type uses it, refused where it is ignored",
+}
+
+# Numeric settings deliberately left alone, each with its reason.
+UNCHECKED = {
+    "local_rank": "set by the launcher (accelerate, torchrun), never by a user",
+}
+
+
+# ── relations between settings: (the settings involved, a check returning a problem or None) ───
+def _min_lr(get):
+    if str(get("lr_scheduler_type")) in ("cosine_with_min_lr", "SchedulerType.COSINE_WITH_MIN_LR"):
+        kwargs = get("lr_scheduler_kwargs") or {}
+        if not ({"min_lr", "min_lr_rate"} & set(kwargs)):
+            return (
+                "lr_scheduler_type cosine_with_min_lr needs a floor: set lr_scheduler_kwargs "
+                "{min_lr: 1.0e-6} or {min_lr_rate: 0.1}"
+            )
+    return None
+
+
+def _splits(get):
+    train, test = get("dataset_train_split"), get("dataset_test_split")
+    if test is not None and test == train:
+        return (
+            f"dataset_test_split is the training split ({train!r}): the held-out pairs would be the training pairs; "
+            "name another split, or unset it to hold out test_size of the training rows"
+        )
+    return None
+
+
+def _weights_total(get):
+    weights = get("loss_weights")
+    if weights and all(isinstance(w, (int, float)) and w == 0 for w in weights):
+        return f"loss_weights are all 0 ({weights}): no loss would train anything"
+    return None
+
+
+def _prefetch(get):
+    if get("dataloader_prefetch_factor") is not None and not get("dataloader_num_workers"):
+        return "dataloader_prefetch_factor needs dataloader_num_workers >= 1 (prefetching is done by the workers)"
+    return None
+
+
+RELATIONS = [
+    (("lr_scheduler_type", "lr_scheduler_kwargs"), _min_lr),
+    (("dataset_test_split", "dataset_train_split"), _splits),
+    (("loss_weights",), _weights_total),
+    (("dataloader_prefetch_factor", "dataloader_num_workers"), _prefetch),
+]
