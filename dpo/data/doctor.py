@@ -173,6 +173,7 @@ def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[D
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="python -m dpo.doctor",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -256,7 +256,10 @@ def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="python -m dpo.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output_dir", help="a run folder written by a recipe (SFT or DPO)")
     parser.add_argument("--reward_model", help="sequence-classification reward model (hub id or folder) as judge")

@@ -169,7 +169,10 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None) -> dict:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="python -m dpo.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output_dir", help="a run folder written by a recipe")
     parser.add_argument("--merged", metavar="DIR", help="write the merged model (safetensors) to this new folder")

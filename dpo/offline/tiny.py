@@ -69,7 +69,8 @@ def tiny_phi_config(vocab_size: int, **overrides):
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     # phi-2 rotates half of each head, as here, and unties the LM head from the embeddings
-    kwargs = dict(max_position_embeddings=512, partial_rotary_factor=0.5, tie_word_embeddings=False)
+    # 2048 positions, as phi-2: the recipes' max_length 1024 fits (the gate refuses a max_length above it)
+    kwargs = dict(max_position_embeddings=2048, partial_rotary_factor=0.5, tie_word_embeddings=False)
     return PhiConfig(vocab_size=vocab_size, **{**shape, **no_dropout, **kwargs, **overrides})
 
 
@@ -169,7 +170,10 @@ def check_new_target(path: Path, flag: str, folder: bool) -> None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo.tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="python -m dpo.tiny",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,7 @@ YAML keys are dataclass field names; an unknown key or flag stops the run and is
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 import sys
@@ -17,6 +18,7 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
+from dpo.gate.integrations import check_integrations
 from dpo.log import log
 from dpo.train.distributed import check_launch, on_main_process, topology
 from dpo.train.hardware import describe, detect_precision
@@ -83,11 +85,33 @@ class RecipeSFTConfig(SFTConfig, RunOptions):
     """What recipes/sft_phi2.py parses: TRL's SFTConfig and RunOptions."""
 
 
-def _unknown_key_message(keys: list[str], source: str) -> str:
+class StrictYAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the later value
+    without a word, so the first setting would silently not apply)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first at line {seen[key]}): keep one", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+StrictYAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _unknown_key_message(keys: list[str], source: str, known: list[str] = ()) -> str:
     lines = [f"unknown {source} key(s): {', '.join(keys)}"]
     for key in keys:
         if key in REMOVED_OPTIONS:
             lines.append(f"  {key}: removed from TRL; {REMOVED_OPTIONS[key]}")
+        elif near := difflib.get_close_matches(key, known, n=1, cutoff=0.75):
+            lines.append(f"  {key}: did you mean {near[0]}?")
     lines.append("  valid keys are the fields of the recipe's dataclasses; see `--help`")
     return "\n".join(lines)
 
@@ -162,11 +186,12 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     if not config_path.is_file():
         raise UserError(f"config file not found: {config_path}")
     try:
-        yaml.safe_load(config_path.read_text())
+        yaml.load(config_path.read_text(), Loader=StrictYAMLLoader)
     except yaml.YAMLError as err:
         raise UserError(yaml_error_line(config_path, err)) from None
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
+    parser.allow_abbrev = False  # argparse would take --learning_rat for --learning_rate, and --max_step for max_steps
     precision = detect_precision()
     # logging_first_step: a short run (or one whose logging_steps exceed its steps) still logs step 1
     parser.set_defaults_with_config(**precision.as_defaults(), logging_first_step=True)
@@ -176,12 +201,18 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
         msg = str(err)
         if msg.startswith("Unknown arguments from config file"):
             keys = re.findall(r"'--([^']+)'", msg)
-            raise UserError(f"{config_path}: " + _unknown_key_message(keys, "config")) from None
+            raise UserError(
+                f"{config_path}: " + _unknown_key_message(keys, "config", _fields(dataclass_types))
+            ) from None
         if msg.startswith("Some specified arguments are not used"):
-            keys = [k.lstrip("-") for k in re.findall(r"'(--[^']+)'", msg)]
-            raise UserError(_unknown_key_message(keys, "command-line")) from None
+            keys = [k.lstrip("-").split("=", 1)[0] for k in re.findall(r"'(--[^']+)'", msg)]
+            raise UserError(_unknown_key_message(keys, "command-line", _fields(dataclass_types))) from None
         raise UserError(f"invalid configuration ({config_path} + command line): {msg}") from None
     return (*parsed, precision)
+
+
+def _fields(dataclass_types) -> list[str]:
+    return [f.name for cls in dataclass_types for f in dataclasses.fields(cls)]
 
 
 def load_recipe_args(
@@ -200,6 +231,7 @@ def load_recipe_args(
     )
     check_no_secrets(script_args, training_args, model_args)
     check_settings(script_args, training_args, model_args)
+    check_integrations(training_args)  # report_to backends installed, push_to_hub reachable (dpo/gate/)
     check_output_dir(training_args.output_dir)
     check_output_dir_apart(
         training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
+from dpo.gate.integrations import check_model_integrations
 from dpo.log import log
 from dpo.train.attention import attention_implementation
 from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
@@ -240,6 +241,7 @@ def check_model_and_load_tokenizer(model_args, training_args):
         kinds = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
         log(f"LoRA on {len(targets)} linear layers ({kinds})")
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)
+    check_model_integrations(training_args, config, tokenizer)  # pad_token, max_length vs positions (dpo/gate/)
     trainable = trainable_parameter_count(config, model_args, targets, remote_code)
     check_room_for_run(training_args, trainable, tokenizer)
     return tokenizer

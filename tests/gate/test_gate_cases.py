@@ -1,0 +1,139 @@
+"""The gate's other classes, at the real entry points: the run's plan, integrations (report_to, push_to_hub,
+pad_token, max_length vs the model's positions, assistant_only_loss), a YAML key given twice, abbreviated or
+misspelt flags, and `python -m dpo.tiny` onto something that exists. Each stops with one `error:` line,
+exit 2, before any weights load."""
+
+import json
+import math
+
+import pytest
+from helpers import load_recipe, one_line_error
+
+from dpo.gate.plan import check_plan, plan_of
+from dpo.train.config import RecipeDPOConfig
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("dpo_phi2")
+
+
+@pytest.fixture
+def local(tiny_model_dir, truthy_file, tmp_path):
+    return ["--model_name_or_path", tiny_model_dir, "--dataset_name", truthy_file, "--output_dir", tmp_path / "out"]
+
+
+def args(**settings):
+    return RecipeDPOConfig(output_dir="x", use_cpu=True, bf16=False, **settings)
+
+
+# ── the plan ─────────────────────────────────────────────────────────────────────────────────
+def test_the_plan_counts_optimizer_steps_as_the_trainer_does():
+    # 36 pairs, 2 per device x 32 accumulation: 18 micro-batches -> one (partial) accumulation -> 1 step per epoch
+    plan = plan_of(36, args(per_device_train_batch_size=2, gradient_accumulation_steps=32, num_train_epochs=1))
+    assert (plan.batches_per_epoch, plan.steps, plan.warmup, plan.pairs_per_step) == (18, 1, 0, 64)
+    plan = plan_of(36, args(per_device_train_batch_size=2, gradient_accumulation_steps=4, num_train_epochs=3))
+    assert plan.steps == 3 * math.ceil(18 / 4) == 15
+    assert plan_of(36, args(per_device_train_batch_size=2, gradient_accumulation_steps=4), world_size=2).steps == 3 * 3
+    assert plan_of(10, args(max_steps=7, warmup_steps=0.1)).warmup == 1  # transformers: ceil(0.1 x 7)
+
+
+def test_a_small_dataset_whose_steps_never_leave_the_warm_up_is_refused(recipe, local, capsys, no_weights_load):
+    """recipes/README.md step 3 with too few pairs: one 64-pair step inside the 10% warm-up trained at lr 0."""
+    line = one_line_error(recipe.main, [*local, "--num_train_epochs", "1"], capsys)
+    assert "this run would not train" in line and "43 training pairs at 64 pairs per optimizer step" in line, line
+    assert "1 optimizer step(s)" in line and "gradient_accumulation_steps" in line
+
+
+def test_an_explicit_max_steps_inside_the_warm_up_is_said_not_refused():
+    plan, warning = check_plan(43, args(max_steps=1, warmup_steps=0.1))
+    assert plan.steps == 1 and "ends inside the 1-step warm-up" in warning
+    assert check_plan(43, args(max_steps=2, warmup_steps=0.1))[1] is None
+
+
+def test_a_run_shorter_than_logging_steps_still_logs_its_first_step(recipe, local):
+    trainer = recipe.main(
+        [str(a) for a in local]
+        + ["--max_steps", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "10", "--save_strategy", "no"]
+    )
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1]
+
+
+# ── integrations ─────────────────────────────────────────────────────────────────────────────
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--report_to", "wandb"], "report_to wandb: the wandb package is not installed"),
+        (["--push_to_hub", "true"], "push_to_hub needs the Hub, and HF_HUB_OFFLINE is set"),
+        (["--pad_token", "<nope>"], "pad_token '<nope>' is not a token of the tokenizer's vocabulary"),
+        (["--max_length", "4096"], "max_length 4096 is above the model's 2048 positions"),
+    ],
+    ids=[
+        "report_to_not_installed",
+        "push_to_hub_offline",
+        "pad_token_not_in_vocabulary",
+        "max_length_above_positions",
+    ],
+)
+def test_an_integration_that_cannot_work_is_refused(flags, expected, recipe, local, capsys, no_weights_load):
+    line = one_line_error(recipe.main, [*local, *flags], capsys)
+    assert expected in line, line
+
+
+def test_assistant_only_loss_without_generation_markers_is_refused(local, capsys, no_weights_load):
+    line = one_line_error(load_recipe("sft_phi2").main, [*local, "--assistant_only_loss", "true"], capsys)
+    assert "assistant_only_loss needs a chat template that marks assistant turns" in line, line
+
+
+def test_push_to_hub_without_a_token_is_refused(recipe, local, capsys, no_weights_load, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    line = one_line_error(recipe.main, [*local, "--push_to_hub", "true"], capsys)
+    assert "push_to_hub needs a token" in line, line
+
+
+# ── configuration files and flags ────────────────────────────────────────────────────────────
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(recipe, local, tmp_path, capsys, no_weights_load):
+    config = tmp_path / "twice.yaml"
+    config.write_text("beta: 0.1\nlearning_rate: 1.0e-4\nbeta: 0.5\n")
+    with pytest.raises(SystemExit) as stop:
+        recipe.main([str(a) for a in [*local, "--config", config]])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{config}:3:1" in err and "key 'beta' is given twice (first at line 1)" in err
+
+
+@pytest.mark.parametrize("flag, near", [("--learning_rat=1e-4", "learning_rate"), ("--max_step=5", "max_steps")])
+def test_an_abbreviated_or_misspelt_flag_is_unknown_and_the_near_name_is_suggested(
+    flag, near, recipe, local, capsys, no_weights_load
+):
+    with pytest.raises(SystemExit) as stop:
+        recipe.main([str(a) for a in [*local, flag]])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown command-line key(s)" in err and f"did you mean {near}?" in err, err
+
+
+def test_the_commands_take_no_abbreviations(tmp_path, capsys):
+    from dpo.evaluation.evaluate import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), "--num_prompt", "2"])  # --num_prompts, abbreviated
+    assert stop.value.code == 2 and "unrecognized arguments: --num_prompt" in capsys.readouterr().err
+
+
+# ── python -m dpo.tiny writes new files only ──────────────────────────────────────────────────
+def test_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
+    from dpo.offline.tiny import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer_config.json").write_text(json.dumps({"kept": True}))
+    afile = tmp_path / "file.txt"
+    afile.write_text("kept")
+    for target, expected in ((afile, "is a file"), (run, "is not empty"), (afile / "sub", "is a file, so nothing")):
+        assert expected in one_line_error(main, [target], capsys)
+    assert json.loads((run / "tokenizer_config.json").read_text()) == {"kept": True} and afile.read_text() == "kept"
+    main([str(tmp_path / "new"), "--truthy_rows", str(tmp_path / "rows.jsonl")])
+    assert (tmp_path / "new" / "config.json").is_file() and (tmp_path / "rows.jsonl").is_file()
+    assert "already exists" in one_line_error(
+        main, [tmp_path / "new2", "--truthy_rows", tmp_path / "rows.jsonl"], capsys
+    )
