@@ -137,3 +137,14 @@ def test_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
     assert "already exists" in one_line_error(
         main, [tmp_path / "new2", "--truthy_rows", tmp_path / "rows.jsonl"], capsys
     )
+
+
+# ── the stop message says what the check saw, not more ─────────────────────────────────────────
+def test_a_non_finite_weight_after_a_step_is_not_reported_as_caught_before_it():
+    from dpo.train.safety.guards import NonFiniteTraining, nonfinite_advice
+
+    settings = args()
+    after = nonfinite_advice(NonFiniteTraining(3, "the norm of the trainable weights", math.nan), settings, None)
+    before = nonfinite_advice(NonFiniteTraining(3, "the loss", math.nan), settings, None)
+    assert "that step's update made the weights non-finite" in after and "before that step" not in after
+    assert "training stopped before that step changed any weight" in before

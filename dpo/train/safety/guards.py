@@ -86,9 +86,15 @@ def nonfinite_advice(err: NonFiniteTraining, args, last_checkpoint) -> str:
         if last_checkpoint
         else "no checkpoint had been saved yet"
     )
+    after_update = err.quantity.startswith("the norm of the trainable weights")  # checked after the optimizer step
+    when = (
+        "that step's update made the weights non-finite"
+        if after_update
+        else "training stopped before that step changed any weight"
+    )
     return (
-        f"step {err.step}: {err.quantity} is {err.value} (not finite); training stopped before that step changed any "
-        f"weight, and no final adapter was written. {kept}. Try a lower learning_rate (now {args.learning_rate:g}), "
+        f"step {err.step}: {err.quantity} is {err.value} (not finite); {when}, and no final adapter was written. "
+        f"{kept}. Try a lower learning_rate (now {args.learning_rate:g}), "
         f"a lower beta (now {args.beta:g}), fp32 compute (--bf16 false --fp16 false --dtype float32), or "
         f"max_grad_norm 1.0 (now {args.max_grad_norm:g})"
     )
