@@ -175,12 +175,15 @@ def _load_file(name: str, path: Path) -> Dataset:
 def _csv_as_text(path: Path) -> dict:
     """load_dataset("csv") settings that keep every cell as the text it is: "4" and "02134" stay
     strings (pandas would read numbers, and "02134" as 2134), and only an empty cell is missing
-    (pandas would also read the text None, NA, null, n/a, ... as missing)."""
+    (pandas would also read the text None, NA, null, n/a, ... as missing). A UTF-8 byte-order mark
+    (Excel's "CSV UTF-8") is not part of the first column's name: utf-8-sig reads it as the mark it is
+    (the JSON readers skip it already)."""
     from datasets import Features, Value
 
     with open_data_file(path) as f:
-        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")), [])
+        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
     return {
+        "encoding": "utf-8-sig",
         "keep_default_na": False,
         "na_values": [""],
         "features": Features({column: Value("string") for column in header}),

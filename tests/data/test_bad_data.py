@@ -107,6 +107,22 @@ def test_csv_cells_are_read_as_the_text_they_are(lines, chosen, rejected, tmp_pa
     assert [c[0]["content"] for c in report.kept["chosen"]] == chosen
 
 
+@pytest.mark.parametrize("suffix", ["csv", "csv.gz", "jsonl", "json"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(suffix, tmp_path, capsys):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (was: Field "\ufeffprompt" does not exist)."""
+    rows = [{**ROW, "prompt": f"q{i}", "chosen": f"a{i}"} for i in range(3)]
+    if suffix.startswith("csv"):
+        text = "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
+    else:
+        text = json.dumps(rows) if suffix == "json" else "".join(json.dumps(r) + "\n" for r in rows)
+    content = "\ufeff".encode() + text.encode()
+    path = tmp_path / f"bom.{suffix}"
+    path.write_bytes(gzip.compress(content) if suffix.endswith(".gz") else content)
+    report = doctor.main([str(path)])
+    assert report.rows_kept == 3
+    assert [p[-1]["content"] for p in report.kept["prompt"]] == ["q0", "q1", "q2"]
+
+
 def test_csv_empty_cell_is_still_missing(tmp_path, capsys):
     path = tmp_path / "hole.csv"
     path.write_text("prompt,chosen,rejected\nq1,a,b\nq2,,b\n")
