@@ -18,6 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -52,9 +55,10 @@ def _json_type(value) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _json_problem(path: Path) -> str | None:
+def _json_problem(path: Path, surrogates_only: bool = False) -> str | None:
     """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
-    whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
+    whose type differs from the field's first value, or that holds a lone surrogate ("row N (line L),
+    field 'f': ..."), or None. `surrogates_only`: look for lone surrogates alone."""
     with open_data_file(path) as f:
         text = f.read().decode("utf-8", errors="replace")
     suffix = data_suffix(path)[0]
@@ -83,12 +87,70 @@ def _json_problem(path: Path) -> str | None:
         if not isinstance(record, dict):
             return f"{where}: expected one JSON object {{...}} per record, got {_json_type(record)}"
         for key, value in record.items():
-            if value is None:
+            if (half := _lone_surrogate(key) or _lone_surrogate(value)) is not None:
+                return (
+                    f"{where}, field '{_printable(key)}': the escape \\u{ord(half):04x} is half of a UTF-16 "
+                    f"surrogate pair with no other half (not a character); remove it or write the whole pair"
+                )
+            if value is None or surrogates_only:
                 continue
             kind = first_type.setdefault(key, _json_type(value))
             if _json_type(value) != kind:
                 return f"{where}, field '{key}': expected {kind} as in the rows before, got {_json_type(value)} ({value!r:.60})"
     return None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff: half of a pair, or a lone one
+
+
+def _has_surrogate_escape(path: Path) -> bool:
+    """True if the file's text holds a surrogate escape (pairs, as json.dumps writes emoji, or lone ones);
+    read in 1 MB chunks, each searched with the 5 bytes before it (an escape cut by a chunk's end)."""
+    tail = b""
+    with open_data_file(path) as f:
+        while chunk := f.read(1 << 20):
+            if _SURROGATE_ESCAPE.search(tail + chunk):
+                return True
+            tail = chunk[-5:]
+    return False
+
+
+def _lone_surrogate(value) -> str | None:
+    """The first lone UTF-16 surrogate (json.loads reads "\\ud800" as one; it is no character and
+    pyarrow refuses it) in a decoded JSON value, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return value[err.start]
+        return None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for part in item if isinstance(value, dict) else (item,):
+            if (half := _lone_surrogate(part)) is not None:
+                return half
+    return None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", errors="backslashreplace").decode()
+
+
+@contextmanager
+def _quiet_readers():
+    """The datasets library's file readers log their error ("Failed to load JSON from file ...") before
+    raising it; the caller reports it as one line naming the file and row, so the log line would be a
+    second, raw message (with pyarrow's 0-based, per-block row number)."""
+    names = [f"datasets.packaged_modules.{kind}.{kind}" for kind in ("json", "csv", "parquet")]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _blank(path: Path) -> bool:
@@ -157,18 +219,25 @@ def _load_file(name: str, path: Path) -> Dataset:
         raise decompression_error(name, path, err) from None
     csv_text = _csv_as_text(path) if suffix == ".csv" else {}
     try:
-        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
+        with _quiet_readers():
+            data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
     except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
         where = _json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
             raise UserError(f"{name}, {where}") from None
         cause = err.__cause__ or err.__context__ or err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        # pyarrow's "in row N" counts from 0 within a block of the file: never shown as a row number
+        reason = re.sub(r"\s+in row \d+", "", reason)
         if "corresponds to no data" in reason:
             raise UserError(f"{name}: the file has no rows") from None
         raise UserError(f"{name}: could not be read as {suffix[1:]}{compression}: {reason}") from None
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
+    # pyarrow drops a lone surrogate from a .json array without a word: the text would silently change
+    if suffix in (".json", ".jsonl") and _has_surrogate_escape(path):
+        if where := _json_problem(path, surrogates_only=True):
+            raise UserError(f"{name}, {where}")
     return data
 
 

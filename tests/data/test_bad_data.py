@@ -49,6 +49,35 @@ def test_non_utf8_bytes_name_file_row_and_byte_offset(suffix, tmp_path, capsys):
     assert "0xe9" in line and "UTF-8" in line
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_a_lone_surrogate_names_its_1_based_row_and_field(suffix, tmp_path, capsys):
+    """`"\\ud800"` is valid JSON text but no character: pyarrow refused it "in row 4" (0-based) with a second,
+    logged line. Now: one line naming row 5 (of 6), its line, and the field."""
+    lines = [json.dumps({**ROW, "prompt": f"q{i}"}) for i in range(6)]
+    lines[4] = lines[4].replace('"q4"', '"q4 \\ud800"')
+    path = tmp_path / f"surrogate.{suffix}"
+    path.write_text("\n\n".join(lines) + "\n" if suffix == "jsonl" else "[" + ",\n".join(lines) + "]")
+    line = doctor_error([path], capsys)
+    where = "row 5 (line 9)" if suffix == "jsonl" else "row 5"
+    assert f"{path}, {where}, field 'prompt': the escape \\ud800" in line and "row 4" not in line, line
+    path.write_text(path.read_text().replace("\\ud800", "\\ud83d\\ude00"))  # a whole pair, as json.dumps writes 😀
+    assert doctor.main([str(path)]).kept["prompt"][4][-1]["content"] == "q4 \U0001f600"
+
+
+def test_a_read_error_never_shows_pyarrows_0_based_row(tmp_path, capsys, monkeypatch):
+    """When the file's own check cannot say where (here forced), the reader's reason is shown without pyarrow's
+    "in row N" (0-based, counted within a block of the file) and without the reader's logged copy of it."""
+    from dpo.data import loading
+
+    monkeypatch.setattr(loading, "_json_problem", lambda path: None)
+    lines = [json.dumps({**ROW, "prompt": f"q{i}"}) for i in range(6)]
+    lines[4] = lines[4].replace('"q4"', '"q4 \\ud800"')
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    line = doctor_error([path], capsys)
+    assert str(path) in line and "surrogate" in line and " row " not in line, line
+
+
 # ── folders of data files ──────────────────────────────────────────────────────────────────────
 
 
