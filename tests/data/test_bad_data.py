@@ -349,3 +349,43 @@ def test_doctor_refuses_max_length_below_one_as_a_setting(tokenizer, tiny_model_
     argv = [truthy_file, "--max_length", "0", *(["--model_name_or_path", tiny_model_dir] if tokenizer else [])]
     line = one_line_error(doctor.main, argv, capsys)
     assert "max_length must be >= 1, or null for no limit; got 0" in line, line
+
+
+# ── the doctor's --histogram target ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("target", ["txt", "under_a_file", "a_folder", "not_writable"])
+def test_doctor_refuses_a_histogram_target_it_cannot_write_before_any_work(target, tmp_path, capsys, monkeypatch):
+    """Was: a matplotlib traceback (`Format 'txt' is not supported`, `FileExistsError`) after the whole check."""
+    import os
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROW])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    name = {
+        "txt": tmp_path / "x.txt",
+        "under_a_file": data / "h.png",
+        "a_folder": tmp_path / "folder.png",
+        "not_writable": locked / "h.png",
+    }[target]
+    (tmp_path / "folder.png").mkdir()
+    if target == "not_writable":
+        locked.chmod(0o500)
+        if os.access(locked, os.W_OK):  # root writes anywhere
+            pytest.skip("running as root: every folder is writable")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was read before the --histogram target was checked")
+
+    monkeypatch.setattr(doctor, "load_preference_data", no_work)
+    line = doctor_error([data, "--histogram", name], capsys)
+    assert f"--histogram {name}" in line, line
+
+
+def test_doctor_reports_the_histogram_file_it_wrote(tmp_path, capsys):
+    """`--histogram out` writes out.png and says so (it said `out`); a new folder is made."""
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROW])
+    doctor.main([str(data), "--histogram", str(tmp_path / "new" / "out")])
+    written = tmp_path / "new" / "out.png"
+    assert f"length histogram written to {written}\n" in capsys.readouterr().out
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
