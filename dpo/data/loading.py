@@ -28,10 +28,12 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from dpo.data.datafiles import (
     COMPRESSIONS,
     LOCAL_FORMATS,
+    RUN_FILES,
     check_zstd_complete,
     data_suffix,
     decompression_error,
     decompression_errors,
+    folder_data_files,
     open_data_file,
 )
 from dpo.errors import UserError, hub_error
@@ -308,14 +310,14 @@ FILE_COLUMN, FILE_ROW_COLUMN = "__dpo_file__", "__dpo_file_row__"
 def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Dataset | None:
     """Split `split` of a folder of data files: each file loaded and checked alone, then concatenated."""
     from datasets import concatenate_datasets
-    from datasets.data_files import DataFilesDict, get_data_patterns
 
-    folder = folder.resolve()  # the datasets library lists the files with absolute paths
-    by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
-    splits = {str(k): sorted(f for f in v if data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
-    splits = {k: v for k, v in splits.items() if v}
+    folder = folder.resolve()  # files are listed with absolute paths
+    splits = folder_data_files(folder)
     if not splits:
-        raise UserError(f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst)")
+        raise UserError(
+            f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst; files in "
+            f"a training run's folder, one holding {' or '.join(RUN_FILES[:2])}, are run artifacts, not data)"
+        )
     if split not in splits:
         if missing_ok:
             return None

@@ -389,3 +389,37 @@ def test_doctor_reports_the_histogram_file_it_wrote(tmp_path, capsys):
     written = tmp_path / "new" / "out.png"
     assert f"length histogram written to {written}\n" in capsys.readouterr().out
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ── a data folder holding a training run ───────────────────────────────────────────────────────
+
+
+def test_a_run_folder_inside_a_data_folder_is_not_read_as_data(tmp_path, capsys):
+    """A run's output_dir saved beside the data (was "no data files": `training_args.bin` matched the datasets
+    library's `training*` split pattern, `eval/` its test split, and trainer_state.json, heldout_pairs.jsonl,
+    eval/generations.jsonl would be read as data). The data files are read, the run's files are not; the data's
+    own train / test files still split."""
+    folder = tmp_path / "data"
+    run = folder / "outputs" / "dpo_run"
+    for sub in ("checkpoint-2", "eval"):
+        (run / sub).mkdir(parents=True)
+    write_jsonl(folder / "pairs.jsonl", [{**ROW, "prompt": f"q{i}"} for i in range(3)])
+    for f in (run / "training_args.bin", run / "checkpoint-2" / "training_args.bin"):
+        f.write_bytes(b"\x80\x04pickle")
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": []}))
+    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    write_jsonl(run / "heldout_pairs.jsonl", [{**ROW, "prompt": "held out"}])
+    write_jsonl(run / "eval" / "generations.jsonl", [{"prompt": "p", "policy": "x"}])
+    report = doctor.main([str(folder)])
+    assert report.rows_in == 3 and [p[-1]["content"] for p in report.kept["prompt"]] == ["q0", "q1", "q2"]
+
+    from dpo.data.loading import load_preference_data
+
+    (folder / "pairs.jsonl").rename(folder / "train.jsonl")
+    write_jsonl(folder / "test.jsonl", [{**ROW, "prompt": "test row"}])
+    assert load_preference_data(str(folder))["prompt"] == ["q0", "q1", "q2"]
+    assert load_preference_data(str(folder), split="test")["prompt"] == ["test row"]
+    (folder / "train.jsonl").unlink()
+    (folder / "test.jsonl").unlink()
+    line = doctor_error([folder], capsys)  # only the run's files are left
+    assert "no data files in this folder" in line and "run artifacts" in line, line
