@@ -422,8 +422,18 @@ def messages_field(value, where: str) -> list[dict]:
             elif role.lower() in ("human", "gpt", "bot", "model"):
                 hint = " (ShareGPT-style names: map human -> user, gpt/model -> assistant)"
             raise UserError(f"{where}, message {i}: role '{role}' is not one of {list(ROLES)}{hint}")
+        if role == "system" and i > 1:
+            raise UserError(late_system_error(where, i))
         out.append({"role": message["role"], "content": message["content"]})
     return out
+
+
+def late_system_error(where: str, i: int) -> str:
+    """A system turn that is not the first message: templates paste it mid-conversation or refuse it."""
+    return (
+        f"{where}, message {i}: a system turn after the conversation started (chat templates render it pasted "
+        f"into the conversation, or refuse it); make it the first message, or fold its text into a user turn"
+    )
 
 
 # ── held-out split ────────────────────────────────────────────────────────────────────

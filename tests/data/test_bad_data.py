@@ -185,6 +185,56 @@ def test_unknown_or_capitalised_role_is_named(chosen, expected, tmp_path, capsys
     assert "share no prompt" not in line
 
 
+def _system(text):
+    return {"role": "system", "content": text}
+
+
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        (  # trl-lib style: whole conversations, the system turn between two exchanges
+            {
+                "chosen": chat("hi", "hello") + [_system("late system")] + chat("again?", "yes"),
+                "rejected": chat("hi", "hello") + [_system("late system")] + chat("again?", "no"),
+            },
+            "chosen",
+            3,
+        ),
+        (  # a prompt column, then an answer list that opens with a system turn
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [_system("late system"), {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "chosen",
+            1,
+        ),
+        (  # the prompt column itself
+            {
+                "prompt": [{"role": "user", "content": "hi"}, _system("late system")],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "prompt",
+            2,
+        ),
+    ],
+    ids=["mid_conversation", "opening_an_answer", "in_the_prompt"],
+)
+def test_a_system_turn_that_is_not_first_is_refused_with_its_row(row, field, message, tmp_path, capsys):
+    """Was: rendered "...again?late system" by the plain template (pasted into the user's turn) and trained."""
+    first = {
+        k: ([_system("first is fine")] + v if k == ("prompt" if "prompt" in row else "chosen") else v)
+        for k, v in row.items()
+    }
+    if "prompt" not in row:  # the first system turn opens both conversations
+        first["rejected"] = [_system("first is fine")] + row["rejected"]
+    first = {k: [m for m in v if m["content"] != "late system"] for k, v in first.items()}
+    path = write_jsonl(tmp_path / "system.jsonl", [first, first, row])
+    line = doctor_error([path], capsys)
+    assert f"{path}, row 3, field '{field}', message {message}: a system turn after the conversation started" in line
+
+
 @pytest.mark.parametrize("blank", ["", "   \n\t"])
 def test_empty_prompt_is_dropped_and_counted(blank, tmp_path, capsys):
     def answer(text):
