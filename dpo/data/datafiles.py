@@ -2,6 +2,7 @@
 compressed file is whole (dpo/data/loading.py loads and checks the rows).
 
     data_suffix(Path("train.jsonl.gz"))    # ('.jsonl', '.gz')
+    folder_data_files(Path("data"))         # {'train': [...], 'test': [...]}: a folder's data files by split
     with open_data_file(path) as f: ...    # the decompressed bytes
     try: ... except decompression_errors() as err: raise decompression_error(name, path, err)
 """
@@ -27,6 +28,64 @@ def data_suffix(path: Path) -> tuple[str, str]:
     if path.suffix in COMPRESSIONS and Path(path.stem).suffix in (".json", ".jsonl", ".csv"):
         return Path(path.stem).suffix, path.suffix
     return path.suffix, ""
+
+
+# A folder holding one of these is a training run's output_dir or checkpoint (or an export of one), not data:
+# its .json / .jsonl files (trainer_state.json, heldout_pairs.jsonl, eval/generations.jsonl) are run artifacts,
+# and its names (training_args.bin, eval/) would make the datasets library see "train" / "test" splits.
+RUN_FILES = (
+    "training_args.bin",
+    "trainer_state.json",
+    "run_complete.json",
+    "resolved_config.yaml",
+    "adapter_config.json",
+)
+
+
+def _in_run_folder(file: Path, folder: Path) -> bool:
+    """True if `file` lies in a run folder (RUN_FILES, checkpoint-N) at or below `folder`, or in a hidden one."""
+    for parent in [p for p in file.parents if p == folder or folder in p.parents]:
+        if parent != folder and (parent.name.startswith(".") or parent.name.startswith("checkpoint-")):
+            return True
+        if any((parent / name).is_file() for name in RUN_FILES):
+            return True
+    return False
+
+
+def folder_data_files(folder: Path) -> dict[str, list[str]]:
+    """{split: sorted data files} of a folder, split by file and folder names as the datasets library does
+    (train*, test*, eval/, ...), among the data files alone: files with a data suffix (LOCAL_FORMATS, maybe
+    .gz/.zst), not hidden, not in a run folder. The library's own patterns would also match run artifacts
+    (training_args.bin is a "train" file, eval/ a "test" folder) and then read no data file at all."""
+    from datasets.data_files import _get_data_files_patterns, resolve_pattern  # the library's own split rules
+
+    folder = folder.resolve()  # the datasets library lists files with absolute paths
+
+    def resolve(pattern: str) -> list[str]:
+        files = resolve_pattern(pattern, base_path=str(folder))
+        return [
+            f
+            for f in files
+            if data_suffix(Path(f))[0] in LOCAL_FORMATS
+            and not Path(f).name.startswith(".")
+            and not _in_run_folder(Path(f), folder)
+        ]
+
+    try:
+        patterns = _get_data_files_patterns(resolve)
+    except FileNotFoundError:  # no data file at all
+        return {}
+    splits = {
+        str(split): sorted({f for p in pats for f in _resolve_or_none(resolve, p)}) for split, pats in patterns.items()
+    }
+    return {k: v for k, v in splits.items() if v}
+
+
+def _resolve_or_none(resolve, pattern: str) -> list[str]:
+    try:
+        return resolve(pattern)
+    except FileNotFoundError:
+        return []
 
 
 def open_data_file(path: Path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -224,6 +225,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def histogram_path(name: str) -> Path:
+    """Where `--histogram name` writes, checked before any work: a .png file (a name without a suffix
+    gets .png, as matplotlib would add it), in a folder that exists or can be made and is writable."""
+    path = Path(name).expanduser()
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--histogram {name}: the histogram is a PNG image; give a name ending in .png")
+    if path.is_dir():
+        raise UserError(f"--histogram {name}: a folder; give a file name ending in .png")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"--histogram {name}: {folder} is a file, not a folder; write the histogram elsewhere")
+    target = path if path.exists() else folder
+    if not os.access(target, os.W_OK | (0 if path.exists() else os.X_OK)):
+        raise UserError(f"--histogram {name}: {target} is not writable; write the histogram elsewhere")
+    return path
+
+
 def main(argv: list[str] | None = None) -> DoctorReport:
     """Command-line entry point: load, check, print the table; UserError -> message and exit 2."""
 
@@ -239,6 +261,7 @@ def main(argv: list[str] | None = None) -> DoctorReport:
         if args.text_format != "none" and args.prompt_format != "text":
             raise UserError(f"--text_format {args.text_format} formats text rows: add --prompt_format text")
         check_flags(args)  # the settings gate (dpo/gate/), as the recipes check the same names
+        histogram = histogram_path(args.histogram) if args.histogram else None
         tokenizer = None
         if args.model_name_or_path:
             tokenizer = load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
@@ -270,8 +293,8 @@ def main(argv: list[str] | None = None) -> DoctorReport:
             )
         if warning := report.warning():
             print(warning, file=sys.stderr)
-        if args.histogram:
-            print(f"length histogram written to {plot_lengths(report, args.histogram)}")
+        if histogram:
+            print(f"length histogram written to {plot_lengths(report, histogram)}")
         return report
 
     return run()

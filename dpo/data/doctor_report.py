@@ -21,16 +21,21 @@ import numpy as np
 from datasets import Dataset
 
 from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
-from dpo.data.formats import count_tokens, is_chat, render
+from dpo.data.formats import is_chat, render
 from dpo.data.pairs import DIVERGE, EMPTY_PROMPT, NO_SHARED_PROMPT
 from dpo.data.preferences import CONTRADICTS, TIE, TOO_FEW
+from dpo.data.tokens import measure_pairs
 from dpo.errors import UserError
 
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
 EMPTY = "empty chosen or rejected"
 IDENTICAL = "chosen identical to rejected"
+# The same prompt with the answers the other way round in another row: each row cancels the other's preference
+SWAPPED = "contradicted by another row (same prompt, chosen and rejected swapped)"
 DUPLICATE = "duplicate of an earlier row"
 PROMPT_TOO_LONG = "prompt alone >= max_length tokens"
+# chosen and rejected differ only after max_length: the trained sequences and masks are the same (zero gradient)
+SAME_AFTER_CUT = "chosen identical to rejected after truncation to max_length"
 REASONS = (
     TIE,
     CONTRADICTS,
@@ -40,8 +45,10 @@ REASONS = (
     EMPTY_PROMPT,
     EMPTY,
     IDENTICAL,
+    SWAPPED,
     DUPLICATE,
     PROMPT_TOO_LONG,
+    SAME_AFTER_CUT,
 )
 
 CHUNK = 1000  # rows rendered and tokenized per batch: one progress-bar tick
@@ -97,12 +104,15 @@ class DoctorReport:
                 f"  of which {len(self.sft_only):>4}  kept for SFT only (rejected empty or equal to chosen; DPO drops them): row {first}"
             )
         if self.rows_kept:
-            lines.append(f"  {self.unit:<10}{'median':>8}{'p95':>8}{'max':>8}")
-            for part in ("prompt", "chosen", "rejected"):
-                values = self.lengths[part]
-                lines.append(
-                    f"  {part:<10}{np.median(values):>8.0f}{np.percentile(values, 95):>8.0f}{values.max():>8}"
-                )
+            stats = {
+                part: [f"{np.median(v):.0f}", f"{np.percentile(v, 95):.0f}", f"{v.max()}"]
+                for part, v in ((part, self.lengths[part]) for part in ("prompt", "chosen", "rejected"))
+            }
+            # every column as wide as its widest number + 2 spaces (8 at least): 9-digit lengths never run together
+            width = max(8, 2 + max(len(cell) for cells in stats.values() for cell in cells))
+            lines.append(f"  {self.unit:<10}" + "".join(f"{h:>{width}}" for h in ("median", "p95", "max")))
+            for part, cells in stats.items():
+                lines.append(f"  {part:<10}" + "".join(f"{cell:>{width}}" for cell in cells))
             if self.unit != "tokens":
                 lines.append(
                     "  (no tokenizer: lengths in characters; pass --model_name_or_path to count tokens and check max_length)"
@@ -143,6 +153,13 @@ def _same(a, b) -> bool:
     if isinstance(a, str):
         return a.strip() == b.strip()
     return [(m["role"], m["content"].strip()) for m in a] == [(m["role"], m["content"].strip()) for m in b]
+
+
+def _stripped(value):
+    """A prompt or answer as _same compares it: text stripped, messages as (role, stripped content)."""
+    if isinstance(value, str):
+        return value.strip()
+    return [(m["role"], m["content"].strip()) for m in value]
 
 
 def _key(prompt, chosen, rejected) -> bytes:
@@ -190,9 +207,8 @@ def examine(
         drops.append((row, reason))
 
     # cheap checks on every row
-    candidates: list[int] = []
-    seen: set[bytes] = set()
-    sft_only: set[int] = set()
+    passed: list[int] = []  # rows no earlier reason drops, with their pair key as _same compares
+    keys: dict[int, bytes] = {}
     for i, (prompt, chosen, rejected) in enumerate(zip(prompts, chosens, rejecteds)):
         unpaired = _is_empty(rejected) or _same(chosen, rejected)  # no preference for DPO to learn
         if problems[i]:
@@ -201,12 +217,25 @@ def examine(
             drop(EMPTY, row_numbers[i])
         elif unpaired and not sft:
             drop(IDENTICAL, row_numbers[i])
-        elif (key := _key(prompt, chosen, rejected)) in seen:
+        else:
+            passed.append(i)
+            keys[i] = _key(_stripped(prompt), _stripped(chosen), _stripped(rejected))
+    # a row whose swapped pair (same prompt, chosen and rejected exchanged) is another row: both go
+    # (a row with chosen = rejected, kept for SFT, is its own swap: not a contradiction)
+    swapped = {_key(_stripped(prompts[i]), _stripped(rejecteds[i]), _stripped(chosens[i])) for i in passed}
+    swapped -= {keys[i] for i in passed if _same(chosens[i], rejecteds[i])}
+    candidates: list[int] = []
+    seen: set[bytes] = set()
+    sft_only: set[int] = set()
+    for i in passed:
+        if keys[i] in swapped:
+            drop(SWAPPED, row_numbers[i])
+        elif (key := _key(prompts[i], chosens[i], rejecteds[i])) in seen:
             drop(DUPLICATE, row_numbers[i])
         else:
             seen.add(key)
             candidates.append(i)
-            if unpaired:
+            if _is_empty(rejecteds[i]) or _same(chosens[i], rejecteds[i]):
                 sft_only.add(i)
 
     # lengths, as TRL will tokenize them
@@ -230,9 +259,13 @@ def examine(
                 raise UserError(
                     f"{source}, row {row_numbers[i]}: the chat template failed on this row: {err}"
                 ) from None
-        for i, text, counts in zip(chunk, texts, count_tokens(texts, tokenizer, chat)):
+        measured = measure_pairs(texts, tokenizer, chat, max_length, truncation_mode)
+        for i, text, (*counts, same_after_cut) in zip(chunk, texts, measured):
             if check_length and counts[0] >= max_length:
                 drop(PROMPT_TOO_LONG, row_numbers[i])
+                continue
+            if same_after_cut and not sft:  # SFT trains on chosen alone
+                drop(SAME_AFTER_CUT, row_numbers[i])
                 continue
             kept.append(i)
             lengths.append(counts)

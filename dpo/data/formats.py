@@ -10,6 +10,7 @@
 `render` and `count_tokens` do what TRL's DPOTrainer does with a pair (chat template or text +
 EOS, prompt and prompt+answer tokenized separately), so the data doctor's lengths are the ones
 TRL trains on; tests/data/test_doctor.py checks them against DPOTrainer's own dataset preparation.
+The counting itself (`count_tokens`, long texts in windows) is dpo/data/tokens.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import sys
 
 from datasets import Dataset
+
+from dpo.data.tokens import common_prefix_length, count_tokens  # noqa: F401  (callers import them from here)
 
 # The documented fallback for a tokenizer without a chat template (base models: phi-2, pythia,
 # gpt2). It is Anthropic HH's transcript format, so HH data looks as it was written; every
@@ -144,33 +147,3 @@ def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
             name = {"user": "Human", "assistant": "Assistant"}.get(m["role"], m["role"].capitalize())
             out.append(f"\n\n{name}: {m['content']}")
     return "".join(out) + ("\n\nAssistant:" if add_generation_prompt else "")
-
-
-def common_prefix_length(a: list, b: list) -> int:
-    """How many leading tokens two id lists share: where TRL's answer starts (dpo_trainer.tokenize_fn)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:  # the usual case, at C speed
-        return n
-    i = 0
-    while a[i] == b[i]:
-        i += 1
-    return i
-
-
-def count_tokens(texts: list[tuple[str, str, str]], tokenizer, chat: bool) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) lengths per row; tokens as TRL counts them, or characters without a tokenizer.
-
-    TRL tokenizes the prompt and prompt+answer separately; the answer starts where the two
-    token sequences diverge (dpo_trainer.tokenize_fn). Chat text is tokenized without extra
-    special tokens (the template has them), plain text with the tokenizer's defaults.
-    """
-    if tokenizer is None:
-        return [(len(p), len(pc) - len(p), len(pr) - len(p)) for p, pc, pr in texts]
-    flat = [t for triple in texts for t in triple]
-    ids = tokenizer(flat, add_special_tokens=not chat)["input_ids"]
-    out = []
-    for i in range(0, len(ids), 3):
-        p, pc, pr = ids[i], ids[i + 1], ids[i + 2]
-        n = min(common_prefix_length(p, pc), common_prefix_length(p, pr))
-        out.append((n, len(pc) - n, len(pr) - n))
-    return out

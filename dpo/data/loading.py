@@ -18,6 +18,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -25,10 +28,12 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from dpo.data.datafiles import (
     COMPRESSIONS,
     LOCAL_FORMATS,
+    RUN_FILES,
     check_zstd_complete,
     data_suffix,
     decompression_error,
     decompression_errors,
+    folder_data_files,
     open_data_file,
 )
 from dpo.errors import UserError, hub_error
@@ -52,9 +57,10 @@ def _json_type(value) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _json_problem(path: Path) -> str | None:
+def _json_problem(path: Path, surrogates_only: bool = False) -> str | None:
     """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
-    whose type differs from the field's first value ("row N (line L), field 'f': ..."), or None."""
+    whose type differs from the field's first value, or that holds a lone surrogate ("row N (line L),
+    field 'f': ..."), or None. `surrogates_only`: look for lone surrogates alone."""
     with open_data_file(path) as f:
         text = f.read().decode("utf-8", errors="replace")
     suffix = data_suffix(path)[0]
@@ -83,12 +89,70 @@ def _json_problem(path: Path) -> str | None:
         if not isinstance(record, dict):
             return f"{where}: expected one JSON object {{...}} per record, got {_json_type(record)}"
         for key, value in record.items():
-            if value is None:
+            if (half := _lone_surrogate(key) or _lone_surrogate(value)) is not None:
+                return (
+                    f"{where}, field '{_printable(key)}': the escape \\u{ord(half):04x} is half of a UTF-16 "
+                    f"surrogate pair with no other half (not a character); remove it or write the whole pair"
+                )
+            if value is None or surrogates_only:
                 continue
             kind = first_type.setdefault(key, _json_type(value))
             if _json_type(value) != kind:
                 return f"{where}, field '{key}': expected {kind} as in the rows before, got {_json_type(value)} ({value!r:.60})"
     return None
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff: half of a pair, or a lone one
+
+
+def _has_surrogate_escape(path: Path) -> bool:
+    """True if the file's text holds a surrogate escape (pairs, as json.dumps writes emoji, or lone ones);
+    read in 1 MB chunks, each searched with the 5 bytes before it (an escape cut by a chunk's end)."""
+    tail = b""
+    with open_data_file(path) as f:
+        while chunk := f.read(1 << 20):
+            if _SURROGATE_ESCAPE.search(tail + chunk):
+                return True
+            tail = chunk[-5:]
+    return False
+
+
+def _lone_surrogate(value) -> str | None:
+    """The first lone UTF-16 surrogate (json.loads reads "\\ud800" as one; it is no character and
+    pyarrow refuses it) in a decoded JSON value, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return value[err.start]
+        return None
+    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        for part in item if isinstance(value, dict) else (item,):
+            if (half := _lone_surrogate(part)) is not None:
+                return half
+    return None
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", errors="backslashreplace").decode()
+
+
+@contextmanager
+def _quiet_readers():
+    """The datasets library's file readers log their error ("Failed to load JSON from file ...") before
+    raising it; the caller reports it as one line naming the file and row, so the log line would be a
+    second, raw message (with pyarrow's 0-based, per-block row number)."""
+    names = [f"datasets.packaged_modules.{kind}.{kind}" for kind in ("json", "csv", "parquet")]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _blank(path: Path) -> bool:
@@ -157,30 +221,40 @@ def _load_file(name: str, path: Path) -> Dataset:
         raise decompression_error(name, path, err) from None
     csv_text = _csv_as_text(path) if suffix == ".csv" else {}
     try:
-        data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
+        with _quiet_readers():
+            data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
     except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
         where = _json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
             raise UserError(f"{name}, {where}") from None
         cause = err.__cause__ or err.__context__ or err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        # pyarrow's "in row N" counts from 0 within a block of the file: never shown as a row number
+        reason = re.sub(r"\s+in row \d+", "", reason)
         if "corresponds to no data" in reason:
             raise UserError(f"{name}: the file has no rows") from None
         raise UserError(f"{name}: could not be read as {suffix[1:]}{compression}: {reason}") from None
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
+    # pyarrow drops a lone surrogate from a .json array without a word: the text would silently change
+    if suffix in (".json", ".jsonl") and _has_surrogate_escape(path):
+        if where := _json_problem(path, surrogates_only=True):
+            raise UserError(f"{name}, {where}")
     return data
 
 
 def _csv_as_text(path: Path) -> dict:
     """load_dataset("csv") settings that keep every cell as the text it is: "4" and "02134" stay
     strings (pandas would read numbers, and "02134" as 2134), and only an empty cell is missing
-    (pandas would also read the text None, NA, null, n/a, ... as missing)."""
+    (pandas would also read the text None, NA, null, n/a, ... as missing). A UTF-8 byte-order mark
+    (Excel's "CSV UTF-8") is not part of the first column's name: utf-8-sig reads it as the mark it is
+    (the JSON readers skip it already)."""
     from datasets import Features, Value
 
     with open_data_file(path) as f:
-        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8", newline="")), [])
+        header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
     return {
+        "encoding": "utf-8-sig",
         "keep_default_na": False,
         "na_values": [""],
         "features": Features({column: Value("string") for column in header}),
@@ -236,14 +310,14 @@ FILE_COLUMN, FILE_ROW_COLUMN = "__dpo_file__", "__dpo_file_row__"
 def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Dataset | None:
     """Split `split` of a folder of data files: each file loaded and checked alone, then concatenated."""
     from datasets import concatenate_datasets
-    from datasets.data_files import DataFilesDict, get_data_patterns
 
-    folder = folder.resolve()  # the datasets library lists the files with absolute paths
-    by_split = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
-    splits = {str(k): sorted(f for f in v if data_suffix(Path(f))[0] in LOCAL_FORMATS) for k, v in by_split.items()}
-    splits = {k: v for k, v in splits.items() if v}
+    folder = folder.resolve()  # files are listed with absolute paths
+    splits = folder_data_files(folder)
     if not splits:
-        raise UserError(f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst)")
+        raise UserError(
+            f"{name}: no data files in this folder (.jsonl, .json, .parquet, .csv, optionally .gz/.zst; files in "
+            f"a training run's folder, one holding {' or '.join(RUN_FILES[:2])}, are run artifacts, not data)"
+        )
     if split not in splits:
         if missing_ok:
             return None
@@ -348,8 +422,18 @@ def messages_field(value, where: str) -> list[dict]:
             elif role.lower() in ("human", "gpt", "bot", "model"):
                 hint = " (ShareGPT-style names: map human -> user, gpt/model -> assistant)"
             raise UserError(f"{where}, message {i}: role '{role}' is not one of {list(ROLES)}{hint}")
+        if role == "system" and i > 1:
+            raise UserError(late_system_error(where, i))
         out.append({"role": message["role"], "content": message["content"]})
     return out
+
+
+def late_system_error(where: str, i: int) -> str:
+    """A system turn that is not the first message: templates paste it mid-conversation or refuse it."""
+    return (
+        f"{where}, message {i}: a system turn after the conversation started (chat templates render it pasted "
+        f"into the conversation, or refuse it); make it the first message, or fold its text into a user turn"
+    )
 
 
 # ── held-out split ────────────────────────────────────────────────────────────────────

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from dpo.data.formats import plain_text_format
-from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, messages_field, text_field
+from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, late_system_error, messages_field, text_field
 from dpo.data.preferences import HISTORY, Preference, detect_preference
 from dpo.errors import UserError
 
@@ -326,6 +326,9 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
     if prompt and prompt[0]["role"] != "system":
         prompt = _system_message(system) + prompt
     problem = problem or _empty_prompt_problem(prompt)
+    for column, reply in ((layout.chosen, chosen), (layout.rejected, rejected)):  # answer-only lists after a prompt
+        if late := next((i for i, m in enumerate(reply, start=1) if m["role"] == "system"), None):
+            raise UserError(late_system_error(rows.at(n, column), late))
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
 
 

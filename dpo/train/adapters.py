@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from dpo.errors import UserError
@@ -87,10 +86,13 @@ def resolve_start(model_name_or_path: str, sft_adapter_path: str | None):
 
 
 def _linear_shapes(model_config, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
-    """{dotted module name: (in_features, out_features)} of every linear layer, built on the meta device."""
+    """{dotted module name: (in_features, out_features)} of every linear layer (nn.Linear and GPT-2's
+    Conv1D: model_checks.linear_features), built on the meta device."""
+    from dpo.train.model_checks import linear_features
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n: shape for n, m in model.named_modules() if (shape := linear_features(m)) is not None}
 
 
 def adapter_weights(adapter: str) -> Path:

@@ -176,12 +176,25 @@ def meta_model(config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def linear_features(module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer LoRA treats as linear, else None: nn.Linear, and
+    transformers' Conv1D (GPT-2's c_attn / c_fc / c_proj: a linear layer with its weight stored
+    transposed, (in, out)), as PEFT's "all-linear" and its LoRA layers do."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.nf
+    return None
+
+
 def linear_module_names(config, trust_remote_code: bool = False) -> tuple[list[str], str | None]:
-    """Dotted names of every nn.Linear in the architecture, and the name of the output layer
-    (lm_head), from a model built on the meta device (no weights, no memory)."""
+    """Dotted names of every linear layer (`linear_features`) in the architecture, and the name of
+    the output layer (lm_head), from a model built on the meta device (no weights, no memory)."""
     model = meta_model(config, trust_remote_code)
     output_layer = model.get_output_embeddings()
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    names = [name for name, module in model.named_modules() if linear_features(module) is not None]
     head = next((name for name, module in model.named_modules() if module is output_layer), None)
     return names, head
 
@@ -219,9 +232,9 @@ def trainable_parameter_count(config, model_args, targets: list[str], trust_remo
     modules = dict(model.named_modules())
     count = 0
     for name in targets:
-        layer = modules[name]
-        count += model_args.lora_r * (layer.in_features + layer.out_features)
-        count += layer.out_features if model_args.use_dora else 0
+        in_features, out_features = linear_features(modules[name])
+        count += model_args.lora_r * (in_features + out_features)
+        count += out_features if model_args.use_dora else 0
     for keep in model_args.lora_modules_to_save or []:
         kept = [m for n, m in modules.items() if n == keep or n.endswith("." + keep)]
         count += sum(p.numel() for m in kept for p in m.parameters())

@@ -49,6 +49,35 @@ def test_non_utf8_bytes_name_file_row_and_byte_offset(suffix, tmp_path, capsys):
     assert "0xe9" in line and "UTF-8" in line
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_a_lone_surrogate_names_its_1_based_row_and_field(suffix, tmp_path, capsys):
+    """`"\\ud800"` is valid JSON text but no character: pyarrow refused it "in row 4" (0-based) with a second,
+    logged line. Now: one line naming row 5 (of 6), its line, and the field."""
+    lines = [json.dumps({**ROW, "prompt": f"q{i}"}) for i in range(6)]
+    lines[4] = lines[4].replace('"q4"', '"q4 \\ud800"')
+    path = tmp_path / f"surrogate.{suffix}"
+    path.write_text("\n\n".join(lines) + "\n" if suffix == "jsonl" else "[" + ",\n".join(lines) + "]")
+    line = doctor_error([path], capsys)
+    where = "row 5 (line 9)" if suffix == "jsonl" else "row 5"
+    assert f"{path}, {where}, field 'prompt': the escape \\ud800" in line and "row 4" not in line, line
+    path.write_text(path.read_text().replace("\\ud800", "\\ud83d\\ude00"))  # a whole pair, as json.dumps writes 😀
+    assert doctor.main([str(path)]).kept["prompt"][4][-1]["content"] == "q4 \U0001f600"
+
+
+def test_a_read_error_never_shows_pyarrows_0_based_row(tmp_path, capsys, monkeypatch):
+    """When the file's own check cannot say where (here forced), the reader's reason is shown without pyarrow's
+    "in row N" (0-based, counted within a block of the file) and without the reader's logged copy of it."""
+    from dpo.data import loading
+
+    monkeypatch.setattr(loading, "_json_problem", lambda path: None)
+    lines = [json.dumps({**ROW, "prompt": f"q{i}"}) for i in range(6)]
+    lines[4] = lines[4].replace('"q4"', '"q4 \\ud800"')
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    line = doctor_error([path], capsys)
+    assert str(path) in line and "surrogate" in line and " row " not in line, line
+
+
 # ── folders of data files ──────────────────────────────────────────────────────────────────────
 
 
@@ -107,6 +136,22 @@ def test_csv_cells_are_read_as_the_text_they_are(lines, chosen, rejected, tmp_pa
     assert [c[0]["content"] for c in report.kept["chosen"]] == chosen
 
 
+@pytest.mark.parametrize("suffix", ["csv", "csv.gz", "jsonl", "json"])
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(suffix, tmp_path, capsys):
+    """Excel's "CSV UTF-8" starts with a byte-order mark (was: Field "\ufeffprompt" does not exist)."""
+    rows = [{**ROW, "prompt": f"q{i}", "chosen": f"a{i}"} for i in range(3)]
+    if suffix.startswith("csv"):
+        text = "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
+    else:
+        text = json.dumps(rows) if suffix == "json" else "".join(json.dumps(r) + "\n" for r in rows)
+    content = "\ufeff".encode() + text.encode()
+    path = tmp_path / f"bom.{suffix}"
+    path.write_bytes(gzip.compress(content) if suffix.endswith(".gz") else content)
+    report = doctor.main([str(path)])
+    assert report.rows_kept == 3
+    assert [p[-1]["content"] for p in report.kept["prompt"]] == ["q0", "q1", "q2"]
+
+
 def test_csv_empty_cell_is_still_missing(tmp_path, capsys):
     path = tmp_path / "hole.csv"
     path.write_text("prompt,chosen,rejected\nq1,a,b\nq2,,b\n")
@@ -138,6 +183,56 @@ def test_unknown_or_capitalised_role_is_named(chosen, expected, tmp_path, capsys
     assert f"{path}, row 3, field 'chosen', message" in line and expected in line, line
     assert "user" in line and "assistant" in line  # the roles that are accepted
     assert "share no prompt" not in line
+
+
+def _system(text):
+    return {"role": "system", "content": text}
+
+
+@pytest.mark.parametrize(
+    "row, field, message",
+    [
+        (  # trl-lib style: whole conversations, the system turn between two exchanges
+            {
+                "chosen": chat("hi", "hello") + [_system("late system")] + chat("again?", "yes"),
+                "rejected": chat("hi", "hello") + [_system("late system")] + chat("again?", "no"),
+            },
+            "chosen",
+            3,
+        ),
+        (  # a prompt column, then an answer list that opens with a system turn
+            {
+                "prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [_system("late system"), {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "chosen",
+            1,
+        ),
+        (  # the prompt column itself
+            {
+                "prompt": [{"role": "user", "content": "hi"}, _system("late system")],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "b"}],
+            },
+            "prompt",
+            2,
+        ),
+    ],
+    ids=["mid_conversation", "opening_an_answer", "in_the_prompt"],
+)
+def test_a_system_turn_that_is_not_first_is_refused_with_its_row(row, field, message, tmp_path, capsys):
+    """Was: rendered "...again?late system" by the plain template (pasted into the user's turn) and trained."""
+    first = {
+        k: ([_system("first is fine")] + v if k == ("prompt" if "prompt" in row else "chosen") else v)
+        for k, v in row.items()
+    }
+    if "prompt" not in row:  # the first system turn opens both conversations
+        first["rejected"] = [_system("first is fine")] + row["rejected"]
+    first = {k: [m for m in v if m["content"] != "late system"] for k, v in first.items()}
+    path = write_jsonl(tmp_path / "system.jsonl", [first, first, row])
+    line = doctor_error([path], capsys)
+    assert f"{path}, row 3, field '{field}', message {message}: a system turn after the conversation started" in line
 
 
 @pytest.mark.parametrize("blank", ["", "   \n\t"])
@@ -304,3 +399,77 @@ def test_doctor_refuses_max_length_below_one_as_a_setting(tokenizer, tiny_model_
     argv = [truthy_file, "--max_length", "0", *(["--model_name_or_path", tiny_model_dir] if tokenizer else [])]
     line = one_line_error(doctor.main, argv, capsys)
     assert "max_length must be >= 1, or null for no limit; got 0" in line, line
+
+
+# ── the doctor's --histogram target ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("target", ["txt", "under_a_file", "a_folder", "not_writable"])
+def test_doctor_refuses_a_histogram_target_it_cannot_write_before_any_work(target, tmp_path, capsys, monkeypatch):
+    """Was: a matplotlib traceback (`Format 'txt' is not supported`, `FileExistsError`) after the whole check."""
+    import os
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROW])
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    name = {
+        "txt": tmp_path / "x.txt",
+        "under_a_file": data / "h.png",
+        "a_folder": tmp_path / "folder.png",
+        "not_writable": locked / "h.png",
+    }[target]
+    (tmp_path / "folder.png").mkdir()
+    if target == "not_writable":
+        locked.chmod(0o500)
+        if os.access(locked, os.W_OK):  # root writes anywhere
+            pytest.skip("running as root: every folder is writable")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was read before the --histogram target was checked")
+
+    monkeypatch.setattr(doctor, "load_preference_data", no_work)
+    line = doctor_error([data, "--histogram", name], capsys)
+    assert f"--histogram {name}" in line, line
+
+
+def test_doctor_reports_the_histogram_file_it_wrote(tmp_path, capsys):
+    """`--histogram out` writes out.png and says so (it said `out`); a new folder is made."""
+    data = write_jsonl(tmp_path / "rows.jsonl", [ROW])
+    doctor.main([str(data), "--histogram", str(tmp_path / "new" / "out")])
+    written = tmp_path / "new" / "out.png"
+    assert f"length histogram written to {written}\n" in capsys.readouterr().out
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ── a data folder holding a training run ───────────────────────────────────────────────────────
+
+
+def test_a_run_folder_inside_a_data_folder_is_not_read_as_data(tmp_path, capsys):
+    """A run's output_dir saved beside the data (was "no data files": `training_args.bin` matched the datasets
+    library's `training*` split pattern, `eval/` its test split, and trainer_state.json, heldout_pairs.jsonl,
+    eval/generations.jsonl would be read as data). The data files are read, the run's files are not; the data's
+    own train / test files still split."""
+    folder = tmp_path / "data"
+    run = folder / "outputs" / "dpo_run"
+    for sub in ("checkpoint-2", "eval"):
+        (run / sub).mkdir(parents=True)
+    write_jsonl(folder / "pairs.jsonl", [{**ROW, "prompt": f"q{i}"} for i in range(3)])
+    for f in (run / "training_args.bin", run / "checkpoint-2" / "training_args.bin"):
+        f.write_bytes(b"\x80\x04pickle")
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 2, "log_history": []}))
+    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    write_jsonl(run / "heldout_pairs.jsonl", [{**ROW, "prompt": "held out"}])
+    write_jsonl(run / "eval" / "generations.jsonl", [{"prompt": "p", "policy": "x"}])
+    report = doctor.main([str(folder)])
+    assert report.rows_in == 3 and [p[-1]["content"] for p in report.kept["prompt"]] == ["q0", "q1", "q2"]
+
+    from dpo.data.loading import load_preference_data
+
+    (folder / "pairs.jsonl").rename(folder / "train.jsonl")
+    write_jsonl(folder / "test.jsonl", [{**ROW, "prompt": "test row"}])
+    assert load_preference_data(str(folder))["prompt"] == ["q0", "q1", "q2"]
+    assert load_preference_data(str(folder), split="test")["prompt"] == ["test row"]
+    (folder / "train.jsonl").unlink()
+    (folder / "test.jsonl").unlink()
+    line = doctor_error([folder], capsys)  # only the run's files are left
+    assert "no data files in this folder" in line and "run artifacts" in line, line

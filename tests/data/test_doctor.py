@@ -12,7 +12,7 @@ from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafe
 
 from dpo.compat import DPOTrainer
 from dpo.data.doctor import check_data, main
-from dpo.data.doctor_report import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, examine
+from dpo.data.doctor_report import DUPLICATE, EMPTY, IDENTICAL, PROMPT_TOO_LONG, SAME_AFTER_CUT, SWAPPED, examine
 from dpo.data.formats import ensure_chat_template, phi2_qa_format
 from dpo.data.loading import load_preference_data
 from dpo.data.pairs import DIVERGE, NO_SHARED_PROMPT, to_pairs
@@ -331,3 +331,119 @@ def test_check_data_returns_the_template_it_chose_and_leaves_the_tokenizer_alone
     assert "no chat template" in capsys.readouterr().err
     text = check_data(Dataset.from_list(orca_rows(4)), "orca.jsonl", tokenizer, prompt_format="text")
     assert text.chat_template is None  # text rows use no template
+
+
+# ── pairs that cancel: swapped answers, answers the same once cut to max_length ─────────────────────────
+
+
+def test_pairs_that_contradict_each_other_are_dropped_both_and_counted(tokenizer):
+    """The same prompt with chosen and rejected swapped in another row (was: both kept, the preference cancels).
+    Both rows go, and a repeat of either; an unrelated row, and a row with the same prompt and other answers,
+    stay. `fail=True` stops on them."""
+    good = [{"prompt": f"q{i}", "chosen": "right", "rejected": "wrong"} for i in range(3)]
+    rows = [
+        *good,
+        {"prompt": "q1", "chosen": "wrong", "rejected": "right "},  # row 4: row 2 swapped (spaces as _same ignores)
+        {"prompt": "q1", "chosen": "right", "rejected": "wrong"},  # row 5: row 2 again: also contradicted
+        {"prompt": "q1", "chosen": "right", "rejected": "other"},  # row 6: same prompt, another pair: kept
+    ]
+    pairs, _ = to_pairs(Dataset.from_list(rows), "data.jsonl", prompt_format="text")
+    report = examine(pairs, tokenizer, max_length=None)
+    assert [row for row, why in report.drops if why == SWAPPED] == [2, 4, 5]
+    assert report.kept_rows == [1, 3, 6] and report.rows_in == report.rows_kept + report.rows_dropped
+    assert f"dropped         3  {SWAPPED}: row 2, 4, 5" in report.table()
+    with pytest.raises(UserError, match="contradicted by another row"):
+        examine(pairs, tokenizer, max_length=None, fail=True)
+
+
+@pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
+def test_pairs_identical_after_truncation_are_dropped_as_trl_would_train_them(tokenizer, truncation_mode):
+    """Answers that differ only beyond max_length (keep_start: at their end; keep_end: at their start) train on the
+    same tokens with the same mask (was: "truncated 2 of 3" and a training-time warning). The doctor's verdict
+    is checked against TRL's own tokenization and collator; `degenerate_rows: fail` stops on it."""
+    from dpo.compat import DataCollatorForPreference
+
+    shared = " ".join(f"step {i} of the method is to keep going" for i in range(40))
+    answers = {  # same tokens within the last / first max_length of the sequence
+        "keep_start": (shared + " and then stop.", shared + " and never stop."),
+        "keep_end": ("Yes: " + shared, "No: " + shared),
+    }[truncation_mode]
+    rows = [
+        {"prompt": "How?", "chosen": answers[0], "rejected": answers[1]},
+        {"prompt": "Why?", "chosen": "Because it works.", "rejected": "No idea."},
+        {"prompt": "When?", "chosen": shared + " now.", "rejected": "Later " + shared},  # differs in both windows
+    ]
+    pairs, _ = to_pairs(Dataset.from_list(rows), "data.jsonl", prompt_format="text")
+    max_length = 64
+    report = examine(pairs, tokenizer, max_length=max_length, truncation_mode=truncation_mode)
+    collate = DataCollatorForPreference(
+        pad_token_id=tokenizer.pad_token_id, max_length=max_length, truncation_mode=truncation_mode
+    )
+    batch = collate(list(trl_tokenized(pairs, tokenizer, None)))
+    n = len(rows)
+    trl_same = [
+        bool((batch["input_ids"][i] == batch["input_ids"][n + i]).all())
+        and bool((batch["completion_mask"][i] == batch["completion_mask"][n + i]).all())
+        for i in range(n)
+    ]
+    assert trl_same == [True, False, False]
+    assert [row for row, why in report.drops if why == SAME_AFTER_CUT] == [1]
+    assert report.kept_rows == [2, 3]
+    with pytest.raises(UserError, match="identical to rejected after truncation"):
+        examine(pairs, tokenizer, max_length=max_length, truncation_mode=truncation_mode, fail=True)
+
+
+# ── long rows: lengths in windows, a table whose columns never run together ──────────────────────
+
+
+def test_a_long_row_is_tokenized_in_windows_with_trls_exact_counts(tokenizer, monkeypatch):
+    """A 50 MB row took 10 GB in one tokenizer call (about a kilobyte a token). Texts over LONG_TEXT characters
+    are tokenized in windows of at most WINDOW characters: here both are made small, and the counts still equal
+    TRL's own tokenization of the whole texts, for text and chat pairs."""
+    from dpo.data import tokens
+
+    monkeypatch.setattr(tokens, "LONG_TEXT", 600)
+    monkeypatch.setattr(tokens, "WINDOW", 300)
+    longest = []
+    real_call = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        longest.append(max(map(len, [text] if isinstance(text, str) else text)))
+        return real_call(self, text, *args, **kwargs)
+
+    body = " ".join(f"Line {i}: it's   {i * 7} (café, 東京)\n\nand more" for i in range(120))
+    rows = [
+        {"prompt": "Explain at length. " + body[:900], "chosen": body, "rejected": body[:1500] + " but shorter."},
+        {"prompt": "Short?", "chosen": "Yes.", "rejected": "No."},
+    ]
+    for prompt_format in ("text", "chat"):
+        pairs, _ = to_pairs(Dataset.from_list(rows), "data.jsonl", prompt_format=prompt_format)
+        if prompt_format == "chat":
+            ensure_chat_template(tokenizer)
+        assert tokens._windows_are_exact(tokenizer)  # its one-off check on a sample, outside the spy
+        longest.clear()
+        monkeypatch.setattr(type(tokenizer), "__call__", spy)
+        report = examine(pairs, tokenizer, max_length=None)
+        monkeypatch.setattr(type(tokenizer), "__call__", real_call)
+        trl = trl_tokenized(pairs, tokenizer, None)
+        expected = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trl]
+        got = list(zip(*(report.lengths[part].tolist() for part in ("prompt", "chosen", "rejected"))))
+        assert got == expected, prompt_format
+        assert len(body) > 4 * tokens.WINDOW and max(longest) <= tokens.WINDOW, (prompt_format, max(longest))
+
+
+def test_the_length_table_keeps_its_columns_apart_at_any_width():
+    """p95 17301516 and max 31457282 were printed as `1730151631457282`."""
+    import numpy as np
+
+    from dpo.data.doctor_report import DoctorReport
+
+    report = DoctorReport(
+        "big.jsonl", 3, Dataset.from_dict({"prompt": ["a"] * 3, "chosen": ["b"] * 3, "rejected": ["c"] * 3})
+    )
+    big = np.array([21, 17301516, 31457282_000], dtype=np.int64)
+    report.lengths = {"prompt": np.array([44, 61, 61]), "chosen": big, "rejected": np.array([18, 18, 18])}
+    fields = _stats_line(report.table(), "chosen").split()
+    assert fields == ["chosen", "17301516", f"{np.percentile(big, 95):.0f}", "31457282000"], fields
+    header = next(line for line in report.table().splitlines() if "median" in line)
+    assert header.split() == ["tokens", "median", "p95", "max"]

@@ -1,5 +1,7 @@
 """The recipe YAML through the real TrlParser; hardware precision; accelerate configs."""
 
+import json
+
 import pytest
 import torch
 from helpers import ROOT, load_recipe
@@ -153,3 +155,40 @@ def test_lora_config_returns_a_list_of_targets_and_leaves_model_args_alone():
     assert model_args.lora_target_modules == "q_proj"  # TRL turns a one-item list into a bare string (a regex to PEFT)
     assert set(lora_config(model_args).target_modules) == {"q_proj"}
     assert model_args.lora_target_modules == "q_proj"
+
+
+def tiny_gpt2(vocab_size: int):
+    """A 2-layer GPT-2 built locally (no download): its attention and MLP layers are transformers' Conv1D."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2)
+
+
+def test_gpt2_conv1d_layers_are_linear_layers_for_lora(tmp_path):
+    """GPT-2's c_attn / c_proj / c_fc are Conv1D, which PEFT's LoRA wraps: "all-linear" matches exactly the
+    layers PEFT itself wraps (was 0 layers), `c_attn` is accepted (was refused), the trainable-parameter
+    estimate equals PEFT's count, and a GPT-2 adapter PEFT saved fits its base (was "no such linear layer")."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dpo.offline.tiny import build_tokenizer
+    from dpo.train.adapters import check_adapter_fits
+    from dpo.train.model_checks import check_lora_targets, trainable_parameter_count
+
+    config = tiny_gpt2(len(build_tokenizer()))
+    torch.manual_seed(0)
+    for targets in ("all-linear", ["c_attn"]):
+        model = AutoModelForCausalLM.from_config(config)
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+        wrapped = sorted(
+            n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
+        )
+        matched = check_lora_targets(config, targets)
+        assert sorted(matched) == wrapped and wrapped, (targets, matched)
+        model_args = ModelConfig(model_name_or_path="x", use_peft=True, lora_r=4, lora_target_modules=targets)
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        assert trainable_parameter_count(config, model_args, matched) == trainable
+    assert len(check_lora_targets(config, "all-linear")) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    check_adapter_fits(str(tmp_path / "adapter"), adapter_config, config, "tiny-gpt2")
