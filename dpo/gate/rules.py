@@ -57,10 +57,8 @@ class Bound:
             bound = f"must be {'<' if self.high_open else '<='} {_fmt(self.high)}"
         else:
             bound = "must be a finite number"
-        if self.whole:
-            bound += " (a whole number)"
         shown = [_fmt(u) if u is not None else "null" for u in self.unset]
-        return bound + (f", or {' / '.join(shown)} for unset" if shown else "")
+        return bound + (f", or {' / '.join(shown)} for unset (no limit)" if shown else "")
 
     def outside(self) -> list:
         """The nearest refused values: each end crossed by one (whole) or a hair (real), and NaN."""

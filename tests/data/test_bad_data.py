@@ -398,7 +398,7 @@ def test_doctor_refuses_max_length_below_one_as_a_setting(tokenizer, tiny_model_
     """As the recipes do: a bad setting, not "every row was dropped" (with a tokenizer) or a pass (without)."""
     argv = [truthy_file, "--max_length", "0", *(["--model_name_or_path", tiny_model_dir] if tokenizer else [])]
     line = one_line_error(doctor.main, argv, capsys)
-    assert "max_length must be >= 1, or null for no limit; got 0" in line, line
+    assert "max_length must be >= 1, or null for unset (no limit); got 0" in line, line
 
 
 # ── the doctor's --histogram target ────────────────────────────────────────────────────────────

@@ -19,7 +19,16 @@ def test_a_long_first_pair_is_printed_cut_to_what_the_model_sees(
     rows[0]["chosen"] = "Yes. " + "very " * 40_000 + "true."  # one 200 kB answer
     data = write_jsonl(rows, tmp_path / "long.jsonl")
     argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", data, "--output_dir", tmp_path / "out"]
-    argv += ["--max_length", "128", "--test_size", "0", "--reference_cache", "false"]
+    argv += [
+        "--max_length",
+        "128",
+        "--test_size",
+        "0",
+        "--reference_cache",
+        "false",
+        "--gradient_accumulation_steps",
+        "1",
+    ]
     with pytest.raises(AssertionError, match="weights were loaded"):  # the log line comes just before
         load_recipe(recipe_name).main([str(a) for a in argv])
     log = capsys.readouterr().out
