@@ -315,6 +315,23 @@ def test_model_with_only_pickled_weights(recipe, tiny_model_dir, truthy_file, tm
     assert "save_pretrained" in line and "use_safetensors=False" in line  # how to convert
 
 
+def test_pickled_weights_beside_a_stray_safetensors_file(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """A *.safetensors that is not model.safetensors (a backup, an adapter) beside pytorch_model.bin: the check
+    used to pass it and from_pretrained(use_safetensors=True) failed with a traceback."""
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "model-backup.safetensors")
+    (pickled / "pytorch_model.bin").write_bytes(b"a pickle would be here")
+    argv = ["--model_name_or_path", str(pickled), "--dataset_name", str(truthy_file)]
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "has only pickled weights (pytorch_model.bin) (model-backup.safetensors beside them is not" in line, line
+    (pickled / "pytorch_model.bin").unlink()
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "has no weights: no model.safetensors" in line and "model-backup.safetensors is not loaded" in line, line
+
+
 def test_model_folder_without_weights(recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load):
     empty = tmp_path / "config-only"
     shutil.copytree(tiny_model_dir, empty)
