@@ -9,7 +9,8 @@ the trainer as the `ref_chosen_logps` / `ref_rejected_logps` columns TRL reads w
 them.
 
 Layout: <reference_cache_dir>/<key>/key.json and part-*.parquet (columns row, ref_chosen_logps,
-ref_rejected_logps, seconds). `key` hashes everything the values depend on besides the pair:
+ref_rejected_logps, seconds), each with its sha256 in part-*.parquet.sha256 (verified on load, and a
+full cache is only read: dpo/train/speed/refstore.py). `key` hashes everything the values depend on besides the pair:
 the reference weights (every frozen tensor, so 4-bit weights hash as stored), the model config,
 the quantization config and compute dtype, max_length, truncation_mode, LD-DPO's ld_alpha (it
 splits the sum) and TRL's version. `row` hashes the pair's token ids (prompt, chosen, rejected),
