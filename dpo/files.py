@@ -29,7 +29,9 @@ def replace_folder(target: str | Path, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
+    if target.is_symlink():  # a link is replaced, never what it points to
+        target.unlink()
+    elif target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
     return target

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
+from dpo.files import confined
 from dpo.log import log
 from dpo.train.attention import attention_implementation
 from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
@@ -158,7 +159,7 @@ def check_weight_files(folder: Path) -> None:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"{index} is truncated or corrupt (no readable weight_map): download it again") from None
-        missing = sorted(s for s in shards if not (folder / s).is_file())
+        missing = sorted(s for s in shards if not confined(folder, s, index).is_file())  # shards inside the folder
         if missing:
             raise UserError(
                 f"{folder} is missing {len(missing)} of the {len(shards)} weight shards that {index.name} lists "

@@ -332,6 +332,21 @@ def test_pickled_weights_beside_a_stray_safetensors_file(
     assert "has no weights: no model.safetensors" in line and "model-backup.safetensors is not loaded" in line, line
 
 
+def test_a_weight_index_naming_a_shard_outside_the_folder_is_refused(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """model.safetensors.index.json maps tensors to shard files: each must lie inside the model folder."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, sharded)
+    (tmp_path / "elsewhere").mkdir()
+    (sharded / "model.safetensors").rename(tmp_path / "elsewhere" / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere/model-00001-of-00001.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    argv = ["--model_name_or_path", str(sharded), "--dataset_name", str(truthy_file)]
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "model.safetensors.index.json lists '../elsewhere/model-00001-of-00001.safetensors'" in line, line
+
+
 def test_model_folder_without_weights(recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load):
     empty = tmp_path / "config-only"
     shutil.copytree(tiny_model_dir, empty)
