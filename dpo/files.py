@@ -235,7 +235,8 @@ def read_yaml_mapping(path: str | Path, fix: str) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}; {fix}") from None
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise UserError(f"{path} is not valid YAML{where}: {problem}; {fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} holds {_type_name(type(data))}, not a mapping of settings; {fix}")
     return data
