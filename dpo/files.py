@@ -1,10 +1,12 @@
 """Writing output folders whole (built beside the target, swapped in only when complete), telling
-a full disk apart from other write errors, and a file's sha256."""
+a full disk apart from other write errors, a file's sha256, and reading the files the tools trust:
+names kept inside their folder, JSON/JSONL/YAML of the expected shape, checksums compared."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -27,7 +29,9 @@ def replace_folder(target: str | Path, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
+    if target.is_symlink():  # a link is replaced, never what it points to
+        target.unlink()
+    elif target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
     return target
@@ -104,3 +108,148 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ── files the tools trust: paths kept inside their folder, JSON of the expected shape, checksums ──
+# A run folder, a checkpoint or a cache folder may come from someone else (copied, unpacked, edited):
+# what its own files say is read through these, so that a list of names can never reach outside the
+# folder and a damaged file is one line naming it, never a traceback or a silent wrong answer.
+
+
+def confined(folder: str | Path, entry, source: str | Path) -> Path:
+    """`folder/entry` for a name `entry` read from the file `source`, when it stays strictly inside
+    `folder` once resolved (symlinks followed, `..` applied, an absolute entry is outside). UserError
+    naming `source` and the entry otherwise. Returns the path unresolved (a link inside stays a link)."""
+    if not isinstance(entry, str) or not entry.strip() or "\x00" in entry:
+        raise UserError(f"{source} lists {entry!r}, which is not a file name inside {folder}: the file is damaged")
+    base = Path(folder).resolve()
+    target = (base / entry).resolve()
+    if base not in target.parents:
+        raise UserError(
+            f"{source} lists {entry!r}, which resolves to {target}, not inside {base}: a folder's own files only "
+            "name files inside it (the file was edited or comes from elsewhere); nothing was touched"
+        )
+    return Path(folder) / entry
+
+
+def remove_entry(folder: str | Path, entry, source: str | Path) -> Path:
+    """Delete `folder/entry` (a file, a link, or a folder with what is in it) after `confined` allows it."""
+    path = confined(folder, entry, source)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    return path
+
+
+# Shapes: {key: (type, type of each element or None)}; an element type applies to a list's items or a
+# dict's values. bool is not accepted as int (JSON true is no step count).
+def _type_name(kind) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(_type_name(k) for k in kind)
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
+        kind, kind.__name__
+    )
+
+
+def _is(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def shape_problem(data, shape: dict, optional: tuple = ()) -> str | None:
+    """Why `data` (parsed JSON) is not an object of `shape`, naming the entry; None if it is."""
+    if not isinstance(data, dict):
+        return f"holds {_type_name(type(data))}, not an object"
+    for key, (kind, element) in shape.items():
+        if key not in data:
+            if key in optional:
+                continue
+            return f"has no '{key}' entry"
+        value = data[key]
+        if not _is(value, kind):
+            return f"entry '{key}' is {_type_name(type(value))}, not {_type_name(kind)}"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for name, item in items if element is not None else ():
+            if not _is(item, element):
+                return f"entry '{key}' [{name!r}] is {_type_name(type(item))}, not {_type_name(element)}"
+    return None
+
+
+def read_json_object(path: str | Path, shape: dict, fix: str, optional: tuple = ()) -> dict:
+    """The JSON object in `path`, checked against `shape`; UserError naming the file, the line or the
+    entry, and `fix` (what to do) when it is missing, not UTF-8, not JSON, or of another shape."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {fix}") from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: byte {err.start} is not UTF-8; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); {fix}"
+        ) from None
+    if problem := shape_problem(data, shape, optional):
+        raise UserError(f"{path} {problem}; {fix}")
+    return data
+
+
+def read_jsonl_objects(path: str | Path, shape: dict, fix: str) -> list[dict]:
+    """One JSON object of `shape` per non-blank line of `path`; UserError naming the line otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode()
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: byte {err.start} is not UTF-8; {fix}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number}: not valid JSON (column {err.colno}: {err.msg}); {fix}") from None
+        if problem := shape_problem(row, shape):
+            raise UserError(f"{path}:{number}: the row {problem}; {fix}")
+        rows.append(row)
+    return rows
+
+
+def read_yaml_mapping(path: str | Path, fix: str) -> dict:
+    """The YAML mapping in `path`; UserError naming the file (and line, column) when it is not one."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_bytes().decode())
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: byte {err.start} is not UTF-8; {fix}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise UserError(f"{path} is not valid YAML{where}: {problem}; {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds {_type_name(type(data))}, not a mapping of settings; {fix}")
+    return data
+
+
+def sha256_mismatch(path: Path, expected: str) -> str | None:
+    """Why `path` is not the file whose sha256 is `expected` (missing, unreadable, other bytes); None if it is."""
+    try:
+        actual = file_sha256(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror})"
+    if actual != expected:
+        return f"{path} has sha256 {actual[:12]}..., {expected[:12]}... was recorded when it was written"
+    return None

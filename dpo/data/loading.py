@@ -37,6 +37,7 @@ from dpo.data.datafiles import (
     open_data_file,
 )
 from dpo.errors import UserError, hub_error
+from dpo.files import confined, read_json_object
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
@@ -282,8 +283,7 @@ def load_preference_data(
                 return None
             return _load_file(name, path)
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            data = load_from_disk(str(path))
-            return _pick_split(data, name, split, missing_ok)
+            return _pick_split(_load_saved(name, path), name, split, missing_ok)
         if config_name is None:
             return _load_folder(name, path, split, missing_ok)
     try:
@@ -305,6 +305,27 @@ ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates know
 # A dataset read from a folder of files keeps, per row, its file and its row in that file, so errors
 # can name them (RowLocator). dpo/data/pairs.py reads only the columns it converts; these never reach TRL.
 FILE_COLUMN, FILE_ROW_COLUMN = "__dpo_file__", "__dpo_file_row__"
+
+
+SAVED_FIX = "save it again with save_to_disk, or pass the data as a .jsonl/.parquet file"
+
+
+def _load_saved(name: str, folder: Path):
+    """A folder written by `save_to_disk`. The files its JSON lists (splits, arrow shards) are checked to lie
+    inside it first; a damaged folder (cut-short shard, invalid JSON, missing file) is one line naming it."""
+    fix, parts = f"{name} is damaged: {SAVED_FIX}", [folder]
+    if (folder / "dataset_dict.json").exists():
+        splits = read_json_object(folder / "dataset_dict.json", {"splits": (list, str)}, fix)["splits"]
+        parts = [confined(folder, split, folder / "dataset_dict.json") for split in splits]
+    for part in parts:
+        state = read_json_object(part / "state.json", {"_data_files": (list, dict)}, fix)
+        for shard in state["_data_files"]:
+            confined(part, shard.get("filename"), part / "state.json")
+    try:
+        return load_from_disk(str(folder))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name}: a save_to_disk dataset folder that cannot be read ({reason}): {SAVED_FIX}") from None
 
 
 def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Dataset | None:

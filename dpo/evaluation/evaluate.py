@@ -23,11 +23,9 @@ generations.jsonl. The folder is replaced only once everything has been computed
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
@@ -37,14 +35,20 @@ GENERATION_MODES = ("greedy", "sampled")
 
 
 # ── the run folder, checked before any weights load ─────────────────────────────────────────
-def read_run(output_dir: str | Path) -> tuple[dict, list[dict]]:
-    """(resolved config, held-out pairs) of a run folder; UserError naming what is missing."""
+COMMAND = "python -m dpo.evaluate"
+PAIR_SHAPE = {"prompt": ((str, list), None), "chosen": ((str, list), None), "rejected": ((str, list), None)}
+DAMAGED = "the run folder is damaged (a file edited or cut short): rerun the training, or use an intact copy"
+
+
+def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list[dict]]:
+    """(resolved config, held-out pairs) of a run folder; UserError naming what is missing or malformed."""
+    from dpo.files import read_jsonl_objects, read_yaml_mapping
     from dpo.train.safety.runs import require_finished_run
 
     out = Path(output_dir)
     if not out.is_dir():
         raise UserError(f"run folder not found: {out}")
-    require_finished_run(out, "python -m dpo.evaluate")
+    require_finished_run(out, command)
     for name in ("adapter_config.json", "resolved_config.yaml"):
         if not (out / name).is_file():
             raise UserError(f"{out} has no {name}: not a finished run folder of these recipes")
@@ -53,11 +57,28 @@ def read_run(output_dir: str | Path) -> tuple[dict, list[dict]]:
         raise UserError(
             f"{out} has no heldout_pairs.jsonl: the run held nothing out (test_size 0); re-run with a test_size"
         )
-    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
-    pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
+    resolved = read_yaml_mapping(out / "resolved_config.yaml", DAMAGED)
+    if not isinstance(resolved.get("model_name_or_path"), str):
+        raise UserError(f"{out / 'resolved_config.yaml'} names no model_name_or_path; {DAMAGED}")
+    pairs = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED)
     if not pairs:
         raise UserError(f"{pairs_file} is empty")
     return resolved, pairs
+
+
+def check_run_files(output_dir: Path, base: str, source: str, command: str = COMMAND):
+    """The rest of what evaluate and export check before any weights load: the run's tokenizer and adapter
+    are usable, every file run_complete.json hashed is the one the run wrote (not an adapter swapped for a
+    checkpoint's), and the base it names (`source`: where) is still there. Returns the tokenizer."""
+    from dpo.train.adapters import adapter_weights
+    from dpo.train.model_checks import check_run_base, load_tokenizer
+    from dpo.train.safety.runs import verify_finished_run
+
+    tokenizer = load_tokenizer(str(output_dir))
+    adapter_weights(str(output_dir))
+    verify_finished_run(output_dir, command)
+    check_run_base(base, source)
+    return tokenizer
 
 
 def reference_adapter(output_dir: Path, resolved: dict) -> str | None:
@@ -72,7 +93,6 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
     = the SFT adapter if there was one. Returns (PeftModel, tokenizer)."""
     from dpo.compat import ModelConfig, get_quantization_config
     from dpo.train.adapters import load_with_adapter, put_adapter
-    from dpo.train.model_checks import load_tokenizer
 
     fields = {k: v for k, v in resolved.items() if k in ModelConfig.__dataclass_fields__}
     model_args = ModelConfig(**fields)
@@ -85,7 +105,9 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    tokenizer = load_tokenizer(str(output_dir))  # checked before any weights load
+    tokenizer = check_run_files(
+        output_dir, model_args.model_name_or_path, "model_name_or_path in resolved_config.yaml"
+    )
     model = load_with_adapter(model_args.model_name_or_path, kwargs, str(output_dir), False, adapter_name="policy")
     ref = reference_adapter(output_dir, resolved)
     if ref:
@@ -158,9 +180,9 @@ def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, 
     output_dir = Path(output_dir)
     resolved, pairs = read_run(output_dir)
     if reward_model:
-        from dpo.train.model_checks import load_model_config
+        from dpo.evaluation.judge import check_reward_model
 
-        load_model_config(reward_model)  # the judge resolves before any weights load
+        check_reward_model(reward_model)  # a sequence-classification head, in safetensors: before any weights load
     model, tokenizer = load_policy_and_reference(output_dir, resolved)
     pad, beta = tokenizer.pad_token_id, float(resolved.get("beta", 0.1))
     log(

@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import replace_folder
@@ -47,23 +46,35 @@ ADAPTER_FILES = (
 )
 
 
+COMMAND = "python -m dpo.export"
+
+
 def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None) -> dict:
     """Everything checkable before weights load; returns the resolved config."""
+    from dpo.evaluation.evaluate import DAMAGED, check_run_files
+    from dpo.files import read_json_object, read_yaml_mapping
     from dpo.train.safety.runs import require_finished_run
 
     if not output_dir.is_dir():
         raise UserError(f"run folder not found: {output_dir}")
-    require_finished_run(output_dir, "python -m dpo.export")
+    require_finished_run(output_dir, COMMAND)
     for name in ("adapter_config.json", "adapter_model.safetensors", "resolved_config.yaml"):
         if not (output_dir / name).is_file():
             raise UserError(f"{output_dir} has no {name}: not a finished run folder of these recipes")
     if not merged and not push_to_hub:
         raise UserError("nothing to do: pass --merged DIR and/or --push_to_hub REPO")
+    if merged and Path(merged).exists() and not Path(merged).is_dir():
+        raise UserError(f"--merged {merged} is a file, not a folder; pick a new folder (nothing is overwritten)")
     if merged and Path(merged).exists() and any(Path(merged).iterdir()):
         raise UserError(f"--merged {merged} exists and is not empty; pick a new folder (nothing is overwritten)")
     if push_to_hub and not os.environ.get("HF_TOKEN"):
         raise UserError("--push_to_hub needs a write token in the HF_TOKEN environment variable (never in a file)")
-    return yaml.safe_load((output_dir / "resolved_config.yaml").read_text())
+    resolved = read_yaml_mapping(output_dir / "resolved_config.yaml", DAMAGED)
+    adapter = read_json_object(output_dir / "adapter_config.json", {"base_model_name_or_path": (str, None)}, DAMAGED)
+    check_run_files(
+        output_dir, adapter["base_model_name_or_path"], "base_model_name_or_path in adapter_config.json", COMMAND
+    )
+    return resolved
 
 
 def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
@@ -71,9 +82,10 @@ def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
     pairs_file = output_dir / "heldout_pairs.jsonl"
     texts = ["Instruct: What is the capital of France?\nOutput: The capital of France is Paris."]
     if pairs_file.is_file():
-        from dpo.evaluation.evaluate import prompt_text
+        from dpo.evaluation.evaluate import DAMAGED, PAIR_SHAPE, prompt_text
+        from dpo.files import read_jsonl_objects
 
-        rows = [json.loads(line) for line in pairs_file.read_text().splitlines()[:n]]
+        rows = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED)[:n]
         texts = [
             prompt_text(tokenizer, r["prompt"]) + (r["chosen"] if isinstance(r["chosen"], str) else "") for r in rows
         ]
@@ -86,6 +98,7 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
     """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check."""
     from transformers import AutoModelForCausalLM
 
+    from dpo.files import file_sha256
     from dpo.train.adapters import adapter_weights, put_adapter
     from dpo.train.model_checks import check_weight_files, load_tokenizer
 
@@ -116,6 +129,8 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
                 f"merged model's logits differ from base + adapter by {check['max_abs_diff']:.3g} "
                 f"(allowed {TOLERANCE[dtype]} x {scale:.3g}); nothing written"
             )
+        # the merged weights' sha256, recorded beside them as run_complete.json records the adapter's
+        check["sha256"] = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
         (folder / "merge_check.json").write_text(json.dumps(check, indent=2) + "\n")
         (folder / "README.md").write_text(model_card(output_dir, merged=True))
 

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from dpo.errors import UserError
+
 Z95 = 1.959964  # two-sided 95% normal quantile
 
 
@@ -81,14 +83,46 @@ def win_rates(policy_scores, reference_scores, policy_lengths, reference_lengths
     }
 
 
-def load_reward_model(name: str, device):
-    """A sequence-classification reward model (hub id or folder; one score per text) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def check_reward_model(name: str) -> None:
+    """Before any weights load: `name` must be a sequence-classification model with one score per text
+    (its config's architectures and num_labels), in safetensors. A causal LM given instead would load
+    with a freshly initialised random `score` head and its "win rates" would be noise."""
+    from dpo.train.model_checks import check_safetensors, load_model_config
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(name, use_safetensors=True, num_labels=1)
+    config = load_model_config(name)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(
+            f"--reward_model {name} is not a reward model: its config names {architectures or 'no architecture'}, "
+            "not a *ForSequenceClassification one, so it has no trained score head (transformers would add a random "
+            "one). Pass a sequence-classification reward model"
+        )
+    if config.num_labels != 1:
+        raise UserError(
+            f"--reward_model {name} gives {config.num_labels} scores per text (num_labels {config.num_labels}); "
+            "a reward model gives one"
+        )
+    check_safetensors(name, flag="--reward_model", auto_class="AutoModelForSequenceClassification")
+
+
+def load_reward_model(name: str, device):
+    """A sequence-classification reward model (hub id or folder; one score per text) and its tokenizer.
+    Checked first (check_reward_model); a head missing from its weights is refused after loading."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo.train.model_checks import load_tokenizer
+
+    check_reward_model(name)
+    tokenizer = load_tokenizer(name)  # pads with EOS when it has no pad token
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name, use_safetensors=True, num_labels=1, output_loading_info=True
+    )
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(
+            f"--reward_model {name}: its weights lack {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} "
+            "(transformers would initialise them at random): not a trained reward model"
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
+from dpo.files import confined
 from dpo.gate.integrations import check_model_integrations
 from dpo.log import log
 from dpo.train.attention import attention_implementation
@@ -76,11 +77,17 @@ def check_config_json(folder: Path) -> None:
 
 
 PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle files: loading runs code
+# What from_pretrained(..., use_safetensors=True) reads from a folder or repo: one file, or an index of shards.
+# Any other *.safetensors beside them (a stray copy, an adapter) is not loaded.
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def check_safetensors(name: str, revision: str = "main") -> None:
-    """The model's weights must be safetensors: a local folder (or, when the Hub answers, a repo) holding
-    only pickled weights (pytorch_model.bin) is refused before anything loads, with how to convert it."""
+def check_safetensors(
+    name: str, revision: str = "main", flag: str = "--model_name_or_path", auto_class: str = "AutoModelForCausalLM"
+) -> None:
+    """The model's weights must be safetensors under the name transformers loads: a local folder (or, when
+    the Hub answers, a repo) holding only pickled weights (pytorch_model.bin), even beside a stray
+    *.safetensors, is refused before anything loads, with how to convert it."""
     path = Path(name).expanduser()
     if path.is_dir():
         files = [f.name for f in path.iterdir() if f.is_file()]
@@ -91,20 +98,42 @@ def check_safetensors(name: str, revision: str = "main") -> None:
             files = list_repo_files(name, revision=revision)
         except Exception:  # offline, private, rate-limited: from_pretrained will say what is wrong
             return
-    if any(f.endswith(".safetensors") for f in files):
+    if any(f in SAFE_WEIGHTS for f in files):
         if path.is_dir():
             check_weight_files(path)
         return
     pickled = sorted(f for f in files if f.endswith(PICKLED_WEIGHTS))
+    stray = sorted(f for f in files if f.endswith(".safetensors"))
+    beside = f" ({', '.join(stray[:3])} beside them is not {SAFE_WEIGHTS[0]}, which is what loads)" if stray else ""
     if not pickled:
-        raise UserError(f"model {name} has no weights: no *.safetensors file")
+        raise UserError(
+            f"model {name} has no weights: no {SAFE_WEIGHTS[0]} (or {SAFE_WEIGHTS[1]})"
+            + (
+                f"; {', '.join(stray[:3])} is not loaded under that name: rename the whole model's file"
+                if stray
+                else ""
+            )
+        )
     raise UserError(
-        f"model {name} has only pickled weights ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}); "
-        "safetensors are required (unpickling a file can run code). If you trust the file, convert it once: "
-        f'python -c "from transformers import AutoModelForCausalLM as M; '
+        f"model {name} has only pickled weights ({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''})"
+        f"{beside}; safetensors are required (unpickling a file can run code). If you trust the file, convert it "
+        f'once: python -c "from transformers import {auto_class} as M; '
         f"M.from_pretrained('{name}', use_safetensors=False).save_pretrained('{path.name}-safetensors')\" "
-        f"and pass --model_name_or_path {path.name}-safetensors"
+        f"and pass {flag} {path.name}-safetensors"
     )
+
+
+def check_run_base(name: str, source: str) -> None:
+    """The base model a finished run names (`source`: which file and key say so), before any weights load:
+    a local folder must still be there (evaluate and export used to fail deep inside from_pretrained when
+    it had been moved), with a config and whole safetensors."""
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        raise UserError(
+            f"the run's base model folder {name} ({source}) is not there: it was moved or deleted after the run. "
+            "Put it back at that path (a symbolic link to it will do)"
+        )
+    load_model_config(name)
+    check_safetensors(name)
 
 
 # Files any transformers tokenizer is built from (fast: tokenizer.json; slow: a vocabulary, BPE merges or
@@ -131,7 +160,7 @@ def check_weight_files(folder: Path) -> None:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise UserError(f"{index} is truncated or corrupt (no readable weight_map): download it again") from None
-        missing = sorted(s for s in shards if not (folder / s).is_file())
+        missing = sorted(s for s in shards if not confined(folder, s, index).is_file())  # shards inside the folder
         if missing:
             raise UserError(
                 f"{folder} is missing {len(missing)} of the {len(shards)} weight shards that {index.name} lists "

@@ -6,6 +6,7 @@ docs/reliability.md lists these cases."""
 
 import gzip
 import json
+import shutil
 
 import pytest
 from helpers import load_recipe, one_line_error, pku_rows
@@ -473,3 +474,37 @@ def test_a_run_folder_inside_a_data_folder_is_not_read_as_data(tmp_path, capsys)
     (folder / "test.jsonl").unlink()
     line = doctor_error([folder], capsys)  # only the run's files are left
     assert "no data files in this folder" in line and "run artifacts" in line, line
+
+
+# ── a folder written by save_to_disk (dpo/data/loading.py `_load_saved`) ───────────────────────
+def _saved(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{**ROW, "prompt": f"What is {i}+2?"} for i in range(200)]
+    folder = tmp_path / "saved"
+    DatasetDict(train=Dataset.from_list(rows)).save_to_disk(folder)
+    return folder, folder / "train"
+
+
+@pytest.mark.parametrize("damage", ["shard_cut_short", "shard_missing", "state_not_json", "shard_outside"])
+def test_a_damaged_save_to_disk_folder_is_one_line(damage, tmp_path, capsys):
+    folder, split = _saved(tmp_path)
+    (shard,) = split.glob("*.arrow")
+    state = json.loads((split / "state.json").read_text())
+    if damage == "shard_cut_short":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        expected = f"{folder}: a save_to_disk dataset folder that cannot be read ("
+    elif damage == "shard_missing":
+        shard.unlink()
+        expected = f"{folder}: a save_to_disk dataset folder that cannot be read ("
+    elif damage == "state_not_json":
+        (split / "state.json").write_text("{bad")
+        expected = f"{split / 'state.json'} is not valid JSON (line 1, column 2"
+    else:  # state.json naming an arrow file elsewhere: never read
+        elsewhere = tmp_path / "elsewhere.arrow"
+        shutil.copy(shard, elsewhere)
+        state["_data_files"][0]["filename"] = str(elsewhere)
+        (split / "state.json").write_text(json.dumps(state))
+        expected = f"{split / 'state.json'} lists {str(elsewhere)!r}, which resolves to"
+    line = doctor_error([folder], capsys)
+    assert expected in line, line

@@ -487,3 +487,122 @@ def test_a_truncated_adapter_is_one_line_in_evaluate_export_and_dpo_from_sft(
     flags = cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=tmp_path / "o")
     line = one_line_error(load_recipe("dpo_phi2").main, [*flags, "--sft_adapter_path", adapter], capsys)
     assert f"{cut} is truncated or corrupt" in line, line
+
+
+# ── the run folder's files are the ones the run wrote (run_complete.json's sha256, dpo/train/safety/runs.py) ──
+def rehash(run, *names):
+    """Record `names`' current sha256 in run_complete.json, as if the run had written them so."""
+    marker = json.loads((run / "run_complete.json").read_text())
+    marker["sha256"].update({n: hashlib.sha256((run / n).read_bytes()).hexdigest() for n in names})
+    (run / "run_complete.json").write_text(json.dumps(marker))
+
+
+def test_an_adapter_replaced_after_the_run_is_refused_by_evaluate_and_export(dpo, tmp_path, capsys, no_weights_load):
+    """A checkpoint's adapter (or any other weights) copied over the finished run's: export used to report
+    that the logits match and evaluate scored the wrong adapter."""
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    run = run_copy(dpo, tmp_path / "run")
+    replace_adapter_weights(run)
+    for main, extra in ((evaluate, []), (export, ["--merged", tmp_path / "merged"])):
+        line = one_line_error(main, [run, *extra], capsys)
+        assert f"{run / 'adapter_model.safetensors'} has sha256" in line, line
+        assert "the run folder changed after the run finished" in line, line
+    assert not (tmp_path / "merged").exists() and not (run / "eval").exists()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "heldout_pairs.jsonl",
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a",\n',
+            ":2: not valid JSON",
+        ),
+        ("heldout_pairs.jsonl", '{"prompt": "a", "chosen": "b"}\n', ":1: the row has no 'rejected' entry"),
+        ("resolved_config.yaml", "beta: [0.1\n", "is not valid YAML (line 2, column 1)"),
+        ("resolved_config.yaml", "- beta\n", "holds a list, not a mapping of settings"),
+    ],
+)
+def test_a_malformed_heldout_or_config_file_is_one_line(
+    dpo, tmp_path, capsys, no_weights_load, name, content, message
+):
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    run = run_copy(dpo, tmp_path / "run")
+    (run / name).write_text(content)
+    line = one_line_error(evaluate, [run], capsys)
+    assert f"{run / name}{message}" in line or f"{run / name} {message}" in line, line
+    if name == "resolved_config.yaml":
+        line = one_line_error(export, [run, "--merged", tmp_path / "merged"], capsys)
+        assert f"{run / name} {message}" in line, line
+
+
+def test_evaluate_and_export_after_the_base_model_was_moved(dpo, tmp_path, capsys, no_weights_load):
+    """The run names its base by path; moved away, that is one line naming it and where the run said it was."""
+    import yaml
+
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    run = run_copy(dpo, tmp_path / "run")
+    gone = tmp_path / "models" / "tiny-phi"  # where the base was when the run trained
+    resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump({**resolved, "model_name_or_path": str(gone)}))
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": str(gone)}))
+    rehash(run, "resolved_config.yaml", "adapter_config.json")
+    for main, extra, source in (
+        (evaluate, [], "model_name_or_path in resolved_config.yaml"),
+        (export, ["--merged", tmp_path / "merged"], "base_model_name_or_path in adapter_config.json"),
+    ):
+        line = one_line_error(main, [run, *extra], capsys)
+        assert f"the run's base model folder {gone} ({source}) is not there" in line, line
+
+
+def test_export_merged_onto_a_file_is_one_line(dpo, tmp_path, capsys, no_weights_load):
+    from dpo.evaluation.export import main as export
+
+    taken = tmp_path / "merged"
+    taken.write_text("mine")
+    line = one_line_error(export, [dpo["dir"], "--merged", taken], capsys)
+    assert f"--merged {taken} is a file, not a folder" in line, line
+    assert taken.read_text() == "mine"
+
+
+# ── reward models: a trained sequence-classification head, in safetensors (dpo/evaluation/judge.py) ──
+def test_a_reward_model_without_a_classification_head_or_safetensors_is_refused_before_loading(
+    dpo, tiny_model_dir, tmp_path, capsys, no_weights_load
+):
+    """A causal LM as judge used to get a random `score` head (transformers: `score.weight MISSING`) and its win
+    rates were written; a pickle-only reward model was a traceback."""
+    from dpo.evaluation.evaluate import main as evaluate
+
+    line = one_line_error(evaluate, [dpo["dir"], "--reward_model", tiny_model_dir], capsys)
+    assert f"--reward_model {tiny_model_dir} is not a reward model" in line and "PhiForCausalLM" in line, line
+    tokenizer = dpo["trainer"].processing_class
+    pickled = last_token_reward_model(tmp_path / "pickled", tokenizer, tokenizer.eos_token_id)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # the bytes do not matter: never read
+    line = one_line_error(evaluate, [dpo["dir"], "--reward_model", pickled], capsys)
+    assert "has only pickled weights (pytorch_model.bin)" in line and "AutoModelForSequenceClassification" in line
+    two = last_token_reward_model(tmp_path / "two", tokenizer, tokenizer.eos_token_id)
+    config = json.loads((two / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps({**config, "id2label": {"0": "neg", "1": "pos"}}))
+    line = one_line_error(evaluate, [dpo["dir"], "--reward_model", two], capsys)
+    assert "gives 2 scores per text" in line, line
+
+
+def test_a_reward_model_whose_weights_lack_the_head_is_refused(tiny_model_dir, tmp_path):
+    """A config that claims a classification head over weights without one (a causal LM's, relabelled)."""
+    from dpo.errors import UserError
+    from dpo.evaluation.judge import load_reward_model
+
+    folder = tmp_path / "relabelled"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    relabelled = {**config, "architectures": ["PhiForSequenceClassification"], "id2label": {"0": "LABEL_0"}}
+    (folder / "config.json").write_text(json.dumps(relabelled))
+    with pytest.raises(UserError, match=r"weights lack score\.weight .*not a trained reward model"):
+        load_reward_model(str(folder), "cpu")

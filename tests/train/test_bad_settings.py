@@ -315,6 +315,38 @@ def test_model_with_only_pickled_weights(recipe, tiny_model_dir, truthy_file, tm
     assert "save_pretrained" in line and "use_safetensors=False" in line  # how to convert
 
 
+def test_pickled_weights_beside_a_stray_safetensors_file(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """A *.safetensors that is not model.safetensors (a backup, an adapter) beside pytorch_model.bin: the check
+    used to pass it and from_pretrained(use_safetensors=True) failed with a traceback."""
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "model-backup.safetensors")
+    (pickled / "pytorch_model.bin").write_bytes(b"a pickle would be here")
+    argv = ["--model_name_or_path", str(pickled), "--dataset_name", str(truthy_file)]
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "has only pickled weights (pytorch_model.bin) (model-backup.safetensors beside them is not" in line, line
+    (pickled / "pytorch_model.bin").unlink()
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "has no weights: no model.safetensors" in line and "model-backup.safetensors is not loaded" in line, line
+
+
+def test_a_weight_index_naming_a_shard_outside_the_folder_is_refused(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """model.safetensors.index.json maps tensors to shard files: each must lie inside the model folder."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, sharded)
+    (tmp_path / "elsewhere").mkdir()
+    (sharded / "model.safetensors").rename(tmp_path / "elsewhere" / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere/model-00001-of-00001.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    argv = ["--model_name_or_path", str(sharded), "--dataset_name", str(truthy_file)]
+    line = one_line_error(recipe.main, [*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "model.safetensors.index.json lists '../elsewhere/model-00001-of-00001.safetensors'" in line, line
+
+
 def test_model_folder_without_weights(recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load):
     empty = tmp_path / "config-only"
     shutil.copytree(tiny_model_dir, empty)

@@ -3,9 +3,11 @@ complete one, rotation that never deletes the last good one.
 
 transformers writes checkpoint-<step>/ file by file; a kill -9 in the middle leaves a folder
 that looks like a checkpoint and is not. After transformers' writer returns we write
-`checkpoint_complete.json` (every file and its size, the run's settings) with an atomic
+`checkpoint_complete.json` (every file, its size and its sha256, the run's settings) with an atomic
 rename, last. A folder without it, or whose files no longer match it, is incomplete: `last`
-skips it with a warning and an explicit path to it is refused. Rotation (`save_total_limit`)
+skips it with a warning and an explicit path to it is refused. Sizes are compared wherever
+checkpoints are listed; the sha256 of every file before a resume loads one (a file overwritten
+at the same size is caught there). Rotation (`save_total_limit`)
 runs only after the marker, and only over complete checkpoints.
 """
 
@@ -22,7 +24,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dpo.errors import UserError
-from dpo.files import SMALL_FILES, check_free_space, disk_full_message, disk_full_while_writing, size_text
+from dpo.files import (
+    SMALL_FILES,
+    check_free_space,
+    confined,
+    disk_full_message,
+    disk_full_while_writing,
+    file_sha256,
+    sha256_mismatch,
+    shape_problem,
+    size_text,
+)
 from dpo.log import log
 
 MARKER = "checkpoint_complete.json"
@@ -30,6 +42,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 # What a resumable checkpoint holds besides the marker: the model weights (*.safetensors),
 # the optimizer, the scheduler, the trainer state and the RNG states (rng_state*.pth).
 REQUIRED = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+MARKER_SHAPE = {"files": (dict, int), "run": (dict, None), "sha256": (dict, str)}
 
 
 @dataclass
@@ -96,11 +109,14 @@ def list_files(folder: Path) -> dict[str, int]:
 
 
 def mark_complete(folder: Path, run: dict) -> None:
-    """Flush every file of a freshly written checkpoint to disk, then write the marker."""
+    """Flush every file of a freshly written checkpoint to disk and hash it, then write the marker."""
     files = list_files(folder)
+    hashes = {}
     for name in files:
         _fsync(folder / name)
-    write_json_atomic(folder / MARKER, {"step": checkpoint_step(folder), "files": files, "run": run})
+        hashes[name] = file_sha256(folder / name)
+    marker = {"step": checkpoint_step(folder), "files": files, "run": run, "sha256": hashes}
+    write_json_atomic(folder / MARKER, marker)
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -127,8 +143,9 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def checkpoint_problems(folder: str | Path) -> list[str]:
-    """Why `folder` is not a complete, readable checkpoint ([] if it is)."""
+def checkpoint_problems(folder: str | Path, verify: bool = False) -> list[str]:
+    """Why `folder` is not a complete, readable checkpoint ([] if it is). `verify`: also compare every
+    file's sha256 with the marker's (reads every byte: done before a resume loads it)."""
     folder = Path(folder)
     try:
         marker = json.loads((folder / MARKER).read_text())
@@ -137,8 +154,15 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
         return [f"no {MARKER} (the save was interrupted)"] + ([f"missing {', '.join(missing)}"] if missing else [])
     except (OSError, ValueError):
         return [f"{MARKER} unreadable"]
+    if problem := shape_problem(marker, MARKER_SHAPE, optional=() if verify else ("sha256",)):
+        return [f"{MARKER} {problem}"]
     problems = []
-    for name, size in marker.get("files", {}).items():
+    for name in [*marker["files"], *marker.get("sha256", {})]:
+        try:
+            confined(folder, name, folder / MARKER)
+        except UserError:
+            return [f"{MARKER} names {name!r}, which is not inside the checkpoint"]
+    for name, size in marker["files"].items():
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} missing")
@@ -157,6 +181,13 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
     except ValueError:
         problems.append("trainer_state.json unreadable")
     problems += [f"{n} unreadable" for n in names if n.endswith(".safetensors") and safetensors_problem(folder / n)]
+    if verify and not problems:
+        problems += [
+            f"{mismatch} (changed after the checkpoint was saved)"
+            for name, expected in sorted(marker["sha256"].items())
+            if (mismatch := sha256_mismatch(folder / name, expected))
+        ]
+        problems += [f"{n} has no recorded sha256" for n in sorted(names - set(marker["sha256"]))]
     return problems
 
 
@@ -169,10 +200,11 @@ def checkpoints_in(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def newest_complete_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
-    """The highest-step complete checkpoint; newer incomplete ones are skipped with a warning."""
+def newest_complete_checkpoint(output_dir: str | Path, warn: bool = True, verify: bool = False) -> Path | None:
+    """The highest-step complete checkpoint (`verify`: whose files also match their sha256); newer
+    incomplete ones are skipped with a warning."""
     for folder in reversed(checkpoints_in(output_dir)):
-        problems = checkpoint_problems(folder)
+        problems = checkpoint_problems(folder, verify)
         if not problems:
             return folder
         if warn:
@@ -196,7 +228,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if value in (None, "", "false", "False"):
         return None
     if value in ("last", "true", "True"):
-        last = newest_complete_checkpoint(output_dir)
+        last = newest_complete_checkpoint(output_dir, verify=True)
         if last is None:
             found = checkpoints_in(output_dir)
             detail = f" ({len(found)} incomplete, see the warnings above)" if found else ""
@@ -221,9 +253,9 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
             f"--resume_from_checkpoint {value} is not a checkpoint (a checkpoint-<step> folder written during training, "
             "with the optimizer and trainer state)"
         )
-    problems = checkpoint_problems(folder)
+    problems = checkpoint_problems(folder, verify=True)
     if problems:
-        newest = newest_complete_checkpoint(folder.parent, warn=False)
+        newest = newest_complete_checkpoint(folder.parent, warn=False, verify=True)
         instead = f"; the newest complete one is {newest}" if newest else ""
         raise UserError(f"--resume_from_checkpoint {value} is incomplete: {'; '.join(problems)}{instead}")
     return str(folder)

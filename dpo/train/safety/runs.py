@@ -27,7 +27,15 @@ from transformers import TrainerCallback
 
 from dpo.compat import continue_token_count
 from dpo.errors import UserError
-from dpo.files import disk_full_message, disk_full_while_writing, file_sha256
+from dpo.files import (
+    confined,
+    disk_full_message,
+    disk_full_while_writing,
+    file_sha256,
+    read_json_object,
+    remove_entry,
+    sha256_mismatch,
+)
 from dpo.log import log
 from dpo.train.adapters import adapter_weights
 from dpo.train.config import HARDWARE_KEYS, to_plain
@@ -46,6 +54,11 @@ from dpo.train.safety.checkpoints import (
 
 RUN_MARKER = "run_complete.json"
 STAGING = ".final-staging"
+# run_complete.json: the run's settings, its final files (names inside output_dir) and the sha256 of
+# each file among them (folders such as ref/ by their files' relative paths), checked by evaluate,
+# export and a reuse of the folder. README.md is left out: export writes the adapter's model card there.
+RUN_SHAPE = {"run": (dict, None), "files": (list, str), "global_step": (int, None), "sha256": (dict, str)}
+NOT_HASHED = ("README.md",)
 # Settings that do not change the trained weights: output, logging, saving, evaluation, hub.
 IGNORED = {
     *PER_INVOCATION_KEYS,
@@ -110,10 +123,50 @@ def _listing(diffs: list[str]) -> str:
 
 
 def finished_run(output_dir: Path) -> dict | None:
-    try:
-        return json.loads((output_dir / RUN_MARKER).read_text())
-    except (OSError, ValueError):
+    """The validated run_complete.json of `output_dir`; None when there is none. A damaged one (not JSON,
+    an entry missing or of another type, a file name outside the folder) is one UserError naming it."""
+    marker = Path(output_dir) / RUN_MARKER
+    if not marker.is_file():
         return None
+    fix = (
+        f"the folder's record of its finished run is damaged: delete {marker} (the run then counts as unfinished) "
+        "or use another folder"
+    )
+    data = read_json_object(marker, RUN_SHAPE, fix, optional=("global_step", "sha256"))
+    for name in [*data["files"], *data.get("sha256", {})]:
+        confined(output_dir, name, marker)
+    return data
+
+
+def final_file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative path -> hex), README.md at its top excepted."""
+    return {
+        str(p.relative_to(folder)): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and str(p.relative_to(folder)) not in NOT_HASHED
+    }
+
+
+def verify_finished_run(folder: str | Path, command: str) -> dict:
+    """For evaluate and export, after require_finished_run: every file run_complete.json hashed is there with
+    the bytes the run wrote (an adapter replaced by a checkpoint's, an edited config or held-out file is
+    named). Returns the marker."""
+    folder = Path(folder)
+    marker = finished_run(folder)
+    hashes = marker.get("sha256")
+    if not hashes:
+        raise UserError(
+            f"{folder / RUN_MARKER} records no sha256 of the run's files (written before they were recorded), so "
+            f"{command} cannot tell its adapter from another; rerun the training to get a verifiable folder"
+        )
+    for name, expected in sorted(hashes.items()):
+        if problem := sha256_mismatch(confined(folder, name, folder / RUN_MARKER), expected):
+            raise UserError(
+                f"{problem} ({RUN_MARKER}): the run folder changed after the run finished (a file replaced, e.g. "
+                f"the adapter by a checkpoint's, edited or deleted), so {command} would use something the run did "
+                "not write. Put the run's own file back, or rerun the training"
+            )
+    return marker
 
 
 def require_finished_run(folder: str | Path, command: str) -> None:
@@ -214,15 +267,12 @@ def unfinished_run_message(output_dir: Path, checkpoint: Path) -> str:
 
 
 def remove_run(output_dir: Path, finished: dict | None) -> list[Path]:
-    """Delete a finished run's marker and files, every checkpoint and any staging folder."""
-    doomed = [output_dir / RUN_MARKER, output_dir / STAGING, *checkpoints_in(output_dir)]
-    doomed += [output_dir / name for name in (finished or {}).get("files", [])]
-    for path in doomed:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    return doomed
+    """Delete a finished run's marker and files, every checkpoint and any staging folder: each only when it
+    lies inside output_dir (dpo.files.confined), all checked before the first is deleted."""
+    names = [RUN_MARKER, STAGING, *(c.name for c in checkpoints_in(output_dir)), *(finished or {}).get("files", [])]
+    for name in names:
+        confined(output_dir, name, output_dir / RUN_MARKER)
+    return [remove_entry(output_dir, name, output_dir / RUN_MARKER) for name in names]
 
 
 def write_final_outputs(trainer, run: dict, write_into) -> Path:
@@ -265,20 +315,20 @@ def _move_in(staging: Path, output_dir: Path, run: dict, step: int) -> list[str]
             os.fsync(fd)
             os.close(fd)
     kill_point("final-staged", step)
+    hashes = final_file_hashes(staging)
     old = finished_run(output_dir)
+    doomed = sorted({*(old or {}).get("files", []), *names})
+    for name in doomed:  # every name checked before the first deletion
+        confined(output_dir, name, output_dir / RUN_MARKER)
     (output_dir / RUN_MARKER).unlink(missing_ok=True)  # from here on the folder is visibly unfinished
-    for name in {*(old or {}).get("files", []), *names}:
-        target = output_dir / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+    for name in doomed:
+        remove_entry(output_dir, name, output_dir / RUN_MARKER)
     kill_point("final-cleared", step)
     for name in names:
         os.replace(staging / name, output_dir / name)
     staging.rmdir()
     kill_point("final-moved", step)
-    write_json_atomic(output_dir / RUN_MARKER, {"global_step": step, "files": names, "run": run})
+    write_json_atomic(output_dir / RUN_MARKER, {"global_step": step, "files": names, "run": run, "sha256": hashes})
     return names
 
 

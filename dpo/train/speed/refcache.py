@@ -9,7 +9,8 @@ the trainer as the `ref_chosen_logps` / `ref_rejected_logps` columns TRL reads w
 them.
 
 Layout: <reference_cache_dir>/<key>/key.json and part-*.parquet (columns row, ref_chosen_logps,
-ref_rejected_logps, seconds). `key` hashes everything the values depend on besides the pair:
+ref_rejected_logps, seconds), each with its sha256 in part-*.parquet.sha256 (verified on load, and a
+full cache is only read: dpo/train/speed/refstore.py). `key` hashes everything the values depend on besides the pair:
 the reference weights (every frozen tensor, so 4-bit weights hash as stored), the model config,
 the quantization config and compute dtype, max_length, truncation_mode, LD-DPO's ld_alpha (it
 splits the sum) and TRL's version. `row` hashes the pair's token ids (prompt, chosen, rejected),
@@ -30,13 +31,10 @@ import json
 import os
 import platform
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
@@ -44,6 +42,7 @@ from transformers import TrainerCallback
 from dpo.compat import TESTED_TRL, precomputed_reference_logps, reference_model, use_reference_columns
 from dpo.errors import UserError
 from dpo.log import log
+from dpo.train.speed.refstore import COLUMNS, Store, cache_folder, unwritable_reason, write_key
 from dpo.train.speed.sampler import LengthSortedSampler, sequence_lengths
 
 PARITY_ROWS = 8  # pairs recomputed per epoch and process: a few forwards, enough to see a drift
@@ -51,7 +50,6 @@ PARITY_ROWS = 8  # pairs recomputed per epoch and process: a few forwards, enoug
 # fp32: batching changes only round-off (~1e-6 relative); a different kernel or device moves sums
 # by ~1e-4 relative, harmless to DPO, so the bar sits well above that. bf16/fp16: ~1e-2 relative.
 TOLERANCE = {"fp32": (1e-3, 0.05), "half": (2e-2, 0.5)}
-COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def check_reference_cache(training_args) -> None:
@@ -142,41 +140,6 @@ def environment(trainer) -> dict:
     return env
 
 
-@dataclass
-class Store:
-    """The rows of one key folder: row id -> (ref chosen, ref rejected, seconds it took, part file)."""
-
-    folder: Path
-    rows: dict = field(default_factory=dict)
-
-    def load(self) -> Store:
-        rows = {}
-        for part in sorted(self.folder.glob("part-*.parquet")):
-            table = pq.read_table(part)
-            for row, c, r, s in zip(*(table[k].to_pylist() for k in ("row", *COLUMNS, "seconds"))):
-                rows[row] = (c, r, s, part.name)
-        return Store(self.folder, rows)
-
-    def write(self, rows: list[str], chosen: list[float], rejected: list[float], seconds: list[float], env: dict):
-        """A new part file, written whole or not at all (temporary name, then an atomic rename)."""
-        table = pa.table(
-            {
-                "row": rows,
-                COLUMNS[0]: pa.array(chosen, pa.float32()),
-                COLUMNS[1]: pa.array(rejected, pa.float32()),
-                "seconds": seconds,
-            }
-        ).replace_schema_metadata({"environment": json.dumps(env)})
-        name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.folder / name)
-
-    def environment_of(self, part: str) -> dict:
-        meta = pq.read_schema(self.folder / part).metadata or {}
-        return json.loads(meta.get(b"environment", b"{}"))
-
-
 def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[list, list, list]:
     """Reference sums of `dataset[indices]` through TRL, longest pairs first (little padding).
     Returns (chosen, rejected, seconds per row) in the order of `indices`."""
@@ -186,7 +149,7 @@ def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[
     chosen_len, rejected_len = sequence_lengths(subset, trainer.args.max_length)
     order = list(LengthSortedSampler([max(c, r) for c, r in zip(chosen_len, rejected_len)]))
     size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size
-    chosen, rejected, seconds = [0.0] * len(order), [0.0] * len(order), [0.0] * len(order)
+    chosen, rejected, seconds = [None] * len(order), [None] * len(order), [0.0] * len(order)
     model = reference_model(trainer)
     was_training = model.training
     model.eval()
@@ -205,6 +168,8 @@ def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[
                 chosen[i], rejected[i], seconds[i] = float(c[j]), float(r[j]), per_row
     finally:
         model.train(was_training)
+    if None in chosen or None in rejected:  # every row computed, or none is used (nor stored)
+        raise RuntimeError(f"reference pass computed {len(order) - chosen.count(None)} of {len(order)} pairs")
     return chosen, rejected, seconds
 
 
@@ -216,7 +181,7 @@ def _fill(trainer, store: Store, dataset, rows: list[str], name: str, env: dict)
     began = time.perf_counter()
     chosen, rejected, seconds = compute_reference(trainer, dataset, mine, f"reference log-probs ({name})")
     if mine:
-        store.write([rows[i] for i in mine], chosen, rejected, seconds, env)
+        store.write([rows[i] for i in mine], chosen, rejected, seconds, env, expected=len(mine))
     state.wait_for_everyone()
     return (store.load() if missing else store), len(missing), time.perf_counter() - began
 
@@ -229,18 +194,25 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
     """Look up (or compute and store) the reference log-probs of the trainer's train and eval pairs and
     give them to the trainer; returns the cache, whose `parity_callback()` checks it each epoch."""
     key, parts = cache_key(trainer)
-    folder = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / key
-    if trainer.accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "key.json").write_text(json.dumps(parts, indent=2, sort_keys=True, default=str))
-    trainer.accelerator.wait_for_everyone()
+    folder = cache_folder(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key)
     store, env = Store(folder).load(), environment(trainer)
 
     evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
     datasets = {"train": trainer.train_dataset, **{k: v for k, v in evals.items() if v is not None}}
-    ids, before, misses, computed = {}, store, 0, 0.0
+    ids = {name: row_ids(dataset) for name, dataset in datasets.items()}
+    lacking = {row for rows in ids.values() for row in rows} - set(store.rows)
+    if lacking:  # only a cache that lacks pairs is written to (a full one may be read-only or shared)
+        if trainer.accelerator.is_main_process and (why := unwritable_reason(folder)) is None:
+            write_key(folder, parts)
+        trainer.accelerator.wait_for_everyone()
+        if why := unwritable_reason(folder):
+            total = len({row for rows in ids.values() for row in rows})
+            raise UserError(
+                f"reference cache {folder} lacks {len(lacking):,} of {total:,} pairs and cannot be written ({why}): "
+                "make it writable, set reference_cache_dir to a writable folder, or set reference_cache: false"
+            )
+    before, misses, computed = store, 0, 0.0
     for name, dataset in datasets.items():
-        ids[name] = row_ids(dataset)
         store, n, seconds = _fill(trainer, store, dataset, ids[name], name, env)
         misses, computed = misses + n, computed + seconds
     hit_rows = {row for rows in ids.values() for row in rows if row in before.rows}

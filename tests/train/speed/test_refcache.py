@@ -3,6 +3,11 @@ log-probs equal TRL's own precomputed ones, a second run hits, a changed setting
 tampered cache stops the run at the parity check, resume reuses the cache, and under a
 simulated 2-process split each process computes only its share."""
 
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -13,8 +18,10 @@ from helpers import recipe_trainer
 
 from dpo.compat import DPOConfig
 from dpo.errors import UserError
+from dpo.files import file_sha256
 from dpo.train.config import RecipeDPOConfig
 from dpo.train.speed.refcache import COLUMNS, Store, _fill, check_reference_cache, row_ids
+from dpo.train.speed.refstore import CHECKSUM
 
 
 def logged(capsys) -> str:
@@ -55,15 +62,26 @@ def test_training_with_the_cache_gives_the_inline_reference_loss(tiny_model_dir,
     assert losses[0][-1] < losses[0][0] - 1e-3  # it trained, so equal losses are not trivially 0.693
 
 
+def rewrite_parts(parts, change, sign=True):
+    """Apply `change(values)` to the cached ref_chosen_logps of each part; `sign`: record the new file's
+    sha256 as the writer does (values a changed kernel computed), else leave the old one (an edited file)."""
+    for part in parts:
+        table = pq.read_table(part)
+        at = table.schema.get_field_index(COLUMNS[0])
+        values = pa.array(change(table[COLUMNS[0]].to_numpy().copy()), pa.float32())
+        pq.write_table(
+            table.set_column(at, table.field(at), values).replace_schema_metadata(table.schema.metadata), part
+        )
+        if sign:
+            part.with_name(part.name + CHECKSUM).write_text(file_sha256(part))
+
+
 def test_tampered_cache_stops_the_run_at_the_parity_check(tiny_model_dir, tmp_path, capsys):
+    """Values computed elsewhere (a changed kernel shifts every one by 1%), written as the cache writes them."""
     cache = tmp_path / "cache"
     recipe_trainer(tiny_model_dir, tmp_path / "a", cache)
     (folder,) = cache.iterdir()
-    for part in folder.glob("part-*.parquet"):  # shift every cached value by 1%: a changed kernel would look so
-        table = pq.read_table(part)
-        at = table.schema.get_field_index(COLUMNS[0])
-        shifted = table.set_column(at, table.field(at), pa.array(table[COLUMNS[0]].to_numpy() * 1.01, pa.float32()))
-        pq.write_table(shifted.replace_schema_metadata(table.schema.metadata), part)
+    rewrite_parts(folder.glob("part-*.parquet"), lambda values: values * 1.01)
     trainer = recipe_trainer(tiny_model_dir, tmp_path / "b", cache)
     assert "reference cache: hit" in logged(capsys)
     with pytest.raises(UserError, match="parity check failed: training pair .* cached in .*part-.*Likely cause"):
@@ -112,7 +130,7 @@ def test_each_process_computes_only_its_share(tiny_model_dir, tmp_path, monkeypa
         _, missing, _ = _fill(trainer, store, trainer.train_dataset, rows, "train", {})
         assert missing == 12
     monkeypatch.setattr(trainer, "accelerator", real)
-    shares = [set(pq.read_table(p)["row"].to_pylist()) for p in sorted(store.folder.glob("part-*"))]
+    shares = [set(pq.read_table(p)["row"].to_pylist()) for p in sorted(store.folder.glob("part-*.parquet"))]
     assert [len(s) for s in shares] == [6, 6] and not shares[0] & shares[1]
     assert shares[0] | shares[1] == set(rows)
     # and the values are the ones one process would compute alone
@@ -146,3 +164,118 @@ def test_the_cold_pass_runs_under_inference_mode_and_training_follows(tiny_model
     assert len(seen) == 3 + 1 and all(seen)  # 12 training pairs in batches of 4 (the eval batch size), 4 held out
     trainer.train()
     assert trainer.state.global_step == 4
+
+
+# ── the cache's files: verified on load, written only whole, read-only when warm (dpo/train/speed/refstore.py) ──
+def one_line(err) -> str:
+    assert "\n" not in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def moved_by_50_nats(values):
+    values[3] -= 50.0  # one pair of 16: the parity check (8 random pairs an epoch) would likely miss it
+    return values
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("one_value_edited", "is not the file that was written"),
+        ("cut_short", "is not the file that was written"),
+        ("checksum_missing", "has no readable checksum"),
+        ("nan_written_as_the_writer_would", "holds a non-finite reference log-prob (nan"),
+    ],
+)
+def test_a_damaged_cache_part_is_refused_in_one_line_naming_it(tiny_model_dir, tmp_path, damage, message):
+    cache = tmp_path / "cache"
+    recipe_trainer(tiny_model_dir, tmp_path / "a", cache)
+    (folder,) = cache.iterdir()
+    part = sorted(folder.glob("part-*.parquet"))[0]  # one of the two parts (training pairs, held-out pairs)
+    if damage == "one_value_edited":
+        rewrite_parts([part], moved_by_50_nats, sign=False)
+    elif damage == "cut_short":
+        part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    elif damage == "checksum_missing":
+        part.with_name(part.name + CHECKSUM).unlink()
+    else:
+        rewrite_parts([part], lambda values: values * float("nan"))
+    with pytest.raises(UserError) as err:
+        recipe_trainer(tiny_model_dir, tmp_path / "b", cache)
+    line = one_line(err)
+    assert f"reference cache part {part} {message}" in line and "delete it" in line, line
+
+
+def test_the_store_never_writes_a_non_finite_value_or_rows_it_did_not_compute(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(UserError, match="non-finite log-prob"):
+        store.write(["a", "b"], [-1.0, float("inf")], [-2.0, -3.0], [0.1, 0.1], {}, expected=2)
+    with pytest.raises(RuntimeError, match="nothing stored"):
+        store.write(["a", "b"], [-1.0], [-2.0], [0.1], {}, expected=2)
+    with pytest.raises(UserError, match="non-finite log-prob"):  # a row never computed (None) is not stored
+        store.write(["a"], [None], [-2.0], [0.1], {}, expected=1)
+    assert list(tmp_path.iterdir()) == []
+    store.write(["a"], [-1.0], [-2.0], [0.1], {}, expected=1)
+    assert store.load().rows["a"][:2] == (-1.0, -2.0)
+
+
+@contextlib.contextmanager
+def unwritable(folder):
+    """`folder` (and what is in it) cannot be written: write bits cleared; root ignores them, so for root the
+    block runs as user nobody (the folder must then be readable by others: made under /tmp, mode 755)."""
+    paths = [folder, *folder.rglob("*")]
+    modes = {p: p.stat().st_mode for p in paths}
+    for p in paths:
+        p.chmod((modes[p] | 0o555) & ~0o222)
+    try:
+        if os.geteuid() == 0:
+            os.seteuid(65534)
+            try:
+                yield
+            finally:
+                os.seteuid(0)
+        else:
+            yield
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+@pytest.fixture
+def shared_tmp():
+    folder = Path(tempfile.mkdtemp(prefix="dpo-refcache-ro-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_a_full_cache_is_read_only_and_a_cold_one_that_cannot_be_written_is_one_line(
+    tiny_model_dir, tmp_path, shared_tmp, capsys
+):
+    from dpo.train.speed.refcache import attach_reference_cache
+
+    trainer = recipe_trainer(tiny_model_dir, tmp_path / "run")  # no cache: attached below
+    cold = shared_tmp / "cold"
+    cold.mkdir()
+    with unwritable(cold), pytest.raises(UserError) as err:
+        attach_reference_cache(trainer, cold)
+    line = one_line(err)
+    assert f"reference cache {cold}/" in line and "lacks 16 of 16 pairs and cannot be written" in line, line
+    assert list(cold.iterdir()) == []
+
+    warm = shared_tmp / "warm"
+    recipe_trainer(tiny_model_dir, tmp_path / "fill", warm)  # fills it
+    before = sorted(p.relative_to(warm) for p in warm.rglob("*"))
+    logged(capsys)
+    with unwritable(warm):
+        cache = attach_reference_cache(trainer, warm)
+    assert "reference cache: hit, 16 pairs read" in logged(capsys) and cache.misses == 0
+    assert sorted(p.relative_to(warm) for p in warm.rglob("*")) == before  # nothing written
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tiny_model_dir, tmp_path):
+    taken = tmp_path / "cache"
+    taken.write_text("not a folder")
+    for cache_dir in (taken, taken / "below"):
+        with pytest.raises(UserError) as err:
+            recipe_trainer(tiny_model_dir, tmp_path / "run", cache_dir)
+        assert f"reference_cache_dir {cache_dir}: {taken} is a file, not a folder" in one_line(err)

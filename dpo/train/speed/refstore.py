@@ -1,0 +1,138 @@
+"""The reference cache's files (dpo/train/speed/refcache.py): part files written whole, each with its
+sha256 beside it, and read back only when whole, finite and complete.
+
+A cache folder outlives runs and can be copied, shared or edited. Every part-*.parquet is written to
+a temporary name, its sha256 written to part-*.parquet.sha256, and only then renamed into place;
+on load each part must match its sha256, hold the columns it should, and finite values, else the
+run stops in one line naming the part (delete it: its pairs are computed again). A part never
+holds a row that was not computed, nor a non-finite value. A folder that already holds every pair
+is only read (a read-only or shared cache works); one that lacks pairs must be writable, which
+is checked before anything is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpo.errors import UserError
+from dpo.files import file_sha256, sha256_mismatch
+
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+PART_COLUMNS = ("row", *COLUMNS, "seconds")
+CHECKSUM = ".sha256"  # part-X.parquet's sha256 (hex) lives in part-X.parquet.sha256
+
+
+def _damaged(part: Path, why: str) -> UserError:
+    return UserError(
+        f"reference cache part {part} {why}: delete it (its pairs are computed again on the next run), or set "
+        "reference_cache: false"
+    )
+
+
+def cache_folder(base: Path, key: str) -> Path:
+    """`base/key`, refused in one line when `base` (or a folder above it) is a file."""
+    for path in (base, *base.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(
+                    f"reference_cache_dir {base}: {path} is a file, not a folder; point reference_cache_dir at a "
+                    "folder (it is created if missing), or set reference_cache: false"
+                )
+            break
+    return base / key
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why nothing can be written into `folder` (created if missing), None if a file can be: found by
+    creating and removing a temporary file, which permission bits alone do not tell (root, read-only mounts)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
+
+
+def write_key(folder: Path, parts: dict) -> None:
+    """key.json (what the key hashes, for a person reading the folder), written once: a full cache is never written."""
+    if not (folder / "key.json").is_file():
+        tmp = folder / f".key.json.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_text(json.dumps(parts, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, folder / "key.json")
+
+
+@dataclass
+class Store:
+    """The rows of one key folder: row id -> (ref chosen, ref rejected, seconds it took, part file)."""
+
+    folder: Path
+    rows: dict = field(default_factory=dict)
+
+    def load(self) -> Store:
+        """Every part, each verified (its sha256, its columns, finite values); UserError naming a damaged one."""
+        rows = {}
+        for part in sorted(self.folder.glob("part-*.parquet")) if self.folder.is_dir() else []:
+            checksum = part.with_name(part.name + CHECKSUM)
+            try:
+                expected = checksum.read_text().strip()
+            except OSError:
+                raise _damaged(part, f"has no readable checksum ({checksum.name})") from None
+            if mismatch := sha256_mismatch(part, expected):
+                raise _damaged(part, f"is not the file that was written ({mismatch.removeprefix(str(part) + ' ')})")
+            try:
+                table = pq.read_table(part)
+                columns = [table[k].to_pylist() for k in PART_COLUMNS]
+            except (OSError, KeyError, pa.ArrowException) as err:
+                raise _damaged(part, f"cannot be read ({str(err).splitlines()[0] if str(err) else err})") from None
+            for row, c, r, s in zip(*columns):
+                if not (isinstance(c, float) and isinstance(r, float) and math.isfinite(c) and math.isfinite(r)):
+                    raise _damaged(part, f"holds a non-finite reference log-prob ({c}, {r}) for pair {row}")
+                rows[row] = (c, r, s, part.name)
+        return Store(self.folder, rows)
+
+    def write(self, rows: list[str], chosen: list, rejected: list, seconds: list, env: dict, expected: int) -> None:
+        """A new part file, written whole or not at all (temporary name, its sha256, then an atomic rename).
+        Refused unless it holds exactly the `expected` rows that were computed, each with finite values."""
+        counts = {len(rows), len(chosen), len(rejected), len(seconds)}
+        if counts != {expected}:
+            raise RuntimeError(
+                f"reference cache: {sorted(counts)} values computed for {expected} pairs; nothing stored"
+            )
+        for row, c, r in zip(rows, chosen, rejected):
+            if c is None or r is None or not (math.isfinite(c) and math.isfinite(r)):
+                raise UserError(
+                    f"the reference model gives a non-finite log-prob ({c}, {r}) for a pair (row id {row}); nothing "
+                    "was stored in the reference cache. The reference itself is broken (weights, dtype overflow: "
+                    "try float32) or the pair is degenerate"
+                )
+        table = pa.table(
+            {
+                "row": rows,
+                COLUMNS[0]: pa.array(chosen, pa.float32()),
+                COLUMNS[1]: pa.array(rejected, pa.float32()),
+                "seconds": seconds,
+            }
+        ).replace_schema_metadata({"environment": json.dumps(env)})
+        name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        checksum_tmp = self.folder / f".{name}{CHECKSUM}.tmp"
+        checksum_tmp.write_text(file_sha256(tmp) + "\n")
+        os.replace(checksum_tmp, self.folder / (name + CHECKSUM))  # the checksum first: a part never lacks one
+        os.replace(tmp, self.folder / name)
+
+    def environment_of(self, part: str) -> dict:
+        meta = pq.read_schema(self.folder / part).metadata or {}
+        return json.loads(meta.get(b"environment", b"{}"))

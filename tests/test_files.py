@@ -1,0 +1,42 @@
+"""dpo/files.py: names read from a folder's own files stay inside it, and a folder replaced whole replaces a link,
+never what the link points to."""
+
+import pytest
+
+from dpo.errors import UserError
+from dpo.files import confined, remove_entry, replace_folder
+
+
+def test_confined_allows_names_inside_and_refuses_every_way_out(tmp_path):
+    folder, outside = tmp_path / "run", tmp_path / "outside"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "inner-link").symlink_to(folder / "sub")
+    (folder / "out-link").symlink_to(outside)
+    for entry in ("adapter_model.safetensors", "sub/x.json", "inner-link", "sub/../y"):
+        assert confined(folder, entry, "marker.json") == folder / entry
+    for entry in (str(outside), "../outside", "out-link", "out-link/x", ".", "sub/..", "", 3, None):
+        with pytest.raises(UserError, match=r"marker\.json lists"):
+            confined(folder, entry, "marker.json")
+
+
+def test_removing_an_entry_that_is_a_link_removes_the_link_only(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "keep.txt").write_text("mine")
+    (folder / "link").symlink_to(folder / "sub", target_is_directory=True)
+    remove_entry(folder, "link", "marker.json")
+    assert not (folder / "link").exists() and (folder / "sub" / "keep.txt").read_text() == "mine"
+
+
+def test_replace_folder_replaces_a_link_not_its_target(tmp_path):
+    """`python -m dpo.export --merged LINK` (a link to an empty folder) or an eval/ that is a link: the new folder
+    takes the link's place (rmtree on the link was a traceback); the folder it pointed to is left alone."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    link = tmp_path / "eval"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    replace_folder(link, lambda folder: (folder / "report.md").write_text("new"))
+    assert not link.is_symlink() and (link / "report.md").read_text() == "new"
+    assert (elsewhere / "keep.txt").read_text() == "mine"

@@ -1,0 +1,172 @@
+"""What a run folder's own files say is verified before it is acted on (dpo/files.py, dpo/train/safety/runs.py,
+dpo/train/safety/checkpoints.py): run_complete.json can only name files inside its folder (a reuse with
+--overwrite_output_dir deletes nothing else), its shape is checked, and a checkpoint's files must match the
+sha256 its marker recorded before a resume loads them."""
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from helpers import cli, fake_checkpoint, load_recipe, one_line_error
+
+from dpo.errors import UserError
+from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, resolve_resume
+from dpo.train.safety.runs import RUN_MARKER, write_final_outputs
+
+
+def flags(tiny_model_dir, truthy_file, output_dir, *extra):
+    data = cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=output_dir)
+    return [*data, *cli(gradient_accumulation_steps=1, test_size=0, logging_steps=1), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, truthy_file, tmp_path_factory):
+    """A finished 2-step run with checkpoint-2."""
+    out = tmp_path_factory.mktemp("finished")
+    load_recipe("dpo_phi2").main(flags(tiny_model_dir, truthy_file, out, "--max_steps", "2", "--save_steps", "2"))
+    return out
+
+
+def edit_marker(folder, change):
+    marker = json.loads((folder / RUN_MARKER).read_text())
+    change(marker)
+    (folder / RUN_MARKER).write_text(json.dumps(marker))
+
+
+def victims(tmp_path):
+    """A file and a folder outside the run folder, which nothing may delete."""
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "folder" / "keep.txt").write_text("mine")
+    (outside / "file.txt").write_text("mine")
+    return outside
+
+
+def intact(outside) -> bool:
+    return (outside / "file.txt").read_text() == "mine" and (outside / "folder" / "keep.txt").read_text() == "mine"
+
+
+ESCAPES = ["absolute_file", "absolute_folder", "dot_dot", "symlink_out", "the_folder_itself", "checkpoint_symlink"]
+
+
+def plant(run, outside, escape) -> str:
+    """Make the run folder name something outside itself in one of the ways a handed-over folder can."""
+    if escape == "checkpoint_symlink":  # a checkpoint-N that is a link to another folder
+        (run / "checkpoint-9").symlink_to(outside / "folder", target_is_directory=True)
+        return "checkpoint-9"
+    entry = {
+        "absolute_file": str(outside / "file.txt"),
+        "absolute_folder": str(outside / "folder"),
+        "dot_dot": "../outside/folder",
+        "symlink_out": "linked",
+        "the_folder_itself": ".",
+    }[escape]
+    if escape == "symlink_out":
+        (run / "linked").symlink_to(outside / "folder", target_is_directory=True)
+    edit_marker(run, lambda m: m["files"].append(entry))
+    return entry
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_overwrite_output_dir_never_deletes_outside_the_folder(
+    escape, finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, symlinks=True)
+    outside = victims(tmp_path)
+    entry = plant(run, outside, escape)
+    argv = flags(
+        tiny_model_dir, truthy_file, run, "--max_steps", "1", "--beta", "0.3", "--overwrite_output_dir", "true"
+    )
+    line = one_line_error(load_recipe("dpo_phi2").main, argv, capsys)
+    assert f"lists {entry!r}, which resolves to" in line and "nothing was touched" in line, line
+    assert intact(outside) and (run / RUN_MARKER).is_file() and (run / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("escape", ["absolute_folder", "dot_dot", "symlink_out"])
+def test_replacing_the_final_files_never_deletes_outside_the_folder(escape, tmp_path):
+    """The final save removes the old run's files: an old marker naming something outside is refused first."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RUN_MARKER).write_text(json.dumps({"run": {}, "files": []}))
+    outside = victims(tmp_path)
+    entry = plant(run, outside, escape)
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None),
+        args=SimpleNamespace(output_dir=str(run)),
+        state=SimpleNamespace(global_step=1),
+    )
+    with pytest.raises(UserError, match=f"lists {entry!r}, which resolves to"):
+        write_final_outputs(trainer, {"seed": 1}, lambda folder: (folder / "final_metrics.json").write_text("{}"))
+    assert intact(outside)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("no_run_key", "has no 'run' entry"),
+        ("files_not_a_list", "entry 'files' is a string, not a list"),
+        ("a_file_name_that_is_a_number", "entry 'files' [0] is an integer, not a string"),
+        ("not_json", "is not valid JSON (line 1, column 2"),
+    ],
+)
+def test_a_damaged_run_complete_json_is_one_line_naming_the_entry(
+    damage, message, finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """A marker of the wrong shape: the training recipe (reusing the folder), evaluate and export."""
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    if damage == "not_json":
+        (run / RUN_MARKER).write_text("{run: 1}")
+    else:
+        change = {
+            "no_run_key": lambda m: m.pop("run"),
+            "files_not_a_list": lambda m: m.update(files="adapter_model.safetensors"),
+            "a_file_name_that_is_a_number": lambda m: m.update(files=[7]),
+        }[damage]
+        edit_marker(run, change)
+    argv = flags(tiny_model_dir, truthy_file, run, "--max_steps", "2", "--save_steps", "2")
+    for main, args in (
+        (load_recipe("dpo_phi2").main, argv),
+        (evaluate, [run]),
+        (export, [run, "--merged", tmp_path / "merged"]),
+    ):
+        line = one_line_error(main, args, capsys)
+        assert f"{run / RUN_MARKER} {message}" in line and f"delete {run / RUN_MARKER}" in line, line
+
+
+def test_a_checkpoint_file_overwritten_at_the_same_size_is_not_resumed(
+    finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """Sizes match the marker, bytes do not: the sha256 recorded at save time tells them apart before a resume."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    optimizer = run / "checkpoint-2" / "optimizer.pt"
+    size = optimizer.stat().st_size
+    optimizer.write_bytes(os.urandom(size))
+    assert not checkpoint_problems(run / "checkpoint-2")  # the cheap size check cannot see it
+    argv = flags(tiny_model_dir, truthy_file, run, "--max_steps", "2", "--save_steps", "2")
+    line = one_line_error(
+        load_recipe("dpo_phi2").main, [*argv, "--resume_from_checkpoint", run / "checkpoint-2"], capsys
+    )
+    assert f"checkpoint-2 is incomplete: {optimizer} has sha256" in line, line
+    assert "was recorded when it was written (changed after the checkpoint was saved)" in line, line
+
+
+def test_last_skips_a_checkpoint_whose_files_changed_and_a_marker_naming_outside(tmp_path, capsys):
+    fake_checkpoint(tmp_path / "checkpoint-2")
+    fake_checkpoint(tmp_path / "checkpoint-4")
+    fake_checkpoint(tmp_path / "checkpoint-6")
+    (tmp_path / "checkpoint-6" / "scheduler.pt").write_bytes(b"y" * 16)  # same size, other bytes
+    marker = json.loads((tmp_path / "checkpoint-4" / MARKER).read_text())
+    marker["files"]["../../elsewhere.bin"] = 1
+    (tmp_path / "checkpoint-4" / MARKER).write_text(json.dumps(marker))
+    assert resolve_resume("last", str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    out = capsys.readouterr().out
+    assert "checkpoint-6: incomplete" in out and "scheduler.pt has sha256" in out, out
+    assert "checkpoint-4: incomplete" in out and "names '../../elsewhere.bin', which is not inside" in out, out
