@@ -140,6 +140,7 @@ def run(name: str, build, shape: dict, length: int, warmup: int, compute: str, r
         trainer = build()
         record["build_s"] = time.perf_counter() - began
         record["fused_lm_head"] = fused_lm_head_model(trainer) is not None
+        record["learning_rate"] = trainer.args.learning_rate  # TRL's default and the recipe's differ: losses too
         measure(trainer, meter, torch.cuda.synchronize if cuda else lambda: None)
 
         class Scale(TrainerCallback):
@@ -191,13 +192,14 @@ def summary(r: dict) -> str:
 
 def liger_support() -> str | None:
     """None when liger-kernel can patch phi; else why use_liger_kernel cannot be measured here."""
+    import importlib.metadata as md
+
     try:
-        import liger_kernel
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return "liger-kernel is not installed"
     if "phi" not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        version = getattr(liger_kernel, "__version__", "?")
+        version = md.version("liger-kernel")  # the module has no __version__
         return f"liger-kernel {version} has no kernels for model_type phi (only phi3): use_liger_kernel would change nothing"
     return None
 
@@ -363,7 +365,8 @@ def main(argv=None) -> None:
         results.put("liger", why_not or "measured: recipe_liger")
     from benchmarks.gpu_section import markdown
 
-    (Path(args.results) / "gpu_section.md").write_text(markdown(results.data, "make gpu"))
+    folder = Path(args.results)
+    (folder / "gpu_section.md").write_text(markdown(results.data, "make gpu", folder.resolve(), folder.resolve()))
     say(f"done: {results.path}")
 
 
