@@ -35,11 +35,11 @@ deepspeed: $(STAMP)
 	$(BIN)/pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
 	$(BIN)/python -m pytest -m slow -k deepspeed tests/train/test_distributed.py
 
-# On a GPU machine with no network (the device tool's H200): install the wheels carried in .whl/, check the
-# GPU, run `pytest -m gpu` and benchmarks/bench_gpu.py at phi-2 size, all into one folder ($OUT there).
-# Uses the machine's own python3, not .venv. Under 8 minutes on an H200 (benchmarks/README.md).
+# On a CUDA machine without network: install the wheels carried in .whl/, check the GPU, run
+# `pytest -m gpu` and benchmarks/bench_gpu.py at phi-2 size, all into the results folder (RESULTS=DIR).
+# Uses the machine's own python3, not .venv. 512 s on an H200 (benchmarks/README.md).
 gpu:
-	$(PYTHON) benchmarks/gpu_run.py --results $${OUT:-outputs/gpu}
+	$(PYTHON) benchmarks/gpu_run.py --results $(or $(RESULTS),outputs/gpu)
 
 # Here, where pip reaches a registry: download those wheels into .whl/ and check tree + wheels < 64 MiB.
 gpu-wheels: $(STAMP)

@@ -15,11 +15,12 @@ answer fills max_length, the rejected one about 3/4 of it.
 
 Phases, in this order (results.json is rewritten after each run, so a cut run keeps what it measured):
   env         GPU, driver, versions, measured matmul rates
-  t4_budget   the T4 setting (no bf16: fp32 compute on the 4-bit base, what the recipe picks on a T4) at the
+  t4_budget   fp32 compute on the 4-bit base (the T4 default before the H200 run; fp16, the default since,
+              peaked lower there: BENCHMARKS.md) at the
               longest length under torch.cuda.set_per_process_memory_fraction capped at 15 GiB; the recipe's
               defaults must peak below 12 GiB allocated, else the fallbacks are tried (before/after)
-  cells       {T4 setting, fp16, bf16} x {512, 1024} tokens: peak allocated/reserved, tokens/s, MFU, finiteness
-  fp16_curve  fp16 for 200 steps at 1024 tokens (finite, or the first non-finite step) and the T4 setting for
+  cells       {fp32 compute, fp16, bf16} x {512, 1024} tokens: peak allocated/reserved, tokens/s, MFU, finiteness
+  fp16_curve  fp16 for 200 steps at 1024 tokens (finite, or the first non-finite step) and fp32 compute for
               the first steps of the same schedule: the distance between the two loss curves
   speed       TRL defaults, TRL + precompute_ref_log_probs, the recipe (cache and grouping off), the recipe
               (cache + grouping: the bf16 cell), use_liger_kernel where liger supports phi
@@ -46,12 +47,14 @@ GiB = 2**30
 T4_CAP = 15 * GiB  # a T4's 16 GB is 15.1 GiB, less the CUDA context: what PyTorch can have there
 T4_TARGET = 12 * GiB  # the bar for the recipe's defaults at 1024 tokens (issue 21)
 T4_FALLBACKS = [{"per_device_train_batch_size": 1, "gradient_accumulation_steps": 64}]  # same 64 pairs per update
-PRECISIONS = {  # on top of the recipe's YAML; `compute`: the dtype matmuls run in (for the peak)
+# On top of the recipe's YAML; `compute`: the dtype matmuls run in (for the peak). t4_fp32 is fp32 compute,
+# the T4 default until the H200 run measured fp16 (dpo/train/hardware.py); results.json names runs by the key.
+PRECISIONS = {
     "t4_fp32": {"flags": {"bf16": False, "fp16": False, "dtype": "float32"}, "compute": "fp32"},
     "fp16": {"flags": {"bf16": False, "fp16": True, "dtype": "float16"}, "compute": "fp16"},
     "bf16": {"flags": {"bf16": True, "fp16": False, "dtype": "bfloat16"}, "compute": "bf16"},
 }
-# Step counts sized for `make gpu` under 8 minutes on an H200 (benchmarks/README.md: the estimate).
+# Step counts sized for `make gpu` under 8 minutes on an H200 (benchmarks/README.md: 405 s measured for bench).
 SCALES = {
     "phi2": dict(
         lengths=(512, 1024), steps=8, warmup=2, pairs=16, curve_steps=200, curve_fp32_steps=30, curve_pairs=64
@@ -140,6 +143,7 @@ def run(name: str, build, shape: dict, length: int, warmup: int, compute: str, r
         trainer = build()
         record["build_s"] = time.perf_counter() - began
         record["fused_lm_head"] = fused_lm_head_model(trainer) is not None
+        record["learning_rate"] = trainer.args.learning_rate  # TRL's default and the recipe's differ: losses too
         measure(trainer, meter, torch.cuda.synchronize if cuda else lambda: None)
 
         class Scale(TrainerCallback):
@@ -191,13 +195,14 @@ def summary(r: dict) -> str:
 
 def liger_support() -> str | None:
     """None when liger-kernel can patch phi; else why use_liger_kernel cannot be measured here."""
+    import importlib.metadata as md
+
     try:
-        import liger_kernel
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError:
         return "liger-kernel is not installed"
     if "phi" not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        version = getattr(liger_kernel, "__version__", "?")
+        version = md.version("liger-kernel")  # the module has no __version__
         return f"liger-kernel {version} has no kernels for model_type phi (only phi3): use_liger_kernel would change nothing"
     return None
 
@@ -363,7 +368,8 @@ def main(argv=None) -> None:
         results.put("liger", why_not or "measured: recipe_liger")
     from benchmarks.gpu_section import markdown
 
-    (Path(args.results) / "gpu_section.md").write_text(markdown(results.data, "make gpu"))
+    folder = Path(args.results)
+    (folder / "gpu_section.md").write_text(markdown(results.data, "make gpu", folder.resolve(), folder.resolve()))
     say(f"done: {results.path}")
 
 

@@ -1,6 +1,6 @@
-"""`make gpu`: everything the GPU machine is for, in one command, into one results folder.
+"""`make gpu`: everything a CUDA machine without network is for, in one command, into one results folder.
 
-    python3 benchmarks/gpu_run.py --results $OUT                 # on the GPU machine (make gpu)
+    python3 benchmarks/gpu_run.py --results DIR                  # on the CUDA machine (make gpu)
     python benchmarks/gpu_run.py --scale tiny --no-install --skip pytest --results DIR   # CPU rehearsal (tests)
 
   1/4 install  the carried wheels (.whl/, benchmarks/gpu_wheels.py) into --site, first on PYTHONPATH;
@@ -9,10 +9,10 @@
   3/4 pytest   pytest -m gpu tests/test_gpu.py (conftest.py keeps CUDA visible under DPO_GPU_TESTS=1)
   4/4 bench    benchmarks/bench_gpu.py (results.json is rewritten after every run inside it)
 
-Results folder (at most 8 files, what a device call brings back): progress.log, env.txt, pytest.log,
-bench.log, results.json, gpu_section.md. Every line of every phase is also printed as it comes, and each
+The results folder (a few flat files, easy to copy back from a machine without network): progress.log,
+env.txt, pytest.log, bench.log, results.json, gpu_section.md. Every line of every phase is also printed as it comes, and each
 phase has its own time limit, so a run cut short still says how far it got and keeps what it measured.
-Budget on an H200 (benchmarks/README.md): install ~15 s, check ~10 s, pytest ~60 s, bench ~5 min.
+Measured on an H200 (benchmarks/README.md): install 5 s, check 8 s, pytest 94 s, bench 405 s.
 """
 
 from __future__ import annotations
@@ -78,14 +78,16 @@ if torch.cuda.is_available():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default=str(ROOT / "outputs" / "gpu"), help="the results folder ($OUT there)")
+    parser.add_argument("--results", default=str(ROOT / "outputs" / "gpu"), help="the results folder")
     parser.add_argument("--scale", choices=["phi2", "tiny"], default="phi2")
     parser.add_argument("--site", default="/tmp/dpo-gpu-site", help="where the carried wheels are installed")
     parser.add_argument("--workdir", default="/tmp/dpo-bench-gpu", help="bench_gpu.py's model, runs and cache")
     parser.add_argument("--no-install", action="store_true", help="use the packages already installed")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: pytest, bench")
     parser.add_argument("--phases", help="bench_gpu.py --phases (default: all)")
-    parser.add_argument("--budget", type=float, default=570, help="seconds for everything (a device call: 600)")
+    parser.add_argument(
+        "--budget", type=float, default=570, help="seconds for everything (the H200 run: 540, under a 600 s limit)"
+    )
     args = parser.parse_args(argv)
     results, skip = Path(args.results), set(filter(None, args.skip.split(",")))
 

@@ -4,7 +4,7 @@
     python benchmarks/gpu_wheels.py check      # .whl/ holds exactly these wheels; tree + wheels fit the 64 MiB
     python3 benchmarks/gpu_wheels.py install /tmp/dpo-gpu-site   # there: pip --no-index --no-deps --target
 
-The GPU machine (the device tool's KINDS.md) has Python 3.12, torch 2.11 (CUDA 13), transformers 5.17,
+The CUDA machine without network that ran it had Python 3.12, torch 2.11 (CUDA 13), transformers 5.17,
 peft, accelerate 1.15 and pytest, and no trl, datasets or bitsandbytes; nothing can be downloaded there.
 Carried: our pins of trl, datasets, bitsandbytes, transformers (5.23, not 5.17) and peft (requirements.txt),
 plus what their Requires-Dist needs that the image lacks or may have in a version outside the range.
@@ -24,14 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / ".whl"
 PINNED = ("trl", "datasets", "bitsandbytes", "transformers", "peft")  # versions: requirements.txt
-EXTRA = {  # the wheels' Requires-Dist against the image's package list (KINDS.md)
+EXTRA = {  # the wheels' Requires-Dist against that machine's installed packages
     "dill": "0.4.1",  # datasets 5.2: dill>=0.3.0,<0.4.2; not in the image
     "multiprocess": "0.70.19",  # datasets 5.2: multiprocess<0.70.20; not in the image
     "regex": "2026.11.19",  # transformers 5.23: regex>=2025.10.22; the image's version is not known
     "fsspec": "2026.9.0",  # datasets 5.2: fsspec<=2026.9.0; the image's may be newer
     "liger-kernel": "0.8.5",  # bench_gpu.py's use_liger_kernel check (pure Python + Triton, which the image has)
 }
-LIMIT = 64 * 2**20  # what a device call carries: tracked + untracked-not-ignored files + carried folders
+LIMIT = 64 * 2**20  # what the copy to the CUDA machine takes: tracked + untracked-not-ignored files + .whl/
 WHEELS_MIB = 58.3  # the wheels above as downloaded (2026-12; bitsandbytes is 41 MiB of it): for `check` without .whl/
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")
 PLATFORMS += ("manylinux2014_x86_64", "manylinux1_x86_64")
@@ -67,7 +67,7 @@ def download(folder: Path = FOLDER) -> None:
 
 
 def travelling_bytes(root: Path = ROOT) -> int:
-    """Bytes of what a device call sends besides the carried folders: tracked and untracked-not-ignored files."""
+    """Bytes of what is copied to the CUDA machine besides .whl/: tracked and untracked-not-ignored files."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=root,
@@ -78,7 +78,7 @@ def travelling_bytes(root: Path = ROOT) -> int:
 
 
 def problems(folder: Path = FOLDER, root: Path = ROOT) -> list[str]:
-    """What is wrong with `folder` for a device call: a wheel missing, of another version, two versions of
+    """What is wrong with `folder` for the CUDA machine: a wheel missing, of another version, two versions of
     one package (that stops the whole install), one not asked for; the tree and wheels over LIMIT."""
     found, want, out = carried(folder), wanted(), []
     for name, version in want.items():
@@ -89,7 +89,9 @@ def problems(folder: Path = FOLDER, root: Path = ROOT) -> list[str]:
     wheels = sum(w.stat().st_size for entries in found.values() for _, w in entries)
     total = travelling_bytes(root) + wheels
     if total >= LIMIT:
-        out.append(f"tree + wheels = {total / 2**20:.1f} MiB, over the {LIMIT / 2**20:.0f} MiB a device call carries")
+        out.append(
+            f"tree + wheels = {total / 2**20:.1f} MiB, over the {LIMIT / 2**20:.0f} MiB copied to the CUDA machine"
+        )
     return out
 
 

@@ -240,7 +240,7 @@ def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
     """Undo TRL's bf16 cast of trainable LoRA weights when the run computes in fp32.
 
     TRL 1.16 casts trainable parameters of a quantized model to bf16 (the QLoRA paper's
-    choice). On fp32 hardware settings (CPU, T4) that mixes dtypes and rounds small updates
+    choice). Under fp32 compute (CPU; a GPU with --dtype float32) that mixes dtypes and rounds small updates
     away, so we put them back in the compute dtype. Returns how many tensors were cast.
     The optimizer is created later, in `train()`, so it sees the new tensors.
     Starting from an SFT adapter, TRL's frozen "ref" copy was taken before the cast, so the
@@ -259,7 +259,7 @@ def upcast_trainable_params(trainer: DPOTrainer, dtype: torch.dtype) -> int:
 
 def keep_trainable_weights_fp32(trainer, model_dtype: str | None, fp16: bool) -> tuple[int, str | None]:
     """Put trainable (LoRA) weights back in float32 after TRL's bf16 cast where bf16 ones are wrong:
-    fp32 compute (dtype float32: CPU, the T4 default), and fp16 mixed precision whatever the model
+    fp32 compute (dtype float32: CPU, or chosen on a GPU), and fp16 mixed precision (a T4's default) whatever the model
     dtype, because the fp16 GradScaler unscales fp32 gradients only (bf16 ones fail with
     `_amp_foreach_non_finite_check_and_unscale_cuda not implemented for 'BFloat16'`, TRL#4901; fp16
     ones with "Attempting to unscale FP16 gradients") and fp16 master weights would round updates away.

@@ -97,9 +97,10 @@ print(f"model: {MODEL}\ndata:  {DATASET}\nsmoke mode: {SMOKE}")
 # ## Hardware
 #
 # Precision follows the GPU (`dpo/train/hardware.py`): **bf16** where the GPU has it (A100, L4,
-# H100, RTX 30xx and newer); **fp32 compute** where it does not (T4, V100), because DPO's
-# summed log-probabilities overflow in fp16 and give NaN losses. The 4-bit weights are the
-# same either way.
+# H100, RTX 30xx and newer). Where it does not (T4, V100) the recipe trains in fp16 mixed precision,
+# measured finite on a GPU at phi-2's size (random weights; BENCHMARKS.md), with a stop on the first
+# non-finite loss. This notebook calls plain TRL, which has no such stop, so there it keeps **fp32
+# compute**: slower, but nothing can overflow fp16's range. The 4-bit weights are the same either way.
 
 # %%
 import torch
@@ -107,8 +108,8 @@ import torch
 from dpo.train.hardware import describe, detect_precision
 
 precision = detect_precision()
-COMPUTE_DTYPE = torch.bfloat16 if precision.bf16 else torch.float32
-print(f"{precision.reason} -> {describe(precision.bf16, precision.fp16, precision.dtype)}")
+COMPUTE_DTYPE = torch.bfloat16 if precision.bf16 else torch.float32  # no fp16 here: plain TRL has no NaN stop
+print(f"{precision.reason}\nthis notebook: {describe(precision.bf16, False, str(COMPUTE_DTYPE).split('.')[1])}")
 if torch.cuda.is_available():
     free, total = torch.cuda.mem_get_info()
     print(f"GPU memory: {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free); bf16: {precision.bf16}")

@@ -1,7 +1,8 @@
 """`make gpu` rehearsed on CPU: benchmarks/gpu_run.py + bench_gpu.py at --scale tiny run every phase and
-write the results folder a device call brings back, so the one GPU run cannot fail on a typo; the carried
-wheels and the tree fit a device call; FLOPs are counted from the real architecture; BENCHMARKS.md's GPU
-section is written from the results, also from a run cut short."""
+write the results folder that comes back from a CUDA machine without network, so the one GPU run cannot fail
+on a typo; the wheels carried in `.whl/` and the tree fit what that machine takes; FLOPs are counted from the
+real architecture; BENCHMARKS.md's GPU section is written from the results, also from a run cut short, and
+the committed H200 run's section says what it measured (benchmarks/results/gpu/)."""
 
 import json
 import math
@@ -43,6 +44,7 @@ def test_the_tiny_rehearsal_runs_every_phase_and_every_run_is_finite(tiny_run):
         assert run["steps"] >= 1 and run["tokens_per_s"] > 0, name
         assert run["losses"] and all(math.isfinite(x) for x in run["losses"]), name
         assert isinstance(run["fused_lm_head"], bool), name  # whether TRL's fused LM head replaced the forward
+        assert run["learning_rate"] > 0, name  # TRL's runs and the recipe's train at different rates
     assert data["runs"]["curve_fp16"]["steps"] == BENCH.SCALES["tiny"]["curve_steps"]
     assert data["fp16_curve"]["compared_steps"] == BENCH.SCALES["tiny"]["curve_fp32_steps"]
     assert data["t4_budget"]["attempts"] == [f"t4_fp32_{max(lengths)}"]  # the capped run is that cell
@@ -52,11 +54,12 @@ def test_the_tiny_rehearsal_runs_every_phase_and_every_run_is_finite(tiny_run):
 
 
 @pytest.mark.slow
-def test_the_results_folder_is_what_a_device_call_brings_back(tiny_run):
+def test_the_results_folder_holds_a_few_plainly_named_files(tiny_run):
     results, _ = tiny_run
     files = sorted(p.name for p in results.rglob("*") if p.is_file())
     assert files == sorted(["progress.log", "env.txt", "bench.log", "results.json", "gpu_section.md"])
-    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)  # the device tool's rule
+    # at most 8 flat files with plain names: what a copy back from a machine without network keeps safely
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
 
 
 @pytest.mark.slow
@@ -78,7 +81,55 @@ def test_the_gpu_section_is_written_from_the_results_and_names_what_a_cut_run_la
     assert "## Other\n\nkept" in out.read_text() and SECTION.SECTION in out.read_text()
 
 
-def test_the_carried_wheels_are_our_pins_and_fit_a_device_call_with_the_tree():
+GPU_RUN = ROOT / "benchmarks" / "results" / "gpu"  # the H200 run of 2026-12-04, as it came back
+
+
+def committed_section() -> tuple[str, str]:
+    """BENCHMARKS.md's GPU section as committed, and the command its first line names."""
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    start = text.index(SECTION.SECTION)
+    end = text.find("\n## ", start + 1)
+    section = text[start : end + 1 if end >= 0 else None]
+    return section, re.search(r"^The run: `(.+?)` \(", section, re.M).group(1)
+
+
+def test_benchmarks_md_has_the_section_the_script_writes_from_the_committed_gpu_run():
+    section, command = committed_section()
+    data = json.loads((GPU_RUN / "results.json").read_text())
+    assert section == SECTION.markdown(data, command, GPU_RUN, ROOT)  # regenerated after every script change
+    for target in re.findall(r"\]\(([^)]+)\)", section):
+        assert (ROOT / target).is_file(), target  # every raw file it links is committed
+
+
+def test_the_gpu_section_names_both_pytest_runs_the_finding_and_the_learning_rates():
+    import dataclasses
+
+    import yaml
+    from trl import DPOConfig
+
+    data = json.loads((GPU_RUN / "results.json").read_text())
+    text = SECTION.markdown(data, "the command", GPU_RUN, ROOT)
+    assert "(benchmarks/results/gpu/pytest.log): 1 failed, 9 passed (test_fp16_attention_stays_finite" in text
+    assert "(benchmarks/results/gpu/pytest-rerun.log): 10 passed" in text and "The run: `the command`" in text
+    runs = data["runs"]
+    recipe, informed, plain = runs["bf16_1024"], runs["trl_precompute"], runs["trl_defaults"]
+    finding = next(line for line in text.splitlines() if line.startswith("**Finding**"))
+    for a, b in ((recipe, informed), (recipe, plain)):
+        assert f"({a['tokens_per_s'] / b['tokens_per_s']:.2f}x)" in finding
+    assert f"{recipe['peak_allocated_gib']:.2f} vs {informed['peak_allocated_gib']:.2f} GiB" in finding
+    slower = recipe["tokens_per_s"] < informed["tokens_per_s"]
+    assert ("is **not** faster per step" in finding) == slower and "not measured yet" in finding
+    assert "mean loss" not in text  # losses at different learning rates are not set side by side
+    trl_lr = next(f.default for f in dataclasses.fields(DPOConfig) if f.name == "learning_rate")
+    yaml_lr = yaml.safe_load((ROOT / "recipes" / "dpo_phi2.yaml").read_text())["learning_rate"]
+    assert trl_lr != yaml_lr and f"learning rate ({trl_lr:g})" in text and f"dpo_phi2.yaml's ({yaml_lr:g})" in text
+    for line in text.splitlines():  # the fp32 setting is named as the T4 default only for the past
+        assert not ("T4" in line and "fp32" in line) or "before this run" in line, line
+    assert "fp16 mixed precision (the T4 default since this run" in text
+    assert "liger-kernel ?" not in text and f"liger-kernel {data['env']['liger-kernel']}" in text
+
+
+def test_the_carried_wheels_are_our_pins_and_fit_the_gpu_machine_with_the_tree():
     want = WHEELS.wanted()
     pins = dict(re.findall(r"^([a-z]+)==(\S+)", (ROOT / "requirements.txt").read_text(), re.M))
     for name in WHEELS.PINNED:

@@ -92,11 +92,18 @@ def nonfinite_advice(err: NonFiniteTraining, args, last_checkpoint) -> str:
         if after_update
         else "training stopped before that step changed any weight"
     )
+    # fp16 is the default on a GPU without bf16 (dpo/train/hardware.py), measured finite only with random weights:
+    # its range is the first suspect, so fp32 compute comes first there.
+    first = (
+        "This run computed in fp16 (the default on a GPU without bf16, such as a T4): rerun in fp32 compute with "
+        "--fp16 false --dtype float32, or try "
+        if args.fp16
+        else "Try fp32 compute (--bf16 false --fp16 false --dtype float32), "
+    )
     return (
         f"step {err.step}: {err.quantity} is {err.value} (not finite); {when}, and no final adapter was written. "
-        f"{kept}. Try a lower learning_rate (now {args.learning_rate:g}), "
-        f"a lower beta (now {args.beta:g}), fp32 compute (--bf16 false --fp16 false --dtype float32), or "
-        f"max_grad_norm 1.0 (now {args.max_grad_norm:g})"
+        f"{kept}. {first}a lower learning_rate (now "
+        f"{args.learning_rate:g}), a lower beta (now {args.beta:g}), or max_grad_norm 1.0 (now {args.max_grad_norm:g})"
     )
 
 
