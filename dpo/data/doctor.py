@@ -173,7 +173,7 @@ def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[D
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpo.doctor",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dataset", nargs="?", help="the same as --dataset_name, shorter")

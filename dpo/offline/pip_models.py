@@ -193,7 +193,9 @@ def default_cache_dir(name: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dpo.models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo.models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument(
         "output_dir", nargs="?", help="default: $DPO_MODELS_CACHE/<name> or ~/.cache/dpo-recipes/models/<name>"

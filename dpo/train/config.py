@@ -17,6 +17,7 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
+from dpo.helptext import describe_recipe
 from dpo.log import log
 from dpo.train.distributed import check_launch, on_main_process, topology
 from dpo.train.hardware import describe, detect_precision
@@ -167,6 +168,8 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
         raise UserError(yaml_error_line(config_path, err)) from None
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
+    # --help: the recipe's docstring, examples included (dpo/helptext.py)
+    describe_recipe(parser, Path(default_config).with_suffix(".py"))
     precision = detect_precision()
     parser.set_defaults_with_config(**precision.as_defaults())
     try:
