@@ -6,6 +6,7 @@ function answer True, so any machine builds its 4-bit layers as a CPU with AVX51
 and the tests check what happens then with and without `use_portable_4bit_kernels`.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -352,11 +353,14 @@ def test_bitsandbytes_kernel_lookup_is_quiet_before_any_entry_point_imports_it(f
     answering True: plain bitsandbytes logs them (the probe reproduces the real import path); after any
     dpo import no line mentions kernels-community and `kernels` is never asked (no Hub lookup)."""
     paths = [str(ROOT), os.environ.get("PYTHONPATH")]
-    if kernels_installed:
+    real_kernels = importlib.util.find_spec("kernels") is not None  # transformers >= 5.25 installs it
+    if kernels_installed and not real_kernels:
         (tmp_path / "kernels").mkdir()
         (tmp_path / "kernels" / "__init__.py").write_text(FAKE_KERNELS)
         paths.insert(0, str(tmp_path))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    elif not kernels_installed and real_kernels:
+        pytest.skip("the installed `kernels` package cannot be hidden from this import path")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}  # HF_HUB_OFFLINE=1 (conftest.py)
     probe = textwrap.dedent(IMPORT_PROBE).replace("FIRST", first)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.startswith("imported"), done.stderr
@@ -365,7 +369,9 @@ def test_bitsandbytes_kernel_lookup_is_quiet_before_any_entry_point_imports_it(f
         assert done.stdout.strip() == "imported no lookup"
     else:
         assert IMPORT_NOTE in done.stderr, done.stderr
-        assert ("Trust of kernels-community/quantization-bitsandbytes" in done.stderr) == kernels_installed
+        # the kernels package's own line (the fake's, or the real "Skipping publisher trust check for ...")
+        own = [line for line in done.stderr.splitlines() if "kernels-community/" in line and IMPORT_NOTE not in line]
+        assert bool(own) == kernels_installed, done.stderr
 
 
 def test_the_quiet_is_by_logger_and_only_while_bitsandbytes_cpu_ops_import(caplog):
