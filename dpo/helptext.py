@@ -24,8 +24,10 @@ def script_docstring(path: str | Path) -> str:
 
 def describe_recipe(parser: argparse.ArgumentParser, recipe_file: str | Path) -> argparse.ArgumentParser:
     """Give a recipe's parser the recipe's docstring as its description and say where settings come from.
-    Returns the parser."""
+    Returns the parser, unchanged when there is no such file (a YAML parsed without its recipe)."""
     recipe_file = Path(recipe_file)
+    if not recipe_file.is_file():
+        return parser
     parser.prog = recipe_file.name
     parser.description = script_docstring(recipe_file)
     parser.epilog = (
