@@ -32,6 +32,7 @@ from dpo.data.datafiles import (
     open_data_file,
 )
 from dpo.errors import UserError, hub_error
+from dpo.progress import datasets_progress_off
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
@@ -187,6 +188,7 @@ def _csv_as_text(path: Path) -> dict:
     }
 
 
+@datasets_progress_off()  # no "Generating train split" bar in front of a data error (dpo/progress.py)
 def load_preference_data(
     name: str, config_name: str | None = None, split: str = "train", missing_ok: bool = False
 ) -> Dataset | None:
