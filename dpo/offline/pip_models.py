@@ -43,6 +43,7 @@ class PackagedModel:
     filename: str
     sha256: str
     hub_id: str  # the same model on the Hugging Face Hub (original bf16 weights)
+    license: str  # the Hub's license id, from the model's card
 
 
 MODELS = {
@@ -52,6 +53,7 @@ MODELS = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",  # the model card's front matter on the Hub
     ),
 }
 
@@ -76,6 +78,9 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+BUILD_KEYS = ("source", "sha256", "transformers")  # what makes two builds the same; other keys only describe
+
+
 def _marker(spec: PackagedModel) -> dict:
     from importlib.metadata import version
 
@@ -83,6 +88,8 @@ def _marker(spec: PackagedModel) -> dict:
         "source": f"{spec.requirement}:{spec.filename}",
         "sha256": spec.sha256,
         "transformers": version("transformers"),
+        "hub_id": spec.hub_id,  # read by model cards (dpo/evaluation/model_card.py): where the weights came from
+        "license": spec.license,
     }
 
 
@@ -94,20 +101,34 @@ def _read_marker(folder: Path) -> dict | None:
     return found if isinstance(found, dict) else None
 
 
+def _same(found: dict | None, wanted: dict, keys) -> bool:
+    return found is not None and all(found.get(k) == wanted[k] for k in keys)
+
+
 def is_materialized(folder: Path, name: str) -> bool:
     """True when `folder` holds a complete build of `name` by this transformers version."""
-    return _read_marker(folder) == _marker(_spec(name))
+    return _same(_read_marker(folder), _marker(_spec(name)), BUILD_KEYS)
 
 
 def built_by_another_transformers(folder: Path, name: str) -> str | None:
     """The transformers version that built `folder` from the same file, when that is not the installed
     one (the folder is ours, only stale); None for anything else."""
     found, wanted = _read_marker(folder), _marker(_spec(name))
-    if found is None or found == wanted:
-        return None
-    if {k: found.get(k) for k in ("source", "sha256")} != {k: wanted[k] for k in ("source", "sha256")}:
+    if not _same(found, wanted, ("source", "sha256")) or found.get("transformers") == wanted["transformers"]:
         return None
     return str(found.get("transformers"))
+
+
+def origin(folder: str | os.PathLike) -> dict | None:
+    """{"hub_id", "license"} of the model a folder made here was built from; None for any other folder.
+    Folders built before the marker recorded them are recognised by their source file."""
+    found = _read_marker(Path(folder).expanduser())
+    if found is None:
+        return None
+    for spec in MODELS.values():
+        if found.get("source") == f"{spec.requirement}:{spec.filename}":
+            return {"hub_id": found.get("hub_id") or spec.hub_id, "license": found.get("license") or spec.license}
+    return None
 
 
 def materialize(name: str, output_dir: str | os.PathLike) -> Path:
