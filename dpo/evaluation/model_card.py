@@ -15,6 +15,10 @@ from pathlib import Path
 
 import yaml
 
+# What `python -m dpo.models` (dpo/offline/pip_models.py, a layer above this one: read as a file) records
+# in a folder it built: {"hub_id", "license", ...}.
+BUILD_RECORD = "materialized.json"
+
 # A Hub repository id: owner/name, letters, digits, '.', '_' and '-' (huggingface_hub's validate_repo_id).
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -53,11 +57,9 @@ def base_hub_id(base: str) -> str | None:
     folder = Path(base).expanduser()
     if not folder.exists():
         return base if _is_hub_id(base) else None
-    from dpo.offline.pip_models import origin
-
-    built = origin(folder)
-    if built and _is_hub_id(built["hub_id"]):
-        return built["hub_id"]
+    recorded = _json_file(folder / BUILD_RECORD).get("hub_id")
+    if _is_hub_id(recorded):
+        return recorded
     name = _json_file(folder / "config.json").get("_name_or_path")
     return name if _is_hub_id(name) and not Path(name).expanduser().exists() else None
 
@@ -67,13 +69,12 @@ def base_license(base: str) -> str | None:
     or what dpo.models recorded when it built it; for a Hub id, its card on the Hub when reachable."""
     folder = Path(base).expanduser()
     if folder.exists():
-        from dpo.offline.pip_models import origin
-
-        found = _card_front_matter(folder / "README.md").get("license") or _json_file(folder / "config.json").get(
-            "license"
+        found = (
+            _card_front_matter(folder / "README.md").get("license")
+            or _json_file(folder / "config.json").get("license")
+            or _json_file(folder / BUILD_RECORD).get("license")
         )
-        built = origin(folder)
-        return str(found) if found else (built or {}).get("license")
+        return str(found) if found else None
     try:
         from huggingface_hub import ModelCard
 

@@ -119,16 +119,13 @@ def built_by_another_transformers(folder: Path, name: str) -> str | None:
     return str(found.get("transformers"))
 
 
-def origin(folder: str | os.PathLike) -> dict | None:
-    """{"hub_id", "license"} of the model a folder made here was built from; None for any other folder.
-    Folders built before the marker recorded them are recognised by their source file."""
-    found = _read_marker(Path(folder).expanduser())
-    if found is None:
-        return None
-    for spec in MODELS.values():
-        if found.get("source") == f"{spec.requirement}:{spec.filename}":
-            return {"hub_id": found.get("hub_id") or spec.hub_id, "license": found.get("license") or spec.license}
-    return None
+def _complete_marker(folder: Path, spec: PackagedModel) -> None:
+    """Add what a marker written before it described (hub_id, license) to a complete build's marker."""
+    found, wanted = _read_marker(folder), _marker(spec)
+    if found is not None and any(k not in found for k in wanted):
+        tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({**wanted, **found}, indent=2) + "\n")
+        os.replace(tmp, folder / MARKER)
 
 
 def materialize(name: str, output_dir: str | os.PathLike) -> Path:
@@ -140,6 +137,7 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
     """
     spec, out = _spec(name), Path(output_dir).expanduser()
     if is_materialized(out, name):
+        _complete_marker(out, spec)
         return out
     stale = built_by_another_transformers(out, name)
     if stale is None and out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -37,20 +37,27 @@ def model_folder(tmp_path, name="models/smollm2-135m-instruct", marker=None, con
 SMOLLM2 = MODELS["smollm2-135m-instruct"]
 
 
-@pytest.mark.parametrize(
-    "marker",
-    [
-        pytest.param(_marker(SMOLLM2), id="built_now"),
-        pytest.param({k: _marker(SMOLLM2)[k] for k in ("source", "sha256", "transformers")}, id="built_before_hub_id"),
-    ],
-)
-def test_a_folder_made_by_dpo_models_is_carded_as_its_hub_model_and_license(tmp_path, marker):
-    base = model_folder(tmp_path, marker=marker)
+def test_a_folder_made_by_dpo_models_is_carded_as_its_hub_model_and_license(tmp_path):
+    base = model_folder(tmp_path, marker=_marker(SMOLLM2))
     card = model_card(run_folder(tmp_path, base))
     front = front_matter(card)
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" == SMOLLM2.hub_id
     assert front["license"] == "apache-2.0"
     assert "A LoRA adapter for `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
+    assert cards.BUILD_RECORD == MARKER  # the card reads the file dpo.offline.pip_models writes
+
+
+def test_a_folder_built_before_the_record_gets_it_from_the_next_materialize_without_a_rebuild(tmp_path, monkeypatch):
+    import dpo.offline.pip_models as pip_models
+
+    monkeypatch.setattr(pip_models, "_build", lambda source, folder: pytest.fail("rebuilt a complete folder"))
+    old = {k: _marker(SMOLLM2)[k] for k in pip_models.BUILD_KEYS}
+    base = model_folder(tmp_path, marker=old)
+    assert "base_model" not in front_matter(model_card(run_folder(tmp_path, base)))  # nothing recorded yet
+    assert pip_models.materialize("smollm2-135m-instruct", base) == base
+    assert json.loads((base / MARKER).read_text()) == _marker(SMOLLM2)
+    front = front_matter(model_card(tmp_path / "run"))
+    assert front["base_model"] == SMOLLM2.hub_id and front["license"] == "apache-2.0"
 
 
 def test_a_local_folder_takes_its_card_license_and_a_hub_name_or_path(tmp_path):
