@@ -74,5 +74,9 @@ lint: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/jupytext --sync notebooks/dpo_*.py
 
+# Removes what the repository built here. Caches outside it stay; it says where they are and how to clear them.
 clean:
 	rm -rf $(VENV) $(LATEST) outputs .pytest_cache
+	@echo "Kept the reference log-prob cache: $${DPO_REFERENCE_CACHE:-$$HOME/.cache/dpo-recipes/reference-logps}"
+	@echo "  list it: python -m dpo.cache   clear it: python -m dpo.cache remove --all (or --unused_days N, or KEY)"
+	@echo "Kept the built SmolLM2 model: $${DPO_MODELS_CACHE:-$$HOME/.cache/dpo-recipes/models} (rebuilt by python -m dpo.models)"

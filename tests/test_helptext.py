@@ -16,6 +16,7 @@ COMMANDS = {
     "export": "dpo.evaluation.export",
     "tiny": "dpo.offline.tiny",
     "models": "dpo.offline.pip_models",
+    "cache": "dpo.train.speed.refcache_admin",
 }
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
 SECTIONS = re.compile(r"^(usage|positional arguments|options|optional arguments|[\w ]+ arguments):")

@@ -94,6 +94,7 @@ ENTRY_MODULES = {
     "export": "dpo.evaluation.export",
     "tiny": "dpo.offline.tiny",
     "models": "dpo.offline.pip_models",
+    "cache": "dpo.train.speed.refcache_admin",
 }
 
 
