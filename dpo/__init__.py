@@ -1,6 +1,7 @@
 """dpo-recipes: the library behind the recipes, notebooks and benchmarks."""
 
-from dpo.train.speed.kernels import quiet_bitsandbytes_import_note
+from dpo.train.speed.kernels import quiet_bitsandbytes_cpu_ops_import
 
-# Before anything imports bitsandbytes: its AVX512-BF16 import note is noise here (dpo/train/speed/kernels.py).
-quiet_bitsandbytes_import_note()
+# Before anything imports bitsandbytes: its AVX512-BF16 import-time kernel lookup is noise here
+# (dpo/train/speed/kernels.py).
+quiet_bitsandbytes_cpu_ops_import()

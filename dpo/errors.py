@@ -36,6 +36,14 @@ def hub_error(kind: str, name: str, err: Exception, remedy: str) -> UserError:
 ENTRY_SCOPES: list = []
 
 
+def _say(line: str) -> None:
+    """`line` on stderr, on a line of its own even when a progress bar was drawing there (dpo/progress.py)."""
+    from dpo.progress import end_open_progress_line
+
+    end_open_progress_line(sys.stderr)
+    print(line, file=sys.stderr, flush=True)
+
+
 def exit_on_user_error(main):
     """Decorator for a script's entry point: UserError -> one-line message, exit status 2;
     RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130.
@@ -52,13 +60,13 @@ def exit_on_user_error(main):
             # Under N processes every process meets the same input mistake: one message per
             # machine (its local rank 0), since each machine's launcher shows its own output.
             if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"error: {err}", file=sys.stderr, flush=True)
+                _say(f"error: {err}")
             raise SystemExit(2) from None
         except RunStopped as err:
-            print(f"stopped: {err}", file=sys.stderr, flush=True)
+            _say(f"stopped: {err}")
             raise SystemExit(err.exit_status) from None
         except KeyboardInterrupt:  # Ctrl-C outside training (which stops gracefully): no traceback
-            print("interrupted", file=sys.stderr, flush=True)
+            _say("interrupted")
             raise SystemExit(130) from None
 
     return wrapper

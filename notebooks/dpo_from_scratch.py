@@ -257,7 +257,7 @@ def trl_trainer(model, max_steps=1):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         disable_tqdm=True,
     )
     trainer = DPOTrainer(

@@ -30,7 +30,8 @@
 # [microsoft/phi-2](https://huggingface.co/microsoft/phi-2) (2.7B parameters) learns from
 # [jondurbin/truthy-dpo-v0.1](https://huggingface.co/datasets/jondurbin/truthy-dpo-v0.1),
 # about 1,000 pairs that prefer honest answers (about being an AI, about common
-# misconceptions), on one 16 GB GPU: a free Colab T4 is enough.
+# misconceptions), on one 16 GB GPU. A free Colab T4 should be enough: an estimate from the
+# model's size (4-bit phi-2 and LoRA), not a measurement; nothing in this repository has run on a GPU yet.
 #
 # The steps: install, check the hardware, load phi-2 in 4-bit, add LoRA adapters, look at
 # the data, train, plot the reward curves, compare answers before and after, save the
@@ -68,7 +69,8 @@ if "google.colab" in sys.modules:  # Colab: clone, then install the pinned versi
 #
 # The model, the data, where the results go, and the few numbers smoke mode changes. `EPOCHS`: the
 # recipe trains 3 epochs (about 45 optimizer steps of 64 pairs); one epoch, about 15 steps, shows
-# the effect and takes roughly an hour on a T4, a few minutes on an A100. Every other setting is in
+# the effect; our estimate (not measured: nothing here has run on a GPU yet) is about an hour on a
+# T4 and a few minutes on an A100. Every other setting is in
 # the cells below, as the arguments of the real calls, with `recipes/dpo_phi2.yaml`'s values.
 
 # %%
@@ -250,8 +252,8 @@ training_args = DPOConfig(
     gradient_accumulation_steps=ACCUMULATION,
     per_device_eval_batch_size=4,
     max_length=MAX_LENGTH,
-    gradient_checkpointing=True,
-    gradient_checkpointing_kwargs={"use_reentrant": False},
+    activation_checkpointing=True,  # recompute activations in the backward pass: slower, far less memory
+    activation_checkpointing_kwargs={"use_reentrant": False},
     bf16=precision.bf16,
     use_cpu=not torch.cuda.is_available(),
     eval_strategy="steps",
@@ -372,9 +374,10 @@ display(HTML(f"<table><tr>{header}</tr>{cells}</table>"))
 # %% [markdown]
 # ## The saved adapter
 #
-# `OUTPUT_DIR` holds the LoRA adapter (a few tens of MB for phi-2), the tokenizer, every
-# setting of the run (`resolved_config.yaml`, a valid `--config` to repeat it), the final
-# metrics and the curves. Anyone with phi-2 can load the adapter on top of it with PEFT.
+# `OUTPUT_DIR` holds what the cells above saved: the LoRA adapter (a few tens of MB for phi-2),
+# the tokenizer, the final metrics and the curves. (The recipe, `recipes/dpo_phi2.py`, also writes
+# every setting of its run to `resolved_config.yaml`, a valid `--config` to repeat it; this notebook
+# passes its settings in code, above.) Anyone with phi-2 can load the adapter on top of it with PEFT.
 
 # %%
 for path in sorted(OUTPUT_DIR.iterdir()):

@@ -295,7 +295,7 @@ def dpo_config(**overrides):
         bf16=False,
         use_cpu=True,
         report_to=[],
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         per_device_train_batch_size=4,
         train_sampling_strategy="sequential",
         save_strategy="no",

@@ -77,7 +77,8 @@ def test_the_library_never_loads_files_from_recipes():
 # ── the layout: every module in a subpackage that names its job, imports running downward ──────
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    "dpo.errors dpo.log dpo.files dpo.plots",  # shared by all: one-line errors, progress, whole folders, plots
+    "dpo.errors dpo.log dpo.files dpo.plots dpo.progress dpo.helptext",  # shared by all: one-line errors, progress
+    # messages and bars, whole folders, plots, --help text
     "dpo.scratch",  # DPO in plain PyTorch: loss, loss settings, log-probs, loop
     "dpo.compat",  # the one TRL seam (its loss types: the from-scratch ones less those TRL dropped)
     "dpo.gate",  # the settings gate: the table of every setting's bound, the run's plan, integrations
@@ -94,6 +95,7 @@ ENTRY_MODULES = {
     "export": "dpo.evaluation.export",
     "tiny": "dpo.offline.tiny",
     "models": "dpo.offline.pip_models",
+    "cache": "dpo.train.speed.refcache_admin",
 }
 
 

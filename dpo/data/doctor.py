@@ -176,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         allow_abbrev=False,
         prog="python -m dpo.doctor",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dataset", nargs="?", help="the same as --dataset_name, shorter")

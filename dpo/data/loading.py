@@ -38,6 +38,7 @@ from dpo.data.datafiles import (
 )
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
+from dpo.progress import datasets_progress_off
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
@@ -262,6 +263,7 @@ def _csv_as_text(path: Path) -> dict:
     }
 
 
+@datasets_progress_off()  # no "Generating train split" bar in front of a data error (dpo/progress.py)
 def load_preference_data(
     name: str, config_name: str | None = None, split: str = "train", missing_ok: bool = False
 ) -> Dataset | None:

@@ -1,7 +1,8 @@
 """A Hugging Face model card (README.md) for a run folder, built offline from what the run wrote.
 
-Front matter (base_model, license, datasets, library_name, tags) in the Hub's metadata keys,
-then: the method and loss, held-out metrics (final_metrics.json), the evaluation
+Front matter (base_model, license, datasets, library_name, tags) in the Hub's metadata keys: base_model
+is the Hub id the base came from (never a local path: see `base_hub_id`), license the base's own.
+Then: the method and loss, held-out metrics (final_metrics.json), the evaluation
 (eval/metrics.json, when `python -m dpo.evaluate` ran), every setting (resolved_config.yaml),
 and the command that reproduces the run.
 """
@@ -9,28 +10,77 @@ and the command that reproduces the run.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
 
+# What `python -m dpo.models` (dpo/offline/pip_models.py, a layer above this one: read as a file) records
+# in a folder it built: {"hub_id", "license", ...}.
+BUILD_RECORD = "materialized.json"
+
+# A Hub repository id: owner/name, letters, digits, '.', '_' and '-' (huggingface_hub's validate_repo_id).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _is_hub_id(name) -> bool:
+    return isinstance(name, str) and bool(HUB_ID.match(name)) and ".." not in name
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _card_front_matter(readme: Path) -> dict:
+    """The YAML front matter of a model card (README.md), {} when there is none or it is not valid."""
+    try:
+        text = readme.read_text()
+    except OSError:
+        return {}
+    if not text.startswith("---"):
+        return {}
+    try:
+        front = yaml.safe_load(text.split("---")[1])
+    except yaml.YAMLError:
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+def base_hub_id(base: str) -> str | None:
+    """The Hub id the base model came from, for the card's `base_model` (the Hub accepts only ids there):
+    `base` itself when it names no local folder and reads as an id; for a folder, the id dpo.models
+    recorded when it built it, else its config.json's `_name_or_path` when that is an id; else None."""
+    folder = Path(base).expanduser()
+    if not folder.exists():
+        return base if _is_hub_id(base) else None
+    recorded = _json_file(folder / BUILD_RECORD).get("hub_id")
+    if _is_hub_id(recorded):
+        return recorded
+    name = _json_file(folder / "config.json").get("_name_or_path")
+    return name if _is_hub_id(name) and not Path(name).expanduser().exists() else None
+
 
 def base_license(base: str) -> str | None:
-    """The base model's license from its card's front matter (local folder or, if reachable, the Hub)."""
-    readme = Path(base) / "README.md"
-    text = None
-    if readme.is_file():
-        text = readme.read_text()
-    elif not Path(base).expanduser().exists():
-        try:
-            from huggingface_hub import ModelCard
+    """The base model's license: for a local folder, its card's front matter (README.md), its config.json,
+    or what dpo.models recorded when it built it; for a Hub id, its card on the Hub when reachable."""
+    folder = Path(base).expanduser()
+    if folder.exists():
+        found = (
+            _card_front_matter(folder / "README.md").get("license")
+            or _json_file(folder / "config.json").get("license")
+            or _json_file(folder / BUILD_RECORD).get("license")
+        )
+        return str(found) if found else None
+    try:
+        from huggingface_hub import ModelCard
 
-            return ModelCard.load(base).data.to_dict().get("license")
-        except Exception:  # offline, private, no card: the card says so instead
-            return None
-    if text and text.startswith("---"):
-        front = yaml.safe_load(text.split("---")[1]) or {}
-        return front.get("license")
-    return None
+        return ModelCard.load(base).data.to_dict().get("license")
+    except Exception:  # offline, private, no card: the card says so instead
+        return None
 
 
 def recipe_of(resolved: dict) -> str:
@@ -64,8 +114,10 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
     metrics_file, eval_file = out / "final_metrics.json", out / "eval" / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     dataset = resolved.get("dataset_name")
+    hub_id = base_hub_id(base)
+    named = f"`{hub_id}`" if hub_id else f"a local model (`{base}`)"
     front = {
-        "base_model": base,
+        **({"base_model": hub_id} if hub_id else {}),
         "license": base_license(base) or "other",
         "library_name": "transformers" if merged else "peft",
         "tags": ["trl", "dpo" if "beta" in resolved and "completion_only_loss" not in resolved else "sft", "qlora"],
@@ -80,7 +132,7 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
         "",
         f"# {out.resolve().name}",
         "",
-        f"{'A merged model' if merged else 'A LoRA adapter'} for `{base}`, trained with dpo-recipes on `{dataset}`.",
+        f"{'A merged model' if merged else 'A LoRA adapter'} for {named}, trained with dpo-recipes on `{dataset}`.",
         "",
         f"- Method: {method(resolved)}.",
         f"- Training: LoRA r={resolved.get('lora_r')}, alpha={resolved.get('lora_alpha')} on "

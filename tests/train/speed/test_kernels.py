@@ -6,6 +6,7 @@ function answer True, so any machine builds its 4-bit layers as a CPU with AVX51
 and the tests check what happens then with and without `use_portable_4bit_kernels`.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -324,36 +325,74 @@ sys.meta_path.insert(0, AnAvx512Bf16Cpu())
 FIRST
 import bitsandbytes.backends.cpu.ops as ops
 assert hasattr(ops, "gemm_4bit_forward_kernel"), "the AVX512-BF16 branch did not run"
-print("imported")
+print("imported", "looked up" if getattr(sys.modules.get("kernels"), "asked", False) else "no lookup")
+"""
+
+# What the `kernels` package that transformers 5.25 installs does there offline (kernels 0.19.1,
+# _internals/hf_hub.py, then the cache miss), reworded: the quiet must not depend on the words.
+FAKE_KERNELS = """
+import logging
+
+asked = False
+
+def get_kernel(repo_id, version=None):
+    global asked
+    asked = True
+    logging.getLogger("kernels._internals.hf_hub").warning("Trust of %s not checked (offline), reworded", repo_id)
+    raise RuntimeError(f"{repo_id} is not in the local cache")
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("first", ["", "import dpo", "from dpo.train.trainer import build_dpo_trainer"])
-def test_bitsandbytes_import_note_is_silenced_before_any_entry_point_imports_it(first):
-    """bitsandbytes 0.50.2 logs, at import on an AVX512-BF16 CPU, that the optional `kernels` package
-    is missing: a line in front of every run and every one-line error, telling users to install
-    something they must not need. Fresh processes, with the CPU check answering True: plain
-    bitsandbytes logs it (the probe reproduces the real import path); after any dpo import it does not."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+@pytest.mark.parametrize("kernels_installed", [False, True])
+def test_bitsandbytes_kernel_lookup_is_quiet_before_any_entry_point_imports_it(first, kernels_installed, tmp_path):
+    """bitsandbytes 0.50.2, at import on an AVX512-BF16 CPU, looks up an optional kernel through the
+    `kernels` package and logs why it could not (plus, with `kernels` installed, that package's own
+    lines): lines in front of every run and every one-line error. Fresh processes, with the CPU check
+    answering True: plain bitsandbytes logs them (the probe reproduces the real import path); after any
+    dpo import no line mentions kernels-community and `kernels` is never asked (no Hub lookup)."""
+    paths = [str(ROOT), os.environ.get("PYTHONPATH")]
+    real_kernels = importlib.util.find_spec("kernels") is not None  # transformers >= 5.25 installs it
+    if kernels_installed and not real_kernels:
+        (tmp_path / "kernels").mkdir()
+        (tmp_path / "kernels" / "__init__.py").write_text(FAKE_KERNELS)
+        paths.insert(0, str(tmp_path))
+    elif not kernels_installed and real_kernels:
+        pytest.skip("the installed `kernels` package cannot be hidden from this import path")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}  # HF_HUB_OFFLINE=1 (conftest.py)
     probe = textwrap.dedent(IMPORT_PROBE).replace("FIRST", first)
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert done.returncode == 0 and done.stdout.strip() == "imported", done.stderr
+    assert done.returncode == 0 and done.stdout.startswith("imported"), done.stderr
     if first:
-        assert IMPORT_NOTE not in done.stderr, done.stderr
+        assert "kernels-community" not in done.stderr, done.stderr
+        assert done.stdout.strip() == "imported no lookup"
     else:
         assert IMPORT_NOTE in done.stderr, done.stderr
+        # the kernels package's own line (the fake's, or the real "Skipping publisher trust check for ...")
+        own = [line for line in done.stderr.splitlines() if "kernels-community/" in line and IMPORT_NOTE not in line]
+        assert bool(own) == kernels_installed, done.stderr
 
 
-def test_only_the_import_note_is_dropped():
+def test_the_quiet_is_by_logger_and_only_while_bitsandbytes_cpu_ops_import(caplog):
     import logging
 
-    from dpo.train.speed.kernels import IMPORT_NOTE_LOGGER, quiet_bitsandbytes_import_note
+    from dpo.train.speed.kernels import CPU_OPS_MODULE, quiet_bitsandbytes_cpu_ops_import, quiet_kernel_lookup
 
-    quiet_bitsandbytes_import_note()
-    quiet_bitsandbytes_import_note()  # idempotent: one filter
-    logger = logging.getLogger(IMPORT_NOTE_LOGGER)
-    assert len(logger.filters) == 1
-    record = lambda msg: logging.LogRecord(IMPORT_NOTE_LOGGER, logging.WARNING, __file__, 1, msg, (), None)  # noqa: E731
-    assert not logger.filters[0].filter(record(IMPORT_NOTE + ": %s. Please make sure ..."))
-    assert logger.filters[0].filter(record("some other bitsandbytes warning"))
+    assert not quiet_bitsandbytes_cpu_ops_import()  # already imported here: too late, says so
+    before = sys.modules.get("kernels", "absent")
+    with caplog.at_level(logging.WARNING), quiet_kernel_lookup():
+        logging.getLogger(CPU_OPS_MODULE).warning("any wording from bitsandbytes' CPU ops")
+        logging.getLogger("kernels._internals.resolver").warning("any wording from the kernels package")
+        logging.getLogger("bitsandbytes.nn.modules").warning("another bitsandbytes module")
+        logging.getLogger("another_library").warning("someone else")
+        with pytest.raises(ImportError):
+            import kernels  # noqa: F401
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger(CPU_OPS_MODULE).warning("later, from the same module")
+    assert [r.getMessage() for r in caplog.records] == [
+        "another bitsandbytes module",
+        "someone else",
+        "later, from the same module",
+    ]
+    assert sys.modules.get("kernels", "absent") is before

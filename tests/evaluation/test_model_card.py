@@ -1,0 +1,82 @@
+"""dpo/evaluation/model_card.py: the card names the Hub id the base came from (never a local path, which
+the Hub cannot link) and the base's own license (SmolLM2-135M-Instruct's is Apache-2.0, not "other")."""
+
+import json
+
+import pytest
+import yaml
+
+import dpo.evaluation.model_card as cards
+from dpo.evaluation.model_card import model_card
+from dpo.offline.pip_models import MARKER, MODELS, _marker
+
+
+def front_matter(card: str) -> dict:
+    return yaml.safe_load(card.split("---")[1])
+
+
+def run_folder(tmp_path, base) -> str:
+    out = tmp_path / "run"
+    out.mkdir()
+    resolved = {"model_name_or_path": str(base), "dataset_name": "pairs.jsonl", "beta": 0.1, "loss_type": ["sigmoid"]}
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
+    return out
+
+
+def model_folder(tmp_path, name="models/smollm2-135m-instruct", marker=None, config=None, readme=None):
+    folder = tmp_path / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **(config or {})}))
+    if marker is not None:
+        (folder / MARKER).write_text(json.dumps(marker))
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
+    return folder
+
+
+SMOLLM2 = MODELS["smollm2-135m-instruct"]
+
+
+def test_a_folder_made_by_dpo_models_is_carded_as_its_hub_model_and_license(tmp_path):
+    base = model_folder(tmp_path, marker=_marker(SMOLLM2))
+    card = model_card(run_folder(tmp_path, base))
+    front = front_matter(card)
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" == SMOLLM2.hub_id
+    assert front["license"] == "apache-2.0"
+    assert "A LoRA adapter for `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
+    assert cards.BUILD_RECORD == MARKER  # the card reads the file dpo.offline.pip_models writes
+
+
+def test_a_folder_built_before_the_record_gets_it_from_the_next_materialize_without_a_rebuild(tmp_path, monkeypatch):
+    import dpo.offline.pip_models as pip_models
+
+    monkeypatch.setattr(pip_models, "_build", lambda source, folder: pytest.fail("rebuilt a complete folder"))
+    old = {k: _marker(SMOLLM2)[k] for k in pip_models.BUILD_KEYS}
+    base = model_folder(tmp_path, marker=old)
+    assert "base_model" not in front_matter(model_card(run_folder(tmp_path, base)))  # nothing recorded yet
+    assert pip_models.materialize("smollm2-135m-instruct", base) == base
+    assert json.loads((base / MARKER).read_text()) == _marker(SMOLLM2)
+    front = front_matter(model_card(tmp_path / "run"))
+    assert front["base_model"] == SMOLLM2.hub_id and front["license"] == "apache-2.0"
+
+
+def test_a_local_folder_takes_its_card_license_and_a_hub_name_or_path(tmp_path):
+    readme = "---\nlicense: mit\nlanguage: en\n---\n# my model\n"
+    base = model_folder(tmp_path, "mine", config={"_name_or_path": "someone/their-model"}, readme=readme)
+    front = front_matter(model_card(run_folder(tmp_path, base)))
+    assert front["base_model"] == "someone/their-model" and front["license"] == "mit"
+
+
+def test_a_local_folder_without_a_hub_id_says_local_model_and_reads_the_config_license(tmp_path):
+    base = model_folder(tmp_path, "mine", config={"_name_or_path": str(tmp_path / "mine"), "license": "llama3"})
+    card = model_card(run_folder(tmp_path, base))
+    front = front_matter(card)
+    assert "base_model" not in front and front["license"] == "llama3"
+    assert f"A LoRA adapter for a local model (`{base}`)" in card
+
+
+def test_nothing_known_is_license_other_and_a_hub_id_is_kept(tmp_path):
+    base = model_folder(tmp_path, "bare")
+    assert front_matter(model_card(run_folder(tmp_path, base)))["license"] == "other"
+    assert cards.base_hub_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert cards.base_hub_id(str(base)) is None and cards.base_hub_id("../up/and-out") is None

@@ -1,0 +1,104 @@
+"""dpo/train/speed/refcache_admin.py (`python -m dpo.cache`): the reference cache is listed and cleared,
+deleting only key folders inside the cache folder, never through a link.
+
+The caches are written by refcache.py's own Store (part files) and in cache_key's key.json shape, plus
+files and keys another version may add (checksums beside parts, new key.json fields)."""
+
+import json
+import os
+import time
+
+import pytest
+from helpers import one_line_error
+
+from dpo.train.speed.refcache import Store
+from dpo.train.speed.refcache_admin import DAY, main
+
+KEYS = ("0123456789abcdef01234567", "89abcdef0123456789abcdef")
+
+
+def make_cache(root, key, rows, days_ago=0.0, layers=2):
+    folder = root / key
+    folder.mkdir(parents=True)
+    parts = {
+        "weights": "09a3362f" + "0" * 56,
+        "config": {"architectures": ["PhiForCausalLM"], "num_hidden_layers": layers, "hidden_size": 64},
+        "quantization_config": {"load_in_4bit": True},
+        "dtype": "torch.float32",
+        "max_length": 256,
+        "a_field_a_later_version_adds": [1, 2],
+    }
+    (folder / "key.json").write_text(json.dumps(parts))
+    Store(folder).write(rows, [-1.0] * len(rows), [-2.0] * len(rows), [0.1] * len(rows), {"device": "cpu"})
+    for part in folder.glob("part-*.parquet"):
+        (folder / (part.name + ".sha256")).write_text("0" * 64)  # a checksum file beside each part
+    when = time.time() - days_ago * DAY
+    os.utime(folder / "key.json", (when, when))  # key.json is rewritten by each run that uses the key
+    return folder
+
+
+def run(argv, capsys):
+    entries = main([str(a) for a in argv])
+    return entries, capsys.readouterr().out
+
+
+def test_lists_size_model_pairs_data_fingerprint_and_last_use(tmp_path, capsys):
+    make_cache(tmp_path, KEYS[0], ["r1", "r2", "r3"], days_ago=3)
+    make_cache(tmp_path, KEYS[1], ["r3", "r2", "r1"], layers=4)  # the same pairs, another model
+    (tmp_path / "notes.txt").write_text("not a cache")
+    entries, out = run(["--cache_dir", tmp_path], capsys)
+    by_key = {e.key: e for e in entries}
+    assert sorted(by_key) == sorted(KEYS)
+    assert by_key[KEYS[0]].pairs == 3 and by_key[KEYS[0]].fingerprint == by_key[KEYS[1]].fingerprint
+    assert by_key[KEYS[0]].size == sum(p.stat().st_size for p in (tmp_path / KEYS[0]).iterdir())
+    assert by_key[KEYS[0]].last_use == pytest.approx(time.time() - 3 * DAY, abs=60)
+    assert "PhiForCausalLM, 2 layers x 64, float32, 4-bit, max_length 256" in by_key[KEYS[0]].model
+    assert f"2 reference cache(s) in {tmp_path}" in out and KEYS[0] in out and "notes.txt" not in out
+    assert out.index(KEYS[1]) < out.index(KEYS[0])  # most recently used first
+
+
+def test_removes_one_by_key_prefix_and_those_unused_for_n_days(tmp_path, capsys):
+    make_cache(tmp_path, KEYS[0], ["a"], days_ago=40)
+    make_cache(tmp_path, KEYS[1], ["b"], days_ago=1)
+    entries, out = run(["--cache_dir", tmp_path, "remove", "--unused_days", 30], capsys)
+    assert [e.key for e in entries] == [KEYS[1]] and not (tmp_path / KEYS[0]).exists()
+    assert "removed 1 reference cache(s)" in out
+    entries, _ = run(["--cache_dir", tmp_path, "remove", KEYS[1][:8]], capsys)
+    assert entries == [] and sorted(tmp_path.iterdir()) == []
+
+
+def test_remove_all_deletes_only_key_folders_and_never_through_links(tmp_path, capsys):
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    make_cache(cache, KEYS[0], ["a"])
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    (cache / KEYS[1]).symlink_to(outside, target_is_directory=True)  # a link named like a key
+    (cache / KEYS[0] / "link-out").symlink_to(outside, target_is_directory=True)  # a link inside a key folder
+    (cache / "mine").mkdir()  # not named like a key
+    run(["--cache_dir", cache, "remove", "--all"], capsys)
+    assert not (cache / KEYS[0]).exists()
+    assert (outside / "precious.txt").read_text() == "keep me"
+    assert (cache / KEYS[1]).is_symlink() and (cache / "mine").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["remove", "fff"], "'fff': no cache in"),
+        (["remove", "0"], "'0': 2 caches in"),
+        (["remove"], "remove needs exactly one of"),
+        (["remove", "--all", "--unused_days", "3"], "remove needs exactly one of"),
+        (["remove", "--unused_days", "-1"], "--unused_days must be 0 or more"),
+    ],
+)
+def test_a_wrong_remove_is_one_line_and_removes_nothing(tmp_path, capsys, argv, message):
+    make_cache(tmp_path, KEYS[0], ["a"])
+    make_cache(tmp_path, "0" + KEYS[1][1:], ["b"])  # two keys starting with 0: "0" is ambiguous
+    line = one_line_error(main, ["--cache_dir", tmp_path, *argv], capsys)
+    assert message in line, line
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_an_empty_or_missing_cache_folder_says_so(tmp_path, capsys):
+    entries, out = run(["--cache_dir", tmp_path / "none"], capsys)
+    assert entries == [] and out.startswith(f"no reference caches in {tmp_path / 'none'}")
