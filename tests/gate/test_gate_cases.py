@@ -148,3 +148,38 @@ def test_a_non_finite_weight_after_a_step_is_not_reported_as_caught_before_it():
     before = nonfinite_advice(NonFiniteTraining(3, "the loss", math.nan), settings, None)
     assert "that step's update made the weights non-finite" in after and "before that step" not in after
     assert "training stopped before that step changed any weight" in before
+
+
+# ── relations between settings (dpo/gate/table.py RELATIONS): each has a case here ──────────────
+RELATION_CASES = {
+    "_min_lr": ("dpo_phi2", ["--lr_scheduler_type", "cosine_with_min_lr"], "cosine_with_min_lr needs a floor"),
+    "_splits": ("dpo_any", ["--dataset_test_split", "train"], "dataset_test_split is the training split ('train')"),
+    "_weights_total": (
+        "dpo_phi2",
+        ["--loss_type", "sigmoid", "sft", "--loss_weights", "0", "0"],
+        "loss_weights are all 0",
+    ),
+}
+
+
+def test_every_relation_has_a_case():
+    from dpo.gate.table import RELATIONS
+
+    assert {check.__name__ for _, check in RELATIONS} == {*RELATION_CASES, "_prefetch"}
+
+
+@pytest.mark.parametrize("case", sorted(RELATION_CASES))
+def test_a_broken_relation_between_settings_is_refused(case, local, capsys, no_weights_load):
+    recipe_name, flags, expected = RELATION_CASES[case]
+    line = one_line_error(load_recipe(recipe_name).main, [*local, *flags], capsys)
+    assert expected in line, line
+
+
+def test_prefetch_without_workers_is_refused_by_the_table_too():
+    """transformers refuses it while parsing; the table says it for any object the gate is handed."""
+    from dpo.gate.check import problems
+
+    found = problems({"dataloader_prefetch_factor": 2, "dataloader_num_workers": 0})
+    assert found == [
+        "dataloader_prefetch_factor needs dataloader_num_workers >= 1 (prefetching is done by the workers)"
+    ]
