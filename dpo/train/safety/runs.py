@@ -154,11 +154,13 @@ def verify_finished_run(folder: str | Path, command: str) -> dict:
     folder = Path(folder)
     marker = finished_run(folder)
     hashes = marker.get("sha256")
-    if not hashes:
-        raise UserError(
-            f"{folder / RUN_MARKER} records no sha256 of the run's files (written before they were recorded), so "
-            f"{command} cannot tell its adapter from another; rerun the training to get a verifiable folder"
+    if not hashes:  # a run finished before the hashes were recorded: usable, but said out loud
+        log(
+            f"warning: {folder / RUN_MARKER} records no sha256 of the run's files (a run from before they were "
+            f"recorded), so {command} cannot check that its adapter is the one the run wrote; rerun the training "
+            "for a verifiable folder"
         )
+        return marker
     for name, expected in sorted(hashes.items()):
         if problem := sha256_mismatch(confined(folder, name, folder / RUN_MARKER), expected):
             raise UserError(

@@ -170,3 +170,19 @@ def test_last_skips_a_checkpoint_whose_files_changed_and_a_marker_naming_outside
     out = capsys.readouterr().out
     assert "checkpoint-6: incomplete" in out and "scheduler.pt has sha256" in out, out
     assert "checkpoint-4: incomplete" in out and "names '../../elsewhere.bin', which is not inside" in out, out
+
+
+def test_a_run_finished_before_hashes_were_recorded_is_used_with_a_warning(tmp_path, capsys):
+    """Older run folders have no sha256 in run_complete.json: evaluate and export still take them (nothing a
+    user trained is lost) and say that the adapter cannot be checked; a recorded hash that differs is refused."""
+    from dpo.train.safety.runs import verify_finished_run
+
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "adapter_model.safetensors").write_bytes(b"weights")
+    (run / RUN_MARKER).write_text(json.dumps({"run": {"seed": 1}, "files": ["adapter_model.safetensors"]}))
+    assert verify_finished_run(run, "evaluate")["files"] == ["adapter_model.safetensors"]
+    assert "records no sha256 of the run's files" in capsys.readouterr().out
+    edit_marker(run, lambda m: m.update(sha256={"adapter_model.safetensors": "0" * 64}))
+    with pytest.raises(UserError, match="the run folder changed after the run finished"):
+        verify_finished_run(run, "evaluate")
