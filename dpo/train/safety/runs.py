@@ -283,6 +283,8 @@ def write_final_outputs(trainer, run: dict, write_into) -> Path:
     accelerator, output_dir = trainer.accelerator, Path(trainer.args.output_dir)
     staging, step = output_dir / STAGING, trainer.state.global_step
     if accelerator.is_main_process:
+        if staging.is_symlink() or staging.is_file():  # a link planted there: removed as a link, its target untouched
+            staging.unlink()
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()

@@ -186,3 +186,22 @@ def test_a_run_finished_before_hashes_were_recorded_is_used_with_a_warning(tmp_p
     edit_marker(run, lambda m: m.update(sha256={"adapter_model.safetensors": "0" * 64}))
     with pytest.raises(UserError, match="the run folder changed after the run finished"):
         verify_finished_run(run, "evaluate")
+
+
+def test_a_staging_folder_that_is_a_link_is_replaced_and_its_target_untouched(tmp_path):
+    """A handed-over run folder whose .final-staging is a link to a folder elsewhere: the final save removes the
+    link (it was a FileExistsError traceback) and writes into a real folder; what the link pointed to stays."""
+    from dpo.train.safety.runs import STAGING
+
+    run = tmp_path / "run"
+    run.mkdir()
+    outside = victims(tmp_path)
+    (run / STAGING).symlink_to(outside / "folder", target_is_directory=True)
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None),
+        args=SimpleNamespace(output_dir=str(run)),
+        state=SimpleNamespace(global_step=1),
+    )
+    write_final_outputs(trainer, {"seed": 1}, lambda folder: (folder / "final_metrics.json").write_text("{}"))
+    assert intact(outside) and not (outside / "folder" / "final_metrics.json").exists()
+    assert (run / "final_metrics.json").read_text() == "{}" and not (run / STAGING).exists()
