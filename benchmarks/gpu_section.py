@@ -98,7 +98,7 @@ def learning_rate(r: dict, source: str) -> float | None:
     if source == "trl":
         import dataclasses
 
-        from trl import DPOConfig
+        from dpo.compat import DPOConfig
 
         return next(f.default for f in dataclasses.fields(DPOConfig) if f.name == "learning_rate")
     import yaml
