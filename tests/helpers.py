@@ -492,3 +492,14 @@ def qlora_quantization_config():
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32,
     )
+
+
+# python -m dpo.<command> runs the `main` of the module that holds its code (dpo/<command>.py only calls it)
+ENTRY_MODULES = {
+    "doctor": "dpo.data.doctor",
+    "evaluate": "dpo.evaluation.evaluate",
+    "export": "dpo.evaluation.export",
+    "tiny": "dpo.offline.tiny",
+    "models": "dpo.offline.pip_models",
+    "cache": "dpo.train.speed.refcache_admin",
+}

@@ -5,19 +5,12 @@ import importlib
 import re
 
 import pytest
-from helpers import ROOT, load_recipe
+from helpers import ENTRY_MODULES, ROOT, load_recipe
 
 from dpo.helptext import script_docstring
 
 # python -m dpo.<command> runs the `main` of the module that holds its code (dpo/<command>.py only calls it)
-COMMANDS = {
-    "doctor": "dpo.data.doctor",
-    "evaluate": "dpo.evaluation.evaluate",
-    "export": "dpo.evaluation.export",
-    "tiny": "dpo.offline.tiny",
-    "models": "dpo.offline.pip_models",
-    "cache": "dpo.train.speed.refcache_admin",
-}
+COMMANDS = ENTRY_MODULES
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
 SECTIONS = re.compile(r"^(usage|positional arguments|options|optional arguments|[\w ]+ arguments):")
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import trl
-from helpers import ROOT
+from helpers import ENTRY_MODULES, ROOT
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -89,14 +89,6 @@ LAYERS = [
 ]
 # `python -m dpo.<name>` keeps its short name: dpo/<name>.py only imports the real `main` and calls it.
 # dpo/__init__.py may import any layer cheaply (it installs the bitsandbytes log filter).
-ENTRY_MODULES = {
-    "doctor": "dpo.data.doctor",
-    "evaluate": "dpo.evaluation.evaluate",
-    "export": "dpo.evaluation.export",
-    "tiny": "dpo.offline.tiny",
-    "models": "dpo.offline.pip_models",
-    "cache": "dpo.train.speed.refcache_admin",
-}
 
 
 def library_files() -> list[Path]:

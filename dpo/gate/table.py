@@ -91,6 +91,7 @@ TABLE = {
     "num_prompts": at_least(1, "held-out prompts to answer: 0 writes a report of nothing"),
     "max_new_tokens": at_least(1, "an answer of 0 tokens scores the prompt alone"),
     "batch_size": at_least(1, "prompts per generation batch"),
+    "unused_days": non_negative("python -m dpo.cache remove: days since a cache was last used", unset=UNSET),
 }
 
 # Settings whose rules live in another declared table, named here so the enumeration test knows them.

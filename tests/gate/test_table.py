@@ -7,7 +7,7 @@ import math
 import typing
 
 import pytest
-from helpers import load_recipe
+from helpers import ENTRY_MODULES, load_recipe
 
 from dpo.compat import ModelConfig
 from dpo.gate.check import problems
@@ -16,13 +16,7 @@ from dpo.gate.table import DELEGATED, TABLE, UNCHECKED
 from dpo.train.config import RecipeDPOConfig, RecipeSFTConfig
 
 RECIPES = ("dpo_any", "dpo_phi2", "sft_phi2", "dpo_sentiment_tiny")
-COMMANDS = {
-    "evaluate": "dpo.evaluation.evaluate",
-    "export": "dpo.evaluation.export",
-    "doctor": "dpo.data.doctor",
-    "tiny": "dpo.offline.tiny",
-    "models": "dpo.offline.pip_models",
-}
+COMMANDS = ENTRY_MODULES
 
 
 def _numeric(hint) -> bool:
@@ -66,9 +60,13 @@ def numeric_settings(extra=()) -> dict[str, str]:
             if _numeric(hints.get(field.name, field.type)):
                 found.setdefault(field.name, cls.__name__)
     for command, module in COMMANDS.items():
-        for action in command_parser(module)._actions:
-            if action.type in (int, float):
-                found.setdefault(action.dest, f"python -m dpo.{command}")
+        parsers = [command_parser(module)]
+        for parser in parsers:  # subcommands' parsers too (python -m dpo.cache remove)
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += list(action.choices.values())
+                elif action.type in (int, float):
+                    found.setdefault(action.dest, f"python -m dpo.{command}")
     return found
 
 
@@ -81,7 +79,9 @@ def unknown_to_the_gate(found: dict[str, str]) -> list[str]:
 def test_every_numeric_setting_is_in_the_table_or_listed_with_its_reason():
     found = numeric_settings()
     assert len(found) > 40  # TRL's and transformers' fields were really enumerated
-    assert {"num_prompts", "max_new_tokens", "seed", "learning_rate", "lora_r", "test_size"} <= set(found)
+    assert {"num_prompts", "max_new_tokens", "seed", "learning_rate", "lora_r", "test_size", "unused_days"} <= set(
+        found
+    )
     missing = unknown_to_the_gate(found)
     assert not missing, f"settings the gate does not know; add each to dpo/gate/table.py: {missing}"
     assert all(rule.why for rule in TABLE.values()) and all(DELEGATED.values()) and all(UNCHECKED.values())
@@ -116,7 +116,7 @@ def _where(name) -> str:
         config = RecipeSFTConfig if recipe == "sft_phi2" else RecipeDPOConfig
         if any(name in {f.name for f in dataclasses.fields(c)} for c in (r.ScriptArguments, config, ModelConfig)):
             return recipe
-    return "evaluate"
+    return "cache" if name == "unused_days" else "evaluate"  # the one flag of python -m dpo.cache remove
 
 
 @pytest.mark.parametrize("name, value", list(outside_cases()))
@@ -128,6 +128,10 @@ def test_each_bound_is_refused_just_outside_it_before_weights_load(
         from dpo.evaluation.evaluate import main
 
         argv = [str(tmp_path / "run"), *_flags(name, value)]
+    elif where == "cache":
+        from dpo.train.speed.refcache_admin import main
+
+        argv = ["--cache_dir", str(tmp_path), "remove", *_flags(name, value)]
     else:
         main = load_recipe(where).main
         argv = ["--output_dir", str(tmp_path / "out"), *_flags(name, value)]

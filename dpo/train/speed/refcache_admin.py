@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
+from dpo.gate.check import check_flags
 from dpo.train.speed.refcache import default_cache_dir
 
 KEY = re.compile(r"^[0-9a-f]{24}$")  # refcache.cache_key: blake2b, 12 bytes, as hex
@@ -171,12 +172,15 @@ def remove(cache_dir: Path, folders: list[Path]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo.cache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="python -m dpo.cache",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cache_dir", help="the cache folder (default: $DPO_REFERENCE_CACHE or ~/.cache/...)")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("list", help="list the caches (the default)")
-    rm = commands.add_parser("remove", help="remove caches: by key, --unused_days N or --all")
+    rm = commands.add_parser("remove", allow_abbrev=False, help="remove caches: by key, --unused_days N or --all")
     rm.add_argument("keys", nargs="*", help="keys (or unique starts of keys) as listed")
     rm.add_argument("--unused_days", type=float, help="remove those no run has used for this many days")
     rm.add_argument("--all", action="store_true", help="remove every cache")
@@ -191,8 +195,7 @@ def main(argv: list[str] | None = None) -> list[CacheEntry]:
         given = sum([bool(args.keys), args.all, args.unused_days is not None])
         if given != 1:
             raise UserError("remove needs exactly one of: KEY..., --unused_days N, --all")
-        if args.unused_days is not None and args.unused_days < 0:
-            raise UserError(f"--unused_days must be 0 or more; got {args.unused_days}")
+        check_flags(args)  # the settings gate (dpo/gate/table.py): --unused_days >= 0, finite
         folders = choose(cache_dir, args.keys, args.all, args.unused_days, time.time())
         freed = remove(cache_dir, folders)
         print(f"removed {len(folders)} reference cache(s) from {cache_dir}, {human_size(freed)} freed")

@@ -87,7 +87,7 @@ def test_remove_all_deletes_only_key_folders_and_never_through_links(tmp_path, c
         (["remove", "0"], "'0': 2 caches in"),
         (["remove"], "remove needs exactly one of"),
         (["remove", "--all", "--unused_days", "3"], "remove needs exactly one of"),
-        (["remove", "--unused_days", "-1"], "--unused_days must be 0 or more"),
+        (["remove", "--unused_days=-1"], "unused_days must be >= 0"),
     ],
 )
 def test_a_wrong_remove_is_one_line_and_removes_nothing(tmp_path, capsys, argv, message):
