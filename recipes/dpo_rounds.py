@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dpo.data.formats import ensure_chat_template
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model_args.model_name_or_path, sft_adapter = start_point(model_args, training_args, args.sft_adapter_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    if train_prompts and isinstance(train_prompts[0], list):  # chat prompts: the policy's template (or plain)
+        ensure_chat_template(tokenizer)
     log(
         f"rounds: {args.rounds}, K = {args.samples_per_prompt}, reward = {reward.describe()}, pairing {args.pairing}, "
         f"reference {args.reference}; {len(train_prompts)} training prompts, {len(heldout_prompts)} held out"
