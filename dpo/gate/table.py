@@ -87,6 +87,20 @@ TABLE = {
     "heldout_pair_prompts": at_least(1, "held-out prompts for the implicit-reward accuracy"),
     "eval_prompts": at_least(1, "held-out prompts sampled from pi_ref and pi_theta"),
     "torch_threads": at_least(1, "CPU threads"),
+    # ── on-policy DPO in rounds (recipes/dpo_rounds.py, dpo/rounds/) ──────────────────────────────
+    "rounds": at_least(1, "rounds of sample, score, pair, train: 0 runs nothing"),
+    "prompts_per_round": non_negative("prompts sampled each round; 0 takes all of them", whole=True),
+    "samples_per_prompt": at_least(2, "a pair needs two answers to the same prompt"),
+    "temperature": positive("sampling divides the logits by it: 0 divides by zero (greedy: every sample the same)"),
+    "top_p": Bound(
+        low=0, high=1, low_open=True, why="nucleus sampling keeps this share of probability mass: 0 keeps nothing"
+    ),
+    "generation_batch_size": at_least(1, "sequences per generation batch"),
+    "min_margin": non_negative("the reward gap a pair needs; < 0 would pair a worse answer as chosen"),
+    "min_pairs": at_least(1, "a round with no pair trains nothing"),
+    "task_prompts": at_least(1, "sentiment: training prompts to sample"),
+    "pairing": Choice(("max_min", "max_random"), "best against worst, or best against a random lower-scored answer"),
+    "reference": Choice(("initial", "previous"), "the starting model fixed, or the last round's policy frozen"),
     # ── the commands: python -m dpo.evaluate / dpo.export / dpo.doctor / dpo.tiny ───────────────
     "num_prompts": at_least(1, "held-out prompts to answer: 0 writes a report of nothing"),
     "max_new_tokens": at_least(1, "an answer of 0 tokens scores the prompt alone"),

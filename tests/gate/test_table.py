@@ -15,7 +15,7 @@ from dpo.gate.rules import Bound, Choice, Each
 from dpo.gate.table import DELEGATED, TABLE, UNCHECKED
 from dpo.train.config import RecipeDPOConfig, RecipeSFTConfig
 
-RECIPES = ("dpo_any", "dpo_phi2", "sft_phi2", "dpo_sentiment_tiny")
+RECIPES = ("dpo_any", "dpo_phi2", "sft_phi2", "dpo_sentiment_tiny", "dpo_rounds")
 COMMANDS = ENTRY_MODULES
 
 
@@ -111,7 +111,7 @@ def _flags(name, value) -> list[str]:
 
 def _where(name) -> str:
     """The entry point that takes `name`: the generic DPO recipe, the SFT recipe, or a command."""
-    for recipe in ("dpo_any", "sft_phi2", "dpo_sentiment_tiny"):
+    for recipe in ("dpo_any", "sft_phi2", "dpo_sentiment_tiny", "dpo_rounds"):
         r = load_recipe(recipe)
         config = RecipeSFTConfig if recipe == "sft_phi2" else RecipeDPOConfig
         if any(name in {f.name for f in dataclasses.fields(c)} for c in (r.ScriptArguments, config, ModelConfig)):
@@ -135,7 +135,7 @@ def test_each_bound_is_refused_just_outside_it_before_weights_load(
     else:
         main = load_recipe(where).main
         argv = ["--output_dir", str(tmp_path / "out"), *_flags(name, value)]
-        if where != "dpo_sentiment_tiny":  # the demo makes its own model and data
+        if where not in ("dpo_sentiment_tiny", "dpo_rounds"):  # the demos make their own model and data
             argv += ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file)]
     with pytest.raises(SystemExit) as stop:
         main(argv)

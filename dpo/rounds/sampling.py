@@ -1,0 +1,121 @@
+"""Sampling K answers per prompt from the policy: batched `generate` with the KV cache on the 4-bit base +
+adapter, prompts left-padded and grouped by length so that a batch wastes little on padding.
+
+On-policy by construction: the caller hands the model that the previous round trained (its saved
+adapter on the base, dpo/rounds/loop.py), and nothing here changes it. A prompt is a string (used as it
+is) or a list of chat messages (the policy's chat template with the generation prompt applied).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 64  # sequences (prompt x sample) per generate call
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """The text the policy continues: a chat prompt through its own template (with the generation prompt)."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each rendered prompt; no special tokens added (a chat template writes its own)."""
+    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def _generation_config(settings: Sampling, tokenizer):
+    from transformers import GenerationConfig
+
+    # top_k 0: no top-k cut (transformers' default of 50 would silently narrow the policy's distribution)
+    return GenerationConfig(
+        do_sample=True,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=0,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _cut(row: list[int], eos: int) -> list[int]:
+    """A generated row up to and including its first EOS (the padding after it dropped)."""
+    return row[: row.index(eos) + 1] if eos in row else row
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], settings: Sampling, seed: int) -> list[list[int]]:
+    """One sampled completion (token ids, ending with EOS unless cut at max_new_tokens) per row of
+    `prompt_ids`, in the input order. Rows are sorted by prompt length into batches of
+    `settings.batch_size`; batch b is sampled after torch.manual_seed(seed + b), so a run repeats."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    config = _generation_config(settings, tokenizer)
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for b, start in enumerate(range(0, len(order), settings.batch_size)):
+        rows = order[start : start + settings.batch_size]
+        width = max(len(prompt_ids[i]) for i in rows)
+        ids = torch.tensor([[pad] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in rows], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in rows], device=device
+        )
+        torch.manual_seed(seed + b)
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, use_cache=True)
+        for i, row in zip(rows, generated[:, width:].tolist()):
+            out[i] = _cut(row, eos)
+    model.train(was_training)
+    return out
+
+
+def completion_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The answer as text, special tokens (EOS) dropped: what it adds to the prompt's text when decoded
+    after it, so a leading space the tokenizer writes only in context is kept (prompt + answer reads
+    back as the text that was sampled)."""
+    before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
+    return whole[len(before) :] if whole.startswith(before) else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def sample_answers(model, tokenizer, prompts: list, k: int, settings: Sampling, seed: int) -> dict:
+    """K answers per prompt: {"answers": [[{"text", "tokens"}] * k] per prompt, "tokens": generated tokens,
+    "seconds": wall time, "tokens_per_second"}."""
+    ids = prompt_token_ids(tokenizer, prompts)
+    start = time.perf_counter()
+    completions = generate_ids(model, tokenizer, [p for p in ids for _ in range(k)], settings, seed)
+    seconds = time.perf_counter() - start
+    answers = [
+        [{"text": completion_text(tokenizer, ids[i], c), "tokens": len(c)} for c in completions[i * k : (i + 1) * k]]
+        for i in range(len(prompts))
+    ]
+    tokens = sum(map(len, completions))
+    return {"answers": answers, "tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+
+def generation_speed(model, tokenizer, prompts: list, k: int, settings: Sampling, seed: int) -> dict:
+    """Tokens/s of the batched sampler against one prompt at a time through plain `generate` (batch 1,
+    KV cache on: the usual loop), on the same prompts and K."""
+    batched = sample_answers(model, tokenizer, prompts, k, settings, seed)
+    one = Sampling(settings.temperature, settings.top_p, settings.max_new_tokens, batch_size=1)
+    single = sample_answers(model, tokenizer, prompts, k, one, seed)
+    return {
+        "sequences": len(prompts) * k,
+        "batched_tokens_per_second": batched["tokens_per_second"],
+        "one_at_a_time_tokens_per_second": single["tokens_per_second"],
+        "batched_seconds": batched["seconds"],
+        "one_at_a_time_seconds": single["seconds"],
+        "speedup": single["seconds"] / max(batched["seconds"], 1e-9),
+    }

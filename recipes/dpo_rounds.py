@@ -1,0 +1,133 @@
+"""On-policy DPO in rounds: sample K answers per prompt from the current policy, score them with a reward,
+pair the best against the worst, train DPO, repeat.
+
+    python recipes/dpo_rounds.py --config recipes/dpo_rounds_sentiment.yaml    # the demo's task, its true reward
+    python recipes/dpo_rounds.py                                               # SmolLM2 + HH prompts (recipes/dpo_rounds.yaml)
+    python recipes/dpo_rounds.py --rounds 5                                    # the same folder: only rounds 4-5 run
+    python recipes/dpo_rounds.py --reward my_module:score                      # (prompt, completion) -> float
+    python recipes/dpo_rounds.py --reward path/to/reward-model --reference previous --keep_pairs true
+    python benchmarks/rounds_sentiment.py                                      # rounds against the offline frontier
+
+Each round is a complete, resumable unit in output_dir/round-N/ (samples.jsonl, pairs.jsonl, a complete
+DPO run, round.json); a rerun continues at the first unfinished round, a killed round's DPO run resumes
+from its newest complete checkpoint. output_dir/rounds.json, rounds.md and rounds.png summarise every
+round: sampled reward (mean, best-of-K), pairs kept and dropped, held-out reward and KL to the starting
+model with 95% intervals, implicit-reward accuracy, time per phase. The library part is dpo/rounds/.
+"""
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from dpo.data.formats import ensure_chat_template
+from dpo.errors import UserError, exit_on_user_error
+from dpo.log import log
+from dpo.rounds.heldout import heldout_metrics
+from dpo.rounds.loop import RoundsContext, run_rounds
+from dpo.rounds.models import load_policy
+from dpo.rounds.prompts import prompt_sets
+from dpo.rounds.reward import make_reward
+from dpo.rounds.settings import SENTIMENT, RoundsArguments, check_rounds_settings, fixed_settings
+from dpo.rounds.summary import read_summary
+from dpo.train.adapters import start_point
+from dpo.train.config import load_recipe_args
+from dpo.train.model_checks import load_tokenizer
+from dpo.train.safety.runs import differences, run_settings
+
+ScriptArguments = RoundsArguments  # the recipe's own settings (dpo/rounds/settings.py)
+
+
+def same_run_or_refuse(output_dir: Path, header: dict) -> dict | None:
+    """The folder's rounds.json when its run had these settings (more rounds may be asked for); None for a
+    new folder. Other settings: refused, listing them, before any weights load."""
+    existing = read_summary(output_dir)
+    if existing is None:
+        return None
+    diffs = differences(existing["settings"], header["settings"]) + differences(
+        existing.get("training", {}), header["training"]
+    )
+    if diffs:
+        raise UserError(
+            f"--output_dir {output_dir} holds rounds run with other settings ({'; '.join(diffs[:6])}"
+            f"{'; ...' if len(diffs) > 6 else ''}): use another --output_dir, or the same settings to continue"
+        )
+    return existing
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
+    check_rounds_settings(args, training_args)
+    if training_args.resume_from_checkpoint:
+        raise UserError(
+            "--resume_from_checkpoint: rounds resume by themselves; run the same command again and it continues "
+            "at the first unfinished round (a stopped DPO run from its newest complete checkpoint)"
+        )
+    torch.set_num_threads(args.torch_threads)
+    output_dir, seed = Path(training_args.output_dir), training_args.seed
+    reward = make_reward(args.reward)  # a reward model is checked here, before any weights load
+    training = {k: v for k, v in run_settings(training_args, model_args, []).items() if k != "training_data_sha256"}
+    header = {"settings": fixed_settings(args), "training": training}
+    existing = same_run_or_refuse(output_dir, header)
+    train_prompts, heldout_prompts = prompt_sets(args, seed)
+
+    sft_adapter = None
+    if args.prompts == SENTIMENT and model_args.model_name_or_path is None:
+        from dpo.rounds.sentiment import initial_model
+
+        model_args.model_name_or_path = initial_model(args, training_args, output_dir)
+    elif model_args.model_name_or_path is None:
+        raise UserError("model_name_or_path is not set: name the policy's starting model (hub id or folder)")
+    else:
+        model_args.model_name_or_path, sft_adapter = start_point(model_args, training_args, args.sft_adapter_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    if train_prompts and isinstance(train_prompts[0], list):  # chat prompts: the policy's template (or plain)
+        ensure_chat_template(tokenizer)
+    log(
+        f"rounds: {args.rounds}, K = {args.samples_per_prompt}, reward = {reward.describe()}, pairing {args.pairing}, "
+        f"reference {args.reference}; {len(train_prompts)} training prompts, {len(heldout_prompts)} held out"
+    )
+
+    if existing is not None:
+        initial = existing["initial"]
+    else:
+        start = load_policy(model_args, training_args, sft_adapter)
+        initial = heldout_metrics(
+            start, tokenizer, heldout_prompts, reward, args.max_new_tokens, seed + 3, sft_adapter
+        )
+        del start
+        log(f"starting model: held-out reward {initial['reward']:+.3f} on {initial['n']} prompts")
+    context = RoundsContext(
+        args=args,
+        training_args=training_args,
+        model_args=model_args,
+        tokenizer=tokenizer,
+        reward=reward,
+        train_prompts=train_prompts,
+        heldout_prompts=heldout_prompts,
+        output_dir=output_dir,
+        sft_adapter=sft_adapter,
+        eval_seed=seed + 3,
+        summary_header={**header, "initial": initial},
+    )
+    records = run_rounds(context)
+    log(f"summary: {output_dir / 'rounds.md'} (+ rounds.json, rounds.png)")
+    return {**context.summary_header, "rounds": records}
+
+
+if __name__ == "__main__":
+    from datasets.utils.logging import disable_progress_bar
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    began = time.time()
+    summary = main()
+    log(f"{len(summary['rounds'])} rounds in {time.time() - began:.0f} s")

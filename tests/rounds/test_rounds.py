@@ -1,0 +1,331 @@
+"""On-policy DPO in rounds (recipes/dpo_rounds.py, dpo/rounds/) on the tiny model: the summary equals the
+rounds' own files, sampling is on-policy, the reference is the one asked for exactly, a killed round 2
+resumes and more rounds run only the new ones, and the user errors are one line before weights load."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from helpers import ROOT, load_recipe, one_line_error
+
+from dpo.files import file_sha256
+from dpo.rounds.pairing import make_pairs
+from dpo.rounds.sampling import Sampling, sample_answers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REWARDS = '''
+def length(prompt, completion):
+    """Characters of the answer: the tiny model's random answers rarely tie on it."""
+    return float(len(completion))
+
+
+def constant(prompt, completion):
+    return 0.5
+'''
+
+
+@pytest.fixture(scope="module")
+def reward_module(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rewards")
+    (folder / "rounds_test_rewards.py").write_text(REWARDS)
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+
+
+def settings(model_dir, prompts, output_dir, **overrides) -> dict:
+    return {
+        "model_name_or_path": str(model_dir),
+        "prompts": str(prompts),
+        "reward": "rounds_test_rewards:length",
+        "rounds": 2,
+        "prompts_per_round": 8,
+        "samples_per_prompt": 4,
+        "max_new_tokens": 8,
+        "generation_batch_size": 16,
+        "eval_prompts": 4,
+        "min_pairs": 2,
+        "test_size": 0.25,
+        "load_in_4bit": True,
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "max_length": 96,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-2,  # large: each round's adapter moves visibly
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "num_train_epochs": 1,
+        "activation_checkpointing": False,
+        "use_cpu": True,
+        "bf16": False,
+        "seed": 0,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "output_dir": str(output_dir),
+        **overrides,
+    }
+
+
+def write_config(path, values) -> list[str]:
+    path.write_text(yaml.safe_dump(values))
+    return ["--config", str(path)]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, truthy_file, reward_module, tmp_path_factory):
+    """Two rounds, reference initial, run once for the tests that read a finished folder."""
+    folder = tmp_path_factory.mktemp("rounds")
+    out = folder / "run"
+    argv = write_config(folder / "rounds.yaml", settings(tiny_model_dir, truthy_file, out))
+    return out, load_recipe("dpo_rounds").main(argv), argv
+
+
+def jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_summary_numbers_equal_the_rounds_own_files(finished):
+    out, summary, _ = finished
+    on_disk = json.loads((out / "rounds.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))  # what main returned is what it wrote
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2]
+    k = on_disk["settings"]["samples_per_prompt"]
+    for record in on_disk["rounds"]:
+        folder = out / f"round-{record['round']}"
+        samples = jsonl(folder / "samples.jsonl")
+        rewards = [[a["reward"] for a in s["answers"]] for s in samples]
+        assert all(len(r) == k for r in rewards)
+        assert record["samples"]["mean_reward"] == pytest.approx(
+            sum(map(sum, rewards)) / (k * len(rewards)), rel=1e-12
+        )
+        assert record["samples"]["best_of_k"] == pytest.approx(sum(map(max, rewards)) / len(rewards), rel=1e-12)
+        # the reward really is the function's, and the pairs are the pairing rule's on these samples
+        assert all(a["reward"] == float(len(a["text"])) for s in samples for a in s["answers"])
+        pairs, counts = make_pairs(samples, "max_min", 0.0, seed=0 + 1000 * record["round"])
+        assert jsonl(folder / "pairs.jsonl") == pairs and record["pairs"] == counts
+        assert record["train_pairs"] + record["heldout_pairs"] == counts["kept"]  # keep_pairs false
+        final = json.loads((folder / "final_metrics.json").read_text())
+        assert record["implicit_reward_accuracy"] == final["eval_rewards/accuracies"]
+        assert record == json.loads((folder / "round.json").read_text())
+        assert (folder / "run_complete.json").is_file() and (folder / "adapter_model.safetensors").is_file()
+    table = (out / "rounds.md").read_text()
+    assert f"{on_disk['rounds'][1]['heldout']['reward']:+.3f}" in table and (out / "rounds.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_round_2_samples_from_round_1s_adapter(finished, tiny_model_dir):
+    """On-policy: round 2's samples are exactly what base + round 1's saved adapter draws with round 2's seed,
+    and not what the starting model draws."""
+    from peft import PeftModel
+
+    from dpo.compat import ModelConfig
+    from dpo.rounds.models import load_policy
+    from dpo.train.model_checks import load_tokenizer
+
+    out, summary, _ = finished
+    samples = jsonl(out / "round-2" / "samples.jsonl")
+    prompts = [s["prompt"] for s in samples]
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    from dpo.data.formats import ensure_chat_template
+
+    ensure_chat_template(tokenizer)
+    model_args = ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=True, dtype="float32")
+
+    class Args:  # what load_policy reads of the training arguments
+        trust_remote_code, fp16, model_init_kwargs = False, False, None
+
+    sampling = Sampling(1.0, 1.0, 8, 16)
+
+    def texts(model):
+        drawn = sample_answers(model, tokenizer, prompts, 4, sampling, seed=0 + 1000 * 2)
+        return [[a["text"] for a in answers] for answers in drawn["answers"]]
+
+    policy = load_policy(model_args, Args, str(out / "round-1"))
+    assert isinstance(policy, PeftModel)
+    assert texts(policy) == [[a["text"] for a in s["answers"]] for s in samples]
+    start = load_policy(model_args, Args, None)
+    assert texts(start) != [[a["text"] for a in s["answers"]] for s in samples]
+
+
+def tiny_args(model_dir, output_dir):
+    """The model and training settings of `settings` as objects, for building a round's trainer directly."""
+    from dpo.compat import ModelConfig
+    from dpo.train.config import RecipeDPOConfig
+
+    values = settings(model_dir, "unused", output_dir)
+    model_fields = {"model_name_or_path", "load_in_4bit", "use_peft", "lora_r", "lora_alpha", "lora_target_modules"}
+    training = {k: v for k, v in values.items() if k not in model_fields and k in RecipeDPOConfig.__dataclass_fields__}
+    return ModelConfig(dtype="float32", **{k: values[k] for k in model_fields}), RecipeDPOConfig(**training)
+
+
+def chosen_logps(model, tokenizer, rows, reference: bool = False) -> torch.Tensor:
+    """log pi(chosen | prompt) of each row under the model as it is, or (`reference`) under the reference
+    TRL chooses for this model (its "ref" adapter, else adapters disabled)."""
+    from dpo.rounds.sampling import prompt_token_ids
+    from dpo.scratch.logps import completion_logps
+    from dpo.train.adapters import as_reference
+
+    prompts = prompt_token_ids(tokenizer, [r["prompt"] for r in rows])
+    answers = [tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] for r in rows]
+    if reference:
+        with as_reference(model):
+            return completion_logps(model, prompts, answers, tokenizer.pad_token_id)
+    return completion_logps(model, prompts, answers, tokenizer.pad_token_id)
+
+
+@pytest.mark.slow
+def test_round_2s_reference_is_exactly_the_initial_model_or_round_1s_policy(finished, tiny_model_dir, tmp_path):
+    """Round 2 as the loop builds it (policy from round 1's adapter, then set_reference): its reference
+    scores every pair exactly as the starting model (initial) or round 1's saved policy (previous) does,
+    each loaded on its own."""
+    from datasets import Dataset
+
+    from dpo.data.formats import ensure_chat_template
+    from dpo.rounds.models import load_policy, set_reference
+    from dpo.rounds.pairing import training_rows
+    from dpo.train.model_checks import load_tokenizer
+    from dpo.train.trainer import build_dpo_trainer
+
+    out, _, _ = finished
+    pairs = jsonl(out / "round-2" / "pairs.jsonl")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    ensure_chat_template(tokenizer)
+    round_1 = str(out / "round-1")
+    model_args, training_args = tiny_args(tiny_model_dir, tmp_path / "x")
+    starting = chosen_logps(load_policy(model_args, training_args, None), tokenizer, pairs)
+    round_1_policy = chosen_logps(load_policy(model_args, training_args, round_1), tokenizer, pairs)
+    assert not torch.equal(starting, round_1_policy)  # round 1 moved the policy: the two choices differ
+
+    for reference, expected in (("initial", starting), ("previous", round_1_policy)):
+        training_args.output_dir = str(tmp_path / reference)
+        trainer = build_dpo_trainer(
+            model_args, training_args, Dataset.from_list(training_rows(pairs)), None, tokenizer, None, round_1
+        )
+        set_reference(trainer, reference, 2, None)
+        assert torch.equal(chosen_logps(trainer.model, tokenizer, pairs, reference=True), expected), reference
+        del trainer
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_kill_in_round_2_resumes_there_and_more_rounds_run_only_the_new_ones(
+    tiny_model_dir, truthy_file, reward_module, tmp_path
+):
+    """keep_pairs: round 2 trains on both rounds' pairs, so it has more steps than round 1 and the kill at its
+    step 4 (SIGKILL, after a checkpoint every step) lands in round 2 only."""
+    out = tmp_path / "run"
+    values = settings(tiny_model_dir, truthy_file, out, keep_pairs=True, save_strategy="steps", save_steps=1)
+    argv = write_config(tmp_path / "rounds.yaml", values)
+    env = {
+        **os.environ,
+        "DPO_TEST_SIGNAL_AT": "step:4",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(reward_module)]),
+    }
+    killed = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "dpo_rounds.py"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "round-1" / "round.json").is_file() and not (out / "round-2" / "round.json").exists()
+    assert (out / "round-2" / "samples.jsonl").is_file() and list((out / "round-2").glob("checkpoint-*"))
+    round_1, samples_2 = snapshot(out / "round-1"), file_sha256(out / "round-2" / "samples.jsonl")
+
+    summary = load_recipe("dpo_rounds").main(argv)  # the same command again
+    final = json.loads((out / "round-2" / "final_metrics.json").read_text())
+    assert final["train_resumed_at_step"] == 3  # the newest complete checkpoint before the kill at step 4
+    assert snapshot(out / "round-1") == round_1 and file_sha256(out / "round-2" / "samples.jsonl") == samples_2
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+
+    both = {n: snapshot(out / f"round-{n}") for n in (1, 2)}
+    summary = load_recipe("dpo_rounds").main([*argv, "--rounds", "3"])  # a finished folder asked for one more
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert {n: snapshot(out / f"round-{n}") for n in (1, 2)} == both  # earlier rounds' files untouched
+    assert (out / "round-3" / "run_complete.json").is_file()
+    assert summary["rounds"][2]["train_pairs"] + summary["rounds"][2]["heldout_pairs"] == sum(
+        r["pairs"]["kept"] for r in summary["rounds"]
+    )  # keep_pairs: round 3 trained on every round's pairs
+
+
+def test_other_settings_in_a_finished_folder_are_refused_before_weights_load(finished, capsys, no_weights_load):
+    out, _, argv = finished
+    line = one_line_error(load_recipe("dpo_rounds").main, [*argv, "--pairing", "max_random"], capsys)
+    assert "other settings" in line and "pairing" in line and str(out) in line
+
+
+def test_a_reward_model_without_a_classification_head_is_refused(
+    tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    argv = write_config(
+        tmp_path / "r.yaml", settings(tiny_model_dir, truthy_file, tmp_path / "o", reward=str(tiny_model_dir))
+    )
+    line = one_line_error(load_recipe("dpo_rounds").main, argv, capsys)
+    assert "is not a reward model" in line and "ForSequenceClassification" in line
+
+
+def test_a_round_whose_rewards_all_tie_stops_with_one_line(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, capsys
+):
+    """Found after sampling (weights have loaded): exit 2, one error line, no traceback, no training."""
+    values = settings(tiny_model_dir, truthy_file, tmp_path / "o", reward="rounds_test_rewards:constant")
+    with pytest.raises(SystemExit) as stop:
+        load_recipe("dpo_rounds").main(write_config(tmp_path / "r.yaml", values))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "round 1: only 0 pairs from 8 prompts (8 ties" in errors[0] and "min_pairs 2" in errors[0]
+    assert not (tmp_path / "o" / "round-1" / "run_complete.json").exists()
+
+
+def test_a_reward_that_is_neither_function_nor_model_is_refused(
+    tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    values = settings(tiny_model_dir, truthy_file, tmp_path / "o", reward="not a reward")
+    line = one_line_error(load_recipe("dpo_rounds").main, write_config(tmp_path / "r.yaml", values), capsys)
+    assert "neither 'module:function' nor a reward-model" in line
+
+
+@pytest.mark.slow
+def test_a_local_reward_model_scores_through_its_own_chat_template(tiny_model_dir, truthy_file, tmp_path, capsys):
+    """A tiny sequence-classification reward model with its own chat template (unlike the policy's plain one):
+    one round runs, the log shows the template's text once, and the stored rewards are the model's scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo.offline.tiny import build_tokenizer, tiny_phi_config
+    from dpo.rounds.reward import ModelReward
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    config = tiny_phi_config(len(tokenizer), num_labels=1, pad_token_id=tokenizer.eos_token_id)
+    config.architectures = ["PhiForSequenceClassification"]
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    values = settings(tiny_model_dir, truthy_file, tmp_path / "o", reward=str(tmp_path / "rm"), rounds=1)
+    summary = load_recipe("dpo_rounds").main(write_config(tmp_path / "r.yaml", values))
+    assert summary["rounds"][0]["pairs"]["kept"] >= 2
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert err.count("reads, e.g.:") == 1 and "<user>" in err and "<assistant>" in err
+    samples = jsonl(tmp_path / "o" / "round-1" / "samples.jsonl")[:2]
+    reward = ModelReward(str(tmp_path / "rm"))
+    prompts = [s["prompt"] for s in samples for _ in s["answers"]]
+    texts = [a["text"] for s in samples for a in s["answers"]]
+    assert reward(prompts, texts) == pytest.approx([a["reward"] for s in samples for a in s["answers"]], rel=1e-5)
