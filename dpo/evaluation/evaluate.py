@@ -29,6 +29,7 @@ import torch
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
+from dpo.gate.flags import parse_flags
 from dpo.log import log
 
 GENERATION_MODES = ("greedy", "sampled")
@@ -294,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    args = _parser().parse_args(argv)
+    args = parse_flags(_parser(), argv)
     check_flags(args)  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed
     return evaluate(
         args.output_dir, args.reward_model, args.num_prompts, args.max_new_tokens, args.batch_size, args.seed

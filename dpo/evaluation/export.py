@@ -26,6 +26,7 @@ import torch
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import replace_folder
+from dpo.gate.flags import parse_flags
 from dpo.log import log
 
 # Largest |logit difference| allowed between the reloaded merged model and base + adapter, relative
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merged", metavar="DIR", help="write the merged model (safetensors) to this new folder")
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload to this Hub repo (token: HF_TOKEN)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), help="merge precision (default: the run's dtype)")
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     return export(args.output_dir, args.merged, args.push_to_hub, args.dtype)
 
 

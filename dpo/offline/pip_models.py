@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import file_sha256
+from dpo.gate.flags import parse_flags
 from dpo.log import log
 
 MARKER = "materialized.json"
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "output_dir", nargs="?", help="default: $DPO_MODELS_CACHE/<name> or ~/.cache/dpo-recipes/models/<name>"
     )
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     out = materialize(args.name, args.output_dir or default_cache_dir(args.name))
     print(out)
 

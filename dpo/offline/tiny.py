@@ -18,6 +18,7 @@ import torch
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
+from dpo.gate.flags import parse_flags
 
 # A few hundred words of plain English is enough for a byte-level BPE to cover any text
 # (bytes are the fallback), while keeping the vocabulary tiny.
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     check_flags(args)
     check_new_target(Path(args.output_dir), "output_dir", folder=True)
     if args.truthy_rows:

@@ -18,6 +18,7 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
+from dpo.gate.flags import one_line_parse_errors  # noqa: F401  (recipes' and the doctor's parsers)
 from dpo.gate.integrations import check_integrations
 from dpo.helptext import describe_recipe
 from dpo.log import log
@@ -115,45 +116,6 @@ def _unknown_key_message(keys: list[str], source: str, known: list[str] = ()) ->
             lines.append(f"  {key}: did you mean {near[0]}?")
     lines.append("  valid keys are the fields of the recipe's dataclasses; see `--help`")
     return "\n".join(lines)
-
-
-def _accepted(action) -> str:
-    """What a flag takes, in words: its choices, or its type."""
-    if action.choices:
-        return "one of " + ", ".join(map(str, action.choices))
-    if action.nargs == "?" and action.const is True:  # booleans: --flag, --flag true/false
-        return "true or false"
-    kind = {int: "a whole number", float: "a number", str: "a value"}.get(action.type, "a value")
-    return kind + (" (one or more)" if action.nargs in ("+", "*") else "")
-
-
-def one_line_parse_errors(parser, argv: list[str], config_path: Path | None = None):
-    """Make `parser` (argparse, TrlParser) report a bad flag as one UserError line instead of its usage
-    and message; `config_path`: the YAML its defaults came from, if any. Returns the parser."""
-    parser.error = lambda message: _parse_error(parser, message, argv, config_path)
-    return parser
-
-
-def _parse_error(parser, message: str, argv: list[str], config_path: Path | None):
-    """argparse's error (usage + message, exit 2) as one UserError line naming the flag, what it accepts,
-    and where the bad value came from."""
-    flags = re.match(r"argument ([^:]+): (.*)", message)
-    if not flags:
-        if message.startswith("the following arguments are required: "):
-            missing = message.split(": ", 1)[1]
-            where = f"in {config_path} or " if config_path else ""
-            raise UserError(f"missing setting(s) {missing}: set them {where}on the command line")
-        raise UserError(f"command line: {message}")
-    names, reason = flags.group(1).split("/"), flags.group(2)
-    action = parser._option_string_actions.get(names[0])
-    reason = re.sub(r" \(choose from .*\)$", "", reason)  # the choices are listed below, once
-    given = any(arg.split("=", 1)[0] in names for arg in argv)
-    after = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in names]
-    if reason == "expected one argument" and after and after[0].startswith("-"):
-        reason += f" (a negative number goes after '=': {names[0]}={after[0]})"
-    where = "on the command line" if given or config_path is None else f"in {config_path}"
-    accepted = f"; accepted: {_accepted(action)}" if action is not None and "expected one of" not in reason else ""
-    raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
 
 
 def yaml_error_line(path: Path, err: Exception) -> str:

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from helpers import load_recipe, one_line_error
+from helpers import load_recipe, message_lines, one_line_error
 
 from dpo.gate.plan import check_plan, plan_of
 from dpo.train.config import RecipeDPOConfig
@@ -117,7 +117,9 @@ def test_the_commands_take_no_abbreviations(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), "--num_prompt", "2"])  # --num_prompts, abbreviated
-    assert stop.value.code == 2 and "unrecognized arguments: --num_prompt" in capsys.readouterr().err
+    lines = message_lines(capsys.readouterr().err)
+    assert stop.value.code == 2 and len(lines) == 1 and "unrecognized arguments: --num_prompt" in lines[0], lines
+    assert "did you mean num_prompts?" in lines[0] and "usage:" not in lines[0]
 
 
 # ── python -m dpo.tiny writes new files only ──────────────────────────────────────────────────

@@ -22,13 +22,13 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
+from dpo.gate.flags import parse_flags
 from dpo.train.speed.refcache import default_cache_dir
 
 KEY = re.compile(r"^[0-9a-f]{24}$")  # refcache.cache_key: blake2b, 12 bytes, as hex
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[CacheEntry]:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_flags(_parser(), argv)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     if args.command == "remove":
         given = sum([bool(args.keys), args.all, args.unused_days is not None])

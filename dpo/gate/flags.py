@@ -1,0 +1,83 @@
+"""Flag parse errors as one line, for the recipes' TrlParser and every `python -m dpo.*` command's argparse:
+the flag, what it accepts and where the bad value came from; an unknown flag with the nearest real one
+("did you mean learning_rate?"). No parser takes abbreviations (they are built with allow_abbrev=False).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from dpo.errors import UserError
+
+
+def near_names(unknown: list[str], known: list[str]) -> list[str]:
+    """'x: did you mean y?' for each unknown name with a close known one."""
+    out = []
+    for name in unknown:
+        if near := difflib.get_close_matches(name, known, n=1, cutoff=0.75):
+            out.append(f"{name}: did you mean {near[0]}?")
+    return out
+
+
+def _unrecognized(parser, message: str) -> str:
+    given = [a.split("=", 1)[0] for a in message.split(": ", 1)[1].split() if a.startswith("-")]
+    known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
+    hints = near_names([g.lstrip("-") for g in given], known)
+    return f"command line: {message}" + (f" ({'; '.join(hints)})" if hints else "") + "; see --help"
+
+
+def _accepted(action) -> str:
+    """What a flag takes, in words: its choices, or its type."""
+    if action.choices:
+        return "one of " + ", ".join(map(str, action.choices))
+    if action.nargs == "?" and action.const is True:  # booleans: --flag, --flag true/false
+        return "true or false"
+    kind = {int: "a whole number", float: "a number", str: "a value"}.get(action.type, "a value")
+    return kind + (" (one or more)" if action.nargs in ("+", "*") else "")
+
+
+def one_line_parse_errors(parser, argv: list[str], config_path: Path | None = None):
+    """Make `parser` (argparse, TrlParser) report a bad flag as one UserError line instead of its usage
+    and message; `config_path`: the YAML its defaults came from, if any. Returns the parser."""
+    parser.error = lambda message: _parse_error(parser, message, argv, config_path)
+    return parser
+
+
+def _parse_error(parser, message: str, argv: list[str], config_path: Path | None):
+    """argparse's error (usage + message, exit 2) as one UserError line naming the flag, what it accepts,
+    and where the bad value came from."""
+    flags = re.match(r"argument ([^:]+): (.*)", message)
+    if not flags:
+        if message.startswith("the following arguments are required: "):
+            missing = message.split(": ", 1)[1]
+            where = f"in {config_path} or " if config_path else ""
+            raise UserError(f"missing setting(s) {missing}: set them {where}on the command line")
+        if message.startswith("unrecognized arguments: "):
+            raise UserError(_unrecognized(parser, message))
+        raise UserError(f"command line: {message}")
+    names, reason = flags.group(1).split("/"), flags.group(2)
+    action = parser._option_string_actions.get(names[0])
+    reason = re.sub(r" \(choose from .*\)$", "", reason)  # the choices are listed below, once
+    given = any(arg.split("=", 1)[0] in names for arg in argv)
+    after = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in names]
+    if reason == "expected one argument" and after and after[0].startswith("-"):
+        reason += f" (a negative number goes after '=': {names[0]}={after[0]})"
+    where = "on the command line" if given or config_path is None else f"in {config_path}"
+    accepted = f"; accepted: {_accepted(action)}" if action is not None and "expected one of" not in reason else ""
+    raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
+
+
+def parse_flags(parser, argv: list[str] | None = None):
+    """`parser.parse_args(argv)` (default: sys.argv) with one-line errors; for the `python -m dpo.*` commands."""
+    import sys
+
+    import argparse
+
+    given = list(sys.argv[1:] if argv is None else argv)
+    for action in parser._actions:  # subcommands (python -m dpo.cache remove) report their own errors
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                one_line_parse_errors(sub, given)
+    return one_line_parse_errors(parser, given).parse_args(given)
