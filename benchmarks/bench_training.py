@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -42,11 +41,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
-from benchmarks.sections import write_section  # noqa: E402
+from benchmarks.sections import cpu_name, versions, write_section  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "training_workers.py"
 sys.path.insert(0, str(WORKERS.parent))
-from training_workers import BATCH, PROFILE_BATCH, WIDER, shipped  # noqa: E402
+from training_profile import PROFILE_SECTION, profile_markdown  # noqa: E402
+from training_workers import BATCH, WIDER, shipped  # noqa: E402
 
 MICRO = shipped("per_device_train_batch_size")  # pairs per forward in the recipe
 
@@ -151,27 +151,6 @@ def round_ratios(results: list[dict], config: str, baseline: str = BASELINE) -> 
     return [times[baseline] / times[config] for times in by_round.values() if config in times and baseline in times]
 
 
-def versions() -> str:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    from dpo.compat import INSTALLED_TRL
-
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {INSTALLED_TRL}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}"
-    )
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def largest_loss_difference(summary: dict, a: str, b: str) -> float:
     return max(abs(x - y) for x, y in zip(summary[a]["losses"], summary[b]["losses"], strict=True))
 
@@ -244,63 +223,6 @@ def markdown(summary: dict, results: list[dict], cache: dict, settings: dict, lo
         "summation order moves fp32 sums by ~1e-6 relative). TRL's configurations keep TRL's default learning rate "
         "(1e-6, against the YAML's 5e-4) and batch the pairs in another order, so their losses stay near ln 2 and are "
         "no step-by-step comparison; speed does not depend on either.",
-    ]
-    return "\n".join(rows) + "\n"
-
-
-PROFILE_SECTION = "## Where a recipe step's time and memory go (`benchmarks/bench_training.py --profile`)"
-
-
-def profile_markdown(record: dict, args) -> str:
-    """The --profile section: step times, our own per-step code's share, resident memory, and
-    torch.profiler's top operators by time and by memory for one step."""
-    steps, own, unprofiled = record["step_s"], record["own_code_s"], record["unprofiled_s"]
-    share = sum(own.values()) / unprofiled
-    rows = [
-        PROFILE_SECTION,
-        "",
-        "Made by `python benchmarks/bench_training.py --profile`; rewrite this section by running it again.",
-        f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores ({args.threads} torch threads); {versions()}. "
-        f"Load average (1 min) before / after: {record['load']}.",
-        f"The recipe (recipes/dpo_any.py's trainer, recipes/dpo_hh_rlhf.yaml, no cache, random batches, fp32, 4-bit base, "
-        f"LoRA, activation checkpointing) on the same HH-RLHF pairs, {len(steps)} steps of {PROFILE_BATCH} pairs, "
-        f"max_length {args.max_length}; step {len(steps) - 1} runs under torch.profiler.",
-        "",
-        f"- step wall times: {', '.join(f'{x:.2f}' for x in steps)} s",
-        f"- our own code per step (steps 1-{len(steps) - 2}, not profiled): "
-        + ", ".join(f"{k} {v:.3f} s" for k, v in own.items())
-        + f" = **{100 * share:.2f}%** of {unprofiled:.1f} s (target: under 2%)",
-        f"- resident memory: {record['rss_after_load_mb']:.0f} MB after loading; after each step "
-        + ", ".join(f"{x:.0f}" for x in record["rss_after_step_mb"])
-        + f" MB; peak {record['peak_rss_mb']:.0f} MB (the profiled step's figure includes torch.profiler's own records)",
-        "",
-        "What the largest consumers are, and what this repo does about each:",
-        "- the LM head over the 49k-token vocabulary: TRL's fused head never builds full logits, and on CPU",
-        "  `dpo.compat.lean_cpu_lm_head` scores completion positions only, in 4096-column tiles (TRL's CPU path",
-        "  scores every position in 32768-column tiles: a 270 MB tile for 2k tokens);",
-        "- activations: checkpointing (the recipe's `activation_checkpointing: true`) keeps one layer's at a time;",
-        "- 4-bit dequantization (`bitsandbytes::dequantize_4bit`): each Linear4bit dequantizes its weight for",
-        "  the matmul and frees it again, one layer's weight at a time: nothing accumulates;",
-        "- the checkpoint file: transformers leaves the weights it does not convert (embedding, norms) as views",
-        "  into the memory-mapped .safetensors file, which keeps every page loading read resident;",
-        "  `dpo/train/speed/memory.py` copies them out after loading and the file is unmapped;",
-        "- elementwise temporaries (`aten::mul`, `aten::add`: RMSNorm, rotary embeddings, LoRA scaling) are the",
-        "  largest allocation totals of a step, each freed within its layer (transformers' and peft's code);",
-        "- the allocator: glibc keeps freed blocks under its dynamic mmap threshold, so resident memory grows",
-        "  over the first steps; bench_allocator.py's section measures glibc's settings against speed;",
-        "- the reference forward: with `reference_cache: true` it is gone from training steps altogether.",
-        "",
-        "Top operators by self CPU time (one step):",
-        "",
-        "```",
-        record["top_time"].rstrip(),
-        "```",
-        "",
-        "Top operators by memory allocated (same step):",
-        "",
-        "```",
-        record["top_memory"].rstrip(),
-        "```",
     ]
     return "\n".join(rows) + "\n"
 

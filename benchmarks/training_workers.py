@@ -317,79 +317,6 @@ def build_cache(args) -> dict:
     return {"config": "cache_build", "pairs": len(rows), "seconds": sum(r[2] for r in rows.values())}
 
 
-def rss_mb() -> float:
-    """Resident memory now (/proc/self/statm, pages)."""
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-
-
-PROFILE_YAML, PROFILE_BATCH = ROOT / "recipes" / "dpo_hh_rlhf.yaml", 4  # --profile's own settings
-
-
-def profile_worker(args, steps: int = 4, profiled_step: int = 3) -> dict:
-    """The recipe (recipes/dpo_hh_rlhf.yaml, no cache, random batches) for `steps` steps: resident memory after each, wall time of our own per-step
-    code (collator, callbacks, logging), and torch.profiler's CPU time and memory tables of one step."""
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import TrainerCallback
-
-    from dpo.train.config import load_recipe_args
-    from dpo.train.trainer import build_dpo_trainer
-
-    work = Path(args.workdir)
-    flags = ["--config", str(PROFILE_YAML), "--model_name_or_path", args.model, "--output_dir", str(work / "profile")]
-    flags += [
-        "--dataset_name",
-        str(work / "pairs.jsonl"),
-        "--reference_cache=false",
-        "--train_sampling_strategy=random",
-    ]
-    flags += [f"--max_steps={steps}", f"--max_length={args.max_length}"]
-    flags += [f"--per_device_train_batch_size={PROFILE_BATCH}", "--gradient_accumulation_steps=1", "--logging_steps=1"]
-    _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
-    pairs = read_pairs(Path(args.workdir) / "pairs.jsonl")
-    trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
-    spent = {"collator": 0.0, "callbacks": 0.0, "log": 0.0}
-    record = {"rss_after_load_mb": rss_mb(), "rss_after_step_mb": [], "step_s": []}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            began = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - began
-
-        return wrapper
-
-    trainer.data_collator = timed("collator", trainer.data_collator)
-    trainer.log = timed("log", trainer.log)
-    trainer.callback_handler.call_event = timed("callbacks", trainer.callback_handler.call_event)
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    class Steps(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            self.began = time.perf_counter()
-            if state.global_step + 1 == profiled_step:  # our code's share: the steps before the profiled one
-                record["own_code_s"] = dict(spent)
-                record["unprofiled_s"] = sum(record["step_s"])
-                profiler.start()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == profiled_step:
-                profiler.stop()
-            record["step_s"].append(time.perf_counter() - self.began)
-            record["rss_after_step_mb"].append(rss_mb())
-
-    trainer.add_callback(Steps())
-    began = time.perf_counter()
-    trainer.train()
-    record["train_s"] = time.perf_counter() - began
-    events = profiler.key_averages()
-    record["top_time"] = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
-    record["top_memory"] = events.table(sort_by="self_cpu_memory_usage", row_limit=15, max_name_column_width=60)
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return record
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", choices=[*CONFIGS, "cache_build", "profile"])
@@ -401,8 +328,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.config in ("cache_build", "profile"):
-        result = build_cache(args) if args.config == "cache_build" else profile_worker(args)
+    if args.config == "profile":
+        from training_profile import profile_worker  # benchmarks/training_profile.py, beside this file
+
+        result = profile_worker(args)
+    elif args.config == "cache_build":
+        result = build_cache(args)
     else:
         result = worker(args.config, args)
     print("RESULT " + json.dumps(result), flush=True)
