@@ -19,7 +19,11 @@ alike; the seed loop runs in the first round only (it is the memory baseline, an
   1 seed loop          full fine-tuning, a second fp32 copy as reference, chosen and rejected in
                        separate forwards under policy and reference (4 forwards), AdamW
   2 TRL defaults       DPOTrainer(model id, peft_config, 4-bit base), every other DPOConfig field TRL's
-  3 TRL + precompute   2 with precompute_ref_log_probs=True: what a user who knows TRL runs
+  3 TRL + precompute   2 with precompute_ref_log_probs=True: what a user who knows TRL runs; the pairs in
+                       memory (Dataset.from_list), so TRL computes the reference pass every run (cold)
+  3w TRL, warm         3 with the pairs read as a TRL user reads a file (load_dataset("json", ...)): TRL 1.16
+                       keeps its precompute results beside the dataset's cache files and reuses them, filled
+                       once before the rounds (its own disk cache: every later run of the same pairs)
   4 recipe, padded     recipes/dpo_any.py with the shipped YAML, packing: false, an empty reference cache
   5 recipe             the shipped YAML as it is (packing, cache, length grouping), an empty cache
   6 recipe, warm cache 5 with the cache filled (every later run, resume or sweep run of the same pairs)
@@ -32,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -42,24 +45,27 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checkout
-from benchmarks.sections import write_section  # noqa: E402
+from benchmarks.sections import cpu_name, versions, write_section  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "training_workers.py"
 sys.path.insert(0, str(WORKERS.parent))
-from training_workers import BATCH, PROFILE_BATCH, WIDER, shipped  # noqa: E402
+from training_profile import PROFILE_SECTION, profile_markdown  # noqa: E402
+from training_workers import BATCH, WIDER, shipped  # noqa: E402
 
 MICRO = shipped("per_device_train_batch_size")  # pairs per forward in the recipe
 
 CONFIGS = {
     "seed_loop": "1. seed loop (full FT, fp32 reference copy, 4 forwards)",
     "trl_defaults": "2. TRL defaults (4-bit base + LoRA)",
-    "trl_precompute": "3. TRL + precompute_ref_log_probs",
+    "trl_precompute": "3. TRL + precompute_ref_log_probs, cold",
+    "trl_precompute_warm": "3w. TRL + precompute_ref_log_probs, warm (its own disk cache)",
     "recipe_padded": "4. recipe, packing off, cold cache",
     "recipe": "5. recipe as shipped, cold cache",
     "recipe_warm": "6. recipe as shipped, warm cache",
     "recipe_wider": f"7. = 5, {BATCH // WIDER} micro-batches of {WIDER} pairs a step",
 }
-BASELINE = "trl_precompute"  # the informed user: the headline ratio is against this one
+BASELINE = "trl_precompute"  # the informed user: the headline ratio is against this one (cold against cold)
+WARM_BASELINE = "trl_precompute_warm"  # and the recipe's warm cache against TRL's warm one
 SEED_ROUNDS = 1  # rounds that run the seed loop
 MODEL = "smollm2-135m-instruct"
 DATA = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -139,6 +145,7 @@ def summarize(results: list[dict], pairs: int) -> dict:
             "padding": 1 - mid["tokens"] / mid["padded_tokens"],
             "mean_loss": sum(mid["losses"]) / len(mid["losses"]),
             "losses": mid["losses"],
+            "first_margins": [r["first_margin"] for r in runs],  # rewards/margins of step 1, each round
         }
     return out
 
@@ -151,36 +158,21 @@ def round_ratios(results: list[dict], config: str, baseline: str = BASELINE) -> 
     return [times[baseline] / times[config] for times in by_round.values() if config in times and baseline in times]
 
 
-def versions() -> str:
-    import bitsandbytes
-    import peft
-    import torch
-    import transformers
-
-    from dpo.compat import INSTALLED_TRL
-
-    return (
-        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {INSTALLED_TRL}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}"
-    )
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def largest_loss_difference(summary: dict, a: str, b: str) -> float:
     return max(abs(x - y) for x, y in zip(summary[a]["losses"], summary[b]["losses"], strict=True))
 
 
-def markdown(summary: dict, results: list[dict], cache: dict, settings: dict, load: tuple, padding: dict) -> str:
+def margins(summary: dict, config: str) -> str:
+    return ", ".join(f"{x:+.4f}" for x in summary[config]["first_margins"])
+
+
+def markdown(summary: dict, results: list[dict], caches: dict, settings: dict, load: tuple, padding: dict) -> str:
     s, base, seed = summary, summary[BASELINE], summary["seed_loop"]
+    cache, trl_cache = caches["recipe"], caches["trl"]
     pairs = settings["pairs"]
     cold = round_ratios(results, "recipe")
-    warm = round_ratios(results, "recipe_warm")
+    warm = round_ratios(results, "recipe_warm", WARM_BASELINE)
+    warm_ratio = s[WARM_BASELINE]["whole_median_s"] / s["recipe_warm"]["whole_median_s"]
     rows = [
         SECTION,
         "",
@@ -196,13 +188,13 @@ def markdown(summary: dict, results: list[dict], cache: dict, settings: dict, lo
         f"interleaved (the seed loop in the first only). Model: {settings['model']}. A whole run is the "
         "process's wall time: start-up, loading, the reference pass, training.",
         "",
-        f"**Recipe as shipped against TRL + precompute_ref_log_probs, whole run: {s[BASELINE]['whole_median_s'] / s['recipe']['whole_median_s']:.2f}x "
-        f"with a cold reference cache** (median times; round by round {', '.join(f'{x:.2f}x' for x in cold)}), "
-        f"**{s[BASELINE]['whole_median_s'] / s['recipe_warm']['whole_median_s']:.2f}x with a warm one** (round by round "
-        f"{', '.join(f'{x:.2f}x' for x in warm)}); against TRL's defaults "
-        f"{s['trl_defaults']['whole_median_s'] / s['recipe']['whole_median_s']:.2f}x cold.",
+        f"**Recipe as shipped against TRL + precompute_ref_log_probs, whole run, cold against cold: "
+        f"{s[BASELINE]['whole_median_s'] / s['recipe']['whole_median_s']:.2f}x** (5 vs 3, median times; round by round "
+        f"{', '.join(f'{x:.2f}x' for x in cold)}); **warm against warm: {warm_ratio:.2f}x** (6, the recipe's reference "
+        f"cache, vs 3w, TRL's own disk cache; round by round {', '.join(f'{x:.2f}x' for x in warm)}); against TRL's "
+        f"defaults {s['trl_defaults']['whole_median_s'] / s['recipe']['whole_median_s']:.2f}x cold.",
         "",
-        "| configuration | whole run (s), by round | median (s) | vs 3 | reference pass (s) | training tokens/s | "
+        "| configuration | whole run (s), by round | median (s) | vs 3 (cold) | reference pass (s) | training tokens/s | "
         "padding | peak memory (GB) | memory vs 1 | mean loss |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -221,7 +213,14 @@ def markdown(summary: dict, results: list[dict], cache: dict, settings: dict, lo
         f"Reference pass (cold): the recipe's cache fill scores {ours_ref:.2f} pairs/s (batched at the eval batch size, "
         f"longest first, packed, under torch.inference_mode), TRL's precompute {pairs / base['reference_s']:.2f} pairs/s "
         f"on the same pairs ({ours_ref * base['reference_s'] / pairs:.2f}x). Filled alone before the rounds (the warm "
-        f"cache): {cache['pairs']} pairs in {cache['seconds']:.1f} s.",
+        f"caches): the recipe's, {cache['pairs']} pairs in {cache['seconds']:.1f} s; TRL's, {trl_cache['seconds']:.1f} s "
+        f"(3w's reference pass: reading it back, {s[WARM_BASELINE]['reference_s']:.2f} s).",
+        "",
+        f"First step's margin (rewards/margins; the policy is the reference at step 1, so 0 up to rounding, and a "
+        f"reference value that is not the model's own moves it), each round: TRL cold (3) {margins(s, BASELINE)}, "
+        f"TRL warm (3w) {margins(s, WARM_BASELINE)}; recipe cold (5) {margins(s, 'recipe')}, recipe warm (6) "
+        f"{margins(s, 'recipe_warm')}. The recipe checks its cached values against a fresh reference pass on a "
+        "sample before training (its parity check); TRL reads its cache as it is.",
         "",
         f"Packing: training tokens/s {s['recipe']['tokens_per_s']:.0f} packed against {s['recipe_padded']['tokens_per_s']:.0f} "
         f"padded ({s['recipe']['tokens_per_s'] / s['recipe_padded']['tokens_per_s']:.2f}x, same batches: 4 vs 5). Over all "
@@ -240,67 +239,11 @@ def markdown(summary: dict, results: list[dict], cache: dict, settings: dict, lo
         "",
         f"Quality: same pairs, same batches, per-step losses: packed against padded (5 vs 4) largest difference "
         f"{largest_loss_difference(s, 'recipe', 'recipe_padded'):.1e}, warm against cold cache (6 vs 5) "
-        f"{largest_loss_difference(s, 'recipe_warm', 'recipe'):.1e} (bar {SAME_LOSS:g}: losses are read to 4 decimals; "
+        f"{largest_loss_difference(s, 'recipe_warm', 'recipe'):.1e}, TRL warm against cold (3w vs 3, same batches) "
+        f"{largest_loss_difference(s, WARM_BASELINE, BASELINE):.1e} (bar {SAME_LOSS:g}: losses are read to 4 decimals; "
         "summation order moves fp32 sums by ~1e-6 relative). TRL's configurations keep TRL's default learning rate "
         "(1e-6, against the YAML's 5e-4) and batch the pairs in another order, so their losses stay near ln 2 and are "
         "no step-by-step comparison; speed does not depend on either.",
-    ]
-    return "\n".join(rows) + "\n"
-
-
-PROFILE_SECTION = "## Where a recipe step's time and memory go (`benchmarks/bench_training.py --profile`)"
-
-
-def profile_markdown(record: dict, args) -> str:
-    """The --profile section: step times, our own per-step code's share, resident memory, and
-    torch.profiler's top operators by time and by memory for one step."""
-    steps, own, unprofiled = record["step_s"], record["own_code_s"], record["unprofiled_s"]
-    share = sum(own.values()) / unprofiled
-    rows = [
-        PROFILE_SECTION,
-        "",
-        "Made by `python benchmarks/bench_training.py --profile`; rewrite this section by running it again.",
-        f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores ({args.threads} torch threads); {versions()}. "
-        f"Load average (1 min) before / after: {record['load']}.",
-        f"The recipe (recipes/dpo_any.py's trainer, recipes/dpo_hh_rlhf.yaml, no cache, random batches, fp32, 4-bit base, "
-        f"LoRA, activation checkpointing) on the same HH-RLHF pairs, {len(steps)} steps of {PROFILE_BATCH} pairs, "
-        f"max_length {args.max_length}; step {len(steps) - 1} runs under torch.profiler.",
-        "",
-        f"- step wall times: {', '.join(f'{x:.2f}' for x in steps)} s",
-        f"- our own code per step (steps 1-{len(steps) - 2}, not profiled): "
-        + ", ".join(f"{k} {v:.3f} s" for k, v in own.items())
-        + f" = **{100 * share:.2f}%** of {unprofiled:.1f} s (target: under 2%)",
-        f"- resident memory: {record['rss_after_load_mb']:.0f} MB after loading; after each step "
-        + ", ".join(f"{x:.0f}" for x in record["rss_after_step_mb"])
-        + f" MB; peak {record['peak_rss_mb']:.0f} MB (the profiled step's figure includes torch.profiler's own records)",
-        "",
-        "What the largest consumers are, and what this repo does about each:",
-        "- the LM head over the 49k-token vocabulary: TRL's fused head never builds full logits, and on CPU",
-        "  `dpo.compat.lean_cpu_lm_head` scores completion positions only, in 4096-column tiles (TRL's CPU path",
-        "  scores every position in 32768-column tiles: a 270 MB tile for 2k tokens);",
-        "- activations: checkpointing (the recipe's `activation_checkpointing: true`) keeps one layer's at a time;",
-        "- 4-bit dequantization (`bitsandbytes::dequantize_4bit`): each Linear4bit dequantizes its weight for",
-        "  the matmul and frees it again, one layer's weight at a time: nothing accumulates;",
-        "- the checkpoint file: transformers leaves the weights it does not convert (embedding, norms) as views",
-        "  into the memory-mapped .safetensors file, which keeps every page loading read resident;",
-        "  `dpo/train/speed/memory.py` copies them out after loading and the file is unmapped;",
-        "- elementwise temporaries (`aten::mul`, `aten::add`: RMSNorm, rotary embeddings, LoRA scaling) are the",
-        "  largest allocation totals of a step, each freed within its layer (transformers' and peft's code);",
-        "- the allocator: glibc keeps freed blocks under its dynamic mmap threshold, so resident memory grows",
-        "  over the first steps; bench_allocator.py's section measures glibc's settings against speed;",
-        "- the reference forward: with `reference_cache: true` it is gone from training steps altogether.",
-        "",
-        "Top operators by self CPU time (one step):",
-        "",
-        "```",
-        record["top_time"].rstrip(),
-        "```",
-        "",
-        "Top operators by memory allocated (same step):",
-        "",
-        "```",
-        record["top_memory"].rstrip(),
-        "```",
     ]
     return "\n".join(rows) + "\n"
 
@@ -356,6 +299,8 @@ def run(args) -> None:
     load_before = os.getloadavg()
     cache = run_worker("cache_build", args)  # the warm cache configuration 6 reads
     log(f"reference cache built: {cache['pairs']} pairs in {cache['seconds']:.1f} s")
+    trl_cache = run_worker("trl_cache_build", args)  # TRL's own disk cache, which 3w reads
+    log(f"TRL's precompute_ref_log_probs cache built: {trl_cache['seconds']:.1f} s")
     results = []
     for round_ in range(args.rounds):
         order = [c for c in CONFIGS if c != "seed_loop" or round_ < SEED_ROUNDS]
@@ -378,7 +323,8 @@ def run(args) -> None:
         "threads": args.threads,
     }
     load_after = os.getloadavg()
-    text = markdown(summary, results, cache, settings, (load_before, load_after), padding)
+    caches = {"recipe": cache, "trl": trl_cache}
+    text = markdown(summary, results, caches, settings, (load_before, load_after), padding)
     write_section(Path(args.out), text, SECTION)
     if args.json:
         payload = {
@@ -386,6 +332,7 @@ def run(args) -> None:
             "dataset_padding": padding,
             "versions": versions(),
             "cache_build": cache,
+            "trl_cache_build": trl_cache,
             "summary": summary,
             "runs": results,
             "load": [list(load_before), list(load_after)],

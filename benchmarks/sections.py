@@ -1,7 +1,9 @@
-"""BENCHMARKS.md is written by several scripts, each owning one `## ` section of it."""
+"""BENCHMARKS.md is written by several scripts, each owning one `## ` section of it; what a section says
+about the machine it was measured on."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 
@@ -16,3 +18,24 @@ def write_section(path: Path, text: str, heading: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
+
+
+def versions() -> str:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    from dpo.compat import INSTALLED_TRL
+
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"trl {INSTALLED_TRL}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}"
+    )
+
+
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

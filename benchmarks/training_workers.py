@@ -5,8 +5,10 @@ loss of every step, peak resident memory.
 
     python benchmarks/training_workers.py recipe --model MODEL_DIR --workdir DIR --max_length 256
 
-DIR holds pairs.jsonl (written by bench_training.py) and refcache/ (the `cache_build` worker fills
-it: the warm cache). Cold-cache configurations get an empty cache folder of their own.
+DIR holds pairs.jsonl (written by bench_training.py), refcache/ (the `cache_build` worker fills it: the
+recipe's warm cache) and datasets-cache/ (the pairs as `load_dataset` caches them, beside which TRL's
+precompute_ref_log_probs keeps its results: the `trl_cache_build` worker fills it, TRL's warm cache).
+Cold-cache configurations get an empty cache folder of their own; TRL's cold one reads the pairs in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +36,16 @@ def recipe_settings(recipe: Path = RECIPE):
     return runpy.run_path(str(recipe))["ScriptArguments"]
 
 
-CONFIGS = ("seed_loop", "trl_defaults", "trl_precompute", "recipe_padded", "recipe", "recipe_warm", "recipe_wider")
+CONFIGS = (
+    "seed_loop",
+    "trl_defaults",
+    "trl_precompute",
+    "trl_precompute_warm",
+    "recipe_padded",
+    "recipe",
+    "recipe_warm",
+    "recipe_wider",
+)
 
 
 def shipped(key: str):
@@ -54,6 +65,17 @@ def read_pairs(path: Path):
     from datasets import Dataset
 
     return Dataset.from_list([json.loads(line) for line in open(path)])
+
+
+def read_pairs_as_trl_user(work: Path):
+    """The pairs as a TRL user reads a file: `load_dataset("json", ...)`, whose cache files (work/datasets-cache)
+    TRL 1.16's precompute_ref_log_probs writes its results beside, keyed by the dataset's fingerprint and a hash
+    of the reference, and reads again in the next run: TRL's own warm cache. `read_pairs` (Dataset.from_list) is
+    in memory, with no cache files, so TRL's cold configuration computes the reference every run."""
+    from datasets import load_dataset
+
+    files = str(work / "pairs.jsonl")
+    return load_dataset("json", data_files=files, split="train", cache_dir=str(work / "datasets-cache"))
 
 
 # ── workers: one configuration per process ──────────────────────────────────────────────────
@@ -76,6 +98,8 @@ class Meter:
         self.losses, self.began, self.seconds = [], None, 0.0
         self.step_ends, self.step_tokens = [], []  # per optimizer step: clock and token count at its end
         self.micro_batches = 0
+        self.reference_batches = 0  # batches TRL's compute_ref_log_probs scored (a warm disk cache: none)
+        self.first_margin = None  # rewards/margins of the first step: policy = reference there, so 0 up to rounding
 
     def count(self, attention_mask):
         self.tokens += int(attention_mask.sum())
@@ -171,6 +195,13 @@ def timed_reference_pass(meter: Meter) -> None:
 
     timing(DPOTrainer, "_precompute_ref_logps")
     timing(refcache, "_fill")
+    score = DPOTrainer.compute_ref_log_probs
+
+    def counted(self, *args, **kwargs):
+        meter.reference_batches += 1
+        return score(self, *args, **kwargs)
+
+    DPOTrainer.compute_ref_log_probs = counted
 
 
 COMMON = dict(  # what every trainer configuration fixes besides the shipped batch and length
@@ -185,17 +216,20 @@ COMMON = dict(  # what every trainer configuration fixes besides the shipped bat
 )
 
 
-def trainer_worker(config: str, args) -> Meter:
+def trainer_worker(config: str, args, train: bool = True) -> Meter:
+    """A trainer configuration; `train=False` builds it only (trl_cache_build: TRL's precompute runs in
+    DPOTrainer.__init__ and writes its disk cache there)."""
     from dpo.train.config import load_recipe_args
     from dpo.train.trainer import build_dpo_trainer
 
     meter, work = Meter(), Path(args.workdir)
     common = dict(COMMON, max_length=args.max_length, truncation_mode=shipped("truncation_mode"))
-    pairs = read_pairs(work / "pairs.jsonl")
+    warm_trl = config in ("trl_precompute_warm", "trl_cache_build")
+    pairs = read_pairs_as_trl_user(work) if warm_trl else read_pairs(work / "pairs.jsonl")
     timed_reference_pass(meter)
     if config.startswith("trl_"):
         extra = dict(per_device_train_batch_size=BATCH, gradient_accumulation_steps=1)
-        extra.update({"precompute_ref_log_probs": True} if config == "trl_precompute" else {})
+        extra.update({"precompute_ref_log_probs": True} if config != "trl_defaults" else {})
         out = str(work / f"{config}-{os.getpid()}")
         trainer = trl_trainer(args.model, pairs, tokenizer_for(args.model), output_dir=out, **common, **extra)
     else:
@@ -203,9 +237,12 @@ def trainer_worker(config: str, args) -> Meter:
         _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
         trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
     meter.packed = bool(getattr(trainer.args, "packing", False))
+    if not train:
+        return meter
     measure(trainer, meter)
     trainer.train()
     meter.losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    meter.first_margin = next(h["rewards/margins"] for h in trainer.state.log_history if "rewards/margins" in h)
     return meter
 
 
@@ -258,7 +295,10 @@ def seed_loop_worker(args) -> Meter:
         pc, pr = logps(policy, chosen), logps(policy, rejected)
         with torch.no_grad():
             rc, rr = logps(reference, chosen), logps(reference, rejected)
-        loss = -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))).mean()
+        margins = 0.1 * ((pc - rc) - (pr - rr))  # beta 0.1, as TRL logs rewards/margins
+        if meter.first_margin is None:
+            meter.first_margin = margins.mean().item()
+        loss = -F.logsigmoid(margins).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -280,6 +320,8 @@ def worker(config: str, args) -> dict:
         "padded_tokens": meter.tokens if meter.packed else meter.padded,  # what the model computed on
         "micro_batches": meter.micro_batches,  # forwards with a loss (the seed loop: its policy forwards)
         "losses": meter.losses,
+        "first_margin": meter.first_margin,
+        "reference_batches": meter.reference_batches,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
     }
 
@@ -317,82 +359,9 @@ def build_cache(args) -> dict:
     return {"config": "cache_build", "pairs": len(rows), "seconds": sum(r[2] for r in rows.values())}
 
 
-def rss_mb() -> float:
-    """Resident memory now (/proc/self/statm, pages)."""
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-
-
-PROFILE_YAML, PROFILE_BATCH = ROOT / "recipes" / "dpo_hh_rlhf.yaml", 4  # --profile's own settings
-
-
-def profile_worker(args, steps: int = 4, profiled_step: int = 3) -> dict:
-    """The recipe (recipes/dpo_hh_rlhf.yaml, no cache, random batches) for `steps` steps: resident memory after each, wall time of our own per-step
-    code (collator, callbacks, logging), and torch.profiler's CPU time and memory tables of one step."""
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import TrainerCallback
-
-    from dpo.train.config import load_recipe_args
-    from dpo.train.trainer import build_dpo_trainer
-
-    work = Path(args.workdir)
-    flags = ["--config", str(PROFILE_YAML), "--model_name_or_path", args.model, "--output_dir", str(work / "profile")]
-    flags += [
-        "--dataset_name",
-        str(work / "pairs.jsonl"),
-        "--reference_cache=false",
-        "--train_sampling_strategy=random",
-    ]
-    flags += [f"--max_steps={steps}", f"--max_length={args.max_length}"]
-    flags += [f"--per_device_train_batch_size={PROFILE_BATCH}", "--gradient_accumulation_steps=1", "--logging_steps=1"]
-    _, training_args, model_args = load_recipe_args(recipe_settings(), RECIPE, flags)
-    pairs = read_pairs(Path(args.workdir) / "pairs.jsonl")
-    trainer = build_dpo_trainer(model_args, training_args, pairs, None, tokenizer_for(args.model))
-    spent = {"collator": 0.0, "callbacks": 0.0, "log": 0.0}
-    record = {"rss_after_load_mb": rss_mb(), "rss_after_step_mb": [], "step_s": []}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            began = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - began
-
-        return wrapper
-
-    trainer.data_collator = timed("collator", trainer.data_collator)
-    trainer.log = timed("log", trainer.log)
-    trainer.callback_handler.call_event = timed("callbacks", trainer.callback_handler.call_event)
-    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    class Steps(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            self.began = time.perf_counter()
-            if state.global_step + 1 == profiled_step:  # our code's share: the steps before the profiled one
-                record["own_code_s"] = dict(spent)
-                record["unprofiled_s"] = sum(record["step_s"])
-                profiler.start()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == profiled_step:
-                profiler.stop()
-            record["step_s"].append(time.perf_counter() - self.began)
-            record["rss_after_step_mb"].append(rss_mb())
-
-    trainer.add_callback(Steps())
-    began = time.perf_counter()
-    trainer.train()
-    record["train_s"] = time.perf_counter() - began
-    events = profiler.key_averages()
-    record["top_time"] = events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
-    record["top_memory"] = events.table(sort_by="self_cpu_memory_usage", row_limit=15, max_name_column_width=60)
-    record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return record
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", choices=[*CONFIGS, "cache_build", "profile"])
+    parser.add_argument("config", choices=[*CONFIGS, "cache_build", "trl_cache_build", "profile"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--max_length", type=int, required=True)
@@ -401,8 +370,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.config in ("cache_build", "profile"):
-        result = build_cache(args) if args.config == "cache_build" else profile_worker(args)
+    if args.config == "profile":
+        from training_profile import profile_worker  # benchmarks/training_profile.py, beside this file
+
+        result = profile_worker(args)
+    elif args.config == "cache_build":
+        result = build_cache(args)
+    elif args.config == "trl_cache_build":  # TRL's one-off cost: its precompute, written to its disk cache
+        result = {"config": "trl_cache_build", "seconds": trainer_worker(args.config, args, train=False).reference_s}
     else:
         result = worker(args.config, args)
     print("RESULT " + json.dumps(result), flush=True)

@@ -38,14 +38,16 @@ from dpo.data.datafiles import (
 )
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
+from dpo.hub import local_reason, offline_if_unreachable, offline_mode, offline_why
 from dpo.progress import datasets_progress_off
 
 # ── loading ──────────────────────────────────────────────────────────────────────────
 
 
 def _looks_local(name: str) -> bool:
-    """A path, not a hub id: starts like a path, has a data-file suffix, or exists on disk."""
-    return name.startswith((".", "/", "~")) or data_suffix(Path(name))[0] in LOCAL_FORMATS or Path(name).exists()
+    """A path, not a hub id: starts like a path, has a data-file suffix, lies in a folder that is here, or
+    exists on disk (dpo/hub.py)."""
+    return data_suffix(Path(name))[0] in LOCAL_FORMATS or local_reason(name) is not None
 
 
 def _json_type(value) -> str:
@@ -279,7 +281,11 @@ def load_preference_data(
     if _looks_local(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise UserError(f"dataset file not found: {name}")
+            why = local_reason(name) or f"it ends in {data_suffix(path)[0]}, a file name"
+            raise UserError(
+                f"dataset file not found: {name}: no such file or folder (read as a local path: {why}); "
+                "pass an existing data file or folder, or a hub dataset id (org/name)"
+            )
         if path.is_file():
             if split != "train" and missing_ok:
                 return None
@@ -288,9 +294,19 @@ def load_preference_data(
             return _pick_split(_load_saved(name, path), name, split, missing_ok)
         if config_name is None:
             return _load_folder(name, path, split, missing_ok)
+    if not _looks_local(name):
+        offline_if_unreachable()  # once, before the library's retries: a Hub that does not answer fails in seconds
     try:
         data = load_dataset(str(Path(name).expanduser()) if _looks_local(name) else name, config_name)
     except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, offline mode
+        if offline_mode() and not _looks_local(name):
+            raise UserError(
+                f"could not load dataset '{name}': {offline_why()}, and the datasets cache has no copy of it\n"
+                f"  Offline, pass a data file or folder: save it where you have access "
+                f"(`datasets.load_dataset('{name}', split='{split}').to_json('data.jsonl')`) and pass it: "
+                "--dataset_name data.jsonl (the repo ships Anthropic HH-RLHF pairs in data/hh-rlhf/). "
+                "With a copy in the cache, HF_HUB_OFFLINE=1 skips the network"
+            ) from None
         raise hub_error(
             "dataset",
             name,

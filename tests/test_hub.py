@@ -1,0 +1,184 @@
+"""A hub id the Hub cannot serve fails once, in seconds, saying how to work offline; a name that looks like a
+path is a missing path, never tried on the Hub (dpo/hub.py).
+
+The Hub "does not answer" here by pointing HF_ENDPOINT at 127.0.0.1 port 9 (discard: nothing listens, the
+connection is refused at once), so these tests mean the same with or without a network."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import datasets.config
+import huggingface_hub.constants
+import pytest
+from helpers import ROOT, load_recipe
+
+import dpo.hub
+from dpo.hub import OFFLINE_MODEL_COMMAND, local_reason
+
+NOWHERE = "http://127.0.0.1:9"
+# Without the one probe, huggingface_hub's retry loop alone sleeps 1 + 2 + 4 + 8 + 8 = 23 s (5 retries,
+# doubling from 1 s, capped at 8 s: utils/_http.py) before a hub id fails; a failure in less did not retry.
+RETRY_SLEEPS_S = 1 + 2 + 4 + 8 + 8
+
+
+@pytest.fixture
+def hub_unanswering(monkeypatch):
+    """This process as a user without HF_HUB_OFFLINE whose Hub does not answer; everything restored after
+    (offline_if_unreachable switches the process offline, as it should)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", NOWHERE)
+    probe = dpo.hub.hub_unreachable  # a test may replace it
+    probe.cache_clear()
+    yield
+    probe.cache_clear()
+
+
+def run_recipe(argv, capsys) -> tuple[str, float]:
+    recipe = load_recipe("dpo_any")
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main([str(a) for a in argv])
+    elapsed = time.monotonic() - start
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err[err.index("error: ") :], elapsed
+
+
+def test_a_hub_model_that_cannot_be_reached_fails_fast_naming_the_offline_ways(
+    hub_unanswering, tmp_path, capsys, no_weights_load
+):
+    data = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    argv = ["--model_name_or_path", "org-x/no-such-model", "--dataset_name", data, "--output_dir", tmp_path / "o"]
+    err, elapsed = run_recipe(argv, capsys)
+    assert elapsed < RETRY_SLEEPS_S, f"{elapsed:.1f} s: the library's retries ran"
+    assert err.startswith(f"error: could not load model 'org-x/no-such-model': {NOWHERE} did not answer")
+    assert "HF_HUB_OFFLINE=1" in err and OFFLINE_MODEL_COMMAND in err
+    assert "hf download org-x/no-such-model --local-dir ./no-such-model" in err
+    assert "--model_name_or_path ./no-such-model" in err
+
+
+def test_a_hub_dataset_that_cannot_be_reached_fails_fast_naming_the_offline_ways(
+    hub_unanswering, tiny_model_dir, tmp_path, capsys, no_weights_load
+):
+    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", "org-x/no-such-data"]
+    err, elapsed = run_recipe([*argv, "--output_dir", tmp_path / "o"], capsys)
+    assert elapsed < RETRY_SLEEPS_S, f"{elapsed:.1f} s: the library's retries ran"
+    assert err.startswith(f"error: could not load dataset 'org-x/no-such-data': {NOWHERE} did not answer")
+    assert "HF_HUB_OFFLINE=1" in err and "--dataset_name data.jsonl" in err and "data/hh-rlhf/" in err
+
+
+def test_the_offline_model_command_is_one_that_runs():
+    """The message names `python -m dpo.models NAME DIR`: NAME is a model it builds."""
+    from dpo.offline.pip_models import MODELS
+
+    words = OFFLINE_MODEL_COMMAND.split()
+    assert words[:3] == ["python", "-m", "dpo.models"] and words[3] in MODELS
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("data/my_pairs", "data/ is a folder here"),  # data/ is the repo's folder: a path, not org "data"
+        ("./x", "it starts like a path"),
+        ("/no/such/model", "it starts like a path"),
+        ("models/foo", "no hub user or organization is named models"),
+        ("pairs.jsonl", "it ends in .jsonl, a file name"),
+        ("my-model.gguf", "it ends in .gguf, a file name"),
+        ("a/b/c", "a hub id has one '/' at most"),
+        ("my pairs", "it is not a valid hub id"),
+    ],
+)
+def test_a_name_that_looks_like_a_path_is_a_path(name, why, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert local_reason(name) == why
+
+
+@pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B", "gpt2", "org/x.y"])
+def test_a_hub_id_is_a_hub_id(name, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert local_reason(name) is None
+
+
+@pytest.mark.parametrize(
+    "flag, name",
+    [
+        pytest.param("--model_name_or_path", "models/foo", id="model"),
+        pytest.param("--dataset_name", "data/my_pairs", id="data"),
+    ],
+)
+def test_a_missing_path_is_reported_missing_not_tried_on_the_hub(
+    flag, name, hub_unanswering, tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(ROOT)
+    asked = []
+    monkeypatch.setattr(dpo.hub, "hub_unreachable", lambda: asked.append(1))
+    data = ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    argv = {"--model_name_or_path": tiny_model_dir, "--dataset_name": data, flag: name}
+    err, _ = run_recipe([*(x for kv in argv.items() for x in kv), "--output_dir", tmp_path / "o"], capsys)
+    assert f"not found: {name}: no such file or folder" in err and "hub" not in err.split("(")[0].lower()
+    assert err.count("\n") == 1 and asked == []
+
+
+def test_the_probe_waits_at_most_its_timeout_for_a_hub_that_never_answers(monkeypatch):
+    """A firewall that drops packets: the connection is made (a listening socket's backlog) and no answer
+    comes. One wait of PROBE_TIMEOUT_S (here shortened), no retries."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # never accepted, never answered
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(dpo.hub, "PROBE_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    try:
+        reason = dpo.hub.hub_unreachable.__wrapped__()
+    finally:
+        silent.close()
+    elapsed = time.monotonic() - start
+    assert reason is not None and "did not answer" in reason
+    assert elapsed < 0.5 + 1.0  # one timeout, plus a second for the HTTP client's own set-up on a busy machine
+
+
+def cached_hub_model(cache, repo_id, folder):
+    """`folder` laid out as huggingface_hub caches `repo_id` at revision main (refs/main -> snapshots/<hash>)."""
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+@pytest.mark.slow
+def test_the_real_entry_point_fails_in_seconds_and_a_cached_model_still_loads(tiny_model_dir, tmp_path):
+    """As a user runs it, HF_HUB_OFFLINE unset and a Hub that does not answer: a hub id not in the cache fails
+    in seconds with the offline ways; a hub id in the Hugging Face cache works, offline, without retries."""
+    cached_hub_model(tmp_path / "hub", "tiny-org/tiny-phi", tiny_model_dir)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=NOWHERE, HF_HUB_CACHE=str(tmp_path / "hub"))
+    data = str(ROOT / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    results = {}
+    for model in ("tiny-org/not-cached", "tiny-org/tiny-phi"):
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "dpo.doctor", data, "--model_name_or_path", model],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        results[model] = proc, time.monotonic() - start
+    missing, elapsed = results["tiny-org/not-cached"]
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert "could not load tokenizer 'tiny-org/not-cached'" in missing.stderr and "HF_HUB_OFFLINE=1" in missing.stderr
+    assert elapsed < RETRY_SLEEPS_S, f"{elapsed:.1f} s: the library's retries ran"
+    cached, elapsed = results["tiny-org/tiny-phi"]
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert "working offline, from the Hugging Face cache" in cached.stdout
+    assert elapsed < RETRY_SLEEPS_S, f"{elapsed:.1f} s: the library's retries ran"
