@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import logging
 import re
-from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -36,6 +33,7 @@ from dpo.data.datafiles import (
     folder_data_files,
     open_data_file,
 )
+from dpo.data.encoding import blank, check_utf8, has_surrogate_escape, json_problem, quiet_readers
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
 from dpo.hub import local_reason, offline_if_unreachable, offline_mode, offline_why
@@ -50,162 +48,6 @@ def _looks_local(name: str) -> bool:
     return data_suffix(Path(name))[0] in LOCAL_FORMATS or local_reason(name) is not None
 
 
-def _json_type(value) -> str:
-    return {
-        str: "text",
-        list: "a list",
-        dict: "an object",
-        bool: "true/false",
-        int: "a number",
-        float: "a number",
-    }.get(type(value), type(value).__name__)
-
-
-def _json_problem(path: Path, surrogates_only: bool = False) -> str | None:
-    """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
-    whose type differs from the field's first value, or that holds a lone surrogate ("row N (line L),
-    field 'f': ..."), or None. `surrogates_only`: look for lone surrogates alone."""
-    with open_data_file(path) as f:
-        text = f.read().decode("utf-8", errors="replace")
-    suffix = data_suffix(path)[0]
-    if suffix == ".json":
-        try:
-            records = json.loads(text)
-            numbered = [
-                (i, None, r) for i, r in enumerate(records if isinstance(records, list) else [records], start=1)
-            ]
-        except json.JSONDecodeError as err:
-            if err.msg != "Extra data":  # "Extra data": a .json file written as JSON Lines
-                return f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
-            numbered = None
-    if suffix == ".jsonl" or numbered is None:
-        numbered = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((len(numbered) + 1, lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                return f"line {lineno}: malformed JSON ({err.msg}, column {err.colno})"
-    first_type: dict[str, str] = {}
-    for row, lineno, record in numbered:
-        where = f"row {row}" + (f" (line {lineno})" if lineno and lineno != row else "")
-        if not isinstance(record, dict):
-            return f"{where}: expected one JSON object {{...}} per record, got {_json_type(record)}"
-        for key, value in record.items():
-            if (half := _lone_surrogate(key) or _lone_surrogate(value)) is not None:
-                return (
-                    f"{where}, field '{_printable(key)}': the escape \\u{ord(half):04x} is half of a UTF-16 "
-                    f"surrogate pair with no other half (not a character); remove it or write the whole pair"
-                )
-            if value is None or surrogates_only:
-                continue
-            kind = first_type.setdefault(key, _json_type(value))
-            if _json_type(value) != kind:
-                return f"{where}, field '{key}': expected {kind} as in the rows before, got {_json_type(value)} ({value!r:.60})"
-    return None
-
-
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff: half of a pair, or a lone one
-
-
-def _has_surrogate_escape(path: Path) -> bool:
-    """True if the file's text holds a surrogate escape (pairs, as json.dumps writes emoji, or lone ones);
-    read in 1 MB chunks, each searched with the 5 bytes before it (an escape cut by a chunk's end)."""
-    tail = b""
-    with open_data_file(path) as f:
-        while chunk := f.read(1 << 20):
-            if _SURROGATE_ESCAPE.search(tail + chunk):
-                return True
-            tail = chunk[-5:]
-    return False
-
-
-def _lone_surrogate(value) -> str | None:
-    """The first lone UTF-16 surrogate (json.loads reads "\\ud800" as one; it is no character and
-    pyarrow refuses it) in a decoded JSON value, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return value[err.start]
-        return None
-    items = value.items() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    for item in items:
-        for part in item if isinstance(value, dict) else (item,):
-            if (half := _lone_surrogate(part)) is not None:
-                return half
-    return None
-
-
-def _printable(text: str) -> str:
-    return text.encode("utf-8", errors="backslashreplace").decode()
-
-
-@contextmanager
-def _quiet_readers():
-    """The datasets library's file readers log their error ("Failed to load JSON from file ...") before
-    raising it; the caller reports it as one line naming the file and row, so the log line would be a
-    second, raw message (with pyarrow's 0-based, per-block row number)."""
-    names = [f"datasets.packaged_modules.{kind}.{kind}" for kind in ("json", "csv", "parquet")]
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _blank(path: Path) -> bool:
-    """True if the file holds only whitespace (read in 1 MB chunks: stops at the first character)."""
-    with open_data_file(path) as f:
-        while chunk := f.read(1 << 20):
-            if chunk.strip():
-                return False
-    return True
-
-
-def _check_utf8(name: str, path: Path) -> None:
-    """UserError naming the row, line and byte offset of the first byte that is not UTF-8 (pyarrow reads
-    such a .jsonl without complaint and fails later, in the middle of a row)."""
-    offset, line, carry = 0, 1, b""  # bytes and newlines before `carry + chunk`
-    with open_data_file(path) as f:
-        while chunk := f.read(1 << 20):
-            data = carry + chunk
-            try:
-                data.decode("utf-8")
-                carry = b""
-            except UnicodeDecodeError as err:
-                if err.reason == "unexpected end of data" and len(data) - err.start < 4:  # cut at the chunk's end
-                    carry, data = data[err.start :], data[: err.start]
-                else:
-                    line += data.count(b"\n", 0, err.start)
-                    _not_utf8(name, path, offset + err.start, line, data[err.start])
-            offset, line = offset + len(data), line + data.count(b"\n")
-    if carry:  # the file ends inside a character
-        _not_utf8(name, path, offset, line, carry[0])
-
-
-def _not_utf8(name: str, path: Path, offset: int, line: int, byte: int):
-    suffix, compression = data_suffix(path)
-    if suffix == ".jsonl":  # row = non-blank lines up to this one
-        with open_data_file(path) as f:
-            row = sum(1 for _, text in zip(range(line), f) if text.strip())
-        where = f"row {row}" + (f" (line {line})" if row != line else "")
-    elif suffix == ".csv":  # the header is line 1 (a cell spanning lines shifts this)
-        where = f"row {line - 1} (line {line})"
-    else:
-        where = f"line {line}"
-    uncompressed = " (uncompressed)" if compression else ""
-    raise UserError(
-        f"{name}, {where}, byte offset {offset}{uncompressed}: not UTF-8 (byte 0x{byte:02x}); "
-        f"save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 in{suffix} > out{suffix}"
-    )
-
-
 def _load_file(name: str, path: Path) -> Dataset:
     """One local data file as a Dataset; a malformed file is a UserError naming its first bad line."""
     suffix, compression = data_suffix(path)
@@ -217,18 +59,18 @@ def _load_file(name: str, path: Path) -> Dataset:
     try:  # every later read of the file decompresses it: a damaged archive is found here, once
         if compression == ".zst":
             check_zstd_complete(path)
-        if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and _blank(path)):
+        if path.stat().st_size == 0 or (suffix in (".json", ".jsonl", ".csv") and blank(path)):
             raise UserError(f"{name}: the file is empty")
         if suffix in (".json", ".jsonl", ".csv"):
-            _check_utf8(name, path)
+            check_utf8(name, path)
     except decompression_errors() as err:
         raise decompression_error(name, path, err) from None
     csv_text = _csv_as_text(path) if suffix == ".csv" else {}
     try:
-        with _quiet_readers():
+        with quiet_readers():
             data = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train", **csv_text)
     except Exception as err:  # pyarrow / json / decompression errors: the user's file is malformed
-        where = _json_problem(path) if suffix in (".json", ".jsonl") else None
+        where = json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
             raise UserError(f"{name}, {where}") from None
         cause = err.__cause__ or err.__context__ or err
@@ -241,8 +83,8 @@ def _load_file(name: str, path: Path) -> Dataset:
     if len(data) == 0:
         raise UserError(f"{name}: the file has no rows")
     # pyarrow drops a lone surrogate from a .json array without a word: the text would silently change
-    if suffix in (".json", ".jsonl") and _has_surrogate_escape(path):
-        if where := _json_problem(path, surrogates_only=True):
+    if suffix in (".json", ".jsonl") and has_surrogate_escape(path):
+        if where := json_problem(path, surrogates_only=True):
             raise UserError(f"{name}, {where}")
     return data
 

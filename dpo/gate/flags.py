@@ -71,9 +71,8 @@ def _parse_error(parser, message: str, argv: list[str], config_path: Path | None
 
 def parse_flags(parser, argv: list[str] | None = None):
     """`parser.parse_args(argv)` (default: sys.argv) with one-line errors; for the `python -m dpo.*` commands."""
-    import sys
-
     import argparse
+    import sys
 
     given = list(sys.argv[1:] if argv is None else argv)
     for action in parser._actions:  # subcommands (python -m dpo.cache remove) report their own errors

@@ -70,7 +70,7 @@ def test_a_read_error_never_shows_pyarrows_0_based_row(tmp_path, capsys, monkeyp
     "in row N" (0-based, counted within a block of the file) and without the reader's logged copy of it."""
     from dpo.data import loading
 
-    monkeypatch.setattr(loading, "_json_problem", lambda path: None)
+    monkeypatch.setattr(loading, "json_problem", lambda path: None)
     lines = [json.dumps({**ROW, "prompt": f"q{i}"}) for i in range(6)]
     lines[4] = lines[4].replace('"q4"', '"q4 \\ud800"')
     path = tmp_path / "surrogate.jsonl"
