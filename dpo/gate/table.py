@@ -91,6 +91,7 @@ TABLE = {
     "num_prompts": at_least(1, "held-out prompts to answer: 0 writes a report of nothing"),
     "max_new_tokens": at_least(1, "an answer of 0 tokens scores the prompt alone"),
     "batch_size": at_least(1, "prompts per generation batch"),
+    "gguf_type": Choice(("f16", "q8_0"), "the GGUF weight types llama.cpp's converter writes and the export checks"),
 }
 
 # Settings whose rules live in another declared table, named here so the enumeration test knows them.
