@@ -175,12 +175,16 @@ def check_gguf(output_dir: Path, gguf: str, gguf_type: str) -> tuple[Path, Path]
     """--gguf's checks before any weights load (dpo/evaluation/gguf.py): the paths, the architecture, the tokenizer."""
     from transformers import AutoConfig
 
-    from dpo.evaluation.gguf import gguf_architecture, gguf_paths
+    from dpo.evaluation.gguf import gguf_architecture, gguf_paths, refuse_remote_code
     from dpo.train.model_checks import load_tokenizer
 
     paths = gguf_paths(gguf)
+    refuse_remote_code(output_dir)
     base = json.loads((output_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    architectures = AutoConfig.from_pretrained(base, trust_remote_code=False).architectures or ["(none)"]
+    config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+    if getattr(config, "auto_map", None):
+        raise UserError(f"--gguf: the base {base} carries remote code (auto_map); this project never runs it")
+    architectures = config.architectures or ["(none)"]
     sentencepiece = (output_dir / "tokenizer.model").is_file()
     gguf_architecture(architectures[0], load_tokenizer(str(output_dir)), sentencepiece)
     return paths

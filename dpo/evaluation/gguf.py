@@ -118,8 +118,17 @@ def gguf_architecture(architecture: str, tokenizer, sentencepiece: bool) -> str:
     return name
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """The converter loads some tokenizers with trust_remote_code=True (conversion/base.py: the qwen, glm,
+    chatglm, hunyuan, ... vocab paths); a folder with code to run (an `auto_map`, a .py file) is refused."""
+    files = [folder / "config.json", folder / "tokenizer_config.json"]
+    if any(folder.glob("*.py")) or any(p.is_file() and '"auto_map"' in p.read_text() for p in files):
+        raise UserError(f"--gguf: {folder} carries remote code (auto_map or .py files); this project never runs it")
+
+
 def convert(merged: Path, out: Path, gguf_type: str) -> None:
     """llama.cpp's converter, called as its own main() calls it, on a safetensors folder."""
+    refuse_remote_code(merged)
     conversion = converter()
     import gguf
 

@@ -197,6 +197,19 @@ def test_gguf_paths_are_new_and_never_overwritten(tmp_path, case):
     assert gguf_paths(str(tmp_path / "new.gguf")) == (tmp_path / "new.gguf", tmp_path / "new.Modelfile")
 
 
+def test_a_folder_with_remote_code_is_refused_before_the_converter_runs(tiny_model_dir, tmp_path):
+    """The converter loads some tokenizers with trust_remote_code=True: a folder with code never reaches it."""
+    import shutil
+
+    from dpo.evaluation.gguf import convert
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (folder / "tokenization_evil.py").write_text("raise SystemExit('ran')\n")
+    with pytest.raises(UserError, match="carries remote code"):
+        convert(folder, tmp_path / "x.gguf", "f16")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_without_the_converter_the_install_line_is_given(monkeypatch):
     import sys
 
