@@ -1,14 +1,22 @@
-"""Ship a run: merge its adapter into a full-precision base, and/or upload it with a model card.
+"""Ship a run: merge its adapter into a full-precision base, convert it to GGUF, and/or upload it with a model card.
 
     python -m dpo.export outputs/dpo_phi2 --merged outputs/dpo_phi2_merged
     python -m dpo.export outputs/dpo_phi2 --push_to_hub you/phi2-truthy-dpo            # the adapter
     python -m dpo.export outputs/dpo_phi2 --merged outputs/merged --push_to_hub you/phi2-truthy-dpo-merged
+    python -m dpo.export outputs/dpo_smollm2 --gguf smollm2-dpo.gguf                     # llama.cpp, Ollama
+    python -m dpo.export outputs/dpo_smollm2 --gguf smollm2-dpo-q8.gguf --gguf_type q8_0
 
 --merged: the base is loaded in 16/32-bit (`--dtype`, default: the run's dtype), never in the
 4-bit form training used (merging into quantized weights would round the update away), the
 adapter is merged, and the result saved as safetensors that plain AutoModelForCausalLM loads.
 The merged model is then reloaded from disk and its logits compared with base + adapter on the
 run's held-out prompts; the folder appears only if they agree within TOLERANCE.
+
+--gguf: the merged model (--merged DIR, else a float32 merge in a temporary folder) converted by
+llama.cpp's own converter (f16 or q8_0), read back by transformers and checked (weights within the
+format's rounding, logits, tokenizer ids, chat template: dpo/evaluation/gguf.py), then written with an
+Ollama Modelfile beside it (out.Modelfile). The file must be new; an architecture the converter does not
+know, or that transformers cannot read back (phi-2's "phi2"), is refused before anything loads.
 
 --push_to_hub: uploads the merged folder (or the adapter, tokenizer, configs, metrics and
 evaluation) with a generated model card (dpo/evaluation/model_card.py), through huggingface_hub with the
@@ -26,6 +34,7 @@ import torch
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import replace_folder
+from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
 
@@ -50,7 +59,7 @@ ADAPTER_FILES = (
 COMMAND = "python -m dpo.export"
 
 
-def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None) -> dict:
+def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, gguf: str | None = None) -> dict:
     """Everything checkable before weights load; returns the resolved config."""
     from dpo.evaluation.evaluate import DAMAGED, check_run_files
     from dpo.files import read_json_object, read_yaml_mapping
@@ -62,8 +71,8 @@ def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None) 
     for name in ("adapter_config.json", "adapter_model.safetensors", "resolved_config.yaml"):
         if not (output_dir / name).is_file():
             raise UserError(f"{output_dir} has no {name}: not a finished run folder of these recipes")
-    if not merged and not push_to_hub:
-        raise UserError("nothing to do: pass --merged DIR and/or --push_to_hub REPO")
+    if not merged and not push_to_hub and not gguf:
+        raise UserError("nothing to do: pass --merged DIR, --gguf FILE.gguf and/or --push_to_hub REPO")
     if merged and Path(merged).exists() and not Path(merged).is_dir():
         raise UserError(f"--merged {merged} is a file, not a folder; pick a new folder (nothing is overwritten)")
     if merged and Path(merged).exists() and any(Path(merged).iterdir()):
@@ -78,8 +87,8 @@ def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None) 
     return resolved
 
 
-def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
-    """A small batch of held-out prompts (or a fixed text) for the logits comparison."""
+def sample_texts(output_dir: Path, tokenizer, n: int = 4) -> list[str]:
+    """A few held-out prompts with their chosen answers (or a fixed text) for the logits comparisons."""
     pairs_file = output_dir / "heldout_pairs.jsonl"
     texts = ["Instruct: What is the capital of France?\nOutput: The capital of France is Paris."]
     if pairs_file.is_file():
@@ -90,6 +99,12 @@ def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
         texts = [
             prompt_text(tokenizer, r["prompt"]) + (r["chosen"] if isinstance(r["chosen"], str) else "") for r in rows
         ]
+    return texts
+
+
+def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
+    """A small batch of held-out prompts (or a fixed text) for the logits comparison."""
+    texts = sample_texts(output_dir, tokenizer, n)
     tokenizer.padding_side = "right"
     return tokenizer(texts, return_tensors="pt", padding=True)
 
@@ -157,15 +172,53 @@ def push(folder: Path, repo: str, adapter: bool) -> str:
     return str(getattr(info, "commit_url", repo))
 
 
-def export(output_dir, merged=None, push_to_hub=None, dtype=None) -> dict:
+def check_gguf(output_dir: Path, gguf: str, gguf_type: str) -> tuple[Path, Path]:
+    """--gguf's checks before any weights load (dpo/evaluation/gguf.py): the paths, the architecture, the tokenizer."""
+    from transformers import AutoConfig
+
+    from dpo.evaluation.gguf import gguf_architecture, gguf_paths, refuse_remote_code
+    from dpo.train.model_checks import load_tokenizer
+
+    paths = gguf_paths(gguf)
+    refuse_remote_code(output_dir)
+    base = json.loads((output_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+    if getattr(config, "auto_map", None):
+        raise UserError(f"--gguf: the base {base} carries remote code (auto_map); this project never runs it")
+    architectures = config.architectures or ["(none)"]
+    sentencepiece = (output_dir / "tokenizer.model").is_file()
+    gguf_architecture(architectures[0], load_tokenizer(str(output_dir)), sentencepiece)
+    return paths
+
+
+def to_gguf(output_dir: Path, merged: Path, paths: tuple[Path, Path], gguf_type: str) -> dict:
+    from dpo.evaluation.gguf import describe, write_gguf
+    from dpo.train.model_checks import load_tokenizer
+
+    texts = sample_texts(output_dir, load_tokenizer(str(output_dir)))
+    check = write_gguf(merged, *paths, gguf_type, texts)
+    log(f"GGUF ({gguf_type}) written to {paths[0]}, read back and checked: {describe(check)}")
+    log(f"Ollama: ollama create my-model -f {paths[1]}")
+    return check
+
+
+def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, gguf_type="f16") -> dict:
     from dpo.evaluation.model_card import model_card
 
     output_dir = Path(output_dir)
-    resolved = check_inputs(output_dir, merged, push_to_hub)
-    dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" else "float32")
+    resolved = check_inputs(output_dir, merged, push_to_hub, gguf)
+    gguf_paths = check_gguf(output_dir, gguf, gguf_type) if gguf else None
+    # a merge made only for the converter is float32: the converter then rounds once, to the GGUF type
+    dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" and merged else "float32")
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype {dtype}: one of {sorted(TOLERANCE)} (a 4-bit base cannot take a merge)")
     result = {}
+    if gguf and not merged:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="dpo-export-") as tmp:
+            merge(output_dir, Path(tmp) / "merged", dtype, bool(resolved.get("trust_remote_code", False)))
+            result["gguf_check"] = to_gguf(output_dir, Path(tmp) / "merged", gguf_paths, gguf_type)
     if merged:
         check = merge(output_dir, Path(merged), dtype, bool(resolved.get("trust_remote_code", False)))
         log(
@@ -173,6 +226,8 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None) -> dict:
             f"{check['max_abs_diff']:.2g} (tolerance {check['tolerance']} x {check['scale']:.3g})"
         )
         result["merge_check"] = check
+        if gguf:
+            result["gguf_check"] = to_gguf(output_dir, Path(merged), gguf_paths, gguf_type)
     if not merged:
         (output_dir / "README.md").write_text(model_card(output_dir))  # the adapter's card, uploaded with it
     if push_to_hub:
@@ -194,8 +249,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merged", metavar="DIR", help="write the merged model (safetensors) to this new folder")
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload to this Hub repo (token: HF_TOKEN)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), help="merge precision (default: the run's dtype)")
+    parser.add_argument("--gguf", metavar="FILE.gguf", help="write a GGUF file (llama.cpp, Ollama) and its Modelfile")
+    parser.add_argument("--gguf_type", default="f16", help="the GGUF's weights: f16 (default) or q8_0 (8-bit blocks)")
     args = parse_flags(parser, argv)
-    return export(args.output_dir, args.merged, args.push_to_hub, args.dtype)
+    check_flags(args)  # the settings gate (dpo/gate/): --gguf_type
+    return export(args.output_dir, args.merged, args.push_to_hub, args.dtype, args.gguf, args.gguf_type)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ TABLE = {
     "max_new_tokens": at_least(1, "an answer of 0 tokens scores the prompt alone"),
     "batch_size": at_least(1, "prompts per generation batch"),
     "unused_days": non_negative("python -m dpo.cache remove: days since a cache was last used", unset=UNSET),
+    "gguf_type": Choice(("f16", "q8_0"), "the GGUF weight types llama.cpp's converter writes and the export checks"),
 }
 
 # Settings whose rules live in another declared table, named here so the enumeration test knows them.

@@ -111,6 +111,8 @@ def _flags(name, value) -> list[str]:
 
 def _where(name) -> str:
     """The entry point that takes `name`: the generic DPO recipe, the SFT recipe, or a command."""
+    if name in {a.dest for a in command_parser("dpo.evaluation.export")._actions}:
+        return "export"
     for recipe in ("dpo_any", "sft_phi2", "dpo_sentiment_tiny", "dpo_rounds"):
         r = load_recipe(recipe)
         config = RecipeSFTConfig if recipe == "sft_phi2" else RecipeDPOConfig
@@ -124,9 +126,11 @@ def test_each_bound_is_refused_just_outside_it_before_weights_load(
     name, value, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
 ):
     where = _where(name)
-    if where == "evaluate":
-        from dpo.evaluation.evaluate import main
+    if where in ("evaluate", "export"):
+        from dpo.evaluation.evaluate import main as evaluate
+        from dpo.evaluation.export import main as export
 
+        main = export if where == "export" else evaluate
         argv = [str(tmp_path / "run"), *_flags(name, value)]
     elif where == "cache":
         from dpo.train.speed.refcache_admin import main
