@@ -30,9 +30,10 @@ from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.loop import RoundsContext, run_rounds
-from dpo.rounds.models import load_policy
+from dpo.rounds.models import Handoff, load_policy
 from dpo.rounds.prompts import prompt_sets
 from dpo.rounds.reward import make_reward
+from dpo.rounds.sampling import render_prompt
 from dpo.rounds.settings import SENTIMENT, RoundsArguments, check_rounds_settings, fixed_settings
 from dpo.rounds.summary import read_summary
 from dpo.train.adapters import start_point
@@ -89,19 +90,23 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     if train_prompts and isinstance(train_prompts[0], list):  # chat prompts: the policy's template (or plain)
         ensure_chat_template(tokenizer)
+        example = render_prompt(tokenizer, train_prompts[0])
+        log(f"policy {model_args.model_name_or_path} continues, e.g.: {example!r}")  # once, like the reward model
     log(
         f"rounds: {args.rounds}, K = {args.samples_per_prompt}, reward = {reward.describe()}, pairing {args.pairing}, "
         f"reference {args.reference}; {len(train_prompts)} training prompts, {len(heldout_prompts)} held out"
     )
 
+    start = Handoff()  # the starting model once loaded: round 1 samples with it instead of loading it again
     if existing is not None:
         initial = existing["initial"]
     else:
-        start = load_policy(model_args, training_args, sft_adapter)
+        model = load_policy(model_args, training_args, sft_adapter)
         initial = heldout_metrics(
-            start, tokenizer, heldout_prompts, reward, args.max_new_tokens, seed + 3, sft_adapter
+            model, tokenizer, heldout_prompts, reward, args.max_new_tokens, seed + 3, sft_adapter
         )
-        del start
+        start = Handoff(model)
+        del model  # the handoff holds it alone, so run_rounds can free it before round 1 trains
         log(f"starting model: held-out reward {initial['reward']:+.3f} on {initial['n']} prompts")
     context = RoundsContext(
         args=args,
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_seed=seed + 3,
         summary_header={**header, "initial": initial},
     )
-    records = run_rounds(context)
+    records = run_rounds(context, start)
     log(f"summary: {output_dir / 'rounds.md'} (+ rounds.json, rounds.png)")
     return {**context.summary_header, "rounds": records}
 

@@ -27,7 +27,7 @@ from dpo.errors import UserError
 from dpo.files import read_json_object, read_jsonl_objects
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
-from dpo.rounds.models import describe_reference, load_policy, set_reference
+from dpo.rounds.models import Handoff, describe_reference, load_policy, set_reference
 from dpo.rounds.pairing import make_pairs, training_rows
 from dpo.rounds.prompts import round_prompts
 from dpo.rounds.sampling import Sampling, sample_answers
@@ -129,8 +129,9 @@ def sample_stats(samples: list[dict]) -> dict:
     }
 
 
-def run_round(n: int, ctx, policy):
-    """Round n, resumed where a previous attempt stopped; returns (round.json, the round's policy)."""
+def run_round(n: int, ctx, handoff: Handoff):
+    """Round n, resumed where a previous attempt stopped; samples with the model in `handoff` (the policy
+    round n starts from) when it holds one, else loads it. Returns (round.json, the round's policy)."""
     args, training_args, model_args = ctx.args, ctx.training_args, ctx.model_args
     folder = round_dir(ctx.output_dir, n)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,8 +140,10 @@ def run_round(n: int, ctx, policy):
     samples_file, pairs_file = folder / "samples.jsonl", folder / "pairs.jsonl"
     if samples_file.is_file():
         samples, speed = read_samples(samples_file, prompts), {}
+        handoff.take()  # not needed: drop it
         log(f"round {n}: reusing {samples_file} ({len(samples)} prompts)")
     else:
+        policy = handoff.take()
         if policy is None:  # a resumed run: the policy of round n-1 from its saved adapter (round 1: the start)
             policy = load_policy(model_args, training_args, ctx.adapter_before(n))
         samples, speed = _sample(policy, ctx.tokenizer, prompts, ctx.reward, args, seed, clock)
@@ -246,16 +249,20 @@ def read_round(output_dir: Path, n: int) -> dict | None:
     return record
 
 
-def run_rounds(ctx) -> list[dict]:
-    """Every round up to ctx.args.rounds, the finished ones read back; the summary rewritten after each."""
-    records, policy = [], None
+def run_rounds(ctx, start: Handoff | None = None) -> list[dict]:
+    """Every round up to ctx.args.rounds, the finished ones read back; the summary rewritten after each.
+    `start`: the starting model when the caller has it loaded (round 1 samples with it instead of loading it
+    again; freed once it has)."""
+    records, handoff = [], start or Handoff()
     for n in range(1, ctx.args.rounds + 1):
         record = read_round(ctx.output_dir, n)
         if record is not None:
             log(f"round {n}: done earlier ({round_dir(ctx.output_dir, n) / 'round.json'})")
-            policy = None  # a later round samples from this round's adapter, loaded when needed
+            handoff = Handoff()  # a later round samples from this round's adapter, loaded when needed
         else:
-            record, policy = run_round(n, ctx, policy)
+            record, policy = run_round(n, ctx, handoff)
+            handoff = Handoff(policy)
+            del policy
         records.append(record)
         write_summary(ctx.output_dir, ctx.summary_header, records)
     return records

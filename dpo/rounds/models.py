@@ -37,6 +37,20 @@ def load_policy(model_args, training_args, adapter: str | None):
     return model.eval()
 
 
+class Handoff:
+    """A loaded model passed to the next user without the giver keeping it alive: `take()` returns it once
+    and drops the holder's reference. The sampler's copy of the policy must be freed before the trainer
+    loads its own (two copies of the base in memory otherwise); a caller that held the model in a local
+    variable while the round trains would keep it."""
+
+    def __init__(self, model=None):
+        self._model = model
+
+    def take(self):
+        model, self._model = self._model, None
+        return model
+
+
 def describe_reference(reference: str, round_number: int, sft_adapter: str | None) -> str:
     """Round `round_number`'s reference in words."""
     start = f"base + SFT adapter {sft_adapter}" if sft_adapter else "base, adapters disabled"

@@ -34,7 +34,16 @@ def table_rows(text: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "script", ["bench_allocator.py", "bench_demo.py", "bench_sweep.py", "frontier_sentiment.py", "real_alignment.py"]
+    "script",
+    [
+        "bench_allocator.py",
+        "bench_demo.py",
+        "bench_sweep.py",
+        "frontier_sentiment.py",
+        "real_alignment.py",
+        "rounds_sentiment.py",
+        "rounds_sweep.py",
+    ],
 )
 def test_help_exits_0(script):
     proc = subprocess.run(

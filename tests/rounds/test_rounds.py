@@ -148,8 +148,8 @@ def test_round_2_samples_from_round_1s_adapter(finished, tiny_model_dir):
 
     sampling = Sampling(1.0, 1.0, 8, 16)
 
-    def texts(model):
-        drawn = sample_answers(model, tokenizer, prompts, 4, sampling, seed=0 + 1000 * 2)
+    def texts(model, prompts=prompts, round_number=2):
+        drawn = sample_answers(model, tokenizer, prompts, 4, sampling, seed=0 + 1000 * round_number)
         return [[a["text"] for a in answers] for answers in drawn["answers"]]
 
     policy = load_policy(model_args, Args, str(out / "round-1"))
@@ -157,6 +157,10 @@ def test_round_2_samples_from_round_1s_adapter(finished, tiny_model_dir):
     assert texts(policy) == [[a["text"] for a in s["answers"]] for s in samples]
     start = load_policy(model_args, Args, None)
     assert texts(start) != [[a["text"] for a in s["answers"]] for s in samples]
+    # Round 1 sampled with the starting model the recipe had loaded for its held-out numbers: what a freshly
+    # loaded starting model draws with round 1's seed.
+    first = jsonl(out / "round-1" / "samples.jsonl")
+    assert texts(start, [s["prompt"] for s in first], 1) == [[a["text"] for a in s["answers"]] for s in first]
 
 
 def tiny_args(model_dir, output_dir):
