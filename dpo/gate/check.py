@@ -39,10 +39,16 @@ def _shown(value) -> str:
     return "null" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
+def _whole(rule, value) -> str:
+    """ " and a whole number" where the value was refused for its fraction (seed: 1.5)."""
+    fraction = isinstance(value, float) and value == value and abs(value) != float("inf") and not value.is_integer()
+    return " and a whole number" if getattr(rule, "whole", False) and fraction else ""
+
+
 def table_problems(values: dict) -> list[str]:
     """A line per tabled setting outside its bound, then per relation that fails."""
     problems = [
-        f"{name} {rule.describe()}; got {_shown(values[name])} ({rule.why})"
+        f"{name} {rule.describe()}{_whole(rule, values[name])}; got {_shown(values[name])} ({rule.why})"
         for name, rule in TABLE.items()
         if name in values and not rule.ok(values[name])
     ]

@@ -80,3 +80,27 @@ def parse_flags(parser, argv: list[str] | None = None):
             for sub in action.choices.values():
                 one_line_parse_errors(sub, given)
     return one_line_parse_errors(parser, given).parse_args(given)
+
+
+def _plain(value):
+    return getattr(value, "value", value)  # an enum (SchedulerType, IntervalStrategy) as its text
+
+
+def choice_problems(parser, *arg_objects) -> list[str]:
+    """Every parsed value outside its flag's `choices`. argparse checks choices on the command line only: a value
+    from the YAML (TrlParser's set_defaults) reaches the dataclasses unchecked (truncation_mode: keep_middle,
+    bnb_4bit_quant_type: nf5, dtype: float8 were tracebacks after the weights loaded)."""
+    values = {}
+    for obj in arg_objects:
+        for name, value in vars(obj).items():
+            values.setdefault(name, value)
+    problems = []
+    for action in parser._actions:
+        if not action.choices or action.dest not in values:
+            continue
+        allowed = [str(_plain(c)) for c in action.choices]
+        given = values[action.dest]
+        for item in given if isinstance(given, (list, tuple)) else [given]:
+            if item is not None and str(_plain(item)) not in allowed:
+                problems.append(f"{action.dest} must be one of {', '.join(allowed)}; got {_plain(item)!r}")
+    return problems

@@ -2,8 +2,9 @@
 
     report_to           each backend must be installed (else transformers raises after the model loaded)
     push_to_hub         needs a token (HF_TOKEN or `hf auth login`) and a hub that is not switched off
-    pad_token           must be a token of the tokenizer's vocabulary (else TRL fails when it pads)
-    max_length          above the model's position limit, the positions past it index out of range
+    pad_token, eos_token  must be tokens of the tokenizer's vocabulary (else TRL fails when it pads or ends)
+    max_length          above the model's position limit (or null, no limit, where the model has one), the
+                        positions past it index out of range
     assistant_only_loss needs a chat template that marks the assistant's turns ({% generation %})
 
 check_integrations(training_args) runs with the other settings (no model needed);
@@ -80,11 +81,18 @@ def position_limit(config) -> int | None:
 
 def model_integration_problems(training_args, config, tokenizer) -> list[str]:
     problems = []
-    pad = getattr(training_args, "pad_token", None)
-    if pad is not None and pad not in tokenizer.get_vocab():
-        problems.append(f"pad_token {pad!r} is not a token of the tokenizer's vocabulary; unset it to pad with EOS")
-    limit, max_length = position_limit(config), getattr(training_args, "max_length", None)
-    if limit is not None and max_length is not None and max_length > limit:
+    vocabulary = tokenizer.get_vocab()
+    for name, fallback in (("pad_token", "pad with EOS"), ("eos_token", "keep the tokenizer's own")):
+        token = getattr(training_args, name, None)
+        if token is not None and token not in vocabulary:
+            problems.append(f"{name} {token!r} is not a token of the tokenizer's vocabulary; unset it to {fallback}")
+    limit, max_length = position_limit(config), getattr(training_args, "max_length", "unset")
+    if limit is not None and max_length is None:
+        problems.append(
+            f"max_length is null (no limit), and the model has {limit} positions (config.json): a longer row would "
+            f"run past them; set max_length {limit} or less"
+        )
+    elif limit is not None and isinstance(max_length, int) and max_length > limit:
         problems.append(
             f"max_length {max_length} is above the model's {limit} positions (config.json): set max_length {limit} or less"
         )

@@ -55,9 +55,18 @@ def check_plan(rows: int, training_args, world_size: int = 1) -> tuple[Plan, str
         )
     batch, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
     fits = max(1, rows // max(1, batch * world_size))  # micro-batches the rows fill per epoch and process
+    fixes = ["add pairs or epochs", "lower warmup_steps"]
+    if accumulation > 1:
+        fixes.insert(
+            0, f"lower gradient_accumulation_steps (at most {max(1, fits // 2)} gives 2 or more steps per epoch)"
+        )
+    effect = (
+        "so the adapter would not move"
+        if plan.steps <= 1
+        else f"so the learning rate would never reach {training_args.learning_rate:g}"
+    )
     raise UserError(
-        f"this run would not train: {rows} training pairs at {plan.pairs_per_step} pairs per optimizer step "
+        f"this run would not train as set: {rows} training pairs at {plan.pairs_per_step} pairs per optimizer step "
         f"({batch} per device x {accumulation} accumulation x {world_size} process(es)) give {plan.describe()}, "
-        "and warm-up starts at learning rate 0, so the adapter would not move. Lower gradient_accumulation_steps "
-        f"(at most {max(1, fits // 2)} gives 2 or more steps per epoch), add pairs or epochs, or lower warmup_steps"
+        f"and warm-up starts at learning rate 0, {effect}. Fix: {', or '.join(fixes)}"
     )

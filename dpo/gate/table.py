@@ -122,15 +122,40 @@ UNCHECKED = {
 
 
 # ── relations between settings: (the settings involved, a check returning a problem or None) ───
-def _min_lr(get):
-    if str(get("lr_scheduler_type")) in ("cosine_with_min_lr", "SchedulerType.COSINE_WITH_MIN_LR"):
-        kwargs = get("lr_scheduler_kwargs") or {}
-        if not ({"min_lr", "min_lr_rate"} & set(kwargs)):
-            return (
-                "lr_scheduler_type cosine_with_min_lr needs a floor: set lr_scheduler_kwargs "
-                "{min_lr: 1.0e-6} or {min_lr_rate: 0.1}"
-            )
-    return None
+# transformers' schedulers that cannot start without an argument in lr_scheduler_kwargs (one of each tuple)
+SCHEDULER_NEEDS = {
+    "cosine_with_min_lr": ("min_lr", "min_lr_rate"),
+    "cosine_warmup_with_min_lr": ("min_lr", "min_lr_rate"),
+    "warmup_stable_decay": ("num_decay_steps",),
+}
+# bounds of the numeric lr_scheduler_kwargs transformers' schedulers take; any other number must be finite
+SCHEDULER_KWARGS = {
+    "min_lr": non_negative("the learning rate's floor: NaN becomes 0 (every step at lr 0), < 0 climbs the loss"),
+    "min_lr_rate": fraction("the floor as a share of learning_rate", high_open=False),
+    "min_lr_ratio": fraction("the floor as a share of learning_rate", high_open=False),
+    "num_decay_steps": at_least(1, "steps of the final decay"),
+    "num_stable_steps": non_negative("steps at the full learning rate", whole=True),
+    "num_cycles": positive("cosine cycles over the run"),
+    "power": positive("the polynomial decay's exponent"),
+    "lr_end": non_negative("the polynomial decay's final learning rate"),
+}
+FINITE = Bound(why="a scheduler argument: NaN or inf poisons the learning rate")
+
+
+def _scheduler(get):
+    kind = str(getattr(get("lr_scheduler_type"), "value", get("lr_scheduler_type")))
+    kwargs = get("lr_scheduler_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return None  # transformers refuses a non-mapping while parsing
+    problems = []
+    if kind in SCHEDULER_NEEDS and not set(SCHEDULER_NEEDS[kind]) & set(kwargs):
+        options = " or ".join(f"{{{name}: ...}}" for name in SCHEDULER_NEEDS[kind])
+        problems.append(f"lr_scheduler_type {kind} needs lr_scheduler_kwargs {options} (transformers cannot build it)")
+    for name, value in kwargs.items():
+        rule = SCHEDULER_KWARGS.get(name, FINITE if isinstance(value, (int, float)) else None)
+        if rule is not None and not rule.ok(value):
+            problems.append(f"lr_scheduler_kwargs.{name} {rule.describe()}; got {value} ({rule.why})")
+    return "; ".join(problems) or None
 
 
 def _splits(get):
@@ -157,7 +182,7 @@ def _prefetch(get):
 
 
 RELATIONS = [
-    (("lr_scheduler_type", "lr_scheduler_kwargs"), _min_lr),
+    (("lr_scheduler_type", "lr_scheduler_kwargs"), _scheduler),
     (("dataset_test_split", "dataset_train_split"), _splits),
     (("loss_weights",), _weights_total),
     (("dataloader_prefetch_factor", "dataloader_num_workers"), _prefetch),

@@ -18,7 +18,7 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
-from dpo.gate.flags import one_line_parse_errors  # noqa: F401  (recipes' and the doctor's parsers)
+from dpo.gate.flags import choice_problems, one_line_parse_errors  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
 from dpo.helptext import describe_recipe
 from dpo.log import log
@@ -173,6 +173,8 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
             keys = [k.lstrip("-").split("=", 1)[0] for k in re.findall(r"'(--[^']+)'", msg)]
             raise UserError(_unknown_key_message(keys, "command-line", _fields(dataclass_types))) from None
         raise UserError(f"invalid configuration ({config_path} + command line): {msg}") from None
+    if found := choice_problems(parser, *parsed):  # the YAML's values skip argparse's choices
+        raise UserError(f"invalid setting(s) ({config_path} + command line): " + "; ".join(found))
     return (*parsed, precision)
 
 

@@ -154,7 +154,11 @@ def test_a_non_finite_weight_after_a_step_is_not_reported_as_caught_before_it():
 
 # ── relations between settings (dpo/gate/table.py RELATIONS): each has a case here ──────────────
 RELATION_CASES = {
-    "_min_lr": ("dpo_phi2", ["--lr_scheduler_type", "cosine_with_min_lr"], "cosine_with_min_lr needs a floor"),
+    "_scheduler": (
+        "dpo_phi2",
+        ["--lr_scheduler_type", "cosine_with_min_lr"],
+        "lr_scheduler_type cosine_with_min_lr needs lr_scheduler_kwargs {min_lr: ...} or {min_lr_rate: ...}",
+    ),
     "_splits": ("dpo_any", ["--dataset_test_split", "train"], "dataset_test_split is the training split ('train')"),
     "_weights_total": (
         "dpo_phi2",
@@ -168,6 +172,75 @@ def test_every_relation_has_a_case():
     from dpo.gate.table import RELATIONS
 
     assert {check.__name__ for _, check in RELATIONS} == {*RELATION_CASES, "_prefetch"}
+
+
+YAML_CASES = {  # a recipe YAML's lines replaced or added; what the one error line must say
+    "min_lr_nan": (
+        {
+            "lr_scheduler_type: constant_with_warmup": "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: .nan}"
+        },
+        "lr_scheduler_kwargs.min_lr must be >= 0; got nan",
+    ),
+    "min_lr_rate_negative": (
+        {
+            "lr_scheduler_type: constant_with_warmup": "lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr_rate: -1}"
+        },
+        "lr_scheduler_kwargs.min_lr_rate must lie in [0, 1]; got -1",
+    ),
+    "wsd_without_decay_steps": (
+        {"lr_scheduler_type: constant_with_warmup": "lr_scheduler_type: warmup_stable_decay"},
+        "lr_scheduler_type warmup_stable_decay needs lr_scheduler_kwargs {num_decay_steps: ...}",
+    ),
+    "choices_from_the_yaml": (
+        {
+            "bnb_4bit_quant_type: nf4": "bnb_4bit_quant_type: nf5",
+            "max_length: 1024": "max_length: 1024\ntruncation_mode: keep_middle",
+        },
+        "truncation_mode must be one of keep_end, keep_start; got 'keep_middle'; bnb_4bit_quant_type must be one of fp4, nf4; got 'nf5'",
+    ),
+    "max_length_null_on_a_model_with_positions": (
+        {"max_length: 1024": "max_length: null"},
+        "max_length is null (no limit), and the model has 2048 positions",
+    ),
+    "seed_not_whole": ({"seed: 42": "seed: 1.5"}, "seed must lie in [0, 4294967295] and a whole number; got 1.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_a_yaml_setting_outside_its_rule_is_refused_as_on_the_command_line(
+    case, recipe, local, tmp_path, capsys, no_weights_load
+):
+    """A YAML value skips argparse (its choices, its types): the gate sees it all the same."""
+    from helpers import ROOT
+
+    replace, expected = YAML_CASES[case]
+    text = (ROOT / "recipes" / "dpo_phi2.yaml").read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    config = tmp_path / "settings.yaml"
+    config.write_text(text)
+    line = one_line_error(recipe.main, [*local, "--config", config], capsys)
+    assert expected in line, line
+
+
+def test_an_eos_token_not_in_the_vocabulary_is_refused(local, capsys, no_weights_load):
+    line = one_line_error(load_recipe("sft_phi2").main, [*local, "--eos_token", "<nope>"], capsys)
+    assert "eos_token '<nope>' is not a token of the tokenizer's vocabulary" in line, line
+
+
+def test_the_plan_names_only_fixes_that_apply():
+    from dpo.errors import UserError
+
+    with pytest.raises(UserError) as refused:  # accumulation already 1: half an epoch inside a 20-step warm-up
+        check_plan(
+            43,
+            args(per_device_train_batch_size=2, gradient_accumulation_steps=1, num_train_epochs=0.5, warmup_steps=20),
+        )
+    message = str(refused.value)
+    assert (
+        "never reach" in message and "would not move" not in message and "lower gradient_accumulation" not in message
+    )
 
 
 @pytest.mark.parametrize("case", sorted(RELATION_CASES))
