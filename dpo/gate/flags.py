@@ -12,6 +12,19 @@ from pathlib import Path
 from dpo.errors import UserError
 
 
+def check_repeated_flags(argv: list[str]) -> None:
+    """A flag given twice: argparse keeps the last without a word (the command-line twin of a YAML key given twice)."""
+    seen: set[str] = set()
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2:
+            if name in seen:
+                raise UserError(
+                    f"{name} is given twice on the command line (the later value would silently win): keep one"
+                )
+            seen.add(name)
+
+
 def near_names(unknown: list[str], known: list[str]) -> list[str]:
     """'x: did you mean y?' for each unknown name with a close known one."""
     out = []
@@ -75,6 +88,7 @@ def parse_flags(parser, argv: list[str] | None = None):
     import sys
 
     given = list(sys.argv[1:] if argv is None else argv)
+    check_repeated_flags(given)
     for action in parser._actions:  # subcommands (python -m dpo.cache remove) report their own errors
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

@@ -18,7 +18,7 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
-from dpo.gate.flags import choice_problems, one_line_parse_errors  # noqa: F401  (one_line_parse_errors: the doctor's)
+from dpo.gate.flags import check_repeated_flags, choice_problems, one_line_parse_errors  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
 from dpo.helptext import describe_recipe
 from dpo.log import log
@@ -140,6 +140,7 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
+    check_repeated_flags(argv)
     if "--config" not in argv:
         argv = ["--config", str(default_config), *argv]
     at = argv.index("--config")

@@ -258,3 +258,9 @@ def test_prefetch_without_workers_is_refused_by_the_table_too():
     assert found == [
         "dataloader_prefetch_factor needs dataloader_num_workers >= 1 (prefetching is done by the workers)"
     ]
+
+
+@pytest.mark.parametrize("flags", [["--beta", "0.1", "--beta", "0.5"], ["--beta=0.1", "--beta", "0.5"]])
+def test_a_flag_given_twice_is_refused(flags, recipe, local, capsys, no_weights_load):
+    line = one_line_error(recipe.main, [*local, *flags], capsys)
+    assert "--beta is given twice on the command line" in line, line
