@@ -503,3 +503,28 @@ ENTRY_MODULES = {
     "models": "dpo.offline.pip_models",
     "cache": "dpo.train.speed.refcache_admin",
 }
+
+
+def with_overrides(base: list, *extra) -> list[str]:
+    """`base` flags with `extra` flags replacing the ones of the same name: the recipes refuse a flag given
+    twice (dpo/gate/flags.py), so a test that changes one setting of a shared list replaces it."""
+
+    def groups(argv):
+        out, current = [], None
+        for arg in map(str, argv):
+            if arg.startswith("--"):
+                current = [arg]
+                out.append(current)
+            elif current is None:
+                out.append([arg])  # a positional argument
+            else:
+                current.append(arg)
+        return out
+
+    def name(group):
+        return group[0].split("=", 1)[0] if group[0].startswith("--") else None
+
+    new = groups(extra)
+    replaced = {name(g) for g in new if name(g)}
+    kept = [g for g in groups(base) if name(g) not in replaced]
+    return [arg for group in kept + new for arg in group]

@@ -28,7 +28,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, load_recipe
+from helpers import ROOT, load_recipe, with_overrides
 from safetensors.torch import load_file
 
 from dpo.compat import REWARD_METRICS, DataCollatorForPreference
@@ -162,7 +162,9 @@ def runs(tiny_model_dir, truthy_file, tmp_path_factory):
         )
         load_recipe("dpo_phi2").main([*one, "--output_dir", str(base / "one_reversed")])
     # a real difference of the smallest kind: one step fewer
-    load_recipe("dpo_phi2").main([*one, "--max_steps", str(STEPS - 1), "--output_dir", str(base / "one_step_less")])
+    load_recipe("dpo_phi2").main(
+        with_overrides(one, "--max_steps", str(STEPS - 1), "--output_dir", str(base / "one_step_less"))
+    )
     logs = {name: "".join(finish(p) for p in procs) for name, procs in started.items()}
     logs["fsdp"] = finish(fsdp, ok=False)
     return {"base": base, "logs": logs}

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, cli, load_recipe, one_line_error
+from helpers import ROOT, cli, load_recipe, one_line_error, with_overrides
 from safetensors.torch import load_file
 
 from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
@@ -26,13 +26,13 @@ from dpo.train.safety.runs import RUN_MARKER
 
 
 def flags(tiny_model_dir, truthy_file, output_dir, *extra):
-    return [
+    base = [
         *cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=output_dir, max_steps=6),
         *cli(save_steps=2, save_total_limit=1),  # the harshest rotation: only one checkpoint is ever kept
         *cli(gradient_accumulation_steps=1, per_device_train_batch_size=4, logging_steps=1, test_size=0),
         *cli(learning_rate=1e-2),  # large: every step changes the adapter visibly
-        *extra,
     ]
+    return with_overrides(base, *extra)
 
 
 def run_recipe(argv, signal_at="", cwd=None):
