@@ -528,3 +528,24 @@ def with_overrides(base: list, *extra) -> list[str]:
     replaced = {name(g) for g in new if name(g)}
     kept = [g for g in groups(base) if name(g) not in replaced]
     return [arg for group in kept + new for arg in group]
+
+
+# ── reward models (tests/evaluation/test_judge.py, tests/recipes/test_sft_dpo_pipeline.py) ──────────────
+def reward_model(folder, num_labels: int, config_labels: int | None = None):
+    """A tiny PhiForSequenceClassification with `num_labels` scores, saved as safetensors with its tokenizer;
+    `config_labels`: its config.json then edited to claim that many labels (the weights unchanged)."""
+    from transformers import PhiForSequenceClassification
+
+    from dpo.offline.tiny import build_tokenizer, tiny_phi_config
+
+    tokenizer = build_tokenizer()
+    config = tiny_phi_config(len(tokenizer), num_labels=num_labels, pad_token_id=tokenizer.eos_token_id)
+    config.architectures = ["PhiForSequenceClassification"]
+    PhiForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if config_labels is not None:
+        saved = json.loads((folder / "config.json").read_text())
+        labels = {str(i): f"LABEL_{i}" for i in range(config_labels)}
+        saved.update(id2label=labels, label2id={v: int(k) for k, v in labels.items()})
+        (folder / "config.json").write_text(json.dumps(saved))
+    return folder

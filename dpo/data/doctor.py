@@ -38,7 +38,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from dpo.compat import TRL_DEFAULT_MAX_LENGTH, TRL_DEFAULT_TRUNCATION_MODE
-from dpo.data.doctor_report import DoctorReport, examine
+from dpo.data.doctor_report import IN_TRAINING, IN_TRAINING_SWAPPED, DoctorReport, examine, pair_keys
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE, chat_template_for, is_chat, phi2_qa_format
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
@@ -68,9 +68,12 @@ def check_data(
     truncation_mode: str = TRL_DEFAULT_TRUNCATION_MODE,
     degenerate_rows: str = "drop",
     sft: bool = False,
+    training_keys: set[bytes] | None = None,
 ) -> DoctorReport:
     """to_pairs + examine: convert the raw rows and check every one. What recipes call. `sft=True`
     for SFT, which never reads rejected (examine keeps rows whose rejected is empty or = chosen).
+    `training_keys` (doctor_report.pair_keys of the training pairs): `data` is a held-out split, whose rows
+    that are training pairs (as they are or swapped) are dropped; when that leaves none, one line says so.
     Changes nothing it is given: for chat rows the template it rendered them with (the tokenizer's
     own, or the plain one when it has none) is `report.chat_template`, for the caller to train with."""
     if degenerate_rows not in ("drop", "fail"):
@@ -101,7 +104,17 @@ def check_data(
         f"{layout.describe()}; {fmt}",
         fail=degenerate_rows == "fail",
         sft=sft,
+        training_keys=training_keys,
     )
+    copies, swapped = report.dropped[IN_TRAINING], report.dropped[IN_TRAINING_SWAPPED]
+    if report.rows_kept == 0 and copies + swapped:
+        rest = ", the others unusable" if copies + swapped < report.rows_in else ""
+        raise UserError(
+            f"{source}: no held-out pair left: {copies + swapped} of its {report.rows_in} rows are training pairs "
+            f"({copies} the same, {swapped} with chosen and rejected swapped){rest}, so the evaluation would score "
+            "pairs the model trained on; give a test split of other pairs, or leave dataset_test_split "
+            "unset to hold out test_size of the training rows"
+        )
     if report.rows_kept == 0:
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
     report.chat_template = chat_template
@@ -154,13 +167,17 @@ def check_training_split(
 def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[DoctorReport, DoctorReport | None]:
     """The doctor on the train split and, if `script_args.dataset_test_split` names one that exists, the test
     split: (train report, test report or None), each table printed; the train split's token lengths drawn
-    to output_dir/data_lengths.png. What recipes/dpo_any.py runs, once, on the main process."""
+    to output_dir/data_lengths.png. Test rows that are training pairs (the same split under another name, a
+    copy, or training pairs with chosen and rejected swapped) are dropped from the test report and counted in its
+    table and warning line. What recipes/dpo_any.py runs, once, on the main process."""
     report = check_training_split(script_args, training_args, tokenizer, **formatting)
     log(report.summary())
     plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")
     test_split = getattr(script_args, "dataset_test_split", None)
     test = (
-        check_training_split(script_args, training_args, tokenizer, test_split, True, **formatting)
+        check_training_split(
+            script_args, training_args, tokenizer, test_split, True, training_keys=pair_keys(report.kept), **formatting
+        )
         if test_split
         else None
     )

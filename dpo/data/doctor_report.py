@@ -30,6 +30,10 @@ from dpo.errors import UserError
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
 EMPTY = "empty chosen or rejected"
 IDENTICAL = "chosen identical to rejected"
+# A held-out row that is also a training pair (examine's `training_keys`): the evaluation would score pairs the
+# model trained on, or the training preference reversed
+IN_TRAINING = "also a training pair"
+IN_TRAINING_SWAPPED = "a training pair with chosen and rejected swapped"
 # The same prompt with the answers the other way round in another row: each row cancels the other's preference
 SWAPPED = "contradicted by another row (same prompt, chosen and rejected swapped)"
 DUPLICATE = "duplicate of an earlier row"
@@ -45,6 +49,8 @@ REASONS = (
     EMPTY_PROMPT,
     EMPTY,
     IDENTICAL,
+    IN_TRAINING,
+    IN_TRAINING_SWAPPED,
     SWAPPED,
     DUPLICATE,
     PROMPT_TOO_LONG,
@@ -168,6 +174,16 @@ def _key(prompt, chosen, rejected) -> bytes:
     ).digest()
 
 
+def pair_keys(pairs: Dataset) -> set[bytes]:
+    """The key of every pair of `pairs` (prompt, chosen, rejected) as _same compares them: what examine's
+    `training_keys` takes, to drop held-out rows that are training pairs."""
+    columns = pairs[:]
+    return {
+        _key(_stripped(p), _stripped(c), _stripped(r))
+        for p, c, r in zip(columns["prompt"], columns["chosen"], columns["rejected"])
+    }
+
+
 def examine(
     pairs: Dataset,
     tokenizer=None,
@@ -178,6 +194,7 @@ def examine(
     fail: bool = False,
     progress: bool | None = None,
     sft: bool = False,
+    training_keys: set[bytes] | None = None,
 ) -> DoctorReport:
     """Check every row of `pairs` (from dpo.data.pairs.to_pairs); return the report with the kept pairs.
 
@@ -187,7 +204,9 @@ def examine(
     a prompt that alone fills max_length, which TRL would otherwise drop silently. `fail=True`
     raises UserError instead of dropping. `sft=True`: the pairs feed SFT, which trains on prompt +
     chosen only, so an empty rejected or one equal to chosen drops nothing (`report.sft_only` lists
-    those rows) and max_length truncation counts the chosen answer alone.
+    those rows) and max_length truncation counts the chosen answer alone. `training_keys` (pair_keys of the
+    training pairs) marks `pairs` as held out: a row that is a training pair, as it is or with chosen and
+    rejected swapped, is dropped (a held-out split that is a copy of the training split scores training pairs).
     """
     from tqdm.auto import tqdm
 
@@ -227,8 +246,13 @@ def examine(
     candidates: list[int] = []
     seen: set[bytes] = set()
     sft_only: set[int] = set()
+    training_keys = training_keys or set()
     for i in passed:
-        if keys[i] in swapped:
+        if keys[i] in training_keys:
+            drop(IN_TRAINING, row_numbers[i])
+        elif _key(_stripped(prompts[i]), _stripped(rejecteds[i]), _stripped(chosens[i])) in training_keys:
+            drop(IN_TRAINING_SWAPPED, row_numbers[i])
+        elif keys[i] in swapped:
             drop(SWAPPED, row_numbers[i])
         elif (key := _key(prompts[i], chosens[i], rejecteds[i])) in seen:
             drop(DUPLICATE, row_numbers[i])

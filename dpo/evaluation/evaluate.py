@@ -50,6 +50,7 @@ def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list
     if not out.is_dir():
         raise UserError(f"run folder not found: {out}")
     require_finished_run(out, command)
+    refuse_full_fine_tune(out, command)
     for name in ("adapter_config.json", "resolved_config.yaml"):
         if not (out / name).is_file():
             raise UserError(f"{out} has no {name}: not a finished run folder of these recipes")
@@ -65,6 +66,22 @@ def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list
     if not pairs:
         raise UserError(f"{pairs_file} is empty")
     return resolved, pairs
+
+
+def refuse_full_fine_tune(out: Path, command: str) -> None:
+    """A finished full fine-tune (use_peft false: the folder holds the whole model, no adapter) is named as one,
+    with where its model and held-out metrics are; evaluate and export work on an adapter and its base."""
+    from dpo.files import read_yaml_mapping
+
+    if (out / "adapter_config.json").is_file() or not (out / "resolved_config.yaml").is_file():
+        return
+    if read_yaml_mapping(out / "resolved_config.yaml", DAMAGED).get("use_peft") is False:
+        raise UserError(
+            f"{out} is a full fine-tune (use_peft false): it holds the whole trained model and no adapter, and "
+            f"{command} works on an adapter and the base it was trained from. The folder itself is the model "
+            f"(AutoModelForCausalLM.from_pretrained('{out}')); its held-out metrics (eval_rewards/accuracies, "
+            "margins) are in final_metrics.json"
+        )
 
 
 def check_run_files(output_dir: Path, base: str, source: str, command: str = COMMAND):

@@ -61,13 +61,14 @@ COMMAND = "python -m dpo.export"
 
 def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, gguf: str | None = None) -> dict:
     """Everything checkable before weights load; returns the resolved config."""
-    from dpo.evaluation.evaluate import DAMAGED, check_run_files
+    from dpo.evaluation.evaluate import DAMAGED, check_run_files, refuse_full_fine_tune
     from dpo.files import read_json_object, read_yaml_mapping
     from dpo.train.safety.runs import require_finished_run
 
     if not output_dir.is_dir():
         raise UserError(f"run folder not found: {output_dir}")
     require_finished_run(output_dir, COMMAND)
+    refuse_full_fine_tune(output_dir, COMMAND)
     for name in ("adapter_config.json", "adapter_model.safetensors", "resolved_config.yaml"):
         if not (output_dir / name).is_file():
             raise UserError(f"{output_dir} has no {name}: not a finished run folder of these recipes")

@@ -10,7 +10,9 @@ writing longer answers has a high win rate and a length-controlled one near 0.5.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -83,44 +85,114 @@ def win_rates(policy_scores, reference_scores, policy_lengths, reference_lengths
     }
 
 
-def check_reward_model(name: str) -> None:
+def check_reward_model(name: str, setting: str = "--reward_model") -> None:
     """Before any weights load: `name` must be a sequence-classification model with one score per text
-    (its config's architectures and num_labels), in safetensors. A causal LM given instead would load
-    with a freshly initialised random `score` head and its "win rates" would be noise."""
+    (its config's architectures and num_labels), in safetensors, whose weights' shapes (read from the
+    safetensors headers of a local folder) are the ones its config builds. A causal LM given instead would load
+    with a freshly initialised random `score` head and its "win rates" would be noise. `setting`: the name the
+    user gave it under (evaluate's --reward_model, the rounds recipe's reward), for the messages."""
     from dpo.train.model_checks import check_safetensors, load_model_config
 
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"{setting} {name} is a file, not a model folder: pass a sequence-classification reward model's folder "
+            "(config.json, tokenizer files, model.safetensors) or its hub id"
+        )
     config = load_model_config(name)
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise UserError(
-            f"--reward_model {name} is not a reward model: its config names {architectures or 'no architecture'}, "
+            f"{setting} {name} is not a reward model: its config names {architectures or 'no architecture'}, "
             "not a *ForSequenceClassification one, so it has no trained score head (transformers would add a random "
             "one). Pass a sequence-classification reward model"
         )
     if config.num_labels != 1:
         raise UserError(
-            f"--reward_model {name} gives {config.num_labels} scores per text (num_labels {config.num_labels}); "
+            f"{setting} {name} gives {config.num_labels} scores per text (num_labels {config.num_labels}); "
             "a reward model gives one"
         )
-    check_safetensors(name, flag="--reward_model", auto_class="AutoModelForSequenceClassification")
+    check_safetensors(name, flag=setting, auto_class="AutoModelForSequenceClassification")
+    if path.is_dir():
+        check_weight_shapes(path, config, setting)
 
 
-def load_reward_model(name: str, device):
+def saved_shapes(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """Tensor name -> (file, shape) of a model folder's safetensors weights (model.safetensors, or the shards its
+    index names), from the headers alone: no tensor is read. check_safetensors has checked the files first."""
+    from safetensors import safe_open
+
+    from dpo.files import confined
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    shapes = {}
+    for file in files:
+        with safe_open(confined(folder, file, index), framework="pt") as weights:
+            for key in weights.keys():
+                shapes[key] = (file, list(weights.get_slice(key).get_shape()))
+    return shapes
+
+
+def check_weight_shapes(folder: Path, config, setting: str) -> None:
+    """Every saved tensor the config's model also has must have the shape the config gives it (a config edited
+    to num_labels 1 over a two-label head's score.weight [2, H] failed inside from_pretrained, after a table of
+    mismatches). The model is built on the meta device: names and shapes, no memory."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        with torch.device("meta"):
+            expected = AutoModelForSequenceClassification.from_config(config).state_dict()
+    except Exception:  # a config transformers cannot build: from_pretrained names the problem
+        return
+    wrong = [
+        (key, file, shape, list(expected[key].shape))
+        for key, (file, shape) in saved_shapes(folder).items()
+        if key in expected and shape != list(expected[key].shape)
+    ]
+    if wrong:
+        key, file, shape, want = wrong[0]
+        more = f" (and {len(wrong) - 1} more tensors)" if len(wrong) > 1 else ""
+        raise UserError(
+            f"{setting} {folder}: {key} is {shape} in {file}, but its config.json (num_labels {config.num_labels}) "
+            f"makes it {want}{more}: the config does not describe these weights (edited, or from another model); "
+            "use the config.json the weights were saved with"
+        )
+
+
+def load_reward_model(name: str, device, setting: str = "--reward_model"):
     """A sequence-classification reward model (hub id or folder; one score per text) and its tokenizer.
-    Checked first (check_reward_model); a head missing from its weights is refused after loading."""
+    Checked first (check_reward_model); a head missing from its weights, or a tensor of another shape than its
+    config gives (a hub model, whose headers are not read before), is refused after loading."""
     from transformers import AutoModelForSequenceClassification
 
     from dpo.train.model_checks import load_tokenizer
 
-    check_reward_model(name)
+    check_reward_model(name, setting)
     tokenizer = load_tokenizer(name)  # pads with EOS when it has no pad token
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        name, use_safetensors=True, num_labels=1, output_loading_info=True
-    )
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report (a table of mismatched or missing keys): said below in a line
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, use_safetensors=True, num_labels=1, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["mismatched_keys"]:
+        key, saved, built = sorted(info["mismatched_keys"])[0]
+        raise UserError(
+            f"{setting} {name}: its weights do not fit its config: {key} is {list(saved)} in the weights, its config "
+            f"makes it {list(built)}; use the config the weights were saved with"
+        )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(
-            f"--reward_model {name}: its weights lack {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} "
+            f"{setting} {name}: its weights lack {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} "
             "(transformers would initialise them at random): not a trained reward model"
         )
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -12,6 +12,7 @@ CPU cores takes a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -156,7 +157,15 @@ def write_jsonl(rows: list[dict], path: str | Path) -> Path:
 
 def check_new_target(path: Path, flag: str, folder: bool) -> None:
     """The command writes new files only: an existing file, a folder with anything in it (a finished run's
-    tokenizer_config.json would be overwritten) or a path under a file is refused, naming it."""
+    tokenizer_config.json would be overwritten), a symbolic link (dangling or not: nothing is written through a
+    link) or a path under a file is refused, naming it."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        dangling = "" if path.exists() else ", which does not exist"
+        raise UserError(
+            f"{flag} {path} is a symbolic link (to {target}{dangling}); give a new path that is not a link "
+            "(nothing is written through a link)"
+        )
     parent = next((p for p in [path, *path.parents] if p.exists()), None)
     if parent is not None and parent != path and not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")

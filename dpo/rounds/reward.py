@@ -71,7 +71,7 @@ class ModelReward:
     def __init__(self, name: str, batch_size: int = 8):
         from dpo.evaluation.judge import check_reward_model
 
-        check_reward_model(name)  # before any weights load; also: safetensors only
+        check_reward_model(name, "reward")  # before any weights load; also: safetensors only
         self.name, self.batch_size, self.model, self.tokenizer, self.shown = name, batch_size, None, None, False
 
     def describe(self) -> str:
@@ -81,7 +81,7 @@ class ModelReward:
         from dpo.evaluation.judge import load_reward_model
 
         if self.model is None:
-            self.model, self.tokenizer = load_reward_model(self.name, device)
+            self.model, self.tokenizer = load_reward_model(self.name, device, "reward")
 
     @torch.no_grad()
     def __call__(self, prompts: list, answers: list[str]) -> list[float]:

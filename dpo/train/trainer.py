@@ -102,7 +102,7 @@ def build_dpo_trainer(
         log(f"kept {n} trainable LoRA tensors in float32 ({why})")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    reference = f"base + frozen SFT adapter ({sft_adapter})" if sft_adapter else "base with adapters disabled"
+    reference = describe_reference(trainer, model_args.model_name_or_path, sft_adapter)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     protect_run(trainer, run, took_lock)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
@@ -114,6 +114,21 @@ def build_dpo_trainer(
         cache = attach_reference_cache(trainer, training_args.reference_cache_dir)
         trainer.add_callback(cache.parity_callback())
     return trainer
+
+
+def describe_reference(trainer, model_name: str, sft_adapter: str | None = None) -> str:
+    """Where pi_ref comes from in this trainer, for the log: the base with the LoRA adapter disabled, the base
+    + the frozen SFT adapter, or, in a full fine-tune (use_peft false: no adapter to disable), TRL's own second
+    copy of the starting model, or its log-probs computed once before training (precompute_ref_log_probs)."""
+    from peft import PeftModel
+
+    if sft_adapter:
+        return f"base + frozen SFT adapter ({sft_adapter})"
+    if isinstance(trainer.model, PeftModel):
+        return "base with adapters disabled"
+    if trainer.ref_model is not None:
+        return f"a frozen second copy of {model_name} (full fine-tune: no adapters)"
+    return f"{model_name}'s log-probs, computed once before training (full fine-tune: no adapters)"
 
 
 def log_owned_weights(model) -> None:

@@ -447,3 +447,83 @@ def test_the_length_table_keeps_its_columns_apart_at_any_width():
     assert fields == ["chosen", "17301516", f"{np.percentile(big, 95):.0f}", "31457282000"], fields
     header = next(line for line in report.table().splitlines() if "median" in line)
     assert header.split() == ["tokens", "median", "p95", "max"]
+
+
+# ── a held-out split that holds training pairs (dpo/data/doctor.py check_splits) ────────────────────────────
+def split_args(dataset: str, output_dir, test_split: str = "test"):
+    """The settings check_splits reads, as recipes/dpo_any.py passes them."""
+    script = SimpleNamespace(
+        dataset_name=str(dataset), dataset_config=None, dataset_train_split="train", dataset_test_split=test_split
+    )
+    training = SimpleNamespace(output_dir=str(output_dir), max_length=None, truncation_mode="keep_start")
+    return script, training
+
+
+def qa_rows(start: int, n: int) -> list[dict]:
+    return [{"prompt": f"question {i}", "chosen": f"right {i}", "rejected": f"wrong {i}"} for i in range(start, n)]
+
+
+def test_held_out_rows_that_are_training_pairs_are_dropped_and_counted(tmp_path, capsys):
+    """A test split holding training pairs, as they are or with chosen and rejected swapped (was: kept, so the
+    held-out accuracy scored pairs the model trained on, or their reversal). They are dropped and counted in the
+    test split's table and its one warning line; new pairs, and a training prompt with other answers, stay."""
+    from dpo.data.doctor import check_splits
+    from dpo.data.doctor_report import IN_TRAINING, IN_TRAINING_SWAPPED
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    train = qa_rows(0, 8)
+    write_jsonl(train, folder / "train.jsonl")
+    swapped = {"prompt": "question 3", "chosen": "wrong 3 ", "rejected": "right 3"}  # spaces as _same ignores
+    other = {"prompt": "question 4", "chosen": "right 4", "rejected": "another"}  # a training prompt, new pair
+    test = [*qa_rows(100, 103), dict(train[1]), swapped, other, dict(train[6])]
+    write_jsonl(test, folder / "test.jsonl")
+    report, heldout = check_splits(*split_args(folder, tmp_path / "out"), None, prompt_format="text")
+    assert report.rows_kept == 8
+    assert heldout.kept["prompt"] == ["question 100", "question 101", "question 102", "question 4"]
+    assert heldout.drops == [(4, IN_TRAINING), (5, IN_TRAINING_SWAPPED), (7, IN_TRAINING)]
+    assert heldout.rows_in == heldout.rows_kept + heldout.rows_dropped
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if line.startswith(f"warning: {folder} [test]")]
+    assert warning == [
+        f"warning: {folder} [test]: dropped 3 of 7 rows (2 {IN_TRAINING}, 1 {IN_TRAINING_SWAPPED}; first: row 4, 5, 7)"
+    ], out
+
+
+def hub_splits(monkeypatch, splits: dict):
+    """load_preference_data answering for a hub dataset 'org/data' with these splits (no Hub here)."""
+    import dpo.data.doctor
+
+    def load(name, config, split, missing_ok=False):
+        assert name == "org/data"
+        return Dataset.from_list(splits[split]) if split in splits else None
+
+    monkeypatch.setattr(dpo.data.doctor, "load_preference_data", load)
+
+
+@pytest.mark.parametrize("source", ["copied_file", "hub_split", "all_swapped"])
+def test_a_held_out_split_of_only_training_pairs_is_one_line(source, tmp_path, monkeypatch):
+    """test.jsonl a copy of train.jsonl (was: "64 training pairs, 64 held out", the same rows), a hub dataset
+    whose 'validation' split holds the 'train' rows, or a test split of the training pairs all swapped: one line,
+    before any model loads, naming the split, the counts and the fix."""
+    from dpo.data.doctor import check_splits
+
+    train = qa_rows(0, 6)
+    test = [{**row, "chosen": row["rejected"], "rejected": row["chosen"]} for row in train]
+    if source == "hub_split":
+        hub_splits(monkeypatch, {"train": train, "validation": list(reversed(train))})
+        dataset, split, counts = "org/data", "validation", "6 the same, 0 with"
+    else:
+        dataset, split = tmp_path / "data", "test"
+        dataset.mkdir()
+        write_jsonl(train, dataset / "train.jsonl")
+        write_jsonl(train if source == "copied_file" else test, dataset / "test.jsonl")
+        counts = "6 the same, 0 with" if source == "copied_file" else "0 the same, 6 with"
+    with pytest.raises(UserError) as error:
+        check_splits(*split_args(dataset, tmp_path / "out", split), None, prompt_format="text")
+    message = str(error.value)
+    assert "\n" not in message, message
+    assert message.startswith(
+        f"{dataset} [{split}]: no held-out pair left: 6 of its 6 rows are training pairs ({counts} "
+    )
+    assert "leave dataset_test_split unset" in message

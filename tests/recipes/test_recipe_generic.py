@@ -5,7 +5,7 @@ recipes/dpo_hh_rlhf.yaml, the README's worked second recipe, on HH rows."""
 import json
 
 import pytest
-from helpers import ROOT, cli, h4_ultrafeedback_rows, hh_rows, load_recipe
+from helpers import ROOT, cli, h4_ultrafeedback_rows, hh_rows, load_recipe, one_line_error
 
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE
 from dpo.offline.tiny import write_jsonl
@@ -225,3 +225,26 @@ def test_label_layout_trains_the_preferred_answer_up_and_an_inverted_label_down(
         )
         accuracy[invert] = json.loads((out / "final_metrics.json").read_text())["eval_rewards/accuracies"]
     assert accuracy[False] > 0.9 and accuracy[True] < 0.1, accuracy
+
+
+def test_a_test_split_that_copies_the_training_split_stops_before_weights_load(
+    recipe, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """The probe's case: a data folder whose test.jsonl is a copy of train.jsonl trained and reported "64 training
+    pairs, 64 held out", the same rows. Now one line from the recipe, exit 2, before any weights load."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        (folder / name).write_bytes(truthy_file.read_bytes())
+    argv = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        folder,
+        "--dataset_test_split",
+        "test",
+        "--prompt_format",
+        "text",
+    ]
+    line = one_line_error(recipe.main, [*argv, "--output_dir", tmp_path / "out", *FAST], capsys)
+    assert f"{folder} [test]: no held-out pair left: 48 of its 48 rows are training pairs (48 the same" in line, line

@@ -15,7 +15,15 @@ import shutil
 import pytest
 import torch
 import yaml
-from helpers import cli, eval_batch_metrics, fake_checkpoint, load_recipe, one_line_error, qlora_quantization_config
+from helpers import (
+    cli,
+    eval_batch_metrics,
+    fake_checkpoint,
+    load_recipe,
+    one_line_error,
+    qlora_quantization_config,
+    reward_model,
+)
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -595,6 +603,22 @@ def test_a_reward_model_without_a_classification_head_or_safetensors_is_refused_
     (two / "config.json").write_text(json.dumps({**config, "id2label": {"0": "neg", "1": "pos"}}))
     line = one_line_error(evaluate, [dpo["dir"], "--reward_model", two], capsys)
     assert "gives 2 scores per text" in line, line
+
+
+def test_a_reward_model_that_is_a_file_or_whose_head_does_not_fit_its_config_is_one_line(
+    dpo, tmp_path, capsys, no_weights_load
+):
+    """The probe's cases in `python -m dpo.evaluate RUN --reward_model X`: an existing .jsonl file (was "model folder
+    not found"), and config.json saying num_labels 1 over score.weight [2, H] (was transformers' mismatch table and
+    a RuntimeError after the policy had loaded). Both: one line, before any weights load."""
+    from dpo.evaluation.evaluate import main as evaluate
+
+    pairs = dpo["dir"] / "heldout_pairs.jsonl"
+    line = one_line_error(evaluate, [dpo["dir"], "--reward_model", pairs], capsys)
+    assert f"--reward_model {pairs} is a file, not a model folder" in line, line
+    folder = reward_model(tmp_path / "rm", num_labels=2, config_labels=1)
+    line = one_line_error(evaluate, [dpo["dir"], "--reward_model", folder], capsys)
+    assert f"--reward_model {folder}: score.weight is [2, 64] in model.safetensors" in line, line
 
 
 def test_a_reward_model_whose_weights_lack_the_head_is_refused(tiny_model_dir, tmp_path):

@@ -124,8 +124,16 @@ def _listing(diffs: list[str]) -> str:
 
 def finished_run(output_dir: Path) -> dict | None:
     """The validated run_complete.json of `output_dir`; None when there is none. A damaged one (not JSON,
-    an entry missing or of another type, a file name outside the folder) is one UserError naming it."""
+    an entry missing or of another type, a file name outside the folder), or an entry of that name that is
+    no file (a folder), is one UserError naming it."""
     marker = Path(output_dir) / RUN_MARKER
+    if marker.exists() and not marker.is_file():  # a folder (or a pipe, a device) under the marker's name
+        what = "a folder" if marker.is_dir() else "not a regular file"
+        raise UserError(
+            f"{marker} is {what}, not a file: the record a finished run writes last is a JSON file, so this entry "
+            f"cannot be read, replaced or deleted by a run. Remove it (the run then counts as unfinished: finish it "
+            "with --resume_from_checkpoint last), or use another folder"
+        )
     if not marker.is_file():
         return None
     fix = (

@@ -205,3 +205,28 @@ def test_a_staging_folder_that_is_a_link_is_replaced_and_its_target_untouched(tm
     write_final_outputs(trainer, {"seed": 1}, lambda folder: (folder / "final_metrics.json").write_text("{}"))
     assert intact(outside) and not (outside / "folder" / "final_metrics.json").exists()
     assert (run / "final_metrics.json").read_text() == "{}" and not (run / STAGING).exists()
+
+
+def test_a_run_complete_json_that_is_a_folder_is_one_line_before_weights_load(
+    finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """The probe's case: run_complete.json a folder. evaluate said "has no run_complete.json ... finish it with
+    --resume_from_checkpoint last", and doing that was an IsADirectoryError after the weights loaded (moving the
+    final files in). Now the training recipe (resuming or not), evaluate and export each say it is not a file."""
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / RUN_MARKER).unlink()
+    (run / RUN_MARKER).mkdir()
+    argv = flags(tiny_model_dir, truthy_file, run, "--max_steps", "2", "--save_steps", "2")
+    for main, args in (
+        (load_recipe("dpo_phi2").main, [*argv, "--resume_from_checkpoint", "last"]),
+        (load_recipe("dpo_phi2").main, argv),
+        (evaluate, [run]),
+        (export, [run, "--merged", tmp_path / "merged"]),
+    ):
+        line = one_line_error(main, args, capsys)
+        assert f"{run / RUN_MARKER} is a folder, not a file" in line and "Remove it" in line, line
+    assert (run / RUN_MARKER).is_dir() and not (tmp_path / "merged").exists()
