@@ -332,4 +332,8 @@ def test_a_local_reward_model_scores_through_its_own_chat_template(tiny_model_di
     reward = ModelReward(str(tmp_path / "rm"))
     prompts = [s["prompt"] for s in samples for _ in s["answers"]]
     texts = [a["text"] for s in samples for a in s["answers"]]
-    assert reward(prompts, texts) == pytest.approx([a["reward"] for s in samples for a in s["answers"]], rel=1e-5)
+    again, stored = reward(prompts, texts), [a["reward"] for s in samples for a in s["answers"]]
+    gap = max(abs(a - b) for a, b in zip(again, stored))
+    # float32 with other batches (other padding): summation order only; relative to the largest score, never
+    # elementwise. Measured 0.0 here (Intel, AVX512-BF16); 1e-5 leaves ~80 float32 ulps for another CPU's order
+    assert len(again) == len(stored) and gap <= 1e-5 * max(1.0, max(map(abs, stored)))
