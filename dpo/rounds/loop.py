@@ -33,7 +33,7 @@ from dpo.rounds.prompts import round_prompts
 from dpo.rounds.sampling import Sampling, sample_answers
 from dpo.rounds.summary import ROUND_SHAPE, write_summary
 from dpo.train.safety.checkpoints import newest_complete_checkpoint, write_json_atomic
-from dpo.train.safety.runs import finished_run
+from dpo.train.safety.runs import finished_run, verify_finished_run
 from dpo.train.trainer import build_dpo_trainer, train_and_save
 
 PROMPT = (str, list)  # a text prompt or a list of chat messages
@@ -209,13 +209,12 @@ def run_round(n: int, ctx, handoff: Handoff):
 def _train(n, ctx, folder: Path, train, heldout) -> dict:
     """Round n's DPO run in `folder`: nothing to do when it finished, resumed from its newest complete
     checkpoint when it was stopped, else from the start. Returns its final metrics (+ steps)."""
-    import json
-
     finished = finished_run(folder)
     if finished is not None:
         log(f"round {n}: the DPO run in {folder} is finished; not training it again")
+        verify_finished_run(folder, "the rounds recipe")  # its files are the bytes the run wrote (sha256)
         metrics = (
-            json.loads((folder / "final_metrics.json").read_text())
+            read_json_object(folder / "final_metrics.json", {}, f"delete {folder} to train round {n} again")
             if (folder / "final_metrics.json").is_file()
             else {}
         )
@@ -246,6 +245,7 @@ def read_round(output_dir: Path, n: int) -> dict | None:
     record = read_json_object(path, ROUND_SHAPE, f"delete {path} to finish round {n} again")
     if finished_run(folder) is None:
         raise UserError(f"{path} exists but {folder} holds no finished DPO run: delete {path} to run round {n} again")
+    verify_finished_run(folder, "the rounds recipe")  # the next round samples from this adapter: the run's own bytes
     return record
 
 

@@ -4,6 +4,7 @@ resumes and more rounds run only the new ones, and the user errors are one line 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -272,6 +273,26 @@ def test_other_settings_in_a_finished_folder_are_refused_before_weights_load(fin
     out, _, argv = finished
     line = one_line_error(load_recipe("dpo_rounds").main, [*argv, "--pairing", "max_random"], capsys)
     assert "other settings" in line and "pairing" in line and str(out) in line
+
+
+def test_a_finished_rounds_adapter_replaced_afterwards_is_named_before_weights_load(
+    finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """Round 3 would sample from round 2's adapter and round 2 was trained from round 1's: a finished round read
+    back is verified against its run_complete.json hashes, so a swapped adapter stops the run instead of being used."""
+    out, _, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    swapped = copy / "round-1" / "adapter_model.safetensors"
+    shutil.copyfile(copy / "round-2" / "adapter_model.safetensors", swapped)  # a valid adapter, not round 1's
+    argv = write_config(tmp_path / "rounds.yaml", settings(tiny_model_dir, truthy_file, copy))
+    with pytest.raises(SystemExit) as stop:  # the tokenizer's chat-template warning comes first: it is no error
+        load_recipe("dpo_rounds").main([*argv, "--rounds", "3"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert str(swapped) in errors[0] and "changed after the run finished" in errors[0], errors[0]
+    assert not (copy / "round-3").exists()
 
 
 def test_a_reward_model_without_a_classification_head_is_refused(
