@@ -182,7 +182,9 @@ def test_gpt2_conv1d_layers_are_linear_layers_for_lora(tmp_path):
     torch.manual_seed(0)
     for targets in ("all-linear", ["c_attn"]):
         model = AutoModelForCausalLM.from_config(config)
-        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=4, target_modules=targets, fan_in_fan_out=True)
+        )  # Conv1D stores W transposed
         wrapped = sorted(
             n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")
         )
