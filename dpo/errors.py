@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -44,6 +45,45 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+class _HeldWarnings:
+    """Warnings raised before an entry point loads weights are held, then shown when weights start to load
+    (`release_held_warnings`, called where they do) or the entry point ends: a setting the gate refuses or a
+    bad row gets its `error:` line alone, without the libraries' notices printed on the way there (TRL's
+    deprecations print while the arguments are parsed). Held warnings are dropped only when a UserError
+    ends the call before weights loaded; a bug's traceback comes after them. Filters still apply while
+    held (an "error" filter raises at once); only the printing waits."""
+
+    def __init__(self):
+        self.pending: list[tuple] | None = None
+        self.shown = None
+
+    def hold(self) -> None:
+        if self.pending is None:  # nested entry points (a recipe calling another's main) hold once
+            self.pending, self.shown = [], warnings.showwarning
+            warnings.showwarning = self._keep
+
+    def _keep(self, *warning) -> None:
+        self.pending.append(warning)
+
+    def release(self, show: bool = True) -> None:
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        if warnings.showwarning == self._keep:
+            warnings.showwarning = self.shown
+        for warning in pending if show else ():
+            warnings.showwarning(*warning)
+
+
+_held = _HeldWarnings()
+
+
+def release_held_warnings() -> None:
+    """Weights are about to load (every check before them passed): show the warnings held since the entry
+    point started, and stop holding."""
+    _held.release()
+
+
 def exit_on_user_error(main):
     """Decorator for a script's entry point: UserError -> one-line message, exit status 2;
     RunStopped -> its message and exit status; Ctrl-C -> 'interrupted', exit status 130.
@@ -51,12 +91,16 @@ def exit_on_user_error(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        outermost = _held.pending is None
+        _held.hold()
         try:
             with contextlib.ExitStack() as scopes:
                 for scope in ENTRY_SCOPES:
                     scopes.enter_context(scope())
                 return main(*args, **kwargs)
         except UserError as err:
+            if outermost:
+                _held.release(show=False)  # the error line alone (once weights loaded, they were shown already)
             # Under N processes every process meets the same input mistake: one message per
             # machine (its local rank 0), since each machine's launcher shows its own output.
             if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -68,5 +112,8 @@ def exit_on_user_error(main):
         except KeyboardInterrupt:  # Ctrl-C outside training (which stops gracefully): no traceback
             _say("interrupted")
             raise SystemExit(130) from None
+        finally:
+            if outermost:
+                _held.release()
 
     return wrapper

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.errors import UserError, exit_on_user_error
+from dpo.errors import UserError, exit_on_user_error, release_held_warnings
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
@@ -109,6 +109,7 @@ def reference_adapter(output_dir: Path, resolved: dict) -> str | None:
 def load_policy_and_reference(output_dir: Path, resolved: dict):
     """The base as the run loaded it (4-bit if it was), adapter "policy" = the run's, and "ref"
     = the SFT adapter if there was one. Returns (PeftModel, tokenizer)."""
+    release_held_warnings()  # weights load next (dpo/errors.py)
     from dpo.compat import ModelConfig, get_quantization_config
     from dpo.train.adapters import load_with_adapter, put_adapter
 

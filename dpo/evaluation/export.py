@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.errors import UserError, exit_on_user_error
+from dpo.errors import UserError, exit_on_user_error, release_held_warnings
 from dpo.files import replace_folder
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
@@ -126,6 +126,7 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
     if Path(base_name).is_dir():
         check_weight_files(Path(base_name))
     load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    release_held_warnings()  # weights load next (dpo/errors.py)
     model = put_adapter(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
     model.eval()
     batch = check_prompts(output_dir, tokenizer)

@@ -15,6 +15,7 @@ are easy to get wrong, and an infinite learning rate, epsilon or clipping norm i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -87,6 +88,26 @@ class Choice:
 
     def describe(self) -> str:
         return "must be one of " + ", ".join(map(str, self.values))
+
+    def outside(self) -> list:
+        return ["not-a-choice"]
+
+
+@dataclass(frozen=True)
+class Named:
+    """A name a library registers, read when checked (`names()`: so a name an upgrade adds passes), or
+    text of a declared form (`form(value)`, described as `form_text`), or unset (None)."""
+
+    names: Callable[[], tuple]
+    form: Callable[[str], bool]
+    form_text: str
+    why: str = ""
+
+    def ok(self, value) -> bool:
+        return value is None or (isinstance(value, str) and (value in self.names() or self.form(value)))
+
+    def describe(self) -> str:
+        return f"must be one of {', '.join(self.names())}, {self.form_text}, or null for the default"
 
     def outside(self) -> list:
         return ["not-a-choice"]

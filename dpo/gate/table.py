@@ -11,7 +11,8 @@ setting just outside its bound and expects one `error:` line, exit 2, before wei
 
 from __future__ import annotations
 
-from dpo.gate.rules import Bound, Choice, Each, at_least, fraction, non_negative, positive
+from dpo.compat import attention_names, is_hub_kernel
+from dpo.gate.rules import Bound, Choice, Each, Named, at_least, fraction, non_negative, positive
 
 SEED_RANGE = Bound(low=0, high=2**32 - 1, whole=True, why="numpy and Python's RNGs take seeds in [0, 2^32 - 1]")
 UNSET = (None,)
@@ -68,6 +69,13 @@ TABLE = {
         low=0, low_open=True, whole=True, why="the LoRA update is scaled by lora_alpha / lora_r: 0 trains nothing"
     ),
     "lora_dropout": fraction("1 drops every input of the adapter"),
+    # ── the model ────────────────────────────────────────────────────────────────────────────────
+    "attn_implementation": Named(
+        attention_names,
+        is_hub_kernel,
+        "or a hub kernel as org/repo[@revision][:function]",
+        "the attention function transformers loads the model with; a name it does not know fails at load",
+    ),
     # ── logging, evaluation, checkpoints, distributed ───────────────────────────────────────────
     "logging_steps": positive("below 1: a fraction of the optimizer steps"),
     "eval_steps": positive("below 1: a fraction of the optimizer steps; 0: logging_steps", unset=(None, 0.0)),

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from dpo.errors import UserError
+from dpo.errors import UserError, release_held_warnings
 from dpo.offline.tiny import SPECIAL, build_tiny_model
 
 # ── the language ───────────────────────────────────────────────────────────────────────────
@@ -203,6 +203,7 @@ def train_reference(task: SentimentTask, output_dir, settings, training_args) ->
     (recipes/dpo_sentiment_tiny.py's ScriptArguments); `training_args` its seed and precision.
     Saves model.safetensors, config and tokenizer to `output_dir`; returns (output_dir, logged losses).
     """
+    release_held_warnings()  # the work starts: warnings held while the run was checked now show (dpo/errors.py)
     from datasets import Dataset
 
     from dpo.compat import SFTConfig, SFTTrainer

@@ -11,6 +11,7 @@ the run started from an SFT adapter, that adapter is loaded as "ref" in its plac
 from __future__ import annotations
 
 from dpo.compat import REFERENCE_ADAPTER, create_model_from_path, quantization_config
+from dpo.errors import release_held_warnings
 from dpo.train.adapters import load_with_adapter, put_adapter
 from dpo.train.model_checks import model_init_kwargs
 from dpo.train.speed.kernels import portable_4bit_layers, use_portable_4bit_kernels
@@ -27,6 +28,7 @@ def load_kwargs(model_args, training_args) -> dict:
 
 def load_policy(model_args, training_args, adapter: str | None):
     """The base (as the trainer loads it) with `adapter` on it, frozen; the bare base without one."""
+    release_held_warnings()  # weights load next (dpo/errors.py)
     kwargs = load_kwargs(model_args, training_args)
     if adapter:
         model = load_with_adapter(model_args.model_name_or_path, kwargs, adapter, trainable=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 
 from dpo.compat import SFTTrainer, keep_trainable_weights_fp32, lora_config, quantization_config
+from dpo.errors import release_held_warnings
 from dpo.log import log
 from dpo.train.config import eval_strategy_for
 from dpo.train.model_checks import match_quant_storage, model_init_kwargs
@@ -37,6 +38,7 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
         **model_init_kwargs(model_args, training_args),
         **(training_args.model_init_kwargs or {}),
     }
+    release_held_warnings()  # weights load next: warnings held while the run was checked now show (dpo/errors.py)
     trainer = SFTTrainer(
         model=model_args.model_name_or_path,
         args=trainer_args,

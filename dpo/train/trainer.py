@@ -22,7 +22,7 @@ from dpo.compat import (
     quantization_config,
     route_checkpoint_writes,
 )
-from dpo.errors import RunStopped
+from dpo.errors import RunStopped, release_held_warnings
 from dpo.gate.plan import check_plan
 from dpo.log import log
 from dpo.plots import plot_training_curves
@@ -74,6 +74,7 @@ def build_dpo_trainer(
         **(training_args.model_init_kwargs or {}),
     }
     model, quantization, peft_config = model_args.model_name_or_path, quantization_config(model_args, storage), None
+    release_held_warnings()  # weights load next: warnings held while the run was checked now show (dpo/errors.py)
     if sft_adapter:
         model = policy_from_sft_adapter(model, trainer_args, quantization, sft_adapter)
         quantization, trainer_args.model_init_kwargs = None, None  # the base is loaded: TRL would warn

@@ -11,7 +11,7 @@ from helpers import ENTRY_MODULES, load_recipe
 
 from dpo.compat import ModelConfig
 from dpo.gate.check import problems
-from dpo.gate.rules import Bound, Choice, Each
+from dpo.gate.rules import Bound, Choice, Each, Named
 from dpo.gate.table import DELEGATED, TABLE, UNCHECKED
 from dpo.train.config import RecipeDPOConfig, RecipeSFTConfig
 
@@ -157,6 +157,8 @@ def test_the_default_and_the_bound_itself_pass(name):
         assert all(rule.ok(v) for v in rule.values)
     elif isinstance(rule, Each):
         assert rule.ok(None) and rule.ok([0.0, 1.0]) and rule.ok([1.0])
+    elif isinstance(rule, Named):
+        assert rule.ok(None) and all(rule.ok(v) for v in rule.names())
     else:
         assert isinstance(rule, Bound)
         for end, is_open in ((rule.low, rule.low_open), (rule.high, rule.high_open)):
@@ -176,3 +178,29 @@ def test_nan_and_inf_are_refused_for_every_real_bound():
     for name, rule in TABLE.items():
         if isinstance(rule, Bound) and not rule.whole:
             assert not rule.ok(math.nan) and not rule.ok(math.inf) and not rule.ok(-math.inf), name
+
+
+def test_attention_names_are_the_ones_transformers_takes(tiny_model_dir):
+    """The gate's attn_implementation rule against transformers' own check (from_pretrained runs it): every
+    name the gate passes is one transformers knows (a missing package, as flash_attn here, is another
+    error), a hub kernel id passes to transformers' kernel loader, and a misspelling both refuse."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    rule = TABLE["attn_implementation"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+
+    def transformers_refuses_the_name(name) -> bool:
+        try:
+            model.get_correct_attn_implementation(name)
+        except ValueError as err:
+            return "is not supported" in str(err)
+        except ImportError:  # known, but its package is not installed here
+            pass
+        return False
+
+    assert {"eager", "sdpa", "flash_attention_2"} <= set(rule.names())
+    assert not any(transformers_refuses_the_name(name) for name in rule.names())
+    assert rule.ok("kernels-community/flash-attn2") and rule.ok("org/repo@v2:attention")
+    for wrong in ("sdpx", "Eager", "flash_attention2", "org/", "eager_fp32_scores"):  # the last: the recipes' own
+        assert not rule.ok(wrong), wrong
+    assert transformers_refuses_the_name("sdpx") and transformers_refuses_the_name("flash_attention2")
