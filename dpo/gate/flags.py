@@ -34,10 +34,21 @@ def near_names(unknown: list[str], known: list[str]) -> list[str]:
     return out
 
 
+def _parsers(parser) -> list:
+    """`parser` and its subcommands' parsers (python -m dpo.cache remove)."""
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for action in subs for p in action.choices.values())]
+
+
+def _long_flags(parser) -> list[str]:
+    return sorted({o.lstrip("-") for p in _parsers(parser) for o in p._option_string_actions if o.startswith("--")})
+
+
 def _unrecognized(parser, message: str) -> str:
     given = [a.split("=", 1)[0] for a in message.split(": ", 1)[1].split() if a.startswith("-")]
-    known = [o.lstrip("-") for o in parser._option_string_actions if o.startswith("--")]
-    hints = near_names([g.lstrip("-") for g in given], known)
+    hints = near_names([g.lstrip("-") for g in given], _long_flags(parser))
     return f"command line: {message}" + (f" ({'; '.join(hints)})" if hints else "") + "; see --help"
 
 
@@ -84,15 +95,18 @@ def _parse_error(parser, message: str, argv: list[str], config_path: Path | None
 
 def parse_flags(parser, argv: list[str] | None = None):
     """`parser.parse_args(argv)` (default: sys.argv) with one-line errors; for the `python -m dpo.*` commands."""
-    import argparse
     import sys
 
     given = list(sys.argv[1:] if argv is None else argv)
     check_repeated_flags(given)
-    for action in parser._actions:  # subcommands (python -m dpo.cache remove) report their own errors
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                one_line_parse_errors(sub, given)
+    # An unknown flag first, by name: argparse would otherwise read its value as the next positional
+    # (`--cache_d DIR list` was "command: invalid choice: 'DIR'").
+    known = set(_long_flags(parser))
+    unknown = [name for a in given if (name := a.split("=", 1)[0]).startswith("--") and name[2:] not in known | {""}]
+    if unknown:
+        raise UserError(_unrecognized(parser, "unrecognized arguments: " + " ".join(unknown)))
+    for sub in _parsers(parser)[1:]:  # subcommands (python -m dpo.cache remove) report their own errors
+        one_line_parse_errors(sub, given)
     return one_line_parse_errors(parser, given).parse_args(given)
 
 

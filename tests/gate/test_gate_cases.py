@@ -122,6 +122,24 @@ def test_the_commands_take_no_abbreviations(tmp_path, capsys):
     assert "did you mean num_prompts?" in lines[0] and "usage:" not in lines[0]
 
 
+@pytest.mark.parametrize(
+    "argv, flag, near",
+    [
+        (["--cache_d", "DIR", "list"], "--cache_d", "cache_dir"),  # was "command: invalid choice: 'DIR'"
+        (["--cache_dir", "DIR", "remove", "--al"], "--al", "all"),  # a subcommand's flag: no hint was given
+    ],
+)
+def test_an_unknown_flag_of_a_command_with_subcommands_is_named_with_the_near_one(argv, flag, near, tmp_path, capsys):
+    from dpo.train.speed.refcache_admin import main
+
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path) if a == "DIR" else a for a in argv])
+    lines = message_lines(capsys.readouterr().err)
+    assert stop.value.code == 2 and len(lines) == 1 and f"unrecognized arguments: {flag} " in lines[0], lines
+    assert f"did you mean {near}?" in lines[0] and (tmp_path / "keep").is_dir()
+
+
 # ── python -m dpo.tiny writes new files only ──────────────────────────────────────────────────
 def test_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
     from dpo.offline.tiny import main
