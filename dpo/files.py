@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -242,8 +243,21 @@ def read_yaml_mapping(path: str | Path, fix: str) -> dict:
     return data
 
 
+def is_sha256(text) -> bool:
+    """64 lowercase hex digits, as file_sha256 writes them."""
+    return isinstance(text, str) and re.fullmatch(r"[0-9a-f]{64}", text) is not None
+
+
+def not_a_sha256(text) -> str:
+    """What a recorded sha256 that is_sha256 refuses is instead: 'empty', or its start and length."""
+    return "empty" if text in ("", None) else f"{str(text)[:16]!r}, {len(str(text))} characters, not 64 hex digits"
+
+
 def sha256_mismatch(path: Path, expected: str) -> str | None:
-    """Why `path` is not the file whose sha256 is `expected` (missing, unreadable, other bytes); None if it is."""
+    """Why `path` is not the file whose sha256 is `expected` (missing, unreadable, other bytes, or `expected`
+    itself no sha256: an emptied or cut record); None if it is."""
+    if not is_sha256(expected):
+        return f"{path} has no usable recorded sha256 ({not_a_sha256(expected)})"
     try:
         actual = file_sha256(path)
     except FileNotFoundError:

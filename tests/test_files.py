@@ -40,3 +40,20 @@ def test_replace_folder_replaces_a_link_not_its_target(tmp_path):
     replace_folder(link, lambda folder: (folder / "report.md").write_text("new"))
     assert not link.is_symlink() and (link / "report.md").read_text() == "new"
     assert (elsewhere / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "recorded, said",
+    [
+        ("", "no usable recorded sha256 (empty)"),  # an emptied record printed "has sha256 1a2b..., ... was recorded"
+        ("0123abcd", "no usable recorded sha256 ('0123abcd', 8 characters, not 64 hex digits)"),  # cut short
+        ("0" * 64, "has sha256 "),  # a sha256, of other bytes
+    ],
+)
+def test_a_recorded_sha256_that_is_none_is_said_as_such(tmp_path, recorded, said):
+    from dpo.files import file_sha256, sha256_mismatch
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"weights")
+    assert said in sha256_mismatch(path, recorded)
+    assert sha256_mismatch(path, file_sha256(path)) is None

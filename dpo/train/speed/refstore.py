@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo.errors import UserError
-from dpo.files import file_sha256, sha256_mismatch
+from dpo.files import file_sha256, is_sha256, not_a_sha256, sha256_mismatch
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PART_COLUMNS = ("row", *COLUMNS, "seconds")
@@ -89,6 +89,8 @@ class Store:
                 expected = checksum.read_text().strip()
             except OSError:
                 raise _damaged(part, f"has no readable checksum ({checksum.name})") from None
+            if not is_sha256(expected):  # emptied or cut: said as such, not as a file of other bytes
+                raise _damaged(part, f"has no usable checksum ({checksum.name}: {not_a_sha256(expected)})")
             if mismatch := sha256_mismatch(part, expected):
                 raise _damaged(part, f"is not the file that was written ({mismatch.removeprefix(str(part) + ' ')})")
             try:

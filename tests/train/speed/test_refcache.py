@@ -183,6 +183,7 @@ def moved_by_50_nats(values):
         ("one_value_edited", "is not the file that was written"),
         ("cut_short", "is not the file that was written"),
         ("checksum_missing", "has no readable checksum"),
+        ("checksum_emptied", "has no usable checksum (part-"),  # was "has sha256 1a2b3c..., ... was recorded"
         ("nan_written_as_the_writer_would", "holds a non-finite reference log-prob (nan"),
     ],
 )
@@ -197,6 +198,8 @@ def test_a_damaged_cache_part_is_refused_in_one_line_naming_it(tiny_model_dir, t
         part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     elif damage == "checksum_missing":
         part.with_name(part.name + CHECKSUM).unlink()
+    elif damage == "checksum_emptied":
+        part.with_name(part.name + CHECKSUM).write_text("")
     else:
         rewrite_parts([part], lambda values: values * float("nan"))
     with pytest.raises(UserError) as err:
