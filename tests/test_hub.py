@@ -64,6 +64,21 @@ def test_a_hub_model_that_cannot_be_reached_fails_fast_naming_the_offline_ways(
     assert "--model_name_or_path ./no-such-model" in err
 
 
+@pytest.mark.parametrize("setting", ["--reward_model", "reward"])  # python -m dpo.evaluate's flag, the rounds' key
+def test_a_hub_reward_model_that_cannot_be_reached_names_its_own_setting(setting, hub_unanswering):
+    """Was "... pass --model_name_or_path ./rm; or build SmolLM2 ... and pass --model_name_or_path ./models/smollm2":
+    the policy's flag, and a causal LM the reward check then refuses."""
+    from dpo.errors import UserError
+    from dpo.evaluation.judge import check_reward_model
+
+    with pytest.raises(UserError) as err:
+        check_reward_model("org-x/rm", setting)
+    message = str(err.value)
+    assert message.startswith(f"could not load model 'org-x/rm': {NOWHERE} did not answer"), message
+    assert f"{setting} ./rm" in message and "HF_HUB_OFFLINE=1" in message
+    assert "--model_name_or_path" not in message and "smollm2" not in message.lower()
+
+
 def test_a_hub_dataset_that_cannot_be_reached_fails_fast_naming_the_offline_ways(
     hub_unanswering, tiny_model_dir, tmp_path, capsys, no_weights_load
 ):

@@ -99,7 +99,7 @@ def check_reward_model(name: str, setting: str = "--reward_model") -> None:
             f"{setting} {name} is a file, not a model folder: pass a sequence-classification reward model's folder "
             "(config.json, tokenizer files, model.safetensors) or its hub id"
         )
-    config = load_model_config(name)
+    config = load_model_config(name, flag=setting)
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise UserError(
@@ -172,7 +172,7 @@ def load_reward_model(name: str, device, setting: str = "--reward_model"):
     from dpo.train.model_checks import load_tokenizer
 
     check_reward_model(name, setting)
-    tokenizer = load_tokenizer(name)  # pads with EOS when it has no pad token
+    tokenizer = load_tokenizer(name, flag=setting)  # pads with EOS when it has no pad token
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()

@@ -29,19 +29,28 @@ def _looks_local(name: str) -> bool:
     return local_reason(name) is not None
 
 
+MODEL_FLAG = "--model_name_or_path"
+
+
 def _fetch_error(kind: str, name: str, err: Exception, flag: str) -> UserError:
     """Why `name` could not be loaded; for a hub id, how to use a downloaded copy (a local folder gets no hub
-    hint). Offline (HF_HUB_OFFLINE, or the Hub did not answer) and not in the cache: the ways to work offline."""
+    hint). Offline (HF_HUB_OFFLINE, or the Hub did not answer) and not in the cache: the ways to work offline.
+    `flag`: the setting the user gave `name` under (a reward model's is not the policy's --model_name_or_path);
+    the SmolLM2 folder built without the Hub is offered for the policy only (it is no reward model)."""
     download = f"`hf download {name} --local-dir ./{Path(name).name}`"
     if _looks_local(name):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return UserError(f"could not load the {kind} in folder {name}: {reason}")
     if offline_mode():
+        smollm2 = (
+            f"; or build SmolLM2-135M-Instruct without the Hub ({OFFLINE_MODEL_COMMAND}) and pass {flag} ./models/smollm2"
+            if flag == MODEL_FLAG
+            else ""
+        )
         return UserError(
             f"could not load {kind} '{name}': {offline_why()}, and the Hugging Face cache has no copy of it\n"
             f"  Offline, pass a model folder: download it where you have access ({download}) and pass "
-            f"{flag} ./{Path(name).name}; or build SmolLM2-135M-Instruct without the Hub ({OFFLINE_MODEL_COMMAND}) "
-            f"and pass {flag} ./models/smollm2. With a copy in the cache, HF_HUB_OFFLINE=1 skips the network"
+            f"{flag} ./{Path(name).name}{smollm2}. With a copy in the cache, HF_HUB_OFFLINE=1 skips the network"
         )
     return hub_error(
         kind,
@@ -60,7 +69,7 @@ def missing_model_folder(name: str) -> UserError:
     )
 
 
-def load_model_config(name: str, revision: str = "main", trust_remote_code: bool = False):
+def load_model_config(name: str, revision: str = "main", trust_remote_code: bool = False, flag: str = MODEL_FLAG):
     """AutoConfig for a hub id or a local folder, with one clear error if it can't be had. Before a hub id is
     fetched, the Hub is asked once (dpo/hub.py): when it does not answer, this fails in seconds, not 30-53."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
@@ -72,7 +81,7 @@ def load_model_config(name: str, revision: str = "main", trust_remote_code: bool
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _fetch_error("model", name, err, "--model_name_or_path") from None
+        raise _fetch_error("model", name, err, flag) from None
 
 
 def check_config_json(folder: Path) -> None:
@@ -194,7 +203,7 @@ def check_weight_files(folder: Path) -> None:
             )
 
 
-def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False):
+def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = False, flag: str = MODEL_FLAG):
     """The model's tokenizer; pads with EOS when it has no pad token (phi-2 has none). Refused, naming
     the folder, when a local folder holds no tokenizer files or the tokenizer turns text into 0 tokens:
     every row would train (or be scored) as nothing."""
@@ -210,7 +219,7 @@ def load_tokenizer(name: str, revision: str = "main", trust_remote_code: bool = 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _fetch_error("tokenizer", name, err, "--model_name_or_path") from None
+        raise _fetch_error("tokenizer", name, err, flag) from None
     if not tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]:
         raise UserError(
             f"the tokenizer of {name} encodes {SAMPLE_TEXT!r} to 0 tokens ({type(tokenizer).__name__}, "
