@@ -63,6 +63,9 @@ class _HeldWarnings:
             warnings.showwarning = self._keep
 
     def _keep(self, *warning) -> None:
+        if self.pending is None:  # released, then put back by code that saved it (logging.captureWarnings(False))
+            self.shown(*warning)
+            return
         self.pending.append(warning)
 
     def release(self, show: bool = True) -> None:

@@ -126,3 +126,19 @@ def test_the_real_recipe_prints_the_error_line_alone(mistake, expected, tiny_mod
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
+
+
+def test_a_library_that_swaps_showwarning_while_held_loses_nothing_and_breaks_nothing():
+    """logging.captureWarnings(True) saves the holding function and puts its own in place; (False) puts the
+    holding function back after the release: later warnings must still show, not fail."""
+    import logging
+
+    def body():
+        logging.captureWarnings(True)
+        library_warning("logged")
+        release_held_warnings()
+        logging.captureWarnings(False)  # the holding function is back in place, released
+        library_warning("after")
+
+    status, shown = run_entry(body)
+    assert status is None and shown == ["after"]  # "logged" went to the py.warnings logger, as that library asked
