@@ -10,7 +10,8 @@ pair the best against the worst, train DPO, repeat.
 
 Each round is a complete, resumable unit in output_dir/round-N/ (samples.jsonl, pairs.jsonl, a complete
 DPO run, round.json); a rerun continues at the first unfinished round, a killed round's DPO run resumes
-from its newest complete checkpoint. output_dir/rounds.json, rounds.md and rounds.png summarise every
+from its newest complete checkpoint; output_dir/rounds_settings.json, written before round 1, holds the
+settings (and a sha256 of the prompts) every rerun must repeat. output_dir/rounds.json, rounds.md and rounds.png summarise every
 round: sampled reward (mean, best-of-K), pairs kept and dropped, held-out reward and KL to the starting
 model with 95% intervals, implicit-reward accuracy, time per phase. The library part is dpo/rounds/.
 """
@@ -19,6 +20,8 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import hashlib
+import json
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +38,13 @@ from dpo.rounds.prompts import prompt_sets
 from dpo.rounds.reward import make_reward
 from dpo.rounds.sampling import render_prompt
 from dpo.rounds.settings import SENTIMENT, RoundsArguments, check_rounds_settings, fixed_settings
-from dpo.rounds.summary import read_summary
+from dpo.rounds.summary import (
+    SETTINGS_RECORD,
+    finished_rounds,
+    read_settings_record,
+    read_summary,
+    write_settings_record,
+)
 from dpo.train.adapters import start_point
 from dpo.train.config import load_recipe_args
 from dpo.train.model_checks import load_tokenizer
@@ -44,19 +53,33 @@ from dpo.train.safety.runs import differences, run_settings
 ScriptArguments = RoundsArguments  # the recipe's own settings (dpo/rounds/settings.py)
 
 
-def same_run_or_refuse(output_dir: Path, header: dict) -> dict | None:
+def same_run_or_refuse(output_dir: Path, header: dict, rounds: int) -> dict | None:
     """The folder's rounds.json when its run had these settings (more rounds may be asked for); None for a
-    new folder. Other settings: refused, listing them, before any weights load."""
+    new folder. The settings are compared with rounds_settings.json, written before round 1 started (a run
+    stopped inside round 1 has no rounds.json yet), else with rounds.json. Other settings, round folders
+    without either record, or fewer rounds than have finished: refused, before any weights load."""
     existing = read_summary(output_dir)
-    if existing is None:
+    recorded = read_settings_record(output_dir) or existing
+    if recorded is None:
+        if any(output_dir.glob("round-*")):
+            raise UserError(
+                f"--output_dir {output_dir} holds round folders but no record of their settings ({SETTINGS_RECORD} "
+                "or rounds.json): they cannot be checked against these settings; use another --output_dir"
+            )
         return None
-    diffs = differences(existing["settings"], header["settings"]) + differences(
-        existing.get("training", {}), header["training"]
+    diffs = differences(recorded["settings"], header["settings"]) + differences(
+        recorded.get("training", {}), header["training"]
     )
     if diffs:
         raise UserError(
             f"--output_dir {output_dir} holds rounds run with other settings ({'; '.join(diffs[:6])}"
             f"{'; ...' if len(diffs) > 6 else ''}): use another --output_dir, or the same settings to continue"
+        )
+    done = finished_rounds(output_dir)
+    if done and done[-1] > rounds:
+        raise UserError(
+            f"--rounds {rounds}: {output_dir} already holds {done[-1]} finished rounds, and the summary would drop "
+            f"the later ones; ask for --rounds {done[-1]} or more"
         )
     return existing
 
@@ -74,9 +97,17 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir, seed = Path(training_args.output_dir), training_args.seed
     reward = make_reward(args.reward)  # a reward model is checked here, before any weights load
     training = {k: v for k, v in run_settings(training_args, model_args, []).items() if k != "training_data_sha256"}
-    header = {"settings": fixed_settings(args), "training": training}
-    existing = same_run_or_refuse(output_dir, header)
     train_prompts, heldout_prompts = prompt_sets(args, seed)
+    if args.prompts_per_round > len(train_prompts):
+        raise UserError(
+            f"prompts_per_round {args.prompts_per_round}: there are {len(train_prompts)} training prompts, so a round "
+            "would sample some twice and pair an answer of a held-out prompt with its twin in training; "
+            f"set prompts_per_round to {len(train_prompts)} or less (0: all of them)"
+        )
+    # the prompts themselves, not only the file's name: an edited prompt file is other settings
+    prompts_sha256 = hashlib.sha256(json.dumps([train_prompts, heldout_prompts]).encode()).hexdigest()
+    header = {"settings": {**fixed_settings(args), "prompts_sha256": prompts_sha256}, "training": training}
+    existing = same_run_or_refuse(output_dir, header, args.rounds)
 
     sft_adapter = None
     if args.prompts == SENTIMENT and model_args.model_name_or_path is None:
@@ -97,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"reference {args.reference}; {len(train_prompts)} training prompts, {len(heldout_prompts)} held out"
     )
 
+    write_settings_record(output_dir, header)  # before round 1: a rerun is checked against it from now on
     start = Handoff()  # the starting model once loaded: round 1 samples with it instead of loading it again
     if existing is not None:
         initial = existing["initial"]

@@ -34,6 +34,32 @@ def read_summary(output_dir: Path) -> dict | None:
     return read_json_object(path, SUMMARY_SHAPE, f"delete {path}: it is rebuilt from the rounds' own files")
 
 
+# The settings a folder's rounds ran with, written before round 1 starts and kept whatever happens to
+# rounds.json (rebuilt from the rounds' own files when deleted): a rerun is compared with it even when it
+# was stopped inside round 1, before rounds.json existed.
+SETTINGS_RECORD = "rounds_settings.json"
+RECORD_SHAPE = {"settings": (dict, None), "training": (dict, None)}
+
+
+def read_settings_record(output_dir: Path) -> dict | None:
+    """rounds_settings.json, verified; None when the folder has none."""
+    path = Path(output_dir) / SETTINGS_RECORD
+    if not path.exists():
+        return None
+    fix = f"it records the settings of the rounds in {output_dir}; use another output_dir"
+    return read_json_object(path, RECORD_SHAPE, fix)
+
+
+def write_settings_record(output_dir: Path, header: dict) -> None:
+    write_json_atomic(Path(output_dir) / SETTINGS_RECORD, {k: header[k] for k in RECORD_SHAPE})
+
+
+def finished_rounds(output_dir: Path) -> list[int]:
+    """The numbers of the rounds whose round.json exists (each written last, when its round finished)."""
+    found = (p.parent.name.removeprefix("round-") for p in Path(output_dir).glob("round-*/round.json"))
+    return sorted(int(n) for n in found if n.isdigit())
+
+
 def _interval(m: dict, key: str, fmt: str) -> str:
     return f"{m[key]:{fmt}} [{m[key + '_low']:{fmt}}, {m[key + '_high']:{fmt}}]"
 

@@ -275,6 +275,65 @@ def test_other_settings_in_a_finished_folder_are_refused_before_weights_load(fin
     assert "other settings" in line and "pairing" in line and str(out) in line
 
 
+def test_fewer_rounds_than_have_finished_are_refused(finished, capsys, no_weights_load):
+    """Was: --rounds 1 rewrote rounds.json, .md and .png without round 2, whose folder stayed."""
+    out, _, argv = finished
+    before = (out / "rounds.json").read_bytes()
+    line = one_line_error(load_recipe("dpo_rounds").main, [*argv, "--rounds", "1"], capsys)
+    assert "--rounds 1" in line and "2 finished rounds" in line and (out / "rounds.json").read_bytes() == before
+
+
+def test_the_settings_are_checked_without_rounds_json(finished, tmp_path, capsys, no_weights_load):
+    """rounds.json is rebuilt when deleted, so the settings are compared with rounds_settings.json; round
+    folders with neither record cannot be checked and are refused."""
+    out, _, argv = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    (copy / "rounds.json").unlink()
+    argv = [*argv, "--output_dir", str(copy)]
+    line = one_line_error(load_recipe("dpo_rounds").main, [*argv, "--pairing", "max_random"], capsys)
+    assert "other settings" in line and "pairing" in line
+    (copy / "rounds_settings.json").unlink()
+    line = one_line_error(load_recipe("dpo_rounds").main, argv, capsys)
+    assert "holds round folders but no record of their settings" in line
+
+
+def test_a_run_stopped_inside_round_1_is_checked_against_its_settings_and_prompts(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, monkeypatch
+):
+    """Was: stopped before round 1 finished (no rounds.json yet), a rerun with another reward or K, or an edited
+    prompt file, reused round 1's samples and resumed its DPO run, and recorded the new settings."""
+    recipe = load_recipe("dpo_rounds")
+    prompts = tmp_path / "prompts.jsonl"
+    shutil.copyfile(truthy_file, prompts)
+    argv = write_config(tmp_path / "rounds.yaml", settings(tiny_model_dir, prompts, tmp_path / "run"))
+
+    def stopped(*_):
+        raise KeyboardInterrupt  # Ctrl-C inside round 1, before it finishes
+
+    monkeypatch.setattr(recipe, "run_rounds", stopped)
+    with pytest.raises(SystemExit):
+        recipe.main(argv)
+    assert (tmp_path / "run" / "rounds_settings.json").is_file() and not (tmp_path / "run" / "rounds.json").exists()
+    capsys.readouterr()
+    line = one_line_error(recipe.main, [*argv, "--reward", "rounds_test_rewards:constant"], capsys)
+    assert "other settings" in line and "reward" in line
+    prompts.write_text(prompts.read_text().replace("?", "?!", 1))  # one prompt edited, same file name
+    line = one_line_error(recipe.main, argv, capsys)
+    assert "other settings" in line and "prompts_sha256" in line
+
+
+def test_more_prompts_per_round_than_prompts_is_refused(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, no_weights_load
+):
+    """Was: 100 per round from 56 prompts sampled prompts twice, and held-out pairs shared prompts with training ones."""
+    argv = write_config(
+        tmp_path / "rounds.yaml", settings(tiny_model_dir, truthy_file, tmp_path / "run", prompts_per_round=100000)
+    )
+    line = one_line_error(load_recipe("dpo_rounds").main, argv, capsys)
+    assert "prompts_per_round 100000" in line and "training prompts" in line
+
+
 def test_a_finished_rounds_adapter_replaced_afterwards_is_named_before_weights_load(
     finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
 ):
