@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 from dpo.compat import TESTED_TRL, precomputed_reference_logps, reference_model, use_reference_columns
 from dpo.errors import UserError
 from dpo.log import log
-from dpo.train.speed.refstore import COLUMNS, Store, cache_folder, unwritable_reason, write_key
+from dpo.train.speed.refstore import COLUMNS, Store, cache_folder, mark_used, unwritable_reason, write_key
 from dpo.train.speed.sampler import LengthSortedSampler, sequence_lengths
 
 PARITY_ROWS = 8  # pairs recomputed per epoch and process: a few forwards, enough to see a drift
@@ -222,6 +222,8 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
     evaluation = with_columns if isinstance(trainer.eval_dataset, dict) else with_columns.get("eval")
     use_reference_columns(trainer, train, evaluation)
 
+    if trainer.accelerator.is_main_process:
+        mark_used(folder)  # the last use, for python -m dpo.cache (a full hit writes nothing else)
     total = hits + misses  # distinct pairs of train + eval
     if misses == 0:
         log(f"reference cache: hit, {total:,} pairs read from {folder}; saved ~{saved:.0f} s of reference forwards")

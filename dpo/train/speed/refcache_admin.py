@@ -9,7 +9,7 @@
 Each recipe run with `reference_cache: true` keeps its reference log-probs in one folder per model
 and settings (a key); pairs of every data set it saw share that folder, so it grows with each new
 data set. A key folder holds key.json (what the key hashes: model config, weights hash, max_length,
-...; rewritten by every run that uses it, so its time is the last use) and part-*.parquet files
+...; its time is set by every run that uses it, a full hit included, so it is the last use) and part-*.parquet files
 (one row per pair). Other files and keys are tolerated. Removing deletes whole key folders, only
 direct children of the cache folder named like a key, never through a link; nothing read from a
 file is used as a path.

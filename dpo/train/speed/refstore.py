@@ -73,6 +73,16 @@ def write_key(folder: Path, parts: dict) -> None:
         os.replace(tmp, folder / "key.json")
 
 
+def mark_used(folder: Path) -> None:
+    """key.json's time is the key's last use (python -m dpo.cache lists it, `remove --unused_days` reads it):
+    set it to now on every use, a full hit included. A cache this user cannot write (read-only, shared) keeps
+    its time: nothing in it is written."""
+    try:
+        os.utime(folder / "key.json")
+    except OSError:
+        pass
+
+
 @dataclass
 class Store:
     """The rows of one key folder: row id -> (ref chosen, ref rejected, seconds it took, part file)."""

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,8 +41,12 @@ def test_cache_equals_trls_precompute_then_hits(tiny_model_dir, tmp_path, capsys
         for column in COLUMNS:
             torch.testing.assert_close(torch.tensor(ours[column]), torch.tensor(theirs[column]), rtol=1e-5, atol=1e-4)
 
+    (key_file,) = cache.glob("*/key.json")
+    os.utime(key_file, (0, 0))  # last used in 1970
     second = recipe_trainer(tiny_model_dir, tmp_path / "b", cache, ld_alpha=ld_alpha)
     assert "reference cache: hit, 16 pairs read" in logged(capsys)
+    # the hit is a use: python -m dpo.cache remove --unused_days 1 keeps it (was: removed, key.json written once)
+    assert time.time() - key_file.stat().st_mtime < 600
     assert second.train_dataset[COLUMNS[0]] == first.train_dataset[COLUMNS[0]]
     # a setting the values depend on is part of the key: a new folder, computed afresh
     recipe_trainer(tiny_model_dir, tmp_path / "c", cache, ld_alpha=ld_alpha, max_length=24)
