@@ -102,7 +102,7 @@ def recipe_trainer(work: Path, name: str, pairs, tokenizer, length: int, steps: 
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
-        "reference_cache_dir": work / "refcache",
+        **({"reference_cache_dir": work / "refcache"} if flags.get("reference_cache", True) else {}),
         **flags,
     }
     _, training_args, model_args = load_recipe_args(

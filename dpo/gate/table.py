@@ -189,9 +189,31 @@ def _prefetch(get):
     return None
 
 
+def _quantized_full(get):
+    quantized = next((name for name in ("load_in_4bit", "load_in_8bit") if get(name)), None)
+    if quantized and get("use_peft") is False and not get("sft_adapter_path"):
+        return (
+            f"use_peft false with {quantized} true: a quantized base cannot be trained itself, only adapters on it "
+            f"(transformers refuses after the weights load); set use_peft: true (QLoRA), or {quantized}: false "
+            "for a full fine-tune"
+        )
+    return None
+
+
+def _cache_dir_unused(get):
+    if get("reference_cache_dir") and get("reference_cache") is False:
+        return (
+            f"reference_cache_dir {get('reference_cache_dir')} is set but reference_cache is false: nothing would be "
+            "read from or written to it; set reference_cache: true, or leave reference_cache_dir unset"
+        )
+    return None
+
+
 RELATIONS = [
     (("lr_scheduler_type", "lr_scheduler_kwargs"), _scheduler),
     (("dataset_test_split", "dataset_train_split"), _splits),
     (("loss_weights",), _weights_total),
     (("dataloader_prefetch_factor", "dataloader_num_workers"), _prefetch),
+    (("use_peft", "load_in_4bit", "load_in_8bit", "sft_adapter_path"), _quantized_full),
+    (("reference_cache_dir", "reference_cache"), _cache_dir_unused),
 ]

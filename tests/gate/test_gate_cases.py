@@ -183,6 +183,14 @@ RELATION_CASES = {
         ["--loss_type", "sigmoid", "sft", "--loss_weights", "0", "0"],
         "loss_weights are all 0",
     ),
+    # was a transformers traceback after the weights loaded ("cannot perform fine-tuning on purely quantized models")
+    "_quantized_full": ("dpo_any", ["--use_peft", "false"], "use_peft false with load_in_4bit true"),
+    # was accepted and unused
+    "_cache_dir_unused": (
+        "dpo_any",
+        ["--reference_cache", "false", "--reference_cache_dir", "somewhere"],
+        "reference_cache_dir somewhere is set but reference_cache is false",
+    ),
 }
 
 
