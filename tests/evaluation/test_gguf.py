@@ -180,7 +180,7 @@ def test_a_pre_tokenizer_the_converter_does_not_recognise_is_refused(tiny_model_
         gguf_architecture("LlamaForCausalLM", AutoTokenizer.from_pretrained(tiny_model_dir), sentencepiece=False)
 
 
-@pytest.mark.parametrize("case", ["exists", "modelfile_exists", "not_gguf", "no_folder"])
+@pytest.mark.parametrize("case", ["exists", "modelfile_exists", "not_gguf", "no_folder", "under_a_file"])
 def test_gguf_paths_are_new_and_never_overwritten(tmp_path, case):
     from dpo.evaluation.gguf import gguf_paths
 
@@ -191,11 +191,16 @@ def test_gguf_paths_are_new_and_never_overwritten(tmp_path, case):
         (tmp_path / "model.Modelfile").write_text("keep")
     elif case == "not_gguf":
         target = tmp_path / "model.bin"
+    elif case == "under_a_file":  # was "the folder ... does not exist"
+        (tmp_path / "pairs.jsonl").write_text("keep")
+        target = tmp_path / "pairs.jsonl" / "model.gguf"
     else:
         target = tmp_path / "missing" / "model.gguf"
     with pytest.raises(UserError) as err:
         gguf_paths(str(target))
     assert "\n" not in str(err.value)
+    if case == "under_a_file":
+        assert f"{tmp_path / 'pairs.jsonl'} is a file, not a folder" in str(err.value), err.value
     assert all(p.read_text() == "keep" for p in tmp_path.iterdir() if p.is_file())
     assert gguf_paths(str(tmp_path / "new.gguf")) == (tmp_path / "new.gguf", tmp_path / "new.Modelfile")
 

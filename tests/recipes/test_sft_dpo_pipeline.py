@@ -580,6 +580,8 @@ def test_export_merged_onto_a_file_is_one_line(dpo, tmp_path, capsys, no_weights
     taken.write_text("mine")
     line = one_line_error(export, [dpo["dir"], "--merged", taken], capsys)
     assert f"--merged {taken} is a file, not a folder" in line, line
+    line = one_line_error(export, [dpo["dir"], "--merged", taken / "m"], capsys)  # was a FileExistsError traceback
+    assert f"--merged {taken / 'm'} lies under {taken}, a file" in line, line
     assert taken.read_text() == "mine"
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
+from dpo.files import file_in_the_way
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.train.speed.refcache import default_cache_dir
@@ -191,6 +192,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[CacheEntry]:
     args = parse_flags(_parser(), argv)
     cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if (blocker := file_in_the_way(cache_dir)) is not None:  # was "no reference caches in" a file
+        raise UserError(f"--cache_dir {cache_dir}: {blocker} is a file, not a folder; name the cache folder")
     if args.command == "remove":
         given = sum([bool(args.keys), args.all, args.unused_days is not None])
         if given != 1:

@@ -101,3 +101,18 @@ def test_a_wrong_remove_is_one_line_and_removes_nothing(tmp_path, capsys, argv, 
 def test_an_empty_or_missing_cache_folder_says_so(tmp_path, capsys):
     entries, out = run(["--cache_dir", tmp_path / "none"], capsys)
     assert entries == [] and out.startswith(f"no reference caches in {tmp_path / 'none'}")
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_cache_dir_that_is_a_file_or_under_one_is_said_so(tmp_path, capsys, below):
+    """Was: "no reference caches in" the file."""
+    taken = tmp_path / "pairs.jsonl"
+    taken.write_text("keep")
+    cache_dir = taken / below if below else taken
+    with pytest.raises(SystemExit) as stop:
+        main(["--cache_dir", str(cache_dir), "list"])
+    err = capsys.readouterr().err
+    assert (
+        stop.value.code == 2
+        and err == f"error: --cache_dir {cache_dir}: {taken} is a file, not a folder; name the cache folder\n"
+    )
