@@ -132,3 +132,57 @@ def choice_problems(parser, *arg_objects) -> list[str]:
             if item is not None and str(_plain(item)) not in allowed:
                 problems.append(f"{action.dest} must be one of {', '.join(allowed)}; got {_plain(item)!r}")
     return problems
+
+
+def _kinds(annotation) -> set[str]:
+    """What a field's annotation lets a YAML value be: null, a single value, a list, a mapping."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any or isinstance(annotation, (str, typing.TypeVar)):
+        return {"null", "value", "list", "mapping"}  # nothing to go by
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(arg) for arg in typing.get_args(annotation)))
+    if annotation is type(None):
+        return {"null"}
+    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        return {"list", "value"}  # one value is a list of one (lora_target_modules: all-linear)
+    if origin is dict or annotation is dict:
+        return {"mapping"}
+    return {"value"}
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return "list" if isinstance(value, (list, tuple)) else "mapping" if isinstance(value, dict) else "value"
+
+
+KIND_WORDS = {"null": "null", "value": "a single value", "list": "a list", "mapping": "a mapping"}
+
+
+def yaml_kind_problems(dataclass_types, values: dict) -> list[str]:
+    """A YAML value of another kind than its field takes (a list for `beta`, null for a field with a default
+    that is not null): argparse converts only text, so such a value reached the dataclasses as it was and
+    failed there with a TypeError, or later. One line per key."""
+    import dataclasses
+    import typing
+
+    fields = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            fields.setdefault(f.name, (hints.get(f.name, typing.Any), f.default))
+    problems = []
+    for key, value in values.items():
+        if key not in fields:
+            continue  # unknown keys are reported by the parser, with the near name
+        annotation, default = fields[key]
+        allowed = _kinds(annotation) | ({"null"} if default is None else set())
+        if _kind(value) not in allowed:
+            words = [KIND_WORDS[k] for k in ("value", "list", "mapping", "null") if k in allowed]
+            want = " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
+            shown = "" if value is None else f" ({value!r:.60})"
+            problems.append(f"{key} takes {want}; got {KIND_WORDS[_kind(value)]}{shown}")
+    return problems

@@ -187,8 +187,9 @@ def start_point(model_args, training_args, sft_adapter_path: str | None) -> tupl
     Resolves an adapter given either way and checks that it fits the base; the adapter's own
     LoRA settings (rank, targets) then apply, not the recipe's lora_* keys.
     """
-    from dpo.train.model_checks import load_model_config
+    from dpo.train.model_checks import load_model_config, require_model
 
+    require_model(model_args.model_name_or_path)
     base, adapter, config = resolve_start(model_args.model_name_or_path, sft_adapter_path)
     if adapter is None:
         return base, None

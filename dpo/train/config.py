@@ -18,7 +18,7 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
-from dpo.gate.flags import check_repeated_flags, choice_problems, one_line_parse_errors  # noqa: F401  (one_line_parse_errors: the doctor's)
+from dpo.gate.flags import check_repeated_flags, choice_problems, one_line_parse_errors, yaml_kind_problems  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
 from dpo.helptext import describe_recipe
 from dpo.log import log
@@ -150,9 +150,13 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     if not config_path.is_file():
         raise UserError(f"config file not found: {config_path}")
     try:
-        yaml.load(config_path.read_text(), Loader=StrictYAMLLoader)
+        values = yaml.load(config_path.read_text(), Loader=StrictYAMLLoader)
     except yaml.YAMLError as err:
         raise UserError(yaml_error_line(config_path, err)) from None
+    on_command_line = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}  # these override the YAML
+    values = {k: v for k, v in values.items() if k not in on_command_line} if isinstance(values, dict) else {}
+    if found := yaml_kind_problems(dataclass_types, values):
+        raise UserError(f"{config_path}: " + "; ".join(found))
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     parser.allow_abbrev = False  # argparse would take --learning_rat for --learning_rate, and --max_step for max_steps

@@ -301,10 +301,20 @@ def trainable_parameter_count(config, model_args, targets: list[str], trust_remo
     return count
 
 
+def require_model(name) -> None:
+    """model_name_or_path set (a YAML `model_name_or_path: null` reached the recipes as None)."""
+    if not name:
+        raise UserError(
+            "model_name_or_path is not set: name the model to train (a hub id or a model folder), in the YAML "
+            "or as --model_name_or_path"
+        )
+
+
 def check_model_and_load_tokenizer(model_args, training_args):
     """The model phase of a recipe, before any weights load: the model id resolves, its weights
     are safetensors (whole, not truncated), every LoRA target names a layer (logged), the tokenizer
     loads, and output_dir's disk has room for a checkpoint and the final files. Returns the tokenizer."""
+    require_model(model_args.model_name_or_path)
     remote_code = training_args.trust_remote_code  # off unless you set it: remote code runs on your machine
     config = load_model_config(model_args.model_name_or_path, model_args.model_revision, remote_code)
     check_safetensors(model_args.model_name_or_path, model_args.model_revision)

@@ -3,14 +3,17 @@ pad_token, max_length vs the model's positions, assistant_only_loss), a YAML key
 misspelt flags, and `python -m dpo.tiny` onto something that exists. Each stops with one `error:` line,
 exit 2, before any weights load."""
 
+import dataclasses
 import json
 import math
 
 import pytest
+import yaml
 from helpers import load_recipe, message_lines, one_line_error
 
+from dpo.compat import ModelConfig
 from dpo.gate.plan import check_plan, plan_of
-from dpo.train.config import RecipeDPOConfig
+from dpo.train.config import RecipeDPOConfig, RecipeSFTConfig
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +232,49 @@ YAML_CASES = {  # a recipe YAML's lines replaced or added; what the one error li
         "max_length is null (no limit), and the model has 2048 positions",
     ),
     "seed_not_whole": ({"seed: 42": "seed: 1.5"}, "seed must lie in [0, 4294967295] and a whole number; got 1.5"),
+    # a list, a mapping or null where the field takes one value: a TypeError inside the dataclasses, or later
+    "beta_a_list": ({"beta: 0.1 ": "beta: [0.1, 0.2] "}, "beta takes a single value; got a list ([0.1, 0.2])"),
+    "scheduler_a_mapping": (
+        {"lr_scheduler_type: constant_with_warmup": "lr_scheduler_type: {name: cosine}"},
+        "lr_scheduler_type takes a single value; got a mapping",
+    ),
+    "learning_rate_null": (
+        {"learning_rate: 5.0e-5": "learning_rate: null"},
+        "learning_rate takes a single value; got null",
+    ),
 }
+
+
+@pytest.mark.parametrize("recipe_name", ["dpo_any", "dpo_phi2", "sft_phi2", "dpo_sentiment_tiny", "dpo_rounds"])
+def test_every_shipped_yaml_has_values_of_the_kinds_its_fields_take(recipe_name):
+    from helpers import ROOT
+
+    from dpo.gate.flags import yaml_kind_problems
+
+    recipe = load_recipe(recipe_name)
+    config = RecipeSFTConfig if recipe_name == "sft_phi2" else RecipeDPOConfig
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        keys = {f.name for c in (recipe.ScriptArguments, config, ModelConfig) for f in dataclasses.fields(c)}
+        if set(values) <= keys:  # a YAML of this recipe
+            assert yaml_kind_problems((recipe.ScriptArguments, config, ModelConfig), values) == [], path
+
+
+def test_a_null_in_the_yaml_overridden_on_the_command_line_is_no_problem(local, tmp_path, capsys, no_weights_load):
+    config = tmp_path / "template.yaml"
+    config.write_text(
+        "dataset_name: null   # given on the command line\nmodel_name_or_path: null\nlearning_rate: -1\n"
+    )
+    line = one_line_error(load_recipe("dpo_any").main, [*local, "--config", config], capsys)
+    assert "learning_rate must be > 0" in line and "dataset_name" not in line, line
+
+
+def test_model_name_or_path_null_is_one_line(truthy_file, tmp_path, capsys, no_weights_load):
+    """Was a TypeError traceback from pathlib."""
+    config = tmp_path / "settings.yaml"
+    config.write_text(f"model_name_or_path: null\ndataset_name: {truthy_file}\noutput_dir: {tmp_path / 'o'}\n")
+    line = one_line_error(load_recipe("dpo_any").main, ["--config", config], capsys)
+    assert "model_name_or_path is not set" in line, line
 
 
 @pytest.mark.parametrize("case", sorted(YAML_CASES))
