@@ -99,6 +99,11 @@ def _csv_as_text(path: Path) -> dict:
 
     with open_data_file(path) as f:
         header = next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
+    if twice := sorted({name for name in header if header.count(name) > 1}):  # a dict of features keeps one
+        columns = ", ".join(
+            f"{name!r} (columns {', '.join(str(i + 1) for i, n in enumerate(header) if n == name)})" for name in twice
+        )
+        raise UserError(f"{path}, header: {columns} named twice; only one would be read. Rename or remove the other")
     return {
         "encoding": "utf-8-sig",
         "keep_default_na": False,

@@ -137,6 +137,14 @@ def test_csv_cells_are_read_as_the_text_they_are(lines, chosen, rejected, tmp_pa
     assert [c[0]["content"] for c in report.kept["chosen"]] == chosen
 
 
+def test_a_csv_header_naming_a_column_twice_is_one_line(tmp_path, capsys):
+    """Was: one of the two `chosen` columns silently dropped (the loader's features are a mapping by name)."""
+    path = tmp_path / "dup.csv"
+    path.write_text("prompt,chosen,rejected,chosen\nq,a,b,c\nq2,a2,b2,c2\n")
+    line = one_line_error(doctor.main, [path], capsys)
+    assert f"{path}, header: 'chosen' (columns 2, 4) named twice" in line, line
+
+
 @pytest.mark.parametrize("suffix", ["csv", "csv.gz", "jsonl", "json"])
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(suffix, tmp_path, capsys):
     """Excel's "CSV UTF-8" starts with a byte-order mark (was: Field "\ufeffprompt" does not exist)."""
