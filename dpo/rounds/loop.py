@@ -23,7 +23,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from dpo.data.loading import split_heldout
-from dpo.errors import UserError
+from dpo.errors import RunStopped, UserError
 from dpo.files import read_json_object, read_jsonl_objects
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
@@ -34,7 +34,7 @@ from dpo.rounds.sampling import Sampling, sample_answers
 from dpo.rounds.summary import ROUND_SHAPE, write_summary
 from dpo.train.safety.checkpoints import newest_complete_checkpoint, write_json_atomic
 from dpo.train.safety.runs import finished_run, verify_finished_run
-from dpo.train.trainer import build_dpo_trainer, train_and_save
+from dpo.train.trainer import RESUME_ADVICE, build_dpo_trainer, train_and_save
 
 PROMPT = (str, list)  # a text prompt or a list of chat messages
 SAMPLE_SHAPE = {"prompt": (PROMPT, None), "answers": (list, dict)}
@@ -206,6 +206,9 @@ def run_round(n: int, ctx, handoff: Handoff):
     return record, policy
 
 
+ROUNDS_RESUME = "Resume by running the same command again: the rounds continue with this round's DPO run from there"
+
+
 def _train(n, ctx, folder: Path, train, heldout) -> dict:
     """Round n's DPO run in `folder`: nothing to do when it finished, resumed from its newest complete
     checkpoint when it was stopped, else from the start. Returns its final metrics (+ steps)."""
@@ -230,9 +233,12 @@ def _train(n, ctx, folder: Path, train, heldout) -> dict:
     trainer = build_dpo_trainer(ctx.model_args, training_args, train, heldout, ctx.tokenizer, None, start_adapter)
     reference = set_reference(trainer, ctx.args.reference, n, ctx.sft_adapter)
     log(f"round {n}: policy starts from {start_adapter or 'a fresh LoRA adapter'}; reference = {reference}")
-    metrics = train_and_save(
-        trainer, (ctx.args, training_args, ctx.model_args), training_args.resume_from_checkpoint, heldout
-    )
+    try:
+        metrics = train_and_save(
+            trainer, (ctx.args, training_args, ctx.model_args), training_args.resume_from_checkpoint, heldout
+        )
+    except RunStopped as stop:  # the rounds refuse --resume_from_checkpoint: they continue by themselves
+        raise RunStopped(str(stop).replace(RESUME_ADVICE, ROUNDS_RESUME), stop.exit_status) from None
     return {**metrics, "steps": trainer.state.global_step}
 
 

@@ -49,6 +49,10 @@ from dpo.train.speed.refcache import attach_reference_cache, check_reference_cac
 from dpo.train.speed.sampler import install_length_grouping
 from dpo.train.validate import check_no_secrets, check_output_dir_apart
 
+# How a stopped run continues, said in the stop message; a caller that continues its runs another way
+# (the rounds recipe: the same command again) puts its own words in its place.
+RESUME_ADVICE = "Resume with --resume_from_checkpoint last"
+
 
 def build_dpo_trainer(
     model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None, sft_adapter=None
@@ -213,7 +217,7 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout) -> di
         if stopper.signum is not None:
             raise RunStopped(
                 f"{signal.Signals(stopper.signum).name} at step {trainer.state.global_step}: checkpoint saved in "
-                f"{newest_complete_checkpoint(output_dir)}. Resume with --resume_from_checkpoint last",
+                f"{newest_complete_checkpoint(output_dir)}. {RESUME_ADVICE}",
                 128 + stopper.signum,
             )
         metrics = whole_run_metrics(train_metrics, trainer.state.log_history, resumed_at, trainer.state.global_step)

@@ -323,6 +323,20 @@ def test_a_run_stopped_inside_round_1_is_checked_against_its_settings_and_prompt
     assert "other settings" in line and "prompts_sha256" in line
 
 
+def test_ctrl_c_in_a_round_says_to_run_the_same_command_again(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, monkeypatch, capsys
+):
+    """Was: "Resume with --resume_from_checkpoint last", which the rounds recipe refuses."""
+    values = settings(tiny_model_dir, truthy_file, tmp_path / "run", rounds=1, save_strategy="steps", save_steps=100)
+    argv = write_config(tmp_path / "rounds.yaml", values)
+    monkeypatch.setenv("DPO_TEST_SIGNAL_AT", "step:1:SIGINT")
+    with pytest.raises(SystemExit) as stop:
+        load_recipe("dpo_rounds").main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and "Resume by running the same command again" in err, err
+    assert "--resume_from_checkpoint" not in err and list((tmp_path / "run" / "round-1").glob("checkpoint-*"))
+
+
 def test_more_prompts_per_round_than_prompts_is_refused(
     tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, no_weights_load
 ):
