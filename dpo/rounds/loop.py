@@ -22,6 +22,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from dpo.data.doctor import check_data
 from dpo.data.loading import split_heldout
 from dpo.errors import RunStopped, UserError
 from dpo.files import read_json_object, read_jsonl_objects
@@ -171,7 +172,24 @@ def run_round(n: int, ctx, handoff: Handoff):
         )
     train_pairs = [p for m in range(1, n) for p in read_pairs(round_dir(ctx.output_dir, m) / "pairs.jsonl")]
     train_pairs = (train_pairs if args.keep_pairs else []) + pairs
-    train, heldout = split_heldout(Dataset.from_list(training_rows(train_pairs)), args.test_size, training_args.seed)
+    # the data doctor's checks, as the offline recipes run them: a pair TRL would drop or train as nothing (a
+    # prompt that alone fills max_length under keep_start, answers identical once cut) is dropped and counted
+    # here, so the round's counts are the pairs it trained and held out
+    chat = bool(train_pairs) and isinstance(train_pairs[0]["prompt"], list)
+    report = check_data(
+        Dataset.from_list(training_rows(train_pairs)),
+        f"round {n}'s pairs",
+        ctx.tokenizer,
+        prompt_format="chat" if chat else "text",
+        max_length=training_args.max_length,
+        truncation_mode=training_args.truncation_mode,
+    )
+    if len(report.kept) < args.min_pairs:
+        raise UserError(
+            f"round {n}: {len(report.kept)} of {len(train_pairs)} pairs left after the data doctor's checks (table "
+            f"above), fewer than min_pairs {args.min_pairs}: raise max_length, or use shorter prompts"
+        )
+    train, heldout = split_heldout(report.kept, args.test_size, training_args.seed)
 
     start = time.perf_counter()
     policy = None  # the trainer loads its own; free the sampler's copy first

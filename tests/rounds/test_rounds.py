@@ -337,6 +337,27 @@ def test_ctrl_c_in_a_round_says_to_run_the_same_command_again(
     assert "--resume_from_checkpoint" not in err and list((tmp_path / "run" / "round-1").glob("checkpoint-*"))
 
 
+@pytest.mark.slow
+def test_pairs_trl_would_drop_for_length_are_dropped_and_counted_before_training(
+    tiny_model_dir, truthy_file, reward_module, tmp_path
+):
+    """Was: prompts that alone fill max_length (keep_start) were dropped inside TRL while round.json counted them
+    as trained and held out."""
+    rows = jsonl(truthy_file)
+    for i, row in enumerate(rows):
+        if i % 2:
+            row["prompt"] += " and" * 300  # far past max_length 96
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = write_config(tmp_path / "rounds.yaml", settings(tiny_model_dir, prompts, tmp_path / "run", rounds=1))
+    summary = load_recipe("dpo_rounds").main(argv)
+    record = summary["rounds"][0]
+    pairs = jsonl(tmp_path / "run" / "round-1" / "pairs.jsonl")
+    short = [p for p in pairs if " and and" not in str(p["prompt"])]
+    assert len(short) < len(pairs)  # some long prompts were sampled and paired
+    assert record["train_pairs"] + record["heldout_pairs"] == len(short)
+
+
 def test_more_prompts_per_round_than_prompts_is_refused(
     tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, no_weights_load
 ):
