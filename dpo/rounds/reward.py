@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from pathlib import Path
 
 import torch
@@ -56,7 +57,8 @@ class FunctionReward:
         scores = []
         for i, (prompt, answer) in enumerate(zip(prompts, answers)):
             value = self.function(prompt, answer)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            # any real number: int, float, numpy's floats and ints (a NumPy-based reward returns np.float32)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise UserError(
                     f"reward {self.spec} returned {value!r} for answer {i + 1} ({answer[:40]!r}); it must return a "
                     "finite number"

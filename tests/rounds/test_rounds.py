@@ -27,6 +27,16 @@ def length(prompt, completion):
 
 def constant(prompt, completion):
     return 0.5
+
+
+def numpy_length(prompt, completion):
+    import numpy
+
+    return numpy.float32(len(completion))
+
+
+def not_a_number(prompt, completion):
+    return str(len(completion))
 '''
 
 
@@ -452,3 +462,14 @@ def test_a_local_reward_model_scores_through_its_own_chat_template(tiny_model_di
     # float32 with other batches (other padding): summation order only; relative to the largest score, never
     # elementwise. Measured 0.0 here (Intel, AVX512-BF16); 1e-5 leaves ~80 float32 ulps for another CPU's order
     assert len(again) == len(stored) and gap <= 1e-5 * max(1.0, max(map(abs, stored)))
+
+
+def test_a_reward_function_may_return_any_real_number_and_nothing_else(reward_module):
+    """Was: np.float32 refused as "must return a finite number", after the weights loaded and sampling ran."""
+    from dpo.errors import UserError
+    from dpo.rounds.reward import make_reward
+
+    scores = make_reward("rounds_test_rewards:numpy_length")(["p", "p"], ["abc", "de"])
+    assert scores == [3.0, 2.0] and all(type(s) is float for s in scores)  # plain floats, as rounds.json holds
+    with pytest.raises(UserError, match="must return a finite number"):
+        make_reward("rounds_test_rewards:not_a_number")(["p"], ["abc"])
