@@ -379,6 +379,17 @@ def test_more_prompts_per_round_than_prompts_is_refused(
     assert "prompts_per_round 100000" in line and "training prompts" in line
 
 
+def test_evaluate_and_export_on_a_rounds_folder_name_a_round(finished, tmp_path, capsys, no_weights_load):
+    """Was: "not a finished run folder of these recipes"."""
+    from dpo.evaluation.evaluate import main as evaluate
+    from dpo.evaluation.export import main as export
+
+    out, _, _ = finished
+    for main, extra in ((evaluate, []), (export, ["--merged", tmp_path / "merged"])):
+        line = one_line_error(main, [out, *extra], capsys)
+        assert "holds on-policy rounds" in line and str(out / "round-2") in line, line
+
+
 def test_a_finished_rounds_adapter_replaced_afterwards_is_named_before_weights_load(
     finished, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
 ):

@@ -192,6 +192,13 @@ def require_finished_run(folder: str | Path, command: str) -> None:
             f"{folder} is a checkpoint; {command} takes a finished run folder ({folder.parent}, with "
             f"{RUN_MARKER}): checkpoints hold neither the held-out pairs nor the resolved config"
         )
+    found = (p.parent.name.removeprefix("round-") for p in folder.glob(f"round-*/{RUN_MARKER}"))
+    rounds = sorted(int(n) for n in found if n.isdigit())
+    if rounds:  # recipes/dpo_rounds.py's output: each round's DPO run is a run folder of its own
+        raise UserError(
+            f"{folder} holds on-policy rounds (recipes/dpo_rounds.py), each a finished run folder of its own: "
+            f"{command} takes one of them, e.g. {folder / f'round-{rounds[-1]}'} (the last round's policy)"
+        )
     newest = newest_complete_checkpoint(folder, warn=False)
     if newest is None and not checkpoints_in(folder) and not (folder / "adapter_config.json").is_file():
         return
