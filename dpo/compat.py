@@ -110,25 +110,6 @@ REWARD_METRICS = (
 )
 
 
-# attn_implementation: the names transformers' from_pretrained accepts ("eager" and its attention
-# registry: sdpa, flash_attention_2, ...), and its pattern for a hub kernel ("org/repo[@rev][:fn]").
-# Read when checked, so names a transformers upgrade registers pass the settings gate.
-def attention_names() -> tuple[str, ...]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    # less the ones this repository registers for its own use (dpo/train/attention.py, speed/packing.py)
-    ours = {
-        k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if ALL_ATTENTION_FUNCTIONS[k].__module__.startswith("dpo.")
-    }
-    return ("eager", *(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if k not in ours))
-
-
-def is_hub_kernel(name: str) -> bool:
-    from transformers.integrations.hub_kernels import is_kernel
-
-    return is_kernel(name)
-
-
 # Options that older DPO recipes use and TRL removed in 0.29; each with what to do instead.
 REMOVED_OPTIONS = {
     "rpo_alpha": "use loss_type: [sigmoid, sft] with loss_weights: [1.0, <rpo_alpha>]",

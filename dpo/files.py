@@ -25,6 +25,12 @@ def file_in_the_way(path: str | Path) -> Path | None:
     return None
 
 
+def numbered_folders(folder: str | Path, prefix: str, holding: str) -> list[int]:
+    """N of every `folder/<prefix>N/` that holds `holding` (round-N/round.json), in order; other names skipped."""
+    found = (p.parent.name.removeprefix(prefix) for p in Path(folder).glob(f"{prefix}*/{holding}"))
+    return sorted(int(n) for n in found if n.isdigit())
+
+
 def replace_folder(target: str | Path, write) -> Path:
     """Build a folder with `write(tmp_folder)` next to `target`, then swap it in.
 

@@ -11,8 +11,25 @@ setting just outside its bound and expects one `error:` line, exit 2, before wei
 
 from __future__ import annotations
 
-from dpo.compat import attention_names, is_hub_kernel
 from dpo.gate.rules import Bound, Choice, Each, Named, at_least, fraction, non_negative, positive
+
+
+# attn_implementation: the names transformers' from_pretrained accepts ("eager" and its attention registry:
+# sdpa, flash_attention_2, ...) and its pattern for a hub kernel ("org/repo[@rev][:fn]"), both read from
+# transformers when checked, so names an upgrade registers pass.
+def attention_names() -> tuple[str, ...]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    keys = ALL_ATTENTION_FUNCTIONS.valid_keys()
+    # less the ones this repository registers for its own use (dpo/train/attention.py, speed/packing.py)
+    return ("eager", *(k for k in keys if not ALL_ATTENTION_FUNCTIONS[k].__module__.startswith("dpo.")))
+
+
+def is_hub_kernel(name: str) -> bool:
+    from transformers.integrations.hub_kernels import is_kernel
+
+    return is_kernel(name)
+
 
 SEED_RANGE = Bound(low=0, high=2**32 - 1, whole=True, why="numpy and Python's RNGs take seeds in [0, 2^32 - 1]")
 UNSET = (None,)

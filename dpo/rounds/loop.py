@@ -24,7 +24,7 @@ from datasets import Dataset
 
 from dpo.data.doctor import check_data
 from dpo.data.loading import split_heldout
-from dpo.errors import RunStopped, UserError
+from dpo.errors import UserError
 from dpo.files import read_json_object, read_jsonl_objects
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
@@ -35,7 +35,7 @@ from dpo.rounds.sampling import Sampling, sample_answers
 from dpo.rounds.summary import ROUND_SHAPE, write_summary
 from dpo.train.safety.checkpoints import newest_complete_checkpoint, write_json_atomic
 from dpo.train.safety.runs import finished_run, verify_finished_run
-from dpo.train.trainer import RESUME_ADVICE, build_dpo_trainer, train_and_save
+from dpo.train.trainer import build_dpo_trainer, train_and_save
 
 PROMPT = (str, list)  # a text prompt or a list of chat messages
 SAMPLE_SHAPE = {"prompt": (PROMPT, None), "answers": (list, dict)}
@@ -184,10 +184,12 @@ def run_round(n: int, ctx, handoff: Handoff):
         max_length=training_args.max_length,
         truncation_mode=training_args.truncation_mode,
     )
+    if warning := report.warning():  # what was dropped and why, counted (nothing said when nothing was)
+        log(warning)
     if len(report.kept) < args.min_pairs:
         raise UserError(
-            f"round {n}: {len(report.kept)} of {len(train_pairs)} pairs left after the data doctor's checks (table "
-            f"above), fewer than min_pairs {args.min_pairs}: raise max_length, or use shorter prompts"
+            f"round {n}: {len(report.kept)} of {len(train_pairs)} pairs left after the data doctor's checks "
+            f"({report.warning()}), fewer than min_pairs {args.min_pairs}: raise max_length, or use shorter prompts"
         )
     train, heldout = split_heldout(report.kept, args.test_size, training_args.seed)
 
@@ -251,12 +253,13 @@ def _train(n, ctx, folder: Path, train, heldout) -> dict:
     trainer = build_dpo_trainer(ctx.model_args, training_args, train, heldout, ctx.tokenizer, None, start_adapter)
     reference = set_reference(trainer, ctx.args.reference, n, ctx.sft_adapter)
     log(f"round {n}: policy starts from {start_adapter or 'a fresh LoRA adapter'}; reference = {reference}")
-    try:
-        metrics = train_and_save(
-            trainer, (ctx.args, training_args, ctx.model_args), training_args.resume_from_checkpoint, heldout
-        )
-    except RunStopped as stop:  # the rounds refuse --resume_from_checkpoint: they continue by themselves
-        raise RunStopped(str(stop).replace(RESUME_ADVICE, ROUNDS_RESUME), stop.exit_status) from None
+    metrics = train_and_save(  # the rounds refuse --resume_from_checkpoint: they continue by themselves
+        trainer,
+        (ctx.args, training_args, ctx.model_args),
+        training_args.resume_from_checkpoint,
+        heldout,
+        resume_advice=ROUNDS_RESUME,
+    )
     return {**metrics, "steps": trainer.state.global_step}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo.files import read_json_object
+from dpo.files import numbered_folders, read_json_object
 from dpo.train.safety.checkpoints import write_json_atomic
 
 HELDOUT_SHAPE = {k: (float, None) for k in ("reward", "reward_low", "reward_high", "kl", "kl_low", "kl_high")}
@@ -56,8 +56,7 @@ def write_settings_record(output_dir: Path, header: dict) -> None:
 
 def finished_rounds(output_dir: Path) -> list[int]:
     """The numbers of the rounds whose round.json exists (each written last, when its round finished)."""
-    found = (p.parent.name.removeprefix("round-") for p in Path(output_dir).glob("round-*/round.json"))
-    return sorted(int(n) for n in found if n.isdigit())
+    return numbered_folders(output_dir, "round-", "round.json")
 
 
 def _interval(m: dict, key: str, fmt: str) -> str:

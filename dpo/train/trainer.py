@@ -50,7 +50,7 @@ from dpo.train.speed.sampler import install_length_grouping
 from dpo.train.validate import check_no_secrets, check_output_dir_apart
 
 # How a stopped run continues, said in the stop message; a caller that continues its runs another way
-# (the rounds recipe: the same command again) puts its own words in its place.
+# (the rounds recipe: the same command again) passes its own to train_and_save.
 RESUME_ADVICE = "Resume with --resume_from_checkpoint last"
 
 
@@ -175,7 +175,9 @@ def protect_run(trainer, run: dict, took_lock: bool) -> None:
         trainer.add_callback(callback)
 
 
-def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None, heldout=None) -> dict:
+def train_and_save(
+    trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None, heldout=None, resume_advice: str = RESUME_ADVICE
+) -> dict:
     """Train, evaluate on the held-out split, and write everything a user needs to `output_dir`.
 
     output_dir/
@@ -188,16 +190,17 @@ def train_and_save(trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None
       heldout_pairs.jsonl                              `heldout` (prompt/chosen/rejected), for dpo.evaluation.evaluate
 
     Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
-    exit status 128 + signal. A non-finite loss/gradient stops before that step, exit status 3.
+    exit status 128 + signal (the stop line ends with `resume_advice`). A non-finite loss/gradient stops before
+    that step, exit status 3.
     """
     try:
-        return _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout)
+        return _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resume_advice)
     finally:
         if getattr(trainer, "took_output_lock", False):  # built outside a recipe: the run ends here
             lock.release(trainer.args.output_dir)
 
 
-def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout) -> dict:
+def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resume_advice) -> dict:
     output_dir, stopper = Path(trainer.args.output_dir), trainer.stop_on_signal
     resumed_at = resumed_step(resume_from_checkpoint) if resume_from_checkpoint else 0  # rotation may delete it
     with stopper.installed():
@@ -217,7 +220,7 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout) -> di
         if stopper.signum is not None:
             raise RunStopped(
                 f"{signal.Signals(stopper.signum).name} at step {trainer.state.global_step}: checkpoint saved in "
-                f"{newest_complete_checkpoint(output_dir)}. {RESUME_ADVICE}",
+                f"{newest_complete_checkpoint(output_dir)}. {resume_advice}",
                 128 + stopper.signum,
             )
         metrics = whole_run_metrics(train_metrics, trainer.state.log_history, resumed_at, trainer.state.global_step)

@@ -32,6 +32,7 @@ from dpo.files import (
     disk_full_message,
     disk_full_while_writing,
     file_sha256,
+    numbered_folders,
     read_json_object,
     remove_entry,
     sha256_mismatch,
@@ -192,8 +193,7 @@ def require_finished_run(folder: str | Path, command: str) -> None:
             f"{folder} is a checkpoint; {command} takes a finished run folder ({folder.parent}, with "
             f"{RUN_MARKER}): checkpoints hold neither the held-out pairs nor the resolved config"
         )
-    found = (p.parent.name.removeprefix("round-") for p in folder.glob(f"round-*/{RUN_MARKER}"))
-    rounds = sorted(int(n) for n in found if n.isdigit())
+    rounds = numbered_folders(folder, "round-", RUN_MARKER)
     if rounds:  # recipes/dpo_rounds.py's output: each round's DPO run is a run folder of its own
         raise UserError(
             f"{folder} holds on-policy rounds (recipes/dpo_rounds.py), each a finished run folder of its own: "

@@ -78,7 +78,7 @@ def mark_used(folder: Path) -> None:
     set it to now on every use, a full hit included. A cache this user cannot write (read-only, shared) keeps
     its time: nothing in it is written."""
     try:
-        os.utime(folder / "key.json")
+        os.utime(folder / "key.json", follow_symlinks=False)  # a link's own time, never its target's
     except OSError:
         pass
 
