@@ -17,6 +17,8 @@ Layouts, detected from the column names and the first row (extra columns are ign
 Two responses and a label or a score saying which is better (PKU-SafeRLHF, SHP, HelpSteer2, raw
 UltraFeedback; `label_column:` / `score_columns:`): dpo/data/preferences.py picks chosen and rejected per row.
 Conversational rows may call tools (assistant `tool_calls`, `tool` turns, a `tools` column): dpo/data/tools.py.
+Nested layouts (OpenAI's input.messages / preferred_output / non_preferred_output) are read through
+dpo/data/nested.py as columns named by their paths.
 
 Any other column names: `Columns(prompt="query", chosen="good", ...)`, in a recipe's YAML as
 `prompt_column: query`, `chosen_column: good`, ... When chosen and rejected hold the whole
@@ -51,6 +53,7 @@ from datasets import Dataset
 
 from dpo.data.formats import plain_text_format
 from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, late_system_error, messages_field, text_field
+from dpo.data.nested import unnest
 from dpo.data.preferences import HISTORY, Preference, detect_preference
 from dpo.data.prompts import DIVERGE, NO_SHARED_PROMPT, parse_hh, reply_problem, split_hh_text, split_shared_prompt  # noqa: F401  (DIVERGE: callers import the drop reasons from here)
 from dpo.data.tools import TOOLS_COLUMN, pairs_features, tools_field
@@ -313,6 +316,10 @@ def to_pairs(
         raise UserError(f"prompt_format: '{prompt_format}' is not one of ['chat', 'text']")
     if len(data) == 0:
         raise UserError(f"{source}: the data has no rows")
+    named = columns is not None and any((columns.prompt, columns.chosen, columns.rejected))
+    data, nested = unnest(data, source, named)  # OpenAI's input.messages / preferred_output / ...: dpo/data/nested.py
+    if nested:
+        columns = dataclasses.replace(columns or Columns(), **nested)
     layout = detect_layout(data, source, columns)
     chat = prompt_format == "chat"
     if text_format is not None and layout.kind != "text":  # first: a recipe with its own format has no prompt_format

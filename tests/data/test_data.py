@@ -381,7 +381,7 @@ def test_every_input_row_gives_one_output_row_in_order():
 
 
 @pytest.mark.parametrize(
-    "module", ["loading", "datafiles", "pairs", "preferences", "formats", "tools", "prompts"]
+    "module", ["loading", "datafiles", "pairs", "preferences", "formats", "tools", "nested", "prompts"]
 )
 def test_every_public_function_of_the_data_modules_is_used_by_the_project(module):
     """No dead code in dpo/data/loading.py, datafiles.py, pairs.py, preferences.py, formats.py: each public function or class is used by the package, a recipe,
