@@ -10,6 +10,8 @@ to bad rows. Runs inside every recipe (`check_data`), and alone, with the recipe
     python -m dpo.doctor truthy.jsonl --model_name_or_path microsoft/phi-2 --prompt_format text --text_format phi2
                                       # as recipes/dpo_phi2.py formats and counts it
     python -m dpo.doctor --dataset_name org/data --dataset_config en --dataset_train_split test
+    python -m dpo.doctor agent.jsonl --model_name_or_path outputs/tiny-phi --chat_template_path tools.jinja
+                                      # tool-calling rows, rendered with a template that shows the calls
 
 What it does, on the pairs from dpo.data.pairs.to_pairs:
   * schema errors (missing field, wrong type, malformed JSON line, empty file) stop with the file,
