@@ -10,6 +10,8 @@ to bad rows. Runs inside every recipe (`check_data`), and alone, with the recipe
     python -m dpo.doctor truthy.jsonl --model_name_or_path microsoft/phi-2 --prompt_format text --text_format phi2
                                       # as recipes/dpo_phi2.py formats and counts it
     python -m dpo.doctor --dataset_name org/data --dataset_config en --dataset_train_split test
+    python -m dpo.doctor agent.jsonl --model_name_or_path outputs/tiny-phi --chat_template_path tools.jinja
+                                      # tool-calling rows, rendered with a template that shows the calls
 
 What it does, on the pairs from dpo.data.pairs.to_pairs:
   * schema errors (missing field, wrong type, malformed JSON line, empty file) stop with the file,
@@ -42,6 +44,7 @@ from dpo.data.doctor_report import IN_TRAINING, IN_TRAINING_SWAPPED, DoctorRepor
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE, chat_template_for, is_chat, phi2_qa_format
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
+from dpo.data.tools import TOOLS_COLUMN, check_template, has_tool_messages, read_chat_template
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
 from dpo.log import log
@@ -69,23 +72,34 @@ def check_data(
     degenerate_rows: str = "drop",
     sft: bool = False,
     training_keys: set[bytes] | None = None,
+    chat_template_path: str | None = None,
 ) -> DoctorReport:
     """to_pairs + examine: convert the raw rows and check every one. What recipes call. `sft=True`
     for SFT, which never reads rejected (examine keeps rows whose rejected is empty or = chosen).
     `training_keys` (doctor_report.pair_keys of the training pairs): `data` is a held-out split, whose rows
     that are training pairs (as they are or swapped) are dropped; when that leaves none, one line says so.
-    Changes nothing it is given: for chat rows the template it rendered them with (the tokenizer's
-    own, or the plain one when it has none) is `report.chat_template`, for the caller to train with."""
+    Changes nothing it is given: for chat rows the template it rendered them with (`chat_template_path`'s,
+    else the tokenizer's own, or the plain one when it has none) is `report.chat_template`, for the caller to
+    train with. Rows with tool calls or tools need a template that renders them (dpo/data/tools.py), or stop."""
     if degenerate_rows not in ("drop", "fail"):
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
     template, chat_template = "", None
     if is_chat(pairs):
-        chat_template = chat_template_for(tokenizer) if tokenizer is not None else PLAIN_CHAT_TEMPLATE
+        own = read_chat_template(chat_template_path) if chat_template_path else None
+        if tokenizer is not None:  # before the no-template warning: tool rows with no template stop here
+            _check_tool_template(pairs, tokenizer, source, chat_template_path, own)
+        chat_template = own or (chat_template_for(tokenizer) if tokenizer is not None else PLAIN_CHAT_TEMPLATE)
         if tokenizer is not None and chat_template != tokenizer.chat_template:  # the caller's tokenizer stays as it is
             tokenizer = copy.copy(tokenizer)
             tokenizer.chat_template = chat_template
-        template = ", plain template" if chat_template == PLAIN_CHAT_TEMPLATE else ", tokenizer's chat template"
+        template = (
+            f", chat template {chat_template_path}"
+            if own
+            else ", plain template"
+            if chat_template == PLAIN_CHAT_TEMPLATE
+            else ", tokenizer's chat template"
+        )
     fmt = (
         f"{prompt_format} format"
         + template
@@ -119,6 +133,29 @@ def check_data(
         raise UserError(f"{source}: no usable pair, every row was dropped:\n{report.table()}")
     report.chat_template = chat_template
     return report
+
+
+def _check_tool_template(pairs: Dataset, tokenizer, source: str, path: str | None, own: str | None) -> None:
+    """Rows with tool calls, tool results or tools (to_pairs gives their pairs a tools column, and only
+    theirs): the template must render them (dpo/data/tools.py)."""
+    if TOOLS_COLUMN not in pairs.column_names:
+        return
+    data = pairs.select_columns(["prompt", "chosen", "rejected", TOOLS_COLUMN, "row"])[:]
+    rows = zip(data["prompt"], data["chosen"], data["rejected"], data[TOOLS_COLUMN], data["row"])
+    first = next((n for p, c, r, t, n in rows if t is not None or has_tool_messages(p, c, r)), None)
+    if first is None:
+        return
+    template = own or tokenizer.chat_template or PLAIN_CHAT_TEMPLATE  # check_data's choice, without its warning
+    if own:
+        described = f"the chat template {path}"
+    elif template == PLAIN_CHAT_TEMPLATE:
+        described = (
+            f"the plain Human/Assistant template ({tokenizer.name_or_path or 'the tokenizer'} has no chat template)"
+        )
+    else:
+        described = f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
+    with_tools = any(t is not None for t in data[TOOLS_COLUMN])
+    check_template(tokenizer, template, described, source, first, with_tools)
 
 
 def split_like_dpo(report, test_size: float, seed: int):
@@ -160,6 +197,7 @@ def check_training_split(
         tokenizer,
         max_length=training_args.max_length,
         truncation_mode=training_args.truncation_mode,
+        chat_template_path=getattr(training_args, "chat_template_path", None),
         **formatting,
     )
 
@@ -237,6 +275,11 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         help="a score column per response (e.g. score_a score_b), or the score key of a completions list",
     )
+    p.add_argument(
+        "--chat_template_path",
+        help="a Jinja chat template file (.jinja/.j2) to render chat rows with, instead of the tokenizer's own "
+        "(as the recipes' chat_template_path); e.g. one that renders tool calls",
+    )
     p.add_argument("--fail_on_degenerate", action="store_true", help="exit 2 instead of dropping degenerate rows")
     p.add_argument("--trust_remote_code", action="store_true")
     return p
@@ -301,12 +344,13 @@ def main(argv: list[str] | None = None) -> DoctorReport:
             max_length=args.max_length,
             truncation_mode=args.truncation_mode,
             degenerate_rows="fail" if args.fail_on_degenerate else "drop",
+            chat_template_path=args.chat_template_path,
         )
         print(report.table())
         if report.example:
             print(
                 f"first pair as the model sees it:\n  prompt: {report.example['prompt']!r:.300}\n"
-                f"  chosen: {report.example['chosen']!r:.300}"
+                f"  chosen: {report.example['chosen']!r:.300}\n  rejected: {report.example['rejected']!r:.300}"
             )
         if warning := report.warning():
             print(warning, file=sys.stderr)

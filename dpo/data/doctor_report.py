@@ -25,6 +25,7 @@ from dpo.data.formats import is_chat, render
 from dpo.data.pairs import DIVERGE, EMPTY_PROMPT, NO_SHARED_PROMPT
 from dpo.data.preferences import CONTRADICTS, TIE, TOO_FEW
 from dpo.data.tokens import measure_pairs
+from dpo.data.tools import TOOLS_COLUMN
 from dpo.errors import UserError
 
 # Drop reasons, in the order they are checked: a row is counted once, under the first that applies.
@@ -59,6 +60,7 @@ REASONS = (
 
 CHUNK = 1000  # rows rendered and tokenized per batch: one progress-bar tick
 SHOW_ROWS = 5  # row numbers listed per drop reason
+TOOL_FIELDS = ("tool_calls", "tool_call_id", "name")
 
 
 @dataclass
@@ -152,20 +154,24 @@ class DoctorReport:
 def _is_empty(answer) -> bool:
     if isinstance(answer, str):
         return not answer.strip()
-    return not any(m["content"].strip() for m in answer)
+    return not any(m["content"].strip() or m.get("tool_calls") for m in answer)  # a tool call is an answer
 
 
 def _same(a, b) -> bool:
-    if isinstance(a, str):
-        return a.strip() == b.strip()
-    return [(m["role"], m["content"].strip()) for m in a] == [(m["role"], m["content"].strip()) for m in b]
+    return _stripped(a) == _stripped(b)
 
 
 def _stripped(value):
-    """A prompt or answer as _same compares it: text stripped, messages as (role, stripped content)."""
+    """A prompt or answer as _same compares it: text stripped, messages as (role, stripped content) and the
+    tool fields they have (dpo/data/tools.py: two answers calling different tools are different answers)."""
     if isinstance(value, str):
         return value.strip()
-    return [(m["role"], m["content"].strip()) for m in value]
+    return [(m["role"], m["content"].strip(), *(m[k] for k in TOOL_FIELDS if m.get(k))) for m in value]
+
+
+def _with_tools(prompt, tools):
+    """A prompt as the keys see it: the tools a row offers are part of its context."""
+    return prompt if tools is None else [prompt, tools]
 
 
 def _key(prompt, chosen, rejected) -> bytes:
@@ -178,9 +184,10 @@ def pair_keys(pairs: Dataset) -> set[bytes]:
     """The key of every pair of `pairs` (prompt, chosen, rejected) as _same compares them: what examine's
     `training_keys` takes, to drop held-out rows that are training pairs."""
     columns = pairs[:]
+    tools = columns.get(TOOLS_COLUMN) or [None] * len(pairs)
     return {
-        _key(_stripped(p), _stripped(c), _stripped(r))
-        for p, c, r in zip(columns["prompt"], columns["chosen"], columns["rejected"])
+        _key(_with_tools(_stripped(p), t), _stripped(c), _stripped(r))
+        for p, c, r, t in zip(columns["prompt"], columns["chosen"], columns["rejected"], tools)
     }
 
 
@@ -218,6 +225,8 @@ def examine(
     rows_in = len(pairs)
     columns = pairs[:]  # every column as Python lists: one pass over the Arrow table
     prompts, chosens, rejecteds = columns["prompt"], columns["chosen"], columns["rejected"]
+    tools = columns.get(TOOLS_COLUMN) or [None] * rows_in  # JSON text per row (dpo/data/tools.py), or none
+    keyed = [_with_tools(_stripped(p), t) for p, t in zip(prompts, tools)]  # prompts as the keys compare them
     row_numbers = columns.get("row") or list(range(1, rows_in + 1))
     problems = columns.get("problem") or [""] * rows_in
     drops: list[tuple[int, str]] = []
@@ -228,7 +237,7 @@ def examine(
     # cheap checks on every row
     passed: list[int] = []  # rows no earlier reason drops, with their pair key as _same compares
     keys: dict[int, bytes] = {}
-    for i, (prompt, chosen, rejected) in enumerate(zip(prompts, chosens, rejecteds)):
+    for i, (chosen, rejected) in enumerate(zip(chosens, rejecteds)):
         unpaired = _is_empty(rejected) or _same(chosen, rejected)  # no preference for DPO to learn
         if problems[i]:
             drop(problems[i], row_numbers[i])
@@ -238,10 +247,10 @@ def examine(
             drop(IDENTICAL, row_numbers[i])
         else:
             passed.append(i)
-            keys[i] = _key(_stripped(prompt), _stripped(chosen), _stripped(rejected))
+            keys[i] = _key(keyed[i], _stripped(chosen), _stripped(rejected))
     # a row whose swapped pair (same prompt, chosen and rejected exchanged) is another row: both go
     # (a row with chosen = rejected, kept for SFT, is its own swap: not a contradiction)
-    swapped = {_key(_stripped(prompts[i]), _stripped(rejecteds[i]), _stripped(chosens[i])) for i in passed}
+    swapped = {_key(keyed[i], _stripped(rejecteds[i]), _stripped(chosens[i])) for i in passed}
     swapped -= {keys[i] for i in passed if _same(chosens[i], rejecteds[i])}
     candidates: list[int] = []
     seen: set[bytes] = set()
@@ -250,11 +259,11 @@ def examine(
     for i in passed:
         if keys[i] in training_keys:
             drop(IN_TRAINING, row_numbers[i])
-        elif _key(_stripped(prompts[i]), _stripped(rejecteds[i]), _stripped(chosens[i])) in training_keys:
+        elif _key(keyed[i], _stripped(rejecteds[i]), _stripped(chosens[i])) in training_keys:
             drop(IN_TRAINING_SWAPPED, row_numbers[i])
         elif keys[i] in swapped:
             drop(SWAPPED, row_numbers[i])
-        elif (key := _key(prompts[i], chosens[i], rejecteds[i])) in seen:
+        elif (key := _key(_with_tools(prompts[i], tools[i]), chosens[i], rejecteds[i])) in seen:
             drop(DUPLICATE, row_numbers[i])
         else:
             seen.add(key)
@@ -278,7 +287,7 @@ def examine(
         texts = []
         for i in chunk:
             try:
-                texts.append(render(prompts[i], chosens[i], rejecteds[i], tokenizer))
+                texts.append(render(prompts[i], chosens[i], rejecteds[i], tokenizer, tools[i]))
             except Exception as err:  # a chat template refusing the row (e.g. no system role)
                 raise UserError(
                     f"{source}, row {row_numbers[i]}: the chat template failed on this row: {err}"
@@ -294,12 +303,14 @@ def examine(
             kept.append(i)
             lengths.append(counts)
             if not example:
-                example = {"prompt": text[0], "chosen": text[1][len(text[0]) :]}
+                example = {"prompt": text[0], "chosen": text[1][len(text[0]) :], "rejected": text[2][len(text[0]) :]}
 
     report = DoctorReport(
         source=source,
         rows_in=rows_in,
-        kept=pairs.select(kept).select_columns(["prompt", "chosen", "rejected"]),
+        kept=pairs.select(kept).select_columns(
+            [c for c in ("prompt", "chosen", "rejected", TOOLS_COLUMN) if c in columns]
+        ),
         dropped=Counter(reason for _, reason in drops),
         drops=sorted(drops),
         kept_rows=[row_numbers[i] for i in kept],

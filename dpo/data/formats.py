@@ -15,6 +15,8 @@ The counting itself (`count_tokens`, long texts in windows) is dpo/data/tokens.p
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 
 from datasets import Dataset
@@ -110,10 +112,11 @@ def ensure_chat_template(tokenizer) -> bool:
 # ── rendering and token counts, exactly as TRL's DPOTrainer does them ──────────────────
 
 
-def render(prompt, chosen, rejected, tokenizer) -> tuple[str, str, str]:
+def render(prompt, chosen, rejected, tokenizer, tools: str | None = None) -> tuple[str, str, str]:
     """(prompt text, prompt+chosen text, prompt+rejected text) as TRL builds them.
 
-    Chat format: the chat template, with the generation prompt after the prompt. Text: the
+    Chat format: the chat template, with the generation prompt after the prompt, and the row's `tools`
+    (the JSON text of dpo/data/tools.py) passed as DPOTrainer's tokenize_fn passes them. Text: the
     strings joined, EOS appended to each answer unless it already ends with it.
     """
     if isinstance(chosen, str):
@@ -125,12 +128,9 @@ def render(prompt, chosen, rejected, tokenizer) -> tuple[str, str, str]:
             _render_plain(prompt + chosen, False),
             _render_plain(prompt + rejected, False),
         )
-    apply = tokenizer.apply_chat_template
-    return (
-        apply(prompt, tokenize=False, add_generation_prompt=True),
-        apply(prompt + chosen, tokenize=False),
-        apply(prompt + rejected, tokenize=False),
-    )
+    tools = json.loads(tools) if isinstance(tools, str) else tools  # as TRL reads the column back
+    apply = functools.partial(tokenizer.apply_chat_template, tokenize=False, tools=tools)
+    return (apply(prompt, add_generation_prompt=True), apply(prompt + chosen), apply(prompt + rejected))
 
 
 def _with_eos(text: str, eos: str) -> str:
@@ -138,12 +138,14 @@ def _with_eos(text: str, eos: str) -> str:
 
 
 def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
-    """PLAIN_CHAT_TEMPLATE in Python, for character counts when no tokenizer is given (no EOS)."""
+    """PLAIN_CHAT_TEMPLATE in Python, for character counts when no tokenizer is given (no EOS); tool calls
+    are counted as their JSON (the plain template itself cannot render them: dpo/data/tools.py)."""
     out = []
     for m in messages:
+        content = m["content"] + (json.dumps(m["tool_calls"], ensure_ascii=False) if m.get("tool_calls") else "")
         if m["role"] == "system":
-            out.append(m["content"])
+            out.append(content)
         else:
             name = {"user": "Human", "assistant": "Assistant"}.get(m["role"], m["role"].capitalize())
-            out.append(f"\n\n{name}: {m['content']}")
+            out.append(f"\n\n{name}: {content}")
     return "".join(out) + ("\n\nAssistant:" if add_generation_prompt else "")

@@ -34,6 +34,7 @@ from dpo.data.datafiles import (
     open_data_file,
 )
 from dpo.data.encoding import blank, check_utf8, has_surrogate_escape, json_problem, quiet_readers
+from dpo.data.tools import message_extras
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
 from dpo.hub import local_reason, offline_if_unreachable, offline_mode, offline_why
@@ -286,7 +287,9 @@ def text_field(value, where: str) -> str:
 
 
 def messages_field(value, where: str) -> list[dict]:
-    """A list of {"role": str, "content": str}; other keys (name, tool_calls) are not kept."""
+    """A list of {"role": str, "content": str}, with their tool fields (dpo/data/tools.py: `tool_calls` of an
+    assistant turn, whose content may then be empty or null, `tool_call_id` / `name` of a tool turn); other
+    keys are not kept."""
     if value is None:
         raise UserError(f"{where}: missing (no value)")
     if not isinstance(value, list):
@@ -295,10 +298,11 @@ def messages_field(value, where: str) -> list[dict]:
         )
     out = []
     for i, message in enumerate(value, start=1):
+        calls = isinstance(message, dict) and message.get("tool_calls") is not None
         if (
             not isinstance(message, dict)
             or not isinstance(message.get("role"), str)
-            or not isinstance(message.get("content"), str)
+            or not (isinstance(message.get("content"), str) or (calls and message.get("content") is None))
         ):
             raise UserError(f"{where}, message {i}: expected {{'role': text, 'content': text}}, got {message!r:.80}")
         if (role := message["role"]) not in ROLES:  # chat templates skip or refuse other roles
@@ -310,7 +314,8 @@ def messages_field(value, where: str) -> list[dict]:
             raise UserError(f"{where}, message {i}: role '{role}' is not one of {list(ROLES)}{hint}")
         if role == "system" and i > 1:
             raise UserError(late_system_error(where, i))
-        out.append({"role": message["role"], "content": message["content"]})
+        extras = message_extras(message, role, f"{where}, message {i}")
+        out.append({"role": role, "content": message["content"] or "", **extras})
     return out
 
 

@@ -16,6 +16,9 @@ Layouts, detected from the column names and the first row (extra columns are ign
 
 Two responses and a label or a score saying which is better (PKU-SafeRLHF, SHP, HelpSteer2, raw
 UltraFeedback; `label_column:` / `score_columns:`): dpo/data/preferences.py picks chosen and rejected per row.
+Conversational rows may call tools (assistant `tool_calls`, `tool` turns, a `tools` column): dpo/data/tools.py.
+Nested layouts (OpenAI's input.messages / preferred_output / non_preferred_output) are read through
+dpo/data/nested.py as columns named by their paths.
 
 Any other column names: `Columns(prompt="query", chosen="good", ...)`, in a recipe's YAML as
 `prompt_column: query`, `chosen_column: good`, ... When chosen and rejected hold the whole
@@ -43,8 +46,6 @@ the field (dpo/data/loading.py: RowLocator).
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -52,7 +53,10 @@ from datasets import Dataset
 
 from dpo.data.formats import plain_text_format
 from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, late_system_error, messages_field, text_field
+from dpo.data.nested import unnest
 from dpo.data.preferences import HISTORY, Preference, detect_preference
+from dpo.data.prompts import DIVERGE, NO_SHARED_PROMPT, parse_hh, reply_problem, split_hh_text, split_shared_prompt  # noqa: F401  (DIVERGE: callers import the drop reasons from here)
+from dpo.data.tools import TOOLS_COLUMN, pairs_features, tools_field
 from dpo.errors import UserError
 
 # Column names tried, in order, when the YAML names none (`prompt_column:` etc.).
@@ -60,12 +64,7 @@ PROMPT_NAMES = ("prompt", "question", "instruction")
 SYSTEM_NAMES = ("system", "system_prompt")
 
 # Why a row cannot be used as it is; dpo.data.doctor drops these rows and counts them by reason.
-NO_SHARED_PROMPT = "chosen and rejected share no prompt"
-DIVERGE = "chosen and rejected differ before the last reply"
 EMPTY_PROMPT = "empty prompt"  # no user turn with any text: nothing to condition the answers on
-
-HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")  # a turn opens the text or follows a blank line
 
 
 # ── layouts ──────────────────────────────────────────────────────────────────────────
@@ -81,6 +80,7 @@ class Columns:
     system: str | None = None
     label: str | None = None  # the column saying which of two responses is better (dpo/data/preferences.py)
     scores: list[str] | None = None  # a score column per response, or the score key of a completions list
+    tools: str | None = None  # the tools each row offers (conversational rows; dpo/data/tools.py)
 
 
 @dataclass
@@ -95,6 +95,7 @@ class Layout:
     system: str | None = None
     full_conversations: bool = False  # chosen/rejected start with the prompt's turns (first row)
     preference: Preference | None = None  # label / score layouts: which answer is chosen, row by row
+    tools: str | None = None  # conversational rows: the column of the tools offered (dpo/data/tools.py)
 
     def describe(self) -> str:
         """e.g. 'text pairs (prompt=question, chosen, rejected, system)'; label and score layouts say
@@ -104,7 +105,7 @@ class Layout:
             answers = ()
         used = [
             role if col == role else f"{role}={col}"
-            for role, col in (("prompt", self.prompt), *answers, ("system", self.system))
+            for role, col in (("prompt", self.prompt), *answers, ("system", self.system), ("tools", self.tools))
             if col
         ]
         if self.preference is not None:
@@ -149,6 +150,7 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
     names = [c for c in data.column_names if c not in (FILE_COLUMN, FILE_ROW_COLUMN)]
     prompt = _pick(names, columns.prompt, PROMPT_NAMES, "prompt_column", source)  # named columns are checked first
     system = _pick(names, columns.system, SYSTEM_NAMES, "system_column", source)
+    tools = _pick(names, columns.tools, (TOOLS_COLUMN,), "tools column", source)
     chosen = _pick(names, columns.chosen, ("chosen",), "chosen_column", source)
     rejected = _pick(names, columns.rejected, ("rejected",), "rejected_column", source)
     preference = detect_preference(data, names, source, columns if mappable else None, chosen, rejected)
@@ -183,6 +185,7 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
             system,
             first[0].get("role") != "assistant",
             preference,
+            tools,
         )
     if isinstance(first, str):
         if prompt is not None:
@@ -210,51 +213,6 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
 
 
 # ── conversions ──────────────────────────────────────────────────────────────────────
-
-
-def split_shared_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict], str]:
-    """Implicit prompt: the messages chosen and rejected share, up to the last assistant reply.
-
-    Returns (prompt, chosen reply, rejected reply, problem); problem is "" for a usable row.
-    """
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
-    while n > 0 and chosen[n - 1]["role"] == "assistant":  # a shared reply belongs to the answer
-        n -= 1
-    prompt, chosen_reply, rejected_reply = chosen[:n], chosen[n:], rejected[n:]
-    if not any(m["role"] == "user" for m in prompt):
-        return prompt, chosen_reply, rejected_reply, NO_SHARED_PROMPT
-    return prompt, chosen_reply, rejected_reply, _reply_problem(chosen_reply, rejected_reply)
-
-
-def _reply_problem(chosen: list[dict], rejected: list[dict]) -> str:
-    return DIVERGE if any(m["role"] != "assistant" for m in chosen + rejected) else ""
-
-
-def parse_hh(transcript: str) -> list[dict]:
-    """An HH transcript ("\\n\\nHuman: q\\n\\nAssistant: a...") as messages; text before the first turn is a system message."""
-    parts = _HH_TURN.split(transcript)
-    messages = [{"role": "system", "content": parts[0].strip()}] if parts[0].strip() else []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
-    return messages
-
-
-def split_hh_text(chosen: str, rejected: str) -> tuple[str, str, str, str]:
-    """HH in text form: the prompt is the shared transcript up to and including the last "\\n\\nAssistant:".
-
-    Returns (prompt, chosen reply, rejected reply, problem); the replies keep their leading space.
-    """
-    shared = os.path.commonprefix([chosen, rejected])
-    k = shared.rfind(HH_ASSISTANT)
-    if k < 0 or (HH_HUMAN not in shared[:k] and not shared.startswith("Human:")):
-        return "", chosen, rejected, NO_SHARED_PROMPT
-    cut = k + len(HH_ASSISTANT)
-    prompt, chosen_reply, rejected_reply = chosen[:cut], chosen[cut:], rejected[cut:]
-    if HH_HUMAN in chosen_reply or HH_HUMAN in rejected_reply:
-        return prompt, chosen_reply, rejected_reply, DIVERGE
-    return prompt, chosen_reply, rejected_reply, ""
 
 
 def _system_message(system) -> list[dict]:
@@ -315,11 +273,11 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
         k = len(prompt)
         if chosen[:k] == prompt and rejected[:k] == prompt:  # full conversations: cut the prompt off
             chosen, rejected = chosen[k:], rejected[k:]
-        problem = NO_SHARED_PROMPT if not prompt else _reply_problem(chosen, rejected)
+        problem = NO_SHARED_PROMPT if not prompt else reply_problem(chosen, rejected)
     elif layout.prompt_kind == "text" and chosen and chosen[0]["role"] == "assistant":
         # prompt string + answer-only message lists
         prompt = [{"role": "user", "content": text_field(raw[layout.prompt], rows.at(n, layout.prompt))}]
-        problem = _reply_problem(chosen, rejected)
+        problem = reply_problem(chosen, rejected)
     else:
         # implicit prompt (trl-lib) or prompt string + full conversations (HuggingFaceH4): shared turns
         prompt, chosen, rejected, problem = split_shared_prompt(chosen, rejected)
@@ -329,7 +287,8 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
     for column, reply in ((layout.chosen, chosen), (layout.rejected, rejected)):  # answer-only lists after a prompt
         if late := next((i for i, m in enumerate(reply, start=1) if m["role"] == "system"), None):
             raise UserError(late_system_error(rows.at(n, column), late))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
+    tools = tools_field(raw[layout.tools], rows.at(n, layout.tools)) if layout.tools else None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem, "tools": tools}
 
 
 def _empty_prompt_problem(prompt: list[dict]) -> str:
@@ -357,6 +316,10 @@ def to_pairs(
         raise UserError(f"prompt_format: '{prompt_format}' is not one of ['chat', 'text']")
     if len(data) == 0:
         raise UserError(f"{source}: the data has no rows")
+    named = columns is not None and any((columns.prompt, columns.chosen, columns.rejected))
+    data, nested = unnest(data, source, named)  # OpenAI's input.messages / preferred_output / ...: dpo/data/nested.py
+    if nested:
+        columns = dataclasses.replace(columns or Columns(), **nested)
     layout = detect_layout(data, source, columns)
     chat = prompt_format == "chat"
     if text_format is not None and layout.kind != "text":  # first: a recipe with its own format has no prompt_format
@@ -368,10 +331,10 @@ def to_pairs(
         raise UserError(f"{source}: conversational data (message lists) needs prompt_format: chat")
     text_format = text_format or plain_text_format
     rows = RowLocator(source, data)
-    wanted = [c for c in (layout.prompt, layout.chosen, layout.rejected, layout.system) if c]
+    wanted = [c for c in (layout.prompt, layout.chosen, layout.rejected, layout.system, layout.tools) if c]
     if layout.preference is not None:
         wanted = list(dict.fromkeys([*wanted, *layout.preference.columns()]))
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], "problem": []}
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], TOOLS_COLUMN: [], "row": [], "problem": []}
     batch_size = 1000
     from tqdm.auto import tqdm
 
@@ -387,8 +350,11 @@ def to_pairs(
         for values in zip(*(batch[c] for c in wanted)):
             n += 1
             pair = _convert_row(dict(zip(wanted, values)), layout, rows, n, chat, text_format)
-            for key in ("prompt", "chosen", "rejected", "problem"):
-                out[key].append(pair[key])
+            for key in ("prompt", "chosen", "rejected", "problem", TOOLS_COLUMN):
+                out[key].append(pair.get(key))
             out["row"].append(n)
     assert n == len(data), "every input row gives exactly one output row"
-    return Dataset.from_dict(out), layout
+    features = pairs_features(out)  # rows with tool calls or tools: each message kept as the JSON it is
+    if features is None:
+        del out[TOOLS_COLUMN]
+    return Dataset.from_dict(out, features=features), layout

@@ -107,7 +107,8 @@ class Named:
         return value is None or (isinstance(value, str) and (value in self.names() or self.form(value)))
 
     def describe(self) -> str:
-        return f"must be one of {', '.join(self.names())}, {self.form_text}, or null for the default"
+        names = ", ".join(self.names())
+        return f"must be {f'one of {names}, ' if names else ''}{self.form_text}, or null for the default"
 
     def outside(self) -> list:
         return ["not-a-choice"]

@@ -31,6 +31,12 @@ def is_hub_kernel(name: str) -> bool:
     return is_kernel(name)
 
 
+def is_template_file(name: str) -> bool:
+    from pathlib import Path
+
+    return Path(name).expanduser().suffix in (".jinja", ".j2") and Path(name).expanduser().is_file()
+
+
 SEED_RANGE = Bound(low=0, high=2**32 - 1, whole=True, why="numpy and Python's RNGs take seeds in [0, 2^32 - 1]")
 UNSET = (None,)
 
@@ -80,6 +86,13 @@ TABLE = {
     "dataloader_prefetch_factor": at_least(1, "batches each loading worker prepares ahead", unset=UNSET),
     "prompt_format": Choice(("chat", "text"), "chat: the tokenizer's chat template; text: strings as they are"),
     "degenerate_rows": Choice(("drop", "fail"), "what the data doctor does with empty/identical/duplicate rows"),
+    "chat_template_path": Named(
+        lambda: (),
+        is_template_file,
+        "an existing Jinja chat template file ending in .jinja or .j2",
+        "chat rows are rendered with it, and the run's tokenizer saved with it (a hub id or tokenizer folder, which "
+        "TRL's SFT trainer also takes, would need its special tokens added to the model)",
+    ),
     # ── LoRA ─────────────────────────────────────────────────────────────────────────────────────
     "lora_r": at_least(1, "the adapter's rank"),
     "lora_alpha": Bound(

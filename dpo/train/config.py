@@ -80,6 +80,15 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
             "help": "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py)."
         },
     )
+    # TRL's SFTConfig has it, its DPOConfig not: read by the data doctor (dpo/data/doctor.py), which renders the
+    # pairs with it; the tokenizer trained and saved with the run carries it (recipes/dpo_any.py)
+    chat_template_path: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "A Jinja chat template file (.jinja/.j2) for chat rows instead of the tokenizer's own, as TRL's "
+            "SFTConfig takes it; e.g. one that renders tool calls (dpo/data/tools.py)."
+        },
+    )
 
 
 @dataclasses.dataclass

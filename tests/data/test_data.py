@@ -380,7 +380,9 @@ def test_every_input_row_gives_one_output_row_in_order():
     assert len(pairs) == len(rows) and pairs["row"] == list(range(1, len(rows) + 1))
 
 
-@pytest.mark.parametrize("module", ["loading", "datafiles", "pairs", "preferences", "formats"])
+@pytest.mark.parametrize(
+    "module", ["loading", "datafiles", "pairs", "preferences", "formats", "tools", "nested", "prompts"]
+)
 def test_every_public_function_of_the_data_modules_is_used_by_the_project(module):
     """No dead code in dpo/data/loading.py, datafiles.py, pairs.py, preferences.py, formats.py: each public function or class is used by the package, a recipe,
     a benchmark or a notebook, not only by its own definition (tests do not count)."""

@@ -1,0 +1,261 @@
+"""Tool-calling preference rows (dpo/data/tools.py): tool calls, tool results and a tools column are kept,
+rendered through the chat template exactly as TRL's DPOTrainer renders them, inside the completion TRL trains
+on; a template that cannot render them is refused in one line naming it and chat_template_path."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from helpers import cli, load_recipe, one_line_error
+
+from dpo.compat import DataCollatorForPreference, DPOTrainer
+from dpo.data.doctor import check_data
+from dpo.data.doctor import main as doctor
+from dpo.data.loading import load_preference_data
+from dpo.data.pairs import to_pairs
+from dpo.errors import UserError
+from dpo.offline.tiny import write_jsonl
+from dpo.train.model_checks import load_tokenizer
+
+TEMPLATE = Path(__file__).parent / "fixtures" / "tool_chat_template.jinja"  # Qwen2.5-style, renders tools
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def answer(text):
+    return {"role": "assistant", "content": text}
+
+
+def call(city, name="get_weather"):
+    """An assistant turn that only calls a tool: empty content, as agents write it."""
+    return {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": {"city": city}}}],
+    }
+
+
+def result(text):
+    return {"role": "tool", "name": "get_weather", "tool_call_id": "call_1", "content": text}
+
+
+def tool_rows():
+    """Row 1: call vs a guess; row 2: the right call vs a wrong one; row 3: a tool result in the prompt, final
+    answers; row 4: call, result and final answer in one chosen reply."""
+    return [
+        {
+            "prompt": [user("Weather in Paris?")],
+            "chosen": [call("Paris")],
+            "rejected": [answer("Sunny.")],
+            "tools": [WEATHER],
+        },
+        {
+            "prompt": [user("Weather in Rome?")],
+            "chosen": [call("Rome")],
+            "rejected": [call("Paris")],
+            "tools": [WEATHER],
+        },
+        {
+            "prompt": [user("Weather in Oslo?"), call("Oslo"), result("-3C, snow")],
+            "chosen": [answer("It is -3C and snowing in Oslo.")],
+            "rejected": [answer("It is warm in Oslo.")],
+            "tools": [WEATHER],
+        },
+        {
+            "prompt": [user("Weather in Lima?")],
+            "chosen": [call("Lima"), result("19C, cloudy"), answer("Lima: 19C and cloudy.")],
+            "rejected": [answer("Lima is always sunny.")],
+            "tools": [WEATHER],
+        },
+    ]
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture
+def tool_file(tmp_path):
+    return write_jsonl(tool_rows(), tmp_path / "tools.jsonl")
+
+
+def checked(tool_file, tokenizer, **kwargs):
+    return check_data(load_preference_data(str(tool_file)), str(tool_file), tokenizer, **kwargs)
+
+
+def test_rows_whose_chosen_reply_is_a_tool_call_are_kept_not_dropped_as_empty(tool_file, tokenizer):
+    report = checked(tool_file, tokenizer, chat_template_path=str(TEMPLATE))
+    assert report.rows_kept == 4 and report.rows_dropped == 0, report.table()
+    assert "tools" in report.layout  # the tools column was read
+    kept = report.kept[0]
+    assert kept["chosen"] == [call("Paris")]  # the tool call survives, and no key another message had
+    assert json.loads(kept["tools"]) == [WEATHER]
+    assert kept["prompt"] == [user("Weather in Paris?")]  # no tool_calls: None from Arrow on a plain turn
+
+
+def test_rendered_chosen_text_holds_the_calls_name_and_arguments(tool_file, tokenizer):
+    report = checked(tool_file, tokenizer, chat_template_path=str(TEMPLATE))
+    assert '"name": "get_weather", "arguments": {"city": "Paris"}' in report.example["chosen"]
+    assert "Sunny." in report.example["rejected"]
+    assert '"description": "The weather in a city"' in report.example["prompt"]  # the tools, as the template puts them
+    assert report.chat_template == TEMPLATE.read_text()  # what the recipe trains and saves the tokenizer with
+
+
+def trl_prepared(kept, tokenizer):
+    """TRL's own DPOTrainer dataset preparation of the doctor's kept pairs (tools column included)."""
+    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    return DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tokenizer), kept, tokenizer, args, "train")
+
+
+def test_token_counts_are_trls_and_the_loss_mask_covers_the_call(tool_file, tokenizer):
+    """TRL's completion mask (DataCollatorForPreference over its tokenized rows) covers the call's name and
+    arguments, and the doctor counts the same tokens TRL does, tools and all."""
+    report = checked(tool_file, tokenizer, chat_template_path=str(TEMPLATE))
+    tokenizer.chat_template = report.chat_template  # as recipes/dpo_any.py does with the doctor's template
+    prepared = trl_prepared(report.kept, tokenizer)
+    counts = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in prepared]
+    ours = list(zip(*(report.lengths[part].tolist() for part in ("prompt", "chosen", "rejected"))))
+    assert ours == counts
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.eos_token_id)([prepared[0]])
+    chosen_ids, mask = batch["input_ids"][0], batch["completion_mask"][0]  # first half: chosen
+    trained = tokenizer.decode(chosen_ids[mask.bool()])
+    untrained = tokenizer.decode(chosen_ids[~mask.bool()])
+    assert '"name": "get_weather", "arguments": {"city": "Paris"}' in trained
+    assert "get_weather" in untrained  # the tool's schema, in the prompt
+    assert '"city": "Paris"' not in untrained
+
+
+def test_a_tool_result_and_the_final_answer_render_in_order(tool_file, tokenizer):
+    """Row 4's chosen reply: the call, the tool's result, then the final answer, in this order, all in the
+    completion; row 3's tool result sits in the prompt."""
+    report = checked(tool_file, tokenizer, chat_template_path=str(TEMPLATE))
+    tokenizer.chat_template = report.chat_template
+    row = report.kept[3]
+    prepared = trl_prepared(report.kept.select([3]), tokenizer)[0]
+    completion = tokenizer.decode(prepared["chosen_ids"])
+    marks = ['"city": "Lima"', "<tool_response>\n19C, cloudy\n</tool_response>", "Lima: 19C and cloudy."]
+    at = [completion.index(mark) for mark in marks]
+    assert at == sorted(at), completion
+    assert [m["role"] for m in row["chosen"]] == ["assistant", "tool", "assistant"]
+    prompt_of_row_3 = tokenizer.decode(trl_prepared(report.kept.select([2]), tokenizer)[0]["prompt_ids"])
+    assert prompt_of_row_3.index('"city": "Oslo"') < prompt_of_row_3.index("-3C, snow")
+
+
+def smollm2_template() -> str:
+    """SmolLM2-135M-Instruct's own chat template, read from the pip-installed GGUF's metadata."""
+    from gguf import GGUFReader
+
+    from dpo.offline.pip_models import gguf_path
+
+    field = GGUFReader(gguf_path("smollm2-135m-instruct")).fields["tokenizer.chat_template"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+@pytest.mark.slow  # reading the GGUF's metadata takes tens of seconds on a loaded 2-core machine
+def test_smollm2s_template_is_refused_in_one_line_naming_it_and_chat_template_path(
+    tool_file, tiny_model_dir, tmp_path, capsys
+):
+    model = shutil.copytree(tiny_model_dir, tmp_path / "smol-template")
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.chat_template = smollm2_template()
+    assert "content" in tokenizer.chat_template and "tool" not in tokenizer.chat_template  # role and content only
+    tokenizer.save_pretrained(model)
+    line = one_line_error(doctor, [tool_file, "--model_name_or_path", model], capsys)
+    assert f"{tool_file}: rows hold tool calls or tools (first: row 1)" in line
+    assert f"the chat template of {model} cannot render them" in line
+    assert "chat_template_path" in line and ".jinja" in line
+    # the same data and model with a template that renders tools: accepted
+    assert doctor([str(tool_file), "--model_name_or_path", str(model), "--chat_template_path", str(TEMPLATE)])
+
+
+def test_a_tokenizer_without_a_template_is_refused_before_weights_load(
+    tool_file, tiny_model_dir, tmp_path, capsys, no_weights_load
+):
+    """The recipe: the plain fallback template cannot render tool calls either; one line, no weights loaded."""
+    recipe = load_recipe("dpo_any")
+    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", tool_file, "--output_dir", tmp_path / "out"]
+    line = one_line_error(recipe.main, argv, capsys)
+    assert "the plain Human/Assistant template" in line and "has no chat template" in line
+    assert "--chat_template_path" in line
+
+
+def test_a_chat_template_path_that_is_not_a_jinja_file_is_refused_by_the_gate(tool_file, tmp_path, capsys):
+    (tmp_path / "template.txt").write_text("{{ messages }}")
+    for path in (tmp_path / "missing.jinja", tmp_path / "template.txt"):
+        line = one_line_error(doctor, [tool_file, "--chat_template_path", path], capsys)
+        assert "chat_template_path" in line and ".jinja" in line
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("chosen", [{"role": "user", "content": "", "tool_calls": call("x")["tool_calls"]}], "only assistant turns"),
+        (
+            "chosen",
+            [{**call("x"), "tool_calls": [{"type": "function", "function": {"arguments": {}}}]}],
+            "tool call 1",
+        ),
+        ("chosen", [{**call("x"), "tool_calls": [{"function": {"name": "f", "arguments": "{city"}}]}], "not JSON"),
+        ("chosen", [{**call("x"), "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}], "an object"),
+        ("chosen", [{"role": "assistant", "content": None}], "expected {'role': text, 'content': text}"),
+        ("tools", "get_weather", "not JSON"),
+        ("tools", [{"type": "function"}], "tool 1"),
+    ],
+)
+def test_a_malformed_tool_field_is_one_line_naming_file_row_and_field(field, value, expected, tmp_path, capsys):
+    rows = tool_rows()
+    rows[1][field] = value
+    path = write_jsonl(rows, tmp_path / "bad.jsonl")
+    line = one_line_error(doctor, [path], capsys)
+    assert f"{path}, row 2, field '{field}'" in line and expected in line, line
+
+
+def test_openai_string_arguments_are_read_as_an_object(tmp_path):
+    """OpenAI writes arguments as JSON text; templates render them with tojson, so they are read into an object
+    (as text, the call would render as a quoted string)."""
+    rows = tool_rows()[:1]
+    rows[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"] = '{"city": "Paris"}'
+    rows[0]["chosen"][0]["content"] = None  # OpenAI's null content beside tool calls
+    pairs, _ = to_pairs(load_preference_data(str(write_jsonl(rows, tmp_path / "o.jsonl"))), "o.jsonl")
+    assert pairs[0]["chosen"] == [call("Paris")]
+
+
+def test_a_tools_column_without_tool_messages_is_checked_too(tmp_path, tokenizer):
+    rows = [{"prompt": [user("Hi")], "chosen": [answer("Hello")], "rejected": [answer("Go")], "tools": [WEATHER]}]
+    path = write_jsonl(rows, tmp_path / "t.jsonl")
+    with pytest.raises(UserError, match="rows hold tool calls or tools"):
+        check_data(load_preference_data(str(path)), str(path), tokenizer)
+
+
+@pytest.mark.slow
+def test_the_recipe_trains_on_tool_rows_with_the_template_file_and_saves_it(tiny_model_dir, tmp_path):
+    rows = [
+        dict(r, prompt=[user(f"{r['prompt'][0]['content']} ({i})"), *r["prompt"][1:]])
+        for i in range(3)
+        for r in tool_rows()
+    ]
+    data = write_jsonl(rows, tmp_path / "tools.jsonl")
+    out = tmp_path / "out"
+    fast = cli(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=1, save_strategy="no")
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
+    trainer = load_recipe("dpo_any").main([*argv, "--chat_template_path", str(TEMPLATE), *fast])
+    assert trainer.state.global_step == 1
+    tokenizer = trainer.processing_class
+    completions = [tokenizer.decode(r["chosen_ids"]) for r in trainer.train_dataset]
+    assert any('"name": "get_weather", "arguments": {"city":' in c for c in completions)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATE.read_text()
