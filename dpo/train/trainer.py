@@ -55,10 +55,19 @@ RESUME_ADVICE = "Resume with --resume_from_checkpoint last"
 
 
 def build_dpo_trainer(
-    model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None, sft_adapter=None
+    model_args,
+    training_args,
+    train_dataset,
+    eval_dataset,
+    tokenizer,
+    callbacks=None,
+    sft_adapter=None,
+    reference=None,
 ) -> DPOTrainer:
     """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
     or, given `sft_adapter` (checked by dpo.train.adapters.start_point), puts that adapter on it to train.
+    `reference(trainer) -> words`, where given, makes the reference another model than the one the policy
+    starts from (the rounds' `reference: initial`) before the log names it: the log names one reference.
 
     The arguments are not changed: the trainer gets a copy of `training_args` whose
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
@@ -107,7 +116,10 @@ def build_dpo_trainer(
         log(f"kept {n} trainable LoRA tensors in float32 ({why})")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    reference = describe_reference(trainer, model_args.model_name_or_path, sft_adapter)
+    if reference is not None:
+        reference = reference(trainer)
+    else:
+        reference = describe_reference(trainer, model_args.model_name_or_path, sft_adapter)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     protect_run(trainer, run, took_lock)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
