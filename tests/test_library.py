@@ -193,3 +193,17 @@ def test_readme_layout_tree_names_every_subpackage():
     assert len(layout.strip().splitlines()) <= 12
     for folder in sorted({p.parent for p in library_files()} - {ROOT / "dpo"}):
         assert folder.name + "/" in layout, f"README's layout tree misses dpo/{folder.relative_to(ROOT / 'dpo')}/"
+
+
+def test_readme_and_requirements_say_the_same_of_the_torch_build():
+    """README said PyPI's torch==2.13.0 is the CUDA build while requirements.txt said the pin resolves to the CPU
+    wheel: a newcomer could not tell which several-GB download to expect."""
+    claim = "torch==2.13.0 from pypi on linux is the cuda build"
+    texts = {
+        name: " ".join((ROOT / name).read_text().lower().replace("#", " ").replace("`", "").split())
+        for name in ("README.md", "requirements.txt")
+    }
+    readme = texts["README.md"].replace("from pypi, torch==2.13.0 on linux", "torch==2.13.0 from pypi on linux")
+    requirements = texts["requirements.txt"].replace("torch 2.13.0 from pypi", "torch==2.13.0 from pypi")
+    assert claim in readme and claim in requirements
+    assert "resolves to the cpu wheel" not in requirements
