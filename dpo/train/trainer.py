@@ -42,6 +42,7 @@ from dpo.train.safety.runs import (
     whole_run_metrics,
     write_final_outputs,
 )
+from dpo.train.speed.estimate import RunEstimate
 from dpo.train.speed.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
 from dpo.train.speed.memory import own_file_mapped_weights
 from dpo.train.speed.packing import check_packing, install_packing
@@ -123,6 +124,7 @@ def build_dpo_trainer(
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     protect_run(trainer, run, took_lock)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
+    trainer.add_callback(RunEstimate())  # what the run will cost, after its first micro-batch
     if trainer.args.device.type == "cpu":
         log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
     if training_args.train_sampling_strategy == "group_by_length":
