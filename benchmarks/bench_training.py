@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))  # run as a script: the dpo package of this checko
 from benchmarks.sections import cpu_name, versions, write_section  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "training_workers.py"
+PROFILER = ROOT / "benchmarks" / "training_profile.py"  # --profile's worker, a process of its own
 sys.path.insert(0, str(WORKERS.parent))
 from training_profile import PROFILE_SECTION, profile_markdown  # noqa: E402
 from training_workers import BATCH, WIDER, shipped  # noqa: E402
@@ -111,7 +112,8 @@ def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, p
 def run_worker(config: str, args, env: dict | None = None) -> dict:
     """One configuration in a fresh process, this one's environment plus `env`; its RESULT plus `whole_s`,
     the process's wall time."""
-    cmd = [sys.executable, str(WORKERS), config, "--model", args.model, "--workdir", args.workdir]
+    script = PROFILER if config == "profile" else WORKERS
+    cmd = [sys.executable, str(script), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})

@@ -1,6 +1,7 @@
 """`python benchmarks/bench_training.py --profile`: where a recipe step's time and memory go. The worker
-(`profile_worker`, run as `training_workers.py profile`) trains a few steps of the recipe under torch.profiler;
-the parent writes its BENCHMARKS.md section (`profile_markdown`)."""
+(`profile_worker`, run as `training_profile.py profile`, a process of its own) trains a few steps of the recipe
+under torch.profiler; the parent writes its BENCHMARKS.md section (`profile_markdown`). This file imports
+training_workers.py, never the other way round."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import resource
 import time
 from pathlib import Path
 
-from training_workers import RECIPE, ROOT, read_pairs, recipe_settings, tokenizer_for
+from training_workers import RECIPE, ROOT, read_pairs, recipe_settings, tokenizer_for, worker_args
 
 from benchmarks.sections import cpu_name, versions
 
@@ -142,3 +143,9 @@ def profile_markdown(record: dict, args) -> str:
         "```",
     ]
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    import json
+
+    print("RESULT " + json.dumps(profile_worker(worker_args(__doc__, ["profile"]))), flush=True)

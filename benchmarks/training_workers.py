@@ -359,9 +359,10 @@ def build_cache(args) -> dict:
     return {"config": "cache_build", "pairs": len(rows), "seconds": sum(r[2] for r in rows.values())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", choices=[*CONFIGS, "cache_build", "trl_cache_build", "profile"])
+def worker_args(description: str, configs: list[str]) -> argparse.Namespace:
+    """A worker process's command line (bench_training.run_worker writes it), with torch's threads set."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", choices=configs)
     parser.add_argument("--model", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--max_length", type=int, required=True)
@@ -370,11 +371,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.config == "profile":
-        from training_profile import profile_worker  # benchmarks/training_profile.py, beside this file
+    return args
 
-        result = profile_worker(args)
-    elif args.config == "cache_build":
+
+def main() -> None:
+    args = worker_args(__doc__, [*CONFIGS, "cache_build", "trl_cache_build"])
+    if args.config == "cache_build":
         result = build_cache(args)
     elif args.config == "trl_cache_build":  # TRL's one-off cost: its precompute, written to its disk cache
         result = {"config": "trl_cache_build", "seconds": trainer_worker(args.config, args, train=False).reference_s}

@@ -42,6 +42,7 @@ def replace_folder(target: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         write(tmp)
+        with_default_permissions(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -51,6 +52,22 @@ def replace_folder(target: str | Path, write) -> Path:
         shutil.rmtree(target)
     tmp.rename(target)
     return target
+
+
+def with_default_permissions(folder: str | Path) -> Path:
+    """Give `folder` and everything under it the modes a plain `mkdir`/`open` would under the user's umask.
+
+    Staging folders come from mkdtemp (0700) and safetensors writes its files 0600 (a private temporary file
+    renamed into place), so without this an exported model was readable by its owner only: an Ollama or
+    llama.cpp server running as another user could not open it. Links are left alone (never followed)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    return folder
 
 
 # ── a full disk ──────────────────────────────────────────────────────────────────────────────

@@ -326,6 +326,8 @@ plt.show()
 #
 # * `dpo/scratch/loss.py` also has IPO, hinge (SLiC), robust and conservative DPO, f-divergences and
 #   more, each checked against TRL in `tests/scratch/test_loss_agreement.py`.
+# * `dpo_phi2_qlora.ipynb`: the same loss on phi-2, in 4-bit with LoRA, where the reference
+#   is the model with its adapters disabled.
 
 # %%
 # For tests/notebooks/test_notebooks.py: with DPO_RESULTS naming a file, the numbers it checks go there as JSON.
@@ -341,5 +343,3 @@ if os.environ.get("DPO_RESULTS"):
         "max_gap": gap,
     }
     Path(os.environ["DPO_RESULTS"]).write_text(json.dumps(results, indent=2))
-# * `dpo_phi2_qlora.ipynb`: the same loss on phi-2, in 4-bit with LoRA, where the reference
-#   is the model with its adapters disabled.

@@ -30,8 +30,9 @@
 # [microsoft/phi-2](https://huggingface.co/microsoft/phi-2) (2.7B parameters) learns from
 # [jondurbin/truthy-dpo-v0.1](https://huggingface.co/datasets/jondurbin/truthy-dpo-v0.1),
 # about 1,000 pairs that prefer honest answers (about being an AI, about common
-# misconceptions), on one 16 GB GPU. A free Colab T4 should be enough: an estimate from the
-# model's size (4-bit phi-2 and LoRA), not a measurement; nothing in this repository has run on a GPU yet.
+# misconceptions), on one 16 GB GPU. A free Colab T4 should be enough: at 1024 tokens the recipe's
+# defaults peaked at 4.60 GiB allocated in fp16 (5.12 GiB in fp32), measured at phi-2's exact size with
+# random weights on an H200 under a 15 GiB cap (BENCHMARKS.md), not on a T4 itself.
 #
 # The steps: install, check the hardware, load phi-2 in 4-bit, add LoRA adapters, look at
 # the data, train, plot the reward curves, compare answers before and after, save the
@@ -69,8 +70,8 @@ if "google.colab" in sys.modules:  # Colab: clone, then install the pinned versi
 #
 # The model, the data, where the results go, and the few numbers smoke mode changes. `EPOCHS`: the
 # recipe trains 3 epochs (about 45 optimizer steps of 64 pairs); one epoch, about 15 steps, shows
-# the effect; our estimate (not measured: nothing here has run on a GPU yet) is about an hour on a
-# T4 and a few minutes on an A100. Every other setting is in
+# the effect; our estimate (not measured on a T4 or an A100: the one GPU run so far was an H200) is
+# about an hour on a T4 and a few minutes on an A100. Every other setting is in
 # the cells below, as the arguments of the real calls, with `recipes/dpo_phi2.yaml`'s values.
 
 # %%

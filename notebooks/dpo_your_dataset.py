@@ -189,8 +189,8 @@ print(report.example["prompt"] + report.example["chosen"])
 # `recipes/dpo_any.py` with its settings in `recipes/dpo_any.yaml` (4-bit base, LoRA on
 # every linear layer, beta 0.1); the list below overrides fields, as command-line flags
 # would. It is a short first run, 20 steps of 16 pairs, enough to see the reward margin
-# move (roughly half an hour on a T4: our estimate, not measured; nothing here has run on a GPU
-# yet). Leave out `max_steps` and `gradient_accumulation_steps` for the recipe's full epoch of
+# move (roughly half an hour on a T4: our estimate, not measured there; the one GPU run so far was an
+# H200, BENCHMARKS.md). Leave out `max_steps` and `gradient_accumulation_steps` for the recipe's full epoch of
 # 64-pair steps. The cell prints the same run as a command line.
 
 # %%

@@ -57,3 +57,26 @@ def test_a_recorded_sha256_that_is_none_is_said_as_such(tmp_path, recorded, said
     path.write_bytes(b"weights")
     assert said in sha256_mismatch(path, recorded)
     assert sha256_mismatch(path, file_sha256(path)) is None
+
+
+def test_a_folder_written_whole_gets_the_users_default_permissions(tmp_path):
+    """Exported safetensors were 0600 in a 0700 folder (safetensors' private temporary file, mkdtemp's folder):
+    a model server running as another user could not read them. Files and folders now get what `open` and
+    `mkdir` give under the umask; the weights are written by safetensors itself, as an export writes them."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    def write(folder):
+        (folder / "sub").mkdir()
+        save_file({"w": torch.zeros(2)}, str(folder / "sub" / "model.safetensors"))
+
+    old = os.umask(0o022)
+    try:
+        target = replace_folder(tmp_path / "merged", write)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.rglob("*")]}
+    assert modes == {"merged": 0o755, "sub": 0o755, "model.safetensors": 0o644}

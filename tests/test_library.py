@@ -193,3 +193,44 @@ def test_readme_layout_tree_names_every_subpackage():
     assert len(layout.strip().splitlines()) <= 12
     for folder in sorted({p.parent for p in library_files()} - {ROOT / "dpo"}):
         assert folder.name + "/" in layout, f"README's layout tree misses dpo/{folder.relative_to(ROOT / 'dpo')}/"
+
+
+def test_readme_and_requirements_say_the_same_of_the_torch_build():
+    """README said PyPI's torch==2.13.0 is the CUDA build while requirements.txt said the pin resolves to the CPU
+    wheel: a newcomer could not tell which several-GB download to expect."""
+    claim = "torch==2.13.0 from pypi on linux is the cuda build"
+    texts = {
+        name: " ".join((ROOT / name).read_text().lower().replace("#", " ").replace("`", "").split())
+        for name in ("README.md", "requirements.txt")
+    }
+    readme = texts["README.md"].replace("from pypi, torch==2.13.0 on linux", "torch==2.13.0 from pypi on linux")
+    requirements = texts["requirements.txt"].replace("torch 2.13.0 from pypi", "torch==2.13.0 from pypi")
+    assert claim in readme and claim in requirements
+    assert "resolves to the cpu wheel" not in requirements
+
+
+def test_the_benchmark_scripts_import_one_another_without_a_circle():
+    """benchmarks/training_profile.py imported training_workers.py, whose main imported training_profile.py back
+    (a function-level import, so nothing failed, but neither could be read or changed alone)."""
+    scripts = {p.stem: p for p in (ROOT / "benchmarks").glob("*.py")}
+    imports = {
+        name: {target for target in imported_modules(path) | benchmarks_package_imports(path) if target in scripts}
+        for name, path in scripts.items()
+    }
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(t == goal or (t not in seen and reaches(t, goal, seen | {t})) for t in imports[start])
+
+    circles = sorted(name for name in scripts if reaches(name, name, {name}))
+    assert circles == []
+
+
+def benchmarks_package_imports(path: Path) -> set[str]:
+    """`from benchmarks.x import y` and `import benchmarks.x`, as the script name x."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
+    return names

@@ -161,26 +161,31 @@ def prompt_text(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], chat: bool, sample: bool, max_new_tokens: int, seed: int, bs: int):
-    """Answers (completion token ids, EOS included when emitted) for each prompt, left-padded batches."""
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)  # both models sample with the same seed
-    out = []
-    for i in range(0, len(prompts), bs):
-        batch = tokenizer(prompts[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=not chat)
-        ids = model.generate(
-            **batch.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            **({"temperature": 1.0, "top_k": 0, "top_p": 1.0} if sample else {}),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in ids[:, batch["input_ids"].shape[1] :].tolist():
-            eos = tokenizer.eos_token_id
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
+def generate(
+    model, tokenizer, prompt_ids: list[list[int]], sample: bool, max_new_tokens: int, seed: int, bs: int, desc
+):
+    """Answers (completion token ids, EOS included when emitted) for each prompt: the rounds' sampler (batched by
+    prompt length, KV cache, left padding; dpo/rounds/sampling.py), greedy or at temperature 1, no top-k or top-p
+    cut, with a progress bar."""
+    from dpo.rounds.sampling import Sampling, generate_ids
+
+    settings = Sampling(max_new_tokens=max_new_tokens, batch_size=bs, do_sample=sample)
+    return generate_ids(model, tokenizer, prompt_ids, settings, seed, desc=desc)
+
+
+def scored(model, prompt_ids, completion_ids, pad: int, bs: int, desc: str) -> torch.Tensor:
+    """log pi(completion | prompt) of every row (dpo/scratch/logps.py), a batch at a time under a progress bar."""
+    from tqdm.auto import tqdm
+
+    from dpo.scratch.logps import completion_logps
+
+    starts = range(0, len(prompt_ids), bs)
+    return torch.cat(
+        [
+            completion_logps(model, prompt_ids[i : i + bs], completion_ids[i : i + bs], pad, bs)
+            for i in tqdm(starts, desc=desc, unit="batch")
+        ]
+    )
 
 
 def as_model(model, name: str):
@@ -192,9 +197,13 @@ def as_model(model, name: str):
 
 
 # ── the whole evaluation ─────────────────────────────────────────────────────────────────────
-def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, batch_size=8, seed=0) -> dict:
+def evaluate(
+    output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, batch_size=8, seed=0, dequantize=True
+) -> dict:
+    """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); off
+    only to measure what that saves (benchmarks/bench_evaluate.py)."""
     from dpo.evaluation.judge import mean_interval, wilson
-    from dpo.scratch.logps import completion_logps
+    from dpo.train.speed.dequant import dequantized_4bit_layers
 
     output_dir = Path(output_dir)
     resolved, pairs = read_run(output_dir)
@@ -203,6 +212,9 @@ def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, 
 
         check_reward_model(reward_model)  # a sequence-classification head, in safetensors: before any weights load
     model, tokenizer = load_policy_and_reference(output_dir, resolved)
+    if dequantize:
+        n, why = dequantized_4bit_layers(model)  # CPU inference: one dequantization, not one per forward
+        log(f"4-bit base {'dequantized for inference: ' + str(n) + ' layers, ' if n else 'kept 4-bit: '}{why}")
     pad, beta = tokenizer.pad_token_id, float(resolved.get("beta", 0.1))
     log(
         f"evaluating {output_dir}: pi_theta = its adapter, pi_ref = {reference_adapter(output_dir, resolved) or 'base'}"
@@ -213,7 +225,10 @@ def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, 
     logps = {}
     for name in ("policy", "reference"):
         with as_model(model, name):
-            logps[name] = [completion_logps(model, prompt_ids, c, pad, batch_size) for c in (chosen_ids, rejected_ids)]
+            logps[name] = [
+                scored(model, prompt_ids, c, pad, batch_size, f"held-out pairs, {name}, {side}")
+                for c, side in ((chosen_ids, "chosen"), (rejected_ids, "rejected"))
+            ]
     reward_chosen = beta * (logps["policy"][0] - logps["reference"][0])
     reward_rejected = beta * (logps["policy"][1] - logps["reference"][1])
     margins = (reward_chosen - reward_rejected).tolist()
@@ -232,19 +247,20 @@ def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, 
     chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
     chat = not isinstance(pairs[0]["chosen"], str)
     texts = [prompt_text(tokenizer, p) for p in chosen_prompts]
+    gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
     answers = {}
     for mode in GENERATION_MODES:
         for name in ("policy", "reference"):
             with as_model(model, name):
                 answers[mode, name] = generate(
-                    model, tokenizer, texts, chat, mode == "sampled", max_new_tokens, seed, batch_size
+                    *(model, tokenizer, gen_prompt_ids, mode == "sampled", max_new_tokens, seed, batch_size),
+                    desc=f"{mode} answers, {name}",
                 )
-    gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
     sampled = answers["sampled", "policy"]
     with as_model(model, "policy"):
-        logp_policy = completion_logps(model, gen_prompt_ids, sampled, pad, batch_size)
+        logp_policy = scored(model, gen_prompt_ids, sampled, pad, batch_size, "KL: policy log-probs")
     with as_model(model, "reference"):
-        logp_reference = completion_logps(model, gen_prompt_ids, sampled, pad, batch_size)
+        logp_reference = scored(model, gen_prompt_ids, sampled, pad, batch_size, "KL: reference log-probs")
     kl, kl_low, kl_high = mean_interval((logp_policy - logp_reference).tolist())
     lengths = {key: [len(a) for a in value] for key, value in answers.items()}
     for mode in GENERATION_MODES:
@@ -265,7 +281,9 @@ def evaluate(output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, 
         metrics["judge"] = {"reward_model": reward_model}
         for mode in GENERATION_MODES:
             scores = {
-                name: score(judge, judge_tokenizer, plain_prompts, decoded[mode, name], batch_size)
+                name: score(
+                    judge, judge_tokenizer, plain_prompts, decoded[mode, name], batch_size, f"judge: {mode}, {name}"
+                )
                 for name in ("policy", "reference")
             }
             metrics["judge"][mode] = win_rates(

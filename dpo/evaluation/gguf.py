@@ -138,8 +138,10 @@ def convert(merged: Path, out: Path, gguf_type: str) -> None:
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     hparams = conversion.ModelBase.load_hparams(merged, False)
     model_class = conversion.get_model_class(conversion.get_model_architecture(hparams, conversion.ModelType.TEXT))
+    # general.name: the file's own name. Left to the converter it is guessed from the merged folder's name
+    # ("Merged", or a temporary folder's), which is what Ollama and LM Studio then show.
     with torch.inference_mode():
-        model_class(merged, file_type, out).write()
+        model_class(merged, file_type, out, model_name=out.stem).write()
 
 
 def weight_bound(w: torch.Tensor, gguf_type: str) -> torch.Tensor:

@@ -208,11 +208,13 @@ def judge_text(tokenizer, prompt: str, answer: str) -> str:
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8) -> list[float]:
-    """The reward model's scalar score of each (prompt, answer)."""
+def score(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8, desc=None) -> list[float]:
+    """The reward model's scalar score of each (prompt, answer); with `desc`, under a progress bar."""
+    from tqdm.auto import tqdm
+
     out = []
     device = next(model.parameters()).device
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=desc is None):
         texts = [judge_text(tokenizer, p, a) for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size])]
         batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(device)
         out += model(**batch).logits[:, 0].float().tolist()

@@ -64,6 +64,21 @@ def base_hub_id(base: str) -> str | None:
     return name if _is_hub_id(name) and not Path(name).expanduser().exists() else None
 
 
+def base_weights_origin(base: str) -> str | None:
+    """A card line for a base folder that dpo.models built from a GGUF file shipped in a pip package: its weights
+    are that file's dequantized ones (e.g. Q4_1), not the Hub model the card's `base_model` names."""
+    record = _json_file(Path(base).expanduser() / BUILD_RECORD) if Path(base).expanduser().is_dir() else {}
+    requirement, _, filename = str(record.get("source", "")).partition(":")
+    if not filename.endswith(".gguf"):
+        return None
+    digest = f", sha256 {record['sha256'][:16]}..." if isinstance(record.get("sha256"), str) else ""
+    hub = f"`{record['hub_id']}`'s original weights" if _is_hub_id(record.get("hub_id")) else "the original weights"
+    return (
+        f"- Base weights: dequantized from the GGUF file `{filename}` (pip package `{requirement}`{digest}), "
+        f"not {hub}; the adapter was trained on, and fits, these."
+    )
+
+
 def base_license(base: str) -> str | None:
     """The base model's license: for a local folder, its card's front matter (README.md), its config.json,
     or what dpo.models recorded when it built it; for a Hub id, its card on the Hub when reachable."""
@@ -134,6 +149,7 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
         "",
         f"{'A merged model' if merged else 'A LoRA adapter'} for {named}, trained with dpo-recipes on `{dataset}`.",
         "",
+        *filter(None, [base_weights_origin(base)]),
         f"- Method: {method(resolved)}.",
         f"- Training: LoRA r={resolved.get('lora_r')}, alpha={resolved.get('lora_alpha')} on "
         f"{resolved.get('lora_target_modules')}, {quant}.",

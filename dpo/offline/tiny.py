@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -177,6 +178,21 @@ def check_new_target(path: Path, flag: str, folder: bool) -> None:
         raise UserError(f"{flag} {path} already exists; give a new file name (nothing is overwritten)")
 
 
+def holds_the_same(path: Path, write) -> bool:
+    """Whether `path` (a file or a folder) already holds, byte for byte, what `write(new_path)` writes: the
+    command is rerun-safe (recipes/README.md's steps write the same tiny model twice) without overwriting."""
+    if not path.exists() or path.is_symlink():
+        return False
+    with tempfile.TemporaryDirectory(prefix=".dpo-tiny-", dir=path.parent) as tmp:
+        fresh = write(Path(tmp) / path.name)
+
+        def contents(root: Path) -> dict:
+            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+            return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+        return contents(path) == contents(fresh)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -190,12 +206,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
     args = parse_flags(parser, argv)
     check_flags(args)
-    check_new_target(Path(args.output_dir), "output_dir", folder=True)
-    if args.truthy_rows:
-        check_new_target(Path(args.truthy_rows), "--truthy_rows", folder=False)
-    print(f"tiny Phi model written to {save_tiny_model(args.output_dir, args.seed)}")
-    if args.truthy_rows:
-        print(f"truthy-format rows written to {write_jsonl(truthy_like_rows(64, args.seed), args.truthy_rows)}")
+    model, rows = Path(args.output_dir), Path(args.truthy_rows) if args.truthy_rows else None
+    model_kept = holds_the_same(model, lambda p: save_tiny_model(p, args.seed))
+    rows_kept = rows is not None and holds_the_same(rows, lambda p: write_jsonl(truthy_like_rows(64, args.seed), p))
+    if not model_kept:
+        check_new_target(model, "output_dir", folder=True)
+    if rows is not None and not rows_kept:
+        check_new_target(rows, "--truthy_rows", folder=False)
+    if model_kept:
+        print(f"{model} already holds this tiny Phi model (seed {args.seed}, the same bytes): kept as it is")
+    else:
+        print(f"tiny Phi model written to {save_tiny_model(model, args.seed)}")
+    if rows_kept:
+        print(f"{rows} already holds these truthy-format rows (seed {args.seed}): kept as it is")
+    elif rows is not None:
+        print(f"truthy-format rows written to {write_jsonl(truthy_like_rows(64, args.seed), rows)}")
 
 
 if __name__ == "__main__":

@@ -250,9 +250,17 @@ def _train(n, ctx, folder: Path, train, heldout) -> dict:
         training_args.resume_from_checkpoint = str(last)
         log(f"round {n}: resuming its DPO run from {last}")
     start_adapter = ctx.adapter_before(n)
-    trainer = build_dpo_trainer(ctx.model_args, training_args, train, heldout, ctx.tokenizer, None, start_adapter)
-    reference = set_reference(trainer, ctx.args.reference, n, ctx.sft_adapter)
-    log(f"round {n}: policy starts from {start_adapter or 'a fresh LoRA adapter'}; reference = {reference}")
+    log(f"round {n}: policy starts from {start_adapter or 'a fresh LoRA adapter'}")
+    trainer = build_dpo_trainer(  # its log line names the reference set_reference makes (only that one)
+        ctx.model_args,
+        training_args,
+        train,
+        heldout,
+        ctx.tokenizer,
+        None,
+        start_adapter,
+        reference=lambda built: set_reference(built, ctx.args.reference, n, ctx.sft_adapter),
+    )
     metrics = train_and_save(  # the rounds refuse --resume_from_checkpoint: they continue by themselves
         trainer,
         (ctx.args, training_args, ctx.model_args),

@@ -20,6 +20,7 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 64
     batch_size: int = 64  # sequences (prompt x sample) per generate call
+    do_sample: bool = True  # False: greedy (temperature and top_p unused)
 
 
 def render_prompt(tokenizer, prompt) -> str:
@@ -38,15 +39,25 @@ def _generation_config(settings: Sampling, tokenizer):
     from transformers import GenerationConfig
 
     # top_k 0: no top-k cut (transformers' default of 50 would silently narrow the policy's distribution)
+    sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     return GenerationConfig(
-        do_sample=True,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=0,
+        **(sampling if settings.do_sample else {"do_sample": False}),
         max_new_tokens=settings.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def _token_progress(bar):
+    """Stopping criteria that only move `bar` by one per generation step (they never stop a row)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TokenProgress(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([TokenProgress()])
 
 
 def _cut(row: list[int], eos: int) -> list[int]:
@@ -55,10 +66,15 @@ def _cut(row: list[int], eos: int) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompt_ids: list[list[int]], settings: Sampling, seed: int) -> list[list[int]]:
+def generate_ids(
+    model, tokenizer, prompt_ids: list[list[int]], settings: Sampling, seed: int, desc: str | None = None
+) -> list[list[int]]:
     """One sampled completion (token ids, ending with EOS unless cut at max_new_tokens) per row of
     `prompt_ids`, in the input order. Rows are sorted by prompt length into batches of
-    `settings.batch_size`; batch b is sampled after torch.manual_seed(seed + b), so a run repeats."""
+    `settings.batch_size`; batch b is sampled after torch.manual_seed(seed + b), so a run repeats. With `desc`,
+    a progress bar counts generation steps (at most max_new_tokens a batch) with its ETA."""
+    from tqdm.auto import tqdm
+
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
@@ -66,7 +82,9 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], settings: Sampli
     was_training = model.training
     model.eval()
     out: list[list[int]] = [[] for _ in prompt_ids]
-    for b, start in enumerate(range(0, len(order), settings.batch_size)):
+    starts = range(0, len(order), settings.batch_size)
+    bar = tqdm(total=len(starts) * settings.max_new_tokens, desc=desc, unit="tok", disable=desc is None)
+    for b, start in enumerate(starts):
         rows = order[start : start + settings.batch_size]
         width = max(len(prompt_ids[i]) for i in rows)
         ids = torch.tensor([[pad] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in rows], device=device)
@@ -74,9 +92,15 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], settings: Sampli
             [[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in rows], device=device
         )
         torch.manual_seed(seed + b)
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, use_cache=True)
+        progress = _token_progress(bar) if desc is not None else None
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, use_cache=True, stopping_criteria=progress
+        )
         for i, row in zip(rows, generated[:, width:].tolist()):
             out[i] = _cut(row, eos)
+        bar.n = (b + 1) * settings.max_new_tokens  # a batch that stopped early (every row at EOS) counts whole
+        bar.refresh()
+    bar.close()
     model.train(was_training)
     return out
 

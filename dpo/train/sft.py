@@ -15,6 +15,7 @@ from dpo.errors import release_held_warnings
 from dpo.log import log
 from dpo.train.config import eval_strategy_for
 from dpo.train.model_checks import match_quant_storage, model_init_kwargs
+from dpo.train.speed.estimate import RunEstimate
 from dpo.train.speed.kernels import use_portable_4bit_kernels
 from dpo.train.trainer import log_owned_weights, protect_run, start_run
 
@@ -58,4 +59,5 @@ def build_sft_trainer(model_args, training_args, train_dataset, eval_dataset, to
     loss_on = "answer tokens only" if training_args.completion_only_loss is not False else "every token"
     log(f"SFT: {trainable:,} trainable LoRA parameters; loss on {loss_on}")
     protect_run(trainer, run, took_lock)
+    trainer.add_callback(RunEstimate())  # what the run will cost, after its first micro-batch
     return trainer

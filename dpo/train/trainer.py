@@ -42,6 +42,7 @@ from dpo.train.safety.runs import (
     whole_run_metrics,
     write_final_outputs,
 )
+from dpo.train.speed.estimate import RunEstimate
 from dpo.train.speed.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
 from dpo.train.speed.memory import own_file_mapped_weights
 from dpo.train.speed.packing import check_packing, install_packing
@@ -55,10 +56,19 @@ RESUME_ADVICE = "Resume with --resume_from_checkpoint last"
 
 
 def build_dpo_trainer(
-    model_args, training_args, train_dataset, eval_dataset, tokenizer, callbacks=None, sft_adapter=None
+    model_args,
+    training_args,
+    train_dataset,
+    eval_dataset,
+    tokenizer,
+    callbacks=None,
+    sft_adapter=None,
+    reference=None,
 ) -> DPOTrainer:
     """A DPOTrainer that loads `model_args.model_name_or_path` itself (4-bit if asked) and adds LoRA,
     or, given `sft_adapter` (checked by dpo.train.adapters.start_point), puts that adapter on it to train.
+    `reference(trainer) -> words`, where given, makes the reference another model than the one the policy
+    starts from (the rounds' `reference: initial`) before the log names it: the log names one reference.
 
     The arguments are not changed: the trainer gets a copy of `training_args` whose
     model_init_kwargs add ours (revision, dtype, safetensors only) under the user's own.
@@ -107,10 +117,14 @@ def build_dpo_trainer(
         log(f"kept {n} trainable LoRA tensors in float32 ({why})")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    reference = describe_reference(trainer, model_args.model_name_or_path, sft_adapter)
+    if reference is not None:
+        reference = reference(trainer)
+    else:
+        reference = describe_reference(trainer, model_args.model_name_or_path, sft_adapter)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); reference = {reference}")
     protect_run(trainer, run, took_lock)
     trainer.add_callback(HealthCheck())  # DPO-specific warnings: loss stuck at ln 2, likelihood displacement
+    trainer.add_callback(RunEstimate())  # what the run will cost, after its first micro-batch
     if trainer.args.device.type == "cpu":
         log("CPU: TRL's fused LM head scores completion tokens only, in narrow tiles (dpo.compat.lean_cpu_lm_head)")
     if training_args.train_sampling_strategy == "group_by_length":

@@ -93,6 +93,7 @@ def test_the_gguf_file_reads_back_as_the_merged_model(smol_run, tmp_path, gguf_t
 
     reader = GGUFReader(out)
     assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    assert bytes(reader.fields["general.name"].parts[-1]).decode() == "smol"  # the file's name, was "Merged"
     stored = {t.tensor_type.name for t in reader.tensors if len(t.shape) > 1}
     assert stored == {gguf_type.upper()}, stored
 

@@ -45,6 +45,14 @@ def test_a_folder_made_by_dpo_models_is_carded_as_its_hub_model_and_license(tmp_
     assert front["license"] == "apache-2.0"
     assert "A LoRA adapter for `HuggingFaceTB/SmolLM2-135M-Instruct`" in card
     assert cards.BUILD_RECORD == MARKER  # the card reads the file dpo.offline.pip_models writes
+    # the weights are the GGUF's dequantized Q4_1 ones, not the Hub's bf16 ones the front matter names
+    assert f"dequantized from the GGUF file `{SMOLLM2.filename}` (pip package `{SMOLLM2.requirement}`" in card
+    assert "Q4_1" in SMOLLM2.filename
+
+
+def test_a_folder_not_built_from_a_gguf_says_nothing_of_one(tmp_path):
+    card = model_card(run_folder(tmp_path, model_folder(tmp_path, readme="---\nlicense: mit\n---\n")))
+    assert "GGUF" not in card and "dequantized" not in card
 
 
 def test_a_folder_built_before_the_record_gets_it_from_the_next_materialize_without_a_rebuild(tmp_path, monkeypatch):

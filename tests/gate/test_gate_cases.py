@@ -157,9 +157,13 @@ def test_tiny_refuses_a_file_and_a_non_empty_folder(tmp_path, capsys):
     assert json.loads((run / "tokenizer_config.json").read_text()) == {"kept": True} and afile.read_text() == "kept"
     main([str(tmp_path / "new"), "--truthy_rows", str(tmp_path / "rows.jsonl")])
     assert (tmp_path / "new" / "config.json").is_file() and (tmp_path / "rows.jsonl").is_file()
+    (tmp_path / "rows.jsonl").write_text('{"mine": 1}\n')  # a file of the user's under the same name
     assert "already exists" in one_line_error(
         main, [tmp_path / "new2", "--truthy_rows", tmp_path / "rows.jsonl"], capsys
     )
+    assert (tmp_path / "rows.jsonl").read_text() == '{"mine": 1}\n'
+    (tmp_path / "new" / "config.json").write_text("{}")  # the same file names, other bytes: still refused
+    assert "is not empty" in one_line_error(main, [tmp_path / "new"], capsys)
 
 
 # ── the stop message says what the check saw, not more ─────────────────────────────────────────

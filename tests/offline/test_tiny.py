@@ -23,3 +23,23 @@ def test_tiny_refuses_a_symbolic_link_as_its_output_folder_or_rows_file(kind, tm
     assert f"--truthy_rows {link} is a symbolic link" in line, line
     assert not (tmp_path / "new").exists()
     assert not target.exists() if kind == "dangling" else not any(target.iterdir())
+
+
+def test_recipes_readme_tiny_commands_run_in_order_in_one_folder(tmp_path, monkeypatch, capsys):
+    """Following recipes/README.md in order, the second `python -m dpo.tiny outputs/tiny-phi --truthy_rows ...`
+    failed because the first had written the folder. A folder or file already holding the same bytes is kept."""
+    import shlex
+
+    from helpers import ROOT
+
+    from dpo.offline.tiny import main
+
+    text = (ROOT / "recipes" / "README.md").read_text()
+    commands = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("python -m dpo.tiny ")]
+    assert len(commands) >= 2 and commands[0][0] == commands[1][0], commands  # the same folder, twice
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        main(argv)
+    said = capsys.readouterr().out
+    assert "already holds this tiny Phi model (seed 0, the same bytes): kept as it is" in said
+    assert (tmp_path / commands[0][0] / "model.safetensors").is_file()

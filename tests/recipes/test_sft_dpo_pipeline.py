@@ -8,7 +8,9 @@ at the SFT adapter and moves, the evaluation agrees with TRL's own held-out metr
 counts wins, the merged model reproduces base + adapter, and TensorBoard gets the reward metrics.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import shutil
 
@@ -307,8 +309,34 @@ def evaluation(dpo, tmp_path_factory):
 
     tokenizer = dpo["trainer"].processing_class
     rm = last_token_reward_model(tmp_path_factory.mktemp("rm"), tokenizer, tokenizer.eos_token_id)
-    metrics = main([str(dpo["dir"]), "--reward_model", str(rm), "--num_prompts", "3", "--max_new_tokens", "8"])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        metrics = main([str(dpo["dir"]), "--reward_model", str(rm), "--num_prompts", "3", "--max_new_tokens", "8"])
+    EVALUATE_OUTPUT.update(stdout=out.getvalue(), stderr=err.getvalue())
     return metrics
+
+
+EVALUATE_OUTPUT = {}  # what the `evaluation` fixture's run printed
+
+
+def test_evaluate_shows_progress_for_every_stage_and_dequantizes_on_a_cpu(evaluation):
+    """Evaluating a handful of prompts took 25 minutes on a loaded 2-core machine with no bar for the generation:
+    every stage now draws a bar with its ETA, and the 4-bit base is dequantized once (dpo/train/speed/dequant.py)."""
+    bars = EVALUATE_OUTPUT["stderr"]
+    for stage in (
+        "held-out pairs, policy, chosen",
+        "held-out pairs, reference, rejected",
+        "greedy answers, policy",
+        "greedy answers, reference",
+        "sampled answers, policy",
+        "sampled answers, reference",
+        "KL: policy log-probs",
+        "KL: reference log-probs",
+        "judge: sampled, policy",
+        "judge: greedy, reference",
+    ):
+        assert f"{stage}: 100%" in bars, stage
+    assert "4-bit base dequantized for inference:" in EVALUATE_OUTPUT["stdout"]
 
 
 def test_evaluate_agrees_with_trl_on_the_heldout_pairs(evaluation, dpo):

@@ -201,7 +201,9 @@ def chosen_logps(model, tokenizer, rows, reference: bool = False) -> torch.Tenso
 
 
 @pytest.mark.slow
-def test_round_2s_reference_is_exactly_the_initial_model_or_round_1s_policy(finished, tiny_model_dir, tmp_path):
+def test_round_2s_reference_is_exactly_the_initial_model_or_round_1s_policy(
+    finished, tiny_model_dir, tmp_path, capsys
+):
     """Round 2 as the loop builds it (policy from round 1's adapter, then set_reference): its reference
     scores every pair exactly as the starting model (initial) or round 1's saved policy (previous) does,
     each loaded on its own."""
@@ -225,11 +227,17 @@ def test_round_2s_reference_is_exactly_the_initial_model_or_round_1s_policy(fini
 
     for reference, expected in (("initial", starting), ("previous", round_1_policy)):
         training_args.output_dir = str(tmp_path / reference)
+        capsys.readouterr()
         trainer = build_dpo_trainer(
-            model_args, training_args, Dataset.from_list(training_rows(pairs)), None, tokenizer, None, round_1
+            *(model_args, training_args, Dataset.from_list(training_rows(pairs)), None, tokenizer, None, round_1),
+            reference=lambda built, chosen=reference: set_reference(built, chosen, 2, None),
         )
-        set_reference(trainer, reference, 2, None)
         assert torch.equal(chosen_logps(trainer.model, tokenizer, pairs, reference=True), expected), reference
+        # the log names this reference once (it said "base + frozen SFT adapter (round-1)" and then "the
+        # starting model" for `initial`)
+        said = [line for line in capsys.readouterr().out.splitlines() if "reference = " in line]
+        words = {"initial": "the starting model", "previous": "round 1's policy, frozen"}[reference]
+        assert len(said) == 1 and f"reference = {words}" in said[0], said
         del trainer
 
 
