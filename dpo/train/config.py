@@ -217,7 +217,10 @@ def load_recipe_args(
     check_output_dir_apart(
         training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)
     )
-    log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
+    optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames member after parsing
+    log(
+        f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype, optim)}"
+    )
     check_launch()
     on_main_process(
         lock.take, training_args.output_dir

@@ -22,6 +22,7 @@ from dpo.hub import OFFLINE_MODEL_COMMAND, local_reason, offline_if_unreachable,
 from dpo.log import log
 from dpo.train.attention import attention_implementation
 from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
+from dpo.train.speed.activation import one_kernel_activation
 
 
 def _looks_local(name: str) -> bool:
@@ -331,8 +332,14 @@ def check_model_and_load_tokenizer(model_args, training_args):
 
 
 def model_init_kwargs(model_args, training_args) -> dict:
-    """What DPOTrainer passes to from_pretrained when the model is given by name."""
+    """What DPOTrainer passes to from_pretrained when the model is given by name (also how an SFT adapter's base
+    and the SFT recipe's model load): the model's gelu_new, if it has one, as torch's one-kernel tanh GELU
+    (dpo/train/speed/activation.py)."""
+    config = load_model_config(
+        model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code
+    )
     return {
+        **one_kernel_activation(config),
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
         # fp16: no eager attention that overflows (dpo/train/attention.py)

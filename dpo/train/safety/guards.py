@@ -1,7 +1,8 @@
 """Training that cannot finish "done" on a broken run.
 
-NonFiniteGuard  a non-finite loss, gradient or weight stops training before the optimizer step
-                that would spread it, so no checkpoint and no final adapter ever holds NaN.
+NonFiniteGuard  a non-finite loss or gradient stops training before the optimizer step that would
+                spread it, a non-finite weight before the checkpoint that would keep it, so no
+                checkpoint and no final adapter ever holds NaN; at O(1) cost per step.
                 (transformers' `logging_nan_inf_filter` would log such a loss as the running
                 mean, 0.0 on the first step, and train on.)
 HealthCheck     warns about a run that cannot learn: no trainable parameters, a loss pinned
@@ -35,47 +36,100 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _norm(tensors) -> float:
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])).item()
+def fused_norm(tensors):
+    """The 2-norm of all `tensors` together (in float32), on their device, in one fused pass (`torch._foreach_norm`:
+    a few kernels for any number of tensors on a GPU) and no host sync; None for no tensors."""
+    if not tensors:
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
+
+
+def read_scalars(*values) -> list[float]:
+    """Each value as a Python float (0.0 for None), the device ones in one host read (one sync on a GPU)."""
+    on_device = [v for v in values if isinstance(v, torch.Tensor)]
+    device = on_device[0].device if on_device else None
+    read = iter(
+        torch.stack([v.detach().reshape(()).float().to(device) for v in on_device]).tolist() if on_device else []
+    )
+    return [next(read) if isinstance(v, torch.Tensor) else float(v or 0.0) for v in values]
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Checks the loss and the accumulated gradients after every backward pass (wrapping the
-    trainer's public `training_step`), and the trainable weights after every optimizer step."""
+    """Checks, once per optimizer step and before it changes any weight, the step's losses and the gradient norm
+    that clipping computed, in one host read; checks the trainable weights before each checkpoint, evaluation and
+    the end of training.
+
+    The cost is O(1) per step, whatever the number of LoRA tensors (tests/train/test_step_work.py counts it):
+    - the loss: each micro-batch's loss is added on the device (a sum of finite losses is finite; one NaN or inf
+      makes it non-finite) and read with the gradient norm. This replaces transformers' `logging_nan_inf_filter`,
+      which reads every micro-batch's loss (two host syncs each) to log a non-finite one as the running mean: the
+      guard stops the run at such a loss, so the filter is switched off on the trainer's own arguments;
+    - the gradients: the total norm transformers' Trainer already asks `accelerator.clip_grad_norm_` for (also at
+      max_grad_norm 0); non-finite <=> some gradient entry is. Computed here (one fused reduction) only where the
+      trainer did not (DeepSpeed without a global norm, mixed device meshes);
+    - the weights: a non-finite trainable weight makes the next step's loss non-finite, which stops that step, so
+      they need no pass per step; they are checked (one fused reduction) where a non-finite weight could be kept
+      or reported: before a checkpoint is written, before an evaluation, and when training ends.
+    """
 
     def __init__(self, trainer):
         self.trainer = trainer
-        original = trainer.training_step
+        self.losses = None  # the sum of this optimizer step's micro-batch losses, on the device
+        self.grad_norm = None  # the norm the trainer's clipping computed for this step
+        trainer.args.logging_nan_inf_filter = False  # the trainer's own copy of the arguments (see above)
+        training_step, clip = trainer.training_step, trainer.accelerator.clip_grad_norm_
 
-        def training_step(model, inputs, num_items_in_batch=None):
-            loss = original(model, inputs, num_items_in_batch)
-            self.check(model, loss)
+        def add_loss(model, inputs, num_items_in_batch=None):
+            loss = training_step(model, inputs, num_items_in_batch)
+            self.losses = loss.detach() if self.losses is None else self.losses + loss.detach()
             return loss
 
-        trainer.training_step = training_step
+        def keep_norm(*args, **kwargs):
+            self.grad_norm = clip(*args, **kwargs)
+            return self.grad_norm
 
-    def check(self, model, loss) -> None:
-        step = self.trainer.state.global_step + 1  # the optimizer step being computed
-        if not torch.isfinite(loss).all():
-            raise NonFiniteTraining(step, "the loss", loss.float().mean().item())
-        # With fp16 loss scaling, inf gradients are expected now and then: the scaler skips those steps
-        # and halves the scale. A scale below MIN_LOSS_SCALE means the gradients overflow fp16 even
-        # unscaled, step after step: every step is skipped and the run would "train" on, learning nothing.
+        trainer.training_step, trainer.accelerator.clip_grad_norm_ = add_loss, keep_norm
+
+    def check(self, model, step: int) -> None:
+        """Raise NonFiniteTraining when optimizer step `step`'s loss or gradient norm is not finite."""
+        losses, grad_norm = self.losses, self.grad_norm
+        self.losses = self.grad_norm = None
+        if self.trainer.args.fp16:
+            grad_norm = None  # fp16 loss scaling: inf gradients are expected now and then (the scale is checked)
+        elif grad_norm is None:
+            grad_norm = fused_norm([p.grad for p in _trainable(model) if p.grad is not None])
+        loss, norm = read_scalars(losses, grad_norm)
+        if not math.isfinite(loss):
+            raise NonFiniteTraining(step, "the loss", loss)
+        # With fp16 loss scaling the scaler skips a step with inf gradients and halves the scale. A scale below
+        # MIN_LOSS_SCALE means the gradients overflow fp16 even unscaled, step after step: every step is skipped
+        # and the run would "train" on, learning nothing.
         if self.trainer.args.fp16:
             scale = fp16_loss_scale(self.trainer)
             if scale is not None and scale < MIN_LOSS_SCALE:
                 raise NonFiniteTraining(step, "the fp16 loss scale (gradients overflow at every step)", scale)
-            return
-        grads = [p.grad for p in _trainable(model) if p.grad is not None]
-        if grads:
-            norm = _norm(grads)
-            if not math.isfinite(norm):
-                raise NonFiniteTraining(step, "the gradient norm", norm)
+        if not math.isfinite(norm):
+            raise NonFiniteTraining(step, "the gradient norm", norm)
+
+    def check_weights(self, model, step: int) -> None:
+        """Raise NonFiniteTraining when a trainable weight is not finite after optimizer step `step`."""
+        (norm,) = read_scalars(fused_norm(_trainable(model)))
+        if not math.isfinite(norm):
+            raise NonFiniteTraining(step, "the norm of the trainable weights", norm)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.check(model, state.global_step + 1)  # the optimizer step about to change the weights
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        params = _trainable(model)
-        if params and not math.isfinite(_norm(params)):
-            raise NonFiniteTraining(state.global_step, "the norm of the trainable weights", _norm(params))
+        if control.should_save or control.should_evaluate or control.should_training_stop:
+            self.check_weights(model, state.global_step)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_save or control.should_evaluate:
+            self.check_weights(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.check_weights(model, state.global_step)  # the final adapter is written next
 
 
 def nonfinite_advice(err: NonFiniteTraining, args, last_checkpoint) -> str:
