@@ -46,7 +46,9 @@ def test_the_first_micro_batch_scales_to_the_step_and_the_run_and_is_said_once(c
     assert len(lines) == 1, lines
     assert "the first micro-batch took 41 s, so an optimizer step of 64 pairs takes about 6 min" in lines[0]
     assert "the run's 3 step(s) about 16 min" in lines[0]
-    assert lines[0].endswith("a quick trial run first: --gradient_accumulation_steps 2 --per_device_train_batch_size 2")
+    assert lines[0].endswith(
+        "a quick trial run first: --gradient_accumulation_steps 2 --per_device_train_batch_size 2"
+    )
 
 
 @pytest.mark.parametrize(
