@@ -10,7 +10,9 @@ pair the best against the worst, train DPO, repeat.
 
 Each round is a complete, resumable unit in output_dir/round-N/ (samples.jsonl, pairs.jsonl, a complete
 DPO run, round.json); a rerun continues at the first unfinished round, a killed round's DPO run resumes
-from its newest complete checkpoint; output_dir/rounds_settings.json, written before round 1, holds the
+from its newest complete checkpoint; a rerun with other settings where no round finished and no DPO run began
+starts round 1 over, and --overwrite_output_dir true deletes what this recipe wrote and starts over
+(dpo/rounds/rerun.py); output_dir/rounds_settings.json, written before round 1, holds the
 settings (and a sha256 of the prompts) every rerun must repeat. output_dir/rounds.json, rounds.md and rounds.png summarise every
 round: sampled reward (mean, best-of-K), pairs kept and dropped, held-out reward and KL to the starting
 model with 95% intervals, implicit-reward accuracy, time per phase. The library part is dpo/rounds/.
@@ -35,9 +37,16 @@ from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.loop import RoundsContext, run_rounds
 from dpo.rounds.models import Handoff, load_policy
 from dpo.rounds.prompts import prompt_sets
+from dpo.rounds.rerun import remove_rounds, rounds_written, start_unfinished_over, started_dpo_runs
 from dpo.rounds.reward import make_reward
 from dpo.rounds.sampling import render_prompt
-from dpo.rounds.settings import SENTIMENT, RoundsArguments, check_rounds_settings, fixed_settings
+from dpo.rounds.settings import (
+    SENTIMENT,
+    RoundsArguments,
+    check_round_plan,
+    check_rounds_settings,
+    fixed_settings,
+)
 from dpo.rounds.summary import (
     SETTINGS_RECORD,
     finished_rounds,
@@ -53,29 +62,38 @@ from dpo.train.safety.runs import differences, run_settings
 ScriptArguments = RoundsArguments  # the recipe's own settings (dpo/rounds/settings.py)
 
 
-def same_run_or_refuse(output_dir: Path, header: dict, rounds: int) -> dict | None:
+def same_run_or_refuse(output_dir: Path, header: dict, rounds: int, sentiment_model: bool) -> dict | None:
     """The folder's rounds.json when its run had these settings (more rounds may be asked for); None for a
-    new folder. The settings are compared with rounds_settings.json, written before round 1 started (a run
-    stopped inside round 1 has no rounds.json yet), else with rounds.json. Other settings, round folders
-    without either record, or fewer rounds than have finished: refused, before any weights load."""
+    new folder, or one where round 1 starts over. The settings are compared with rounds_settings.json, written
+    before round 1 started (a run stopped inside round 1 has no rounds.json yet), else with rounds.json. Other
+    settings where no round finished and no DPO run started: round 1 starts over (dpo/rounds/rerun.py). Other
+    settings otherwise, round folders without either record, or fewer rounds than have finished: refused, before
+    any weights load."""
     existing = read_summary(output_dir)
     recorded = read_settings_record(output_dir) or existing
+    start_over = "--overwrite_output_dir true to delete what the rounds recipe wrote there and start over"
     if recorded is None:
-        if any(output_dir.glob("round-*")):
+        if rounds_written(output_dir):
             raise UserError(
                 f"--output_dir {output_dir} holds round folders but no record of their settings ({SETTINGS_RECORD} "
-                "or rounds.json): they cannot be checked against these settings; use another --output_dir"
+                f"or rounds.json): they cannot be checked against these settings; use another --output_dir, or "
+                f"{start_over}"
             )
         return None
     diffs = differences(recorded["settings"], header["settings"]) + differences(
         recorded.get("training", {}), header["training"]
     )
+    done, began = finished_rounds(output_dir), started_dpo_runs(output_dir)
+    if diffs and not done and not began:
+        start_unfinished_over(output_dir, recorded, header, sentiment_model)
+        return None
     if diffs:
+        what = "rounds run" if done else f"an unfinished round whose DPO run began ({', '.join(map(str, began))})"
         raise UserError(
-            f"--output_dir {output_dir} holds rounds run with other settings ({'; '.join(diffs[:6])}"
-            f"{'; ...' if len(diffs) > 6 else ''}): use another --output_dir, or the same settings to continue"
+            f"--output_dir {output_dir} holds {what} with other settings ({'; '.join(diffs[:6])}"
+            f"{'; ...' if len(diffs) > 6 else ''}): use another --output_dir, the same settings to continue, or "
+            f"{start_over}"
         )
-    done = finished_rounds(output_dir)
     if done and done[-1] > rounds:
         raise UserError(
             f"--rounds {rounds}: {output_dir} already holds {done[-1]} finished rounds, and the summary would drop "
@@ -104,13 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
             "would sample some twice and pair an answer of a held-out prompt with its twin in training; "
             f"set prompts_per_round to {len(train_prompts)} or less (0: all of them)"
         )
+    check_round_plan(args, training_args, len(train_prompts))  # before the starting model is trained or sampled
     # the prompts themselves, not only the file's name: an edited prompt file is other settings
     prompts_sha256 = hashlib.sha256(json.dumps([train_prompts, heldout_prompts]).encode()).hexdigest()
     header = {"settings": {**fixed_settings(args), "prompts_sha256": prompts_sha256}, "training": training}
-    existing = same_run_or_refuse(output_dir, header, args.rounds)
+    sentiment_model = args.prompts == SENTIMENT and model_args.model_name_or_path is None  # trained by the run
+    if training_args.overwrite_output_dir and output_dir.is_dir():  # the rounds recipe's files only
+        removed = remove_rounds(output_dir, model_args.model_name_or_path)
+        log(f"--overwrite_output_dir: deleted {', '.join(removed) or 'nothing (no rounds there)'} in {output_dir}")
+    existing = same_run_or_refuse(output_dir, header, args.rounds, sentiment_model)
 
     sft_adapter = None
-    if args.prompts == SENTIMENT and model_args.model_name_or_path is None:
+    if sentiment_model:
         from dpo.rounds.sentiment import initial_model
 
         model_args.model_name_or_path = initial_model(args, training_args, output_dir)

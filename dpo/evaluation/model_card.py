@@ -102,6 +102,8 @@ def recipe_of(resolved: dict) -> str:
     """Which recipe wrote resolved_config.yaml, from the script fields only that recipe has."""
     if "completion_only_loss" in resolved:
         return "recipes/sft_phi2.py"
+    if "samples_per_prompt" in resolved:  # a round of on-policy rounds: its file is the rounds run's --config
+        return "recipes/dpo_rounds.py"
     if "task_seed" in resolved:
         return "recipes/dpo_sentiment_tiny.py"
     if "prompt_format" in resolved:

@@ -94,7 +94,13 @@ TABLE = {
         "TRL's SFT trainer also takes, would need its special tokens added to the model)",
     ),
     # ── LoRA ─────────────────────────────────────────────────────────────────────────────────────
-    "lora_r": at_least(1, "the adapter's rank"),
+    "lora_r": Bound(
+        low=1,
+        high=2**16,
+        whole=True,
+        why="the adapter's rank: a rank above the narrower side of a layer adds parameters, not expressiveness, "
+        "and no model's layers are that wide (the targeted layers bound it once the model's config is read)",
+    ),
     "lora_alpha": Bound(
         low=0, low_open=True, whole=True, why="the LoRA update is scaled by lora_alpha / lora_r: 0 trains nothing"
     ),

@@ -263,7 +263,8 @@ def _train(n, ctx, folder: Path, train, heldout) -> dict:
     )
     metrics = train_and_save(  # the rounds refuse --resume_from_checkpoint: they continue by themselves
         trainer,
-        (ctx.args, training_args, ctx.model_args),
+        # resolved_config.yaml: the rounds run's own settings (its output_dir), a --config for recipes/dpo_rounds.py
+        (ctx.args, ctx.training_args, ctx.model_args),
         training_args.resume_from_checkpoint,
         heldout,
         resume_advice=ROUNDS_RESUME,

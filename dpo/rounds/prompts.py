@@ -25,9 +25,15 @@ def dataset_prompts(name: str, seed: int, heldout: int) -> tuple[list, list]:
             seen.add(key)
             prompts.append(prompt)
     random.Random(seed).shuffle(prompts)
+    if len(prompts) < 2:  # eval_prompts is at least 1: lowering it cannot help
+        raise UserError(
+            f"{name}: {len(prompts)} distinct usable prompt(s), but the rounds need at least 2, one held out "
+            "(eval_prompts is at least 1) and one to sample and train on: use a dataset with more distinct prompts"
+        )
     if len(prompts) <= heldout:
         raise UserError(
-            f"{name}: {len(prompts)} distinct usable prompts, but eval_prompts holds out {heldout}: lower eval_prompts"
+            f"{name}: {len(prompts)} distinct usable prompts, but eval_prompts holds out {heldout}, leaving none to "
+            f"train on: set eval_prompts to {len(prompts) - 1} or less"
         )
     return prompts[heldout:], prompts[:heldout]
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo.errors import UserError
 from dpo.offline.sentiment import SentimentTask, reward, train_reference
+from dpo.train.model_checks import TOKENIZER_FILES
 
 
 def ground_truth(prompt, completion: str) -> float:
@@ -32,6 +34,11 @@ def initial_model(args, training_args, output_dir: Path) -> str:
     output_dir/sft_reference; a rerun finds it there."""
     folder = output_dir / "sft_reference"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # its save was cut short
+            raise UserError(
+                f"{folder} holds the starting model this recipe trained but not its tokenizer (the save was cut "
+                f"short): delete {folder} and run the same command again; the recipe trains it again"
+            )
         return str(folder)
     sft_dir, _ = train_reference(task_of(args), folder, args, training_args)
     return str(sft_dir)

@@ -5,6 +5,7 @@ one setting or the file system. Numeric bounds and the fixed choices are in the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -129,3 +130,21 @@ def check_rounds_settings(args: RoundsArguments, training_args) -> None:
 def fixed_settings(args: RoundsArguments) -> dict:
     """The settings recorded in rounds.json that a rerun of the same folder must repeat."""
     return {name: getattr(args, name) for name in FIXED}
+
+
+def check_round_plan(args: RoundsArguments, training_args, train_prompts: int) -> None:
+    """Before any model work (the sentiment task's SFT, sampling): round 1's training plan with the most pairs
+    it can have, one per prompt less test_size held out (dpo/gate/plan.py). A plan refused with the most pairs
+    is refused with any: said now, not after the starting model was trained and sampled."""
+    from dpo.gate.plan import check_plan
+    from dpo.train.distributed import topology
+
+    per_round = args.prompts_per_round or train_prompts
+    pairs = per_round - (math.ceil(args.test_size * per_round) if args.test_size else 0)
+    try:
+        check_plan(pairs, training_args, topology(training_args).world_size)
+    except UserError as err:
+        raise UserError(
+            f"round 1 trains on at most {pairs} pairs (one per prompt of {per_round} a round, less test_size "
+            f"{args.test_size} held out), and even then {err}; more prompts a round: raise prompts_per_round"
+        ) from None

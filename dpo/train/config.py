@@ -239,6 +239,9 @@ HARDWARE_KEYS = ("bf16", "fp16", "use_cpu", "dtype")  # picked by dpo/train/hard
 def to_plain(obj):
     """A dataclass as a YAML/JSON-safe dict (enums and paths as strings, secrets dropped)."""
     data = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+    # TrainingArguments.to_dict writes every field named *_token as "<NAME>" (meant for hub_token), so
+    # pad_token / eos_token came back as the token "<PAD_TOKEN>" and the file repeated no run: their own values
+    data.update({k: getattr(obj, k) for k in data if k.endswith("_token") and hasattr(obj, k)})
     data = {k: v for k, v in data.items() if k not in SECRET_KEYS}
     return json.loads(json.dumps(data, default=str))
 

@@ -302,6 +302,19 @@ def trainable_parameter_count(config, model_args, targets: list[str], trust_remo
     return count
 
 
+def check_lora_rank(config, model_args, targets: list[str], trust_remote_code: bool = False) -> None:
+    """lora_r at most the narrower side (min of in and out features) of every targeted layer: LoRA's update
+    B @ A has rank min(r, in, out), so a larger r adds parameters (and disk: r * (in + out) each) and nothing else."""
+    modules = dict(meta_model(config, trust_remote_code).named_modules())
+    narrowest = min((min(linear_features(modules[n])), n) for n in targets) if targets else None
+    if narrowest and model_args.lora_r > narrowest[0]:
+        raise UserError(
+            f"lora_r {model_args.lora_r} exceeds the narrower side of the targeted layer {narrowest[1]} "
+            f"({narrowest[0]} features): LoRA's update has rank at most {narrowest[0]} there, so the extra rank "
+            f"only adds parameters; set lora_r to {narrowest[0]} or less"
+        )
+
+
 def require_model(name) -> None:
     """model_name_or_path set (a YAML `model_name_or_path: null` reached the recipes as None)."""
     if not name:
@@ -322,6 +335,7 @@ def check_model_and_load_tokenizer(model_args, training_args):
     targets = []
     if model_args.use_peft:
         targets = check_lora_targets(config, model_args.lora_target_modules, remote_code)
+        check_lora_rank(config, model_args, targets, remote_code)
         kinds = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
         log(f"LoRA on {len(targets)} linear layers ({kinds})")
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, remote_code)

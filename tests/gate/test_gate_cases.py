@@ -339,3 +339,33 @@ def test_prefetch_without_workers_is_refused_by_the_table_too():
 def test_a_flag_given_twice_is_refused(flags, recipe, local, capsys, no_weights_load):
     line = one_line_error(recipe.main, [*local, *flags], capsys)
     assert "--beta is given twice on the command line" in line, line
+
+
+@pytest.mark.parametrize(
+    "rank, expected",
+    [
+        (10**29, "65536"),  # was "disk full: adapter 7e23 GB"; the table's bound, for every recipe
+        (60000, "exceeds the narrower side of the targeted layer"),  # inside the table's bound, not the model's
+    ],
+)
+def test_an_absurd_lora_rank_is_refused_naming_lora_r(rank, expected, recipe, local, capsys, no_weights_load):
+    line = one_line_error(recipe.main, [*local, "--lora_r", rank], capsys)
+    assert expected in line and "lora_r" in line and "disk" not in line, line
+
+
+def test_a_lora_rank_up_to_the_narrowest_targeted_layer_passes_that_check(tiny_model_dir):
+    from dpo.train.model_checks import (
+        check_lora_rank,
+        check_lora_targets,
+        linear_features,
+        load_model_config,
+        meta_model,
+    )
+
+    config = load_model_config(str(tiny_model_dir))
+    targets = check_lora_targets(config, ["q_proj", "fc1"])
+    modules = dict(meta_model(config).named_modules())
+    narrowest = min(min(linear_features(modules[n])) for n in targets)
+    check_lora_rank(config, ModelConfig(lora_r=narrowest, use_peft=True), targets)  # no error
+    with pytest.raises(Exception, match=f"set lora_r to {narrowest} or less"):
+        check_lora_rank(config, ModelConfig(lora_r=narrowest + 1, use_peft=True), targets)

@@ -320,25 +320,48 @@ def test_a_run_stopped_inside_round_1_is_checked_against_its_settings_and_prompt
     tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, monkeypatch
 ):
     """Was: stopped before round 1 finished (no rounds.json yet), a rerun with another reward or K, or an edited
-    prompt file, reused round 1's samples and resumed its DPO run, and recorded the new settings."""
+    prompt file, reused round 1's samples and resumed its DPO run, and recorded the new settings. Now the samples
+    are drawn again (round 1 starts over: no round finished, dpo/rounds/rerun.py) and the new settings recorded;
+    a DPO run that began is never resumed with other settings (tests/rounds/test_rounds_advice.py)."""
     recipe = load_recipe("dpo_rounds")
     prompts = tmp_path / "prompts.jsonl"
     shutil.copyfile(truthy_file, prompts)
-    argv = write_config(tmp_path / "rounds.yaml", settings(tiny_model_dir, prompts, tmp_path / "run"))
+    out = tmp_path / "run"
+    argv = write_config(tmp_path / "rounds.yaml", settings(tiny_model_dir, prompts, out))
+
+    def sampled():
+        (out / "round-1").mkdir(exist_ok=True)
+        (out / "round-1" / "samples.jsonl").write_text("{}\n")
 
     def stopped(*_):
-        raise KeyboardInterrupt  # Ctrl-C inside round 1, before it finishes
+        sampled()  # as if round 1 sampled, then Ctrl-C inside it
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(recipe, "run_rounds", stopped)
     with pytest.raises(SystemExit):
         recipe.main(argv)
-    assert (tmp_path / "run" / "rounds_settings.json").is_file() and not (tmp_path / "run" / "rounds.json").exists()
-    capsys.readouterr()
-    line = one_line_error(recipe.main, [*argv, "--reward", "rounds_test_rewards:constant"], capsys)
-    assert "other settings" in line and "reward" in line
+    assert (out / "rounds_settings.json").is_file() and not (out / "rounds.json").exists()
+
+    def record():
+        return json.loads((out / "rounds_settings.json").read_text())["settings"]
+
+    def sampled_again(*_):
+        assert not (out / "round-1" / "samples.jsonl").exists()  # the old samples are not reused
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "run_rounds", sampled_again)
+    old = record()
+    for edit in ([*argv, "--reward", "rounds_test_rewards:constant"], [*argv, "--samples_per_prompt", "3"]):
+        sampled()
+        with pytest.raises(SystemExit):
+            recipe.main(edit)
+        assert record() != old
+        old = record()
+    sampled()
     prompts.write_text(prompts.read_text().replace("?", "?!", 1))  # one prompt edited, same file name
-    line = one_line_error(recipe.main, argv, capsys)
-    assert "other settings" in line and "prompts_sha256" in line
+    with pytest.raises(SystemExit):
+        recipe.main(argv)
+    assert record()["prompts_sha256"] != old["prompts_sha256"]
 
 
 def test_ctrl_c_in_a_round_says_to_run_the_same_command_again(
