@@ -1,38 +1,10 @@
-"""An entry point's one `error:` line stands alone and the command line is read once: TRL's FutureWarnings
-for a YAML that omits activation_checkpointing are held (dpo/errors.py), and `--config` given twice is refused
-by every recipe (dpo/gate/flags.py check_repeated_flags), as any flag given twice is by every command."""
-
-import os
-import subprocess
-import sys
+"""The command line is read once: `--config` given twice is refused by every recipe, in both spellings, and any
+flag given twice by every command (dpo/gate/flags.py check_repeated_flags), in one `error:` line."""
 
 import pytest
 from helpers import ROOT, load_recipe, one_line_error
 
 RECIPES = ("dpo_any", "dpo_phi2", "sft_phi2", "dpo_sentiment_tiny", "dpo_rounds")
-
-
-@pytest.mark.slow
-def test_a_yaml_without_activation_checkpointing_prints_the_error_line_alone(tiny_model_dir, truthy_file, tmp_path):
-    """As a user runs it (no warning filters). Leaving activation_checkpointing out of the YAML made TRL's
-    DPOConfig set the deprecated gradient_checkpointing, and two FutureWarning lines printed ahead of the error."""
-    lines = (ROOT / "recipes" / "dpo_any.yaml").read_text().splitlines()
-    config = tmp_path / "settings.yaml"
-    config.write_text("\n".join(line for line in lines if not line.startswith("activation_checkpointing")) + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    flags = ["--config", config, "--model_name_or_path", tiny_model_dir, "--dataset_name", truthy_file]
-    flags += ["--output_dir", tmp_path / "out", "--learning_rate", "-1"]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "dpo_any.py"), *map(str, flags)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    shown = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(shown) == 1, proc.stderr[-2000:]
-    assert shown[0].startswith("error: invalid setting(s): learning_rate must be > 0"), shown
 
 
 @pytest.mark.parametrize("recipe_name", RECIPES)
