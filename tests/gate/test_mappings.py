@@ -161,3 +161,13 @@ def test_keys_that_are_taken_pass(tiny_model_dir):
     assert mapping_problems({"accelerator_config": "accelerator.json", "activation_checkpointing_kwargs": None}) == []
     given = {"activation_checkpointing_kwargs": '{"use_reentrant": false, "every_n_layers": 2}'}
     assert mapping_problems(given) == []
+
+
+def test_deepspeed_without_its_package_is_one_line(local, tmp_path, capsys, no_weights_load):
+    """Was a PackageNotFoundError traceback while the arguments were parsed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    line = one_line_error(load_recipe("dpo_any").main, [*local, '--deepspeed={"train_batch_size": 8}'], capsys)
+    assert "deepspeed is set but the deepspeed package is not installed" in line, line
