@@ -231,8 +231,12 @@ def read_json_object(path: str | Path, shape: dict, fix: str, optional: tuple = 
     return data
 
 
-def read_jsonl_objects(path: str | Path, shape: dict, fix: str) -> list[dict]:
-    """One JSON object of `shape` per non-blank line of `path`; UserError naming the line otherwise."""
+def read_jsonl_objects(
+    path: str | Path, shape: dict, fix: str, max_chars: tuple[int, str] | None = None
+) -> list[dict]:
+    """One JSON object of `shape` per non-blank line of `path`; UserError naming the line otherwise.
+    `max_chars`: (a bound on each field of `shape`, in characters as JSON writes it; why no field is longer):
+    a field past it is named with its row, before anything is done with it (a 1 MB prompt was tokenized whole)."""
     path = Path(path)
     try:
         text = path.read_bytes().decode()
@@ -250,6 +254,12 @@ def read_jsonl_objects(path: str | Path, shape: dict, fix: str) -> list[dict]:
             raise UserError(f"{path}:{number}: not valid JSON (column {err.colno}: {err.msg}); {fix}") from None
         if problem := shape_problem(row, shape):
             raise UserError(f"{path}:{number}: the row {problem}; {fix}")
+        for field in shape if max_chars else ():
+            if (size := len(json.dumps(row.get(field), ensure_ascii=False))) > max_chars[0]:
+                raise UserError(
+                    f"{path}:{number}: the row's {field} is {size:,} characters long, above {max_chars[0]:,} "
+                    f"({max_chars[1]}); {fix}"
+                )
         rows.append(row)
     return rows
 

@@ -47,9 +47,9 @@ from dpo.data.pairs import Columns, to_pairs
 from dpo.data.tools import TOOLS_COLUMN, check_template, has_tool_messages, read_chat_template
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
+from dpo.gate.flags import parse_flags
 from dpo.log import log
 from dpo.plots import plot_lengths
-from dpo.train.config import one_line_parse_errors
 from dpo.train.model_checks import load_tokenizer
 
 # --text_format: a recipe's own formatting of text rows (prompt_format text), by name.
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> DoctorReport:
     @exit_on_user_error
     def run() -> DoctorReport:
         given = list(sys.argv[1:] if argv is None else argv)
-        args = one_line_parse_errors(_parser(), given).parse_args(given)
+        args = parse_flags(_parser(), given)  # as every command: a flag given twice or unknown is one line
         if args.dataset and args.dataset_name and args.dataset != args.dataset_name:
             raise UserError(f"two datasets given: {args.dataset} and --dataset_name {args.dataset_name}; pass one")
         dataset = args.dataset_name or args.dataset

@@ -39,6 +39,10 @@ GENERATION_MODES = ("greedy", "sampled")
 COMMAND = "python -m dpo.evaluate"
 PAIR_SHAPE = {"prompt": ((str, list), None), "chosen": ((str, list), None), "rejected": ((str, list), None)}
 DAMAGED = "the run folder is damaged (a file edited or cut short): rerun the training, or use an intact copy"
+# No token of the recipes' tokenizers is longer (SmolLM2-135M's longest is 81 characters), so a held-out text past
+# max_length x this cannot fit in max_length tokens: TRL drops such a pair, and scoring it would tokenize it whole.
+MAX_CHARS_PER_TOKEN = 128
+NO_MAX_LENGTH = 32768  # tokens, for a run with max_length null (a model without a position limit)
 
 
 def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list[dict]]:
@@ -62,7 +66,14 @@ def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list
     resolved = read_yaml_mapping(out / "resolved_config.yaml", DAMAGED)
     if not isinstance(resolved.get("model_name_or_path"), str):
         raise UserError(f"{out / 'resolved_config.yaml'} names no model_name_or_path; {DAMAGED}")
-    pairs = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED)
+    max_length = resolved.get("max_length")
+    tokens = max_length if isinstance(max_length, int) and max_length > 0 else NO_MAX_LENGTH
+    longest = (
+        MAX_CHARS_PER_TOKEN * tokens,
+        f"{MAX_CHARS_PER_TOKEN} characters a token at most x max_length {tokens}: more than the run's max_length "
+        "holds, and would be tokenized whole",
+    )
+    pairs = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED, longest)
     if not pairs:
         raise UserError(f"{pairs_file} is empty")
     return resolved, pairs

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import json
 
 from dpo.errors import UserError
-from dpo.gate.table import RELATIONS, TABLE
+from dpo.gate.table import MAPPINGS, RELATIONS, TABLE
 
 
 def settings_of(*arg_objects) -> dict:
@@ -56,6 +58,24 @@ def table_problems(values: dict) -> list[str]:
         if message := relation(values.get):
             problems.append(message)
     return problems
+
+
+def mapping_problems(values: dict) -> list[str]:
+    """The mapping settings (table MAPPINGS) as given, in the YAML or as JSON on the command line, before the
+    dataclasses parse them: each key one the receiving function takes, each value of its kind."""
+    found = []
+    for name, rule in MAPPINGS.items():
+        value = values.get(name)
+        if isinstance(value, str) and value.lstrip().startswith("{"):  # transformers reads such text as JSON
+            try:
+                value = json.loads(value)
+            except ValueError:
+                continue  # transformers names the broken JSON while parsing
+        if message := rule.problem(name, value):
+            found.append(message)
+    if values.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:  # was a traceback while parsing
+        found.append("deepspeed is set but the deepspeed package is not installed: pip install deepspeed, or unset it")
+    return found
 
 
 def loss_problems(values: dict) -> list[str]:

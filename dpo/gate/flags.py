@@ -25,6 +25,16 @@ def check_repeated_flags(argv: list[str]) -> None:
             seen.add(name)
 
 
+def command_line_values(argv: list[str], names) -> dict:
+    """{name: text} for the flags in `names` given on the command line (--name value or --name=value)."""
+    found = {}
+    for at, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag[2:] in names and (eq or at + 1 < len(argv)):
+            found[flag[2:]] = value if eq else argv[at + 1]
+    return found
+
+
 def near_names(unknown: list[str], known: list[str]) -> list[str]:
     """'x: did you mean y?' for each unknown name with a close known one."""
     out = []

@@ -96,6 +96,7 @@ def model_integration_problems(training_args, config, tokenizer) -> list[str]:
         problems.append(
             f"max_length {max_length} is above the model's {limit} positions (config.json): set max_length {limit} or less"
         )
+    problems += model_init_problems(getattr(training_args, "model_init_kwargs", None), config)
     if getattr(training_args, "assistant_only_loss", False):
         template = tokenizer.chat_template or ""
         if "generation" not in template:
@@ -104,6 +105,22 @@ def model_integration_problems(training_args, config, tokenizer) -> list[str]:
                 "this tokenizer's does not (TRL could not find the tokens to train on): set it false"
             )
     return problems
+
+
+def model_init_problems(kwargs, config) -> list[str]:
+    """model_init_kwargs: each key one from_pretrained takes (read from it, dpo/gate/keywords.py) or an attribute
+    of the model's config, which from_pretrained sets; any other key was a TypeError after the weights loaded."""
+    from dpo.gate.keywords import from_pretrained_keys
+
+    if not isinstance(kwargs, dict):
+        return []
+    attributes = set(config.to_dict()) | set(vars(config))
+    wrong = sorted(k for k in kwargs if k not in from_pretrained_keys() and k not in attributes)
+    return [
+        f"model_init_kwargs.{key} is neither a key from_pretrained takes nor an attribute of the model's config "
+        f"(config.json); from_pretrained's keys: {', '.join(sorted(from_pretrained_keys()))}"
+        for key in wrong
+    ]
 
 
 def check_model_integrations(training_args, config, tokenizer) -> None:

@@ -134,6 +134,42 @@ class Each:
         return [[v] for v in self.rule.outside()]
 
 
+@dataclass(frozen=True)
+class Keys:
+    """A mapping handed to a library function as keyword arguments: each key one it takes, each value of the
+    kind its parameter is annotated with; or unset (None). `keys()` reads them from the function when checked
+    (dpo/gate/keywords.py), so a key an upgrade adds passes; `source` names the function for the message."""
+
+    keys: Callable[[], dict]
+    source: str
+    why: str = ""
+    file_ok: bool = False  # text that is not a JSON mapping names a JSON file (transformers reads it)
+
+    def problem(self, name: str, value) -> str | None:
+        from dpo.gate.keywords import kind_problem
+
+        if value is None or (self.file_ok and isinstance(value, str)):
+            return None
+        if not isinstance(value, dict):
+            return f"{name} takes a mapping of {self.source}'s keyword arguments; got {value!r:.60}"
+        keys, wrong = self.keys(), []
+        for key, item in value.items():
+            if key not in keys:
+                wrong.append(f"{name}.{key} is not a key it takes ({self.describe()})")
+            elif found := kind_problem(item, keys[key]):
+                wrong.append(f"{name}.{key} {found}")
+        return "; ".join(wrong) or None
+
+    def ok(self, value) -> bool:
+        return self.problem("", value) is None
+
+    def describe(self) -> str:
+        return f"the keys {self.source} takes: {', '.join(sorted(self.keys())) or 'none'}"
+
+    def outside(self) -> list:
+        return [{"not_a_key": 1}]
+
+
 def _fmt(x) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
         return str(int(x))

@@ -11,7 +11,8 @@ setting just outside its bound and expects one `error:` line, exit 2, before wei
 
 from __future__ import annotations
 
-from dpo.gate.rules import Bound, Choice, Each, Named, at_least, fraction, non_negative, positive
+from dpo.gate.keywords import accelerator_config_keys, checkpoint_keys, scheduler_keys, sft_dataset_keys
+from dpo.gate.rules import Bound, Choice, Each, Keys, Named, at_least, fraction, non_negative, positive
 
 
 # attn_implementation: the names transformers' from_pretrained accepts ("eager" and its attention registry:
@@ -153,6 +154,38 @@ TABLE = {
     "gguf_type": Choice(("f16", "q8_0"), "the GGUF weight types llama.cpp's converter writes and the export checks"),
 }
 
+# Mapping settings, each handed to a library function as keyword arguments: the keys it takes are read from
+# that function (dpo/gate/keywords.py). Checked on the YAML's and the command line's values before the
+# dataclasses parse them (accelerator_config is built into an object while parsing, and a wrong key was a
+# TypeError traceback there), so a wrong key is named as the user wrote it, old names included.
+_CHECKPOINT = Keys(
+    checkpoint_keys,
+    "torch.utils.checkpoint.checkpoint (and transformers' activation_checkpointing_enable)",
+    "an unknown key failed after the weights loaded (ValueError: Unexpected keyword arguments)",
+)
+MAPPINGS = {
+    "activation_checkpointing_kwargs": _CHECKPOINT,
+    "gradient_checkpointing_kwargs": _CHECKPOINT,  # transformers' old name of the same setting
+    "accelerator_config": Keys(
+        accelerator_config_keys,
+        "transformers' AcceleratorConfig",
+        "an unknown key was a TypeError traceback while the arguments were parsed",
+        file_ok=True,
+    ),
+    "dataset_kwargs": Keys(sft_dataset_keys, "TRL's SFTTrainer", "an unknown key was silently ignored"),
+}
+# Mapping settings checked elsewhere, or whose keys no function declares, each with where or why.
+MAPPINGS_ELSEWHERE = {
+    "lr_scheduler_kwargs": "a relation below (_scheduler): its keys are the chosen lr_scheduler_type's",
+    "model_init_kwargs": "dpo/gate/integrations.py, with the model's config.json: from_pretrained takes its own "
+    "keys and any attribute of the model's config",
+    "deepspeed": "DeepSpeed's own JSON, checked by DeepSpeed as it starts; the package must be installed "
+    "(refused before parsing when it is not)",
+    "fsdp_config": "read by transformers key by key only when fsdp is set (its known keys are no function's "
+    "parameters); the recipes run FSDP from accelerate_configs/fsdp.yaml",
+    "liger_kernel_config": "read only with use_liger_kernel, by the liger-kernel package (not installed here)",
+}
+
 # Settings whose rules live in another declared table, named here so the enumeration test knows them.
 DELEGATED = {
     "beta": "the loss table (dpo/scratch/loss_settings.py): > 0, finite",
@@ -195,6 +228,13 @@ def _scheduler(get):
     if kind in SCHEDULER_NEEDS and not set(SCHEDULER_NEEDS[kind]) & set(kwargs):
         options = " or ".join(f"{{{name}: ...}}" for name in SCHEDULER_NEEDS[kind])
         problems.append(f"lr_scheduler_type {kind} needs lr_scheduler_kwargs {options} (transformers cannot build it)")
+    takes = scheduler_keys(kind)
+    for name in [n for n in kwargs if takes is not None and n not in takes]:
+        named = ", ".join(sorted(takes)) or "none (transformers drops the mapping for it)"
+        problems.append(
+            f"lr_scheduler_kwargs.{name} is not a key lr_scheduler_type {kind} takes (its keys: {named}); "
+            "it would be silently ignored or fail after the weights load"
+        )
     for name, value in kwargs.items():
         rule = SCHEDULER_KWARGS.get(name, FINITE if isinstance(value, (int, float)) else None)
         if rule is not None and not rule.ok(value):

@@ -18,8 +18,16 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
-from dpo.gate.flags import check_repeated_flags, choice_problems, one_line_parse_errors, yaml_kind_problems  # noqa: F401  (one_line_parse_errors: the doctor's)
+from dpo.gate.check import mapping_problems
+from dpo.gate.flags import (
+    check_repeated_flags,
+    choice_problems,
+    command_line_values,
+    one_line_parse_errors,
+    yaml_kind_problems,
+)  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
+from dpo.gate.table import MAPPINGS
 from dpo.helptext import describe_recipe
 from dpo.log import log
 from dpo.train.distributed import check_launch, on_main_process, topology
@@ -96,6 +104,9 @@ class RecipeSFTConfig(SFTConfig, RunOptions):
     """What recipes/sft_phi2.py parses: TRL's SFTConfig and RunOptions."""
 
 
+MAPPING_FLAGS = (*MAPPINGS, "deepspeed")  # checked as given (dpo/gate/check.py mapping_problems)
+
+
 class StrictYAMLLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the later value
     without a word, so the first setting would silently not apply)."""
@@ -166,6 +177,9 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     values = {k: v for k, v in values.items() if k not in on_command_line} if isinstance(values, dict) else {}
     if found := yaml_kind_problems(dataclass_types, values):
         raise UserError(f"{config_path}: " + "; ".join(found))
+    # mapping settings (activation_checkpointing_kwargs, ...) as given, before the dataclasses take them in
+    if found := mapping_problems({**values, **command_line_values(argv, MAPPING_FLAGS)}):
+        raise UserError(f"invalid setting(s) ({config_path} + command line): " + "; ".join(found))
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     parser.allow_abbrev = False  # argparse would take --learning_rat for --learning_rate, and --max_step for max_steps
