@@ -73,8 +73,8 @@ def speed(workdir: Path) -> dict:
     import torch
 
     from dpo.compat import ModelConfig
+    from dpo.evaluation.sampling import Sampling, generation_speed
     from dpo.rounds.models import load_policy
-    from dpo.rounds.sampling import Sampling, generation_speed
     from dpo.rounds.sentiment import sentiment_prompts
     from dpo.rounds.settings import RoundsArguments
     from dpo.train.model_checks import load_tokenizer

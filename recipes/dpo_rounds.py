@@ -32,6 +32,7 @@ import torch
 
 from dpo.data.formats import ensure_chat_template
 from dpo.errors import UserError, exit_on_user_error
+from dpo.evaluation.sampling import render_prompt
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.loop import RoundsContext, run_rounds
@@ -39,7 +40,6 @@ from dpo.rounds.models import Handoff, load_policy
 from dpo.rounds.prompts import prompt_sets
 from dpo.rounds.rerun import remove_rounds, rounds_written, start_unfinished_over, started_dpo_runs
 from dpo.rounds.reward import make_reward
-from dpo.rounds.sampling import render_prompt
 from dpo.rounds.settings import (
     SENTIMENT,
     RoundsArguments,

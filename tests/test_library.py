@@ -86,7 +86,7 @@ LAYERS = [
     "dpo.data",  # loading, layouts -> pairs, formats, the data doctor
     "dpo.evaluation",  # evaluate, judge, report, export, model card
     "dpo.offline",  # what works without the Hub: pip-packaged models, the tiny model, the sentiment demo
-    "dpo.rounds",  # on-policy DPO in rounds: sampling, reward, pairing, the round loop, its summary
+    "dpo.rounds",  # on-policy DPO in rounds: reward, pairing, the round loop, its summary (sampling: dpo.evaluation)
 ]
 # `python -m dpo.<name>` keeps its short name: dpo/<name>.py only imports the real `main` and calls it.
 # dpo/__init__.py may import any layer cheaply (it installs the bitsandbytes log filter).

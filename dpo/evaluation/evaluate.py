@@ -176,9 +176,9 @@ def generate(
     model, tokenizer, prompt_ids: list[list[int]], sample: bool, max_new_tokens: int, seed: int, bs: int, desc
 ):
     """Answers (completion token ids, EOS included when emitted) for each prompt: the rounds' sampler (batched by
-    prompt length, KV cache, left padding; dpo/rounds/sampling.py), greedy or at temperature 1, no top-k or top-p
+    prompt length, KV cache, left padding; dpo/evaluation/sampling.py), greedy or at temperature 1, no top-k or top-p
     cut, with a progress bar."""
-    from dpo.rounds.sampling import Sampling, generate_ids
+    from dpo.evaluation.sampling import Sampling, generate_ids
 
     settings = Sampling(max_new_tokens=max_new_tokens, batch_size=bs, do_sample=sample)
     return generate_ids(model, tokenizer, prompt_ids, settings, seed, desc=desc)

@@ -150,7 +150,7 @@ def scheduler_keys(kind: str) -> dict | None:
 
 def sft_dataset_keys() -> dict:
     """dataset_kwargs (the SFT recipe): the keys TRL's SFTTrainer reads out of args.dataset_kwargs."""
-    from trl import SFTTrainer
+    from dpo.compat import SFTTrainer
 
     return _taken_from_kwargs(SFTTrainer, "dataset_kwargs")
 

@@ -12,7 +12,7 @@ import torch
 
 from dpo.compat import use_adapter
 from dpo.evaluation.judge import mean_interval
-from dpo.rounds.sampling import Sampling, completion_text, generate_ids, prompt_token_ids
+from dpo.evaluation.sampling import Sampling, completion_text, generate_ids, prompt_token_ids
 from dpo.scratch.logps import completion_logps
 
 INITIAL_ADAPTER = "initial"

@@ -25,13 +25,13 @@ from datasets import Dataset
 from dpo.data.doctor import check_data
 from dpo.data.loading import split_heldout
 from dpo.errors import UserError
+from dpo.evaluation.sampling import Sampling, sample_answers
 from dpo.files import read_json_object, read_jsonl_objects
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.models import Handoff, describe_reference, load_policy, set_reference
 from dpo.rounds.pairing import make_pairs, training_rows
 from dpo.rounds.prompts import round_prompts
-from dpo.rounds.sampling import Sampling, sample_answers
 from dpo.rounds.summary import ROUND_SHAPE, write_summary
 from dpo.train.safety.checkpoints import newest_complete_checkpoint, write_json_atomic
 from dpo.train.safety.runs import finished_run, verify_finished_run

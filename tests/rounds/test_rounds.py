@@ -13,9 +13,9 @@ import torch
 import yaml
 from helpers import ROOT, load_recipe, one_line_error
 
+from dpo.evaluation.sampling import Sampling, sample_answers
 from dpo.files import file_sha256
 from dpo.rounds.pairing import make_pairs
-from dpo.rounds.sampling import Sampling, sample_answers
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -188,7 +188,7 @@ def tiny_args(model_dir, output_dir):
 def chosen_logps(model, tokenizer, rows, reference: bool = False) -> torch.Tensor:
     """log pi(chosen | prompt) of each row under the model as it is, or (`reference`) under the reference
     TRL chooses for this model (its "ref" adapter, else adapters disabled)."""
-    from dpo.rounds.sampling import prompt_token_ids
+    from dpo.evaluation.sampling import prompt_token_ids
     from dpo.scratch.logps import completion_logps
     from dpo.train.adapters import as_reference
 

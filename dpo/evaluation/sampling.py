@@ -1,7 +1,8 @@
-"""Sampling K answers per prompt from the policy: batched `generate` with the KV cache on the 4-bit base +
-adapter, prompts left-padded and grouped by length so that a batch wastes little on padding.
+"""Sampling answers from a model: batched `generate` with the KV cache on the 4-bit base + adapter, prompts
+left-padded and grouped by length so that a batch wastes little on padding. `python -m dpo.evaluate` draws its
+greedy and sampled answers here, and the rounds (dpo/rounds/) their K answers per prompt.
 
-On-policy by construction: the caller hands the model that the previous round trained (its saved
+On-policy by construction: the rounds hand it the model that the previous round trained (its saved
 adapter on the base, dpo/rounds/loop.py), and nothing here changes it. A prompt is a string (used as it
 is) or a list of chat messages (the policy's chat template with the generation prompt applied).
 """
