@@ -14,9 +14,11 @@ exited 0). Every save a tool makes therefore runs inside `saving(what)`, the one
 
 The saves: checkpoints (dpo/train/safety/checkpoints.py), the final files (dpo/train/trainer.py), the
 rounds' samples, pairs, round.json and summary (dpo/rounds/), reference cache parts (dpo/train/speed/refstore.py),
-folders built whole (dpo.files.replace_folder: an export's merged model, evaluate's report), the GGUF file.
-Signals are handled in the main thread only (Python's rule); a save in another thread is still whole
-because the main thread's own handlers decide there.
+the swap of folders built whole (dpo.files.replace_folder: an export's merged model, evaluate's report) and of
+`python -m dpo.models`' model folders. A folder or GGUF file still being built elsewhere in staging is not held:
+a stop there is immediate, and the staging is removed (nothing half-written reaches its place).
+Python runs signal handlers in the main thread only: a save made in another thread installs nothing, and the
+main thread's handlers decide what a signal does meanwhile.
 """
 
 from __future__ import annotations

@@ -73,3 +73,22 @@ def test_a_signal_while_a_folder_is_swapped_in_stops_after_the_swap(tmp_path, mo
         replace_folder(target, lambda folder: (folder / "model.safetensors").write_text("new"))
     assert stopped.type is RunStopped and stopped.value.exit_status == 130 and str(target) in str(stopped.value)
     assert (target / "model.safetensors").read_text() == "new" and os.listdir(tmp_path) == ["merged"]
+
+
+@pytest.mark.parametrize("stale", [True, False], ids=["replacing_a_stale_build", "into_an_empty_folder"])
+def test_a_signal_while_a_model_folder_is_put_in_place_stops_after_it(tmp_path, monkeypatch, stale):
+    """`python -m dpo.models`: a stale build is moved aside, then the new one renamed in; between the two no
+    folder would be left at its place."""
+    from dpo.offline.pip_models import _put_in_place
+
+    out, staging = tmp_path / "smollm2", tmp_path / ".staging"
+    out.mkdir()
+    if stale:
+        (out / "config.json").write_text("old")
+    staging.mkdir()
+    (staging / "config.json").write_text("new")
+    monkeypatch.setenv("DPO_TEST_SIGNAL_AT", "save-model-folder:0:SIGINT")
+    with pytest.raises((RunStopped, KeyboardInterrupt)) as stopped:
+        _put_in_place(staging, out, stale)
+    assert stopped.type is RunStopped and stopped.value.exit_status == 130
+    assert (out / "config.json").read_text() == "new" and os.listdir(tmp_path) == ["smollm2"]
