@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 import warnings
 
 
 class UserError(Exception):
     """An error in the user's input, with a message that says what to change."""
+
+    # False on a process of a multi-process launch that leaves the message to its machine's local rank 0
+    # (set by dpo/gate/launch.py, which knows the launchers' variables)
+    shown_here = True
 
 
 class RunStopped(Exception):
@@ -105,8 +108,8 @@ def exit_on_user_error(main):
             if outermost:
                 _held.release(show=False)  # the error line alone (once weights loaded, they were shown already)
             # Under N processes every process meets the same input mistake: one message per
-            # machine (its local rank 0), since each machine's launcher shows its own output.
-            if os.environ.get("LOCAL_RANK", "0") == "0":
+            # machine (dpo/gate/launch.py error_shown_here), since each machine's launcher shows its own output.
+            if err.shown_here:
                 _say(f"error: {err}")
             raise SystemExit(2) from None
         except RunStopped as err:

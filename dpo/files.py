@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from dpo.errors import UserError
+from dpo.signals import saving
 
 
 def file_in_the_way(path: str | Path) -> Path | None:
@@ -46,11 +47,14 @@ def replace_folder(target: str | Path, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.is_symlink():  # a link is replaced, never what it points to
-        target.unlink()
-    elif target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    # the swap, with stop signals held (dpo.signals): a Ctrl-C between the removal and the rename would leave
+    # neither folder; one during `write` stops at once, its partial folder removed above
+    with saving(str(target), "folder"):
+        if target.is_symlink():  # a link is replaced, never what it points to
+            target.unlink()
+        elif target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
     return target
 
 

@@ -31,6 +31,7 @@ from dpo.errors import UserError, exit_on_user_error
 from dpo.files import file_sha256
 from dpo.gate.flags import parse_flags
 from dpo.log import log
+from dpo.signals import saving
 
 MARKER = "materialized.json"
 
@@ -192,15 +193,16 @@ def _build(source: Path, folder: Path) -> int:
 def _put_in_place(staging: Path, out: Path, stale: bool) -> None:
     """Rename the finished `staging` folder to `out`. A stale build of ours at `out` is moved aside first
     and deleted after (rmtree does not follow links); otherwise `out` is absent or empty (checked)."""
-    if stale:
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
+    with saving(str(out), "model-folder"):  # a Ctrl-C between the two renames would leave no folder at `out`
+        if stale:
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        if out.exists():
+            out.rmdir()  # empty (checked by the caller)
         os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    if out.exists():
-        out.rmdir()  # empty (checked by the caller)
-    os.replace(staging, out)
 
 
 def default_cache_dir(name: str) -> Path:

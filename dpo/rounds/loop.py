@@ -33,10 +33,13 @@ from dpo.rounds.models import Handoff, describe_reference, load_policy, set_refe
 from dpo.rounds.pairing import make_pairs, training_rows
 from dpo.rounds.prompts import round_prompts
 from dpo.rounds.summary import ROUND_SHAPE, write_summary
+from dpo.signals import saving
 from dpo.train.safety.checkpoints import newest_complete_checkpoint, write_json_atomic
 from dpo.train.safety.runs import finished_run, verify_finished_run
 from dpo.train.trainer import build_dpo_trainer, train_and_save
 
+# The stop line after a Ctrl-C or SIGTERM during a round's save (dpo.signals.saving): what was saved stays
+ROUNDS_AGAIN = "Run the same command again: the rounds continue from there"
 PROMPT = (str, list)  # a text prompt or a list of chat messages
 SAMPLE_SHAPE = {"prompt": (PROMPT, None), "answers": (list, dict)}
 PAIR_SHAPE = {
@@ -148,7 +151,8 @@ def run_round(n: int, ctx, handoff: Handoff):
         if policy is None:  # a resumed run: the policy of round n-1 from its saved adapter (round 1: the start)
             policy = load_policy(model_args, training_args, ctx.adapter_before(n))
         samples, speed = _sample(policy, ctx.tokenizer, prompts, ctx.reward, args, seed, clock)
-        write_jsonl_atomic(samples_file, samples)
+        with saving(str(samples_file), "samples", n, advice=ROUNDS_AGAIN):
+            write_jsonl_atomic(samples_file, samples)
     stats = {**sample_stats(samples), **speed}
     log(
         f"round {n}: {stats['prompts']} prompts x {args.samples_per_prompt} answers, mean reward "
@@ -157,7 +161,8 @@ def run_round(n: int, ctx, handoff: Handoff):
 
     start = time.perf_counter()
     pairs, counts = make_pairs(samples, args.pairing, args.min_margin, seed)
-    write_jsonl_atomic(pairs_file, pairs)
+    with saving(str(pairs_file), "pairs", n, advice=ROUNDS_AGAIN):
+        write_jsonl_atomic(pairs_file, pairs)
     clock["pair"] = time.perf_counter() - start
     log(
         f"round {n}: {counts['kept']} pairs kept, {counts['dropped']} prompts dropped ({counts['tie']} ties, "
@@ -217,7 +222,8 @@ def run_round(n: int, ctx, handoff: Handoff):
         "reference": describe_reference(args.reference, n, ctx.sft_adapter),
         "seconds": {k: round(v, 2) for k, v in clock.items()},
     }
-    write_json_atomic(folder / "round.json", record)
+    with saving(str(folder / "round.json"), "round", n, advice=ROUNDS_AGAIN):
+        write_json_atomic(folder / "round.json", record)
     log(
         f"round {n} done: held-out reward {result['reward']:+.3f} [{result['reward_low']:+.3f}, "
         f"{result['reward_high']:+.3f}], KL to the initial model {result['kl']:.2f} nats [{result['kl_low']:.2f}, "
@@ -268,6 +274,7 @@ def _train(n, ctx, folder: Path, train, heldout) -> dict:
         training_args.resume_from_checkpoint,
         heldout,
         resume_advice=ROUNDS_RESUME,
+        next_step=ROUNDS_AGAIN,
     )
     return {**metrics, "steps": trainer.state.global_step}
 
@@ -300,5 +307,6 @@ def run_rounds(ctx, start: Handoff | None = None) -> list[dict]:
             handoff = Handoff(policy)
             del policy
         records.append(record)
-        write_summary(ctx.output_dir, ctx.summary_header, records)
+        with saving(f"the rounds summary in {ctx.output_dir}", "summary", n, advice=ROUNDS_AGAIN):
+            write_summary(ctx.output_dir, ctx.summary_header, records)
     return records

@@ -26,6 +26,7 @@ from dpo.errors import RunStopped, release_held_warnings
 from dpo.gate.plan import check_plan
 from dpo.log import log
 from dpo.plots import plot_training_curves
+from dpo.signals import saving
 from dpo.train.adapters import policy_from_sft_adapter
 from dpo.train.config import eval_strategy_for, write_resolved_config
 from dpo.train.distributed import on_main_process, topology
@@ -190,7 +191,12 @@ def protect_run(trainer, run: dict, took_lock: bool) -> None:
 
 
 def train_and_save(
-    trainer: DPOTrainer, arg_objects, resume_from_checkpoint=None, heldout=None, resume_advice: str = RESUME_ADVICE
+    trainer: DPOTrainer,
+    arg_objects,
+    resume_from_checkpoint=None,
+    heldout=None,
+    resume_advice: str = RESUME_ADVICE,
+    next_step: str = "",
 ) -> dict:
     """Train, evaluate on the held-out split, and write everything a user needs to `output_dir`.
 
@@ -204,17 +210,19 @@ def train_and_save(
       heldout_pairs.jsonl                              `heldout` (prompt/chosen/rejected), for dpo.evaluation.evaluate
 
     Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
-    exit status 128 + signal (the stop line ends with `resume_advice`). A non-finite loss/gradient stops before
-    that step, exit status 3.
+    exit status 128 + signal (the stop line ends with `resume_advice`). One during the final save: the save is
+    finished, then the run stops, 128 + signal, the stop line saying the run is complete and what the caller
+    would have done next (`next_step`: the rounds' next round). A non-finite loss/gradient stops before that
+    step, exit status 3.
     """
     try:
-        return _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resume_advice)
+        return _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resume_advice, next_step)
     finally:
         if getattr(trainer, "took_output_lock", False):  # built outside a recipe: the run ends here
             lock.release(trainer.args.output_dir)
 
 
-def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resume_advice) -> dict:
+def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resume_advice, next_step) -> dict:
     output_dir, stopper = Path(trainer.args.output_dir), trainer.stop_on_signal
     resumed_at = resumed_step(resume_from_checkpoint) if resume_from_checkpoint else 0  # rotation may delete it
     with stopper.installed():
@@ -253,7 +261,9 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resum
                 if heldout is not None:
                     heldout.select_columns(["prompt", "chosen", "rejected"]).to_json(folder / "heldout_pairs.jsonl")
 
-        with stopper.held():  # a Ctrl-C now waits for the final files
+        # a Ctrl-C now waits for the final files, then stops the run (and a caller's next step)
+        complete = f"the run in {output_dir} is complete. {next_step}".rstrip()
+        with saving(f"the final files of {output_dir}", advice=complete):
             write_final_outputs(trainer, trainer.run_settings, write_into)
     summary = ", ".join(
         f"{k}={v:.4g}" for k, v in metrics.items() if "rewards/" in k or k in ("train_loss", "eval_loss")

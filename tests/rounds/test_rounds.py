@@ -378,6 +378,23 @@ def test_ctrl_c_in_a_round_says_to_run_the_same_command_again(
     assert "--resume_from_checkpoint" not in err and list((tmp_path / "run" / "round-1").glob("checkpoint-*"))
 
 
+def test_a_signal_while_round_2_saves_its_samples_stops_the_rounds_there(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, monkeypatch, capsys
+):
+    """Was: a Ctrl-C during a save inside a round was dropped and the rounds went on to the end, exit 0. Now the
+    save (here round 2's samples.jsonl) is finished, then the rounds stop between their steps, exit 130."""
+    argv = write_config(tmp_path / "rounds.yaml", settings(tiny_model_dir, truthy_file, tmp_path / "run"))
+    monkeypatch.setenv("DPO_TEST_SIGNAL_AT", "save-samples:2:SIGINT")
+    with pytest.raises(SystemExit) as stop:
+        load_recipe("dpo_rounds").main(argv)
+    captured = capsys.readouterr()
+    assert stop.value.code == 130 and "Run the same command again: the rounds continue" in captured.err, captured.err
+    round_2 = tmp_path / "run" / "round-2"
+    assert (tmp_path / "run" / "round-1" / "round.json").is_file()
+    assert len(jsonl(round_2 / "samples.jsonl")) == 8  # every prompt's answers, whole
+    assert sorted(p.name for p in round_2.iterdir()) == ["samples.jsonl"]  # nothing after it ran
+
+
 @pytest.mark.slow
 def test_pairs_trl_would_drop_for_length_are_dropped_and_counted_before_training(
     tiny_model_dir, truthy_file, reward_module, tmp_path

@@ -333,6 +333,16 @@ def test_ctrl_c_under_two_processes_saves_a_resumable_checkpoint(tiny_model_dir,
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 4
 
 
+def test_a_user_error_under_two_processes_is_printed_once(tiny_model_dir, truthy_file, tmp_path):
+    """Both processes meet the same refused setting: the error line is printed once (by local rank 0), and the
+    launcher's variables (torchrun's, with a port it chose) pass the launch check (dpo/gate/launch.py)."""
+    flags = small_run(tiny_model_dir, truthy_file, "--max_steps", "1", "--learning_rate", "0")
+    log = finish(launch_two_cpu(tmp_path, flags), ok=False)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "learning_rate" in errors[0], log[-3000:]
+    assert "environment variable" not in log
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (not pinned)")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_cpu_trains_as_one_process(runs, stage, tmp_path, tiny_model_dir, truthy_file):

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import tempfile
 from dataclasses import dataclass, field, fields
@@ -36,6 +35,7 @@ from dpo.files import (
     size_text,
 )
 from dpo.log import log
+from dpo.signals import kill_point
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -62,19 +62,6 @@ class RunOptions:
 
 
 PER_INVOCATION_KEYS = ("resume_from_checkpoint", *(f.name for f in fields(RunOptions)))  # not part of a run's settings
-
-SIGNAL_ENV = "DPO_TEST_SIGNAL_AT"  # tests only, see kill_point
-
-
-def kill_point(point: str, step: int) -> None:
-    """Test hook: `DPO_TEST_SIGNAL_AT=files:4` SIGKILLs this process at that point of the save of
-    step 4 (`files:4:SIGINT` sends SIGINT instead; several, comma-separated), so tests can prove
-    what a kill or a Ctrl-C at that exact moment leaves on disk. Points: step (end of an optimizer
-    step), begin, files, marked (a checkpoint save), final-staged, final-cleared, final-moved."""
-    for spec in filter(None, os.environ.get(SIGNAL_ENV, "").split(",")):
-        where, at, name = (spec.split(":") + ["SIGKILL"])[:3]
-        if where == point and int(at) == step:
-            os.kill(os.getpid(), getattr(signal, name))
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -347,14 +334,15 @@ def checkpoint_disk_full(folder: Path, needed: int) -> UserError:
 
 class CheckpointSaver:
     """Replaces transformers' checkpoint writer (see dpo.compat.route_checkpoint_writes):
-    writes with signals held back, marks the folder complete, then rotates."""
+    writes with signals held back (`hold_signals(what)`: a stop waits for the whole checkpoint, then stops
+    training there), marks the folder complete, then rotates."""
 
     def __init__(self, trainer, run: dict, hold_signals):
         self.trainer, self.run, self.hold_signals = trainer, run, hold_signals
 
     def __call__(self, write, folder: Path) -> None:
         accelerator, step = self.trainer.accelerator, self.trainer.state.global_step
-        with self.hold_signals():  # a Ctrl-C now waits until the checkpoint is whole
+        with self.hold_signals(str(folder)):  # a Ctrl-C now waits until the checkpoint is whole, then stops
             if accelerator.is_main_process and (folder / MARKER).exists():
                 (folder / MARKER).unlink()  # re-saving this step: incomplete until rewritten
             kill_point("begin", step)

@@ -26,10 +26,12 @@ import pyarrow.parquet as pq
 
 from dpo.errors import UserError
 from dpo.files import file_sha256, is_sha256, not_a_sha256, sha256_mismatch
+from dpo.signals import saving
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PART_COLUMNS = ("row", *COLUMNS, "seconds")
 CHECKSUM = ".sha256"  # part-X.parquet's sha256 (hex) lives in part-X.parquet.sha256
+KEPT = "Run the same command again: the reference values in that part are reused"
 
 
 def _damaged(part: Path, why: str) -> UserError:
@@ -138,12 +140,14 @@ class Store:
             }
         ).replace_schema_metadata({"environment": json.dumps(env)})
         name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        checksum_tmp = self.folder / f".{name}{CHECKSUM}.tmp"
-        checksum_tmp.write_text(file_sha256(tmp) + "\n")
-        os.replace(checksum_tmp, self.folder / (name + CHECKSUM))  # the checksum first: a part never lacks one
-        os.replace(tmp, self.folder / name)
+        # a Ctrl-C waits for the part (dpo.signals), then stops the run: the values computed are kept
+        with saving(f"reference cache part {self.folder / name}", "cache-part", advice=KEPT):
+            tmp = self.folder / f".{name}.tmp"
+            pq.write_table(table, tmp)
+            checksum_tmp = self.folder / f".{name}{CHECKSUM}.tmp"
+            checksum_tmp.write_text(file_sha256(tmp) + "\n")
+            os.replace(checksum_tmp, self.folder / (name + CHECKSUM))  # the checksum first: a part never lacks one
+            os.replace(tmp, self.folder / name)
 
     def environment_of(self, part: str) -> dict:
         meta = pq.read_schema(self.folder / part).metadata or {}

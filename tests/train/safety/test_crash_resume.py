@@ -2,7 +2,7 @@
 dpo/train/safety/interrupts.py), through the phi-2 recipe on the tiny 4-bit model.
 
 The moments come from the test hook DPO_TEST_SIGNAL_AT=<point>:<step>[:<signal>] (see
-dpo.train.safety.checkpoints.kill_point), which sends the signal from inside the process at that exact point,
+dpo.signals.kill_point), which sends the signal from inside the process at that exact point,
 so every kill lands where the test says, inside a save included.
 """
 
@@ -22,7 +22,8 @@ from helpers import ROOT, cli, load_recipe, one_line_error, with_overrides
 from safetensors.torch import load_file
 
 from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
-from dpo.train.safety.runs import RUN_MARKER
+from dpo.train.safety.runs import RUN_MARKER, verify_finished_run
+from dpo.train.speed.refstore import Store
 
 
 def flags(tiny_model_dir, truthy_file, output_dir, *extra):
@@ -172,6 +173,51 @@ def test_ctrl_c_exits_130_without_traceback_and_a_second_one_cannot_break_the_sa
     assert not checkpoint_problems(out / "checkpoint-3")
     assert not (out / "adapter_model.safetensors").exists() and not (out / RUN_MARKER).exists()
     assert "resume with --resume_from_checkpoint last" in stderr.lower()
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_first_signal_during_a_checkpoint_save_stops_training_after_that_save(
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys, name
+):
+    """Was: "a checkpoint is being written; it will be finished first", then training went on to its end, exit 0
+    (a rounds run carried on through two more rounds)."""
+    out = tmp_path / "run"
+    status, stdout, stderr = run_in_process(
+        flags(tiny_model_dir, truthy_file, out), f"files:2:{name}", monkeypatch, capsys
+    )
+    assert status == 128 + getattr(signal, name), stderr
+    assert "will be finished first" in stdout and f"{name} at step 2: checkpoint saved" in stderr
+    assert "Traceback" not in stderr and "done:" not in stdout
+    assert not checkpoint_problems(out / "checkpoint-2") and not (out / "checkpoint-4").exists()
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (out / RUN_MARKER).exists()
+
+
+def test_a_signal_during_the_final_save_stops_once_the_run_is_complete(
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys
+):
+    """Was: held and dropped; the run said "done" and exited 0 as if no Ctrl-C had come."""
+    out = tmp_path / "run"
+    status, stdout, stderr = run_in_process(
+        flags(tiny_model_dir, truthy_file, out), "final-staged:6:SIGINT", monkeypatch, capsys
+    )
+    assert status == 130 and "Traceback" not in stderr and "done:" not in stdout, stderr
+    assert f"SIGINT while saving the final files of {out}: the save was finished first" in stderr
+    assert f"the run in {out} is complete" in stderr
+    assert verify_finished_run(out, "the test")["global_step"] == 6  # every final file whole, as hashed
+
+
+def test_a_signal_during_a_reference_cache_write_stops_once_the_part_is_whole(
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys
+):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    argv = flags(tiny_model_dir, truthy_file, out, "--reference_cache_dir", str(cache))
+    status, _, stderr = run_in_process(argv, "save-cache-part:0:SIGINT", monkeypatch, capsys)
+    assert status == 130 and "SIGINT while saving reference cache part" in stderr, stderr
+    assert "reference values in that part are reused" in stderr
+    (key,) = cache.iterdir()
+    assert len(Store(key).load().rows) == 48  # the part and its checksum, whole (load verifies both)
+    assert not list(key.glob(".*.tmp")) and not list(out.glob("checkpoint-*"))
 
 
 def test_sigterm_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys):
