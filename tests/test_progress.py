@@ -31,6 +31,19 @@ def test_datasets_bars_are_off_only_inside(capsys):
     assert datasets.is_progress_bar_enabled()
 
 
+@pytest.fixture(autouse=True)
+def no_bars_left_open():
+    """A bar left open by an earlier test (these tests leave theirs open on purpose: the error stops them while
+    drawing) takes the next bar's screen position, and its lines would come after the error: close them all."""
+    from tqdm.std import tqdm as std_tqdm
+
+    for bar in list(std_tqdm._instances):
+        bar.close()
+    yield
+    for bar in list(std_tqdm._instances):
+        bar.close()
+
+
 def stopping_while_drawing(error, close_first=False):
     @exit_on_user_error
     def run():
