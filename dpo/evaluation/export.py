@@ -83,9 +83,8 @@ def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, 
         raise UserError("--push_to_hub needs a write token in the HF_TOKEN environment variable (never in a file)")
     resolved = read_yaml_mapping(output_dir / "resolved_config.yaml", DAMAGED)
     adapter = read_json_object(output_dir / "adapter_config.json", {"base_model_name_or_path": (str, None)}, DAMAGED)
-    check_run_files(
-        output_dir, adapter["base_model_name_or_path"], "base_model_name_or_path in adapter_config.json", COMMAND
-    )
+    base, source = adapter["base_model_name_or_path"], "base_model_name_or_path in adapter_config.json"
+    check_run_files(output_dir, base, source, COMMAND, resolved.get("model_revision") or "main")
     return resolved
 
 
@@ -112,23 +111,30 @@ def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
 
 
 @torch.no_grad()
-def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False) -> dict:
-    """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check."""
+def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False, revision: str = "main") -> dict:
+    """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check. The merged
+    folder's merge_check.json records what it was made of: the adapter's sha256 and the base's identity."""
     from transformers import AutoModelForCausalLM
 
+    from dpo.evaluation.evaluate import run_base_revision
     from dpo.files import file_sha256
     from dpo.train.adapters import adapter_weights, put_adapter
     from dpo.train.model_checks import check_weight_files, load_tokenizer
+    from dpo.train.safety.identity import BASE_KEY
+    from dpo.train.safety.runs import verify_finished_run
 
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     base_name = adapter_config["base_model_name_or_path"]
     tokenizer = load_tokenizer(str(output_dir))
-    adapter_weights(str(output_dir))  # whole, before the base loads
+    adapter_file = adapter_weights(str(output_dir))  # whole, before the base loads
     if Path(base_name).is_dir():
         check_weight_files(Path(base_name))
+    marker = verify_finished_run(output_dir, COMMAND)  # checked again here: the merge uses these very bytes
+    revision = run_base_revision(output_dir, marker, base_name, revision, COMMAND)
     load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
     release_held_warnings()  # weights load next (dpo/errors.py)
-    model = put_adapter(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
+    base = AutoModelForCausalLM.from_pretrained(base_name, revision=revision, **load)
+    model = put_adapter(base, str(output_dir))
     model.eval()
     batch = check_prompts(output_dir, tokenizer)
     mask = batch["attention_mask"].bool()
@@ -155,7 +161,14 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
 
     from dpo.evaluation.model_card import model_card
 
-    check = {"dtype": dtype, "base_model": base_name, "adapter": str(output_dir), "tokens_compared": int(mask.sum())}
+    check = {
+        "dtype": dtype,
+        "base_model": base_name,
+        BASE_KEY: marker["run"].get(BASE_KEY),
+        "adapter": str(output_dir),
+        "adapter_sha256": file_sha256(adapter_file),
+        "tokens_compared": int(mask.sum()),
+    }
     replace_folder(target, write)
     return check
 
@@ -215,15 +228,15 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
     dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" and merged else "float32")
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype {dtype}: one of {sorted(TOLERANCE)} (a 4-bit base cannot take a merge)")
-    result = {}
+    result, revision = {}, resolved.get("model_revision") or "main"
     if gguf and not merged:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="dpo-export-") as tmp:
-            merge(output_dir, Path(tmp) / "merged", dtype, bool(resolved.get("trust_remote_code", False)))
+            merge(output_dir, Path(tmp) / "merged", dtype, bool(resolved.get("trust_remote_code", False)), revision)
             result["gguf_check"] = to_gguf(output_dir, Path(tmp) / "merged", gguf_paths, gguf_type)
     if merged:
-        check = merge(output_dir, Path(merged), dtype, bool(resolved.get("trust_remote_code", False)))
+        check = merge(output_dir, Path(merged), dtype, bool(resolved.get("trust_remote_code", False)), revision)
         log(
             f"merged into a {dtype} base: {merged}; logits match base + adapter within "
             f"{check['max_abs_diff']:.2g} (tolerance {check['tolerance']} x {check['scale']:.3g})"
