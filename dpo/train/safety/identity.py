@@ -128,6 +128,28 @@ def check_base(artifact: str | Path, run: dict, name: str, revision: str | None,
     raise changed_base(artifact, name, recorded, current, fix)
 
 
+def check_adapter_base(adapter: str, base: str, revision: str | None) -> None:
+    """An adapter that is a finished run folder of these recipes (its run_complete.json), used as the starting
+    point of another run on `base`: refused when `base` is not the model the adapter was trained on (compared
+    when both identities are of one kind: a local copy of a hub model has no commit to compare)."""
+    from dpo.files import read_json_object
+
+    marker = Path(adapter).expanduser() / "run_complete.json"
+    if not marker.is_file():
+        return  # not one of these recipes' runs: it records nothing to compare
+    run = read_json_object(marker, {"run": (dict, None)}, f"it is the record of the run that wrote {adapter}")["run"]
+    if BASE_KEY not in run:
+        unrecorded(marker, base, "this run")
+        return
+    recorded, current = run[BASE_KEY], base_identity(base, revision)
+    if recorded and current and recorded.partition(":")[0] == current.partition(":")[0] and recorded != current:
+        fix = (
+            f"Pass the base it was trained on ({run.get('model_name_or_path')}; a hub model: its recorded commit as "
+            "--model_revision), or train the adapter again on this base"
+        )
+        raise changed_base(marker, base, recorded, current, fix)
+
+
 def predating_base(old: dict, new: dict) -> dict:
     """A record from before the base's identity was recorded, compared on the rest (its name still is)."""
     return old if BASE_KEY in old else {**old, BASE_KEY: new.get(BASE_KEY)}

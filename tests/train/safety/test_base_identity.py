@@ -99,3 +99,16 @@ def test_a_hub_base_is_identified_by_its_resolved_commit_and_loaded_at_the_recor
     assert base_identity("org/model", "main") == f"commit:{new}"
     assert check_base("run/run_complete.json", run, "org/model", "main", "python -m dpo.export", "fix") == old
     assert f"loads the commit the run was trained on, {old[:12]}" in capsys.readouterr().out
+
+
+def test_an_adapter_trained_on_a_base_that_changed_since_is_refused_as_a_starting_point(
+    run_on_private_base, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """DPO from an SFT adapter (here a finished run folder of these recipes) puts it on the base named now: one
+    whose weights changed since the adapter was trained is refused, naming the adapter's record."""
+    run = run_on_private_base
+    argv = ["--model_name_or_path", str(run["base"]), "--sft_adapter_path", str(run["out"])]
+    argv += ["--dataset_name", str(truthy_file), "--output_dir", str(tmp_path / "dpo"), *FAST, "--max_steps", "1"]
+    line = one_line_error(load_recipe("dpo_phi2").main, argv, capsys)
+    assert f"{run['out'] / 'run_complete.json'} was derived from the base model {run['base']}" in line, line
+    assert "train the adapter again on this base" in line, line
