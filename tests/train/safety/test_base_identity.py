@@ -10,6 +10,7 @@ import pytest
 from helpers import load_recipe, one_line_error
 from safetensors.torch import load_file, save_file
 
+from dpo.files import file_sha256
 from dpo.train.safety.identity import BASE_KEY, base_identity, check_base, hub_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,9 +36,12 @@ def run_on_private_base(tiny_model_dir, truthy_file, tmp_path_factory):
     load_recipe("dpo_phi2").main(argv)
     recorded = json.loads((out / "run_complete.json").read_text())["run"][BASE_KEY]
     assert recorded == base_identity(str(base)) and recorded.startswith("sha256:")
+    from dpo.evaluation.export import main as export
+
+    export([str(out), "--merged", str(folder / "merged")])  # on the base the run was trained on: works
     replace_weights_in_place(base)
     assert base_identity(str(base)) != recorded  # the same path, other weights
-    return {"base": base, "out": out, "argv": argv, "recorded": recorded}
+    return {"base": base, "out": out, "argv": argv, "recorded": recorded, "merged": folder / "merged"}
 
 
 def test_resuming_on_a_base_replaced_in_place_is_refused(run_on_private_base, capsys, no_weights_load):
@@ -112,3 +116,10 @@ def test_an_adapter_trained_on_a_base_that_changed_since_is_refused_as_a_startin
     line = one_line_error(load_recipe("dpo_phi2").main, argv, capsys)
     assert f"{run['out'] / 'run_complete.json'} was derived from the base model {run['base']}" in line, line
     assert "train the adapter again on this base" in line, line
+
+
+def test_a_merged_model_records_its_adapters_sha256_and_its_base(run_on_private_base):
+    run = run_on_private_base
+    check = json.loads((run["merged"] / "merge_check.json").read_text())
+    assert check["adapter_sha256"] == file_sha256(run["out"] / "adapter_model.safetensors")
+    assert check[BASE_KEY] == run["recorded"]
