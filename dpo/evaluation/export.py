@@ -59,8 +59,9 @@ ADAPTER_FILES = (
 COMMAND = "python -m dpo.export"
 
 
-def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, gguf: str | None = None) -> dict:
-    """Everything checkable before weights load; returns the resolved config."""
+def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, gguf: str | None = None):
+    """Everything checkable before weights load; returns (the resolved config, the base's revision to load: a hub
+    base at the commit the run was trained on, dpo/train/safety/identity.py)."""
     from dpo.evaluation.evaluate import DAMAGED, check_run_files, refuse_full_fine_tune
     from dpo.files import read_json_object, read_yaml_mapping
     from dpo.train.safety.runs import require_finished_run
@@ -84,8 +85,8 @@ def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, 
     resolved = read_yaml_mapping(output_dir / "resolved_config.yaml", DAMAGED)
     adapter = read_json_object(output_dir / "adapter_config.json", {"base_model_name_or_path": (str, None)}, DAMAGED)
     base, source = adapter["base_model_name_or_path"], "base_model_name_or_path in adapter_config.json"
-    check_run_files(output_dir, base, source, COMMAND, resolved.get("model_revision") or "main")
-    return resolved
+    _, revision = check_run_files(output_dir, base, source, COMMAND, resolved.get("model_revision") or "main")
+    return resolved, revision
 
 
 def sample_texts(output_dir: Path, tokenizer, n: int = 4) -> list[str]:
@@ -112,16 +113,16 @@ def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
 
 @torch.no_grad()
 def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False, revision: str = "main") -> dict:
-    """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check. The merged
-    folder's merge_check.json records what it was made of: the adapter's sha256 and the base's identity."""
+    """Merge the adapter into the base (at `revision`, from check_inputs) in `dtype`, save, reload, compare logits;
+    returns the check. merge_check.json records what the merged folder is made of: the adapter's sha256 and the
+    base's identity."""
     from transformers import AutoModelForCausalLM
 
-    from dpo.evaluation.evaluate import run_base_revision
     from dpo.files import file_sha256
     from dpo.train.adapters import adapter_weights, put_adapter
     from dpo.train.model_checks import check_weight_files, load_tokenizer
     from dpo.train.safety.identity import BASE_KEY
-    from dpo.train.safety.runs import verify_finished_run
+    from dpo.train.safety.runs import finished_run
 
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     base_name = adapter_config["base_model_name_or_path"]
@@ -129,8 +130,7 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
     adapter_file = adapter_weights(str(output_dir))  # whole, before the base loads
     if Path(base_name).is_dir():
         check_weight_files(Path(base_name))
-    marker = verify_finished_run(output_dir, COMMAND)  # checked again here: the merge uses these very bytes
-    revision = run_base_revision(output_dir, marker, base_name, revision, COMMAND)
+    marker = finished_run(output_dir)  # verified by check_inputs, with the base's identity
     load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
     release_held_warnings()  # weights load next (dpo/errors.py)
     base = AutoModelForCausalLM.from_pretrained(base_name, revision=revision, **load)
@@ -222,13 +222,13 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
     from dpo.evaluation.model_card import model_card
 
     output_dir = Path(output_dir)
-    resolved = check_inputs(output_dir, merged, push_to_hub, gguf)
+    resolved, revision = check_inputs(output_dir, merged, push_to_hub, gguf)
     gguf_paths = check_gguf(output_dir, gguf, gguf_type) if gguf else None
     # a merge made only for the converter is float32: the converter then rounds once, to the GGUF type
     dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" and merged else "float32")
     if dtype not in TOLERANCE:
         raise UserError(f"--dtype {dtype}: one of {sorted(TOLERANCE)} (a 4-bit base cannot take a merge)")
-    result, revision = {}, resolved.get("model_revision") or "main"
+    result = {}
     if gguf and not merged:
         import tempfile
 
