@@ -57,6 +57,7 @@ from dpo.rounds.summary import (
 from dpo.train.adapters import start_point
 from dpo.train.config import load_recipe_args
 from dpo.train.model_checks import load_tokenizer
+from dpo.train.safety.identity import check_same_base
 from dpo.train.safety.runs import differences, run_settings
 
 ScriptArguments = RoundsArguments  # the recipe's own settings (dpo/rounds/settings.py)
@@ -80,9 +81,13 @@ def same_run_or_refuse(output_dir: Path, header: dict, rounds: int, sentiment_mo
                 f"{start_over}"
             )
         return None
-    diffs = differences(recorded["settings"], header["settings"]) + differences(
-        recorded.get("training", {}), header["training"]
+    # the base model's weights (or hub commit), not only its name: replaced in place, it is refused as such
+    name = header["training"].get("model_name_or_path")
+    fix = f"Put the model the rounds started from back at {name}, or use another --output_dir"
+    training = check_same_base(
+        output_dir / SETTINGS_RECORD, recorded.get("training", {}), header["training"], name, fix
     )
+    diffs = differences(recorded["settings"], header["settings"]) + differences(training, header["training"])
     done, began = finished_rounds(output_dir), started_dpo_runs(output_dir)
     if diffs and not done and not began:
         start_unfinished_over(output_dir, recorded, header, sentiment_model)

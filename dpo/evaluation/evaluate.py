@@ -95,19 +95,30 @@ def refuse_full_fine_tune(out: Path, command: str) -> None:
         )
 
 
-def check_run_files(output_dir: Path, base: str, source: str, command: str = COMMAND):
+def check_run_files(output_dir: Path, base: str, source: str, command: str = COMMAND, revision: str | None = "main"):
     """The rest of what evaluate and export check before any weights load: the run's tokenizer and adapter
     are usable, every file run_complete.json hashed is the one the run wrote (not an adapter swapped for a
-    checkpoint's), and the base it names (`source`: where) is still there. Returns the tokenizer."""
+    checkpoint's), and the base it names (`source`: where) is still there with the weights the run recorded
+    (dpo/train/safety/identity.py). Returns (the tokenizer, the base's revision to load)."""
     from dpo.train.adapters import adapter_weights
     from dpo.train.model_checks import check_run_base, load_tokenizer
     from dpo.train.safety.runs import verify_finished_run
 
     tokenizer = load_tokenizer(str(output_dir))
     adapter_weights(str(output_dir))
-    verify_finished_run(output_dir, command)
+    marker = verify_finished_run(output_dir, command)
     check_run_base(base, source)
-    return tokenizer
+    return tokenizer, run_base_revision(output_dir, marker, base, revision, command)
+
+
+def run_base_revision(output_dir: Path, marker: dict, base: str, revision: str | None, command: str) -> str | None:
+    """The revision of `base` to load for the run in `output_dir` (`marker`: its run_complete.json): refused when
+    a local base's weights are not those the run recorded; a hub base at the commit the run was trained on."""
+    from dpo.train.safety.identity import check_base
+    from dpo.train.safety.runs import RUN_MARKER
+
+    fix = f"Put the model the run was trained on back at {base}, or train again on this one"
+    return check_base(output_dir / RUN_MARKER, marker["run"], base, revision, command, fix)
 
 
 def reference_adapter(output_dir: Path, resolved: dict) -> str | None:
@@ -135,8 +146,12 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    tokenizer = check_run_files(
-        output_dir, model_args.model_name_or_path, "model_name_or_path in resolved_config.yaml"
+    tokenizer, kwargs["revision"] = check_run_files(
+        output_dir,
+        model_args.model_name_or_path,
+        "model_name_or_path in resolved_config.yaml",
+        COMMAND,
+        kwargs["revision"],
     )
     model = load_with_adapter(model_args.model_name_or_path, kwargs, str(output_dir), False, adapter_name="policy")
     ref = reference_adapter(output_dir, resolved)

@@ -59,8 +59,9 @@ ADAPTER_FILES = (
 COMMAND = "python -m dpo.export"
 
 
-def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, gguf: str | None = None) -> dict:
-    """Everything checkable before weights load; returns the resolved config."""
+def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, gguf: str | None = None):
+    """Everything checkable before weights load; returns (the resolved config, the base's revision to load: a hub
+    base at the commit the run was trained on, dpo/train/safety/identity.py)."""
     from dpo.evaluation.evaluate import DAMAGED, check_run_files, refuse_full_fine_tune
     from dpo.files import read_json_object, read_yaml_mapping
     from dpo.train.safety.runs import require_finished_run
@@ -83,10 +84,9 @@ def check_inputs(output_dir: Path, merged: str | None, push_to_hub: str | None, 
         raise UserError("--push_to_hub needs a write token in the HF_TOKEN environment variable (never in a file)")
     resolved = read_yaml_mapping(output_dir / "resolved_config.yaml", DAMAGED)
     adapter = read_json_object(output_dir / "adapter_config.json", {"base_model_name_or_path": (str, None)}, DAMAGED)
-    check_run_files(
-        output_dir, adapter["base_model_name_or_path"], "base_model_name_or_path in adapter_config.json", COMMAND
-    )
-    return resolved
+    base, source = adapter["base_model_name_or_path"], "base_model_name_or_path in adapter_config.json"
+    _, revision = check_run_files(output_dir, base, source, COMMAND, resolved.get("model_revision") or "main")
+    return resolved, revision
 
 
 def sample_texts(output_dir: Path, tokenizer, n: int = 4) -> list[str]:
@@ -112,23 +112,29 @@ def check_prompts(output_dir: Path, tokenizer, n: int = 4) -> dict:
 
 
 @torch.no_grad()
-def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False) -> dict:
-    """Merge the adapter into the base in `dtype`, save, reload, compare logits; returns the check."""
+def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = False, revision: str = "main") -> dict:
+    """Merge the adapter into the base (at `revision`, from check_inputs) in `dtype`, save, reload, compare logits;
+    returns the check. merge_check.json records what the merged folder is made of: the adapter's sha256 and the
+    base's identity."""
     from transformers import AutoModelForCausalLM
 
     from dpo.files import file_sha256
     from dpo.train.adapters import adapter_weights, put_adapter
     from dpo.train.model_checks import check_weight_files, load_tokenizer
+    from dpo.train.safety.identity import BASE_KEY
+    from dpo.train.safety.runs import finished_run
 
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
     base_name = adapter_config["base_model_name_or_path"]
     tokenizer = load_tokenizer(str(output_dir))
-    adapter_weights(str(output_dir))  # whole, before the base loads
+    adapter_file = adapter_weights(str(output_dir))  # whole, before the base loads
     if Path(base_name).is_dir():
         check_weight_files(Path(base_name))
+    marker = finished_run(output_dir)  # verified by check_inputs, with the base's identity
     load = dict(dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
     release_held_warnings()  # weights load next (dpo/errors.py)
-    model = put_adapter(AutoModelForCausalLM.from_pretrained(base_name, **load), str(output_dir))
+    base = AutoModelForCausalLM.from_pretrained(base_name, revision=revision, **load)
+    model = put_adapter(base, str(output_dir))
     model.eval()
     batch = check_prompts(output_dir, tokenizer)
     mask = batch["attention_mask"].bool()
@@ -155,7 +161,14 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
 
     from dpo.evaluation.model_card import model_card
 
-    check = {"dtype": dtype, "base_model": base_name, "adapter": str(output_dir), "tokens_compared": int(mask.sum())}
+    check = {
+        "dtype": dtype,
+        "base_model": base_name,
+        BASE_KEY: marker["run"].get(BASE_KEY),
+        "adapter": str(output_dir),
+        "adapter_sha256": file_sha256(adapter_file),
+        "tokens_compared": int(mask.sum()),
+    }
     replace_folder(target, write)
     return check
 
@@ -209,7 +222,7 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
     from dpo.evaluation.model_card import model_card
 
     output_dir = Path(output_dir)
-    resolved = check_inputs(output_dir, merged, push_to_hub, gguf)
+    resolved, revision = check_inputs(output_dir, merged, push_to_hub, gguf)
     gguf_paths = check_gguf(output_dir, gguf, gguf_type) if gguf else None
     # a merge made only for the converter is float32: the converter then rounds once, to the GGUF type
     dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" and merged else "float32")
@@ -220,10 +233,10 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="dpo-export-") as tmp:
-            merge(output_dir, Path(tmp) / "merged", dtype, bool(resolved.get("trust_remote_code", False)))
+            merge(output_dir, Path(tmp) / "merged", dtype, bool(resolved.get("trust_remote_code", False)), revision)
             result["gguf_check"] = to_gguf(output_dir, Path(tmp) / "merged", gguf_paths, gguf_type)
     if merged:
-        check = merge(output_dir, Path(merged), dtype, bool(resolved.get("trust_remote_code", False)))
+        check = merge(output_dir, Path(merged), dtype, bool(resolved.get("trust_remote_code", False)), revision)
         log(
             f"merged into a {dtype} base: {merged}; logits match base + adapter within "
             f"{check['max_abs_diff']:.2g} (tolerance {check['tolerance']} x {check['scale']:.3g})"

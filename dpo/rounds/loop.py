@@ -7,8 +7,10 @@
     round-N/round.json      written last: the round's numbers; its presence means the round is done
 
 A rerun continues at the first round without round.json: samples already written are reused (the policy
-that drew them has not changed), a DPO run with complete checkpoints resumes from the newest, a finished
-one is not trained again. Asking a finished folder for more rounds runs only the new ones. The recipe
+that drew them has not changed: round-N/round_start.json records its identity, dpo/rounds/chain.py), a DPO run
+with complete checkpoints resumes from the newest, a finished one is not trained again. A round derived from
+a round that was run again since (its folder deleted) is moved aside and run again, and so on downstream.
+Asking a finished folder for more rounds runs only the new ones. The recipe
 holds the output_dir lock for the whole loop; each round's DPO run takes its own folder's lock too.
 Every file read back is checked (dpo/files.py); nothing outside output_dir is touched.
 """
@@ -28,6 +30,7 @@ from dpo.errors import UserError
 from dpo.evaluation.sampling import Sampling, sample_answers
 from dpo.files import read_json_object, read_jsonl_objects
 from dpo.log import log
+from dpo.rounds.chain import check_round_start, write_start
 from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.models import Handoff, describe_reference, load_policy, set_reference
 from dpo.rounds.pairing import make_pairs, training_rows
@@ -133,13 +136,18 @@ def sample_stats(samples: list[dict]) -> dict:
     }
 
 
+def round_seed(training_args, n: int) -> int:
+    return training_args.seed + 1000 * n  # each round its own samples
+
+
 def run_round(n: int, ctx, handoff: Handoff):
     """Round n, resumed where a previous attempt stopped; samples with the model in `handoff` (the policy
     round n starts from) when it holds one, else loads it. Returns (round.json, the round's policy)."""
     args, training_args, model_args = ctx.args, ctx.training_args, ctx.model_args
     folder = round_dir(ctx.output_dir, n)
     folder.mkdir(parents=True, exist_ok=True)
-    clock, seed = {}, training_args.seed + 1000 * n  # each round its own samples
+    started_from = write_start(ctx, n, folder)  # before anything: what this round's samples and training derive from
+    clock, seed = {}, round_seed(training_args, n)
     prompts = round_prompts(ctx.train_prompts, args.prompts_per_round, n)
     samples_file, pairs_file = folder / "samples.jsonl", folder / "pairs.jsonl"
     if samples_file.is_file():
@@ -220,6 +228,7 @@ def run_round(n: int, ctx, handoff: Handoff):
         "dpo_steps": metrics.get("steps"),
         "train_loss": metrics.get("train_loss"),
         "reference": describe_reference(args.reference, n, ctx.sft_adapter),
+        "start": started_from,
         "seconds": {k: round(v, 2) for k, v in clock.items()},
     }
     with saving(str(folder / "round.json"), "round", n, advice=ROUNDS_AGAIN):
@@ -298,6 +307,7 @@ def run_rounds(ctx, start: Handoff | None = None) -> list[dict]:
     again; freed once it has)."""
     records, handoff = [], start or Handoff()
     for n in range(1, ctx.args.rounds + 1):
+        check_round_start(ctx, n)  # derived from a round run again since: moved aside and run again
         record = read_round(ctx.output_dir, n)
         if record is not None:
             log(f"round {n}: done earlier ({round_dir(ctx.output_dir, n) / 'round.json'})")

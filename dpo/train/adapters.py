@@ -188,6 +188,7 @@ def start_point(model_args, training_args, sft_adapter_path: str | None) -> tupl
     LoRA settings (rank, targets) then apply, not the recipe's lora_* keys.
     """
     from dpo.train.model_checks import load_model_config, require_model
+    from dpo.train.safety.identity import check_adapter_base
 
     require_model(model_args.model_name_or_path)
     base, adapter, config = resolve_start(model_args.model_name_or_path, sft_adapter_path)
@@ -195,6 +196,7 @@ def start_point(model_args, training_args, sft_adapter_path: str | None) -> tupl
         return base, None
     model_config = load_model_config(base, model_args.model_revision, training_args.trust_remote_code)
     check_adapter_fits(adapter, config, model_config, base)
+    check_adapter_base(adapter, base, model_args.model_revision)  # the weights it was trained on, not the name only
     log(
         f"starting from the SFT adapter {adapter} (r={config.get('r')}, targets {config.get('target_modules')}): "
         "policy initialised from it, reference = base + SFT adapter (frozen), one base in memory"

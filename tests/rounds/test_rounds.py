@@ -532,3 +532,60 @@ def test_a_reward_function_may_return_any_real_number_and_nothing_else(reward_mo
     assert scores == [3.0, 2.0] and all(type(s) is float for s in scores)  # plain floats, as rounds.json holds
     with pytest.raises(UserError, match="must return a finite number"):
         make_reward("rounds_test_rewards:not_a_number")(["p"], ["abc"])
+
+
+@pytest.mark.slow
+def test_deleting_a_finished_round_runs_every_later_round_again(finished, tmp_path, monkeypatch, capsys):
+    """Was: round 1 was trained again and round 2, sampled from and trained on the old round 1's adapter, was kept
+    as "done earlier". Round 2 recorded what it started from (round_start.json): it is moved aside (nothing is
+    deleted) and run again from the new round 1. The rerun's seed is moved so that round 1 comes out other than
+    before, as another reward or a GPU's nondeterminism would make it (a bitwise-equal round 1 keeps round 2)."""
+    import dpo.rounds.loop
+
+    out, _, argv = finished
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    argv = [a.replace(str(out), str(copy)) for a in argv]
+    config = yaml.safe_load(open(argv[1]).read())
+    argv = write_config(tmp_path / "rounds.yaml", {**config, "output_dir": str(copy)})
+    old_1, old_2 = (file_sha256(copy / f"round-{n}" / "adapter_model.safetensors") for n in (1, 2))
+    shutil.rmtree(copy / "round-1")  # as the recipe's own errors advise, to run that round again
+    monkeypatch.setattr(dpo.rounds.loop, "round_seed", lambda training_args, n: training_args.seed + 7 + 1000 * n)
+
+    summary = load_recipe("dpo_rounds").main(argv)
+    log = capsys.readouterr().out
+    new_1 = file_sha256(copy / "round-1" / "adapter_model.safetensors")
+    assert new_1 != old_1
+    assert "round 2: it started from round 1's adapter with sha256" in log and "round 2 is run again" in log, log
+    assert "round 2: done earlier" not in log
+    assert file_sha256(copy / "round-2.stale-1" / "adapter_model.safetensors") == old_2  # moved aside, not lost
+    trained_from = json.loads((copy / "round-2" / "run_complete.json").read_text())["run"]["sft_adapter_sha256"]
+    assert (
+        trained_from == new_1
+        and json.loads((copy / "round-2" / "round_start.json").read_text())["adapter_sha256"] == new_1
+    )
+    assert [r["start"]["adapter_sha256"] for r in summary["rounds"]] == [None, new_1]
+
+
+def test_a_base_replaced_in_place_stops_the_rounds_before_weights_load(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, request
+):
+    """Was: the rounds continued on the new base with the old rounds' adapters. The base's weights hash is recorded
+    (rounds_settings.json, each round's records): a rerun on other weights under the same path is refused."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    out = tmp_path / "run"
+    argv = write_config(tmp_path / "rounds.yaml", settings(base, truthy_file, out, rounds=1))
+    load_recipe("dpo_rounds").main(argv)
+    weights = base / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    save_file({**tensors, first: tensors[first] + 0.01}, weights, metadata={"format": "pt"})
+    request.getfixturevalue("no_weights_load")
+    capsys.readouterr()
+    line = one_line_error(load_recipe("dpo_rounds").main, [*argv, "--rounds", "2"], capsys)
+    assert f"{out / 'rounds_settings.json'} was derived from the base model {base}" in line, line
+    assert "weights sha256" in line and "Put the model the rounds started from back" in line, line
+    assert not (out / "round-2").exists()

@@ -52,6 +52,7 @@ from dpo.train.safety.checkpoints import (
     trainer_save_sizes,
     write_json_atomic,
 )
+from dpo.train.safety.identity import BASE_KEY, base_identity, check_same_base, predating_base
 
 RUN_MARKER = "run_complete.json"
 STAGING = ".final-staging"
@@ -97,12 +98,16 @@ def data_sha256(rows) -> str:
 
 def run_settings(training_args, model_args, train_rows, sft_adapter: str | None = None) -> dict:
     """What a run trains from. Starting from an SFT adapter, its weights count too (sha256 of its
-    safetensors, not its path: an adapter replaced in place is another starting point and reference)."""
+    safetensors, not its path: an adapter replaced in place is another starting point and reference); so
+    does the base model's content identity (dpo/train/safety/identity.py), not only its name."""
     settings = {}
     for obj in (training_args, model_args):
         settings.update(to_plain(obj))
     settings = {k: v for k, v in settings.items() if k not in IGNORED and not k.startswith(IGNORED_PREFIXES)}
     settings["training_data_sha256"] = data_sha256(train_rows)
+    settings[BASE_KEY] = base_identity(
+        getattr(model_args, "model_name_or_path", None), getattr(model_args, "model_revision", "main")
+    )
     if sft_adapter:
         settings["sft_adapter_sha256"] = file_sha256(adapter_weights(sft_adapter))
     return settings
@@ -223,7 +228,8 @@ def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None)
     allow = getattr(training_args, "resume_with_different_settings", False)
     overwrite = getattr(training_args, "overwrite_output_dir", False)
     if resume:
-        old = checkpoint_run(resume)
+        base = run.get("model_name_or_path") or "the base model"  # a changed base is never resumed, whatever the flags
+        old = check_same_base(resume, checkpoint_run(resume), run, base, RESUME_ON_OTHER_BASE)
         was, now = old.get("sft_adapter_sha256"), run.get("sft_adapter_sha256")
         if was != now:
             started = f"the SFT adapter with sha256 {was[:12]}..." if was else "no recorded SFT adapter"
@@ -242,11 +248,11 @@ def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None)
             log(f"warning: resuming {resume} with different settings:{_listing(diffs)}")
     finished = finished_run(output_dir)
     complete = [] if resume else [c for c in checkpoints_in(output_dir) if not checkpoint_problems(c)]
-    others = [c for c in complete if checkpoint_run(c) != run]
+    others = [c for c in complete if predating_base(checkpoint_run(c), run) != run]
     # this run's own checkpoints and no run_complete.json: it was stopped (during its final save, perhaps);
     # starting at step 0 would silently redo it, so say how to finish it
     unfinished = [c for c in complete if c not in others] if finished is None else []
-    diffs = differences(finished["run"], run) if finished else []
+    diffs = differences(predating_base(finished["run"], run), run) if finished else []
     if (diffs and not (resume and allow)) or others or unfinished:
         if unfinished and not others and not overwrite:
             raise UserError(unfinished_run_message(output_dir, unfinished[-1]))
@@ -262,6 +268,12 @@ def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None)
             )
         removed = remove_run(output_dir, finished) if PartialState().is_main_process else []
         log(f"--overwrite_output_dir: deleted the previous run's {len(removed)} files and checkpoints in {output_dir}")
+
+
+RESUME_ON_OTHER_BASE = (
+    "Put the original model back at that path (a hub model: pass the recorded commit as --model_revision, with "
+    "--resume_with_different_settings true), or start anew in another --output_dir"
+)
 
 
 def unfinished_run_message(output_dir: Path, checkpoint: Path) -> str:
