@@ -25,7 +25,7 @@ from datasets import Dataset
 from dpo.data.doctor import check_data
 from dpo.data.loading import split_heldout
 from dpo.errors import UserError
-from dpo.files import read_json_object, read_jsonl_objects
+from dpo.files import jsonl_text, read_json_object, read_jsonl_objects
 from dpo.log import log
 from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.models import Handoff, describe_reference, load_policy, set_reference
@@ -76,11 +76,10 @@ class RoundsContext:
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """All rows or no file: written under a temporary name, then renamed."""
-    import json
     import os
 
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.write_text(jsonl_text(rows, path, ensure_ascii=False))  # records: rewards are checked finite
     os.replace(tmp, path)
 
 
