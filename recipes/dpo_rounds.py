@@ -35,7 +35,7 @@ from dpo.rounds.heldout import heldout_metrics
 from dpo.rounds.loop import RoundsContext, run_rounds
 from dpo.rounds.models import Handoff, load_policy
 from dpo.rounds.prompts import prompt_sets
-from dpo.rounds.reward import make_reward
+from dpo.rounds.reward import check_finished_rounds_scored_by, make_reward
 from dpo.rounds.sampling import render_prompt
 from dpo.rounds.settings import SENTIMENT, RoundsArguments, check_rounds_settings, fixed_settings
 from dpo.rounds.summary import (
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     torch.set_num_threads(args.torch_threads)
     output_dir, seed = Path(training_args.output_dir), training_args.seed
-    reward = make_reward(args.reward)  # a reward model is checked here, before any weights load
+    reward = make_reward(args.reward, output_dir)  # a reward model is checked here, before any weights load
     training = {k: v for k, v in run_settings(training_args, model_args, []).items() if k != "training_data_sha256"}
     train_prompts, heldout_prompts = prompt_sets(args, seed)
     if args.prompts_per_round > len(train_prompts):
@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts_sha256 = hashlib.sha256(json.dumps([train_prompts, heldout_prompts]).encode()).hexdigest()
     header = {"settings": {**fixed_settings(args), "prompts_sha256": prompts_sha256}, "training": training}
     existing = same_run_or_refuse(output_dir, header, args.rounds)
+    check_finished_rounds_scored_by(output_dir, reward)  # the reward's code or weights edited since: refused
 
     sft_adapter = None
     if args.prompts == SENTIMENT and model_args.model_name_or_path is None:

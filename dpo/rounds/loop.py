@@ -102,21 +102,52 @@ def read_pairs(path: Path) -> list[dict]:
     return read_jsonl_objects(path, PAIR_SHAPE, f"delete {path.parent} to run that round again")
 
 
-def _sample(model, tokenizer, prompts, reward, args, seed, clock) -> tuple[list[dict], dict]:
+def score_rows(n: int, prompts: list, answers: list[list[dict]], reward, scored_by: str) -> list[dict]:
+    """samples.jsonl's rows: each prompt, its answers with their rewards, and `scored_by` (the reward's identity,
+    reward.identity()), so a rerun can tell whether the reward that scored them has changed since."""
+    flat_prompts = [p for p, row in zip(prompts, answers) for _ in row]
+    flat_texts = [a["text"] for row in answers for a in row]
+    where = [f"round {n}'s prompt {i + 1}, answer {j + 1}" for i, row in enumerate(answers) for j in range(len(row))]
+    scores = iter(reward(flat_prompts, flat_texts, label=where.__getitem__))
+    return [
+        {"prompt": prompt, "answers": [{**a, "reward": next(scores)} for a in row], "scored_by": scored_by}
+        for prompt, row in zip(prompts, answers)
+    ]
+
+
+def _sample(n, model, ctx, prompts, seed, clock) -> tuple[list[dict], dict]:
+    args = ctx.args
     settings = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.generation_batch_size)
-    drawn = sample_answers(model, tokenizer, prompts, args.samples_per_prompt, settings, seed)
+    drawn = sample_answers(model, ctx.tokenizer, prompts, args.samples_per_prompt, settings, seed)
     clock["sample"] = drawn["seconds"]
     start = time.perf_counter()
-    k = args.samples_per_prompt
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    flat_texts = [a["text"] for answers in drawn["answers"] for a in answers]
-    scores = reward(flat_prompts, flat_texts)
-    rows = []
-    for i, (prompt, answers) in enumerate(zip(prompts, drawn["answers"])):
-        scored = [{**a, "reward": scores[i * k + j]} for j, a in enumerate(answers)]
-        rows.append({"prompt": prompt, "answers": scored})
+    rows = score_rows(n, prompts, drawn["answers"], ctx.reward, ctx.reward.identity())
     clock["score"] = time.perf_counter() - start
     return rows, {"tokens": drawn["tokens"], "tokens_per_second": drawn["tokens_per_second"]}
+
+
+def reuse_samples(n: int, ctx, folder: Path, prompts: list) -> list[dict]:
+    """Round n's samples.jsonl, verified. Scored by another reward than this run's (its code or weights edited
+    since, or a file written before samples recorded it): its answers are scored again (the sampled text is
+    kept, only the rewards change) and the file rewritten, said in the log. Refused when the round's DPO run
+    already finished: it trained on pairs ranked by the old scores."""
+    path = folder / "samples.jsonl"
+    samples, identity = read_samples(path, prompts), ctx.reward.identity()
+    recorded = {row.get("scored_by") for row in samples}
+    if recorded == {identity}:
+        log(f"round {n}: reusing {path} ({len(samples)} prompts)")
+        return samples
+    then = ", ".join(sorted(str(r)[:12] if r else "not recorded" for r in recorded))
+    changed = f"{path} was scored by another version of {ctx.reward.describe()} (identity {then}; now {identity[:12]})"
+    if finished_run(folder) is not None:
+        raise UserError(
+            f"round {n}: {changed}, and the round's DPO run in {folder} trained on pairs ranked by those scores: "
+            f"delete {folder} to run round {n} again with this reward, or use another --output_dir"
+        )
+    log(f"round {n}: {changed}: scoring its answers again (the sampled answers are kept) and rewriting it")
+    rows = score_rows(n, prompts, [row["answers"] for row in samples], ctx.reward, identity)
+    write_jsonl_atomic(path, rows)
+    return rows
 
 
 def sample_stats(samples: list[dict]) -> dict:
@@ -139,14 +170,13 @@ def run_round(n: int, ctx, handoff: Handoff):
     prompts = round_prompts(ctx.train_prompts, args.prompts_per_round, n)
     samples_file, pairs_file = folder / "samples.jsonl", folder / "pairs.jsonl"
     if samples_file.is_file():
-        samples, speed = read_samples(samples_file, prompts), {}
+        samples, speed = reuse_samples(n, ctx, folder, prompts), {}
         handoff.take()  # not needed: drop it
-        log(f"round {n}: reusing {samples_file} ({len(samples)} prompts)")
     else:
         policy = handoff.take()
         if policy is None:  # a resumed run: the policy of round n-1 from its saved adapter (round 1: the start)
             policy = load_policy(model_args, training_args, ctx.adapter_before(n))
-        samples, speed = _sample(policy, ctx.tokenizer, prompts, ctx.reward, args, seed, clock)
+        samples, speed = _sample(n, policy, ctx, prompts, seed, clock)
         write_jsonl_atomic(samples_file, samples)
     stats = {**sample_stats(samples), **speed}
     log(
@@ -214,6 +244,7 @@ def run_round(n: int, ctx, handoff: Handoff):
         "dpo_steps": metrics.get("steps"),
         "train_loss": metrics.get("train_loss"),
         "reference": describe_reference(args.reference, n, ctx.sft_adapter),
+        "scored_by": ctx.reward.identity(),  # checked when a rerun continues after this round (scored_by_check)
         "seconds": {k: round(v, 2) for k, v in clock.items()},
     }
     write_json_atomic(folder / "round.json", record)
