@@ -1,14 +1,15 @@
 """The round loop: each round a complete, resumable unit in output_dir/round-N/.
 
-    round-N/samples.jsonl   one row per prompt: the prompt and its K answers with their rewards
+    round-N/samples.jsonl   one row per prompt: the prompt, its K answers with their rewards, and `scored_by`
+                            (the identity of the reward's source or weights: dpo/rounds/reward.py)
     round-N/pairs.jsonl     the pairs made from them (chosen, rejected and their rewards)
     round-N/                a complete DPO run: adapter, resolved_config.yaml, final_metrics.json,
                             run_complete.json (dpo/train/trainer.py train_and_save)
     round-N/round.json      written last: the round's numbers; its presence means the round is done
 
 A rerun continues at the first round without round.json: samples already written are reused (the policy
-that drew them has not changed), a DPO run with complete checkpoints resumes from the newest, a finished
-one is not trained again. Asking a finished folder for more rounds runs only the new ones. The recipe
+that drew them has not changed; they are scored again when the reward has), a DPO run with complete
+checkpoints resumes from the newest, a finished one is not trained again. Asking a finished folder for more rounds runs only the new ones. The recipe
 holds the output_dir lock for the whole loop; each round's DPO run takes its own folder's lock too.
 Every file read back is checked (dpo/files.py); nothing outside output_dir is touched.
 """

@@ -265,8 +265,11 @@ def check_finished_rounds_scored_by(output_dir: Path, reward) -> None:
     from dpo.files import read_json_object
     from dpo.rounds.summary import ROUND_SHAPE, finished_rounds
 
+    done = finished_rounds(output_dir)
+    if not done:  # a new folder: nothing to compare (and a hub reward model's commit is not asked for)
+        return
     identity, other, unknown = reward.identity(), [], []
-    for n in finished_rounds(output_dir):
+    for n in done:
         path = Path(output_dir) / f"round-{n}" / "round.json"
         recorded = read_json_object(path, ROUND_SHAPE, f"delete {path} to finish round {n} again").get("scored_by")
         (unknown if recorded is None else other if recorded != identity else []).append(n)

@@ -164,18 +164,24 @@ def test_a_reward_module_that_is_not_there_is_still_named_as_not_on_the_path(tmp
     assert not (tmp_path / "run").exists()  # nothing to trace back: the module is not there
 
 
-def test_a_reward_model_scoring_nan_is_one_line_naming_the_model_and_the_answer(tmp_path):
+def save_reward_model(folder, seed: int) -> None:
+    """A tiny sequence-classification reward model (random weights from `seed`) with its tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
     from dpo.offline.tiny import build_tokenizer, tiny_phi_config
-    from dpo.rounds.reward import ModelReward
 
     tokenizer = build_tokenizer()
     config = tiny_phi_config(len(tokenizer), num_labels=1, pad_token_id=tokenizer.eos_token_id)
     config.architectures = ["PhiForSequenceClassification"]
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_a_reward_model_scoring_nan_is_one_line_naming_the_model_and_the_answer(tmp_path):
+    from dpo.rounds.reward import ModelReward
+
+    save_reward_model(tmp_path / "rm", seed=0)
     reward = ModelReward(str(tmp_path / "rm"))
     assert all(math.isfinite(s) for s in reward(["p", "q"], ["ab", "cd"]))
     with torch.no_grad():
@@ -189,3 +195,14 @@ def test_a_reward_model_scoring_nan_is_one_line_naming_the_model_and_the_answer(
 def test_numpy_scalars_pass_through_reward_value_unchanged_in_value():
     assert reward_value(numpy.float32(0.25)) == (0.25, None) and reward_value(numpy.array(-3)) == (-3.0, None)
     assert reward_value(torch.tensor(1.5, dtype=torch.bfloat16)) == (1.5, None)
+
+
+def test_a_reward_models_identity_is_its_weights(tmp_path):
+    """What samples record as having scored them: other weights under the same folder name are another identity."""
+    from dpo.rounds.reward import ModelReward
+
+    save_reward_model(tmp_path / "rm", seed=0)
+    first = ModelReward(str(tmp_path / "rm")).identity()
+    assert ModelReward(str(tmp_path / "rm")).identity() == first
+    save_reward_model(tmp_path / "rm", seed=1)  # retrained in place
+    assert ModelReward(str(tmp_path / "rm")).identity() != first
