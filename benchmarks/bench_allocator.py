@@ -12,7 +12,6 @@ only the environment differs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -121,7 +120,10 @@ def main() -> None:
     text = markdown(runs, settings)
     write_section(Path(args.out), text, SECTION)
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "runs": runs}, indent=2))
+        from dpo.files import json_text
+
+        result = {"settings": settings, "runs": runs}
+        Path(args.json).write_text(json_text(result, args.json, observations=True, indent=2))
     print(text)
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -79,7 +78,9 @@ class Results:
     def put(self, key: str, value) -> None:
         self.data[key] = value
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        from dpo.files import json_text
+
+        tmp.write_text(json_text(self.data, self.path, observations=True, indent=2, default=str))
         os.replace(tmp, self.path)
 
 

@@ -102,9 +102,10 @@ def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, p
         "grouped": padding_fraction(chosen, rejected, grouped, MICRO),
         "floor": padding_floor(chosen, rejected),
     }
-    with open(path, "w") as f:
-        for i in shuffled[:n]:
-            f.write(json.dumps({k: kept[i][k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+    from dpo.files import jsonl_text
+
+    rows = [{k: kept[i][k] for k in ("prompt", "chosen", "rejected")} for i in shuffled[:n]]
+    Path(path).write_text(jsonl_text(rows, path))
     return min(n, len(kept)), padding
 
 
@@ -339,7 +340,9 @@ def run(args) -> None:
             "runs": results,
             "load": [list(load_before), list(load_after)],
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        from dpo.files import json_text
+
+        Path(args.json).write_text(json_text(payload, args.json, observations=True, indent=2))
     print(text)
 
 

@@ -22,7 +22,6 @@ by side. Output (--out): real_alignment.md, real_alignment.png (accuracy against
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -42,6 +41,7 @@ from dpo.compat import INSTALLED_TRL
 from dpo.data.doctor import check_data
 from dpo.data.loading import load_preference_data
 from dpo.errors import UserError, exit_on_user_error
+from dpo.files import json_text
 from dpo.log import log
 from dpo.offline.pip_models import default_cache_dir, materialize
 from dpo.scratch.loop import collate, disable_dropout, forward_logps, split_pairs
@@ -414,7 +414,9 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_alignment.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "real_alignment.json").write_text(
+        json_text(result, out / "real_alignment.json", observations=True, indent=1) + "\n"
+    )
     plot_curve(curve, final, reference_ranking, out / "real_alignment.png")
     write_markdown(result, out / "real_alignment.md")
     lo, hi = final["accuracy_ci"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import time
@@ -164,7 +163,11 @@ def main() -> None:
         "initial": results["initial"]["initial"],
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds_sentiment.json").write_text(json.dumps(data, indent=2) + "\n")
+    from dpo.files import json_text
+
+    (out / "rounds_sentiment.json").write_text(
+        json_text(data, out / "rounds_sentiment.json", observations=True, indent=2) + "\n"
+    )
     plot(front, results, out / "rounds_sentiment.png")
     text = section(data)
     (out / "rounds_sentiment.md").write_text(text)

@@ -210,7 +210,11 @@ def main() -> None:
         "machine_by_config": machine,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rounds_sweep.json").write_text(json.dumps(data, indent=2) + "\n")
+    from dpo.files import json_text
+
+    (out / "rounds_sweep.json").write_text(
+        json_text(data, out / "rounds_sweep.json", observations=True, indent=2) + "\n"
+    )
     text = section(data)
     (out / "rounds_sweep.md").write_text(text)
     write_section(Path(args.benchmarks_md), text, HEADING)

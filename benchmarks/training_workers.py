@@ -382,7 +382,9 @@ def main() -> None:
         result = {"config": "trl_cache_build", "seconds": trainer_worker(args.config, args, train=False).reference_s}
     else:
         result = worker(args.config, args)
-    print("RESULT " + json.dumps(result), flush=True)
+    from dpo.files import json_text
+
+    print("RESULT " + json_text(result, "the worker's RESULT line", observations=True), flush=True)
 
 
 if __name__ == "__main__":

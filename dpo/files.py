@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -313,3 +314,66 @@ def sha256_mismatch(path: Path, expected: str) -> str | None:
     if actual != expected:
         return f"{path} has sha256 {actual[:12]}..., {expected[:12]}... was recorded when it was written"
     return None
+
+
+# ── JSON the tools write: strict, never NaN or Infinity ──────────────────────────────────────
+# Python's json writes float('nan') as NaN and float('inf') as Infinity, which no strict parser (jq,
+# JavaScript, Go, json.loads with parse_constant) reads: every file the tools write goes through
+# json_text. Two classes of content, decided per file by its writer:
+#   records (markers, round.json, rounds.json, settings, keys, locks): a tool reads them back as truth, and
+#     every number in them is checked finite upstream, so a non-finite one is a bug: ValueError naming the
+#     file and the entry, nothing written;
+#   observations (metrics, evaluation results, benchmark results): a diverged loss or an overflowing score
+#     is a legitimate measurement: written as null, and the log names each entry so written.
+
+
+def non_finite_entries(data, where: str = "") -> list[tuple[str, float]]:
+    """(entry path like rounds[0].heldout.reward, value) of every NaN or infinite float inside `data`."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [(where or "the value", data)]
+    if isinstance(data, dict):
+        return [hit for key, value in data.items() for hit in non_finite_entries(value, f"{where}.{key}".lstrip("."))]
+    if isinstance(data, (list, tuple)):
+        return [hit for i, value in enumerate(data) for hit in non_finite_entries(value, f"{where}[{i}]")]
+    return []
+
+
+def _nulled(data):
+    """`data` with every non-finite float replaced by None (a new structure; `data` is not changed)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _nulled(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_nulled(value) for value in data]
+    return data
+
+
+def strict_json_data(data, source: str | Path, observations: bool = False):
+    """`data` ready for json.dumps(allow_nan=False) into the file `source`. A NaN or infinity: with `observations`,
+    replaced by null (a new structure) and said in the log; otherwise ValueError naming `source` and the entry."""
+    found = non_finite_entries(data)
+    if found and not observations:
+        entry, value = found[0]
+        raise ValueError(
+            f"refusing to write {source}: its entry {entry} is {value} (JSON has no NaN or Infinity, and this file "
+            f"is read back as a record); {len(found)} such value(s); nothing was written"
+        )
+    if found:
+        from dpo.log import log
+
+        shown = ", ".join(f"{entry} = {value}" for entry, value in found[:5]) + (", ..." if len(found) > 5 else "")
+        log(f"{source}: {len(found)} non-finite value(s) written as null (JSON has no NaN or Infinity): {shown}")
+        return _nulled(data)
+    return data
+
+
+def json_text(data, source: str | Path, observations: bool = False, **dumps) -> str:
+    """`data` as strict JSON text for the file `source` (strict_json_data's rules; `dumps`: indent, sort_keys...)."""
+    return json.dumps(strict_json_data(data, source, observations), allow_nan=False, **dumps)
+
+
+def jsonl_text(rows: list, source: str | Path, observations: bool = False, **dumps) -> str:
+    """One strict JSON line per row (an entry is named by its row: [3].reward)."""
+    rows = strict_json_data(rows, source, observations)
+    return "".join(json.dumps(row, allow_nan=False, **dumps) + "\n" for row in rows)

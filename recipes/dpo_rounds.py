@@ -39,7 +39,7 @@ from dpo.rounds.loop import RoundsContext, run_rounds
 from dpo.rounds.models import Handoff, load_policy
 from dpo.rounds.prompts import prompt_sets
 from dpo.rounds.rerun import remove_rounds, rounds_written, start_unfinished_over, started_dpo_runs
-from dpo.rounds.reward import make_reward
+from dpo.rounds.reward import check_finished_rounds_scored_by, make_reward
 from dpo.rounds.settings import (
     SENTIMENT,
     RoundsArguments,
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     torch.set_num_threads(args.torch_threads)
     output_dir, seed = Path(training_args.output_dir), training_args.seed
-    reward = make_reward(args.reward)  # a reward model is checked here, before any weights load
+    reward = make_reward(args.reward, output_dir)  # a reward model is checked here, before any weights load
     training = {k: v for k, v in run_settings(training_args, model_args, []).items() if k != "training_data_sha256"}
     train_prompts, heldout_prompts = prompt_sets(args, seed)
     if args.prompts_per_round > len(train_prompts):
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         removed = remove_rounds(output_dir, model_args.model_name_or_path)
         log(f"--overwrite_output_dir: deleted {', '.join(removed) or 'nothing (no rounds there)'} in {output_dir}")
     existing = same_run_or_refuse(output_dir, header, args.rounds, sentiment_model)
+    check_finished_rounds_scored_by(output_dir, reward)  # the reward's code or weights edited since: refused
 
     sft_adapter = None
     if sentiment_model:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.files import file_in_the_way, replace_folder
+from dpo.files import file_in_the_way, json_text, replace_folder
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
@@ -156,7 +156,9 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
             )
         # the merged weights' sha256, recorded beside them as run_complete.json records the adapter's
         check["sha256"] = {p.name: file_sha256(p) for p in sorted(folder.glob("*.safetensors"))}
-        (folder / "merge_check.json").write_text(json.dumps(check, indent=2) + "\n")
+        (folder / "merge_check.json").write_text(
+            json_text(check, target / "merge_check.json", observations=True, indent=2) + "\n"
+        )
         (folder / "README.md").write_text(model_card(output_dir, merged=True))
 
     from dpo.evaluation.model_card import model_card

@@ -8,10 +8,9 @@ the Markdown table when answers run to paragraphs.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
-from dpo.files import replace_folder
+from dpo.files import json_text, jsonl_text, replace_folder
 
 MODES = ("greedy", "sampled")
 
@@ -109,10 +108,14 @@ def page(metrics: dict, rows: list[dict]) -> str:
 def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -> Path:
     """output_dir/eval/{metrics.json, generations.jsonl, report.md, report.html}, written whole."""
 
+    target = Path(output_dir) / "eval"  # named in the log should a metric be written as null
+
     def write(folder: Path) -> None:
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "metrics.json").write_text(
+            json_text(metrics, target / "metrics.json", observations=True, indent=2, sort_keys=True) + "\n"
+        )
+        (folder / "generations.jsonl").write_text(jsonl_text(rows, target / "generations.jsonl", observations=True))
         (folder / "report.md").write_text(markdown(metrics, rows))
         (folder / "report.html").write_text(page(metrics, rows))
 
-    return replace_folder(Path(output_dir) / "eval", write)
+    return replace_folder(target, write)

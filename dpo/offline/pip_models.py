@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
-from dpo.files import file_sha256
+from dpo.files import file_sha256, json_text
 from dpo.gate.flags import parse_flags
 from dpo.log import log
 from dpo.signals import saving
@@ -126,7 +126,7 @@ def _complete_marker(folder: Path, spec: PackagedModel) -> None:
     found, wanted = _read_marker(folder), _marker(spec)
     if found is not None and any(k not in found for k in wanted):
         tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({**wanted, **found}, indent=2) + "\n")
+        tmp.write_text(json_text({**wanted, **found}, folder / MARKER, indent=2) + "\n")
         os.replace(tmp, folder / MARKER)
 
 
@@ -160,7 +160,7 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         parameters = _build(source, staging)
-        (staging / MARKER).write_text(json.dumps(_marker(spec), indent=2) + "\n")
+        (staging / MARKER).write_text(json_text(_marker(spec), out / MARKER, indent=2) + "\n")
         if is_materialized(out, name):  # another process finished the same build meanwhile
             shutil.rmtree(staging)
             return out

@@ -5,11 +5,11 @@ ground-truth reward and KL of pi_theta against pi_ref on held-out prompts, the r
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 
+from dpo.files import json_text
 from dpo.offline.sentiment import decode, n_words, reward, sample, well_formed
 from dpo.scratch.logps import completion_logps
 from dpo.train.adapters import as_reference
@@ -91,7 +91,8 @@ def write_report(output_dir, metrics: dict, samples: list[dict], settings: dict,
     """metrics.json and report.md (before/after table, sample completions) in `output_dir`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    metrics_text = json_text(metrics, output_dir / "metrics.json", observations=True, indent=2, sort_keys=True)
+    (output_dir / "metrics.json").write_text(metrics_text + "\n")
     m = metrics
     lines = [
         "# DPO controlled-sentiment demo (the DPO paper's IMDb experiment in miniature)",

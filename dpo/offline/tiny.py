@@ -148,11 +148,11 @@ def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    import json
+    from dpo.files import jsonl_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text(jsonl_text(rows, path))
     return path
 
 

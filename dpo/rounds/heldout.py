@@ -38,7 +38,7 @@ def heldout_metrics(model, tokenizer, prompts: list, reward, max_new_tokens: int
     completions = generate_ids(model, tokenizer, prompt_ids, settings, seed)
     texts = [completion_text(tokenizer, p, c) for p, c in zip(prompt_ids, completions)]
     pad = tokenizer.pad_token_id
-    rewards = reward(prompts, texts)
+    rewards = reward(prompts, texts, label=lambda i: f"held-out prompt {i + 1}")
     r, r_low, r_high = mean_interval(rewards)
     if hasattr(model, "peft_config"):
         policy = completion_logps(model, prompt_ids, completions, pad)

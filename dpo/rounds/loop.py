@@ -1,16 +1,17 @@
 """The round loop: each round a complete, resumable unit in output_dir/round-N/.
 
-    round-N/samples.jsonl   one row per prompt: the prompt and its K answers with their rewards
+    round-N/samples.jsonl   one row per prompt: the prompt, its K answers with their rewards, and `scored_by`
+                            (the identity of the reward's source or weights: dpo/rounds/reward.py)
     round-N/pairs.jsonl     the pairs made from them (chosen, rejected and their rewards)
     round-N/                a complete DPO run: adapter, resolved_config.yaml, final_metrics.json,
                             run_complete.json (dpo/train/trainer.py train_and_save)
     round-N/round.json      written last: the round's numbers; its presence means the round is done
 
 A rerun continues at the first round without round.json: samples already written are reused (the policy
-that drew them has not changed: round-N/round_start.json records its identity, dpo/rounds/chain.py), a DPO run
-with complete checkpoints resumes from the newest, a finished one is not trained again. A round derived from
-a round that was run again since (its folder deleted) is moved aside and run again, and so on downstream.
-Asking a finished folder for more rounds runs only the new ones. The recipe
+that drew them has not changed: round-N/round_start.json records its identity, dpo/rounds/chain.py; they are
+scored again when the reward has), a DPO run with complete checkpoints resumes from the newest, a finished one is
+not trained again. A round derived from a round that was run again since (its folder deleted) is moved aside and
+run again, and so on downstream. Asking a finished folder for more rounds runs only the new ones. The recipe
 holds the output_dir lock for the whole loop; each round's DPO run takes its own folder's lock too.
 Every file read back is checked (dpo/files.py); nothing outside output_dir is touched.
 """
@@ -28,7 +29,7 @@ from dpo.data.doctor import check_data
 from dpo.data.loading import split_heldout
 from dpo.errors import UserError
 from dpo.evaluation.sampling import Sampling, sample_answers
-from dpo.files import read_json_object, read_jsonl_objects
+from dpo.files import jsonl_text, read_json_object, read_jsonl_objects
 from dpo.log import log
 from dpo.rounds.chain import check_round_start, write_start
 from dpo.rounds.heldout import heldout_metrics
@@ -82,11 +83,10 @@ class RoundsContext:
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     """All rows or no file: written under a temporary name, then renamed."""
-    import json
     import os
 
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.write_text(jsonl_text(rows, path, ensure_ascii=False))  # records: rewards are checked finite
     os.replace(tmp, path)
 
 
@@ -109,21 +109,52 @@ def read_pairs(path: Path) -> list[dict]:
     return read_jsonl_objects(path, PAIR_SHAPE, f"delete {path.parent} to run that round again")
 
 
-def _sample(model, tokenizer, prompts, reward, args, seed, clock) -> tuple[list[dict], dict]:
+def score_rows(n: int, prompts: list, answers: list[list[dict]], reward, scored_by: str) -> list[dict]:
+    """samples.jsonl's rows: each prompt, its answers with their rewards, and `scored_by` (the reward's identity,
+    reward.identity()), so a rerun can tell whether the reward that scored them has changed since."""
+    flat_prompts = [p for p, row in zip(prompts, answers) for _ in row]
+    flat_texts = [a["text"] for row in answers for a in row]
+    where = [f"round {n}'s prompt {i + 1}, answer {j + 1}" for i, row in enumerate(answers) for j in range(len(row))]
+    scores = iter(reward(flat_prompts, flat_texts, label=where.__getitem__))
+    return [
+        {"prompt": prompt, "answers": [{**a, "reward": next(scores)} for a in row], "scored_by": scored_by}
+        for prompt, row in zip(prompts, answers)
+    ]
+
+
+def _sample(n, model, ctx, prompts, seed, clock) -> tuple[list[dict], dict]:
+    args = ctx.args
     settings = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.generation_batch_size)
-    drawn = sample_answers(model, tokenizer, prompts, args.samples_per_prompt, settings, seed)
+    drawn = sample_answers(model, ctx.tokenizer, prompts, args.samples_per_prompt, settings, seed)
     clock["sample"] = drawn["seconds"]
     start = time.perf_counter()
-    k = args.samples_per_prompt
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    flat_texts = [a["text"] for answers in drawn["answers"] for a in answers]
-    scores = reward(flat_prompts, flat_texts)
-    rows = []
-    for i, (prompt, answers) in enumerate(zip(prompts, drawn["answers"])):
-        scored = [{**a, "reward": scores[i * k + j]} for j, a in enumerate(answers)]
-        rows.append({"prompt": prompt, "answers": scored})
+    rows = score_rows(n, prompts, drawn["answers"], ctx.reward, ctx.reward.identity())
     clock["score"] = time.perf_counter() - start
     return rows, {"tokens": drawn["tokens"], "tokens_per_second": drawn["tokens_per_second"]}
+
+
+def reuse_samples(n: int, ctx, folder: Path, prompts: list) -> list[dict]:
+    """Round n's samples.jsonl, verified. Scored by another reward than this run's (its code or weights edited
+    since, or a file written before samples recorded it): its answers are scored again (the sampled text is
+    kept, only the rewards change) and the file rewritten, said in the log. Refused when the round's DPO run
+    already finished: it trained on pairs ranked by the old scores."""
+    path = folder / "samples.jsonl"
+    samples, identity = read_samples(path, prompts), ctx.reward.identity()
+    recorded = {row.get("scored_by") for row in samples}
+    if recorded == {identity}:
+        log(f"round {n}: reusing {path} ({len(samples)} prompts)")
+        return samples
+    then = ", ".join(sorted(str(r)[:12] if r else "not recorded" for r in recorded))
+    changed = f"{path} was scored by another version of {ctx.reward.describe()} (identity {then}; now {identity[:12]})"
+    if finished_run(folder) is not None:
+        raise UserError(
+            f"round {n}: {changed}, and the round's DPO run in {folder} trained on pairs ranked by those scores: "
+            f"delete {folder} to run round {n} again with this reward, or use another --output_dir"
+        )
+    log(f"round {n}: {changed}: scoring its answers again (the sampled answers are kept) and rewriting it")
+    rows = score_rows(n, prompts, [row["answers"] for row in samples], ctx.reward, identity)
+    write_jsonl_atomic(path, rows)
+    return rows
 
 
 def sample_stats(samples: list[dict]) -> dict:
@@ -151,14 +182,13 @@ def run_round(n: int, ctx, handoff: Handoff):
     prompts = round_prompts(ctx.train_prompts, args.prompts_per_round, n)
     samples_file, pairs_file = folder / "samples.jsonl", folder / "pairs.jsonl"
     if samples_file.is_file():
-        samples, speed = read_samples(samples_file, prompts), {}
+        samples, speed = reuse_samples(n, ctx, folder, prompts), {}
         handoff.take()  # not needed: drop it
-        log(f"round {n}: reusing {samples_file} ({len(samples)} prompts)")
     else:
         policy = handoff.take()
         if policy is None:  # a resumed run: the policy of round n-1 from its saved adapter (round 1: the start)
             policy = load_policy(model_args, training_args, ctx.adapter_before(n))
-        samples, speed = _sample(policy, ctx.tokenizer, prompts, ctx.reward, args, seed, clock)
+        samples, speed = _sample(n, policy, ctx, prompts, seed, clock)
         with saving(str(samples_file), "samples", n, advice=ROUNDS_AGAIN):
             write_jsonl_atomic(samples_file, samples)
     stats = {**sample_stats(samples), **speed}
@@ -229,6 +259,7 @@ def run_round(n: int, ctx, handoff: Handoff):
         "train_loss": metrics.get("train_loss"),
         "reference": describe_reference(args.reference, n, ctx.sft_adapter),
         "start": started_from,
+        "scored_by": ctx.reward.identity(),  # checked when a rerun continues after this round (scored_by_check)
         "seconds": {k: round(v, 2) for k, v in clock.items()},
     }
     with saving(str(folder / "round.json"), "round", n, advice=ROUNDS_AGAIN):

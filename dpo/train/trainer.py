@@ -9,7 +9,6 @@ is that adapter, trainable, and TRL's frozen copy of it ("ref") makes the refere
 from __future__ import annotations
 
 import copy
-import json
 import signal
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dpo.compat import (
     route_checkpoint_writes,
 )
 from dpo.errors import RunStopped, release_held_warnings
+from dpo.files import json_text
 from dpo.gate.plan import check_plan
 from dpo.log import log
 from dpo.plots import plot_training_curves
@@ -255,7 +255,10 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resum
                 launched = "# How this run was launched (the launcher decides this, not the file):\n"
                 notes = launched + topology(trainer.args).as_comments()
                 write_resolved_config(folder / "resolved_config.yaml", *arg_objects, notes=notes)
-                (folder / "final_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+                # metrics are observations: a NaN eval loss is written as null and named in the log
+                (folder / "final_metrics.json").write_text(
+                    json_text(metrics, output_dir / "final_metrics.json", observations=True, indent=2, sort_keys=True)
+                )
                 trainer.state.save_to_json(str(folder / "trainer_state.json"))
                 plot_training_curves(trainer.state.log_history, folder / "training_curves.png")
                 if heldout is not None:

@@ -37,6 +37,16 @@ def numpy_length(prompt, completion):
 
 def not_a_number(prompt, completion):
     return str(len(completion))
+
+
+def exits(prompt, completion):
+    import sys
+
+    sys.exit(0)
+
+
+def huge(prompt, completion):
+    return 1.7e308
 '''
 
 
@@ -523,15 +533,15 @@ def test_a_local_reward_model_scores_through_its_own_chat_template(tiny_model_di
     assert len(again) == len(stored) and gap <= 1e-5 * max(1.0, max(map(abs, stored)))
 
 
-def test_a_reward_function_may_return_any_real_number_and_nothing_else(reward_module):
+def test_a_reward_function_may_return_any_real_number_and_nothing_else(reward_module, tmp_path):
     """Was: np.float32 refused as "must return a finite number", after the weights loaded and sampling ran."""
     from dpo.errors import UserError
     from dpo.rounds.reward import make_reward
 
-    scores = make_reward("rounds_test_rewards:numpy_length")(["p", "p"], ["abc", "de"])
+    scores = make_reward("rounds_test_rewards:numpy_length", tmp_path)(["p", "p"], ["abc", "de"])
     assert scores == [3.0, 2.0] and all(type(s) is float for s in scores)  # plain floats, as rounds.json holds
-    with pytest.raises(UserError, match="must return a finite number"):
-        make_reward("rounds_test_rewards:not_a_number")(["p"], ["abc"])
+    with pytest.raises(UserError, match="str, not a real number"):
+        make_reward("rounds_test_rewards:not_a_number", tmp_path)(["p"], ["abc"])
 
 
 @pytest.mark.slow
@@ -589,3 +599,90 @@ def test_a_base_replaced_in_place_stops_the_rounds_before_weights_load(
     assert f"{out / 'rounds_settings.json'} was derived from the base model {base}" in line, line
     assert "weights sha256" in line and "Put the model the rounds started from back" in line, line
     assert not (out / "round-2").exists()
+
+
+def error_after_weights(main, argv, capsys) -> str:
+    """The one `error:` line of a run that ended with exit 2 after the weights loaded (so the libraries' notices
+    may come before it); no traceback."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert stop.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "name, said",
+    [("exits", "called sys.exit(0)"), ("huge", "returned 1.7e+308 for held-out prompt 1")],
+)
+def test_a_reward_that_exits_or_returns_1_7e308_ends_the_run_in_one_line(
+    tiny_model_dir, truthy_file, reward_module, tmp_path, capsys, name, said
+):
+    """Was: sys.exit(0) in the reward ended the run with exit 0, nothing trained, no message; 1.7e308 (finite)
+    gave NaN and -Infinity in the mean reward, the interval and rounds.json (invalid JSON), exit 0. Now one line
+    naming the function, the answer and the value or the exit, exit 2, the traceback in the run folder."""
+    from dpo.rounds.reward import TRACEBACK_FILE
+
+    out = tmp_path / "o"
+    values = settings(tiny_model_dir, truthy_file, out, reward=f"rounds_test_rewards:{name}", rounds=1)
+    line = error_after_weights(load_recipe("dpo_rounds").main, write_config(tmp_path / "r.yaml", values), capsys)
+    assert f"reward rounds_test_rewards:{name}" in line and said in line, line
+    assert (str(out / TRACEBACK_FILE) in line) == (name == "exits") == (out / TRACEBACK_FILE).is_file()
+    assert not (out / "rounds.json").exists() and not (out / "round-1").exists()
+
+
+def test_a_reward_module_with_a_syntax_error_is_one_line_before_weights_load(
+    tiny_model_dir, truthy_file, tmp_path, capsys, monkeypatch, no_weights_load
+):
+    (tmp_path / "typo_reward.py").write_text("def score(prompt, completion)\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    values = settings(tiny_model_dir, truthy_file, tmp_path / "o", reward="typo_reward:score")
+    line = one_line_error(load_recipe("dpo_rounds").main, write_config(tmp_path / "r.yaml", values), capsys)
+    assert "reward typo_reward:score: importing typo_reward raised SyntaxError" in line and "line 1" in line, line
+    assert "reward_traceback.txt" in line
+
+
+def test_samples_scored_by_an_edited_reward_function_are_scored_again(
+    tiny_model_dir, truthy_file, tmp_path, capsys, monkeypatch
+):
+    """Was: after the function's code changed, a rerun in the same folder read the old samples.jsonl, scored by
+    the old code, without a word. Now every sample records the sha256 of the source that scored it; another
+    source: its answers are scored again (the sampled text kept), said in the log."""
+    module = tmp_path / "edited_reward.py"
+    module.write_text("def score(prompt, completion):\n    return 0.5\n")  # all tie: round 1 stops after sampling
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited_reward", raising=False)
+    out = tmp_path / "o"
+    argv = write_config(tmp_path / "r.yaml", settings(tiny_model_dir, truthy_file, out, reward="edited_reward:score"))
+    line = error_after_weights(load_recipe("dpo_rounds").main, argv, capsys)
+    assert "only 0 pairs" in line
+    before = jsonl(out / "round-1" / "samples.jsonl")
+    assert {a["reward"] for s in before for a in s["answers"]} == {0.5}
+
+    module.write_text("def score(prompt, completion):\n    return float(len(completion))  # edited\n")
+    monkeypatch.delitem(sys.modules, "edited_reward")  # a new run is a new process: the edited code imports
+    summary = load_recipe("dpo_rounds").main([*argv, "--rounds", "1"])
+    log = capsys.readouterr().out
+    assert (
+        "was scored by another version of the function edited_reward:score" in log
+        and "scoring its answers again" in log
+    )
+    after = jsonl(out / "round-1" / "samples.jsonl")
+    assert [[a["text"] for a in s["answers"]] for s in after] == [[a["text"] for a in s["answers"]] for s in before]
+    assert all(a["reward"] == float(len(a["text"])) for s in after for a in s["answers"])
+    assert len({s["scored_by"] for s in before + after}) == 2 and summary["rounds"][0]["pairs"]["kept"] >= 2
+
+
+def test_finished_rounds_scored_by_another_version_of_the_reward_are_refused_before_weights_load(
+    finished, tmp_path, capsys, monkeypatch, no_weights_load
+):
+    from dpo.rounds.reward import FunctionReward
+
+    out, _, argv = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(FunctionReward, "identity", lambda self: "0" * 64)  # as if its source had been edited
+    line = one_line_error(load_recipe("dpo_rounds").main, [*argv, "--output_dir", str(copy), "--rounds", "3"], capsys)
+    assert "round(s) 1, 2 were scored by another version of the function rounds_test_rewards:length" in line, line
+    assert not (copy / "round-3").exists()

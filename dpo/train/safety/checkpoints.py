@@ -30,6 +30,7 @@ from dpo.files import (
     disk_full_message,
     disk_full_while_writing,
     file_sha256,
+    json_text,
     sha256_mismatch,
     shape_problem,
     size_text,
@@ -80,7 +81,7 @@ def _fsync(path: Path) -> None:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to a temporary name, flush it to disk, then rename: readers see all or nothing."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.write_text(json_text(data, path, indent=2, sort_keys=True))  # a record: a NaN is refused
     _fsync(tmp)
     os.replace(tmp, path)
     _fsync(path.parent)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from dpo.errors import ENTRY_SCOPES, RunStopped, UserError
+from dpo.files import json_text
 from dpo.log import log
 
 LOCK_NAME = ".run.lock"
@@ -166,7 +167,7 @@ def take(output_dir: str | Path) -> bool:
     }
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(me).encode())
+    os.write(fd, json_text(me, "the output folder's lock").encode())
     os.fsync(fd)
     _held[output_dir] = OutputLock(output_dir, fd, created)
     return True

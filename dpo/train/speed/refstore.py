@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo.errors import UserError
-from dpo.files import file_sha256, is_sha256, not_a_sha256, sha256_mismatch
+from dpo.files import file_sha256, is_sha256, json_text, not_a_sha256, sha256_mismatch
 from dpo.signals import saving
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -71,7 +71,7 @@ def write_key(folder: Path, parts: dict) -> None:
     """key.json (what the key hashes, for a person reading the folder), written once: a full cache is never written."""
     if not (folder / "key.json").is_file():
         tmp = folder / f".key.json.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_text(json.dumps(parts, indent=2, sort_keys=True, default=str))
+        tmp.write_text(json_text(parts, folder / "key.json", indent=2, sort_keys=True, default=str))
         os.replace(tmp, folder / "key.json")
 
 
@@ -138,7 +138,7 @@ class Store:
                 COLUMNS[1]: pa.array(rejected, pa.float32()),
                 "seconds": seconds,
             }
-        ).replace_schema_metadata({"environment": json.dumps(env)})
+        ).replace_schema_metadata({"environment": json_text(env, "a reference-cache part's environment")})
         name = f"part-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         # a Ctrl-C waits for the part (dpo.signals), then stops the run: the values computed are kept
         with saving(f"reference cache part {self.folder / name}", "cache-part", advice=KEPT):
