@@ -13,7 +13,6 @@ times; the held-out metrics must agree between the two (they are the same model 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,13 +33,14 @@ def make_run(folder: Path) -> Path:
     """A finished SmolLM2 DPO run (one step) to evaluate, on 16 real HH pairs."""
     from datasets import load_dataset
 
+    from dpo.files import jsonl_text
     from dpo.offline.pip_models import default_cache_dir, materialize
 
     model = materialize("smollm2-135m-instruct", default_cache_dir("smollm2-135m-instruct"))
     files = sorted(str(p) for p in HH.glob("*.jsonl*"))
     rows = load_dataset("json", data_files=files, split="train").select(range(16))
     data = folder / "pairs.jsonl"
-    data.write_text("".join(json.dumps({k: r[k] for k in ("chosen", "rejected")}) + "\n" for r in rows))
+    data.write_text(jsonl_text([{k: r[k] for k in ("chosen", "rejected")} for r in rows], data))
     out = folder / "run"
     argv = ["--config", str(ROOT / "recipes" / "dpo_smollm2_hh.yaml"), "--model_name_or_path", str(model)]
     argv += ["--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "1", "--test_size", "0.25"]

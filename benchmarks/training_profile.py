@@ -146,6 +146,7 @@ def profile_markdown(record: dict, args) -> str:
 
 
 if __name__ == "__main__":
-    import json
+    from dpo.files import json_text
 
-    print("RESULT " + json.dumps(profile_worker(worker_args(__doc__, ["profile"]))), flush=True)
+    result = profile_worker(worker_args(__doc__, ["profile"]))
+    print("RESULT " + json_text(result, "the profile worker's RESULT line", observations=True), flush=True)

@@ -79,6 +79,8 @@ NOT_WRITERS = {
     "dpo/train/speed/refcache.py": "the reference cache's key hash",
     "dpo/evaluation/gguf.py": "a log line",
     "recipes/dpo_rounds.py": "the prompts' sha256",
+    "dpo/data/tools.py": "a row's tools as the JSON text TRL's tokenizer reads (in memory)",
+    "dpo/data/formats.py": "a tool call's arguments in the text compared for identical answers (in memory)",
 }
 
 
