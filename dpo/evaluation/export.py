@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.files import file_in_the_way, replace_folder
+from dpo.files import file_in_the_way
+from dpo.folders import write_marked_folder
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
@@ -156,7 +157,7 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
     from dpo.evaluation.model_card import model_card
 
     check = {"dtype": dtype, "base_model": base_name, "adapter": str(output_dir), "tokens_compared": int(mask.sum())}
-    replace_folder(target, write)
+    write_marked_folder(target, write, "merged model", made_by="python -m dpo.export --merged")
     return check
 
 

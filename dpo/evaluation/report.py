@@ -11,7 +11,7 @@ import html
 import json
 from pathlib import Path
 
-from dpo.files import replace_folder
+from dpo.folders import write_marked_folder
 
 MODES = ("greedy", "sampled")
 
@@ -107,7 +107,8 @@ def page(metrics: dict, rows: list[dict]) -> str:
 
 
 def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -> Path:
-    """output_dir/eval/{metrics.json, generations.jsonl, report.md, report.html}, written whole."""
+    """output_dir/eval/{metrics.json, generations.jsonl, report.md, report.html}, written whole and marked
+    (dpo/folders.py): an eval folder the evaluation did not write is never replaced."""
 
     def write(folder: Path) -> None:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -115,4 +116,4 @@ def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -
         (folder / "report.md").write_text(markdown(metrics, rows))
         (folder / "report.html").write_text(page(metrics, rows))
 
-    return replace_folder(Path(output_dir) / "eval", write)
+    return write_marked_folder(Path(output_dir) / "eval", write, "evaluation", made_by="python -m dpo.evaluate")
