@@ -162,3 +162,27 @@ def test_a_rounds_run_into_a_round_folder_is_refused_before_weights_load(tmp_pat
 def test_each_kind_takes_its_own_folder_and_a_new_one():
     for kind in ("run", "rounds"):
         assert output_kind_problem("/nonexistent/new-folder", kind) is None
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("dpo.evaluation.evaluate", [""]),
+        ("dpo.evaluation.export", ["", "--merged", "x"]),
+        ("dpo.evaluation.export", ["{run}", "--merged", " "]),
+        ("dpo.offline.tiny", [" "]),
+        ("dpo.offline.pip_models", ["smollm2-135m-instruct", ""]),
+        ("dpo.train.speed.refcache_admin", ["--cache_dir", "", "remove", "--all"]),
+        ("dpo.data.doctor", ["{run}", "--histogram", ""]),
+    ],
+)
+def test_every_command_refuses_an_empty_path_in_one_line(module, argv, tmp_path, capsys, monkeypatch):
+    """The same gate rule at every command: a blank path flag names itself, nothing is written where it started."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    main = importlib.import_module(module).main
+    line = one_line_error(main, [a.replace("{run}", str(tmp_path / "run")) for a in argv], capsys)
+    assert "an empty path" in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
