@@ -33,8 +33,13 @@ MARKER_SHAPE = {"kind": (str, None), "sha256": (dict, str)}
 OUTPUT_KINDS = {
     "rounds": ("rounds_settings.json", "rounds.json"),  # recipes/dpo_rounds.py
     "run": ("run_complete.json",),  # a finished training run: the recipes' output, each round's DPO run
+    MODEL_KIND: ("materialized.json",),  # python -m dpo.models (dpo/offline/pip_models.py); others carry MARKER
 }
-KIND_NAMES = {"rounds": "an on-policy rounds run (recipes/dpo_rounds.py)", "run": "a finished training run"}
+KIND_NAMES = {
+    "rounds": "an on-policy rounds run (recipes/dpo_rounds.py)",
+    "run": "a finished training run",
+    MODEL_KIND: "a model folder made by these tools",
+}
 
 
 def empty_path_problem(value, source: str) -> str | None:

@@ -186,3 +186,13 @@ def test_every_command_refuses_an_empty_path_in_one_line(module, argv, tmp_path,
     line = one_line_error(main, [a.replace("{run}", str(tmp_path / "run")) for a in argv], capsys)
     assert "an empty path" in line, line
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_model_folder_these_tools_made_takes_no_run(tmp_path):
+    built = tmp_path / "smollm2"
+    built.mkdir()
+    (built / "materialized.json").write_text("{}")  # python -m dpo.models
+    tiny = write_marked_folder(tmp_path / "tiny", _write_two_files, MODEL_KIND)  # python -m dpo.tiny
+    for folder in (built, tiny):
+        assert "holds a model folder made by these tools" in output_kind_problem(folder, "run")
+        assert "lies inside" in output_kind_problem(folder / "out", "rounds")
