@@ -216,11 +216,11 @@ def load_recipe_args(
     check_settings(script_args, training_args, model_args)
     check_integrations(training_args)  # report_to backends installed, push_to_hub reachable (dpo/gate/)
     check_output_dir(training_args.output_dir)
-    if problem := output_kind_problem(training_args.output_dir, output_kind):
-        raise UserError(problem)
     check_output_dir_apart(
         training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)
     )
+    if problem := output_kind_problem(training_args.output_dir, output_kind):  # after: names the run's own model
+        raise UserError(problem)
     log(f"output_dir: {Path(training_args.output_dir).expanduser().absolute()}")  # every folder a run writes, named
     log(f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype)}")
     check_launch()
