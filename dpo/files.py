@@ -1,5 +1,4 @@
-"""Writing output folders whole (built beside the target, swapped in only when complete), telling
-a full disk apart from other write errors, a file's sha256, and reading the files the tools trust:
+"""Telling a full disk apart from other write errors, a file's sha256, and reading the files the tools trust:
 names kept inside their folder, JSON/JSONL/YAML of the expected shape, checksums compared."""
 
 from __future__ import annotations
@@ -11,11 +10,9 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from dpo.errors import UserError
-from dpo.signals import saving
 
 
 def file_in_the_way(path: str | Path) -> Path | None:
@@ -31,32 +28,6 @@ def numbered_folders(folder: str | Path, prefix: str, holding: str) -> list[int]
     """N of every `folder/<prefix>N/` that holds `holding` (round-N/round.json), in order; other names skipped."""
     found = (p.parent.name.removeprefix(prefix) for p in Path(folder).glob(f"{prefix}*/{holding}"))
     return sorted(int(n) for n in found if n.isdigit())
-
-
-def replace_folder(target: str | Path, write) -> Path:
-    """Build a folder with `write(tmp_folder)` next to `target`, then swap it in.
-
-    If `write` fails, the temporary folder is removed and `target` is left as it was: nothing
-    half-written. An existing `target` is replaced only after `write` succeeded.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        with_default_permissions(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # the swap, with stop signals held (dpo.signals): a Ctrl-C between the removal and the rename would leave
-    # neither folder; one during `write` stops at once, its partial folder removed above
-    with saving(str(target), "folder"):
-        if target.is_symlink():  # a link is replaced, never what it points to
-            target.unlink()
-        elif target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    return target
 
 
 def with_default_permissions(folder: str | Path) -> Path:

@@ -14,7 +14,7 @@ exited 0). Every save a tool makes therefore runs inside `saving(what)`, the one
 
 The saves: checkpoints (dpo/train/safety/checkpoints.py), the final files (dpo/train/trainer.py), the
 rounds' samples, pairs, round.json and summary (dpo/rounds/), reference cache parts (dpo/train/speed/refstore.py),
-the swap of folders built whole (dpo.files.replace_folder: an export's merged model, evaluate's report) and of
+the swap of folders built whole (dpo.folders.write_marked_folder: an export's merged model, evaluate's report) and of
 `python -m dpo.models`' model folders. A folder or GGUF file still being built elsewhere in staging is not held:
 a stop there is immediate, and the staging is removed (nothing half-written reaches its place).
 Python runs signal handlers in the main thread only: a save made in another thread installs nothing, and the

@@ -109,7 +109,7 @@ def same_run_or_refuse(output_dir: Path, header: dict, rounds: int, sentiment_mo
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
+    args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv, output_kind="rounds")
     check_rounds_settings(args, training_args)
     if training_args.resume_from_checkpoint:
         raise UserError(

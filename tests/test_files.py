@@ -4,7 +4,8 @@ never what the link points to."""
 import pytest
 
 from dpo.errors import UserError
-from dpo.files import confined, remove_entry, replace_folder
+from dpo.files import confined, remove_entry
+from dpo.folders import write_marked_folder
 
 
 def test_confined_allows_names_inside_and_refuses_every_way_out(tmp_path):
@@ -29,7 +30,7 @@ def test_removing_an_entry_that_is_a_link_removes_the_link_only(tmp_path):
     assert not (folder / "link").exists() and (folder / "sub" / "keep.txt").read_text() == "mine"
 
 
-def test_replace_folder_replaces_a_link_not_its_target(tmp_path):
+def test_a_marked_folder_replaces_a_link_not_its_target(tmp_path):
     """`python -m dpo.export --merged LINK` (a link to an empty folder) or an eval/ that is a link: the new folder
     takes the link's place (rmtree on the link was a traceback); the folder it pointed to is left alone."""
     elsewhere = tmp_path / "elsewhere"
@@ -37,7 +38,7 @@ def test_replace_folder_replaces_a_link_not_its_target(tmp_path):
     (elsewhere / "keep.txt").write_text("mine")
     link = tmp_path / "eval"
     link.symlink_to(elsewhere, target_is_directory=True)
-    replace_folder(link, lambda folder: (folder / "report.md").write_text("new"))
+    write_marked_folder(link, lambda folder: (folder / "report.md").write_text("new"), "evaluation")
     assert not link.is_symlink() and (link / "report.md").read_text() == "new"
     assert (elsewhere / "keep.txt").read_text() == "mine"
 
@@ -75,8 +76,8 @@ def test_a_folder_written_whole_gets_the_users_default_permissions(tmp_path):
 
     old = os.umask(0o022)
     try:
-        target = replace_folder(tmp_path / "merged", write)
+        target = write_marked_folder(tmp_path / "merged", write, "merged model")
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.rglob("*")]}
-    assert modes == {"merged": 0o755, "sub": 0o755, "model.safetensors": 0o644}
+    assert modes == {"merged": 0o755, "sub": 0o755, "model.safetensors": 0o644, ".dpo-folder.json": 0o644}

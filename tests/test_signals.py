@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from dpo.errors import RunStopped
-from dpo.files import replace_folder
+from dpo.folders import write_marked_folder
 from dpo.signals import saving
 
 
@@ -63,14 +63,13 @@ def test_an_error_in_the_save_wins_over_the_signal(tmp_path):
 
 
 def test_a_signal_while_a_folder_is_swapped_in_stops_after_the_swap(tmp_path, monkeypatch):
-    """dpo.files.replace_folder (an export's merged model, evaluate's report): a Ctrl-C between the removal of the
-    old folder and the rename of the new one would leave neither."""
+    """dpo.folders.write_marked_folder (an export's merged model, evaluate's report): a Ctrl-C between moving the
+    old folder aside and renaming the new one in would leave neither."""
     target = tmp_path / "merged"
-    target.mkdir()
-    (target / "model.safetensors").write_text("old")
+    write_marked_folder(target, lambda folder: (folder / "model.safetensors").write_text("old"), "merged model")
     monkeypatch.setenv("DPO_TEST_SIGNAL_AT", "save-folder:0:SIGINT")  # the hook at the start of the swap
     with pytest.raises((RunStopped, KeyboardInterrupt)) as stopped:  # KeyboardInterrupt: halfway, unheld
-        replace_folder(target, lambda folder: (folder / "model.safetensors").write_text("new"))
+        write_marked_folder(target, lambda folder: (folder / "model.safetensors").write_text("new"), "merged model")
     assert stopped.type is RunStopped and stopped.value.exit_status == 130 and str(target) in str(stopped.value)
     assert (target / "model.safetensors").read_text() == "new" and os.listdir(tmp_path) == ["merged"]
 

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.files import file_in_the_way, json_text, replace_folder
+from dpo.files import file_in_the_way, json_text
+from dpo.folders import write_marked_folder
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
@@ -171,7 +172,7 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
         "adapter_sha256": file_sha256(adapter_file),
         "tokens_compared": int(mask.sum()),
     }
-    replace_folder(target, write)
+    write_marked_folder(target, write, "merged model", made_by="python -m dpo.export --merged")
     return check
 
 

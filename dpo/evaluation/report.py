@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from dpo.files import json_text, jsonl_text, replace_folder
+from dpo.files import json_text, jsonl_text
+from dpo.folders import write_marked_folder
 
 MODES = ("greedy", "sampled")
 
@@ -106,7 +107,8 @@ def page(metrics: dict, rows: list[dict]) -> str:
 
 
 def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -> Path:
-    """output_dir/eval/{metrics.json, generations.jsonl, report.md, report.html}, written whole."""
+    """output_dir/eval/{metrics.json, generations.jsonl, report.md, report.html}, written whole and marked
+    (dpo/folders.py): an eval folder the evaluation did not write is never replaced."""
 
     target = Path(output_dir) / "eval"  # named in the log should a metric be written as null
 
@@ -118,4 +120,4 @@ def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -
         (folder / "report.md").write_text(markdown(metrics, rows))
         (folder / "report.html").write_text(page(metrics, rows))
 
-    return replace_folder(target, write)
+    return write_marked_folder(target, write, "evaluation", made_by="python -m dpo.evaluate")

@@ -15,9 +15,11 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 
 from dpo.errors import UserError
-from dpo.gate.table import MAPPINGS, RELATIONS, TABLE
+from dpo.folders import empty_path_problem
+from dpo.gate.table import ENV_PATHS, MAPPINGS, PATHS, RELATIONS, TABLE
 
 
 def settings_of(*arg_objects) -> dict:
@@ -98,9 +100,35 @@ def loss_problems(values: dict) -> list[str]:
     return [message] if message else []
 
 
+def path_problems(values: dict) -> list[str]:
+    """A line per path setting (PATHS) or environment variable (ENV_PATHS) that is empty or blank."""
+    found = [empty_path_problem(values.get(name), name) for name in PATHS]
+    found += [empty_path_problem(os.environ.get(name), f"the environment variable {name}") for name in ENV_PATHS]
+    return [p for p in found if p]
+
+
+def command_line_values(argv: list[str], names) -> dict:
+    """name -> text for each `--name value` or `--name=value` of `names` in `argv` (the last one given)."""
+    found = {}
+    for i, arg in enumerate(argv):
+        flag, eq, text = arg.partition("=")
+        if flag.startswith("--") and flag[2:] in names:
+            if eq:
+                found[flag[2:]] = text
+            elif i + 1 < len(argv):
+                found[flag[2:]] = argv[i + 1]
+    return found
+
+
+def check_paths_before_parsing(yaml_values: dict, argv: list[str]) -> None:
+    """The path rule (path_problems) on the YAML's values and the command line as given: transformers'
+    TrainingArguments acts on some paths while it is built (deepspeed: ' ' imports DeepSpeed), before the gate."""
+    _raise(path_problems({**yaml_values, **command_line_values(argv, PATHS)}))
+
+
 def problems(*arg_objects) -> list[str]:
     values = settings_of(*arg_objects)
-    return table_problems(values) + loss_problems(values)
+    return path_problems(values) + table_problems(values) + loss_problems(values)
 
 
 def _raise(found: list[str]) -> None:

@@ -192,6 +192,26 @@ DELEGATED = {
     "label_smoothing": "the loss table: [0, 0.5) where the loss type uses it, refused where it is ignored",
 }
 
+# Settings and flags that name a file or folder, and the environment variables that name a folder: an empty or
+# blank one is refused (dpo/folders.py empty_path_problem), as Path("") is the current folder: a cache, a run
+# or a `remove --all` there would act on whatever folder the command was started from.
+PATHS = (
+    "output_dir",
+    "reference_cache_dir",
+    "cache_dir",
+    "model_name_or_path",
+    "sft_adapter_path",
+    "resume_from_checkpoint",
+    "dataset_name",
+    "dataset",
+    "chat_template_path",
+    "deepspeed",
+    "merged",
+    "gguf",
+    "histogram",
+)
+ENV_PATHS = ("DPO_REFERENCE_CACHE", "DPO_MODELS_CACHE")
+
 # Numeric settings deliberately left alone, each with its reason.
 UNCHECKED = {
     "local_rank": "set by the launcher (accelerate, torchrun), never by a user",

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import file_sha256, json_text
+from dpo.folders import env_path
+from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.log import log
 from dpo.signals import saving
@@ -207,8 +209,7 @@ def _put_in_place(staging: Path, out: Path, stale: bool) -> None:
 
 def default_cache_dir(name: str) -> Path:
     """Where tests and benchmarks keep the built model: $DPO_MODELS_CACHE/<name>, else ~/.cache/dpo-recipes/models/<name>."""
-    root = os.environ.get("DPO_MODELS_CACHE") or Path.home() / ".cache" / "dpo-recipes" / "models"
-    return Path(root).expanduser() / name
+    return env_path("DPO_MODELS_CACHE", "~/.cache/dpo-recipes/models") / name
 
 
 @exit_on_user_error
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "output_dir", nargs="?", help="default: $DPO_MODELS_CACHE/<name> or ~/.cache/dpo-recipes/models/<name>"
     )
     args = parse_flags(parser, argv)
+    check_flags(args)  # the settings gate (dpo/gate/): no empty output_dir or $DPO_MODELS_CACHE
     out = materialize(args.name, args.output_dir or default_cache_dir(args.name))
     print(out)
 

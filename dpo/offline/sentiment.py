@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, release_held_warnings
+from dpo.folders import MODEL_KIND, write_marked_folder
 from dpo.offline.tiny import SPECIAL, build_tiny_model
 
 # ── the language ───────────────────────────────────────────────────────────────────────────
@@ -201,17 +202,30 @@ def train_reference(task: SentimentTask, output_dir, settings, training_args) ->
 
     `settings` carries the recipe's sft_examples, sft_steps, sft_batch_size and sft_learning_rate
     (recipes/dpo_sentiment_tiny.py's ScriptArguments); `training_args` its seed and precision.
-    Saves model.safetensors, config and tokenizer to `output_dir`; returns (output_dir, logged losses).
+    Saves model.safetensors, config and tokenizer to `output_dir`; returns (output_dir, logged losses). The
+    folder is trained and saved in a staging folder beside it, marked (every file's sha256, dpo/folders.py) and
+    renamed into place: a kill leaves no half-written model where a later run would reuse it.
     """
     release_held_warnings()  # the work starts: warnings held while the run was checked now show (dpo/errors.py)
+    tokenizer = build_word_tokenizer()
+    losses = []
+
+    def write(staging: Path) -> None:
+        losses.extend(_train_reference_into(staging, task, tokenizer, settings, training_args))
+
+    write_marked_folder(output_dir, write, MODEL_KIND, made_by="dpo.offline.sentiment.train_reference")
+    return Path(output_dir), losses
+
+
+def _train_reference_into(folder: Path, task, tokenizer, settings, training_args) -> list[float]:
+    """SFT pi_ref into `folder` (train_reference's staging folder); returns the logged losses."""
     from datasets import Dataset
 
     from dpo.compat import SFTConfig, SFTTrainer
 
-    output_dir, seed, steps = Path(output_dir), training_args.seed, settings.sft_steps
-    tokenizer = build_word_tokenizer()
+    seed, steps = training_args.seed, settings.sft_steps
     args = SFTConfig(
-        output_dir=str(output_dir),
+        output_dir=str(folder),
         max_steps=steps,
         per_device_train_batch_size=settings.sft_batch_size,
         learning_rate=settings.sft_learning_rate,
@@ -238,9 +252,8 @@ def train_reference(task: SentimentTask, output_dir, settings, training_args) ->
         processing_class=tokenizer,
     )
     trainer.train()
-    trainer.save_model(str(output_dir))  # model.safetensors + config + tokenizer
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return output_dir, losses
+    trainer.save_model(str(folder))  # model.safetensors + config + tokenizer
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
 # ── sampling and log-probs (pure torch: exactly softmax sampling, no hidden logits processors) ──

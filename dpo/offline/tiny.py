@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error
+from dpo.folders import MODEL_KIND, write_marked_folder
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 
@@ -96,13 +97,16 @@ def build_tiny_model(tokenizer, seed: int = 0, **config_overrides):
 
 
 def save_tiny_model(output_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny Phi model (safetensors) and its tokenizer to `output_dir`; return the path."""
-    output_dir = Path(output_dir)
+    """Write a tiny Phi model (safetensors) and its tokenizer to `output_dir` (new or empty); return the path.
+    Written beside it, marked and renamed into place (dpo/folders.py): never half-written."""
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed=seed)
-    model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    return write_marked_folder(output_dir, write, MODEL_KIND, made_by="python -m dpo.tiny", seed=seed)
 
 
 # Rows in jondurbin/truthy-dpo-v0.1's exact shape (id, source, system, prompt, chosen,

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpo.errors import UserError
+from dpo.folders import MODEL_KIND, marker_problem
+from dpo.log import log
 from dpo.offline.sentiment import SentimentTask, reward, train_reference
-from dpo.train.model_checks import TOKENIZER_FILES
 
 
 def ground_truth(prompt, completion: str) -> float:
@@ -31,14 +32,18 @@ def sentiment_prompts(args, n: int, seed: int) -> tuple[list[str], list[str]]:
 
 def initial_model(args, training_args, output_dir: Path) -> str:
     """pi_ref of the demo (its phase 1, the same settings and seed give the same model), trained once into
-    output_dir/sft_reference; a rerun finds it there."""
+    output_dir/sft_reference; a rerun reuses it when it is whole: its marker (written last, dpo/folders.py)
+    is there and every file has the sha256 it records. A folder without it (a kill during its save, a copy
+    of something else) is refused in one line, before any weights load: never read half-written."""
     folder = output_dir / "sft_reference"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):  # its save was cut short
+    if folder.exists():
+        if problem := marker_problem(folder, MODEL_KIND):
             raise UserError(
-                f"{folder} holds the starting model this recipe trained but not its tokenizer (the save was cut "
-                f"short): delete {folder} and run the same command again; the recipe trains it again"
+                f"{folder} is not a whole pi_ref written by this recipe ({problem}): delete {folder} and run the same "
+                "command again; the recipe trains it again (the same settings and seed give the same model)"
             )
+        log(f"pi_ref: {folder} (trained by an earlier run of this folder; its files checked)")
         return str(folder)
     sft_dir, _ = train_reference(task_of(args), folder, args, training_args)
+    log(f"pi_ref: trained into {sft_dir}")
     return str(sft_dir)

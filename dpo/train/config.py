@@ -18,7 +18,8 @@ import yaml
 
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
-from dpo.gate.check import mapping_problems
+from dpo.folders import output_kind_problem
+from dpo.gate.check import check_paths_before_parsing, mapping_problems
 from dpo.gate.flags import (
     check_repeated_flags,
     choice_problems,
@@ -180,6 +181,9 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     # mapping settings (activation_checkpointing_kwargs, ...) as given, before the dataclasses take them in
     if found := mapping_problems({**values, **command_line_values(argv, MAPPING_FLAGS)}):
         raise UserError(f"invalid setting(s) ({config_path} + command line): " + "; ".join(found))
+    check_paths_before_parsing(
+        values, argv
+    )  # no empty path (dpo/gate/table.py PATHS), as TrainingArguments reads some
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     parser.allow_abbrev = False  # argparse would take --learning_rat for --learning_rate, and --max_step for max_steps
@@ -211,7 +215,11 @@ def _fields(dataclass_types) -> list[str]:
 
 
 def load_recipe_args(
-    script_arguments_class, recipe_file: str | Path, argv: list[str] | None = None, training_config=RecipeDPOConfig
+    script_arguments_class,
+    recipe_file: str | Path,
+    argv: list[str] | None = None,
+    training_config=RecipeDPOConfig,
+    output_kind: str = "run",
 ):
     """The args phase of a recipe: (script_args, training_args, model_args), checked and logged.
 
@@ -220,6 +228,8 @@ def load_recipe_args(
     (dpo/train/validate.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
     the run (dpo/train/safety/lock.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     `training_config` is RecipeDPOConfig (TRL's DPOConfig and our fields), or RecipeSFTConfig for the SFT recipe.
+    `output_kind` is the kind of folder the recipe writes (dpo/folders.py OUTPUT_KINDS): an output_dir holding
+    another kind, or inside a finished run or rounds folder, is refused (two runs would mix in one folder).
     """
     script_args, training_args, model_args, precision = parse_recipe_args(
         (script_arguments_class, training_config, ModelConfig), Path(recipe_file).with_suffix(".yaml"), argv
@@ -231,6 +241,9 @@ def load_recipe_args(
     check_output_dir_apart(
         training_args.output_dir, model_args.model_name_or_path, getattr(script_args, "sft_adapter_path", None)
     )
+    if problem := output_kind_problem(training_args.output_dir, output_kind):  # after: names the run's own model
+        raise UserError(problem)
+    log(f"output_dir: {Path(training_args.output_dir).expanduser().absolute()}")  # every folder a run writes, named
     optim = getattr(training_args.optim, "value", training_args.optim)  # an OptimizerNames member after parsing
     log(
         f"hardware: {precision.reason}; using {describe(training_args.bf16, training_args.fp16, model_args.dtype, optim)}"

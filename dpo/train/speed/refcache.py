@@ -27,8 +27,6 @@ compared; beyond the tolerance (TOLERANCE) the run stops and names the likely ca
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -41,8 +39,18 @@ from transformers import TrainerCallback
 
 from dpo.compat import TESTED_TRL, precomputed_reference_logps, reference_model, use_reference_columns
 from dpo.errors import UserError
+from dpo.folders import env_path, given_path
 from dpo.log import log
-from dpo.train.speed.refstore import COLUMNS, Store, cache_folder, mark_used, unwritable_reason, write_key
+from dpo.train.speed.refstore import (
+    COLUMNS,
+    Store,
+    cache_folder,
+    is_cache_folder,
+    key_of,
+    mark_used,
+    unwritable_reason,
+    write_key,
+)
 from dpo.train.speed.sampler import LengthSortedSampler, sequence_lengths
 
 PARITY_ROWS = 8  # pairs recomputed per epoch and process: a few forwards, enough to see a drift
@@ -98,8 +106,7 @@ def cache_key(trainer) -> tuple[str, dict]:
         "ld_alpha": trainer.args.ld_alpha,
         "trl": TESTED_TRL,
     }
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest(), parts
+    return key_of(parts), parts
 
 
 def row_ids(dataset) -> list[str]:
@@ -187,14 +194,21 @@ def _fill(trainer, store: Store, dataset, rows: list[str], name: str, env: dict)
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DPO_REFERENCE_CACHE", "~/.cache/dpo-recipes/reference-logps")).expanduser()
+    """$DPO_REFERENCE_CACHE, else ~/.cache/dpo-recipes/reference-logps; a set but empty variable is refused."""
+    return env_path("DPO_REFERENCE_CACHE", "~/.cache/dpo-recipes/reference-logps")
 
 
 def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> ReferenceCache:
     """Look up (or compute and store) the reference log-probs of the trainer's train and eval pairs and
     give them to the trainer; returns the cache, whose `parity_callback()` checks it each epoch."""
     key, parts = cache_key(trainer)
-    folder = cache_folder(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(), key)
+    folder = cache_folder(given_path(cache_dir, "reference_cache_dir") or default_cache_dir(), key).absolute()
+    log(f"reference cache: {folder}")
+    if folder.is_dir() and any(folder.iterdir()) and not is_cache_folder(folder):
+        raise UserError(
+            f"reference cache folder {folder} exists but is not one the reference cache made (no marker, no key.json "
+            "of this key): nothing in it was read or written; move it away, or set reference_cache_dir to another folder"
+        )
     store, env = Store(folder).load(), environment(trainer)
 
     evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}

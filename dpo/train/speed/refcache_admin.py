@@ -10,9 +10,11 @@ Each recipe run with `reference_cache: true` keeps its reference log-probs in on
 and settings (a key); pairs of every data set it saw share that folder, so it grows with each new
 data set. A key folder holds key.json (what the key hashes: model config, weights hash, max_length,
 ...; its time is set by every run that uses it, a full hit included, so it is the last use) and part-*.parquet files
-(one row per pair). Other files and keys are tolerated. Removing deletes whole key folders, only
-direct children of the cache folder named like a key, never through a link; nothing read from a
-file is used as a path.
+(one row per pair), and the cache's marker (.dpo-folder.json, dpo/folders.py) naming its key. Other files
+and folders are tolerated and left alone. Removing deletes whole key folders, only direct children of the
+cache folder that the cache made (its marker, or a key.json whose hash is the folder's name: a folder only
+named like a key, a MongoDB ObjectId say, is never touched), never through a link; nothing read from a file is
+used as a path. An empty --cache_dir or $DPO_REFERENCE_CACHE is refused, never read as the current folder.
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ import argparse
 import hashlib
 import json
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import file_in_the_way
+from dpo.folders import given_path, read_marker, remove_marked, write_marker
 from dpo.gate.check import check_flags
 from dpo.gate.flags import parse_flags
 from dpo.train.speed.refcache import default_cache_dir
+from dpo.train.speed.refstore import KIND, is_cache_folder
 
 KEY = re.compile(r"^[0-9a-f]{24}$")  # refcache.cache_key: blake2b, 12 bytes, as hex
 DAY = 86_400  # seconds
@@ -105,10 +108,15 @@ def read_entry(folder: Path) -> CacheEntry:
 
 
 def key_folders(cache_dir: Path) -> list[Path]:
-    """The cache's key folders: direct children named like a key, real folders (not links)."""
+    """The cache's key folders: direct children named like a key, real folders (not links), that the cache
+    made (refstore.is_cache_folder): a folder only named like one is not a key folder."""
     if not cache_dir.is_dir():
         return []
-    return sorted(p for p in cache_dir.iterdir() if KEY.match(p.name) and p.is_dir() and not p.is_symlink())
+    return sorted(
+        p
+        for p in cache_dir.iterdir()
+        if KEY.match(p.name) and p.is_dir() and not p.is_symlink() and is_cache_folder(p)
+    )
 
 
 def list_caches(cache_dir: Path) -> list[CacheEntry]:
@@ -164,10 +172,13 @@ def remove(cache_dir: Path, folders: list[Path]) -> int:
     root = cache_dir.resolve()
     freed = 0
     for folder in folders:
-        if folder.is_symlink() or folder.parent.resolve() != root or not KEY.match(folder.name):
+        if folder.is_symlink() or folder.parent.resolve() != root or not is_cache_folder(folder):
             raise AssertionError(f"{folder} is not a key folder of {cache_dir}")  # choose() returns only those
-        freed += _size(folder)
-        shutil.rmtree(folder)  # never follows links inside it
+        size = _size(folder)
+        if read_marker(folder, KIND) is None:  # made before markers (its key.json names it): marked, then removed
+            write_marker(folder, KIND, key=folder.name)
+        if remove_marked(cache_dir, folder, KIND):
+            freed += size
     return freed
 
 
@@ -191,14 +202,14 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[CacheEntry]:
     args = parse_flags(_parser(), argv)
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    check_flags(args)  # the settings gate (dpo/gate/): --unused_days >= 0 and finite, no empty --cache_dir
+    cache_dir = given_path(args.cache_dir, "--cache_dir") or default_cache_dir()
     if (blocker := file_in_the_way(cache_dir)) is not None:  # was "no reference caches in" a file
         raise UserError(f"--cache_dir {cache_dir}: {blocker} is a file, not a folder; name the cache folder")
     if args.command == "remove":
         given = sum([bool(args.keys), args.all, args.unused_days is not None])
         if given != 1:
             raise UserError("remove needs exactly one of: KEY..., --unused_days N, --all")
-        check_flags(args)  # the settings gate (dpo/gate/table.py): --unused_days >= 0, finite
         folders = choose(cache_dir, args.keys, args.all, args.unused_days, time.time())
         freed = remove(cache_dir, folders)
         print(f"removed {len(folders)} reference cache(s) from {cache_dir}, {human_size(freed)} freed")

@@ -12,6 +12,7 @@ is checked before anything is computed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,12 +27,14 @@ import pyarrow.parquet as pq
 
 from dpo.errors import UserError
 from dpo.files import file_sha256, is_sha256, json_text, not_a_sha256, sha256_mismatch
+from dpo.folders import read_marker, write_marker
 from dpo.signals import saving
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PART_COLUMNS = ("row", *COLUMNS, "seconds")
 CHECKSUM = ".sha256"  # part-X.parquet's sha256 (hex) lives in part-X.parquet.sha256
 KEPT = "Run the same command again: the reference values in that part are reused"
+KIND = "reference cache"  # its folders' marker (dpo/folders.py)
 
 
 def _damaged(part: Path, why: str) -> UserError:
@@ -67,12 +70,37 @@ def unwritable_reason(folder: Path) -> str | None:
     return None
 
 
+def key_of(parts: dict) -> str:
+    """The key of a cache folder: a hash of what its values depend on (refcache.cache_key's `parts`)."""
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def is_cache_folder(folder: Path) -> bool:
+    """`folder` is a key folder the reference cache made: it holds the cache's marker (dpo/folders.py) naming
+    this key, or (a cache from before markers) a key.json whose hash is the folder's name. A folder merely
+    named like a key (24 hex digits: a MongoDB ObjectId, say) is neither."""
+    record = read_marker(folder, KIND)
+    if record is not None:
+        return record.get("key") == folder.name
+    key_file = folder / "key.json"
+    if folder.is_symlink() or key_file.is_symlink() or not key_file.is_file():
+        return False
+    try:
+        parts = json.loads(key_file.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(parts, dict) and key_of(parts) == folder.name
+
+
 def write_key(folder: Path, parts: dict) -> None:
-    """key.json (what the key hashes, for a person reading the folder), written once: a full cache is never written."""
+    """key.json (what the key hashes, for a person reading the folder), written once: a full cache is never
+    written; then the cache's marker, which lets `python -m dpo.cache remove` delete the folder."""
     if not (folder / "key.json").is_file():
         tmp = folder / f".key.json.{uuid.uuid4().hex[:8]}.tmp"
         tmp.write_text(json_text(parts, folder / "key.json", indent=2, sort_keys=True, default=str))
         os.replace(tmp, folder / "key.json")
+    if read_marker(folder, KIND) is None:
+        write_marker(folder, KIND, key=folder.name)
 
 
 def mark_used(folder: Path) -> None:

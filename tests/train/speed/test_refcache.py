@@ -289,3 +289,19 @@ def test_a_cache_dir_that_is_a_file_is_one_line(tiny_model_dir, tmp_path):
         with pytest.raises(UserError) as err:
             recipe_trainer(tiny_model_dir, tmp_path / "run", cache_dir)
         assert f"reference_cache_dir {cache_dir}: {taken} is a file, not a folder" in one_line(err)
+
+
+def test_the_cache_folder_is_named_and_a_folder_it_did_not_make_is_left_alone(tiny_model_dir, tmp_path, capsys):
+    """Was: the log named no folder (with DPO_REFERENCE_CACHE='' it was the current one), and a folder at the
+    key's place was read and written whatever it held."""
+    cache = tmp_path / "cache"
+    recipe_trainer(tiny_model_dir, tmp_path / "a", cache)
+    (folder,) = cache.iterdir()
+    assert f"reference cache: {folder}\n" in logged(capsys) and folder.is_absolute()
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "precious.txt").write_text("the user's")  # a folder the cache did not make, at its key's place
+    with pytest.raises(UserError) as err:
+        recipe_trainer(tiny_model_dir, tmp_path / "b", cache)
+    assert f"reference cache folder {folder} exists but is not one the reference cache made" in one_line(err)
+    assert sorted(p.name for p in folder.iterdir()) == ["precious.txt"]

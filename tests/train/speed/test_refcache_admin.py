@@ -11,8 +11,10 @@ import time
 import pytest
 from helpers import one_line_error
 
+from dpo.folders import MARKER
 from dpo.train.speed.refcache import Store
 from dpo.train.speed.refcache_admin import DAY, main
+from dpo.train.speed.refstore import key_of, write_key
 
 KEYS = ("0123456789abcdef01234567", "89abcdef0123456789abcdef")
 
@@ -28,7 +30,7 @@ def make_cache(root, key, rows, days_ago=0.0, layers=2):
         "max_length": 256,
         "a_field_a_later_version_adds": [1, 2],
     }
-    (folder / "key.json").write_text(json.dumps(parts))
+    write_key(folder, parts)  # key.json, then the cache's marker naming this key, as a run writes them
     rows_n = len(rows)  # the store writes each part with its .sha256 beside it
     Store(folder).write(rows, [-1.0] * rows_n, [-2.0] * rows_n, [0.1] * rows_n, {"device": "cpu"}, expected=rows_n)
     when = time.time() - days_ago * DAY
@@ -117,3 +119,48 @@ def test_a_cache_dir_that_is_a_file_or_under_one_is_said_so(tmp_path, capsys, be
         stop.value.code == 2
         and err == f"error: --cache_dir {cache_dir}: {taken} is a file, not a folder; name the cache folder\n"
     )
+
+
+def test_a_folder_only_named_like_a_key_is_never_removed_nor_listed(tmp_path, capsys):
+    """Was: `remove --all` deleted any folder named with 24 hex digits (a user's MongoDB-ObjectId-named folder),
+    exit 0. A folder is a cache's only when it holds the cache's marker for its name, or a key.json whose hash is
+    its name; one with a marker copied from another key, or a key.json of another key, is not."""
+    make_cache(tmp_path, KEYS[0], ["a"])
+    user = tmp_path / "5f8d0d55b54764421b7156c3"  # an ObjectId
+    user.mkdir()
+    (user / "data.bson").write_text("the user's")
+    copied = tmp_path / KEYS[1]
+    copied.mkdir()
+    (copied / MARKER).write_bytes((tmp_path / KEYS[0] / MARKER).read_bytes())  # names KEYS[0], not this folder
+    (copied / "key.json").write_text(json.dumps({"weights": "x"}))  # hashes to another key
+    entries, out = run(["--cache_dir", tmp_path, "remove", "--all"], capsys)
+    assert "removed 1 reference cache(s)" in out and entries == [] and not (tmp_path / KEYS[0]).exists()
+    assert (user / "data.bson").read_text() == "the user's" and (copied / "key.json").is_file()
+    line = one_line_error(main, ["--cache_dir", tmp_path, "remove", user.name[:10]], capsys)
+    assert "no cache in" in line
+
+
+def test_a_cache_from_before_markers_is_recognised_by_its_key_json(tmp_path, capsys):
+    """A key folder whose key.json hashes to its name was written by the cache (the key is that hash)."""
+    parts = {"weights": "ab" * 16, "config": {"num_hidden_layers": 2}, "max_length": 64, "trl": "1.16.0"}
+    folder = tmp_path / key_of(parts)
+    folder.mkdir()
+    (folder / "key.json").write_text(json.dumps(parts, indent=2, sort_keys=True))
+    entries, _ = run(["--cache_dir", tmp_path], capsys)
+    assert [e.key for e in entries] == [folder.name]
+    run(["--cache_dir", tmp_path, "remove", "--all"], capsys)
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_cache_folder_setting_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch, blank):
+    """Was: DPO_REFERENCE_CACHE='' made the current folder the cache, and `remove --all` deleted folders there."""
+    monkeypatch.chdir(tmp_path)
+    make_cache(tmp_path, KEYS[0], ["a"])
+    monkeypatch.setenv("DPO_REFERENCE_CACHE", blank)
+    line = one_line_error(main, ["remove", "--all"], capsys)
+    assert "DPO_REFERENCE_CACHE" in line and "empty path" in line, line
+    monkeypatch.delenv("DPO_REFERENCE_CACHE")
+    line = one_line_error(main, ["--cache_dir", blank, "remove", "--all"], capsys)
+    assert "cache_dir" in line and "empty path" in line, line
+    assert (tmp_path / KEYS[0] / "key.json").is_file()
