@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from dpo.errors import UserError
-from dpo.files import confined, file_sha256, sha256_mismatch, shape_problem, with_default_permissions
+from dpo.files import confined, file_sha256, json_text, sha256_mismatch, shape_problem, with_default_permissions
 from dpo.signals import saving
 
 MARKER = ".dpo-folder.json"
@@ -77,7 +77,8 @@ def write_marker(folder: str | Path, kind: str, hash_files: bool = False, **fact
     folder = Path(folder)
     hashes = {p.relative_to(folder).as_posix(): file_sha256(p) for p in _files(folder)} if hash_files else {}
     tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({**facts, "kind": kind, "sha256": hashes}, indent=2, sort_keys=True) + "\n")
+    marker = {**facts, "kind": kind, "sha256": hashes}
+    tmp.write_text(json_text(marker, folder / MARKER, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, folder / MARKER)
     return folder / MARKER
 

@@ -77,8 +77,8 @@ def test_the_library_never_loads_files_from_recipes():
 # ── the layout: every module in a subpackage that names its job, imports running downward ──────
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    "dpo.errors dpo.signals dpo.log dpo.files dpo.plots dpo.progress dpo.helptext dpo.hub",  # shared by all: one-line errors, progress
-    # messages and bars, whole folders, plots, --help text
+    "dpo.errors dpo.signals dpo.log dpo.files dpo.folders dpo.plots dpo.progress dpo.helptext dpo.hub",  # shared by all:
+    # one-line errors, stop signals, progress messages and bars, checked files, marked folders, plots, --help text
     "dpo.scratch",  # DPO in plain PyTorch: loss, loss settings, log-probs, loop
     "dpo.compat",  # the one TRL seam (its loss types: the from-scratch ones less those TRL dropped)
     "dpo.gate",  # the settings gate: the table of every setting's bound, the run's plan, integrations

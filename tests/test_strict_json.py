@@ -76,7 +76,7 @@ NOT_WRITERS = {
     "dpo/rounds/prompts.py": "a prompt's de-duplication key",
     "dpo/train/config.py": "a round trip to plain types, not written",
     "dpo/train/safety/runs.py": "the training data's sha256",
-    "dpo/train/speed/refcache.py": "the reference cache's key hash",
+    "dpo/train/speed/refstore.py": "the reference cache's key hash",
     "dpo/evaluation/gguf.py": "a log line",
     "recipes/dpo_rounds.py": "the prompts' sha256",
     "dpo/data/tools.py": "a row's tools as the JSON text TRL's tokenizer reads (in memory)",

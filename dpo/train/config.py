@@ -178,12 +178,11 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
     values = {k: v for k, v in values.items() if k not in on_command_line} if isinstance(values, dict) else {}
     if found := yaml_kind_problems(dataclass_types, values):
         raise UserError(f"{config_path}: " + "; ".join(found))
+    # no empty path (dpo/gate/table.py PATHS), as TrainingArguments reads some while it is built
+    check_paths_before_parsing(values, argv)
     # mapping settings (activation_checkpointing_kwargs, ...) as given, before the dataclasses take them in
     if found := mapping_problems({**values, **command_line_values(argv, MAPPING_FLAGS)}):
         raise UserError(f"invalid setting(s) ({config_path} + command line): " + "; ".join(found))
-    check_paths_before_parsing(
-        values, argv
-    )  # no empty path (dpo/gate/table.py PATHS), as TrainingArguments reads some
 
     parser = one_line_parse_errors(TrlParser(dataclass_types), argv, config_path)
     parser.allow_abbrev = False  # argparse would take --learning_rat for --learning_rate, and --max_step for max_steps
