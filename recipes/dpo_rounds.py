@@ -4,7 +4,7 @@ pair the best against the worst, train DPO, repeat.
     python recipes/dpo_rounds.py --config recipes/dpo_rounds_sentiment.yaml    # the demo's task, its true reward
     python recipes/dpo_rounds.py                                               # SmolLM2 + HH prompts (recipes/dpo_rounds.yaml)
     python recipes/dpo_rounds.py --rounds 5                                    # the same folder: only rounds 4-5 run
-    python recipes/dpo_rounds.py --reward my_module:score                      # (prompt, completion) -> float
+    python recipes/dpo_rounds.py --reward my_module:score                      # (prompt, completion) -> float: docs/rewards.md
     python recipes/dpo_rounds.py --reward path/to/reward-model --reference previous --keep_pairs true
     python benchmarks/rounds_sentiment.py                                      # rounds against the offline frontier
 

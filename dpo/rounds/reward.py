@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import sys
 from pathlib import Path
 
 import torch
@@ -105,13 +106,34 @@ def user_code_failure(what: str, err: BaseException, run_folder: str | Path) -> 
     return UserError(f"{what} {happened}; its traceback is in {path}")
 
 
+def in_current_folder(module_name: str) -> Path | None:
+    """The current folder when it holds `module_name`'s top package or module (my_reward.py, or my_pkg/)."""
+    top = module_name.split(".")[0]
+    here = Path.cwd()
+    return here if (here / f"{top}.py").is_file() or (here / top / "__init__.py").is_file() else None
+
+
 def _import_module(spec: str, module_name: str, run_folder):
+    """`module_name` as Python imports it, else from the current folder: `python recipes/dpo_rounds.py` puts
+    recipes/ on sys.path, not the folder the command was typed in, where a user's reward module usually is."""
     try:
-        return importlib.import_module(module_name)
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            here = in_current_folder(module_name)
+            if here is None or err.name != module_name.split(".")[0]:
+                raise
+            sys.path.append(str(here))  # last: a module of the same name elsewhere on the path still comes first
+            log(f"reward {spec}: {module_name} imported from the current folder {here}")
+            return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name is None or not (module_name + ".").startswith(err.name + "."):
             raise user_code_failure(f"reward {spec}: importing {module_name}", err, run_folder) from None
-        raise UserError(f"reward {spec}: cannot import {module_name} ({err}); is it on PYTHONPATH?") from None
+        raise UserError(
+            f"reward {spec}: cannot import {module_name} ({err}): neither on the Python path nor a file "
+            f"{module_name.split('.')[0]}.py in the current folder {Path.cwd()}; run from the folder that holds it, "
+            "or add that folder to PYTHONPATH (docs/rewards.md)"
+        ) from None
     except KeyboardInterrupt:  # Ctrl-C while it imports: a stop, not the module's error
         raise
     except BaseException as err:  # a syntax error, an exception or sys.exit at import time
