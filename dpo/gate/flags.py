@@ -92,7 +92,9 @@ def _parse_error(parser, message: str, argv: list[str], config_path: Path | None
             raise UserError(_unrecognized(parser, message))
         raise UserError(f"command line: {message}")
     names, reason = flags.group(1).split("/"), flags.group(2)
-    action = parser._option_string_actions.get(names[0])
+    # a flag by its name; a positional (a subcommand: `python -m dpo.cache clear`) by its dest or metavar
+    positional = (a for a in parser._actions if not a.option_strings and names[0] in (a.dest, a.metavar))
+    action = parser._option_string_actions.get(names[0]) or next(positional, None)
     reason = re.sub(r" \(choose from .*\)$", "", reason)  # the choices are listed below, once
     given = any(arg.split("=", 1)[0] in names for arg in argv)
     after = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in names]

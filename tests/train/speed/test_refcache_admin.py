@@ -164,3 +164,9 @@ def test_an_empty_cache_folder_setting_is_refused_not_read_as_the_current_folder
     line = one_line_error(main, ["--cache_dir", blank, "remove", "--all"], capsys)
     assert "cache_dir" in line and "empty path" in line, line
     assert (tmp_path / KEYS[0] / "key.json").is_file()
+
+
+def test_an_unknown_subcommand_is_refused_listing_the_valid_ones(tmp_path, capsys):
+    """`python -m dpo.cache clear` said "invalid choice: 'clear'" and not what the choices are."""
+    line = one_line_error(main, ["--cache_dir", tmp_path, "clear"], capsys)
+    assert "invalid choice: 'clear'; accepted: one of list, remove" in line, line
