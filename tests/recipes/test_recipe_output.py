@@ -66,3 +66,15 @@ def test_done_names_only_the_final_files_written(
     for name in ("resolved_config.yaml", "final_metrics.json"):
         assert name in last and name in written
     assert "adapter" in last and "adapter_model.safetensors" in written
+
+
+def test_the_same_command_on_a_finished_run_says_it_trains_it_again(tiny_model_dir, truthy_file, tmp_path, capsys):
+    """Rerunning a finished run with the same command trained it again from scratch without a word."""
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(truthy_file), "--max_steps", "1"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--gradient_accumulation_steps", "1", "--test_size", "0"]
+    argv += ["--save_strategy", "no", "--per_device_train_batch_size", "2", "--max_length", "64"]
+    load_recipe("dpo_phi2").main(argv)
+    assert "holds this same run" not in capsys.readouterr().out
+    load_recipe("dpo_phi2").main(argv)
+    said = capsys.readouterr().out
+    assert "holds this same run, finished at step 1: it is trained again from the start" in said, said

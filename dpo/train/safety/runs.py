@@ -268,6 +268,11 @@ def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None)
             )
         removed = remove_run(output_dir, finished) if PartialState().is_main_process else []
         log(f"--overwrite_output_dir: deleted the previous run's {len(removed)} files and checkpoints in {output_dir}")
+    elif finished and not resume:  # the same command again: said, not silently trained over
+        log(
+            f"{output_dir} holds this same run, finished at step {finished.get('global_step')}: it is trained again "
+            "from the start and its files are replaced when this run ends (Ctrl-C now keeps them as they are)"
+        )
 
 
 RESUME_ON_OTHER_BASE = (
