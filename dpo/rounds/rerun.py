@@ -52,6 +52,7 @@ ROUND_FILES = (
     "samples.jsonl.tmp",
     "pairs.jsonl.tmp",
     "round.json",
+    "round_start.json",  # what the round derives from (dpo/rounds/chain.py)
     "README.md",
     LOCK_NAME,
 )

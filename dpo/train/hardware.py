@@ -83,7 +83,9 @@ def detect_precision() -> Precision:
     return Precision(False, False, "float32", True, "no CUDA GPU: CPU in fp32")
 
 
-def describe(bf16: bool, fp16: bool, dtype: str, optim: str) -> str:
+def describe(bf16: bool, fp16: bool, dtype: str, optim: str | None = None) -> str:
     mixed = "bf16 mixed precision" if bf16 else "fp16 mixed precision" if fp16 else "no mixed precision"
+    if optim is None:  # a caller that builds its own optimizer (the notebooks' plain TRL runs)
+        return f"{mixed}, model dtype {dtype}"
     fused = " (torch's fused AdamW: one kernel updates every tensor)" if optim == FUSED_ADAMW else ""
     return f"{mixed}, model dtype {dtype}, optimizer {optim}{fused}"

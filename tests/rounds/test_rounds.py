@@ -402,7 +402,8 @@ def test_a_signal_while_round_2_saves_its_samples_stops_the_rounds_there(
     round_2 = tmp_path / "run" / "round-2"
     assert (tmp_path / "run" / "round-1" / "round.json").is_file()
     assert len(jsonl(round_2 / "samples.jsonl")) == 8  # every prompt's answers, whole
-    assert sorted(p.name for p in round_2.iterdir()) == ["samples.jsonl"]  # nothing after it ran
+    # what round 2 starts from, then its samples, and nothing after them ran
+    assert sorted(p.name for p in round_2.iterdir()) == ["round_start.json", "samples.jsonl"]
 
 
 @pytest.mark.slow

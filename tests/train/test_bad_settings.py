@@ -47,7 +47,7 @@ BAD_SETTINGS = {
     "train_batch_size_zero": (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1"),
     "eval_batch_size_zero": (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1"),
     "accumulation_zero": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1"),
-    "lora_r_zero": (["--lora_r", "0"], "lora_r must be >= 1"),
+    "lora_r_zero": (["--lora_r", "0"], "lora_r must lie in [1, 65536]"),
     "lora_alpha_zero": (["--lora_alpha", "0"], "lora_alpha must be > 0; got 0"),  # scale alpha/r = 0
     "max_length_zero": (["--max_length", "0"], "max_length must be >= 1"),  # not "every row was dropped"
     "lora_dropout_one": (["--lora_dropout", "1.0"], "lora_dropout must lie in [0, 1)"),
