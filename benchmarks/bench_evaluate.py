@@ -66,6 +66,8 @@ def markdown(seconds: dict, metrics: dict, prompts: int, tokens: int, rounds: in
     med = {k: statistics.median(v) for k, v in seconds.items()}
     ratio = [a / b for a, b in zip(seconds["4-bit"], seconds["dense"])]
     lines = [
+        SECTION,
+        "",
         f"Made by `python benchmarks/bench_evaluate.py --rounds {rounds}`; this section is its output. Machine: "
         f"{cpu_name()}, {os.cpu_count()} cores; {versions()}.",
         "",
