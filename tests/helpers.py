@@ -549,3 +549,22 @@ def reward_model(folder, num_labels: int, config_labels: int | None = None):
         saved.update(id2label=labels, label2id={v: int(k) for k, v in labels.items()})
         (folder / "config.json").write_text(json.dumps(saved))
     return folder
+
+
+def load_qlora(model_dir, init_lora_weights=True):
+    """The recipes' 4-bit NF4 base (fp32 compute, double quantization) with LoRA r4 on attention and MLP layers;
+    `init_lora_weights=False`: a random adapter that moves the logits (PEFT's default starts at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "dense", "fc1", "fc2"], init_lora_weights=init_lora_weights)
+    return get_peft_model(model, lora)

@@ -3,31 +3,24 @@ the 4-bit layers compute: logits of the policy (adapter on) and of the reference
 4-bit model within float32 summation-order noise, on the recipes' own 4-bit set-up (NF4, double quantization)."""
 
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from helpers import load_qlora
 
 from dpo.train.speed.dequant import dense_bytes, dequantized_4bit_layers, four_bit_layers
 from dpo.train.speed.kernels import use_portable_4bit_kernels
 
 IDS = torch.arange(48).reshape(3, 16) % 300
-# Relative to max(1, max |logit|): the same weights in float32, only where the sums are taken differs (the
-# 4-bit kernel dequantizes inside its call, the dense layer before it): ~1e-6 measured, 1e-4 as the export's
-# float32 merge check (dpo/evaluation/export.py TOLERANCE). A weight off by one bf16 rounding (2^-8 relative)
+# Relative to max(1, max |logit|): the same weights in float32, only where the dequantization happens differs
+# (inside the 4-bit kernel's call, or once before): 0.0 measured on an AMD EPYC (the same dequantize and matmul);
+# 1e-4, the export's float32 merge bound (dpo/evaluation/export.py TOLERANCE), leaves room for a kernel that sums
+# in another order. A weight off by one bf16 rounding (2^-8 relative)
 # moves these logits by ~1e-3 of their scale, ten times this bound.
 BOUND = 1e-4
 
 
 def qlora(model_dir):
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
+    model = load_qlora(model_dir, init_lora_weights=False)
     use_portable_4bit_kernels(model)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False))
-    return peft.eval()
+    return model.eval()
 
 
 @torch.no_grad()

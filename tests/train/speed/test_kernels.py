@@ -16,9 +16,8 @@ import warnings
 import bitsandbytes as bnb
 import pytest
 import torch
-from helpers import ROOT, load_recipe
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from helpers import ROOT, load_qlora, load_recipe
+from transformers import BitsAndBytesConfig
 
 from dpo.train.speed.kernels import IMPORT_NOTE, SWITCH, use_portable_4bit_kernels
 
@@ -29,19 +28,6 @@ IDS = torch.arange(24).reshape(2, 12) % 200  # two sequences of 12 token ids
 def avx512bf16_cpu(monkeypatch):
     """4-bit layers built while this is active behave as on a CPU with AVX512-BF16."""
     monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
-
-
-def load_qlora(model_dir):
-    """The recipes' 4-bit NF4 base (fp32 compute) with LoRA on attention and MLP layers."""
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32)
-    torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "dense", "fc1", "fc2"]))
 
 
 def eval_logits(model):
