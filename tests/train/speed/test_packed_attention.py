@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers.masking_utils
-from helpers import recipe_trainer
+from helpers import load_recipe, one_line_error, recipe_trainer
 from test_packing import FLOOR_MULTIPLE, distances, floor, step
 
 from dpo.errors import UserError
@@ -139,3 +139,19 @@ def test_the_gate_refuses_packing_attention_without_packing_or_with_another_atte
         in table_problems({**base, "attn_implementation": "eager", "packing_attention": "varlen"})[0]
     )
     assert table_problems({**base, "packing": False, "packing_attention": "auto"}) == []
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--packing", "true", "--packing_attention", "flex"], "packing_attention: flex needs a CUDA device"),
+        (["--packing", "true", "--packing_attention", "varlen"], "packing_attention: varlen needs"),
+        (["--packing_attention", "segments"], "packing_attention segments is set but packing is false"),
+    ],
+)
+def test_a_recipe_refuses_it_in_one_line_before_weights_load(
+    flags, named, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    local = ["--model_name_or_path", tiny_model_dir, "--dataset_name", truthy_file, "--output_dir", tmp_path / "out"]
+    line = one_line_error(load_recipe("dpo_phi2").main, [*local, "--use_cpu", "true", *flags], capsys)
+    assert named in line, line
