@@ -7,8 +7,10 @@ only (torch has no flex backward on a CPU), so its steps are compared without gr
 is torch.compile'd into fused kernels, checked there by install_packing's probe. varlen's kernel (torch's flash
 varlen_attn) is CUDA only: here a causal SDPA per cumulative-length slice stands in for it, so these tests check
 what this repository adds (lengths computed once per forward reaching every layer through TRL's and the model's
-forwards, the [T, heads, d] layout, grouped-query heads), and the GPU run's probe checks torch's kernel."""
+forwards, the [T, heads, d] layout, grouped-query heads). The tests marked gpu check torch's real kernels on a
+CUDA GPU (DPO_GPU_TESTS=1 pytest -m gpu tests/train/speed/test_packed_attention.py; skipped elsewhere)."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -155,3 +157,77 @@ def test_a_recipe_refuses_it_in_one_line_before_weights_load(
     local = ["--model_name_or_path", tiny_model_dir, "--dataset_name", truthy_file, "--output_dir", tmp_path / "out"]
     line = one_line_error(load_recipe("dpo_phi2").main, [*local, "--use_cpu", "true", *flags], capsys)
     assert named in line, line
+
+
+# ── on a CUDA GPU (DPO_GPU_TESTS=1 pytest -m gpu tests/train/speed/test_packed_attention.py) ──────────────────
+
+TRUTHY_LENGTHS = (300, 181, 412, 77, 256, 129)  # chosen and rejected of 3 pairs, a few hundred tokens each
+
+
+def kernel_outputs(choice, device, dtype, lengths=TRUTHY_LENGTHS, heads=32, head_dim=80, boundaries=True):
+    """Output and q/k/v gradients of one packed row's attention (phi-2's 32 heads of 80) through the kernel
+    `choice` as the model calls it: segments, flex (its BlockMask from transformers' packed-sequence mask
+    function, as create_causal_mask builds it), varlen (cumulative lengths as packing.varlen_kwargs makes
+    them). `boundaries=False`: the row as one sequence (what a leak looks like)."""
+    from transformers.masking_utils import causal_mask_function, packed_sequence_compatibility_function
+
+    generator = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    qkv = [
+        torch.randn(1, heads, total, head_dim, generator=generator).to(device, dtype).requires_grad_() for _ in "qkv"
+    ]
+    grad_out = torch.randn(1, total, heads, head_dim, generator=generator).to(device, dtype)
+    seen = torch.tensor(lengths if boundaries else [total])
+    position_ids = torch.cat([torch.arange(n) for n in seen.tolist()])[None].to(device)
+    if choice == "segments":
+        out = packing.segmented_sdpa(None, *qkv, None, position_ids=position_ids)[0]
+    elif choice == "flex":
+        sequence = torch.repeat_interleave(torch.arange(len(seen)), seen)[None].to(device)
+        function = packed_sequence_compatibility_function(causal_mask_function, position_ids, sequence)
+        mask = packed_attention.flex_mask(
+            batch_size=1, q_length=total, kv_length=total, mask_function=function, attention_mask=None, device=device
+        )
+        out = packed_attention.packed_flex(None, *qkv, mask)[0]
+    else:
+        out = packed_attention.packed_varlen(None, *qkv, None, **packing.varlen_kwargs(seen.to(device)))[0]
+    out.backward(grad_out)
+    return [out.detach().float(), *(x.grad.float() for x in qkv)]
+
+
+def relative(found, reference) -> float:
+    return max(float((f - r).norm() / r.norm()) for f, r in zip(found, reference))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("choice", ["flex", "varlen"])
+def test_cuda_kernel_matches_segments_in_bf16_with_gradients(choice):
+    """torch's real kernels at phi-2's head size and truthy-like lengths, in bf16: output and gradients as far from
+    the fp32 per-sequence reference as segments' own bf16 SDPA is, within 4x (bf16 kernels sum in other
+    orders); a leak across sequences is far beyond that."""
+    if choice == "varlen" and not packed_attention.has_varlen():
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    reference = kernel_outputs("segments", "cuda", torch.float32)
+    floor = relative(kernel_outputs("segments", "cuda", torch.bfloat16), reference)
+    found = relative(kernel_outputs(choice, "cuda", torch.bfloat16), reference)
+    assert found <= 4 * floor, (found, floor)
+    assert relative(kernel_outputs(choice, "cuda", torch.bfloat16, boundaries=False), reference) > 25 * floor
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("choice", ["auto", "segments", "flex", "varlen"])
+def test_cuda_install_passes_the_probe_in_bf16_and_trains(choice, tiny_model_dir, tmp_path, capsys):
+    """Each packing_attention on the GPU in bf16: install_packing's probe accepts it (its bound is the padded
+    path's own reordering floor on that device) and two packed steps train with finite losses."""
+    if choice == "varlen" and not packed_attention.has_varlen():
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    trainer = recipe_trainer(
+        tiny_model_dir, tmp_path, dtype="bfloat16", use_cpu=False, bf16=True, max_steps=2, packing=True,
+        packing_attention=choice,
+    )  # fmt: skip
+    expected = {"auto": "packed_", "segments": "sdpa_segments", "flex": "packed_flex", "varlen": "packed_varlen"}
+    assert f"(attention {expected[choice]}" in capsys.readouterr().out
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses), losses
