@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -43,10 +44,11 @@ from dpo.errors import UserError
 from dpo.train.speed import packed_attention
 
 SEGMENTED_SDPA = "sdpa_segments"
-# The probe's bound: how many times the measured reordering floor (8 extra padding columns) packing may
-# move the hidden states (`probe`); float32's resolution stands in where the floor is 0. Measured on the
-# tiny Phi model in fp32 (tests/train/speed/test_packing.py): floor 6.4e-8, packed 4.9e-8 (0.8x), an
-# attention that lets the sequences see each other 0.26 (4e6x).
+# The probe's bound: how many times the measured floor (8 extra padding columns, or SDPA's math kernel)
+# packing may move the hidden states (`probe`); float32's resolution stands in where the floor is 0.
+# Measured on the tiny Phi model in fp32 (tests/train/speed/test_packing.py): padding 6.4e-8, the math
+# kernel 1.5e-7 (AMD EPYC), packed 4.7e-8 (0.3x the floor), an attention that lets the sequences see each
+# other 0.26 (2e5x).
 PROBE_MULTIPLE = 8
 
 
@@ -164,8 +166,10 @@ def packed_forward(fused_forward, varlen: bool = False):
 
 def probe(model) -> tuple[float, float]:
     """How far packing moves the backbone's last hidden states of two sequences (a long one, then a short
-    one that a leak would drown), against how far extra padding moves them (the reordering floor): both
-    ||x - padded|| / ||padded|| over the real tokens. Returns (packed, floor)."""
+    one that a leak would drown), against the floor: the larger of how far extra padding moves them and how
+    far SDPA's math kernel in place of the device's default does (in bf16 on a GPU two correct attention
+    kernels differ by bf16's rounding, where padding alone may move nothing). All ||x - padded|| / ||padded||
+    over the real tokens. Returns (packed, floor)."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (2, 24), generator=generator).to(model.device)
@@ -182,16 +186,20 @@ def probe(model) -> tuple[float, float]:
             packed = backbone(input_ids=row["input_ids"], position_ids=row["position_ids"]).last_hidden_state[0]
             ids_wider = torch.nn.functional.pad(ids, (0, 8))
             padded_wider = backbone(input_ids=ids_wider, attention_mask=wider).last_hidden_state[wider.bool()]
+            with sdpa_kernel(SDPBackend.MATH):  # another correct attention kernel, as packing swaps kernels
+                padded_math = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     finally:
         model.train(was_training)
     scale = padded.norm().clamp(min=1e-12)
-    return float((packed.float() - padded).norm() / scale), float((padded_wider.float() - padded).norm() / scale)
+    floor = max(float((x.float() - padded).norm() / scale) for x in (padded_wider, padded_math))
+    return float((packed.float() - padded).norm() / scale), floor
 
 
 def install_packing(trainer) -> str:
     """Pack every fused forward of the trainer's model (training, evaluation, reference scoring).
     SDPA becomes the kernel `packing_attention` picks (segments, flex or varlen); other attention
-    implementations must honour position ids. A probe checks either. Returns the log line; raises UserError for a model that does not honour them."""
+    implementations must honour position ids. A probe checks either. Returns the log line; raises
+    UserError for a model that does not honour them."""
     base = fused_lm_head_model(trainer)
     if base is None:
         raise UserError("packing: true needs TRL's fused LM head on the model (dpo/compat.py); set packing: false")
