@@ -90,7 +90,10 @@ def _same_heads(query, key, value):
 
 
 def _one_row(kwargs) -> bool:
-    return kwargs.get("attention_mask") is None and kwargs.get("batch_size") == 1
+    """A mask call for one row without padding and without a cache (a packed row, or one sequence): not a
+    generation step, whose one query attends to cached keys."""
+    same = kwargs.get("q_length") == kwargs.get("kv_length")
+    return kwargs.get("attention_mask") is None and kwargs.get("batch_size") == 1 and same
 
 
 # ── flex ────────────────────────────────────────────────────────────────────────────────────────────────
@@ -178,7 +181,8 @@ def packed_varlen(module, query, key, value, attention_mask, position_ids=None, 
     """Flash varlen attention over a packed row (boundaries from `packing.pack`'s cu_seq_lens_q/max_length_q,
     or read from the position ids); SDPA for anything else. Shapes as `packed_flex`."""
     cumulative, longest = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
-    packed = attention_mask is None and query.shape[0] == 1 and (cumulative is not None or position_ids is not None)
+    one_row = attention_mask is None and query.shape[0] == 1 and query.shape[2] == key.shape[2]  # no cache
+    packed = one_row and (cumulative is not None or position_ids is not None)
     if not packed:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

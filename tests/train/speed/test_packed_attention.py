@@ -95,6 +95,20 @@ def test_varlen_bound_catches_sequences_seeing_each_other(runs, monkeypatch):
     assert max(found.values()) > 100 * bound(runs["with"]), found
 
 
+def test_generation_with_a_cache_runs_as_with_sdpa(tiny_model_dir, monkeypatch):
+    """The installed kernels stay on the model (the rounds recipe generates with it): a generation step's one
+    query against cached keys is no packed row, and runs SDPA (varlen read boundaries from it and failed)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(packed_attention, "varlen_kernel", cpu_varlen)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+    for name in (packed_attention.FLEX, packed_attention.VARLEN):
+        model.set_attn_implementation(name)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected), name
+
+
 def test_install_sets_the_chosen_kernel(runs):
     for choice, name in (("flex", "packed_flex"), ("varlen", "packed_varlen")):
         assert runs[choice].model.get_base_model().config._attn_implementation == name
