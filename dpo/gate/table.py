@@ -87,6 +87,11 @@ TABLE = {
     "dataloader_prefetch_factor": at_least(1, "batches each loading worker prepares ahead", unset=UNSET),
     "prompt_format": Choice(("chat", "text"), "chat: the tokenizer's chat template; text: strings as they are"),
     "degenerate_rows": Choice(("drop", "fail"), "what the data doctor does with empty/identical/duplicate rows"),
+    "packing_attention": Choice(
+        ("auto", "segments", "flex", "varlen"),
+        "how packed pairs' attention keeps them apart (dpo/train/speed/packed_attention.py); the device and torch "
+        "each needs are checked with packing (dpo/train/speed/packing.py check_packing)",
+    ),
     "chat_template_path": Named(
         lambda: (),
         is_template_file,
@@ -305,6 +310,23 @@ def _cache_dir_unused(get):
     return None
 
 
+def _packing_attention(get):
+    choice = get("packing_attention")
+    if choice in (None, "auto"):
+        return None
+    if not get("packing"):
+        return (
+            f"packing_attention {choice} is set but packing is false: no row is packed, so it would choose nothing; "
+            "set packing: true, or leave packing_attention unset"
+        )
+    if get("attn_implementation") not in (None, "sdpa"):
+        return (
+            f"packing_attention {choice} replaces SDPA's attention, but attn_implementation is "
+            f"{get('attn_implementation')} (packing uses that one's own handling of position ids); unset one of them"
+        )
+    return None
+
+
 RELATIONS = [
     (("lr_scheduler_type", "lr_scheduler_kwargs"), _scheduler),
     (("dataset_test_split", "dataset_train_split"), _splits),
@@ -312,4 +334,5 @@ RELATIONS = [
     (("dataloader_prefetch_factor", "dataloader_num_workers"), _prefetch),
     (("use_peft", "load_in_4bit", "load_in_8bit", "sft_adapter_path"), _quantized_full),
     (("reference_cache_dir", "reference_cache"), _cache_dir_unused),
+    (("packing_attention", "packing", "attn_implementation"), _packing_attention),
 ]

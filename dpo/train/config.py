@@ -89,6 +89,14 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
             "help": "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py)."
         },
     )
+    packing_attention: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "With packing: true on an SDPA model, how attention keeps the packed sequences apart: segments (SDPA "
+            "per sequence), flex (flex attention, CUDA), varlen (flash varlen, CUDA, bf16/fp16), or auto: segments on "
+            "a CPU, varlen else flex on CUDA (dpo/train/speed/packed_attention.py)."
+        },
+    )
     # TRL's SFTConfig has it, its DPOConfig not: read by the data doctor (dpo/data/doctor.py), which renders the
     # pairs with it; the tokenizer trained and saved with the run carries it (recipes/dpo_any.py)
     chat_template_path: str | None = dataclasses.field(

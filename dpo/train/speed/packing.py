@@ -17,10 +17,16 @@ per sequence (causal, no mask): attention costs what it costs padded, the linear
 LM head no longer pay for padding. The first target of each sequence is the sequence's own first
 token, which the padded path never scores (the shift drops it), so its label is masked here too.
 
+`packing_attention` picks how a packed row's attention keeps its sequences apart on SDPA models
+(dpo/train/speed/packed_attention.py): `segments` (the above), `flex` (torch's flex attention with a
+block mask, CUDA), `varlen` (torch's flash varlen attention over cumulative sequence lengths, CUDA,
+torch >= 2.10, bf16/fp16), `auto` (the default: segments on a CPU; varlen, else flex, on CUDA).
+
 `check_packing` refuses, before weights load, what this cannot serve: DeepSpeed and FSDP (the
-forward below is patched on the unwrapped model; not tested sharded) and TRL's own
-`padding_free` (disabled in TRL 1.16: it warns and pads). `install_packing` runs a two-sequence
-probe through the loaded model and refuses one whose attention ignores position ids.
+forward below is patched on the unwrapped model; not tested sharded), TRL's own `padding_free`
+(disabled in TRL 1.16: it warns and pads), and a `packing_attention` this torch or device cannot run.
+`install_packing` runs a two-sequence probe through the loaded model (with the chosen kernel) and
+refuses one whose attention ignores position ids.
 """
 
 from __future__ import annotations
@@ -28,18 +34,21 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dpo.compat import FUSED_PER_TOKEN_FIELDS, fused_lm_head_model
 from dpo.errors import UserError
+from dpo.train.speed import packed_attention
 
 SEGMENTED_SDPA = "sdpa_segments"
-# The probe's bound: how many times the measured reordering floor (8 extra padding columns) packing may
-# move the hidden states (`probe`); float32's resolution stands in where the floor is 0. Measured on the
-# tiny Phi model in fp32 (tests/train/speed/test_packing.py): floor 6.4e-8, packed 4.9e-8 (0.8x), an
-# attention that lets the sequences see each other 0.26 (4e6x).
+# The probe's bound: how many times the measured floor (8 extra padding columns, or SDPA's math kernel)
+# packing may move the hidden states (`probe`); float32's resolution stands in where the floor is 0.
+# Measured on the tiny Phi model in fp32 (tests/train/speed/test_packing.py): padding 6.4e-8, the math
+# kernel 1.5e-7 (AMD EPYC), packed 4.7e-8 (0.3x the floor), an attention that lets the sequences see each
+# other 0.26 (2e5x).
 PROBE_MULTIPLE = 8
 
 
@@ -82,13 +91,18 @@ def check_packing(training_args) -> None:
     if training_args.deepspeed or training_args.fsdp:
         launcher = "DeepSpeed" if training_args.deepspeed else "FSDP"
         raise UserError(f"packing: true is not supported under {launcher} (untested sharded); set packing: false")
+    cuda = torch.cuda.is_available() and not getattr(training_args, "use_cpu", False)
+    problem = packed_attention.attention_problem(getattr(training_args, "packing_attention", "auto"), cuda)
+    if problem:
+        raise UserError(problem)
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> dict:
     """The real tokens of right-padded [N, L] rows as one [1, T] row, and how to put outputs back.
 
-    Returns input_ids, position_ids, labels (each [1, T]; labels -100 at each sequence's first token)
-    and `index`/`valid` ([N, L-1]): padded next-token position (i, j) is packed position index[i, j]."""
+    Returns input_ids, position_ids, labels (each [1, T]; labels -100 at each sequence's first token),
+    `index`/`valid` ([N, L-1]): padded next-token position (i, j) is packed position index[i, j], and
+    `lengths` ([N]) of the sequences."""
     keep = attention_mask.bool()
     lengths = keep.sum(dim=1)
     starts = torch.cumsum(lengths, 0) - lengths
@@ -103,6 +117,7 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Te
         "labels": flat_labels[None],
         "index": index,
         "valid": positions[None, :-1] < (lengths[:, None] - 1),
+        "lengths": lengths,
     }
 
 
@@ -113,9 +128,18 @@ def unpack(flat: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torc
     return flat[0][index].masked_fill(~valid, 0)
 
 
-def packed_forward(fused_forward):
+def varlen_kwargs(lengths: torch.Tensor) -> dict:
+    """transformers' flash-varlen keywords for a packed row of sequences of these lengths, computed once per
+    forward (the attention of every layer reads them: no host sync per layer)."""
+    cumulative = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max())
+    return {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_forward(fused_forward, varlen: bool = False):
     """Wrap TRL's fused forward (trl.trainer.utils.add_fused_lm_head): padded calls with
-    `fused_lm_head=True` run packed and return outputs in the padded layout; others pass through."""
+    `fused_lm_head=True` run packed and return outputs in the padded layout; others pass through.
+    `varlen`: also hand the attention the row's cumulative sequence lengths."""
 
     @functools.wraps(fused_forward)
     def forward(*args, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
@@ -125,6 +149,8 @@ def packed_forward(fused_forward):
                 fused_lm_head=fused_lm_head, **kwargs,
             )  # fmt: skip
         row = pack(input_ids, attention_mask, labels)
+        if varlen:
+            kwargs.update(varlen_kwargs(row["lengths"]))
         out = fused_forward(
             input_ids=row["input_ids"], position_ids=row["position_ids"], labels=row["labels"], fused_lm_head=True,
             **kwargs,
@@ -140,8 +166,10 @@ def packed_forward(fused_forward):
 
 def probe(model) -> tuple[float, float]:
     """How far packing moves the backbone's last hidden states of two sequences (a long one, then a short
-    one that a leak would drown), against how far extra padding moves them (the reordering floor): both
-    ||x - padded|| / ||padded|| over the real tokens. Returns (packed, floor)."""
+    one that a leak would drown), against the floor: the larger of how far extra padding moves them and how
+    far SDPA's math kernel in place of the device's default does (in bf16 on a GPU two correct attention
+    kernels differ by bf16's rounding, where padding alone may move nothing). All ||x - padded|| / ||padded||
+    over the real tokens. Returns (packed, floor)."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (2, 24), generator=generator).to(model.device)
@@ -158,30 +186,40 @@ def probe(model) -> tuple[float, float]:
             packed = backbone(input_ids=row["input_ids"], position_ids=row["position_ids"]).last_hidden_state[0]
             ids_wider = torch.nn.functional.pad(ids, (0, 8))
             padded_wider = backbone(input_ids=ids_wider, attention_mask=wider).last_hidden_state[wider.bool()]
+            with sdpa_kernel(SDPBackend.MATH):  # another correct attention kernel, as packing swaps kernels
+                padded_math = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
     finally:
         model.train(was_training)
     scale = padded.norm().clamp(min=1e-12)
-    return float((packed.float() - padded).norm() / scale), float((padded_wider.float() - padded).norm() / scale)
+    floor = max(float((x.float() - padded).norm() / scale) for x in (padded_wider, padded_math))
+    return float((packed.float() - padded).norm() / scale), floor
 
 
 def install_packing(trainer) -> str:
     """Pack every fused forward of the trainer's model (training, evaluation, reference scoring).
-    SDPA becomes SEGMENTED_SDPA; other attention implementations must honour position ids, which a
-    probe checks. Returns the log line; raises UserError for a model that does not honour them."""
+    SDPA becomes the kernel `packing_attention` picks (segments, flex or varlen); other attention
+    implementations must honour position ids. A probe checks either. Returns the log line; raises
+    UserError for a model that does not honour them."""
     base = fused_lm_head_model(trainer)
     if base is None:
         raise UserError("packing: true needs TRL's fused LM head on the model (dpo/compat.py); set packing: false")
     config = base.config
     implementation = config._attn_implementation
     if implementation == "sdpa":
-        base.set_attn_implementation(SEGMENTED_SDPA)
-        implementation = SEGMENTED_SDPA
-    base.forward = packed_forward(base.forward)
+        chosen = packed_attention.resolve(
+            getattr(trainer.args, "packing_attention", "auto"), base.device.type == "cuda",
+            base.get_input_embeddings().weight.dtype, getattr(config, "attention_dropout", 0.0) or 0.0,
+        )  # fmt: skip
+        implementation = {"segments": SEGMENTED_SDPA, "flex": packed_attention.FLEX}.get(
+            chosen, packed_attention.VARLEN
+        )
+        base.set_attn_implementation(implementation)
+    base.forward = packed_forward(base.forward, varlen=implementation == packed_attention.VARLEN)
     drift, floor = probe(base)
     bound = PROBE_MULTIPLE * max(floor, torch.finfo(torch.float32).eps)
     if not drift <= bound:
         base.forward = base.forward.unpacked
-        if implementation == SEGMENTED_SDPA:
+        if implementation in (SEGMENTED_SDPA, packed_attention.FLEX, packed_attention.VARLEN):
             base.set_attn_implementation("sdpa")
         raise UserError(
             f"packing: true: {config.model_type} with attn_implementation {implementation} does not keep packed "
