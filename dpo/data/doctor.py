@@ -47,7 +47,7 @@ from dpo.data.pairs import Columns, to_pairs
 from dpo.data.tools import TOOLS_COLUMN, check_template, has_tool_messages, read_chat_template
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.flags import command_parser, parse_flags
 from dpo.log import log
 from dpo.plots import plot_lengths
 from dpo.train.model_checks import load_tokenizer
@@ -228,12 +228,7 @@ def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[D
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.doctor",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("python -m dpo.doctor", __doc__)
     p.add_argument("dataset", nargs="?", help="the same as --dataset_name, shorter")
     p.add_argument("--dataset_name", help="hub dataset id or local .jsonl/.json/.parquet/.csv file or folder")
     p.add_argument("--dataset_config", help="hub dataset configuration name")

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.check import parse_and_check_flags
+from dpo.gate.flags import command_parser
 from dpo.log import log
 
 GENERATION_MODES = ("greedy", "sampled")
@@ -340,12 +340,7 @@ def evaluate(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m dpo.evaluate", __doc__)
     parser.add_argument("output_dir", help="a run folder written by a recipe (SFT or DPO)")
     parser.add_argument("--reward_model", help="sequence-classification reward model (hub id or folder) as judge")
     parser.add_argument("--num_prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
@@ -357,8 +352,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_flags(_parser(), argv)
-    check_flags(args)  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed
+    args = parse_and_check_flags(
+        _parser(), argv
+    )  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed
     return evaluate(
         args.output_dir, args.reward_model, args.num_prompts, args.max_new_tokens, args.batch_size, args.seed
     )
