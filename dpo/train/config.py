@@ -29,7 +29,7 @@ from dpo.gate.flags import (
 )  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
 from dpo.gate.table import MAPPINGS
-from dpo.helptext import describe_recipe
+from dpo.helptext import describe_recipe, setting
 from dpo.log import log
 from dpo.train.distributed import check_launch, on_main_process, topology
 from dpo.train.hardware import describe, detect_precision
@@ -45,11 +45,10 @@ class DataArguments:
     dataset_name: str = dataclasses.field(
         metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file or folder."}
     )
-    dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = dataclasses.field(default="train", metadata={"help": "Split to train on."})
-    test_size: float = dataclasses.field(
-        default=0.1,
-        metadata={"help": "Fraction of the training rows held out (seeded) when there is no test split; 0 for none."},
+    dataset_config: str | None = setting(None, "Hub dataset configuration name.")
+    dataset_train_split: str = setting("train", "Split to train on.")
+    test_size: float = setting(
+        0.1, "Fraction of the training rows held out (seeded) when there is no test split; 0 for none."
     )
 
 
@@ -57,11 +56,8 @@ class DataArguments:
 class DPOScriptArguments(DataArguments):
     """DataArguments plus where DPO starts: a base model, or an SFT adapter on it."""
 
-    sft_adapter_path: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
-        },
+    sft_adapter_path: str | None = setting(
+        None, "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
     )
 
 
@@ -71,32 +67,22 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
     dpo/train/safety/checkpoints.py), the reference cache (dpo/train/speed/refcache.py) and packed pairs
     (dpo/train/speed/packing.py). YAML keys like every other field."""
 
-    reference_cache: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "Compute reference log-probs once and keep them on disk for later runs (dpo/train/speed/refcache.py)."
-        },
+    reference_cache: bool = setting(
+        False, "Compute reference log-probs once and keep them on disk for later runs (dpo/train/speed/refcache.py)."
     )
-    reference_cache_dir: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
-        },
+    reference_cache_dir: str | None = setting(
+        None, "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
     )
-    packing: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py)."
-        },
+    packing: bool = setting(
+        False,
+        "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py).",
     )
     # TRL's SFTConfig has it, its DPOConfig not: read by the data doctor (dpo/data/doctor.py), which renders the
     # pairs with it; the tokenizer trained and saved with the run carries it (recipes/dpo_any.py)
-    chat_template_path: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "A Jinja chat template file (.jinja/.j2) for chat rows instead of the tokenizer's own, as TRL's "
-            "SFTConfig takes it; e.g. one that renders tool calls (dpo/data/tools.py)."
-        },
+    chat_template_path: str | None = setting(
+        None,
+        "A Jinja chat template file (.jinja/.j2) for chat rows instead of the tokenizer's own, as TRL's "
+        "SFTConfig takes it; e.g. one that renders tool calls (dpo/data/tools.py).",
     )
 
 
