@@ -5,6 +5,9 @@ before any weights load. One call per entry point:
     check_flags(args)                                         python -m dpo.doctor (after its own checks)
     parse_and_check_flags(parser, argv)                       python -m dpo.{evaluate,export,cache,models,tiny}
 
+Beside the tables, the gate checks what a table cannot declare: a token under any key (credentials.py) and
+the output folder on the file system (output_dir.py), both called by the recipes and the trainer builder.
+
 Both apply dpo/gate/table.py (each setting's bound, and the relations between settings) and, for a
 DPO config, the loss table (dpo/scratch/loss_settings.py, restricted to TRL's loss types). Every
 problem is named at once, in one line: "invalid setting(s): a ...; b ...".

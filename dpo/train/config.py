@@ -19,7 +19,8 @@ import yaml
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
 from dpo.folders import output_kind_problem
-from dpo.gate.check import check_paths_before_parsing, mapping_problems
+from dpo.gate.check import check_paths_before_parsing, check_settings, mapping_problems
+from dpo.gate.credentials import check_no_secrets
 from dpo.gate.flags import (
     check_repeated_flags,
     choice_problems,
@@ -28,6 +29,7 @@ from dpo.gate.flags import (
     yaml_kind_problems,
 )  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
+from dpo.gate.output_dir import check_output_dir, check_output_dir_apart
 from dpo.gate.table import MAPPINGS
 from dpo.helptext import describe_recipe, setting
 from dpo.log import log
@@ -35,7 +37,6 @@ from dpo.train.distributed import check_launch, on_main_process, topology
 from dpo.train.hardware import describe, detect_precision
 from dpo.train.safety import lock
 from dpo.train.safety.checkpoints import PER_INVOCATION_KEYS, RunOptions, resolve_resume
-from dpo.train.validate import check_no_secrets, check_output_dir, check_output_dir_apart, check_settings
 
 
 @dataclasses.dataclass
@@ -210,7 +211,7 @@ def load_recipe_args(
 
     Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
     the config, settings that would reverse or zero the preference, and an unwritable output_dir
-    (dpo/train/validate.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
+    (dpo/gate/: the table, credentials.py, output_dir.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
     the run (dpo/train/safety/lock.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     `training_config` is RecipeDPOConfig (TRL's DPOConfig and our fields), or RecipeSFTConfig for the SFT recipe.
     `output_kind` is the kind of folder the recipe writes (dpo/folders.py OUTPUT_KINDS): an output_dir holding
@@ -244,7 +245,7 @@ def load_recipe_args(
     return script_args, training_args, model_args
 
 
-SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.train.validate.check_no_secrets refuses it anyway)
+SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.gate.credentials.check_no_secrets refuses it anyway)
 HARDWARE_KEYS = ("bf16", "fp16", "use_cpu", "dtype")  # picked by dpo/train/hardware.py for the machine that ran
 
 

@@ -23,6 +23,8 @@ from dpo.compat import (
 )
 from dpo.errors import RunStopped, release_held_warnings
 from dpo.files import json_text
+from dpo.gate.credentials import check_no_secrets
+from dpo.gate.output_dir import check_output_dir_apart
 from dpo.gate.plan import check_plan
 from dpo.log import log
 from dpo.plots import plot_training_curves
@@ -49,7 +51,6 @@ from dpo.train.speed.memory import own_file_mapped_weights
 from dpo.train.speed.packing import check_packing, install_packing
 from dpo.train.speed.refcache import attach_reference_cache, check_reference_cache
 from dpo.train.speed.sampler import install_length_grouping
-from dpo.train.validate import check_no_secrets, check_output_dir_apart
 
 # How a stopped run continues, said in the stop message; a caller that continues its runs another way
 # (the rounds recipe: the same command again) passes its own to train_and_save.
