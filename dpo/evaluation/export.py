@@ -94,12 +94,15 @@ def sample_texts(output_dir: Path, tokenizer, n: int = 4) -> list[str]:
     pairs_file = output_dir / "heldout_pairs.jsonl"
     texts = ["Instruct: What is the capital of France?\nOutput: The capital of France is Paris."]
     if pairs_file.is_file():
-        from dpo.evaluation.evaluate import DAMAGED, PAIR_SHAPE, prompt_text
-        from dpo.files import read_jsonl_objects
+        from dpo.data.tools import TOOLS_COLUMN
+        from dpo.evaluation.evaluate import read_heldout_pairs
+        from dpo.evaluation.sampling import render_prompt
 
-        rows = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED)[:n]
+        rows = read_heldout_pairs(pairs_file)[:n]
         texts = [
-            prompt_text(tokenizer, r["prompt"]) + (r["chosen"] if isinstance(r["chosen"], str) else "") for r in rows
+            render_prompt(tokenizer, r["prompt"], r.get(TOOLS_COLUMN))
+            + (r["chosen"] if isinstance(r["chosen"], str) else "")
+            for r in rows
         ]
     return texts
 
