@@ -290,3 +290,25 @@ def test_held_out_tool_rows_keep_their_tools_and_evaluate_renders_them_as_traini
     prompt = render_prompt(tokenizer, pairs[0]["prompt"], pairs[0]["tools"])
     assert '"description": "The weather in a city"' in prompt
     assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == prepared[0]["prompt_ids"]
+
+
+@pytest.mark.parametrize("entry", ["doctor", "dpo_phi2", "sft_phi2", "dpo_any_text", "dpo_sentiment_tiny"])
+def test_a_chat_template_file_where_no_chat_row_is_rendered_is_refused_in_one_line(
+    entry, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """chat_template_path was accepted by every recipe and silently ignored where the rows are text: phi-2's QA
+    format, prompt_format text, the sentiment demo's reviews."""
+    template = ["--chat_template_path", TEMPLATE]
+    model = ["--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out"]
+    if entry == "doctor":
+        main, argv = doctor, [truthy_file, "--prompt_format", "text", *template]
+    elif entry == "dpo_any_text":
+        main, argv = load_recipe("dpo_any").main, [*model, "--dataset_name", truthy_file, "--prompt_format", "text"]
+        argv += template
+    elif entry == "dpo_sentiment_tiny":
+        main, argv = load_recipe(entry).main, ["--output_dir", tmp_path / "out", *template]
+    else:
+        main, argv = load_recipe(entry).main, [*model, "--dataset_name", truthy_file, *template]
+    line = one_line_error(main, argv, capsys)
+    assert f"chat_template_path {TEMPLATE}:" in line and "are text" in line, line
+    assert "leave chat_template_path unset" in line
