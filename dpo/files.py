@@ -208,9 +208,10 @@ def read_json_object(path: str | Path, shape: dict, fix: str, optional: tuple = 
 
 
 def read_jsonl_objects(
-    path: str | Path, shape: dict, fix: str, max_chars: tuple[int, str] | None = None
+    path: str | Path, shape: dict, fix: str, max_chars: tuple[int, str] | None = None, optional: tuple = ()
 ) -> list[dict]:
-    """One JSON object of `shape` per non-blank line of `path`; UserError naming the line otherwise.
+    """One JSON object of `shape` (the keys in `optional` may be absent) per non-blank line of `path`; UserError
+    naming the line otherwise.
     `max_chars`: (a bound on each field of `shape`, in characters as JSON writes it; why no field is longer):
     a field past it is named with its row, before anything is done with it (a 1 MB prompt was tokenized whole)."""
     path = Path(path)
@@ -228,7 +229,7 @@ def read_jsonl_objects(
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number}: not valid JSON (column {err.colno}: {err.msg}); {fix}") from None
-        if problem := shape_problem(row, shape):
+        if problem := shape_problem(row, shape, optional):
             raise UserError(f"{path}:{number}: the row {problem}; {fix}")
         for field in shape if max_chars else ():
             if (size := len(json.dumps(row.get(field), ensure_ascii=False))) > max_chars[0]:

@@ -2,8 +2,9 @@
 
 argparse re-wraps a description into one paragraph unless told otherwise, and a description cut at
 the first paragraph drops the examples. Every entry point (python -m dpo.doctor, dpo.evaluate,
-dpo.export, dpo.tiny, dpo.models, the recipes) passes its module docstring whole, with
-RawDescriptionHelpFormatter; recipes, parsed by TRL's TrlParser, get theirs through `describe_recipe`.
+dpo.export, dpo.tiny, dpo.models, dpo.cache) passes its module docstring whole, with
+RawDescriptionHelpFormatter (dpo.gate.flags.command_parser); recipes, parsed by TRL's TrlParser, get theirs
+through `describe_recipe`, and their settings' help through `setting`.
 """
 
 from __future__ import annotations
@@ -36,3 +37,11 @@ def describe_recipe(parser: argparse.ArgumentParser, recipe_file: str | Path) ->
     )
     parser.formatter_class = RecipeHelpFormatter
     return parser
+
+
+def setting(default, help: str):
+    """A settings dataclass field (recipes' YAML keys and flags) whose `help` is what `--help` shows for it:
+    HfArgumentParser and TrlParser read it from the field's metadata."""
+    import dataclasses
+
+    return dataclasses.field(default=default, metadata={"help": help})

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from dpo.data.formats import ensure_chat_template
+from dpo.data.tools import template_for_rows
 from dpo.errors import UserError, exit_on_user_error
 from dpo.evaluation.sampling import render_prompt
 from dpo.log import log
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     reward = make_reward(args.reward, output_dir)  # a reward model is checked here, before any weights load
     training = {k: v for k, v in run_settings(training_args, model_args, []).items() if k != "training_data_sha256"}
     train_prompts, heldout_prompts = prompt_sets(args, seed)
+    chat = bool(train_prompts) and isinstance(train_prompts[0], list)  # chat prompts (a dataset's), or text ones
+    template = template_for_rows(training_args.chat_template_path, chat, f"the prompts of {args.prompts}")
     if args.prompts_per_round > len(train_prompts):
         raise UserError(
             f"prompts_per_round {args.prompts_per_round}: there are {len(train_prompts)} training prompts, so a round "
@@ -148,8 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model_args.model_name_or_path, sft_adapter = start_point(model_args, training_args, args.sft_adapter_path)
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
-    if train_prompts and isinstance(train_prompts[0], list):  # chat prompts: the policy's template (or plain)
-        ensure_chat_template(tokenizer)
+    if chat:  # chat prompts: the chat_template_path file's template, else the policy's own (or plain)
+        if template:
+            tokenizer.chat_template = template  # sampled, trained and saved with it, as recipes/dpo_any.py does
+        else:
+            ensure_chat_template(tokenizer)
         example = render_prompt(tokenizer, train_prompts[0])
         log(f"policy {model_args.model_name_or_path} continues, e.g.: {example!r}")  # once, like the reward model
     log(

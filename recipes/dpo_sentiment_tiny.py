@@ -33,6 +33,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from dpo.data.tools import template_for_rows
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
 from dpo.offline.sentiment import SentimentTask, pair_sets, train_reference
@@ -80,6 +81,7 @@ class ScriptArguments:
 def main(argv: list[str] | None = None, callbacks=None) -> dict:
     # ── args: YAML beside this file < --config other.yaml < CLI flags; no hub_token (HF_TOKEN) ──
     args, training_args, model_args = load_recipe_args(ScriptArguments, __file__, argv)
+    template_for_rows(training_args.chat_template_path, False, "the sentiment task's reviews")  # refused: text only
     torch.set_num_threads(args.torch_threads)
     clock = PhaseClock()  # wall time per phase, into metrics.json (benchmarks/bench_demo.py reads it)
     out, seed = Path(training_args.output_dir), training_args.seed

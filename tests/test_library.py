@@ -132,6 +132,7 @@ def test_every_module_lives_in_a_subpackage_or_is_shared_or_an_entry():
     for path in library_files():
         assert path.name == "__init__.py" or layer_of(module_name(path)) is not None or path.stem in ENTRY_MODULES
     assert not (ROOT / "dpo" / "train" / "model.py").exists()  # model checks and pip models are named apart
+    assert not (ROOT / "dpo" / "train" / "validate.py").exists()  # its settings checks are the gate's (dpo/gate/)
 
 
 def test_imports_run_downward_only():

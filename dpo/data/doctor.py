@@ -44,10 +44,10 @@ from dpo.data.doctor_report import IN_TRAINING, IN_TRAINING_SWAPPED, DoctorRepor
 from dpo.data.formats import PLAIN_CHAT_TEMPLATE, chat_template_for, is_chat, phi2_qa_format
 from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
-from dpo.data.tools import TOOLS_COLUMN, check_template, has_tool_messages, read_chat_template
+from dpo.data.tools import TOOLS_COLUMN, check_template, has_tool_messages, template_for_rows
 from dpo.errors import UserError, exit_on_user_error
 from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.flags import command_parser, parse_flags
 from dpo.log import log
 from dpo.plots import plot_lengths
 from dpo.train.model_checks import load_tokenizer
@@ -85,8 +85,8 @@ def check_data(
         raise UserError(f"degenerate_rows: '{degenerate_rows}' is not one of ['drop', 'fail']")
     pairs, layout = to_pairs(data, source, columns, prompt_format, text_format)
     template, chat_template = "", None
+    own = template_for_rows(chat_template_path, is_chat(pairs), f"the rows of {source}")
     if is_chat(pairs):
-        own = read_chat_template(chat_template_path) if chat_template_path else None
         if tokenizer is not None:  # before the no-template warning: tool rows with no template stop here
             _check_tool_template(pairs, tokenizer, source, chat_template_path, own)
         chat_template = own or (chat_template_for(tokenizer) if tokenizer is not None else PLAIN_CHAT_TEMPLATE)
@@ -228,12 +228,7 @@ def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[D
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.doctor",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = command_parser("python -m dpo.doctor", __doc__)
     p.add_argument("dataset", nargs="?", help="the same as --dataset_name, shorter")
     p.add_argument("--dataset_name", help="hub dataset id or local .jsonl/.json/.parquet/.csv file or folder")
     p.add_argument("--dataset_config", help="hub dataset configuration name")

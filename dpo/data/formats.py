@@ -128,9 +128,14 @@ def render(prompt, chosen, rejected, tokenizer, tools: str | None = None) -> tup
             _render_plain(prompt + chosen, False),
             _render_plain(prompt + rejected, False),
         )
-    tools = json.loads(tools) if isinstance(tools, str) else tools  # as TRL reads the column back
-    apply = functools.partial(tokenizer.apply_chat_template, tokenize=False, tools=tools)
+    apply = functools.partial(tokenizer.apply_chat_template, tokenize=False, tools=tools_argument(tools))
     return (apply(prompt, add_generation_prompt=True), apply(prompt + chosen), apply(prompt + rejected))
+
+
+def tools_argument(tools: str | None):
+    """A row's `tools` (the JSON text of dpo/data/tools.py) as apply_chat_template takes them, as TRL reads the
+    column back."""
+    return json.loads(tools) if isinstance(tools, str) else tools
 
 
 def _with_eos(text: str, eos: str) -> str:

@@ -181,6 +181,20 @@ def check_template(tokenizer, template: str, described: str, source: str, row: i
         )
 
 
+def template_for_rows(chat_template_path: str | None, chat: bool, rows: str) -> str | None:
+    """The text of `chat_template_path` to render chat rows with (None when it is unset). A chat template renders
+    only chat rows (lists of messages): given for text rows (`rows` says which), it would be silently ignored, so
+    it is refused in one line, before any weights load."""
+    if not chat_template_path:
+        return None
+    if not chat:
+        raise UserError(
+            f"chat_template_path {chat_template_path}: {rows} are text, and a chat template renders only chat rows "
+            "(lists of messages), so it would be ignored; leave chat_template_path unset"
+        )
+    return read_chat_template(chat_template_path)
+
+
 def read_chat_template(path: str) -> str:
     """The text of a chat template file (`chat_template_path`): a Jinja file of UTF-8 text, not empty."""
     file = Path(path).expanduser()

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from dpo.data.tools import TOOLS_COLUMN
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.check import parse_and_check_flags
+from dpo.gate.flags import command_parser
 from dpo.log import log
 
 GENERATION_MODES = ("greedy", "sampled")
@@ -37,7 +38,14 @@ GENERATION_MODES = ("greedy", "sampled")
 
 # ── the run folder, checked before any weights load ─────────────────────────────────────────
 COMMAND = "python -m dpo.evaluate"
-PAIR_SHAPE = {"prompt": ((str, list), None), "chosen": ((str, list), None), "rejected": ((str, list), None)}
+# A held-out pair as the recipe wrote it (dpo/train/trainer.py): messages keep their tool calls, and a tool-calling
+# row keeps the tools it offers (dpo/data/tools.py: JSON text, null on a row without tools), rendered as in training.
+PAIR_SHAPE = {
+    "prompt": ((str, list), None),
+    "chosen": ((str, list), None),
+    "rejected": ((str, list), None),
+    TOOLS_COLUMN: ((str, type(None)), None),
+}
 DAMAGED = "the run folder is damaged (a file edited or cut short): rerun the training, or use an intact copy"
 # No token of the recipes' tokenizers is longer (SmolLM2-135M's longest is 81 characters), so a held-out text past
 # max_length x this cannot fit in max_length tokens: TRL drops such a pair, and scoring it would tokenize it whole.
@@ -47,7 +55,7 @@ NO_MAX_LENGTH = 32768  # tokens, for a run with max_length null (a model without
 
 def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list[dict]]:
     """(resolved config, held-out pairs) of a run folder; UserError naming what is missing or malformed."""
-    from dpo.files import read_jsonl_objects, read_yaml_mapping
+    from dpo.files import read_yaml_mapping
     from dpo.train.safety.runs import require_finished_run
 
     out = Path(output_dir)
@@ -73,10 +81,19 @@ def read_run(output_dir: str | Path, command: str = COMMAND) -> tuple[dict, list
         f"{MAX_CHARS_PER_TOKEN} characters a token at most x max_length {tokens}: more than the run's max_length "
         "holds, and would be tokenized whole",
     )
-    pairs = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED, longest)
+    pairs = read_heldout_pairs(pairs_file, longest)
     if not pairs:
         raise UserError(f"{pairs_file} is empty")
     return resolved, pairs
+
+
+def read_heldout_pairs(pairs_file: Path, longest: tuple[int, str] | None = None) -> list[dict]:
+    """The pairs of a run's heldout_pairs.jsonl (PAIR_SHAPE; `tools` only on tool-calling runs), each with
+    exactly the fields `dpo.data.formats.render` takes; UserError naming the line otherwise."""
+    from dpo.files import read_jsonl_objects
+
+    rows = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED, longest, optional=(TOOLS_COLUMN,))
+    return [{key: row[key] for key in PAIR_SHAPE if key in row} for row in rows]
 
 
 def refuse_full_fine_tune(out: Path, command: str) -> None:
@@ -180,13 +197,6 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
     return prompt_ids, chosen_ids, rejected_ids
 
 
-def prompt_text(tokenizer, prompt) -> str:
-    """A prompt as the model reads it: the chat template's generation prompt, or the text itself."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
 def generate(
     model, tokenizer, prompt_ids: list[list[int]], sample: bool, max_new_tokens: int, seed: int, bs: int, desc
 ):
@@ -229,6 +239,7 @@ def evaluate(
     """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); off
     only to measure what that saves (benchmarks/bench_evaluate.py)."""
     from dpo.evaluation.judge import mean_interval, wilson
+    from dpo.evaluation.sampling import render_prompt
     from dpo.train.speed.dequant import dequantized_4bit_layers
 
     output_dir = Path(output_dir)
@@ -270,9 +281,9 @@ def evaluate(
     }
 
     # 2. generations from both models, greedy and sampled; KL from the sampled policy answers
-    chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
     chat = not isinstance(pairs[0]["chosen"], str)
-    texts = [prompt_text(tokenizer, p) for p in chosen_prompts]
+    chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
+    texts = [render_prompt(tokenizer, p["prompt"], p.get(TOOLS_COLUMN)) for p in pairs[:num_prompts]]
     gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
     answers = {}
     for mode in GENERATION_MODES:
@@ -340,12 +351,7 @@ def evaluate(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m dpo.evaluate", __doc__)
     parser.add_argument("output_dir", help="a run folder written by a recipe (SFT or DPO)")
     parser.add_argument("--reward_model", help="sequence-classification reward model (hub id or folder) as judge")
     parser.add_argument("--num_prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
@@ -357,8 +363,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_flags(_parser(), argv)
-    check_flags(args)  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed
+    args = parse_and_check_flags(
+        _parser(), argv
+    )  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed
     return evaluate(
         args.output_dir, args.reward_model, args.num_prompts, args.max_new_tokens, args.batch_size, args.seed
     )

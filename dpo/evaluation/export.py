@@ -25,7 +25,6 @@ token in HF_TOKEN. The card is tested offline; the upload itself is not exercise
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -35,8 +34,8 @@ import torch
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
 from dpo.files import file_in_the_way, json_text
 from dpo.folders import write_marked_folder
-from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.check import parse_and_check_flags
+from dpo.gate.flags import command_parser
 from dpo.log import log
 
 # Largest |logit difference| allowed between the reloaded merged model and base + adapter, relative
@@ -95,12 +94,15 @@ def sample_texts(output_dir: Path, tokenizer, n: int = 4) -> list[str]:
     pairs_file = output_dir / "heldout_pairs.jsonl"
     texts = ["Instruct: What is the capital of France?\nOutput: The capital of France is Paris."]
     if pairs_file.is_file():
-        from dpo.evaluation.evaluate import DAMAGED, PAIR_SHAPE, prompt_text
-        from dpo.files import read_jsonl_objects
+        from dpo.data.tools import TOOLS_COLUMN
+        from dpo.evaluation.evaluate import read_heldout_pairs
+        from dpo.evaluation.sampling import render_prompt
 
-        rows = read_jsonl_objects(pairs_file, PAIR_SHAPE, DAMAGED)[:n]
+        rows = read_heldout_pairs(pairs_file)[:n]
         texts = [
-            prompt_text(tokenizer, r["prompt"]) + (r["chosen"] if isinstance(r["chosen"], str) else "") for r in rows
+            render_prompt(tokenizer, r["prompt"], r.get(TOOLS_COLUMN))
+            + (r["chosen"] if isinstance(r["chosen"], str) else "")
+            for r in rows
         ]
     return texts
 
@@ -258,20 +260,14 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.export",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m dpo.export", __doc__)
     parser.add_argument("output_dir", help="a run folder written by a recipe")
     parser.add_argument("--merged", metavar="DIR", help="write the merged model (safetensors) to this new folder")
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload to this Hub repo (token: HF_TOKEN)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCE), help="merge precision (default: the run's dtype)")
     parser.add_argument("--gguf", metavar="FILE.gguf", help="write a GGUF file (llama.cpp, Ollama) and its Modelfile")
     parser.add_argument("--gguf_type", default="f16", help="the GGUF's weights: f16 (default) or q8_0 (8-bit blocks)")
-    args = parse_flags(parser, argv)
-    check_flags(args)  # the settings gate (dpo/gate/): --gguf_type
+    args = parse_and_check_flags(parser, argv)  # the settings gate (dpo/gate/): --gguf_type
     return export(args.output_dir, args.merged, args.push_to_hub, args.dtype, args.gguf, args.gguf_type)
 
 

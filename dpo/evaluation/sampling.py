@@ -24,10 +24,15 @@ class Sampling:
     do_sample: bool = True  # False: greedy (temperature and top_p unused)
 
 
-def render_prompt(tokenizer, prompt) -> str:
-    """The text the policy continues: a chat prompt through its own template (with the generation prompt)."""
+def render_prompt(tokenizer, prompt, tools: str | None = None) -> str:
+    """The text the policy continues: a chat prompt through its own template (with the generation prompt, and a
+    tool-calling row's `tools` as training rendered them: dpo.data.formats.render)."""
     if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        from dpo.data.formats import tools_argument
+
+        return tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True, tools=tools_argument(tools)
+        )
     return prompt
 
 

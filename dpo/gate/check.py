@@ -2,7 +2,11 @@
 before any weights load. One call per entry point:
 
     check_settings(script_args, training_args, model_args)   the recipes (dpo.train.config.load_recipe_args)
-    check_flags(args)                                         python -m dpo.{evaluate,export,doctor,tiny}
+    check_flags(args)                                         python -m dpo.doctor (after its own checks)
+    parse_and_check_flags(parser, argv)                       python -m dpo.{evaluate,export,cache,models,tiny}
+
+Beside the tables, the gate checks what a table cannot declare: a token under any key (credentials.py) and
+the output folder on the file system (output_dir.py), both called by the recipes and the trainer builder.
 
 Both apply dpo/gate/table.py (each setting's bound, and the relations between settings) and, for a
 DPO config, the loss table (dpo/scratch/loss_settings.py, restricted to TRL's loss types). Every
@@ -19,6 +23,7 @@ import os
 
 from dpo.errors import UserError
 from dpo.folders import empty_path_problem
+from dpo.gate.flags import parse_flags
 from dpo.gate.table import ENV_PATHS, MAPPINGS, PATHS, RELATIONS, TABLE
 
 
@@ -144,3 +149,11 @@ def check_settings(*arg_objects) -> None:
 def check_flags(args: argparse.Namespace) -> None:
     """The same tables for a command's parsed flags (`--num_prompts`, `--seed`, ...)."""
     _raise(problems(args))
+
+
+def parse_and_check_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """A command's flags parsed strictly (dpo/gate/flags.py: one-line errors, none unknown or given twice), then
+    checked against the tables: what every `python -m dpo.*` command's `main` starts with."""
+    args = parse_flags(parser, argv)
+    check_flags(args)
+    return args

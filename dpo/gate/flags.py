@@ -5,6 +5,7 @@ the flag, what it accepts and where the bad value came from; an unknown flag wit
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 from pathlib import Path
@@ -103,6 +104,14 @@ def _parse_error(parser, message: str, argv: list[str], config_path: Path | None
     where = "on the command line" if given or config_path is None else f"in {config_path}"
     accepted = f"; accepted: {_accepted(action)}" if action is not None and "expected one of" not in reason else ""
     raise UserError(f"{names[0]} ({where}): {reason}{accepted}")
+
+
+def command_parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of a `python -m dpo.*` command: flags in full only (no abbreviations), and a `--help` that shows
+    the module docstring `doc` whole and as written, examples included (dpo/helptext.py)."""
+    return argparse.ArgumentParser(
+        allow_abbrev=False, prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def parse_flags(parser, argv: list[str] | None = None):

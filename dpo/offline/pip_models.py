@@ -30,8 +30,8 @@ from pathlib import Path
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import file_sha256, json_text
 from dpo.folders import env_path
-from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.check import parse_and_check_flags
+from dpo.gate.flags import command_parser
 from dpo.log import log
 from dpo.signals import saving
 
@@ -214,20 +214,15 @@ def default_cache_dir(name: str) -> Path:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    import argparse
 
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.models",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m dpo.models", __doc__)
     parser.add_argument("name", choices=sorted(MODELS))
     parser.add_argument(
         "output_dir", nargs="?", help="default: $DPO_MODELS_CACHE/<name> or ~/.cache/dpo-recipes/models/<name>"
     )
-    args = parse_flags(parser, argv)
-    check_flags(args)  # the settings gate (dpo/gate/): no empty output_dir or $DPO_MODELS_CACHE
+    args = parse_and_check_flags(
+        parser, argv
+    )  # the settings gate (dpo/gate/): no empty output_dir or $DPO_MODELS_CACHE
     out = materialize(args.name, args.output_dir or default_cache_dir(args.name))
     print(out)
 

@@ -11,7 +11,6 @@ CPU cores takes a fraction of a second.
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.folders import MODEL_KIND, write_marked_folder
-from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.check import parse_and_check_flags
+from dpo.gate.flags import command_parser
 
 # A few hundred words of plain English is enough for a byte-level BPE to cover any text
 # (bytes are the fallback), while keeping the vocabulary tiny.
@@ -199,17 +198,11 @@ def holds_the_same(path: Path, write) -> bool:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.tiny",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m dpo.tiny", __doc__)
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
-    args = parse_flags(parser, argv)
-    check_flags(args)
+    args = parse_and_check_flags(parser, argv)
     model, rows = Path(args.output_dir), Path(args.truthy_rows) if args.truthy_rows else None
     model_kept = holds_the_same(model, lambda p: save_tiny_model(p, args.seed))
     rows_kept = rows is not None and holds_the_same(rows, lambda p: write_jsonl(truthy_like_rows(64, args.seed), p))

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from dpo.errors import UserError
+from dpo.helptext import setting
 
 FUNCTION = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")  # module.path:function
 SENTIMENT = "sentiment"  # the demo's task as the prompt source (dpo/offline/sentiment.py)
@@ -20,89 +21,58 @@ class RoundsArguments:
     """On-policy DPO in rounds: sample K answers per prompt from the current policy, score them, pair the
     best against the worst (or a random lower one), train DPO, repeat. YAML keys = field names."""
 
-    prompts: str = dataclasses.field(
-        default=SENTIMENT,
-        metadata={
-            "help": "Where prompts come from: 'sentiment' (the demo's task: training topics to sample, held-out "
-            "topics to evaluate), or a dataset (hub id or local file/folder, any layout recipes/dpo_any.py reads; "
-            "only its prompts are used)."
-        },
+    prompts: str = setting(
+        SENTIMENT,
+        "Where prompts come from: 'sentiment' (the demo's task: training topics to sample, held-out "
+        "topics to evaluate), or a dataset (hub id or local file/folder, any layout recipes/dpo_any.py reads; "
+        "only its prompts are used).",
     )
-    rounds: int = dataclasses.field(default=3, metadata={"help": "Rounds of sample -> score -> pair -> train."})
-    prompts_per_round: int = dataclasses.field(
-        default=0,
-        metadata={"help": "Prompts sampled each round, a fresh slice of the prompt set each round; 0: all of them."},
+    rounds: int = setting(3, "Rounds of sample -> score -> pair -> train.")
+    prompts_per_round: int = setting(
+        0, "Prompts sampled each round, a fresh slice of the prompt set each round; 0: all of them."
     )
-    samples_per_prompt: int = dataclasses.field(
-        default=4, metadata={"help": "K: answers sampled per prompt from the current policy."}
+    samples_per_prompt: int = setting(4, "K: answers sampled per prompt from the current policy.")
+    temperature: float = setting(1.0, "Sampling temperature.")
+    top_p: float = setting(1.0, "Nucleus sampling: 1 samples the whole distribution.")
+    max_new_tokens: int = setting(64, "Longest sampled answer, in tokens.")
+    generation_batch_size: int = setting(
+        64, "Prompts per generation batch (KV cache, left padding, sorted by length)."
     )
-    temperature: float = dataclasses.field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = dataclasses.field(
-        default=1.0, metadata={"help": "Nucleus sampling: 1 samples the whole distribution."}
+    reward: str = setting(
+        "dpo.rounds.sentiment:ground_truth",
+        "The reward: a Python function 'module:function' taking (prompt, completion) -> float, or a "
+        "reward model (hub id or folder; AutoModelForSequenceClassification, one score, safetensors; its own "
+        "chat template is applied and shown once).",
     )
-    max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "Longest sampled answer, in tokens."})
-    generation_batch_size: int = dataclasses.field(
-        default=64, metadata={"help": "Prompts per generation batch (KV cache, left padding, sorted by length)."}
+    pairing: str = setting(
+        "max_min", "max_min: best against worst answer; max_random: best against a random lower-scored one."
     )
-    reward: str = dataclasses.field(
-        default="dpo.rounds.sentiment:ground_truth",
-        metadata={
-            "help": "The reward: a Python function 'module:function' taking (prompt, completion) -> float, or a "
-            "reward model (hub id or folder; AutoModelForSequenceClassification, one score, safetensors; its own "
-            "chat template is applied and shown once)."
-        },
+    min_margin: float = setting(
+        0.0,
+        "A prompt whose chosen-rejected reward margin is below this gives no pair (ties never pair; "
+        "ties and near-ties are counted in rounds.json).",
     )
-    pairing: str = dataclasses.field(
-        default="max_min",
-        metadata={"help": "max_min: best against worst answer; max_random: best against a random lower-scored one."},
+    min_pairs: int = setting(8, "A round with fewer pairs than this stops the run, saying why.")
+    reference: str = setting(
+        "initial",
+        "initial: the starting model, fixed across rounds; previous: the last round's policy, frozen "
+        "(through the SFT-adapter mechanism).",
     )
-    min_margin: float = dataclasses.field(
-        default=0.0,
-        metadata={
-            "help": "A prompt whose chosen-rejected reward margin is below this gives no pair (ties never pair; "
-            "ties and near-ties are counted in rounds.json)."
-        },
+    keep_pairs: bool = setting(False, "Train each round on all rounds' pairs so far instead of its own only.")
+    sft_adapter_path: str | None = setting(
+        None, "An SFT adapter on model_name_or_path as the starting model (frozen reference of round 1)."
     )
-    min_pairs: int = dataclasses.field(
-        default=8, metadata={"help": "A round with fewer pairs than this stops the run, saying why."}
-    )
-    reference: str = dataclasses.field(
-        default="initial",
-        metadata={
-            "help": "initial: the starting model, fixed across rounds; previous: the last round's policy, frozen "
-            "(through the SFT-adapter mechanism)."
-        },
-    )
-    keep_pairs: bool = dataclasses.field(
-        default=False, metadata={"help": "Train each round on all rounds' pairs so far instead of its own only."}
-    )
-    sft_adapter_path: str | None = dataclasses.field(
-        default=None,
-        metadata={"help": "An SFT adapter on model_name_or_path as the starting model (frozen reference of round 1)."},
-    )
-    eval_prompts: int = dataclasses.field(
-        default=64, metadata={"help": "Held-out prompts: reward and KL to the initial model after each round."}
-    )
-    test_size: float = dataclasses.field(
-        default=0.1, metadata={"help": "Share of each round's pairs held out for the implicit-reward accuracy."}
-    )
+    eval_prompts: int = setting(64, "Held-out prompts: reward and KL to the initial model after each round.")
+    test_size: float = setting(0.1, "Share of each round's pairs held out for the implicit-reward accuracy.")
     # ── the sentiment task only (prompts: sentiment) ───────────────────────────────────────────────
-    task_prompts: int = dataclasses.field(
-        default=1024, metadata={"help": "sentiment: training prompts drawn from the training topics."}
-    )
-    task_seed: int = dataclasses.field(
-        default=0, metadata={"help": "sentiment: seeds each topic's tone and the split."}
-    )
-    heldout_topics: int = dataclasses.field(
-        default=6, metadata={"help": "sentiment: topics (of 24) for evaluation only."}
-    )
-    sft_examples: int = dataclasses.field(default=4096, metadata={"help": "sentiment: reviews pi_ref is trained on."})
-    sft_steps: int = dataclasses.field(default=300, metadata={"help": "sentiment: SFT steps of pi_ref."})
-    sft_batch_size: int = dataclasses.field(default=64, metadata={"help": "sentiment: SFT batch size."})
-    sft_learning_rate: float = dataclasses.field(default=5e-3, metadata={"help": "sentiment: SFT learning rate."})
-    torch_threads: int = dataclasses.field(
-        default=1, metadata={"help": "CPU threads (a tiny model runs fastest on one)."}
-    )
+    task_prompts: int = setting(1024, "sentiment: training prompts drawn from the training topics.")
+    task_seed: int = setting(0, "sentiment: seeds each topic's tone and the split.")
+    heldout_topics: int = setting(6, "sentiment: topics (of 24) for evaluation only.")
+    sft_examples: int = setting(4096, "sentiment: reviews pi_ref is trained on.")
+    sft_steps: int = setting(300, "sentiment: SFT steps of pi_ref.")
+    sft_batch_size: int = setting(64, "sentiment: SFT batch size.")
+    sft_learning_rate: float = setting(5e-3, "sentiment: SFT learning rate.")
+    torch_threads: int = setting(1, "CPU threads (a tiny model runs fastest on one).")
 
 
 # What a rerun must share with the run that made the folder (asking for more rounds is allowed).

@@ -2,7 +2,7 @@
 refuses every combination that would be wrong or silently ignored.
 
 `loss_settings_error` is shared by `dpo_loss` (through `check_args`, which raises) and by the
-recipes' settings check before any weights load (dpo/train/validate.py), so a setting is refused the
+recipes' settings gate before any weights load (dpo/gate/check.py), so a setting is refused the
 same way in a from-scratch script and in a recipe.
 """
 
@@ -39,7 +39,7 @@ def loss_settings_error(
     use_weighting=False,
 ) -> str | None:
     """The first setting that is wrong or would be silently ignored, or None. `known`: the loss types
-    the caller has (dpo.train.validate passes TRL's, which lack cdpo). Shared by dpo_loss and the recipes."""
+    the caller has (dpo.gate.check passes TRL's, which lack cdpo). Shared by dpo_loss and the recipes."""
     kinds = set(loss_types)
     if not loss_types:
         return "loss_type is empty; give at least one loss type."

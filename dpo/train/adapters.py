@@ -23,9 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpo.errors import UserError
+from dpo.gate.output_dir import ADAPTER_CONFIG
 from dpo.log import log
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 

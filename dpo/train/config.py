@@ -19,7 +19,8 @@ import yaml
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
 from dpo.folders import output_kind_problem
-from dpo.gate.check import check_paths_before_parsing, mapping_problems
+from dpo.gate.check import check_paths_before_parsing, check_settings, mapping_problems
+from dpo.gate.credentials import check_no_secrets
 from dpo.gate.flags import (
     check_repeated_flags,
     choice_problems,
@@ -28,14 +29,14 @@ from dpo.gate.flags import (
     yaml_kind_problems,
 )  # noqa: F401  (one_line_parse_errors: the doctor's)
 from dpo.gate.integrations import check_integrations
+from dpo.gate.output_dir import check_output_dir, check_output_dir_apart
 from dpo.gate.table import MAPPINGS
-from dpo.helptext import describe_recipe
+from dpo.helptext import describe_recipe, setting
 from dpo.log import log
 from dpo.train.distributed import check_launch, on_main_process, topology
 from dpo.train.hardware import describe, detect_precision
 from dpo.train.safety import lock
 from dpo.train.safety.checkpoints import PER_INVOCATION_KEYS, RunOptions, resolve_resume
-from dpo.train.validate import check_no_secrets, check_output_dir, check_output_dir_apart, check_settings
 
 
 @dataclasses.dataclass
@@ -45,11 +46,10 @@ class DataArguments:
     dataset_name: str = dataclasses.field(
         metadata={"help": "Hub dataset id or local .jsonl/.json/.parquet/.csv file or folder."}
     )
-    dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset configuration name."})
-    dataset_train_split: str = dataclasses.field(default="train", metadata={"help": "Split to train on."})
-    test_size: float = dataclasses.field(
-        default=0.1,
-        metadata={"help": "Fraction of the training rows held out (seeded) when there is no test split; 0 for none."},
+    dataset_config: str | None = setting(None, "Hub dataset configuration name.")
+    dataset_train_split: str = setting("train", "Split to train on.")
+    test_size: float = setting(
+        0.1, "Fraction of the training rows held out (seeded) when there is no test split; 0 for none."
     )
 
 
@@ -57,11 +57,8 @@ class DataArguments:
 class DPOScriptArguments(DataArguments):
     """DataArguments plus where DPO starts: a base model, or an SFT adapter on it."""
 
-    sft_adapter_path: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
-        },
+    sft_adapter_path: str | None = setting(
+        None, "Start from this SFT adapter (folder or hub id): pi_ref = base + it, frozen; the policy starts as it."
     )
 
 
@@ -71,23 +68,15 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
     dpo/train/safety/checkpoints.py), the reference cache (dpo/train/speed/refcache.py) and packed pairs
     (dpo/train/speed/packing.py). YAML keys like every other field."""
 
-    reference_cache: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "Compute reference log-probs once and keep them on disk for later runs (dpo/train/speed/refcache.py)."
-        },
+    reference_cache: bool = setting(
+        False, "Compute reference log-probs once and keep them on disk for later runs (dpo/train/speed/refcache.py)."
     )
-    reference_cache_dir: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
-        },
+    reference_cache_dir: str | None = setting(
+        None, "Folder of the reference cache; unset: $DPO_REFERENCE_CACHE or ~/.cache/dpo-recipes/reference-logps."
     )
-    packing: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py)."
-        },
+    packing: bool = setting(
+        False,
+        "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py).",
     )
     packing_attention: str = dataclasses.field(
         default="auto",
@@ -99,12 +88,10 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
     )
     # TRL's SFTConfig has it, its DPOConfig not: read by the data doctor (dpo/data/doctor.py), which renders the
     # pairs with it; the tokenizer trained and saved with the run carries it (recipes/dpo_any.py)
-    chat_template_path: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "A Jinja chat template file (.jinja/.j2) for chat rows instead of the tokenizer's own, as TRL's "
-            "SFTConfig takes it; e.g. one that renders tool calls (dpo/data/tools.py)."
-        },
+    chat_template_path: str | None = setting(
+        None,
+        "A Jinja chat template file (.jinja/.j2) for chat rows instead of the tokenizer's own, as TRL's "
+        "SFTConfig takes it; e.g. one that renders tool calls (dpo/data/tools.py).",
     )
 
 
@@ -232,7 +219,7 @@ def load_recipe_args(
 
     Reads the YAML beside `recipe_file` unless `--config` says otherwise; refuses tokens in
     the config, settings that would reverse or zero the preference, and an unwritable output_dir
-    (dpo/train/validate.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
+    (dpo/gate/: the table, credentials.py, output_dir.py), an output_dir that is or lies in the model or adapter folder; locks output_dir for
     the run (dpo/train/safety/lock.py); resolves `--resume_from_checkpoint last` to a folder; logs the precision.
     `training_config` is RecipeDPOConfig (TRL's DPOConfig and our fields), or RecipeSFTConfig for the SFT recipe.
     `output_kind` is the kind of folder the recipe writes (dpo/folders.py OUTPUT_KINDS): an output_dir holding
@@ -266,7 +253,7 @@ def load_recipe_args(
     return script_args, training_args, model_args
 
 
-SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.train.validate.check_no_secrets refuses it anyway)
+SECRET_KEYS = ("hub_token",)  # never written, even if set (dpo.gate.credentials.check_no_secrets refuses it anyway)
 HARDWARE_KEYS = ("bf16", "fp16", "use_cpu", "dtype")  # picked by dpo/train/hardware.py for the machine that ran
 
 

@@ -23,6 +23,8 @@ from dpo.compat import (
 )
 from dpo.errors import RunStopped, release_held_warnings
 from dpo.files import json_text
+from dpo.gate.credentials import check_no_secrets
+from dpo.gate.output_dir import check_output_dir_apart
 from dpo.gate.plan import check_plan
 from dpo.log import log
 from dpo.plots import plot_training_curves
@@ -49,7 +51,6 @@ from dpo.train.speed.memory import own_file_mapped_weights
 from dpo.train.speed.packing import check_packing, install_packing
 from dpo.train.speed.refcache import attach_reference_cache, check_reference_cache
 from dpo.train.speed.sampler import install_length_grouping
-from dpo.train.validate import check_no_secrets, check_output_dir_apart
 
 # How a stopped run continues, said in the stop message; a caller that continues its runs another way
 # (the rounds recipe: the same command again) passes its own to train_and_save.
@@ -207,7 +208,7 @@ def train_and_save(
       final_metrics.json                               train metrics + held-out eval metrics
       trainer_state.json, training_curves.png          the logged history and its plot
       run_complete.json                                written last: the files above are one whole run
-      heldout_pairs.jsonl                              `heldout` (prompt/chosen/rejected), for dpo.evaluation.evaluate
+      heldout_pairs.jsonl                              `heldout` (HELDOUT_COLUMNS), for dpo.evaluation.evaluate
 
     Ctrl-C or SIGTERM: the step finishes, a checkpoint is saved (`--resume_from_checkpoint last`),
     exit status 128 + signal (the stop line ends with `resume_advice`). One during the final save: the save is
@@ -262,7 +263,7 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resum
                 trainer.state.save_to_json(str(folder / "trainer_state.json"))
                 plot_training_curves(trainer.state.log_history, folder / "training_curves.png")
                 if heldout is not None:
-                    heldout.select_columns(["prompt", "chosen", "rejected"]).to_json(folder / "heldout_pairs.jsonl")
+                    write_heldout_pairs(heldout, folder / "heldout_pairs.jsonl")
 
         # a Ctrl-C now waits for the final files, then stops the run (and a caller's next step)
         complete = f"the run in {output_dir} is complete. {next_step}".rstrip()
@@ -274,6 +275,16 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resum
     log(f"done: {summary}")
     log(f"{written_summary((finished_run(output_dir) or {}).get('files', []))} in {output_dir}")
     return metrics
+
+
+# A held-out pair's fields as the data layer keeps them, for dpo.evaluation.evaluate to render as training did:
+# messages keep their tool calls, and a tool-calling row its `tools` (TRL's column; dpo/data/tools.py TOOLS_COLUMN).
+HELDOUT_COLUMNS = ("prompt", "chosen", "rejected", "tools")
+
+
+def write_heldout_pairs(heldout, path: Path) -> None:
+    """`heldout` (a Dataset of pairs) as JSON lines, each pair with every field of HELDOUT_COLUMNS it has."""
+    heldout.select_columns([c for c in HELDOUT_COLUMNS if c in heldout.column_names]).to_json(path)
 
 
 def written_summary(names: list[str]) -> str:

@@ -15,6 +15,7 @@ from dpo.data.doctor import check_data
 from dpo.data.doctor import main as doctor
 from dpo.data.loading import load_preference_data
 from dpo.data.pairs import to_pairs
+from dpo.data.tools import TOOLS_COLUMN
 from dpo.errors import UserError
 from dpo.offline.tiny import write_jsonl
 from dpo.train.model_checks import load_tokenizer
@@ -259,3 +260,55 @@ def test_the_recipe_trains_on_tool_rows_with_the_template_file_and_saves_it(tiny
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATE.read_text()
+    from dpo.evaluation.evaluate import read_heldout_pairs
+
+    heldout = read_heldout_pairs(out / "heldout_pairs.jsonl")  # what python -m dpo.evaluate scores and prompts
+    assert heldout and all(json.loads(pair["tools"]) == [WEATHER] for pair in heldout)
+
+
+def test_held_out_tool_rows_keep_their_tools_and_evaluate_renders_them_as_training_did(tool_file, tokenizer, tmp_path):
+    """heldout_pairs.jsonl kept only prompt/chosen/rejected: `python -m dpo.evaluate` scored and prompted a
+    tool-calling run's held-out pairs without the tools the model was trained to see."""
+    from dpo.evaluation.evaluate import encode_pairs, read_heldout_pairs
+    from dpo.evaluation.sampling import render_prompt
+    from dpo.train.trainer import HELDOUT_COLUMNS, write_heldout_pairs
+
+    assert TOOLS_COLUMN in HELDOUT_COLUMNS  # the trainer (below the data layer) names the data layer's column
+    report = checked(tool_file, tokenizer, chat_template_path=str(TEMPLATE))
+    tokenizer.chat_template = report.chat_template  # the run's saved tokenizer carries the template
+    write_heldout_pairs(report.kept, tmp_path / "heldout_pairs.jsonl")
+    pairs = read_heldout_pairs(tmp_path / "heldout_pairs.jsonl")
+    assert json.loads(pairs[0]["tools"]) == [WEATHER] and pairs[0]["chosen"] == [call("Paris")]
+    assert pairs[3]["chosen"] == tool_rows()[3]["chosen"]  # call, result, answer: every message field kept
+    # the implicit rewards score exactly the tokens TRL trained on, tools and calls included
+    prompt_ids, chosen_ids, rejected_ids = encode_pairs(tokenizer, pairs, None)
+    prepared = trl_prepared(report.kept, tokenizer)
+    assert prompt_ids == [r["prompt_ids"] for r in prepared]
+    assert chosen_ids == [r["chosen_ids"] for r in prepared]
+    assert rejected_ids == [r["rejected_ids"] for r in prepared]
+    # the generations are prompted with the tools too
+    prompt = render_prompt(tokenizer, pairs[0]["prompt"], pairs[0]["tools"])
+    assert '"description": "The weather in a city"' in prompt
+    assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == prepared[0]["prompt_ids"]
+
+
+@pytest.mark.parametrize("entry", ["doctor", "dpo_phi2", "sft_phi2", "dpo_any_text", "dpo_sentiment_tiny"])
+def test_a_chat_template_file_where_no_chat_row_is_rendered_is_refused_in_one_line(
+    entry, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """chat_template_path was accepted by every recipe and silently ignored where the rows are text: phi-2's QA
+    format, prompt_format text, the sentiment demo's reviews."""
+    template = ["--chat_template_path", TEMPLATE]
+    model = ["--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path / "out"]
+    if entry == "doctor":
+        main, argv = doctor, [truthy_file, "--prompt_format", "text", *template]
+    elif entry == "dpo_any_text":
+        main, argv = load_recipe("dpo_any").main, [*model, "--dataset_name", truthy_file, "--prompt_format", "text"]
+        argv += template
+    elif entry == "dpo_sentiment_tiny":
+        main, argv = load_recipe(entry).main, ["--output_dir", tmp_path / "out", *template]
+    else:
+        main, argv = load_recipe(entry).main, [*model, "--dataset_name", truthy_file, *template]
+    line = one_line_error(main, argv, capsys)
+    assert f"chat_template_path {TEMPLATE}:" in line and "are text" in line, line
+    assert "leave chat_template_path unset" in line

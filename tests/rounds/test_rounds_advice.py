@@ -162,3 +162,38 @@ def test_a_starting_model_saved_without_its_tokenizer_is_to_be_deleted_which_wor
         recipe.main(argv)
     assert stop.value.code == 130 and (reference / "model.safetensors").is_file()  # trained again, stopped as before
     assert "error:" not in capsys.readouterr().err
+
+
+def chat_prompts_file(path, prompts):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+        for p in prompts
+        for a in ("yes", "sure")
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_chat_template_file_renders_the_rounds_chat_prompts_and_is_refused_for_text_ones(
+    tiny_model_dir, tmp_path, capsys, no_weights_load
+):
+    """chat_template_path was accepted by the rounds and silently ignored: the policy sampled and trained with
+    its own template."""
+    from helpers import ROOT
+
+    template = ROOT / "tests" / "data" / "fixtures" / "tool_chat_template.jinja"  # Qwen2.5-style
+    prompts = ["Why is the sky blue?", "What is 2 + 2?", "Name a colour.", "Say hi."]
+    values = settings(tiny_model_dir, chat_prompts_file(tmp_path / "chat.jsonl", prompts), tmp_path / "o")
+    values.update(reward="dpo.rounds.sentiment:ground_truth", chat_template_path=str(template), eval_prompts=2)
+    values.update(prompts_per_round=0, test_size=0.0, min_pairs=1)
+    with pytest.raises(AssertionError, match="weights were loaded"):  # past every check, to the model
+        load_recipe("dpo_rounds").main(write_config(tmp_path / "r.yaml", values))
+    shown = capsys.readouterr().out
+    assert "continues, e.g.: '<|im_start|>user\\n" in shown, shown  # the file's template (the tiny model has none)
+    sentiment = {**values, "prompts": "sentiment", "output_dir": str(tmp_path / "o2")}  # the demo's text prompts
+    line = one_line_error(load_recipe("dpo_rounds").main, write_config(tmp_path / "r.yaml", sentiment), capsys)
+    assert f"chat_template_path {template}: the prompts of sentiment are text" in line, line

@@ -85,8 +85,8 @@ def test_every_problem_is_named_at_once(recipe, local, capsys, no_weights_load):
 )
 def test_edge_values_that_are_valid_pass(flags, local):
     from dpo.compat import ModelConfig
+    from dpo.gate.check import check_settings
     from dpo.train.config import RecipeDPOConfig, parse_recipe_args
-    from dpo.train.validate import check_settings
 
     recipe = load_recipe("dpo_phi2")
     _, training, model, _ = parse_recipe_args(  # as the recipe parses it
@@ -107,8 +107,9 @@ def test_edge_values_that_are_valid_pass(flags, local):
 )
 def test_every_shipped_yaml_passes_the_checks(name, config):
     from dpo.compat import ModelConfig
+    from dpo.gate.check import check_settings
+    from dpo.gate.credentials import check_no_secrets
     from dpo.train.config import RecipeDPOConfig, parse_recipe_args
-    from dpo.train.validate import check_no_secrets, check_settings
 
     recipe = load_recipe(name)
     _, training, model, _ = parse_recipe_args(
@@ -205,7 +206,7 @@ def test_output_dir_not_writable(recipe, tiny_model_dir, truthy_file, tmp_path, 
         line = one_line_error(recipe.main, [*argv, "--output_dir", str(locked / "run")], capsys)
         assert "is not writable" in line
     ok = tmp_path / "new" / "run"
-    from dpo.train.validate import check_output_dir
+    from dpo.gate.output_dir import check_output_dir
 
     check_output_dir(ok)  # a creatable folder passes, and the check leaves nothing behind
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())

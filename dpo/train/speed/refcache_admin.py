@@ -30,8 +30,8 @@ from pathlib import Path
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import file_in_the_way
 from dpo.folders import given_path, read_marker, remove_marked, write_marker
-from dpo.gate.check import check_flags
-from dpo.gate.flags import parse_flags
+from dpo.gate.check import parse_and_check_flags
+from dpo.gate.flags import command_parser
 from dpo.train.speed.refcache import default_cache_dir
 from dpo.train.speed.refstore import KIND, is_cache_folder
 
@@ -183,12 +183,7 @@ def remove(cache_dir: Path, folders: list[Path]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m dpo.cache",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("python -m dpo.cache", __doc__)
     parser.add_argument("--cache_dir", help="the cache folder (default: $DPO_REFERENCE_CACHE or ~/.cache/...)")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("list", help="list the caches (the default)")
@@ -201,8 +196,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> list[CacheEntry]:
-    args = parse_flags(_parser(), argv)
-    check_flags(args)  # the settings gate (dpo/gate/): --unused_days >= 0 and finite, no empty --cache_dir
+    args = parse_and_check_flags(
+        _parser(), argv
+    )  # the settings gate (dpo/gate/): --unused_days >= 0 and finite, no empty --cache_dir
     cache_dir = given_path(args.cache_dir, "--cache_dir") or default_cache_dir()
     if (blocker := file_in_the_way(cache_dir)) is not None:  # was "no reference caches in" a file
         raise UserError(f"--cache_dir {cache_dir}: {blocker} is a file, not a folder; name the cache folder")
