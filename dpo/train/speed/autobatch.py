@@ -106,6 +106,7 @@ class Decision:
     planned_peak: int  # bytes the chosen micro-batch is modelled to peak at
     tokens: int  # the longest sequence (L)
     budget: Budget
+    resumed: int | None = None  # the micro-batch of the checkpoint resumed from, where there is one
 
     @property
     def pairs_per_step(self) -> int:
@@ -132,6 +133,15 @@ class Decision:
             if self.pairs_per_step == self.configured_pairs
             else f" (not {self.configured_pairs}: no divisor of it near the {self.micro_batch} that fit)"
         )
+        if self.resumed is None:
+            kept = ""
+        elif self.resumed == self.micro_batch:
+            kept = f"; the resumed checkpoint's micro-batch {self.resumed} kept"
+        else:
+            kept = (
+                f"; the resumed checkpoint's micro-batch {self.resumed} does not fit or divide the step here: "
+                "the pairs' length-grouped order differs from its run's"
+            )
         return (
             f"per_device_train_batch_size auto: device {where}, planning for {_gib(b.plan)} (margin {_gib(b.margin)}); "
             f"{_gib(self.per_pair)} per pair at {self.tokens} tokens; fits {self.fits_on} pairs with activation "
@@ -139,7 +149,7 @@ class Decision:
             f"accumulation = {self.pairs_per_step} pairs per step{moved}, activation checkpointing "
             f"{'on' if self.checkpointing else 'off'} (configured {self.configured_micro_batch} x "
             f"{self.configured_accumulation}, checkpointing {'on' if self.configured_checkpointing else 'off'}); "
-            f"modelled peak {_gib(self.planned_peak)}"
+            f"modelled peak {_gib(self.planned_peak)}{kept}"
         )
 
 
@@ -186,10 +196,13 @@ def decide(
     micro_batch: int,
     accumulation: int,
     checkpointing: bool,
+    resumed: int | None = None,
 ) -> Decision:
     """The micro-batch, accumulation and checkpointing for a run whose longest sequence is `tokens`, configured as
     `micro_batch` x `accumulation` pairs per step with `checkpointing`. Raises UserError (one line, the numbers and
-    what to change) when not even one pair fits."""
+    what to change) when not even one pair fits. `resumed`: the micro-batch of the checkpoint a resumed run continues,
+    kept where it divides the pairs per step and fits (the length-grouped order of the pairs, and so which pairs
+    the checkpoint has seen, depends on the micro-batch)."""
     pairs = micro_batch * accumulation
     fixed = fixed_bytes(measured, trainable)
     on_pair = per_pair_bytes(measured.per_token_on, tokens)
@@ -213,6 +226,9 @@ def decide(
             pairs, split(pairs, fits_off)[0], tokens, False
         )
     micro, accum = split(pairs, fits_on if chosen_ckpt else fits_off)
+    if resumed and pairs % resumed == 0 and resumed <= max(fits_on, fits_off):
+        # the same micro-batch count either way: without checkpointing is faster wherever it fits
+        micro, accum, chosen_ckpt = resumed, pairs // resumed, resumed > fits_off
     per_pair = on_pair if chosen_ckpt else off_pair
     return Decision(
         micro_batch=micro,
@@ -227,6 +243,7 @@ def decide(
         planned_peak=fixed + micro * per_pair,
         tokens=tokens,
         budget=budget,
+        resumed=resumed,
     )
 
 

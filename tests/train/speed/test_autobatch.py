@@ -34,8 +34,8 @@ def measured(on: float, off: float | None) -> Measured:
 TWENTY = Budget(20 * GIB, False, 20 * GIB)  # 20 GiB free, no cap
 
 
-def run(on, off, budget=TWENTY, micro=2, accum=32, ckpt=True):
-    return decide(measured(on, off), budget, TOKENS, TRAINABLE, micro, accum, ckpt)
+def run(on, off, budget=TWENTY, micro=2, accum=32, ckpt=True, resumed=None):
+    return decide(measured(on, off), budget, TOKENS, TRAINABLE, micro, accum, ckpt, resumed)
 
 
 def test_the_margin_is_a_tenth_of_the_budget_and_at_least_one_gib():
@@ -148,6 +148,18 @@ def test_a_step_that_cannot_be_split_exactly_says_so():
     d = run(on=64 * KIB, off=None, micro=1, accum=61, budget=Budget(6 * GIB, False, 6 * GIB))
     assert (d.micro_batch, d.accumulation) == (16, 4)
     assert "not 61" in d.line() and "64 pairs per step" in d.line()
+
+
+def test_a_resumed_run_keeps_its_checkpoints_micro_batch_where_it_fits():
+    # the first case's numbers (120 fit with checkpointing, 7 without, fresh pick 64 x 1 with checkpointing)
+    kept = run(on=64 * KIB, off=1 * MIB, resumed=8)  # 8 > 7: only with checkpointing
+    assert (kept.micro_batch, kept.accumulation, kept.checkpointing) == (8, 8, True)
+    assert "the resumed checkpoint's micro-batch 8 kept" in kept.line()
+    kept = run(on=64 * KIB, off=1 * MIB, resumed=4)  # 4 <= 7: fits without, the same 16 micro-batches, faster
+    assert (kept.micro_batch, kept.accumulation, kept.checkpointing) == (4, 16, False)
+    for resumed in (128, 3):  # does not fit; does not divide 64: a fresh pick, and the line says the order differs
+        fresh = run(on=64 * KIB, off=1 * MIB, resumed=resumed)
+        assert (fresh.micro_batch, fresh.accumulation) == (64, 1) and "order differs" in fresh.line()
 
 
 def test_the_probe_slope_is_one_pair_and_the_intercept_what_any_step_allocates():
