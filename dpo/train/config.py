@@ -294,9 +294,7 @@ def to_plain(obj):
     # pad_token / eos_token came back as the token "<PAD_TOKEN>" and the file repeated no run: their own values
     data.update({k: getattr(obj, k) for k in data if k.endswith("_token") and hasattr(obj, k)})
     data = {k: v for k, v in data.items() if k not in SECRET_KEYS}
-    if (
-        data.get("auto_batch_base") is not None
-    ):  # per_device_train_batch_size: auto, as the user wrote it (it reads back)
+    if data.get("auto_batch_base") is not None:  # per_device_train_batch_size: auto as written (it reads back)
         data["per_device_train_batch_size"] = "auto"
     return json.loads(json.dumps(data, default=str))
 

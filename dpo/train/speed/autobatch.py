@@ -127,7 +127,8 @@ class Decision:
 
     def line(self) -> str:
         b = self.budget
-        where = f"cap {_gib(b.usable)} (device free {_gib(b.device_free)})" if b.capped else f"free {_gib(b.usable)}"
+        where = f"device {_gib(b.device_free)} free"
+        where = f"cap {_gib(b.usable)} ({where})" if b.capped else where
         moved = (
             ""
             if self.pairs_per_step == self.configured_pairs
@@ -143,7 +144,7 @@ class Decision:
                 "the pairs' length-grouped order differs from its run's"
             )
         return (
-            f"per_device_train_batch_size auto: device {where}, planning for {_gib(b.plan)} (margin {_gib(b.margin)}); "
+            f"per_device_train_batch_size auto: {where}, planning for {_gib(b.plan)} (margin {_gib(b.margin)}); "
             f"{_gib(self.per_pair)} per pair at {self.tokens} tokens; fits {self.fits_on} pairs with activation "
             f"checkpointing, {self.fits_off} without -> micro-batch {self.micro_batch} x {self.accumulation} "
             f"accumulation = {self.pairs_per_step} pairs per step{moved}, activation checkpointing "

@@ -151,11 +151,9 @@ def agreed(measured: autobatch.Measured, budget: autobatch.Budget) -> tuple[auto
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return measured, budget
     off = -1.0 if measured.per_token_off is None else measured.per_token_off
-    device = torch.device("cuda", torch.cuda.current_device())
-    high = torch.tensor([measured.resident, measured.step_fixed, measured.per_token_on, off], device=device)
-    low = torch.tensor(
-        [budget.usable, budget.device_free, -1.0 if measured.per_token_off is None else 1.0], device=device
-    )
+    where = {"device": torch.device("cuda", torch.cuda.current_device()), "dtype": torch.float64}  # bytes exact
+    high = torch.tensor([measured.resident, measured.step_fixed, measured.per_token_on, off], **where)
+    low = torch.tensor([budget.usable, budget.device_free, -1.0 if measured.per_token_off is None else 1.0], **where)
     torch.distributed.all_reduce(high, torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(low, torch.distributed.ReduceOp.MIN)
     r, s, on, off = high.tolist()

@@ -80,7 +80,7 @@ def test_checkpointing_goes_off_under_a_t4_cap_where_the_model_says_faster():
     assert (d.micro_batch, d.accumulation, d.checkpointing) == (16, 4, False)
     line = d.line()
     assert "\n" not in line
-    for words in ("cap 15.00 GiB", "device free 80.00 GiB", "planning for 13.50 GiB", "margin 1.50 GiB"):
+    for words in ("cap 15.00 GiB", "(device 80.00 GiB free)", "planning for 13.50 GiB", "margin 1.50 GiB"):
         assert words in line, line
     for words in ("0.50 GiB per pair at 1024 tokens", "micro-batch 16 x 4", "64 pairs per step", "checkpointing off"):
         assert words in line, line
