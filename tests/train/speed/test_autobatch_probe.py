@@ -134,23 +134,16 @@ def test_the_recipe_refuses_in_one_line_when_one_pair_does_not_fit(
 ):
     """Through the recipe's entry: the probe needs the model, so the refusal comes after the weights load, before
     the first step, as one `error:` line, exit 2, no traceback."""
-    from helpers import load_recipe, one_line_error
+    from helpers import cli, load_recipe, one_line_error
 
     import dpo.train.trainer
 
     small = SimulatedMemory(free=GIB)  # all of it is the margin: nothing to plan for
     monkeypatch.setattr(dpo.train.trainer, "auto_batch", lambda trainer: auto_batch(trainer, small.watch(trainer)))
-    argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", truthy_file, "--output_dir", tmp_path / "out"]
-    argv += [
-        "--gradient_accumulation_steps",
-        "1",
-        "--test_size",
-        "0",
-        "--max_length",
-        "64",
-        "--reference_cache",
-        "false",
-    ]
+    argv = cli(
+        model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=tmp_path / "out", max_length=64,
+        gradient_accumulation_steps=1, test_size=0, reference_cache=False,
+    )  # fmt: skip
     line = one_line_error(load_recipe("dpo_phi2").main, argv, capsys)  # the YAML's auto with auto_batch_base 2
     assert "per_device_train_batch_size auto: not even one pair of" in line and "lower max_length" in line, line
     assert not (tmp_path / "out" / "run_complete.json").exists()
