@@ -118,7 +118,6 @@ def measure(trainer, row: dict, tokens: int, budget: autobatch.Budget, memory) -
             try:
                 resident, (one, two) = peaks(_step(trainer, probe_row(row, on_tokens)), (1, 2), memory)
             except torch.cuda.OutOfMemoryError:
-                memory.empty()
                 raise UserError(
                     f"per_device_train_batch_size auto: the memory probe ran out of GPU memory with 1-2 pairs of "
                     f"{on_tokens} tokens and activation checkpointing ({_gib(memory.free())} free); lower max_length, "
@@ -133,8 +132,9 @@ def measure(trainer, row: dict, tokens: int, budget: autobatch.Budget, memory) -
                 _, (one, two) = peaks(_step(trainer, probe_row(row, off_tokens)), (1, 2), memory)
                 per_token_off = autobatch.per_token_from_probe(one, two, off_tokens)[1]
             except torch.cuda.OutOfMemoryError:  # the analytic guess was too low: checkpointing stays possible
-                memory.empty()
                 per_token_off = None
+            trainer.model.zero_grad(set_to_none=True)  # what a step cut short by the error left (the error is gone)
+            memory.empty()
     finally:
         set_checkpointing(trainer, bool(trainer.args.activation_checkpointing))
         model.train(was_training)

@@ -5,6 +5,7 @@ decision applied to the trainer; resolved_config.yaml recording it."""
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from helpers import recipe_trainer
 
@@ -98,6 +99,29 @@ def test_the_probe_measures_the_per_token_cost_through_the_allocator(auto_traine
     assert all(p.grad is None for p in auto_trainer.model.parameters())
     assert not any(auto_trainer._metrics["train"].values()) and auto_trainer._total_train_tokens == 0
     assert auto_trainer.model.get_base_model().is_gradient_checkpointing
+
+
+def test_a_probe_that_runs_out_of_memory_is_handled(auto_trainer):
+    """Without checkpointing: that mode is left out (not one pair known to fit), the rest goes on. With it: one
+    line. Either way nothing is left behind: no gradient, checkpointing as configured."""
+    memory = SimulatedMemory().watch(auto_trainer)
+    collate, base = auto_trainer.data_collator, auto_trainer.model.get_base_model()
+
+    def out_of_memory_without_checkpointing(rows):
+        if not base.is_gradient_checkpointing or out_of_memory_without_checkpointing.always:
+            raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+        return collate(rows)
+
+    out_of_memory_without_checkpointing.always = False
+    auto_trainer.data_collator = out_of_memory_without_checkpointing
+    row = auto_trainer.train_dataset[0]
+    measured = measure(auto_trainer, row, 40, Budget(100 * GIB, False, 100 * GIB), memory)
+    assert measured.per_token_on == PER_TOKEN and measured.per_token_off is None
+    assert all(p.grad is None for p in auto_trainer.model.parameters()) and base.is_gradient_checkpointing
+    out_of_memory_without_checkpointing.always = True
+    with pytest.raises(UserError, match="the memory probe ran out of GPU memory with 1-2 pairs of 40 tokens"):
+        measure(auto_trainer, row, 40, Budget(100 * GIB, False, 100 * GIB), memory)
+    assert base.is_gradient_checkpointing
 
 
 def test_the_decision_is_applied_to_the_trainer_and_recorded(auto_trainer, tmp_path):
