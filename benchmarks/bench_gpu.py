@@ -97,6 +97,7 @@ def recipe_trainer(work: Path, name: str, pairs, tokenizer, length: int, steps: 
         "output_dir": work / "runs" / name,
         "max_length": length,
         "max_steps": steps,
+        "per_device_train_batch_size": 2,  # the T4 setting: the YAML's auto would choose its own on a GPU
         "gradient_accumulation_steps": 1,
         "logging_steps": 1,
         "eval_strategy": "no",

@@ -67,6 +67,7 @@ __all__ = [
     "lora_config",
     "precomputed_reference_logps",
     "continue_token_count",
+    "metrics_kept",
     "load_final_checkpoint",
     "route_checkpoint_writes",
     "reference_model",
@@ -307,6 +308,16 @@ def continue_token_count(trainer: DPOTrainer) -> None:
     logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h and "loss" in h]
     if logged:
         trainer._total_train_tokens = int(logged[-1])
+
+
+@contextlib.contextmanager
+def metrics_kept(trainer: DPOTrainer):
+    """Steps run inside (the memory probe) leave no trace in TRL's private `_metrics` and `_total_train_tokens`."""
+    saved = copy.deepcopy(trainer._metrics), trainer._total_train_tokens
+    try:
+        yield
+    finally:
+        trainer._metrics, trainer._total_train_tokens = saved
 
 
 def load_final_checkpoint(trainer: DPOTrainer, folder: str) -> bool:

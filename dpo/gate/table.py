@@ -11,6 +11,7 @@ setting just outside its bound and expects one `error:` line, exit 2, before wei
 
 from __future__ import annotations
 
+from dpo.gate.autobatch import auto_batch_relations
 from dpo.gate.keywords import accelerator_config_keys, checkpoint_keys, scheduler_keys, sft_dataset_keys
 from dpo.gate.rules import Bound, Choice, Each, Keys, Named, at_least, fraction, non_negative, positive
 
@@ -59,6 +60,9 @@ TABLE = {
     "gradient_accumulation_steps": at_least(1, "micro-batches per optimizer step"),
     "per_device_train_batch_size": at_least(1, "pairs per micro-batch"),
     "per_device_eval_batch_size": at_least(1, "pairs per eval batch"),
+    # per_device_train_batch_size: auto (dpo/gate/autobatch.py): its configured micro-batch, and its memory cap
+    "auto_batch_base": at_least(1, "the micro-batch auto keeps without a CUDA device", unset=UNSET),
+    "auto_batch_memory_gib": positive("the GPU memory auto may plan for: 0 fits no pair", unset=UNSET),
     "eval_accumulation_steps": at_least(1, "eval batches held before moving to the CPU", unset=UNSET),
     "seed": SEED_RANGE,
     "data_seed": Bound(low=0, high=2**32 - 1, whole=True, unset=UNSET, why=SEED_RANGE.why),
@@ -335,4 +339,8 @@ RELATIONS = [
     (("use_peft", "load_in_4bit", "load_in_8bit", "sft_adapter_path"), _quantized_full),
     (("reference_cache_dir", "reference_cache"), _cache_dir_unused),
     (("packing_attention", "packing", "attn_implementation"), _packing_attention),
+    (
+        ("auto_batch_base", "auto_batch_memory_gib", "per_device_train_batch_size", "auto_find_batch_size"),
+        auto_batch_relations,
+    ),
 ]

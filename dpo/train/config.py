@@ -19,6 +19,7 @@ import yaml
 from dpo.compat import REMOVED_OPTIONS, DPOConfig, ModelConfig, SFTConfig, TrlParser
 from dpo.errors import UserError
 from dpo.folders import output_kind_problem
+from dpo.gate.autobatch import drop_companions, resolve_auto_batch
 from dpo.gate.check import check_paths_before_parsing, check_settings, mapping_problems
 from dpo.gate.credentials import check_no_secrets
 from dpo.gate.flags import (
@@ -78,13 +79,22 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
         False,
         "Run each batch's chosen and rejected sequences as one row without padding (dpo/train/speed/packing.py).",
     )
-    packing_attention: str = dataclasses.field(
-        default="auto",
-        metadata={
-            "help": "With packing: true on an SDPA model, how attention keeps the packed sequences apart: segments (SDPA "
-            "per sequence), flex (flex attention, CUDA), varlen (flash varlen, CUDA, bf16/fp16), or auto: segments on "
-            "a CPU, varlen else flex on CUDA (dpo/train/speed/packed_attention.py)."
-        },
+    packing_attention: str = setting(
+        "auto",
+        "With packing: true on an SDPA model, how attention keeps the packed sequences apart: segments (SDPA "
+        "per sequence), flex (flex attention, CUDA), varlen (flash varlen, CUDA, bf16/fp16), or auto: segments on "
+        "a CPU, varlen else flex on CUDA (dpo/train/speed/packed_attention.py).",
+    )
+    # per_device_train_batch_size: auto (dpo/gate/autobatch.py reads it, dpo/train/speed/autobatch.py decides)
+    auto_batch_base: int | None = setting(
+        None,
+        "With per_device_train_batch_size: auto, the configured micro-batch (default 1): kept where auto "
+        "does not choose (no CUDA device); x gradient_accumulation_steps = the pairs per optimizer step auto keeps.",
+    )
+    auto_batch_memory_gib: float | None = setting(
+        None,
+        "With per_device_train_batch_size: auto, the GPU memory (GiB) the run may plan for (15 for a T4); "
+        "unset: the device's free memory. A margin of max(1 GiB, a tenth) is kept below it.",
     )
     # TRL's SFTConfig has it, its DPOConfig not: read by the data doctor (dpo/data/doctor.py), which renders the
     # pairs with it; the tokenizer trained and saved with the run carries it (recipes/dpo_any.py)
@@ -93,6 +103,10 @@ class RecipeDPOConfig(DPOConfig, RunOptions):
         "A Jinja chat template file (.jinja/.j2) for chat rows instead of the tokenizer's own, as TRL's "
         "SFTConfig takes it; e.g. one that renders tool calls (dpo/data/tools.py).",
     )
+
+    # No __post_init__ here taking per_device_train_batch_size="auto" in code: a frame between DPOConfig's and the
+    # caller would attribute TRL's deprecation warnings to this module. In code, auto is auto_batch_base=N with
+    # per_device_train_batch_size=N (what the parser makes of the YAML's auto).
 
 
 @dataclasses.dataclass
@@ -169,6 +183,10 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
         values = yaml.load(config_path.read_text(), Loader=StrictYAMLLoader)
     except yaml.YAMLError as err:
         raise UserError(yaml_error_line(config_path, err)) from None
+    # per_device_train_batch_size: auto becomes its configured micro-batch on the command line (dpo/gate/autobatch.py)
+    argv, auto_note = resolve_auto_batch(
+        values if isinstance(values, dict) else {}, argv, set(_fields(dataclass_types))
+    )
     on_command_line = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}  # these override the YAML
     values = {k: v for k, v in values.items() if k not in on_command_line} if isinstance(values, dict) else {}
     if found := yaml_kind_problems(dataclass_types, values):
@@ -201,6 +219,7 @@ def parse_recipe_args(dataclass_types, default_config: str | Path, argv: list[st
         raise UserError(f"invalid configuration ({config_path} + command line): {msg}") from None
     if found := choice_problems(parser, *parsed):  # the YAML's values skip argparse's choices
         raise UserError(f"invalid setting(s) ({config_path} + command line): " + "; ".join(found))
+    drop_companions(auto_note, *parsed)
     return (*parsed, precision)
 
 
@@ -264,18 +283,22 @@ def to_plain(obj):
     # pad_token / eos_token came back as the token "<PAD_TOKEN>" and the file repeated no run: their own values
     data.update({k: getattr(obj, k) for k in data if k.endswith("_token") and hasattr(obj, k)})
     data = {k: v for k, v in data.items() if k not in SECRET_KEYS}
+    if data.get("auto_batch_base") is not None:  # per_device_train_batch_size: auto as written (it reads back)
+        data["per_device_train_batch_size"] = "auto"
     return json.loads(json.dumps(data, default=str))
 
 
-def write_resolved_config(path: str | Path, *arg_objects, notes: str = "") -> Path:
+def write_resolved_config(path: str | Path, *arg_objects, notes: str = "", overrides: dict | None = None) -> Path:
     """Write every field of every argument object, as resolved, to one YAML file.
 
     The file is a valid `--config` for the same recipe: re-running with it repeats the run.
-    `notes` are extra comment lines for the header (the launch topology).
+    `notes` are extra comment lines for the header (the launch topology); `overrides` values decided after the
+    arguments were parsed (per_device_train_batch_size: auto's, dpo/train/speed/autobatch_probe.py).
     """
     merged: dict = {}
     for obj in arg_objects:
         merged.update(to_plain(obj))
+    merged.update(overrides or {})
     for key in PER_INVOCATION_KEYS:  # a re-run starts fresh unless asked to resume
         merged.pop(key, None)
     header = (

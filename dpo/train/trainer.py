@@ -45,6 +45,7 @@ from dpo.train.safety.runs import (
     whole_run_metrics,
     write_final_outputs,
 )
+from dpo.train.speed.autobatch_probe import auto_batch, resolved_settings
 from dpo.train.speed.estimate import RunEstimate
 from dpo.train.speed.kernels import cpu_has_avx512bf16, portable_4bit_layers, use_portable_4bit_kernels
 from dpo.train.speed.memory import own_file_mapped_weights
@@ -117,6 +118,10 @@ def build_dpo_trainer(
     n, why = keep_trainable_weights_fp32(trainer, model_args.dtype, training_args.fp16)
     if n:
         log(f"kept {n} trainable LoRA tensors in float32 ({why})")
+    if getattr(trainer_args, "auto_batch_base", None) is not None:  # per_device_train_batch_size: auto
+        # after the dtype of the LoRA weights is settled, before the sampler is cut to the micro-batch
+        trainer.auto_batch, line = auto_batch(trainer)
+        log(line)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     if reference is not None:
@@ -254,8 +259,9 @@ def _train_and_save(trainer, arg_objects, resume_from_checkpoint, heldout, resum
             trainer.save_model(str(folder))
             if trainer.accelerator.is_main_process:
                 launched = "# How this run was launched (the launcher decides this, not the file):\n"
-                notes = launched + topology(trainer.args).as_comments()
-                write_resolved_config(folder / "resolved_config.yaml", *arg_objects, notes=notes)
+                resolved, auto_note = resolved_settings(trainer)  # per_device_train_batch_size: auto's numbers
+                notes = launched + topology(trainer.args).as_comments() + auto_note
+                write_resolved_config(folder / "resolved_config.yaml", *arg_objects, notes=notes, overrides=resolved)
                 # metrics are observations: a NaN eval loss is written as null and named in the log
                 (folder / "final_metrics.json").write_text(
                     json_text(metrics, output_dir / "final_metrics.json", observations=True, indent=2, sort_keys=True)

@@ -198,6 +198,14 @@ RELATION_CASES = {
         ["--reference_cache", "false", "--reference_cache_dir", "somewhere"],
         "reference_cache_dir somewhere is set but reference_cache is false",
     ),
+    # was accepted and chose nothing: no row is packed without packing: true
+    "_packing_attention": (
+        "dpo_any",
+        ["--packing_attention", "segments"],
+        "packing_attention segments is set but packing is false",
+    ),
+    # per_device_train_batch_size: auto (the YAML's) beside transformers' own halving after an out-of-memory
+    "auto_batch_relations": ("dpo_any", ["--auto_find_batch_size", "true"], "two automatic batch sizes"),
 }
 
 
