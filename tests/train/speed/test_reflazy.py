@@ -133,3 +133,26 @@ def test_the_plan_counts_steps_batches_accumulation_and_processes():
     assert planned_pairs(Args, 284, 1) == 142
     Args.num_train_epochs = 3.0
     assert planned_pairs(Args, 284, 1) == 284
+
+
+def test_with_packing_grouping_accumulation_and_evaluation_the_losses_are_the_inline_references(
+    tiny_model_dir, tmp_path
+):
+    """The recipes' speed settings together (dpo_smollm2_hh.yaml: packing, length grouping, accumulated
+    micro-batches) and evaluation during training: 2 steps of 2 x 2 pairs, filled as they come, give the
+    per-step and held-out losses of TRL's inline reference forward (rtol as in test_refcache.py's inline test)."""
+    settings = dict(
+        max_steps=2, packing=True, train_sampling_strategy="group_by_length", per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=1,
+    )  # fmt: skip
+    inline = recipe_trainer(tiny_model_dir, tmp_path / "inline", **settings)
+    lazy = recipe_trainer(tiny_model_dir, tmp_path / "lazy", tmp_path / "cache", **settings)
+    assert lazy.prepare_loss_inputs is not inline.prepare_loss_inputs  # the lazy path is on
+    logged = []
+    for trainer in (inline, lazy):
+        trainer.train()
+        logged.append({k: [h[k] for h in trainer.state.log_history if k in h] for k in ("loss", "eval_loss")})
+    assert len(logged[0]["loss"]) == 2 and len(logged[0]["eval_loss"]) == 2
+    for key in ("loss", "eval_loss"):
+        torch.testing.assert_close(torch.tensor(logged[1][key]), torch.tensor(logged[0][key]), rtol=1e-4, atol=1e-5)
+    assert len(stored(tmp_path / "cache")) == HELD_OUT + 8  # 2 steps x 2 micro-batches x 2 pairs, each once
