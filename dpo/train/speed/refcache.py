@@ -264,7 +264,12 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
         log(
             f"reference cache: {total:,} pairs filled up front ({misses:,} computed in {computed:.0f} s, {hits:,} read "
             f"from {folder}); {filler.missing():,} training pairs left to fill as training reaches them (the plan "
-            f"draws {planned:,} of {len(ids['train']):,}: max_steps x batch x accumulation x processes)"
+            f"draws {planned:,} of {len(ids['train']):,}: "
+            + (
+                "max_steps x batch x accumulation x processes)"
+                if trainer.args.max_steps > 0
+                else f"num_train_epochs {trainer.args.num_train_epochs:g})"
+            )
         )
     elif misses == 0:
         log(f"reference cache: hit, {total:,} pairs read from {folder}; saved ~{saved:.0f} s of reference forwards")
