@@ -177,13 +177,18 @@ def reference_model(trainer: DPOTrainer) -> torch.nn.Module:
     return trainer.ref_model or trainer.model
 
 
-def use_reference_columns(trainer: DPOTrainer, train_dataset, eval_dataset) -> None:
+def use_reference_columns(trainer: DPOTrainer, train_dataset, eval_dataset, collator=None, prepare=None) -> None:
     """Hand the trainer datasets that carry `ref_chosen_logps` / `ref_rejected_logps` and make its loss
     read them (TRL's `precompute_ref_log_probs` path, switched on after __init__ so TRL does not
-    precompute them itself). The signature columns already include both, so the Trainer keeps them."""
+    precompute them itself). The signature columns already include both, so the Trainer keeps them.
+    `collator` replaces the trainer's; `prepare(batch) -> batch` runs on each batch before its loss."""
     trainer.train_dataset = train_dataset
     trainer.eval_dataset = eval_dataset
     trainer.precompute_ref_logps = True
+    trainer.data_collator = collator or trainer.data_collator
+    if prepare is not None and not isinstance(trainer, RecipeDPOTrainer):  # only ours calls it
+        raise TypeError(f"prepare needs a RecipeDPOTrainer, not a {type(trainer).__name__}")
+    trainer.prepare_loss_inputs = prepare or RecipeDPOTrainer.prepare_loss_inputs
 
 
 def use_samplers(trainer: DPOTrainer, train_sampler=None, eval_sampler=None) -> None:
@@ -349,7 +354,7 @@ def without_zero3_init():
 
 
 class RecipeDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer as every recipe builds it (beside RecipeDPOConfig), with three changes:
+    """TRL's DPOTrainer as every recipe builds it (beside RecipeDPOConfig), with four changes:
 
     1. Held-out metrics count each pair once under N processes. To give every process a full last
        batch, accelerate pads the last evaluation batch with pairs from the start of the set;
@@ -361,7 +366,13 @@ class RecipeDPOTrainer(DPOTrainer):
        narrow tiles; the same log-probs and gradients as TRL's CPU path, far less memory.
     3. The same lean head when it scores the reference (`compute_ref_log_probs`: TRL's
        precompute_ref_log_probs and dpo/train/speed/refcache.py) and in evaluation steps.
+    4. Each batch passes `prepare_loss_inputs` before its loss (`use_reference_columns`; dpo/train/speed/reflazy.py).
     """
+
+    prepare_loss_inputs = staticmethod(lambda batch: batch)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return super().compute_loss(model, self.prepare_loss_inputs(inputs), *args, **kwargs)
 
     def _lm_head(self):
         """dpo.compat.lean_cpu_lm_head on CPU (forward and backward of a step), nothing elsewhere."""

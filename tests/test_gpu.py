@@ -121,7 +121,8 @@ def test_fp16_attention_stays_finite_in_the_cuda_kernels():
 
 @pytest.mark.parametrize("precision", ["t4_fp32", "bf16"])
 def test_reference_cache_equals_trls_precompute_on_the_gpu(precision, tiny_model_dir, tmp_path):
-    ours = gpu_trainer(tiny_model_dir, tmp_path / "a", precision, cache_dir=tmp_path / "cache")
+    # a whole epoch (6 steps of 2 of the 12 pairs): every pair filled before training (a shorter plan fills as it goes)
+    ours = gpu_trainer(tiny_model_dir, tmp_path / "a", precision, cache_dir=tmp_path / "cache", max_steps=6)
     trl = gpu_trainer(tiny_model_dir, tmp_path / "trl", precision, config=DPOConfig, precompute_ref_log_probs=True)
     # the cache's own parity bar (dpo/train/speed/refcache.py TOLERANCE): what it accepts from a recomputation
     rtol, atol = TOLERANCE["fp32" if precision == "t4_fp32" else "half"]

@@ -138,7 +138,7 @@ def build_dpo_trainer(
         log(install_length_grouping(trainer))
     if use_cache:
         cache = attach_reference_cache(trainer, training_args.reference_cache_dir)
-        trainer.add_callback(cache.parity_callback())
+        trainer.add_callback(cache.callback())  # parity each epoch; pairs filled in a step written at its end
     return trainer
 
 

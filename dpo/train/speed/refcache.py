@@ -17,10 +17,17 @@ splits the sum) and TRL's version. `row` hashes the pair's token ids (prompt, ch
 so the tokenizer, its chat template and the data are covered exactly: a different template gives
 different rows, i.e. a miss, never a wrong value. Pairs of any split or subset share one store.
 
-Data parallelism: every process looks up every row; the missing ones are split across processes
-(each computes its share once and writes its own part file), then all read the store back.
+What is filled before the first step: the held-out pairs, and the training pairs when the run's plan
+reaches them all. A plan that reaches fewer (max_steps x per_device_train_batch_size x
+gradient_accumulation_steps x processes below the training set: a smoke run) fills its training pairs
+as training reaches them, each written to the store, and a later run reads them and fills only the
+rest (dpo/train/speed/reflazy.py).
 
-Parity: at the start of each epoch PARITY_ROWS cached pairs, drawn at random, are recomputed and
+Data parallelism: every process looks up every row; the missing ones are split across processes
+(each computes its share once and writes its own part file), then all read the store back. Pairs
+filled as training reaches them are computed by the process whose batch holds them.
+
+Parity: at the start of each epoch PARITY_ROWS cached training pairs, drawn at random, are recomputed and
 compared; beyond the tolerance (TOLERANCE) the run stops and names the likely cause.
 """
 
@@ -41,6 +48,7 @@ from dpo.compat import TESTED_TRL, precomputed_reference_logps, reference_model,
 from dpo.errors import UserError
 from dpo.folders import env_path, given_path
 from dpo.log import log
+from dpo.train.speed.reflazy import LazyReference, planned_pairs, refuse_placeholders, training_columns
 from dpo.train.speed.refstore import (
     COLUMNS,
     Store,
@@ -48,6 +56,7 @@ from dpo.train.speed.refstore import (
     is_cache_folder,
     key_of,
     mark_used,
+    row_hash,
     unwritable_reason,
     write_key,
 )
@@ -119,14 +128,10 @@ def row_ids(dataset) -> list[str]:
         values = array.flatten().to_numpy(zero_copy_only=False).astype("int64")
         starts = lengths.cumsum() - lengths
         columns.append((lengths, values, starts))
-    ids = []
-    for i in range(len(table)):
-        h = hashlib.blake2b(digest_size=16)
-        for lengths, values, starts in columns:
-            h.update(int(lengths[i]).to_bytes(4, "little"))
-            h.update(values[starts[i] : starts[i] + lengths[i]].tobytes())
-        ids.append(h.hexdigest())
-    return ids
+    return [
+        row_hash([values[starts[i] : starts[i] + lengths[i]] for lengths, values, starts in columns])
+        for i in range(len(table))
+    ]
 
 
 def environment(trainer) -> dict:
@@ -147,9 +152,9 @@ def environment(trainer) -> dict:
     return env
 
 
-def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[list, list, list]:
-    """Reference sums of `dataset[indices]` through TRL, longest pairs first (little padding).
-    Returns (chosen, rejected, seconds per row) in the order of `indices`."""
+def compute_reference(trainer, dataset, indices: list[int], desc: str | None) -> tuple[list, list, list]:
+    """Reference sums of `dataset[indices]` through TRL, longest pairs first (little padding), with a progress
+    bar named `desc` (none for None). Returns (chosen, rejected, seconds per row) in the order of `indices`."""
     if not indices:
         return [], [], []
     subset = dataset.select(indices).select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
@@ -160,7 +165,8 @@ def compute_reference(trainer, dataset, indices: list[int], desc: str) -> tuple[
     model = reference_model(trainer)
     was_training = model.training
     model.eval()
-    bar = tqdm(range(0, len(order), size), desc=desc, disable=not trainer.accelerator.is_local_main_process)
+    shown = desc is not None and trainer.accelerator.is_local_main_process
+    bar = tqdm(range(0, len(order), size), desc=desc, disable=not shown)
     try:
         for start in bar:
             batch_rows = order[start : start + size]
@@ -214,6 +220,8 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
     evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
     datasets = {"train": trainer.train_dataset, **{k: v for k, v in evals.items() if v is not None}}
     ids = {name: row_ids(dataset) for name, dataset in datasets.items()}
+    planned = planned_pairs(trainer.args, len(ids["train"]), trainer.accelerator.num_processes)
+    lazy = planned < len(ids["train"])  # the plan reaches fewer: its training pairs fill as training reaches them
     lacking = {row for rows in ids.values() for row in rows} - set(store.rows)
     if lacking:  # only a cache that lacks pairs is written to (a full one may be read-only or shared)
         if trainer.accelerator.is_main_process and (why := unwritable_reason(folder)) is None:
@@ -227,6 +235,8 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
             )
     before, misses, computed = store, 0, 0.0
     for name, dataset in datasets.items():
+        if lazy and name == "train":
+            continue
         store, n, seconds = _fill(trainer, store, dataset, ids[name], name, env)
         misses, computed = misses + n, computed + seconds
     hit_rows = {row for rows in ids.values() for row in rows if row in before.rows}
@@ -234,12 +244,34 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
     with_columns = {name: _with_columns(dataset, store, ids[name]) for name, dataset in datasets.items()}
     train = with_columns.pop("train")
     evaluation = with_columns if isinstance(trainer.eval_dataset, dict) else with_columns.get("eval")
-    use_reference_columns(trainer, train, evaluation)
+    filler = None
+    if lazy:  # the pairs a batch reaches without a value are computed before its loss, written at the step's end
+        filler = LazyReference(
+            ids["train"], lambda indices: compute_reference(trainer, trainer.train_dataset, indices, None), store, env
+        )
+    use_reference_columns(
+        trainer,
+        train,
+        evaluation,
+        collator=filler.collator(trainer.data_collator) if filler else None,
+        prepare=(lambda batch: refuse_placeholders(filler.fill(batch))) if filler else refuse_placeholders,
+    )
 
     if trainer.accelerator.is_main_process:
         mark_used(folder)  # the last use, for python -m dpo.cache (a full hit writes nothing else)
-    total = hits + misses  # distinct pairs of train + eval
-    if misses == 0:
+    total = hits + misses  # distinct pairs of train + eval, filled before the first step
+    if filler is not None:
+        log(
+            f"reference cache: {total:,} pairs filled up front ({misses:,} computed in {computed:.0f} s, {hits:,} read "
+            f"from {folder}); {filler.missing():,} training pairs left to fill as training reaches them (the plan "
+            f"draws {planned:,} of {len(ids['train']):,}: "
+            + (
+                "max_steps x batch x accumulation x processes)"
+                if trainer.args.max_steps > 0
+                else f"num_train_epochs {trainer.args.num_train_epochs:g})"
+            )
+        )
+    elif misses == 0:
         log(f"reference cache: hit, {total:,} pairs read from {folder}; saved ~{saved:.0f} s of reference forwards")
     else:
         log(
@@ -247,14 +279,14 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
             f"{computed:.0f} s (stored in {folder}; later runs reuse them)"
             + (f"; saved ~{saved:.0f} s on the {hits:,} cached" if hits else "")
         )
-    return ReferenceCache(trainer, store, env, ids["train"], hits=hits, misses=misses, saved_s=saved)
+    return ReferenceCache(trainer, store, env, ids["train"], hits=hits, misses=misses, saved_s=saved, lazy=filler)
 
 
 def _with_columns(dataset, store: Store, rows: list[str]):
+    """`dataset` with the reference columns: cached values, PLACEHOLDER for a pair still to fill (reflazy.py)."""
     dataset = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
-    values = [store.rows[row] for row in rows]
-    dataset = dataset.add_column(COLUMNS[0], [v[0] for v in values])
-    return dataset.add_column(COLUMNS[1], [v[1] for v in values])
+    chosen, rejected = training_columns(store, rows)
+    return dataset.add_column(COLUMNS[0], chosen).add_column(COLUMNS[1], rejected)
 
 
 @dataclass
@@ -266,19 +298,26 @@ class ReferenceCache:
     hits: int = 0
     misses: int = 0
     saved_s: float = 0.0
+    lazy: LazyReference | None = None  # fills the training pairs not cached as training reaches them
 
-    def parity(self, epoch: int, n: int = PARITY_ROWS) -> float:
+    def current_store(self) -> Store:
+        """The store as this run left it so far: with the pairs filled as training reached them."""
+        return self.lazy.store if self.lazy is not None else self.store
+
+    def parity(self, epoch: int, n: int = PARITY_ROWS) -> tuple[float, int]:
         """Recompute `n` random cached training pairs; raise UserError beyond TOLERANCE. Returns the worst
-        |difference| / allowed, reduced over processes (so every process stops together)."""
-        trainer, accelerator = self.trainer, self.trainer.accelerator
+        |difference| / allowed, reduced over processes (so every process stops together), and how many pairs
+        were recomputed (fewer than `n` while fewer are cached)."""
+        trainer, accelerator, store = self.trainer, self.trainer.accelerator, self.current_store()
         seed = trainer.args.seed * 1_000_003 + epoch * 1_009 + accelerator.process_index
         generator = torch.Generator().manual_seed(seed)
-        picks = torch.randperm(len(self.train_rows), generator=generator)[:n].tolist()
+        cached = [i for i, row in enumerate(self.train_rows) if row in store.rows]  # every pair, once all are filled
+        picks = [cached[j] for j in torch.randperm(len(cached), generator=generator)[:n].tolist()]
         chosen, rejected, _ = compute_reference(trainer, trainer.train_dataset, picks, "reference parity check")
         rtol, atol = TOLERANCE["half" if trainer.args.bf16 or trainer.args.fp16 else "fp32"]
         worst, worst_at = 0.0, None
         for i, c, r in zip(picks, chosen, rejected):
-            cached_c, cached_r, _, part = self.store.rows[self.train_rows[i]]
+            cached_c, cached_r, _, part = store.rows[self.train_rows[i]]
             for new, old in ((c, cached_c), (r, cached_r)):
                 ratio = abs(new - old) / (rtol * abs(old) + atol)
                 if ratio > worst:
@@ -290,11 +329,11 @@ class ReferenceCache:
                 if worst > 1
                 else "reference cache parity check failed on another process (see its message)"
             )
-        return worst_all
+        return worst_all, len(picks)
 
     def _drift_message(self, worst_at, rtol: float, atol: float) -> str:
         i, new, old, part = worst_at
-        then = self.store.environment_of(part)
+        then = self.current_store().environment_of(part)
         changed = [f"{k} {then.get(k)} -> {v}" for k, v in self.env.items() if then.get(k) != v]
         cause = (
             "computed with a different " + ", ".join(changed)
@@ -308,12 +347,24 @@ class ReferenceCache:
             f"Likely cause: {cause}. Delete {self.store.folder} to recompute, or set reference_cache: false"
         )
 
-    def parity_callback(self) -> TrainerCallback:
+    def callback(self) -> TrainerCallback:
+        """The parity check at each epoch's start; with the lazy path, each step's filled pairs written at its end."""
         cache = self
 
-        class ParityCheck(TrainerCallback):
+        class ReferenceCacheCallback(TrainerCallback):
             def on_epoch_begin(self, args, state, control, **kwargs):
-                worst = cache.parity(int(state.epoch or 0))
-                log(f"reference cache parity: {PARITY_ROWS} pairs recomputed, worst {worst:.2g} of the tolerance")
+                worst, n = cache.parity(int(state.epoch or 0))
+                if n:
+                    log(f"reference cache parity: {n} pairs recomputed, worst {worst:.2g} of the tolerance")
+                else:
+                    log("reference cache parity: no training pair cached yet (they fill as training reaches them)")
 
-        return ParityCheck()
+            def on_step_end(self, args, state, control, **kwargs):
+                if cache.lazy is not None:
+                    cache.lazy.flush()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if cache.lazy is not None:
+                    cache.lazy.flush()
+
+        return ReferenceCacheCallback()

@@ -37,6 +37,16 @@ KEPT = "Run the same command again: the reference values in that part are reused
 KIND = "reference cache"  # its folders' marker (dpo/folders.py)
 
 
+def row_hash(token_ids) -> str:
+    """A pair's row id (the `row` column): a hash of its prompt, chosen and rejected token ids (three int64
+    numpy arrays, in that order), each preceded by its length."""
+    h = hashlib.blake2b(digest_size=16)
+    for ids in token_ids:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(ids.tobytes())
+    return h.hexdigest()
+
+
 def _damaged(part: Path, why: str) -> UserError:
     return UserError(
         f"reference cache part {part} {why}: delete it (its pairs are computed again on the next run), or set "
@@ -144,9 +154,10 @@ class Store:
                 rows[row] = (c, r, s, part.name)
         return Store(self.folder, rows)
 
-    def write(self, rows: list[str], chosen: list, rejected: list, seconds: list, env: dict, expected: int) -> None:
-        """A new part file, written whole or not at all (temporary name, its sha256, then an atomic rename).
-        Refused unless it holds exactly the `expected` rows that were computed, each with finite values."""
+    def write(self, rows: list[str], chosen: list, rejected: list, seconds: list, env: dict, expected: int) -> str:
+        """A new part file, written whole or not at all (temporary name, its sha256, then an atomic rename);
+        returns its name. Refused unless it holds exactly the `expected` rows that were computed, each with
+        finite values."""
         counts = {len(rows), len(chosen), len(rejected), len(seconds)}
         if counts != {expected}:
             raise RuntimeError(
@@ -176,6 +187,7 @@ class Store:
             checksum_tmp.write_text(file_sha256(tmp) + "\n")
             os.replace(checksum_tmp, self.folder / (name + CHECKSUM))  # the checksum first: a part never lacks one
             os.replace(tmp, self.folder / name)
+        return name
 
     def environment_of(self, part: str) -> dict:
         meta = pq.read_schema(self.folder / part).metadata or {}

@@ -207,16 +207,19 @@ def test_a_signal_during_the_final_save_stops_once_the_run_is_complete(
     assert verify_finished_run(out, "the test")["global_step"] == 6  # every final file whole, as hashed
 
 
+@pytest.mark.parametrize("steps, part_rows", [(12, 48), (6, 4)])
 def test_a_signal_during_a_reference_cache_write_stops_once_the_part_is_whole(
-    tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys
+    tiny_model_dir, truthy_file, tmp_path, monkeypatch, capsys, steps, part_rows
 ):
+    """12 steps of 4 reach all 48 pairs: the part filled before training. 6 reach 24: the first part is the
+    4 pairs step 1 filled as it reached them, written at the step's end (dpo/train/speed/reflazy.py)."""
     out, cache = tmp_path / "run", tmp_path / "cache"
-    argv = flags(tiny_model_dir, truthy_file, out, "--reference_cache_dir", str(cache))
+    argv = flags(tiny_model_dir, truthy_file, out, "--reference_cache_dir", str(cache), "--max_steps", str(steps))
     status, _, stderr = run_in_process(argv, "save-cache-part:0:SIGINT", monkeypatch, capsys)
     assert status == 130 and "SIGINT while saving reference cache part" in stderr, stderr
     assert "reference values in that part are reused" in stderr
     (key,) = cache.iterdir()
-    assert len(Store(key).load().rows) == 48  # the part and its checksum, whole (load verifies both)
+    assert len(Store(key).load().rows) == part_rows  # the part and its checksum, whole (load verifies both)
     assert not list(key.glob(".*.tmp")) and not list(out.glob("checkpoint-*"))
 
 

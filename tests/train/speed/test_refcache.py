@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import recipe_trainer
+from helpers import recipe_trainer as plain_recipe_trainer
 
 from dpo.compat import DPOConfig
 from dpo.errors import UserError
@@ -23,6 +23,12 @@ from dpo.files import file_sha256
 from dpo.train.config import RecipeDPOConfig
 from dpo.train.speed.refcache import COLUMNS, Store, _fill, check_reference_cache, row_ids
 from dpo.train.speed.refstore import CHECKSUM
+
+
+def recipe_trainer(*args, **overrides):
+    """helpers.recipe_trainer planned for a whole epoch (6 steps of 2 of the 12 pairs) unless told otherwise: the
+    cache fills every pair up front. A shorter plan fills its training pairs as it reaches them (test_reflazy.py)."""
+    return plain_recipe_trainer(*args, **{"max_steps": 6, **overrides})
 
 
 def logged(capsys) -> str:
@@ -57,9 +63,10 @@ def test_cache_equals_trls_precompute_then_hits(tiny_model_dir, tmp_path, capsys
 
 
 def test_training_with_the_cache_gives_the_inline_reference_loss(tiny_model_dir, tmp_path):
-    """Same pairs, same order: per-step losses with cached and with inline reference log-probs agree."""
-    inline = recipe_trainer(tiny_model_dir, tmp_path / "inline")
-    cached = recipe_trainer(tiny_model_dir, tmp_path / "cached", tmp_path / "cache")
+    """Same pairs, same order: per-step losses with cached and with inline reference log-probs agree. 4 steps
+    reach 8 of the 12 pairs: the cache fills them as training reaches them (dpo/train/speed/reflazy.py)."""
+    inline = recipe_trainer(tiny_model_dir, tmp_path / "inline", max_steps=4)
+    cached = recipe_trainer(tiny_model_dir, tmp_path / "cached", tmp_path / "cache", max_steps=4)
     losses = []
     for trainer in (inline, cached):
         trainer.train()
@@ -170,7 +177,7 @@ def test_the_cold_pass_runs_under_inference_mode_and_training_follows(tiny_model
     trainer = recipe_trainer(tiny_model_dir, tmp_path / "run", tmp_path / "cache", packing=True)
     assert len(seen) == 3 + 1 and all(seen)  # 12 training pairs in batches of 4 (the eval batch size), 4 held out
     trainer.train()
-    assert trainer.state.global_step == 4
+    assert trainer.state.global_step == 6
 
 
 # ── the cache's files: verified on load, written only whole, read-only when warm (dpo/train/speed/refstore.py) ──
