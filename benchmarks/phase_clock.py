@@ -81,8 +81,9 @@ class PhaseClock:
         self.wrap(trainer, "_maybe_log_save_evaluate", "callbacks", ends_step=True)
 
     def steps(self) -> list[dict]:
-        """Each ended step's seconds by phase (after the first step end: the first step has no start mark of its
-        own), on the device's clock where there are CUDA events (synchronizes once), else the host's."""
+        """Each ended step's seconds, start to end and by phase (after the first step end: the first step has no
+        start mark of its own), on the device's clock where there are CUDA events (synchronizes once), else the
+        host's; host_seconds: the host's clock (on a GPU, how far the host ran ahead shows against it)."""
         if self.cuda:
             self.torch.cuda.synchronize()
         out = []
@@ -90,6 +91,7 @@ class PhaseClock:
             phases = dict.fromkeys(PHASES, 0.0)
             for (phase, t0, e0), (_, t1, e1) in zip(self.marks[begin:end], self.marks[begin + 1 : end + 1]):
                 phases[phase] += e0.elapsed_time(e1) / 1000 if e0 is not None else t1 - t0
-            host = self.marks[end][1] - self.marks[begin][1]
-            out.append({"seconds": sum(phases.values()), "host_seconds": host, "phases": phases})
+            (_, t0, e0), (_, t1, e1) = self.marks[begin], self.marks[end]
+            seconds = e0.elapsed_time(e1) / 1000 if e0 is not None else t1 - t0  # the step, start to end
+            out.append({"seconds": seconds, "host_seconds": t1 - t0, "phases": phases})
         return out
