@@ -179,11 +179,14 @@ def worker(args) -> dict:
     if cuda:
         record["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
         record["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
-        max_length, lengths = SIZES[args.size][args.scale]
-        shape = gpu_flops.model_shape(trainer.model.config, 16, ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
-        peak = gpu_flops.peak_flops(torch.cuda.get_device_name(0), "bf16")
-        flops = gpu_flops.flops_per_token(shape, statistics.mean(lengths), reference_inline=False)
-        record.update(peak_tflops=peak and peak / 1e12, mfu=peak and record["tokens_per_s"] * flops / peak)
+    # Model FLOPs (benchmarks/gpu_flops.py; the reference is cached or precomputed on both sides) over the datasheet
+    # dense bf16 peak of the named GPU; None on a CPU, where the same code runs
+    _, lengths = SIZES[args.size][args.scale]
+    shape = gpu_flops.model_shape(trainer.model.config, 16, ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"])
+    flops = gpu_flops.flops_per_token(shape, statistics.mean(lengths), reference_inline=False)
+    peak = gpu_flops.peak_flops(record["device"] if cuda else None, "bf16")
+    record.update(model_tflops=record["tokens_per_s"] * flops / 1e12, peak_tflops=peak and peak / 1e12)
+    record["mfu"] = peak and record["tokens_per_s"] * flops / peak
     return record
 
 

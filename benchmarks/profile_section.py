@@ -57,11 +57,10 @@ def speed_table(data: dict, size: str) -> list[str]:
     ]
     for name, c in rows:
         ratio = f"{c['tokens_per_s']['median'] / base['median']:.2f}x" if base else "-"
-        mfu = c.get("mfu")
+        mfu = "-" if c.get("mfu") is None else f"{100 * c['mfu']:.1f}% of {c['peak_tflops']:.0f} TFLOP/s"
         lines.append(
             f"| `{name}` | {c['runs']} | {c.get('micro_batch')} x {c.get('accumulation')} | {_spread(c['tokens_per_s'])} "
-            f"| {ratio} | {_spread(c['step_s'], '.3f')} | {_n(c.get('peak_allocated_gib'), '.1f')} "
-            f"| {_n(mfu and 100 * mfu, '.1f')}%{'' if not c.get('peak_tflops') else ' of ' + format(c['peak_tflops'], '.0f') + ' TFLOP/s'} |"
+            f"| {ratio} | {_spread(c['step_s'], '.3f')} | {_n(c.get('peak_allocated_gib'), '.1f')} | {mfu} |"
         )
     return lines
 
@@ -84,6 +83,29 @@ def kernel_table(data: dict, size: str) -> list[str]:
             f"| `{name}` | " + " | ".join(ms) + f" | {_n(p.get('busy_pct'), '.0f')} | {p['launches_per_step']:.0f} "
             f"| {p['syncs_per_step']:.0f} |"
         )
+    return lines
+
+
+def target_table(data: dict, size: str) -> list[str]:
+    """Issue 38's targets against the medians: recipe >= 1.1x and `auto` under the T4 cap >= 1.5x TRL + precompute at
+    the T4 setting; uncapped `auto` >= 4x the recipe's T4-setting tokens/s, at >= 25% bf16 MFU."""
+    cells = dict(_cells(data, size))
+
+    def ratio(name: str, over: str):
+        a, b = cells.get(name), cells.get(over)
+        return a["tokens_per_s"]["median"] / b["tokens_per_s"]["median"] if a and b else None
+
+    auto = cells.get("recipe_auto") or {}
+    rows = [
+        ("recipe / TRL + precompute, T4 setting", ratio("recipe", BASELINE), 1.1, "x"),
+        ("`auto` under 15 GiB / TRL + precompute at the T4 setting", ratio("recipe_auto_t4", BASELINE), 1.5, "x"),
+        ("`auto` uncapped / the recipe at the T4 setting", ratio("recipe_auto", "recipe"), 4.0, "x"),
+        ("`auto` uncapped, bf16 MFU", auto.get("mfu") and 100 * auto["mfu"], 25.0, "%"),
+    ]
+    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for what, value, goal, unit in rows:
+        met = "-" if value is None else "yes" if value >= goal else "**no**"
+        lines.append(f"| {what} | {_n(value, '.2f')}{unit if value is not None else ''} | >= {goal:g}{unit} | {met} |")
     return lines
 
 
@@ -131,7 +153,8 @@ def markdown(data: dict) -> str:
     for size in dict.fromkeys(size for _, size in s.get("cells", [])):
         if size == "any":
             continue
-        out += ["", f"### {size}", "", *speed_table(data, size), "", "Milliseconds per step by phase (medians):", ""]
+        out += ["", f"### {size}", "", *speed_table(data, size), "", *target_table(data, size)]
+        out += ["", "Milliseconds per step by phase (medians):", ""]
         out += phase_table(data, size) + ["", "Kernel milliseconds per profiled step by class:", ""]
         out += kernel_table(data, size)
     skipped = [r for r in data.get("runs", []) if r["status"] != "ok"]

@@ -116,6 +116,7 @@ def test_every_timed_step_has_every_phase_and_every_profile_every_class(tiny_pro
         )
         assert profile["launches_per_step"] > 0 and profile["syncs_per_step"] >= 1  # the loss is read each step
         assert run["micro_batch"] == 2 and run["accumulation"] == 1
+        assert run["model_tflops"] > 0 and run["mfu"] is None  # FLOPs counted; no datasheet peak for a CPU
     recipe = next(r for r in data["runs"] if r["config"] == "recipe")
     assert recipe["optim"] == "adamw_torch_fused"  # dpo/train/hardware.py's choice, read back from the trainer
     for cell in ("trl_precompute@1024", "recipe@1024"):
@@ -133,6 +134,7 @@ def test_the_markdown_has_every_phase_class_and_skip_reason(tiny_profile):
     for change in profile_plan.NOT_SEPARABLE:
         assert f"| - | {change} | not measured on its own: no setting" in text
     assert "README line: GPU (CPU, the tiny phi" in text and "batched" in text
+    assert "| recipe / TRL + precompute, T4 setting | " in text and "| `auto` uncapped, bf16 MFU | - |" in text
     assert text == PROFILE_SECTION.markdown(data)  # the script's section is the one written from profile.json
 
 
