@@ -15,7 +15,8 @@ and host syncs per step). Per cell: median and spread (min-max) over runs of tok
 A configuration the installed code cannot run (a setting it does not know yet) is reported as skipped with the
 reason; one that fails records its error. Before each run the budget is checked against what the cell's earlier
 runs took (or the table's estimate): a run that would not fit is skipped, named. profile.json is rewritten after
-every run, and profile_section.md (benchmarks/profile_section.py) at the end.
+every run, and profile_section.md (benchmarks/profile_section.py) at the end; profile-runs.log keeps each child's
+own output.
 """
 
 from __future__ import annotations
@@ -341,6 +342,8 @@ def drive(args) -> int:
             proc = subprocess.run(base + ["--worker", *what], env=env, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
             return None, f"killed at the budget after {limit:.0f} s", time.perf_counter() - began
+        with open(Path(args.results) / "profile-runs.log", "a") as log:  # every child's own output, for a failure
+            log.write(f"=== {' '.join(what)}: exit {proc.returncode}\n{proc.stdout}{proc.stderr}\n")
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if not lines:
             return None, f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:300]}", 0.0

@@ -13,7 +13,7 @@
   bench        benchmarks/bench_gpu.py, only with --bench (memory cells, fp16 curve: measured on the H200 already)
 
 The results folder (a few flat files, easy to copy back from a machine without network): progress.log,
-env.txt, pytest.log, profile.log, profile.json, profile_section.md (and with --bench: bench.log, results.json,
+env.txt, pytest.log, profile.log, profile-runs.log, profile.json, profile_section.md (and with --bench: bench.log, results.json,
 gpu_section.md). Every line of every phase is also printed as it comes, and each phase has its own time limit,
 so a run cut short still says how far it got and keeps what it measured.
 Measured on an H200 (benchmarks/README.md): install 5 s, check 8 s, pytest 94 s (44 s of it without the

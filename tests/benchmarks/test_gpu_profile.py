@@ -168,3 +168,4 @@ def test_make_gpu_runs_the_profile_in_processes_of_its_own_within_the_budget(tmp
     assert [(r["config"], r["status"]) for r in data["runs"]] == [("recipe", "ok")]
     assert data["runs"][0]["wall_s"] > 0  # a child process of its own, timed by the driver
     assert (tmp_path / "r" / "profile_section.md").is_file() and (tmp_path / "r" / "profile.log").is_file()
+    assert "=== recipe 1024 0: exit 0" in (tmp_path / "r" / "profile-runs.log").read_text()
