@@ -20,6 +20,7 @@ from dpo.errors import exit_on_user_error  # noqa: E402
 
 SECTION = "## GPU step profile (`benchmarks/gpu_profile.py`)"
 BASELINE = "trl_precompute"
+ANCHOR = "gpu-step-profile-benchmarksgpu_profilepy"  # GitHub's id of SECTION
 
 
 def _n(value, fmt: str) -> str:
@@ -121,22 +122,23 @@ def generation_line(data: dict) -> str:
 
 
 def readme_line(data: dict) -> str:
-    """README's GPU speed line: the measured recipe vs TRL + precompute at 1024 tokens, and auto's pick."""
+    """README's GPU speed row (its Results table): the recipe against TRL + precompute at 1024 tokens, the T4
+    setting, as the section's medians (each number of the row is in the section it links to)."""
     cells = dict(_cells(data, "1024"))
     base, recipe, auto = cells.get(BASELINE), cells.get("recipe"), cells.get("recipe_auto")
     device = data.get("env", {}).get("device", "the GPU")
+    model = "phi-2 size (random weights)" if data.get("settings", {}).get("scale") == "phi2" else "the tiny phi"
     if not (base and recipe):
         return f"GPU ({device}): the step profile did not measure both the recipe and TRL + precompute."
     ratio = recipe["tokens_per_s"]["median"] / base["tokens_per_s"]["median"]
-    model = "phi-2 size" if data.get("settings", {}).get("scale") == "phi2" else "the tiny phi"
-    line = (
-        f"GPU ({device}, {model}, 1024 tokens, 2 pairs per micro-batch): the recipe "
-        f"{recipe['tokens_per_s']['median']:.0f} tokens/s, TRL + precompute_ref_log_probs "
-        f"{base['tokens_per_s']['median']:.0f} ({ratio:.2f}x, medians of {min(recipe['runs'], base['runs'])} runs)"
+    what = (
+        f"GPU ({device}, {model}, 1024 tokens, 2 pairs per micro-batch): recipe vs TRL + `precompute_ref_log_probs`, "
+        f"tokens/s, medians of {min(recipe['runs'], base['runs'])} interleaved runs"
     )
+    value = f"{ratio:.2f}x ({recipe['tokens_per_s']['median']:.0f} vs {base['tokens_per_s']['median']:.0f})"
     if auto:
-        line += f"; with `auto` ({auto['micro_batch']} pairs per micro-batch) {auto['tokens_per_s']['median']:.0f} tokens/s"
-    return line + "."
+        value += f"; `auto`: {auto['tokens_per_s']['median']:.0f}"
+    return f"| {what} | [{value}](BENCHMARKS.md#{ANCHOR}) | `make gpu` |"
 
 
 def markdown(data: dict) -> str:
@@ -168,7 +170,7 @@ def markdown(data: dict) -> str:
             )
             + ".",
         ]
-    out += ["", generation_line(data), "", "README line: " + readme_line(data)]
+    out += ["", generation_line(data), "", "README's row (its Results table):", "", readme_line(data)]
     return "\n".join(out) + "\n"
 
 

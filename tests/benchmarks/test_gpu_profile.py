@@ -4,6 +4,7 @@ configuration the installed recipe cannot run reported as skipped with the reaso
 kernel classes' declared table checked on CPU op names and on typical CUDA kernel names. Counted, not timed."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from helpers import ROOT, load_script
 
 PROFILE = load_script(ROOT / "benchmarks" / "gpu_profile.py", "gpu_profile")
+PROFILE_SECTION = load_script(ROOT / "benchmarks" / "profile_section.py", "profile_section")
 from benchmarks import kernel_classes, profile_plan  # noqa: E402  (gpu_profile.py put the checkout on sys.path)
 from benchmarks.phase_clock import PHASES  # noqa: E402
 
@@ -133,12 +135,13 @@ def test_the_markdown_has_every_phase_class_and_skip_reason(tiny_profile):
     assert f"| `{UNKNOWN}` | unknown | skipped: " in text and "no_such_setting" in text
     for change in profile_plan.NOT_SEPARABLE:
         assert f"| - | {change} | not measured on its own: no setting" in text
-    assert "README line: GPU (CPU, the tiny phi" in text and "batched" in text
+    row = next(line for line in text.splitlines() if line.startswith("| GPU (CPU, the tiny phi, 1024 tokens"))
+    ratio = row.split("[")[1].split("x (")[0]  # README's number is the section's own ratio of medians
+    assert "| `recipe` | 2 | 2 x 1 | " in text and f"| {ratio}x |" in text and "batched" in text
+    anchor = "#" + re.sub(r"[^\w\- ]", "", PROFILE_SECTION.SECTION.lstrip("# ").lower()).replace(" ", "-")
+    assert f"](BENCHMARKS.md{anchor})" in row  # GitHub's id of the section's heading
     assert "| recipe / TRL + precompute, T4 setting | " in text and "| `auto` uncapped, bf16 MFU | - |" in text
     assert text == PROFILE_SECTION.markdown(data)  # the script's section is the one written from profile.json
-
-
-PROFILE_SECTION = load_script(ROOT / "benchmarks" / "profile_section.py", "profile_section")
 
 
 @pytest.mark.slow
