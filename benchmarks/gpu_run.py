@@ -6,7 +6,7 @@
   1/4 install  the carried wheels (.whl/, benchmarks/gpu_wheels.py) into --site, first on PYTHONPATH;
                every requirement they still miss is printed
   2/4 check    the GPU (torch, nvidia-smi) and the versions that will run; no CUDA at phi-2 scale: stop
-  3/4 pytest   pytest -m gpu tests/test_gpu.py (conftest.py keeps CUDA visible under DPO_GPU_TESTS=1), less
+  3/4 pytest   pytest -m gpu on GPU_TEST_FILES (conftest.py keeps CUDA visible under DPO_GPU_TESTS=1), less
                ESSENTIAL_SKIP: the evaluate/export test (50 s; it passed on the H200, benchmarks/results/gpu/)
   4/4 profile  benchmarks/gpu_profile.py (issue 38: the step profile; profile.json rewritten after every run),
                given what is left of --budget less MARGIN_S
@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_wheels  # noqa: E402
 
 LIMITS_S = {"check": 60, "pytest": 120, "profile": 540, "bench": 480}  # each phase's own limit, within --budget
+# The files with tests marked gpu (each skipped without CUDA): the recipe on the GPU, and packing's CUDA kernels
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/train/speed/test_packed_attention.py")
 ESSENTIAL_SKIP = "not test_evaluate_and_export_run_on_a_gpu_trained_run"  # pytest -k: the rest is a minute
 MARGIN_S = 15  # of the budget left to the profile: its last section write and the copy back
 BEGAN = time.perf_counter()
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
         progress.say("3/4 pytest: skipped")
     else:
         progress.say("3/4 pytest -m gpu: started")
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider", "-q", "-rA"]
+        files = [f for f in GPU_TEST_FILES if (ROOT / f).is_file()]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *files, "-p", "no:cacheprovider", "-q", "-rA"]
         cmd += ["-k", ESSENTIAL_SKIP]
         rc = stream(cmd, results / "pytest.log", {**env, "DPO_GPU_TESTS": "1"}, limit("pytest"))
         progress.say(f"3/4 pytest -m gpu: exit {rc}")

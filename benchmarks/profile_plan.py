@@ -46,9 +46,10 @@ CONFIGS = {
         what="+ per_device_train_batch_size: auto, uncapped (the whole GPU)",
     ),
     "recipe_foreach_adamw": t4_setting("fused AdamW turned back: optim adamw_torch (foreach)", optim="adamw_torch"),
-    "recipe_packing": t4_setting("+ packing: true (default attention)", packing=True),
+    "recipe_packing": t4_setting("+ packing: true (packing_attention auto)", tier=2, packing=True),
     "recipe_packing_segments": t4_setting("+ packing, SDPA per segment", packing=True, packing_attention="segments"),
     "recipe_packing_flex": t4_setting("+ packing, flex attention", packing=True, packing_attention="flex"),
+    "recipe_packing_varlen": t4_setting("+ packing, varlen flash attention", packing=True, packing_attention="varlen"),
     "generation": dict(
         side="generation", settings={}, tier=2, what="rounds sampler: batched generate vs one prompt at a time"
     ),
@@ -72,10 +73,11 @@ SCALES = {  # steps per run; `auto` cells (64 pairs per optimizer step, the YAML
     | dict(auto_profiled=1, auto_pairs=8, auto_est_s=15),
 }
 DEFAULT_CELLS = {  # what `make gpu` runs, by tier: 1 the T4 setting (the settling comparison, 15 runs, about 360 s
-    # on an H200), 2 item 5 (generation once, `auto`), 3 each remaining change on its own; the budget cuts the last
+    # on an H200), 2 item 5 and packing as shipped (generation once, `auto`, packing at truthy lengths), 3 each
+    # remaining change on its own; the budget cuts the last
     "phi2": "1024:trl_precompute,trl_precompute_bf16,recipe;truthy:trl_precompute,recipe;any:generation;"
-    "1024:recipe_auto_t4,recipe_auto;truthy:recipe_auto;1024:recipe_foreach_adamw;"
-    "truthy:recipe_packing_segments,recipe_packing_flex",
+    "1024:recipe_auto_t4,recipe_auto;truthy:recipe_packing,recipe_auto;1024:recipe_foreach_adamw;"
+    "truthy:recipe_packing_segments,recipe_packing_flex,recipe_packing_varlen",
     "tiny": "1024:trl_precompute,recipe",
 }
 
