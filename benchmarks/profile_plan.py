@@ -3,10 +3,23 @@ counts, the default cells of `make gpu`, and the run order (interleaved rounds, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from dpo.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GiB = 2**30
 T4_CAP_GIB = 15  # a T4's 16 GB less the CUDA context (bench_gpu.py's T4_CAP)
+# `auto` with the YAML's pairs per optimizer step (bench_gpu.recipe_trainer's accumulation of 1 would leave it 2)
+AUTO = {
+    "per_device_train_batch_size": "auto",
+    "gradient_accumulation_steps": yaml.safe_load((ROOT / "recipes" / "dpo_phi2.yaml").read_text())[
+        "gradient_accumulation_steps"
+    ],
+}
 # name -> how it is built. side: trl | recipe | generation; settings: on top of TRL's defaults / recipes/dpo_phi2.yaml
 # (every run: max_length, max_steps, logging each step, no eval or checkpoints); cap_gib: a per-process memory cap
 # (the T4 setting); tier: run order (lower first, so a budget cuts the last tiers); steps: "auto" cells time fewer,
@@ -14,9 +27,10 @@ T4_CAP_GIB = 15  # a T4's 16 GB less the CUDA context (bench_gpu.py's T4_CAP)
 
 
 def t4_setting(what: str, tier: int = 3, **settings) -> dict:
-    """A recipe configuration at the T4 setting: the YAML's 2 pairs per micro-batch, one per optimizer step (as the
-    first GPU run measured), under the T4's 15 GiB, with `settings` changed."""
-    flags = {"gradient_accumulation_steps": 1, **settings}
+    """A recipe configuration at the T4 setting: 2 pairs per micro-batch (pinned: a YAML with `auto` would choose its
+    own on a GPU), one micro-batch per optimizer step (as the first GPU run measured), under the T4's 15 GiB, with
+    `settings` changed."""
+    flags = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, **settings}
     return dict(side="recipe", settings=flags, cap_gib=T4_CAP_GIB, tier=tier, what=what)
 
 
@@ -32,7 +46,7 @@ CONFIGS = {
     "recipe": t4_setting("recipes/dpo_phi2.yaml as shipped (2 pairs per micro-batch)", tier=1),
     "recipe_auto_t4": dict(
         side="recipe",
-        settings={"per_device_train_batch_size": "auto", "auto_batch_memory_gib": T4_CAP_GIB},
+        settings={**AUTO, "auto_batch_memory_gib": T4_CAP_GIB},
         cap_gib=T4_CAP_GIB,
         tier=2,
         steps="auto",
@@ -40,7 +54,7 @@ CONFIGS = {
     ),
     "recipe_auto": dict(
         side="recipe",
-        settings={"per_device_train_batch_size": "auto"},
+        settings=AUTO,
         tier=2,
         steps="auto",
         what="+ per_device_train_batch_size: auto, uncapped (the whole GPU)",
