@@ -56,8 +56,9 @@ deepspeed: $(STAMP)
 	$(BIN)/python -m pytest -m slow -k deepspeed tests/train/test_distributed.py
 
 # On a CUDA machine without network: install the wheels carried in .whl/, check the GPU, run
-# `pytest -m gpu` and benchmarks/bench_gpu.py at phi-2 size, all into the results folder (RESULTS=DIR).
-# Uses the machine's own python3, not .venv. 512 s on an H200 (benchmarks/README.md).
+# `pytest -m gpu` and the step profile (benchmarks/gpu_profile.py) at phi-2 size, all into the results folder
+# (RESULTS=DIR), within 570 s (--budget; the expected phase times: benchmarks/README.md). Uses the machine's own
+# python3, not .venv. bench_gpu.py's earlier phases: benchmarks/gpu_run.py --bench.
 gpu:
 	$(PYTHON) benchmarks/gpu_run.py --results $(or $(RESULTS),outputs/gpu)
 

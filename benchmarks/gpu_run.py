@@ -6,13 +6,18 @@
   1/4 install  the carried wheels (.whl/, benchmarks/gpu_wheels.py) into --site, first on PYTHONPATH;
                every requirement they still miss is printed
   2/4 check    the GPU (torch, nvidia-smi) and the versions that will run; no CUDA at phi-2 scale: stop
-  3/4 pytest   pytest -m gpu tests/test_gpu.py (conftest.py keeps CUDA visible under DPO_GPU_TESTS=1)
-  4/4 bench    benchmarks/bench_gpu.py (results.json is rewritten after every run inside it)
+  3/4 pytest   pytest -m gpu on GPU_TEST_FILES (conftest.py keeps CUDA visible under DPO_GPU_TESTS=1), less
+               ESSENTIAL_SKIP: the evaluate/export test (50 s; it passed on the H200, benchmarks/results/gpu/)
+  4/4 profile  benchmarks/gpu_profile.py (issue 38: the step profile; profile.json rewritten after every run),
+               given what is left of --budget less MARGIN_S
+  bench        benchmarks/bench_gpu.py, only with --bench (memory cells, fp16 curve: measured on the H200 already)
 
 The results folder (a few flat files, easy to copy back from a machine without network): progress.log,
-env.txt, pytest.log, bench.log, results.json, gpu_section.md. Every line of every phase is also printed as it comes, and each
-phase has its own time limit, so a run cut short still says how far it got and keeps what it measured.
-Measured on an H200 (benchmarks/README.md): install 5 s, check 8 s, pytest 94 s, bench 405 s.
+env.txt, pytest.log, profile.log, profile-runs.log, profile.json, profile_section.md (and with --bench: bench.log, results.json,
+gpu_section.md). Every line of every phase is also printed as it comes, and each phase has its own time limit,
+so a run cut short still says how far it got and keeps what it measured.
+Measured on an H200 (benchmarks/README.md): install 5 s, check 8 s, pytest 94 s (44 s of it without the
+evaluate/export test), bench 405 s. Expected now: install 5, check 8, pytest about 50, profile the rest of 570 s.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import gpu_wheels  # noqa: E402
 
-LIMITS_S = {"check": 60, "pytest": 150, "bench": 480}  # each phase's own limit, within --budget
+LIMITS_S = {"check": 60, "pytest": 120, "profile": 540, "bench": 480}  # each phase's own limit, within --budget
+# The files with tests marked gpu (each skipped without CUDA): the recipe on the GPU, and packing's CUDA kernels
+GPU_TEST_FILES = ("tests/test_gpu.py", "tests/train/speed/test_packed_attention.py")
+ESSENTIAL_SKIP = "not test_evaluate_and_export_run_on_a_gpu_trained_run"  # pytest -k: the rest is a minute
+MARGIN_S = 15  # of the budget left to the profile: its last section write and the copy back
 BEGAN = time.perf_counter()
 
 
@@ -83,8 +92,11 @@ def main(argv=None) -> int:
     parser.add_argument("--site", default="/tmp/dpo-gpu-site", help="where the carried wheels are installed")
     parser.add_argument("--workdir", default="/tmp/dpo-bench-gpu", help="bench_gpu.py's model, runs and cache")
     parser.add_argument("--no-install", action="store_true", help="use the packages already installed")
-    parser.add_argument("--skip", default="", help="comma-separated phases to skip: pytest, bench")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: pytest, profile")
+    parser.add_argument("--bench", action="store_true", help="also run benchmarks/bench_gpu.py, after the profile")
     parser.add_argument("--phases", help="bench_gpu.py --phases (default: all)")
+    parser.add_argument("--profile-cells", help="gpu_profile.py --cells (default: its DEFAULT_CELLS)")
+    parser.add_argument("--profile-runs", type=int, help="gpu_profile.py --runs (default: the scale's)")
     parser.add_argument(
         "--budget", type=float, default=570, help="seconds for everything (the H200 run: 540, under a 600 s limit)"
     )
@@ -121,18 +133,32 @@ def main(argv=None) -> int:
         progress.say("3/4 pytest: skipped")
     else:
         progress.say("3/4 pytest -m gpu: started")
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider", "-q", "-rA"]
+        files = [f for f in GPU_TEST_FILES if (ROOT / f).is_file()]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *files, "-p", "no:cacheprovider", "-q", "-rA"]
+        cmd += ["-k", ESSENTIAL_SKIP]
         rc = stream(cmd, results / "pytest.log", {**env, "DPO_GPU_TESTS": "1"}, limit("pytest"))
         progress.say(f"3/4 pytest -m gpu: exit {rc}")
 
-    if "bench" in skip:
-        progress.say("4/4 bench: skipped")
-        return 0
-    progress.say("4/4 bench_gpu.py: started")
+    rc = 0  # the exit status is the profile's (or bench_gpu.py's), as before the tests' own
+    if "profile" in skip:
+        progress.say("4/4 profile: skipped")
+    else:
+        left = args.budget - (time.perf_counter() - BEGAN)
+        progress.say(f"4/4 gpu_profile.py: started, {left - MARGIN_S:.0f} s for its runs")
+        cmd = [sys.executable, "benchmarks/gpu_profile.py", "--scale", args.scale, "--results", str(results)]
+        cmd += ["--workdir", args.workdir, "--budget", str(max(1.0, left - MARGIN_S))]
+        cmd += (["--cells", args.profile_cells] if args.profile_cells else []) + (
+            ["--runs", str(args.profile_runs)] if args.profile_runs else []
+        )
+        rc = stream(cmd, results / "profile.log", env, limit("profile"))
+        progress.say(f"4/4 gpu_profile.py: exit {rc}; profile.json, profile_section.md in {results}")
+    if not args.bench:
+        return rc
+    progress.say("bench_gpu.py (--bench): started")
     cmd = [sys.executable, "benchmarks/bench_gpu.py", "--scale", args.scale, "--results", str(results)]
     cmd += ["--workdir", args.workdir] + (["--phases", args.phases] if args.phases else [])
     rc = stream(cmd, results / "bench.log", env, limit("bench"))
-    progress.say(f"4/4 bench_gpu.py: exit {rc}; results in {results}")
+    progress.say(f"bench_gpu.py: exit {rc}; results in {results}")
     return rc
 
 

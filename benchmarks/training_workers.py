@@ -138,8 +138,9 @@ def measure(trainer, meter: Meter, sync=lambda: None) -> None:
     trainer.add_callback(Clock())
 
 
-def trl_trainer(model: str, pairs, tokenizer, **config):
-    """TRL's DPOTrainer as `trl dpo --use_peft --load_in_4bit ...` builds it: the model by name in float32,
+def trl_trainer(model: str, pairs, tokenizer, dtype: str = "float32", **config):
+    """TRL's DPOTrainer as `trl dpo --use_peft --load_in_4bit ...` builds it: the model by name in float32 (or
+    `dtype`: what `--dtype` gives a TRL user),
     the shipped YAML's 4-bit base and LoRA (the same model as the recipe trains), every DPOConfig field
     TRL's default except `config` (what a comparison fixes: batch, length, truncation, steps, logging,
     and for the informed user precompute_ref_log_probs)."""
@@ -157,10 +158,10 @@ def trl_trainer(model: str, pairs, tokenizer, **config):
         "use_bnb_nested_quant",
     )
     model_args = ModelConfig(
-        model_name_or_path=model, use_peft=True, load_in_4bit=True, dtype="float32", **{k: shipped(k) for k in same}
+        model_name_or_path=model, use_peft=True, load_in_4bit=True, dtype=dtype, **{k: shipped(k) for k in same}
     )
     training_args = DPOConfig(**config)
-    training_args.model_init_kwargs = {"dtype": torch.float32}
+    training_args.model_init_kwargs = {"dtype": getattr(torch, dtype)}
     # On a CPU with AVX512-BF16, plain TRL with precompute_ref_log_probs cannot train at all: the no-grad
     # pass repacks bitsandbytes' 4-bit weights for inference and the first step fails (dpo/train/speed/
     # kernels.py). Built with the portable kernel, the one TRL's own training steps use anyway.

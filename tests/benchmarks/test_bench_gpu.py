@@ -25,7 +25,7 @@ PHI2 = load_script(ROOT / "benchmarks" / "phi2_random.py", "phi2_random")
 def tiny_run(tmp_path_factory):
     results, work = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("work")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--scale", "tiny", "--no-install"]
-    cmd += ["--skip", "pytest", "--results", str(results), "--workdir", str(work)]
+    cmd += ["--skip", "pytest,profile", "--bench", "--results", str(results), "--workdir", str(work)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     return results, proc.stdout
@@ -48,7 +48,7 @@ def test_the_tiny_rehearsal_runs_every_phase_and_every_run_is_finite(tiny_run):
     assert data["runs"]["curve_fp16"]["steps"] == BENCH.SCALES["tiny"]["curve_steps"]
     assert data["fp16_curve"]["compared_steps"] == BENCH.SCALES["tiny"]["curve_fp32_steps"]
     assert data["t4_budget"]["attempts"] == [f"t4_fp32_{max(lengths)}"]  # the capped run is that cell
-    for step in ("1/4 install", "2/4 check", "3/4 pytest", "4/4 bench_gpu.py: exit 0"):
+    for step in ("1/4 install", "2/4 check", "3/4 pytest", "4/4 profile: skipped", "bench_gpu.py: exit 0"):
         assert step in stdout
     assert "[bench_gpu +" in stdout  # bench_gpu.py's own progress lines come through as they are printed
 
