@@ -126,7 +126,7 @@ class Plan:
             result = finished_result(folder, made_from)  # as a later run reads it back (JSON: lists, not tuples)
         else:
             log(f"{name}: finished in an earlier run, reused ({folder})")
-            self.progress.advance(units)
+            self.progress.skip(units)
         self.folders[name], self.results[name] = folder, result
         return result
 

@@ -124,7 +124,15 @@ def test_every_phase_runs_results_only_at_the_end_and_a_second_run_redoes_nothin
     assert [s for s in first.steps if s[0] == "main"] == [("main", s) for s in (1, 2, 3, 4)]
     assert result["final"]["n"] == 4 and len(result["samples"]) == 2 and result["main"]["steps"] == 4
     assert {p["step"] for p in result["main"]["curve"]} == {0, 2, 4}
-    assert {c["lr"] for c in result["select"]["grid"]} == {1e-3, 1e-2}
+    grid = result["select"]["grid"]
+    assert {c["lr"] for c in grid} == {1e-3, 1e-2}
+    # every choice on the validation slice: the grid's best cell, the main run's best validation point
+    best = max(grid, key=lambda c: (c["end"]["accuracy"], c["end"]["logratio_margin"]))
+    assert (result["select"]["lr"], result["select"]["beta"]) == (best["lr"], best["beta"])
+    curve = result["main"]["curve"]
+    assert result["main"]["best"]["step"] == next(
+        p["step"] for p in curve if p["accuracy"] == max(q["accuracy"] for q in curve)
+    )
     assert result["split"]["rows_sha256"]["heldout"] != result["split"]["rows_sha256"]["validation"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "real_alignment.json",
@@ -197,3 +205,14 @@ def test_a_changed_input_is_refused_naming_the_phase_and_nothing_is_overwritten(
     assert (
         exit_info.value.code == 2 and "work/split was made from other inputs" in err[-1] and "data_sha256" in err[-1]
     )
+
+
+def test_the_stop_rule_fires_once_the_validation_curve_is_flat():
+    from real_plan import stop_rule
+
+    rising = [{"score": s} for s in (0.50, 0.55, 0.60, 0.62)]
+    assert stop_rule(rising, patience=2, min_delta=0.005) is None
+    assert stop_rule(rising[:2], patience=2, min_delta=0.005) is None  # too few points to judge
+    flat = [*rising, {"score": 0.62}, {"score": 0.624}]  # two points, neither beats 0.62 by 0.005
+    assert "2 evaluations without beating 0.620" in stop_rule(flat, patience=2, min_delta=0.005)
+    assert stop_rule([*flat[:-1], {"score": 0.63}], patience=2, min_delta=0.005) is None
