@@ -190,7 +190,8 @@ def row_id(example: dict) -> str:
 
 def reference_logps(model, examples, pad, batch_size, cache_dir: Path, max_length: int, progress=None):
     """(chosen, rejected) log pi_ref of every example, pi_ref = `model` with its adapters disabled; read from the
-    reference cache, and the pairs it lacks scored and stored first. Returns the tensors and how many were scored."""
+    reference cache, and the pairs it lacks scored and stored first (`progress(n)` after each batch of n scored).
+    Returns the tensors and how many were scored now."""
     parts = {
         "weights": weights_hash(model),  # the frozen weights only: the trainable LoRA adapter is not pi_ref
         "config": {
@@ -221,8 +222,6 @@ def reference_logps(model, examples, pad, batch_size, cache_dir: Path, max_lengt
             seconds = [(time.perf_counter() - began) / len(chunk)] * len(chunk)
             store.write([ids[i] for i in chunk], c.tolist(), r.tolist(), seconds, env, expected=len(chunk))
         store = store.load()
-    elif progress is not None:
-        progress(len(examples))
     refstore.mark_used(folder)
     chosen = torch.tensor([store.rows[row][0] for row in ids])
     rejected = torch.tensor([store.rows[row][1] for row in ids])

@@ -234,6 +234,7 @@ class Plan:
         values = hashlib.sha256(torch.stack([c, r]).numpy().tobytes()).hexdigest()
         upstream = tuple(k for k in ("split", "sft") if k in self.folders)
         made_from = self.made_from("reference", upstream, max_length=a.max_length, model=self.model_dir, logps=values)
+        self.progress.skip(len(everything) - scored)  # read, not computed: not part of the ETA's rate
         log(f"reference: {scored} of {len(everything)} pairs scored now, the rest read from the reference cache")
         self.ref, start = {}, 0
         for split in ("heldout", "validation", "train"):
