@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dpo.errors import UserError
 from dpo.files import file_sha256, json_text, read_json_object
 from dpo.folders import marker_problem, read_marker, remove_marked, write_marked_folder
+from dpo.log import log
 from dpo.train.speed import refstore
 from dpo.train.speed.refcache import weights_hash
 from dpo.train.speed.refstore import Store, key_of
@@ -274,6 +275,7 @@ def train_run(model, step_loss, *, folder: Path, made_from: dict, run: dict, eva
         optimizer.load_state_dict(saved["optimizer"])
         best_weights = saved["best_weights"]
         state = read_json_object(checkpoint / "state.json", {"step": (int, None)}, f"delete {checkpoint}")
+        log(f"{folder.name}: resumed from its checkpoint at step {state['step']} ({checkpoint})")
 
     def save() -> None:
         def write(staging: Path) -> None:
