@@ -70,7 +70,7 @@ def markdown(r: dict) -> str:
     lo, hi = f["accuracy_ci"]
     b_lo, b_hi = r["reference_ranking_ci"]
     sizes = r["split"]["sizes"]
-    ci = lambda t, d=4: f"{t[0]:+.{d}f} | [{t[1]:+.{d}f}, {t[2]:+.{d}f}]"  # noqa: E731
+    ci = lambda t, d=4, s="+": f"{t[0]:{s}.{d}f} | [{t[1]:{s}.{d}f}, {t[2]:{s}.{d}f}]"  # noqa: E731
     lines = [
         "# Real alignment: DPO of SmolLM2-135M-Instruct on Anthropic HH-RLHF (harmless-base)",
         "",
@@ -107,10 +107,10 @@ def markdown(r: dict) -> str:
         "| public anchor: " + ANCHOR + " | 61.5% | |",
         "| chance | 50.0% | |",
         f"| mean reward margin beta*(log-ratio chosen - rejected) | {ci(f['margin'])} |",
-        f"| held-out DPO loss (ln 2 = 0.6931 at the start) | {ci(f['loss'])} |",
+        f"| held-out DPO loss (ln 2 = 0.6931 at the start) | {ci(f['loss'], s='')} |",
         f"| log-prob displacement of chosen (nats) | {ci(f['chosen_displacement'], 2)} |",
         f"| log-prob displacement of rejected (nats) | {ci(f['rejected_displacement'], 2)} |",
-        f"| per-token KL(pi \\|\\| pi_ref) on held-out chosen replies, {r['kl_pairs']} pairs (nats) | {ci(r['kl'])} |",
+        f"| per-token KL(pi \\|\\| pi_ref) on held-out chosen replies, {r['kl_pairs']} pairs (nats) | {ci(r['kl'], s='')} |",
         f"| greedy answer length, reference -> policy, {len(r['lengths'])} prompts (tokens) | {r['length_ref']:.1f} -> {r['length_policy']:.1f} | |",
         "",
         "Learning rate x beta on the validation slice (accuracy after the short run):",
