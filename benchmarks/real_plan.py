@@ -130,7 +130,7 @@ class Plan:
         self.folders[name], self.results[name] = folder, result
         return result
 
-    def policy(self, seed_offset: int = 0, sft: bool = True):
+    def policy(self, sft: bool = True):
         """pi_ref (the base, with the SFT adapter merged when there is one and `sft`) under a fresh LoRA adapter."""
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         lora = LoraConfig(
@@ -141,7 +141,7 @@ class Plan:
             model = get_peft_model(model, lora)
             model.load_state_dict(load_tensors(self.folders["sft"], "adapter"), strict=False)
             model = model.merge_and_unload()
-        torch.manual_seed(self.args.seed + seed_offset)
+        torch.manual_seed(self.args.seed)
         model = get_peft_model(model, lora)
         disable_dropout(model)
         return model
