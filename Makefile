@@ -44,8 +44,13 @@ test-latest: $(LATEST)/.installed
 	$(LATEST)/bin/pip list 2>/dev/null | grep -i -E '^(torch|$(subst $() ,|,$(LATEST_HF))) '
 	DPO_MODELS_CACHE=$(CURDIR)/$(LATEST)/models $(LATEST)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
-# DPO of the real SmolLM2-135M-Instruct on real Anthropic HH-RLHF pairs, offline, measured on held-out
-# pairs; writes benchmarks/results/real_alignment.{md,png,json} (18 minutes on 2 CPU cores).
+# DPO of the real SmolLM2-135M-Instruct on all usable Anthropic HH-RLHF harmless-base pairs, offline: SFT on the
+# chosen replies, learning rate x beta chosen on a validation slice, DPO until the validation curve flattens,
+# measured on 400 held-out pairs (the phases: benchmarks/real_plan.py). Takes hours: an ESTIMATE of 6-9 h on 2
+# free CPU cores (scaled from the 18-minute run it replaces; not yet measured end to end). Resumable: run it in
+# the background, `nohup make real > real_alignment.log 2>&1 &`, watch outputs/real_alignment/status.json (phase,
+# ETA), and after a kill or reboot run it again: finished phases are reused, a training run resumes from its last
+# checkpoint. Writes benchmarks/results/real_alignment.{md,png,json} only when the whole plan finished.
 real: $(STAMP)
 	$(BIN)/python benchmarks/real_alignment.py
 

@@ -172,7 +172,7 @@ def test_real_alignment_interval_and_ties():
     import torch
 
     sys.path.insert(0, str(BENCH))
-    from real_alignment import heldout_metrics, wilson
+    from real_measure import heldout_metrics, wilson
 
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)

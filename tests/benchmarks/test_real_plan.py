@@ -1,0 +1,218 @@
+"""`make real`'s plan (benchmarks/real_alignment.py, real_plan.py, real_phases.py) at a tiny scale: a tiny random
+model, a handful of real HH-RLHF pairs, 2 steps per phase. Work is counted (phases done, steps trained, pairs
+scored), never timed.
+
+- every phase runs and the results are written only at the end; a second run redoes nothing;
+- a kill after phase N resumes without redoing N; a kill inside the main run resumes from its last checkpoint
+  and ends exactly where an uninterrupted run ends;
+- a changed input (a setting, the data) is refused in one line naming the phase folder, nothing overwritten.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+
+import pytest
+from helpers import HH_FILE, ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import real_alignment  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Killed(Exception):
+    """Stands for the process being killed at a chosen point."""
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """The tiny random model with a minimal chat template (tokenize_pair renders pairs with it)."""
+    from dpo.offline.tiny import build_tiny_model, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    build_tiny_model(tokenizer, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    """The 16 shortest of the first 200 real HH-RLHF harmless-base pairs, as a .jsonl file."""
+    with gzip.open(HH_FILE, "rt") as f:
+        rows = [json.loads(next(f)) for _ in range(200)]
+    rows = sorted(rows, key=lambda r: len(r["chosen"]) + len(r["rejected"]))[:16]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def argv(tiny_chat_model, data, tmp_path, **changed) -> list[str]:
+    settings = {
+        "model_name_or_path": tiny_chat_model,
+        "dataset_name": data,
+        "heldout_pairs": 4,
+        "val_pairs": 4,
+        "train_pairs": 6,
+        "max_length": 64,
+        "batch_size": 2,
+        "warmup_steps": 1,
+        "sft_steps": 2,
+        "sft_lr": 1e-3,
+        "grid_lr": ["1e-3", "1e-2"],
+        "grid_beta": ["0.1"],
+        "select_steps": 2,
+        "max_steps": 4,
+        "eval_every": 2,
+        "patience": 10,  # never stops early here: the kill-and-resume comparison needs every step
+        "save_every": 1,
+        "curve_pairs": 2,
+        "kl_pairs": 2,
+        "gen_prompts": 2,
+        "max_new_tokens": 3,
+        "reference_cache_dir": tmp_path / "refcache",
+        "work": tmp_path / "work",
+        "out": tmp_path / "out",
+        **changed,
+    }
+    out = []
+    for key, value in settings.items():
+        out += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return out
+
+
+class Counter:
+    """hooks for run_plan: counts phases done and steps trained; raises Killed at a chosen phase or step."""
+
+    def __init__(self, kill_phase=None, kill_step=None):
+        self.phases, self.steps, self.kill_phase, self.kill_step = [], [], kill_phase, kill_step
+        self.hooks = {"phase": self.phase, "step": self.step}
+
+    def phase(self, name):
+        if name == self.kill_phase:
+            raise Killed(name)
+        self.phases.append(name)
+
+    def step(self, name, step):
+        self.steps.append((name, step))
+        if (name, step) == self.kill_step:
+            raise Killed(name)
+
+
+def run(args_list, counter=None):
+    return real_alignment.run_plan(
+        real_alignment.parse_args(args_list), hooks=(counter or Counter()).hooks, progress=False
+    )
+
+
+SELECT = ["select-lr0.001-beta0.1", "select-lr0.01-beta0.1"]
+EVERY_PHASE = ["split", "sft", "reference", *SELECT, "select", "main", "report"]
+
+
+def test_every_phase_runs_results_only_at_the_end_and_a_second_run_redoes_nothing(tiny_chat_model, data, tmp_path):
+    args = argv(tiny_chat_model, data, tmp_path)
+    first = Counter()
+    result = real_alignment.main(args, hooks=first.hooks, progress=False)
+    assert first.phases == EVERY_PHASE
+    assert [s for s in first.steps if s[0] == "main"] == [("main", s) for s in (1, 2, 3, 4)]
+    assert result["final"]["n"] == 4 and len(result["samples"]) == 2 and result["main"]["steps"] == 4
+    assert {p["step"] for p in result["main"]["curve"]} == {0, 2, 4}
+    grid = result["select"]["grid"]
+    assert {c["lr"] for c in grid} == {1e-3, 1e-2}
+    # every choice on the validation slice: the grid's best cell, the main run's best validation point
+    best = max(grid, key=lambda c: (c["end"]["accuracy"], c["end"]["logratio_margin"]))
+    assert (result["select"]["lr"], result["select"]["beta"]) == (best["lr"], best["beta"])
+    curve = result["main"]["curve"]
+    assert result["main"]["best"]["step"] == next(
+        p["step"] for p in curve if p["accuracy"] == max(q["accuracy"] for q in curve)
+    )
+    assert result["split"]["rows_sha256"]["heldout"] != result["split"]["rows_sha256"]["validation"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "real_alignment.json",
+        "real_alignment.md",
+        "real_alignment.png",
+    ]
+    status = json.loads((tmp_path / "work" / "status.json").read_text())
+    assert status["finished"] is True
+    assert not list((tmp_path / "work").glob("*.checkpoint"))  # each removed once its phase was written
+
+    again = Counter()
+    assert real_alignment.main(args, hooks=again.hooks, progress=False)["final"] == result["final"]
+    assert again.phases == [] and again.steps == []
+
+
+def test_a_kill_after_a_phase_resumes_without_redoing_it(tiny_chat_model, data, tmp_path):
+    args, killed_at = argv(tiny_chat_model, data, tmp_path), "main"
+    killed = Counter(kill_phase=killed_at)
+    with pytest.raises(Killed):
+        run(args, killed)
+    before = EVERY_PHASE[: EVERY_PHASE.index(killed_at)]
+    assert killed.phases == before
+    assert not (tmp_path / "out").exists()  # nothing reported before the plan finished
+    status = json.loads((tmp_path / "work" / "status.json").read_text())
+    assert status["finished"] is False and status["phase"] == killed_at
+
+    resumed = Counter()
+    run(args, resumed)
+    assert resumed.phases == EVERY_PHASE[len(before) :]  # the finished phases are not done again
+    assert [s for s in resumed.steps if s[0] != "main"] == []
+
+
+def test_a_killed_main_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+    tiny_chat_model, data, tmp_path
+):
+    whole = run(argv(tiny_chat_model, data, tmp_path / "whole"))
+
+    args = argv(tiny_chat_model, data, tmp_path / "killed")
+    with pytest.raises(Killed):
+        run(args, Counter(kill_step=("main", 3)))
+    resumed = Counter()
+    result = run(args, resumed)
+    assert [s for s in resumed.steps if s[0] == "main"] == [("main", 4)]  # steps 1-3 came from the checkpoint
+    # the same batches, weights and optimizer state on the same CPU: the same numbers (tolerance: none needed)
+    assert result["main"]["curve"] == whole["main"]["curve"]
+    assert result["final"] == whole["final"]
+
+
+def test_a_changed_input_is_refused_naming_the_phase_and_nothing_is_overwritten(
+    tiny_chat_model, data, tmp_path, capsys
+):
+    run(argv(tiny_chat_model, data, tmp_path))
+    marker = (tmp_path / "work" / "main" / ".dpo-folder.json").read_bytes()
+
+    with pytest.raises(SystemExit) as exit_info:  # a setting of the main run changed
+        real_alignment.main(argv(tiny_chat_model, data, tmp_path, max_steps=6), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        exit_info.value.code == 2
+        and err[-1].startswith("error: ")
+        and "work/main was made from other inputs" in err[-1]
+    )
+    assert "run changed" in err[-1]
+    assert (tmp_path / "work" / "main" / ".dpo-folder.json").read_bytes() == marker
+
+    data.write_text(data.read_text().replace("Human:", "Human: ", 1))  # the data changed
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(argv(tiny_chat_model, data, tmp_path), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        exit_info.value.code == 2 and "work/split was made from other inputs" in err[-1] and "data_sha256" in err[-1]
+    )
+
+
+def test_the_stop_rule_fires_once_the_validation_curve_is_flat():
+    from real_plan import stop_rule
+
+    rising = [{"score": s} for s in (0.50, 0.55, 0.60, 0.62)]
+    assert stop_rule(rising, patience=2, min_delta=0.005) is None
+    assert stop_rule(rising[:2], patience=2, min_delta=0.005) is None  # too few points to judge
+    flat = [*rising, {"score": 0.62}, {"score": 0.624}]  # two points, neither beats 0.62 by 0.005
+    assert "2 evaluations without beating 0.620" in stop_rule(flat, patience=2, min_delta=0.005)
+    assert stop_rule([*flat[:-1], {"score": 0.63}], patience=2, min_delta=0.005) is None
