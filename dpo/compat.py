@@ -80,7 +80,6 @@ __all__ = [
     "keep_trainable_weights_fp32",
     "fp16_loss_scale",
     "RecipeDPOTrainer",
-    "without_zero3_init",
 ]
 
 TESTED_TRL = "1.16.0"
@@ -340,17 +339,6 @@ def load_final_checkpoint(trainer: DPOTrainer, folder: str) -> bool:
     trainer._load_from_checkpoint(folder)  # private: the adapter (or full) weights into the model
     trainer.state = state
     return True
-
-
-def without_zero3_init():
-    """A context in which transformers' `from_config` builds a model plainly even under DeepSpeed
-    ZeRO-3. There it would wrap construction in `deepspeed.zero.Init` and then initialise weights by
-    gathering them, which fails on the meta device ("Cannot copy out of meta tensor"): we build
-    meta models only to read module names. Uses transformers' private flag that marks zero.Init
-    as already active (transformers 5.23)."""
-    from transformers.modeling_utils import set_zero3_state
-
-    return set_zero3_state()
 
 
 class RecipeDPOTrainer(DPOTrainer):

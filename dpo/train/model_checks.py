@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dpo.compat import without_zero3_init
 from dpo.errors import UserError, hub_error
 from dpo.files import confined
 from dpo.gate.integrations import check_model_integrations
@@ -23,6 +22,17 @@ from dpo.log import log
 from dpo.train.attention import attention_implementation
 from dpo.train.safety.checkpoints import check_room_for_run, safetensors_problem
 from dpo.train.speed.activation import one_kernel_activation
+
+
+def without_zero3_init():
+    """A context in which transformers' `from_config` builds a model plainly even under DeepSpeed
+    ZeRO-3. There it would wrap construction in `deepspeed.zero.Init` and then initialise weights by
+    gathering them, which fails on the meta device ("Cannot copy out of meta tensor"): we build
+    meta models only to read module names. Uses transformers' private flag that marks zero.Init
+    as already active (transformers 5.23)."""
+    from transformers.modeling_utils import set_zero3_state
+
+    return set_zero3_state()
 
 
 def _looks_local(name: str) -> bool:
