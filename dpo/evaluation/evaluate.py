@@ -255,6 +255,7 @@ def evaluate(
     pad, beta = tokenizer.pad_token_id, float(resolved.get("beta", 0.1))
     log(
         f"evaluating {output_dir}: pi_theta = its adapter, pi_ref = {reference_adapter(output_dir, resolved) or 'base'}"
+        f"; {torch.get_num_threads()} CPU threads (--torch_threads)"
     )
 
     # 1. implicit rewards on the held-out pairs
@@ -358,6 +359,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=128, help="answer length cap in tokens (default 128)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models")
+    parser.add_argument(
+        "--torch_threads",
+        type=int,
+        help="CPU threads (default: torch's, every core). On a CPU shared with other work, 1: two threads that wait "
+        "on each other made a generation step's matmuls 5-15x slower than one thread under load",
+    )
     return parser
 
 
@@ -365,7 +372,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_and_check_flags(
         _parser(), argv
-    )  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed
+    )  # the settings gate (dpo/gate/): --num_prompts, --max_new_tokens, --batch_size, --seed, --torch_threads
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     return evaluate(
         args.output_dir, args.reward_model, args.num_prompts, args.max_new_tokens, args.batch_size, args.seed
     )

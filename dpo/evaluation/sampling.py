@@ -49,6 +49,7 @@ def _generation_config(settings: Sampling, tokenizer):
     return GenerationConfig(
         **(sampling if settings.do_sample else {"do_sample": False}),
         max_new_tokens=settings.max_new_tokens,
+        use_cache=True,  # one forward per new token over the cached keys (a whole-sequence forward is quadratic)
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -100,7 +101,7 @@ def generate_ids(
         torch.manual_seed(seed + b)
         progress = _token_progress(bar) if desc is not None else None
         generated = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, use_cache=True, stopping_criteria=progress
+            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress
         )
         for i, row in zip(rows, generated[:, width:].tolist()):
             out[i] = _cut(row, eos)

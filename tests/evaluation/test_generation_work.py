@@ -1,0 +1,76 @@
+"""The sampler `python -m dpo.evaluate` and the rounds draw their answers with (dpo/evaluation/sampling.py) does
+one model forward per generated token, and every forward after the prompt's feeds one new token per row: the KV
+cache is in use. Without it, each step would run over the whole sequence so far (quadratic in the answer length).
+The work is counted (forwards and the tokens each one is fed), never timed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    """The tiny model with a LoRA adapter on it, as evaluate holds pi_theta (a PeftModel)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # as the recipes set it
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="policy")
+    return model.eval(), tokenizer
+
+
+def counted_forwards(model) -> tuple[list[tuple[int, int]], object]:
+    """(the shape of input_ids at each forward of the causal LM, the hook's handle)."""
+    shapes = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        shapes.append(tuple(ids.shape))
+
+    return shapes, model.get_base_model().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_the_sampler_makes_one_forward_per_generated_token_over_the_kv_cache(policy, do_sample):
+    from dpo.evaluation.sampling import Sampling, generate_ids
+
+    model, tokenizer = policy
+    prompts = ["Instruct: What is the capital of France?\nOutput:", "Do you have feelings?", "review of the movie:"]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    settings = Sampling(max_new_tokens=12, batch_size=8, do_sample=do_sample)
+    shapes, handle = counted_forwards(model)
+    try:
+        answers = generate_ids(model, tokenizer, prompt_ids, settings, seed=0, desc="answers")
+    finally:
+        handle.remove()
+    steps = max(map(len, answers))  # generation steps: the batch runs until its longest answer ends
+    assert 1 <= steps <= settings.max_new_tokens
+    assert len(shapes) == steps, f"{len(shapes)} forwards for {steps} generated tokens"
+    width = max(map(len, prompt_ids))
+    assert shapes[0] == (len(prompts), width)  # the prompts once (left-padded to the longest) ...
+    assert all(shape == (len(prompts), 1) for shape in shapes[1:]), shapes  # ... then one new token a row
+
+
+def test_evaluate_takes_its_cpu_threads_from_torch_threads(tmp_path, capsys, no_weights_load):
+    """--torch_threads 1 is how a CPU shared with other work evaluates: there two threads that wait on each other
+    made each matmul of a generation step 5-15x slower than one (measured under load). It is set before the run
+    folder is read (here: a missing one, exit 2), and 0 is refused by the settings gate."""
+    from dpo.evaluation.evaluate import main
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for value, expected in (("1", 1), ("0", 1)):  # 0: refused, the threads stay as they were
+            with pytest.raises(SystemExit) as stop:
+                main([str(tmp_path / "missing"), "--torch_threads", value])
+            assert stop.value.code == 2 and torch.get_num_threads() == expected
+        err = capsys.readouterr().err.splitlines()
+        assert "run folder not found" in err[0] and "torch_threads" in err[1], err
+    finally:
+        torch.set_num_threads(threads)
