@@ -1,0 +1,128 @@
+"""The table, the reading and the plot of benchmarks/rounds_offpolicy.py, from its JSON (rounds_offpolicy.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def verdict(gap: list[float]) -> str:
+    """Rounds minus offline at the rounds' KL, by its 95% interval over seeds."""
+    _, low, high = gap
+    if low > 0:
+        return "rounds above (interval clear of 0)"
+    if high < 0:
+        return "rounds below (interval clear of 0)"
+    return "no difference measurable (interval spans 0)"
+
+
+def interval(x: list[float], digits: int = 3, sign: str = "+") -> str:
+    mean, low, high = x
+    return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
+def section(data: dict, heading: str) -> str:
+    s, rarity = data["settings"], data["rarity"]
+    seeds = ", ".join(map(str, s["seeds"]))
+    lines = [
+        heading,
+        "",
+        f"The sentiment task, one pi_ref (the demo's SFT), seeds {seeds} (each seed: its own held-out prompts, "
+        "evaluation seed, samples and training seed). **Rounds**: recipes/dpo_rounds_sentiment.yaml, "
+        f"`reference: initial`, {s['rounds']} rounds x {s['prompts_per_round']} prompts, K = 4, max_min pairs. "
+        "**Offline**: the same DPO settings (beta 0.1, 4e-4, LoRA r 16 on the 4-bit base, batch 32) on one pair "
+        "set per kind below, with exactly as many pairs as that seed's rounds kept (ties dropped), labelled by "
+        f"the same reward, trained {s['offline_epochs']} epochs (twice the rounds' optimizer steps) and scored "
+        f"every {s['eval_every']} steps on the rounds' {s['eval_prompts']} held-out prompts with the rounds' "
+        "evaluation seed. The offline frontier of a kind: the upper envelope of its scored points and pi_ref "
+        "(KL 0), linear between them, read at the rounds' KL; past its furthest point its best reward (both favour "
+        "offline DPO). Gap = rounds' held-out reward after the last round minus that; means over seeds with 95% "
+        "t intervals (3 seeds: t = 4.30, wide on purpose).",
+        "",
+        "Offline pair sets:",
+        *[f"- **{kind}**: {what}" for kind, what in data["kinds"].items()],
+        "",
+        "Rewards: **ground truth** (net positive-word rate, dpo/offline/sentiment.py); **rare praise** "
+        "(dpo/rounds/sentiment.py `rare_praise`): the ground truth plus 1 for a well-formed review of 3 or more "
+        "phrases whose every adjective is positive. Under pi_ref such a review is rare: "
+        f"{rarity['share']:.1%} [{rarity['low']:.1%}, {rarity['high']:.1%}] of {rarity['samples']} samples "
+        "(8 per held-out prompt, temperature 1).",
+        "",
+        "| reward | offline pairs from | rounds: held-out reward | at KL (nats) | offline at that KL | gap | "
+        "offline's best at any KL | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in data["summary"]:
+        beyond = f" ({c['beyond_offline_kl']} of {c['seeds']} seeds past offline's furthest KL)" * bool(
+            c["beyond_offline_kl"]
+        )
+        lines.append(
+            f"| {c['reward']} | {c['kind']} | {interval(c['rounds_reward'])} | {interval(c['rounds_kl'], 2, '')} | "
+            f"{interval(c['offline_at_kl'])}{beyond} | **{interval(c['gap'])}** | {interval(c['offline_peak'])} | "
+            f"{verdict(c['gap'])} |"
+        )
+    lines += [
+        "",
+        "Per seed, after the last round (the held-out reward's 95% interval over prompts in brackets):",
+        "",
+        "| reward | seed | pairs | rounds: reward | KL | "
+        + " | ".join(f"{k}: offline at KL" for k in data["kinds"])
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(data["kinds"]),
+    ]
+    for reward in dict.fromkeys(r["reward"] for r in data["runs"]):
+        for seed in s["seeds"]:
+            cell = {r["kind"]: r for r in data["runs"] if r["reward"] == reward and r["seed"] == seed}
+            if not cell:
+                continue
+            first = next(iter(cell.values()))
+            last = first["rounds"][-1]
+            offline = " | ".join(
+                f"{cell[k]['compare'][-1]['offline']:+.3f}" if k in cell else "-" for k in data["kinds"]
+            )
+            lines.append(
+                f"| {reward} | {seed} | {first['rounds_pairs']} | {last['reward']:+.3f} [{last['reward_low']:+.3f}, "
+                f"{last['reward_high']:+.3f}] | {last['kl']:.2f} | {offline} |"
+            )
+    lines += ["", f"Plot: benchmarks/results/rounds_offpolicy.png. {data['cpus']} CPU cores.", ""]
+    if data.get("reading"):
+        lines += [data["reading"], ""]
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    """One panel per reward: each kind's offline path (one line per seed), the rounds' points (black)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = list(dict.fromkeys(r["reward"] for r in data["runs"]))
+    kinds = list(data["kinds"])
+    fig, axes = plt.subplots(1, len(rewards), figsize=(6.5 * len(rewards), 4.6), squeeze=False)
+    for ax, reward in zip(axes[0], rewards):
+        runs = [r for r in data["runs"] if r["reward"] == reward]
+        for run in runs:
+            i = kinds.index(run["kind"])
+            xs = [0.0] + [max(p["kl"], 0.0) for p in run["offline_path"]]
+            ys = [run["initial"]["reward"]] + [p["reward"] for p in run["offline_path"]]
+            label = run["kind"] if run["seed"] == data["settings"]["seeds"][0] else None
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.6, linewidth=1, marker=".", markersize=3, label=label)
+        seen = set()
+        for run in runs:
+            if run["seed"] in seen:
+                continue
+            seen.add(run["seed"])
+            xs = [0.0] + [p["kl"] for p in run["rounds"]]
+            ys = [run["initial"]["reward"]] + [p["reward"] for p in run["rounds"]]
+            label = "rounds (each seed)" if len(seen) == 1 else None
+            ax.plot(xs, ys, color="black", marker="o", linewidth=1.5, label=label)
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("KL(pi || pi_ref), nats per completion (Monte Carlo)")
+        ax.set_ylabel(f"held-out reward ({reward})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Rounds (black) against offline DPO on pairs from other sources, same pairs budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
