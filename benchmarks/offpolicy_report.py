@@ -2,7 +2,64 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); no scipy in the environment
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) over seeds: mean +- t(0.975, n-1) standard errors; one value: no interval (+-inf)."""
+    n, mean = len(values), sum(values) / len(values)
+    if n < 2:
+        return mean, -math.inf, math.inf
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def summarise(runs: list[dict], kinds: list[str]) -> list[dict]:
+    """Per reward and kind, at the rounds' last round: means over seeds with 95% t intervals."""
+    out = []
+    for reward_name in dict.fromkeys(r["reward"] for r in runs):
+        for kind in kinds:
+            cell = [r for r in runs if r["reward"] == reward_name and r["kind"] == kind]
+            if not cell:
+                continue
+            last = [c["compare"][-1] for c in cell]
+            peak = [max(p["reward"] for p in c["offline_path"]) for c in cell]
+            out.append(
+                {
+                    "reward": reward_name,
+                    "kind": kind,
+                    "seeds": len(cell),
+                    "rounds_reward": t_interval([x["reward"] for x in last]),
+                    "rounds_kl": t_interval([x["kl"] for x in last]),
+                    "offline_at_kl": t_interval([x["offline"] for x in last]),
+                    "gap": t_interval([x["gap"] for x in last]),
+                    "offline_peak": t_interval(peak),
+                    "beyond_offline_kl": sum(x["beyond_offline_kl"] for x in last),
+                    "pairs": [c["pairs"] for c in cell],
+                }
+            )
+    return out
+
+
+def merged(parts: list[dict]) -> dict:
+    """The results of runs of the same settings over other seeds, as one: every run, the seeds in order."""
+    first = parts[0]
+    for part in parts[1:]:
+        differ = {k for k in first["settings"] if k != "seeds" and part["settings"].get(k) != first["settings"][k]}
+        if differ or part["recipe_overrides"] != first["recipe_overrides"]:
+            sys.exit(
+                f"error: --from_json: the files differ in {sorted(differ) or 'recipe_overrides'}; merge only runs "
+                "of the same settings"
+            )
+    runs = [run for part in parts for run in part["runs"]]
+    seeds = list(dict.fromkeys(run["seed"] for run in runs))
+    return {**first, "settings": {**first["settings"], "seeds": seeds}, "runs": runs}
 
 
 def verdict(gap: list[float]) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from offpolicy_report import plot, section  # noqa: E402
+from offpolicy_report import merged, plot, section, summarise  # noqa: E402
 from rounds_sentiment import frontier_at  # noqa: E402
 from sections import write_section  # noqa: E402
 
@@ -52,18 +52,6 @@ KINDS = {
     "opposite policy": "a model trained as pi_ref is, on reviews of the opposite tone (each topic's positivity p -> 1 - p)",
     "written reviews": "reviews written by the task's generator (the SFT corpus's source), sampled from no policy",
 }
-# two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); no scipy in the environment
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high) over seeds: mean +- t(0.975, n-1) standard errors; one value: no interval (+-inf)."""
-    n, mean = len(values), sum(values) / len(values)
-    if n < 2:
-        return mean, -math.inf, math.inf
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
 
 
 def envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -254,38 +242,11 @@ def compare(rounds: dict, offline: dict) -> list[dict]:
     return rows
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """Per reward and kind, at the rounds' last round: means over seeds with 95% t intervals."""
-    out = []
-    for reward_name in REWARDS:
-        for kind in KINDS:
-            cell = [r for r in runs if r["reward"] == reward_name and r["kind"] == kind]
-            if not cell:
-                continue
-            last = [c["compare"][-1] for c in cell]
-            peak = [max(p["reward"] for p in c["offline_path"]) for c in cell]
-            out.append(
-                {
-                    "reward": reward_name,
-                    "kind": kind,
-                    "seeds": len(cell),
-                    "rounds_reward": t_interval([x["reward"] for x in last]),
-                    "rounds_kl": t_interval([x["kl"] for x in last]),
-                    "offline_at_kl": t_interval([x["offline"] for x in last]),
-                    "gap": t_interval([x["gap"] for x in last]),
-                    "offline_peak": t_interval(peak),
-                    "beyond_offline_kl": sum(x["beyond_offline_kl"] for x in last),
-                    "pairs": [c["pairs"] for c in cell],
-                }
-            )
-    return out
-
-
 def write_outputs(data: dict, out: Path, benchmarks_md: Path) -> None:
     """rounds_offpolicy.{json,md,png} in `out` and the section of `benchmarks_md`, from `data` (runs so far)."""
     from dpo.files import json_text
 
-    data = {**data, "summary": summarise(data["runs"]), "reading": READING}
+    data = {**data, "summary": summarise(data["runs"], list(data["kinds"])), "reading": READING}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "rounds_offpolicy.json"
     path.write_text(json_text(data, path, observations=True, indent=2) + "\n")
@@ -310,11 +271,16 @@ def main() -> None:
     parser.add_argument("--workdir", default="outputs/rounds_offpolicy_bench")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--benchmarks_md", default=str(ROOT / "BENCHMARKS.md"))
-    parser.add_argument("--from_json", help="only rewrite the table, plot and section from this rounds_offpolicy.json")
+    parser.add_argument(
+        "--from_json",
+        nargs="+",
+        help="only rewrite the table, plot and section from these rounds_offpolicy.json files (seeds run in separate "
+        "processes with the same settings: their runs together; the first file's pi_ref rarity)",
+    )
     args, recipe_argv = parser.parse_known_args()  # the rest: recipe settings for both sides, e.g. --sft_steps 20
     out, benchmarks_md = Path(args.out), Path(args.benchmarks_md)
     if args.from_json:
-        return write_outputs(json.loads(Path(args.from_json).read_text()), out, benchmarks_md)
+        return write_outputs(merged([json.loads(Path(f).read_text()) for f in args.from_json]), out, benchmarks_md)
     workdir = Path(args.workdir)
     if workdir.exists() and any(workdir.iterdir()):
         sys.exit(f"error: {workdir} is not empty: the benchmark runs everything from scratch; pick another --workdir")

@@ -37,9 +37,10 @@ def test_offline_at_the_rounds_kl_reads_the_upper_envelope(bench):
 
 
 def test_t_interval_over_seeds(bench):
-    mean, low, high = bench.t_interval([1.0, 2.0, 3.0])
+    t_interval = sys.modules["offpolicy_report"].t_interval  # the benchmark's report module, imported by it
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(0.975, 2), sd 1
-    assert bench.t_interval([1.0])[1] == -math.inf  # one seed: no interval
+    assert t_interval([1.0])[1] == -math.inf  # one seed: no interval
 
 
 def test_label_pairs_drops_ties_and_stops_at_the_budget(bench):
@@ -47,7 +48,7 @@ def test_label_pairs_drops_ties_and_stops_at_the_budget(bench):
 
     reward = make_reward("dpo.rounds.sentiment:ground_truth", ROOT)
     answers = [(" great plot.", " dull plot."), (" long plot.", " loud plot."), (" dull plot.", " lovely plot.")]
-    rows = bench.label_pairs(["a", "b", "c"], answers * 1, reward, 1)
+    rows = bench.label_pairs(["a", "b", "c"], answers, reward, 1)
     assert rows == [{"prompt": "a", "chosen": " great plot.", "rejected": " dull plot."}]
     rows = bench.label_pairs(["a", "b", "c"], answers, reward, 5)
     assert [r["prompt"] for r in rows] == ["a", "c"] and rows[1]["chosen"] == " lovely plot."  # b tied: dropped
@@ -78,3 +79,13 @@ def test_the_benchmark_runs_end_to_end_with_matched_pair_budgets(bench, tmp_path
     text = md.read_text()
     assert "kept" in text and bench.HEADING in text  # its own section added, the other kept
     assert text.count("| rare praise | ") == len(bench.KINDS) + 2  # a summary row per kind, a row per seed
+
+
+def test_seeds_run_apart_merge_into_one_result_only_with_the_same_settings(bench):
+    part = {"settings": {"seeds": [42], "rounds": 3}, "recipe_overrides": [], "runs": [{"seed": 42}], "rarity": 1}
+    other = {**part, "settings": {"seeds": [44], "rounds": 3}, "runs": [{"seed": 44}], "rarity": 2}
+    both = bench.merged([part, other])
+    assert both["settings"]["seeds"] == [42, 44] and both["runs"] == [{"seed": 42}, {"seed": 44}]
+    assert both["rarity"] == 1  # the first file's
+    with pytest.raises(SystemExit, match="differ in \\['rounds'\\]"):
+        bench.merged([part, {**other, "settings": {"seeds": [44], "rounds": 2}}])
