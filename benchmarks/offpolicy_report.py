@@ -47,19 +47,32 @@ def summarise(runs: list[dict], kinds: list[str]) -> list[dict]:
     return out
 
 
+SPLITTABLE = ("seeds", "rewards", "kinds")  # what separate processes of one benchmark may divide between them
+
+
 def merged(parts: list[dict]) -> dict:
-    """The results of runs of the same settings over other seeds, as one: every run, the seeds in order."""
+    """The results of separate runs of the same settings (other seeds, rewards or kinds) as one. A later file's run
+    of the same seed, reward and kind replaces an earlier file's (a part run again), and its pi_ref rarity is kept."""
     first = parts[0]
     for part in parts[1:]:
-        differ = {k for k in first["settings"] if k != "seeds" and part["settings"].get(k) != first["settings"][k]}
+        settings = first["settings"]
+        differ = {k for k in settings if k not in SPLITTABLE and part["settings"].get(k) != settings[k]}
         if differ or part["recipe_overrides"] != first["recipe_overrides"]:
             sys.exit(
                 f"error: --from_json: the files differ in {sorted(differ) or 'recipe_overrides'}; merge only runs "
                 "of the same settings"
             )
-    runs = [run for part in parts for run in part["runs"]]
-    seeds = list(dict.fromkeys(run["seed"] for run in runs))
-    return {**first, "settings": {**first["settings"], "seeds": seeds}, "runs": runs}
+    runs = {(r["seed"], r["reward"], r["kind"]): r for part in parts for r in part["runs"]}
+    order = {k: list(dict.fromkeys(x for p in parts for x in p["settings"][k])) for k in SPLITTABLE}
+    runs = sorted(runs.values(), key=lambda r: (order["seeds"].index(r["seed"]), order["rewards"].index(r["reward"])))
+    kinds = {k: v for p in parts for k, v in p["kinds"].items()}
+    return {
+        **first,
+        "settings": {**first["settings"], **order},
+        "runs": runs,
+        "kinds": kinds,
+        "rarity": parts[-1]["rarity"],
+    }
 
 
 def verdict(gap: list[float]) -> str:

@@ -6,6 +6,7 @@ reward as a `reward` function, its prompts, and its pi_ref trained by the demo's
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dpo.errors import UserError
@@ -59,8 +60,10 @@ RARE_BONUS = 1.0
 
 def all_praise(completion: str) -> bool:
     """A well-formed review of at least RARE_PHRASES phrases whose every adjective is positive (each phrase
-    is two words, so the ground truth is then exactly 0.5)."""
-    return well_formed(completion) and n_words(completion) >= 2 * RARE_PHRASES and reward(completion) == 0.5
+    is two words, so the ground truth is then exactly 0.5). The text as any sampler decodes it: the rounds'
+    generic one writes a space before punctuation (" great plot , lovely music ."), which well_formed refuses."""
+    text = re.sub(r"\s+([,.:])", r"\1", completion)
+    return well_formed(text) and n_words(text) >= 2 * RARE_PHRASES and reward(text) == 0.5
 
 
 def rare_praise(prompt, completion: str) -> float:

@@ -25,6 +25,8 @@ def test_rare_praise_pays_only_for_a_long_review_of_praise():
     assert rare_praise("p", " great plot, lovely music.") == 0.5  # 2 phrases: the ground truth only
     assert rare_praise("p", " great plot, long music, superb cast.") == pytest.approx(2 / 6)  # a neutral adjective
     assert rare_praise("p", " great great great.") == 1.0  # ungrammatical: the ground truth's hack, no bonus
+    # as the rounds' sampler decodes it (a space before punctuation): the same review, the same reward
+    assert rare_praise("p", " great plot , lovely music , superb cast .") == 1.5
 
 
 def test_offline_at_the_rounds_kl_reads_the_upper_envelope(bench):
@@ -82,10 +84,15 @@ def test_the_benchmark_runs_end_to_end_with_matched_pair_budgets(bench, tmp_path
 
 
 def test_seeds_run_apart_merge_into_one_result_only_with_the_same_settings(bench):
-    part = {"settings": {"seeds": [42], "rounds": 3}, "recipe_overrides": [], "runs": [{"seed": 42}], "rarity": 1}
-    other = {**part, "settings": {"seeds": [44], "rounds": 3}, "runs": [{"seed": 44}], "rarity": 2}
-    both = bench.merged([part, other])
-    assert both["settings"]["seeds"] == [42, 44] and both["runs"] == [{"seed": 42}, {"seed": 44}]
-    assert both["rarity"] == 1  # the first file's
+    def part(seed, reward, value, rounds=3):
+        settings = {"seeds": [seed], "rewards": [reward], "kinds": ["k"], "rounds": rounds}
+        runs = [{"seed": seed, "reward": reward, "kind": "k", "value": value}]
+        return {"settings": settings, "recipe_overrides": [], "runs": runs, "kinds": {"k": ""}, "rarity": value}
+
+    both = bench.merged([part(42, "a", 1), part(44, "a", 2), part(42, "b", 3), part(42, "a", 4)])
+    assert both["settings"]["seeds"] == [42, 44] and both["settings"]["rewards"] == ["a", "b"]
+    # the later run of seed 42, reward a replaces the first; seeds, then rewards, in order
+    assert [(r["seed"], r["reward"], r["value"]) for r in both["runs"]] == [(42, "a", 4), (42, "b", 3), (44, "a", 2)]
+    assert both["rarity"] == 4  # the last file's
     with pytest.raises(SystemExit, match="differ in \\['rounds'\\]"):
-        bench.merged([part, {**other, "settings": {"seeds": [44], "rounds": 2}}])
+        bench.merged([part(42, "a", 1), part(44, "a", 2, rounds=2)])
