@@ -127,6 +127,14 @@ class Job:
 
         opposite = OppositeTone(seed=task.seed, heldout_topics=task.heldout_topics)
         self.task = task
+        if self.args.models_from:  # another run's models (the same settings and seed train the same ones): checked
+            from dpo.folders import MODEL_KIND, marker_problem
+
+            self.pi_ref, self.opposite = (Path(self.args.models_from) / name for name in ("pi_ref", "opposite"))
+            for folder in (self.pi_ref, self.opposite):
+                if problem := marker_problem(folder, MODEL_KIND):
+                    sys.exit(f"error: --models_from: {folder} is not a whole model this benchmark trained ({problem})")
+            return
         self.pi_ref, _ = train_reference(task, self.workdir / "pi_ref", self.settings, self.training_args)
         self.opposite, _ = train_reference(opposite, self.workdir / "opposite", self.settings, self.training_args)
 
@@ -269,6 +277,9 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=10, help="offline optimizer steps between scored points")
     parser.add_argument("--hot_temperature", type=float, default=2.0)
     parser.add_argument("--workdir", default="outputs/rounds_offpolicy_bench")
+    parser.add_argument(
+        "--models_from", help="the workdir of an earlier run of these settings: its pi_ref and opposite"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--benchmarks_md", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument(
@@ -290,7 +301,11 @@ def main() -> None:
     from dpo.rounds.reward import make_reward
 
     data = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "out", "benchmarks_md", "from_json")},
+        "settings": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("workdir", "out", "benchmarks_md", "from_json", "models_from")
+        },
         "recipe_overrides": recipe_argv,
         "kinds": {k: v for k, v in KINDS.items() if k in args.kinds},
         "rarity": job.rarity(make_reward(REWARDS["rare praise"], workdir)),
