@@ -1,6 +1,8 @@
 """On-policy DPO in rounds against offline DPO on pairs from *another* policy, at matched KL to pi_ref.
 
-    python benchmarks/rounds_offpolicy.py          # ~40 min on 2 busy CPU cores; writes its section of BENCHMARKS.md
+    python benchmarks/rounds_offpolicy.py          # 6 rounds runs + 24 offline runs; writes its section of BENCHMARKS.md
+    python benchmarks/rounds_offpolicy.py --seeds 43 --rewards "rare praise" --models_from W --out D   # one part of it
+    python benchmarks/rounds_offpolicy.py --from_json D1/rounds_offpolicy.json D2/rounds_offpolicy.json  # parts merged
     python benchmarks/rounds_offpolicy.py --seeds 42 --rounds 1 --prompts_per_round 32 --sft_steps 20   # a quick look
 
 benchmarks/rounds_sentiment.py found the rounds on the offline frontier: its offline pairs are pi_ref's own
