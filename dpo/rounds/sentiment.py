@@ -6,12 +6,13 @@ reward as a `reward` function, its prompts, and its pi_ref trained by the demo's
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dpo.errors import UserError
 from dpo.folders import MODEL_KIND, marker_problem
 from dpo.log import log
-from dpo.offline.sentiment import SentimentTask, reward, train_reference
+from dpo.offline.sentiment import SentimentTask, n_words, reward, train_reference, well_formed
 
 
 def ground_truth(prompt, completion: str) -> float:
@@ -47,3 +48,24 @@ def initial_model(args, training_args, output_dir: Path) -> str:
     sft_dir, _ = train_reference(task_of(args), folder, args, training_args)
     log(f"pi_ref: trained into {sft_dir}")
     return str(sft_dir)
+
+
+# The "rare best answer" reward (benchmarks/rounds_offpolicy.py): the ground truth, plus 1 for a review only a
+# policy tuned far towards praise writes often: well formed, at least RARE_PHRASES phrases, every adjective
+# positive. pi_ref writes it for a few per cent of held-out prompts (the benchmark measures the share), so two
+# samples of pi_ref rarely hold one, while best-of-K samples of a policy drifting towards praise hold more.
+RARE_PHRASES = 3
+RARE_BONUS = 1.0
+
+
+def all_praise(completion: str) -> bool:
+    """A well-formed review of at least RARE_PHRASES phrases whose every adjective is positive (each phrase
+    is two words, so the ground truth is then exactly 0.5). The text as any sampler decodes it: the rounds'
+    generic one writes a space before punctuation (" great plot , lovely music ."), which well_formed refuses."""
+    text = re.sub(r"\s+([,.:])", r"\1", completion)
+    return well_formed(text) and n_words(text) >= 2 * RARE_PHRASES and reward(text) == 0.5
+
+
+def rare_praise(prompt, completion: str) -> float:
+    """The ground truth plus RARE_BONUS for an all-praise review (all_praise): top value 1.5, rare under pi_ref."""
+    return reward(completion) + (RARE_BONUS if all_praise(completion) else 0.0)

@@ -41,6 +41,7 @@ def table_rows(text: str) -> list[str]:
         "bench_sweep.py",
         "frontier_sentiment.py",
         "real_alignment.py",
+        "rounds_offpolicy.py",
         "rounds_sentiment.py",
         "rounds_sweep.py",
     ],

@@ -1,0 +1,98 @@
+"""benchmarks/rounds_offpolicy.py: the rare reward, the matched-KL reading, and the whole benchmark end to end at
+its smallest size (1 round of 32 prompts, 2 seeds, every kind of offline pairs, a few optimizer steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+from helpers import ROOT, load_script
+
+BENCH = ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script(BENCH / "rounds_offpolicy.py", "bench_rounds_offpolicy")
+
+
+def test_rare_praise_pays_only_for_a_long_review_of_praise():
+    from dpo.rounds.sentiment import rare_praise
+
+    assert rare_praise("p", " great plot, lovely music, superb cast.") == 1.5  # 3 phrases, all praise
+    assert rare_praise("p", " great plot, lovely music.") == 0.5  # 2 phrases: the ground truth only
+    assert rare_praise("p", " great plot, long music, superb cast.") == pytest.approx(2 / 6)  # a neutral adjective
+    assert rare_praise("p", " great great great.") == 1.0  # ungrammatical: the ground truth's hack, no bonus
+    # as the rounds' sampler decodes it (a space before punctuation): the same review, the same reward
+    assert rare_praise("p", " great plot , lovely music , superb cast .") == 1.5
+
+
+def test_offline_at_the_rounds_kl_reads_the_upper_envelope(bench):
+    rounds = {"initial": {"reward": 0.0}, "rounds": [{"round": 1, "heldout": {"kl": 1.5, "reward": 0.4}}]}
+    # a path that rises, falls back and rises again: the envelope skips the fall
+    offline = {"path": [{"kl": 1.0, "reward": 0.3}, {"kl": 1.2, "reward": 0.1}, {"kl": 2.0, "reward": 0.5}]}
+    [row] = bench.compare(rounds, offline)
+    assert row["offline"] == pytest.approx(0.3 + 0.2 * 0.5 / 1.0)  # linear between (1.0, 0.3) and (2.0, 0.5)
+    assert row["gap"] == pytest.approx(0.4 - 0.4) and not row["beyond_offline_kl"]
+
+
+def test_t_interval_over_seeds(bench):
+    t_interval = sys.modules["offpolicy_report"].t_interval  # the benchmark's report module, imported by it
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and high - mean == pytest.approx(4.303 * 1.0 / math.sqrt(3))  # t(0.975, 2), sd 1
+    assert t_interval([1.0])[1] == -math.inf  # one seed: no interval
+
+
+def test_label_pairs_drops_ties_and_stops_at_the_budget(bench):
+    from dpo.rounds.reward import make_reward
+
+    reward = make_reward("dpo.rounds.sentiment:ground_truth", ROOT)
+    answers = [(" great plot.", " dull plot."), (" long plot.", " loud plot."), (" dull plot.", " lovely plot.")]
+    rows = bench.label_pairs(["a", "b", "c"], answers, reward, 1)
+    assert rows == [{"prompt": "a", "chosen": " great plot.", "rejected": " dull plot."}]
+    rows = bench.label_pairs(["a", "b", "c"], answers, reward, 5)
+    assert [r["prompt"] for r in rows] == ["a", "c"] and rows[1]["chosen"] == " lovely plot."  # b tied: dropped
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_with_matched_pair_budgets(bench, tmp_path, monkeypatch):
+    out, md = tmp_path / "out", tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n## Another section\n\nkept\n")
+    argv = ["rounds_offpolicy.py", "--seeds", "42", "43", "--rewards", "rare praise", "--rounds", "1"]
+    argv += ["--prompts_per_round", "32", "--eval_prompts", "16", "--offline_epochs", "3", "--eval_every", "1"]
+    argv += ["--sft_steps", "10", "--sft_examples", "128", "--min_pairs", "4"]
+    argv += ["--workdir", str(tmp_path / "work"), "--out", str(out), "--benchmarks_md", str(md)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    data = json.loads((out / "rounds_offpolicy.json").read_text())
+    assert len(data["runs"]) == 2 * len(bench.KINDS)  # 2 seeds x every kind, one reward
+    for run in data["runs"]:
+        assert run["pairs"] == run["rounds_pairs"]  # the same number of labelled pairs on both sides
+        # one scored point per optimizer step (eval_every 1): 3 epochs of the training pairs at 32 a step
+        kept = run["pairs"] - math.ceil(0.1 * run["pairs"])  # the 10% held out as the rounds hold out (test_size)
+        assert len(run["offline_path"]) <= 3 * math.ceil(run["pairs"] / 32) and len(run["offline_path"]) >= 3
+        assert kept > 0 and run["compare"][-1]["round"] == 1
+    assert 0.0 <= data["rarity"]["share"] <= 1.0 and data["rarity"]["samples"] == 16 * 8
+    [row] = data["summary"][:1]
+    assert row["seeds"] == 2 and row["reward"] == "rare praise"
+    assert (out / "rounds_offpolicy.png").stat().st_size > 0
+    text = md.read_text()
+    assert "kept" in text and bench.HEADING in text  # its own section added, the other kept
+    assert text.count("| rare praise | ") == len(bench.KINDS) + 2  # a summary row per kind, a row per seed
+
+
+def test_seeds_run_apart_merge_into_one_result_only_with_the_same_settings(bench):
+    def part(seed, reward, value, rounds=3):
+        settings = {"seeds": [seed], "rewards": [reward], "kinds": ["k"], "rounds": rounds}
+        runs = [{"seed": seed, "reward": reward, "kind": "k", "value": value}]
+        return {"settings": settings, "recipe_overrides": [], "runs": runs, "kinds": {"k": ""}, "rarity": value}
+
+    both = bench.merged([part(42, "a", 1), part(44, "a", 2), part(42, "b", 3), part(42, "a", 4)])
+    assert both["settings"]["seeds"] == [42, 44] and both["settings"]["rewards"] == ["a", "b"]
+    # the later run of seed 42, reward a replaces the first; seeds, then rewards, in order
+    assert [(r["seed"], r["reward"], r["value"]) for r in both["runs"]] == [(42, "a", 4), (42, "b", 3), (44, "a", 2)]
+    assert both["rarity"] == 4  # the last file's
+    with pytest.raises(SystemExit, match="differ in \\['rounds'\\]"):
+        bench.merged([part(42, "a", 1), part(44, "a", 2, rounds=2)])
