@@ -74,3 +74,14 @@ def test_evaluate_takes_its_cpu_threads_from_torch_threads(tmp_path, capsys, no_
         assert "run folder not found" in err[0] and "torch_threads" in err[1], err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluate_without_torch_threads_passes_the_settings_gate(tmp_path, capsys, no_weights_load):
+    """--torch_threads is optional: left out, torch keeps its own threads. The gate refused its unset value
+    ("torch_threads must be >= 1; got null"), so every evaluate without the flag ended there."""
+    from dpo.evaluation.evaluate import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "missing")])
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and err == [f"error: run folder not found: {tmp_path / 'missing'}"], err
