@@ -6,7 +6,7 @@
 
 pi_theta is the run's adapter; pi_ref is what the run trained against: the base with adapters
 disabled, or base + the SFT adapter when DPO started from one (output_dir/ref, TRL's frozen
-copy). One model is in memory: the base once, both adapters on it, switched per forward.
+copy). One model is in memory: the base once, both adapters on it, switched per forward (per row: greedy).
 
   1. held-out pairs (heldout_pairs.jsonl, written by the recipe): implicit-reward accuracy and
      margin, beta * (log pi_theta/pi_ref of chosen - of rejected), with 95% intervals;
@@ -224,6 +224,28 @@ def scored(model, prompt_ids, completion_ids, pad: int, bs: int, desc: str) -> t
     )
 
 
+def answers_of_both(model, tokenizer, prompt_ids, max_new_tokens: int, seed: int, bs: int) -> dict:
+    """{(mode, "policy" | "reference"): answers} in 3 decode loops, not 4. Greedy: both models share one (peft's
+    mixed-adapter batch, sampling.generate_ids_per_adapter), the answers of two loops token for token. Sampled: a loop
+    per model as before: batch b of each draws torch.manual_seed(seed + b), which one batch would split. DoRA: 4."""
+    from dpo.compat import REFERENCE_ADAPTER
+    from dpo.evaluation.sampling import Sampling, generate_ids_per_adapter
+
+    reference = REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else "__base__"  # peft: no adapter
+    answers, greedy = {}, Sampling(max_new_tokens=max_new_tokens, batch_size=bs, do_sample=False)
+    if not any(getattr(config, "use_dora", False) for config in model.peft_config.values()):
+        with as_model(model, "policy"):  # adapters enabled; each row names its own
+            desc, pair = "greedy answers, policy and reference", ("policy", reference)
+            both = generate_ids_per_adapter(model, tokenizer, prompt_ids, pair, greedy, seed, desc)
+        answers["greedy", "policy"], answers["greedy", "reference"] = both["policy"], both[reference]
+    for mode, name in ((m, n) for m in GENERATION_MODES for n in ("policy", "reference")):
+        if (mode, name) not in answers:
+            with as_model(model, name):
+                args = (model, tokenizer, prompt_ids, mode == "sampled", max_new_tokens, seed, bs)
+                answers[mode, name] = generate(*args, desc=f"{mode} answers, {name}")
+    return answers
+
+
 def as_model(model, name: str):
     """Context in which the one loaded model is pi_theta ("policy") or pi_ref ("reference")."""
     from dpo.compat import use_adapter
@@ -236,8 +258,8 @@ def as_model(model, name: str):
 def evaluate(
     output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, batch_size=8, seed=0, dequantize=True
 ) -> dict:
-    """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); off
-    only to measure what that saves (benchmarks/bench_evaluate.py)."""
+    """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); off only
+    to measure what that saves (benchmarks/bench_evaluate.py). Greedy answers: one decode loop for both models."""
     from dpo.evaluation.judge import mean_interval, wilson
     from dpo.evaluation.sampling import render_prompt
     from dpo.train.speed.dequant import dequantized_4bit_layers
@@ -286,14 +308,7 @@ def evaluate(
     chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
     texts = [render_prompt(tokenizer, p["prompt"], p.get(TOOLS_COLUMN)) for p in pairs[:num_prompts]]
     gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    answers = {}
-    for mode in GENERATION_MODES:
-        for name in ("policy", "reference"):
-            with as_model(model, name):
-                answers[mode, name] = generate(
-                    *(model, tokenizer, gen_prompt_ids, mode == "sampled", max_new_tokens, seed, batch_size),
-                    desc=f"{mode} answers, {name}",
-                )
+    answers = answers_of_both(model, tokenizer, gen_prompt_ids, max_new_tokens, seed, batch_size)
     sampled = answers["sampled", "policy"]
     with as_model(model, "policy"):
         logp_policy = scored(model, gen_prompt_ids, sampled, pad, batch_size, "KL: policy log-probs")

@@ -10,7 +10,7 @@ is) or a list of chat messages (the policy's chat template with the generation p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -74,12 +74,20 @@ def _cut(row: list[int], eos: int) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(
-    model, tokenizer, prompt_ids: list[list[int]], settings: Sampling, seed: int, desc: str | None = None
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    settings: Sampling,
+    seed: int,
+    desc: str | None = None,
+    adapters: list[str] | None = None,
 ) -> list[list[int]]:
     """One sampled completion (token ids, ending with EOS unless cut at max_new_tokens) per row of
     `prompt_ids`, in the input order. Rows are sorted by prompt length into batches of
     `settings.batch_size`; batch b is sampled after torch.manual_seed(seed + b), so a run repeats. With `desc`,
-    a progress bar counts generation steps (at most max_new_tokens a batch) with its ETA."""
+    a progress bar counts generation steps (at most max_new_tokens a batch) with its ETA. `adapters`: the LoRA
+    adapter each row runs with ("__base__": none), peft's mixed-adapter batch, so that several models share one
+    decode loop; None: the model as it is."""
     from tqdm.auto import tqdm
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -100,8 +108,9 @@ def generate_ids(
         )
         torch.manual_seed(seed + b)
         progress = _token_progress(bar) if desc is not None else None
+        mixed = {} if adapters is None else {"adapter_names": [adapters[i] for i in rows]}
         generated = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress
+            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress, **mixed
         )
         for i, row in zip(rows, generated[:, width:].tolist()):
             out[i] = _cut(row, eos)
@@ -110,6 +119,19 @@ def generate_ids(
     bar.close()
     model.train(was_training)
     return out
+
+
+def generate_ids_per_adapter(
+    model, tokenizer, prompt_ids: list[list[int]], adapters: tuple[str, ...], settings: Sampling, seed: int, desc=None
+) -> dict[str, list[list[int]]]:
+    """{adapter: its answer to each prompt} from one decode loop: each prompt once per adapter, side by side, in
+    batches of len(adapters) x settings.batch_size, so that a batch holds the prompts (and the padding) that one
+    adapter's batch would hold alone. Meant for greedy decoding: sampled rows would draw other random numbers
+    than a loop of their own."""
+    rows = [p for p in prompt_ids for _ in adapters]
+    shared = replace(settings, batch_size=len(adapters) * settings.batch_size)
+    answers = generate_ids(model, tokenizer, rows, shared, seed, desc, adapters=list(adapters) * len(prompt_ids))
+    return {name: answers[k :: len(adapters)] for k, name in enumerate(adapters)}
 
 
 def completion_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:

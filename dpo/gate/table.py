@@ -140,7 +140,7 @@ TABLE = {
     "pair_prompts": at_least(1, "training prompts: 0 gives no preference pairs"),
     "heldout_pair_prompts": at_least(1, "held-out prompts for the implicit-reward accuracy"),
     "eval_prompts": at_least(1, "held-out prompts sampled from pi_ref and pi_theta"),
-    "torch_threads": at_least(1, "CPU threads"),
+    "torch_threads": at_least(1, "CPU threads; unset: torch's own (every core)", unset=UNSET),
     # ── on-policy DPO in rounds (recipes/dpo_rounds.py, dpo/rounds/) ──────────────────────────────
     "rounds": at_least(1, "rounds of sample, score, pair, train: 0 runs nothing"),
     "prompts_per_round": non_negative("prompts sampled each round; 0 takes all of them", whole=True),

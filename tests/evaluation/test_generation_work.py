@@ -74,3 +74,75 @@ def test_evaluate_takes_its_cpu_threads_from_torch_threads(tmp_path, capsys, no_
         assert "run folder not found" in err[0] and "torch_threads" in err[1], err
     finally:
         torch.set_num_threads(threads)
+
+
+def test_evaluate_without_torch_threads_passes_the_settings_gate(tmp_path, capsys, no_weights_load):
+    """--torch_threads is optional: left out, torch keeps its own threads. The gate refused its unset value
+    ("torch_threads must be >= 1; got null"), so every evaluate without the flag ended there."""
+    from dpo.evaluation.evaluate import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "missing")])
+    err = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and err == [f"error: run folder not found: {tmp_path / 'missing'}"], err
+
+
+@pytest.fixture(params=["base", "sft_adapter", "4bit_dequantized"])
+def run_models(request, tiny_model_dir):
+    """pi_theta and pi_ref on one model as evaluate holds them: adapter "policy", and pi_ref the base with adapters
+    disabled or (a run from an SFT adapter) adapter "ref"; "4bit_dequantized": the adapters on a 4-bit NF4 base,
+    then its layers dequantized for inference, as evaluate does on a CPU (peft's bnb LoRA layers around nn.Linear).
+    Random adapters, so that the models answer differently."""
+    from helpers import qlora_quantization_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo.compat import REFERENCE_ADAPTER
+    from dpo.train.speed.dequant import dequantized_4bit_layers
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    torch.manual_seed(0)
+    four_bit = {"quantization_config": qlora_quantization_config()} if request.param == "4bit_dequantized" else {}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, **four_bit)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False)
+    model = get_peft_model(base, config, adapter_name="policy")
+    if request.param != "base":
+        model.add_adapter(REFERENCE_ADAPTER, config)
+    if four_bit:
+        assert dequantized_4bit_layers(model, available=2**40)[0] > 0
+    return model.eval(), tokenizer
+
+
+def test_evaluate_answers_greedily_with_both_models_in_one_decode_loop(run_models):
+    """Evaluate's four generations (greedy and sampled, pi_theta and pi_ref) took four decode loops, each up to
+    max_new_tokens forwards; the two greedy ones now share one loop (peft's mixed-adapter batch: one row per prompt
+    and model). The answers are token for token those of separate loops, and sampled ones keep their own loops
+    (the same seeds as before). Counted: decode loops (forwards fed a whole prompt) and forwards, never time."""
+    from dpo.evaluation.evaluate import GENERATION_MODES, answers_of_both, as_model
+    from dpo.evaluation.sampling import Sampling, generate_ids
+
+    model, tokenizer = run_models
+    prompts = ["Instruct: What is the capital of France?\nOutput:", "Do you have feelings?", "review of the movie:"]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    new_tokens, bs = 10, 2  # two batches per model: the pairing of rows into batches is exercised
+    separate = {}
+    for mode in GENERATION_MODES:
+        for name in ("policy", "reference"):
+            settings = Sampling(max_new_tokens=new_tokens, batch_size=bs, do_sample=mode == "sampled")
+            with as_model(model, name):
+                separate[mode, name] = generate_ids(model, tokenizer, prompt_ids, settings, seed=3)
+    assert separate["greedy", "policy"] != separate["greedy", "reference"], "the models agree: nothing is checked"
+
+    shapes, handle = counted_forwards(model)
+    try:
+        answers = answers_of_both(model, tokenizer, prompt_ids, new_tokens, seed=3, bs=bs)
+    finally:
+        handle.remove()
+    assert answers == separate
+    loops = [shape for shape in shapes if shape[1] > 1]  # a loop's first forward reads the prompts
+    batches = -(-len(prompts) // bs)
+    assert len(loops) == 3 * batches, f"{len(loops)} decode loops, want {3 * batches}: greedy shares one"
+    # rows per loop: greedy 2 x (2 + 1) prompts in batches of 2 x bs; sampled 2 + 1 per model
+    assert sorted(shape[0] for shape in loops) == [1, 1, 2, 2, 2, 4]
+    assert len(shapes) <= len(loops) * new_tokens  # and still one forward per generated token (KV cache)
