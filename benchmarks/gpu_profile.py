@@ -15,8 +15,7 @@ and host syncs per step). Per cell: median and spread (min-max) over runs of tok
 A configuration the installed code cannot run (a setting it does not know yet) is reported as skipped with the
 reason; one that fails records its error. Before each run the budget is checked against what the cell's earlier
 runs took (or the table's estimate): a run that would not fit is skipped, named. profile.json is rewritten after
-every run, and profile_section.md (benchmarks/profile_section.py) at the end; profile-runs.log keeps each child's
-own output.
+every run, profile_section.md (benchmarks/profile_section.py) at the end; profile-runs.log keeps each child's output.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.profile_plan import CONFIGS, DEFAULT_CELLS, NOT_SEPARABLE, SCALES, SIZES, GiB, cells_of, plan  # noqa: E402
 from dpo.errors import exit_on_user_error  # noqa: E402
+from dpo.files import json_text  # noqa: E402
 
 BEGAN = time.perf_counter()
 
@@ -84,9 +84,9 @@ def build(cfg: dict, args, tokenizer, steps: int, pairs):
 def label_lm_head() -> None:
     """A profiler range around TRL's fused LM head forward (its backward is named by autograd already)."""
     import torch
-    from trl.trainer import utils
 
-    function = utils._ChunkedLogProbFunction
+    from dpo.compat import FusedLMHeadFunction as function  # TRL's fused LM head, an autograd Function
+
     apply = function.apply
     if getattr(apply, "labelled", False):  # runs in one process (--in-process): once
         return
@@ -288,7 +288,10 @@ def main(argv=None) -> int:
         SCALES[args.scale].update(timed=args.steps, auto_timed=args.steps)  # tests: fewer steps
     if args.worker:
         record = run_child(args, *args.worker)
-        print("RESULT " + json.dumps(record, default=str), flush=True)
+        print(
+            "RESULT " + json_text(record, "the profile child's RESULT line", observations=True, default=str),
+            flush=True,
+        )
         return 0
     return drive(args)
 
@@ -337,7 +340,11 @@ def drive(args) -> int:
                 record = run_child(argparse.Namespace(**{**vars(args), "model": str(model)}), *what)
             except Exception as err:  # as a child's crash: recorded, the next run goes on
                 return None, f"{type(err).__name__}: {str(err)[:300]}", 0.0
-            return json.loads(json.dumps(record, default=str)), None, 0.0
+            return (
+                json.loads(json_text(record, "an in-process run's record", observations=True, default=str)),
+                None,
+                0.0,
+            )
         try:
             proc = subprocess.run(base + ["--worker", *what], env=env, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:

@@ -9,10 +9,9 @@ YAML keys: transformers 5 renamed gradient_checkpointing to activation_checkpoin
 name warns); TRL 1.16 still reads `args.gradient_checkpointing`, which transformers keeps in
 step with the new one, so the recipes' YAMLs use the new name.
 
-One more place mirrors TRL on purpose: dpo/data/doctor.py counts tokens the way DPOTrainer
-tokenizes (EOS added to text completions, chat templates for messages), and
-tests/data/test_doctor.py checks it against DPOTrainer's own dataset preparation, so a TRL
-upgrade that changes tokenization fails that test.
+One more place mirrors TRL on purpose: dpo/data/doctor.py counts tokens the way DPOTrainer tokenizes (EOS added
+to text completions, chat templates for messages), and tests/data/test_doctor.py checks it against DPOTrainer's
+own dataset preparation, so a TRL upgrade that changes tokenization fails that test.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from trl import (
     get_quantization_config,
 )
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import _ChunkedLogProbFunction as FusedLMHeadFunction  # its autograd Function
 from trl.trainer.utils import create_model_from_path, use_adapter
 
 from dpo.scratch.loss_settings import LOSS_TYPES as _ALL_LOSS_TYPES
@@ -75,6 +75,7 @@ __all__ = [
     "use_samplers",
     "lean_cpu_lm_head",
     "FUSED_PER_TOKEN_FIELDS",
+    "FusedLMHeadFunction",
     "fused_lm_head_model",
     "upcast_trainable_params",
     "keep_trainable_weights_fp32",
