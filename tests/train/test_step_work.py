@@ -26,7 +26,7 @@ SKIP, STEPS, ACCUMULATION = 1, 2, 2  # count steps 2-3 of 4: two micro-batches e
 step_work = load_script(ROOT / "benchmarks" / "step_work.py", "bench_step_work")
 
 
-def rows(n=24):
+def rows(n=16):  # = 4 steps x 2 pairs x 2 micro-batches: the plan reaches every pair, the cache fills up front
     """Pairs of one length (a numbered prompt): both sides' batches then have the same shapes, whatever order
     their samplers pick."""
     return [

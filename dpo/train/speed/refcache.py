@@ -48,7 +48,13 @@ from dpo.compat import TESTED_TRL, precomputed_reference_logps, reference_model,
 from dpo.errors import UserError
 from dpo.folders import env_path, given_path
 from dpo.log import log
-from dpo.train.speed.reflazy import LazyReference, planned_pairs, refuse_placeholders, training_columns
+from dpo.train.speed.reflazy import (
+    LazyReference,
+    planned_pairs,
+    refuse_placeholder_columns,
+    refuse_placeholders,
+    training_columns,
+)
 from dpo.train.speed.refstore import (
     COLUMNS,
     Store,
@@ -249,12 +255,15 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
         filler = LazyReference(
             ids["train"], lambda indices: compute_reference(trainer, trainer.train_dataset, indices, None), store, env
         )
+    else:  # every value is in the columns already: checked once here, not in every micro-batch
+        for dataset in [train, *(evaluation.values() if isinstance(evaluation, dict) else [evaluation])]:
+            refuse_placeholder_columns(dataset)
     use_reference_columns(
         trainer,
         train,
         evaluation,
         collator=filler.collator(trainer.data_collator) if filler else None,
-        prepare=(lambda batch: refuse_placeholders(filler.fill(batch))) if filler else refuse_placeholders,
+        prepare=(lambda batch: refuse_placeholders(filler.fill(batch))) if filler else None,
     )
 
     if trainer.accelerator.is_main_process:

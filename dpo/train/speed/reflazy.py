@@ -74,6 +74,14 @@ def refuse_placeholders(inputs: dict) -> dict:
     return inputs
 
 
+def refuse_placeholder_columns(dataset) -> None:
+    """The up-front path: every value of `dataset`'s reference columns checked once, before the first step, as
+    `refuse_placeholders` checks a batch (per batch it would cost a host sync in every micro-batch on a GPU)."""
+    if dataset is not None:
+        columns = {name: torch.tensor(list(dataset[name]), dtype=torch.float64) for name in COLUMNS}
+        refuse_placeholders({"input_ids": range(2 * len(dataset)), **columns})
+
+
 def training_columns(store: Store, rows: list[str]) -> tuple[list[float], list[float]]:
     """(ref_chosen_logps, ref_rejected_logps) of `rows`: the cached value, or PLACEHOLDER for a pair not yet filled."""
     values = [store.rows.get(row, (PLACEHOLDER, PLACEHOLDER)) for row in rows]

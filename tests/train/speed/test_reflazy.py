@@ -10,7 +10,7 @@ from helpers import recipe_trainer
 import dpo.train.speed.refcache as refcache
 from dpo.compat import DPOTrainer
 from dpo.errors import RunStopped
-from dpo.train.speed.reflazy import FILL, LazyReference, planned_pairs
+from dpo.train.speed.reflazy import FILL, LazyReference, planned_pairs, refuse_placeholder_columns
 from dpo.train.speed.refstore import Store
 
 # 12 training pairs in batches of 2 (recipe_trainer), 4 held out: max_steps 6 is one epoch, the whole set
@@ -120,6 +120,25 @@ def test_a_placeholder_never_reaches_the_loss(tiny_model_dir, tmp_path, monkeypa
         trainer.train()
     assert "\n" not in str(err.value) and err.value.exit_status == 1
     assert losses == [] and trainer.state.global_step == 0
+
+
+def test_up_front_columns_are_checked_once_before_the_first_step(tiny_model_dir, tmp_path, monkeypatch):
+    """A plan that reaches every pair fills up front; its columns are checked once when the cache is attached
+    (a non-finite value stops the run there), not in every micro-batch (tests/train/test_step_work.py counts
+    the host reads that would add)."""
+    from datasets import Dataset
+
+    good = Dataset.from_dict({"ref_chosen_logps": [-1.0, -2.0], "ref_rejected_logps": [-3.0, -4.0]})
+    refuse_placeholder_columns(good)  # nothing to refuse
+    bad = Dataset.from_dict({"ref_chosen_logps": [-1.0, float("nan")], "ref_rejected_logps": [-3.0, -4.0]})
+    with pytest.raises(RunStopped, match=r"1 pair\(s\) of a batch reached the loss without a reference value"):
+        refuse_placeholder_columns(bad)
+
+    checked = []
+    monkeypatch.setattr(refcache, "refuse_placeholder_columns", lambda dataset: checked.append(len(dataset)))
+    trainer = recipe_trainer(tiny_model_dir, tmp_path / "a", tmp_path / "cache", max_steps=100)
+    assert checked and checked[0] == len(trainer.train_dataset)  # the whole training set, before any step
+    assert trainer.prepare_loss_inputs(batch := {"input_ids": [1]}) is batch  # nothing per batch
 
 
 def test_the_plan_counts_steps_batches_accumulation_and_processes():
