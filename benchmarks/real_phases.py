@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo.errors import UserError
-from dpo.files import file_sha256, json_text, read_json_object
+from dpo.files import json_text, read_json_object
 from dpo.folders import marker_problem, read_marker, remove_marked, write_marked_folder
 from dpo.log import log
 from dpo.train.speed import refstore
@@ -40,10 +40,6 @@ KIND = "real-alignment phase"
 CHECKPOINT_KIND = "real-alignment checkpoint"
 RESULT_SHAPE = {"phase": (str, None)}
 SCORE_PART = 64  # pairs per reference-cache part: a kill while scoring loses at most this many
-
-
-def file_digest(path: str | Path) -> str:
-    return file_sha256(Path(path))
 
 
 TIMING = "timing.json"  # how long a phase took: in its folder, but not part of what a later phase came from

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from dpo.data.doctor import check_data
 from dpo.data.loading import load_preference_data
 from dpo.errors import UserError
+from dpo.files import file_sha256
 from dpo.log import log
 from dpo.scratch.logps import sft_nll
 from dpo.scratch.loop import collate, disable_dropout, forward_logps, split_pairs
@@ -41,7 +42,6 @@ from real_phases import (  # noqa: E402
     Progress,
     batch_indices,
     drop_checkpoint,
-    file_digest,
     finished_result,
     folder_identity,
     load_tensors,
@@ -181,7 +181,7 @@ class Plan:
         a = self.args
         made_from = {
             "phase": "split",
-            "data_sha256": file_digest(a.dataset_name),
+            "data_sha256": file_sha256(Path(a.dataset_name)),
             "seed": a.seed,
             "sizes": {k: len(r) for k, r in self.ranges.items()},
             "doctor": f"{self.report.rows_in} rows in, {self.report.rows_kept} kept",

@@ -23,7 +23,7 @@ import os
 
 from dpo.errors import UserError
 from dpo.folders import empty_path_problem
-from dpo.gate.flags import parse_flags
+from dpo.gate.flags import command_line_values, parse_flags
 from dpo.gate.table import ENV_PATHS, MAPPINGS, PATHS, RELATIONS, TABLE
 
 
@@ -110,19 +110,6 @@ def path_problems(values: dict) -> list[str]:
     found = [empty_path_problem(values.get(name), name) for name in PATHS]
     found += [empty_path_problem(os.environ.get(name), f"the environment variable {name}") for name in ENV_PATHS]
     return [p for p in found if p]
-
-
-def command_line_values(argv: list[str], names) -> dict:
-    """name -> text for each `--name value` or `--name=value` of `names` in `argv` (the last one given)."""
-    found = {}
-    for i, arg in enumerate(argv):
-        flag, eq, text = arg.partition("=")
-        if flag.startswith("--") and flag[2:] in names:
-            if eq:
-                found[flag[2:]] = text
-            elif i + 1 < len(argv):
-                found[flag[2:]] = argv[i + 1]
-    return found
 
 
 def check_paths_before_parsing(yaml_values: dict, argv: list[str]) -> None:
