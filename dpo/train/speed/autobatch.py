@@ -248,13 +248,14 @@ def decide(
     )
 
 
-def per_token_from_probe(peak_one: int, peak_two: int, probe_tokens: int) -> tuple[int, float]:
+def per_token_from_probe(peak_one: int, peak_two: int, probe_tokens: int, fallback: float = 1.0) -> tuple[int, float]:
     """(step_fixed, per_token) from the peaks of one and two pairs of `probe_tokens` per sequence, both measured
     above what was resident before: the slope is one pair's cost (two sequences), the intercept what any step
-    allocates. A slope <= 0 (the allocator reused memory between the two) is read as one byte per token, so a
-    measurement gone wrong plans for less, never for an unbounded micro-batch."""
+    allocates. A slope <= 0 (the allocator reused memory between the two) measured nothing: per_token is then
+    `fallback` (the probe passes analytic_per_token), never a near-zero cost that would make any micro-batch fit."""
     slope = peak_two - peak_one
-    return max(0, peak_one - slope), max(1.0, slope / (2 * probe_tokens))
+    per_token = max(1.0, slope / (2 * probe_tokens)) if slope > 0 else max(1.0, fallback)
+    return max(0, peak_one - slope), per_token
 
 
 def probe_tokens_for(tokens: int, plan_left: int, guess_per_token: float) -> int:

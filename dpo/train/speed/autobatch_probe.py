@@ -112,9 +112,8 @@ def measure(trainer, row: dict, tokens: int, budget: autobatch.Budget, memory) -
     try:
         with metrics_kept(trainer):
             set_checkpointing(trainer, True)
-            on_tokens = autobatch.probe_tokens_for(
-                tokens, budget.plan - memory.allocated(), autobatch.analytic_per_token(*shape, True, fused)
-            )
+            guess_on = autobatch.analytic_per_token(*shape, True, fused)
+            on_tokens = autobatch.probe_tokens_for(tokens, budget.plan - memory.allocated(), guess_on)
             try:
                 resident, (one, two) = peaks(_step(trainer, probe_row(row, on_tokens)), (1, 2), memory)
             except torch.cuda.OutOfMemoryError:
@@ -123,14 +122,13 @@ def measure(trainer, row: dict, tokens: int, budget: autobatch.Budget, memory) -
                     f"{on_tokens} tokens and activation checkpointing ({_gib(memory.free())} free); lower max_length, "
                     "or set per_device_train_batch_size to a number"
                 ) from None
-            step_fixed, per_token_on = autobatch.per_token_from_probe(one, two, on_tokens)
+            step_fixed, per_token_on = autobatch.per_token_from_probe(one, two, on_tokens, guess_on)
             set_checkpointing(trainer, False)
-            off_tokens = autobatch.probe_tokens_for(
-                tokens, budget.plan - resident, autobatch.analytic_per_token(*shape, False, fused)
-            )
+            guess_off = autobatch.analytic_per_token(*shape, False, fused)
+            off_tokens = autobatch.probe_tokens_for(tokens, budget.plan - resident, guess_off)
             try:
                 _, (one, two) = peaks(_step(trainer, probe_row(row, off_tokens)), (1, 2), memory)
-                per_token_off = autobatch.per_token_from_probe(one, two, off_tokens)[1]
+                per_token_off = autobatch.per_token_from_probe(one, two, off_tokens, guess_off)[1]
             except torch.cuda.OutOfMemoryError:  # the analytic guess was too low: checkpointing stays possible
                 per_token_off = None
             trainer.model.zero_grad(set_to_none=True)  # what a step cut short by the error left (the error is gone)

@@ -167,6 +167,10 @@ def test_the_probe_slope_is_one_pair_and_the_intercept_what_any_step_allocates()
     assert per_token_from_probe(500 + 1400, 500 + 2 * 1400, 100) == (500, 7.0)
     # the allocator reused memory between the two: the slope is not trusted below 1 byte per token
     assert per_token_from_probe(3000, 2900, 100) == (3100, 1.0)
+    # ... and where the probe passes its analytic estimate, that is what plans the run: not 1 byte per token, which
+    # would let any micro-batch fit
+    assert per_token_from_probe(3000, 2900, 100, fallback=9000.0) == (3100, 9000.0)
+    assert per_token_from_probe(500 + 1400, 500 + 2 * 1400, 100, fallback=9000.0) == (500, 7.0)  # a real slope wins
 
 
 def test_the_probe_without_checkpointing_runs_shorter_where_the_run_would_not_fit_twice():
