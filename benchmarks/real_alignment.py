@@ -74,7 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=40, help="main-run steps between validation points")
     p.add_argument("--patience", type=int, default=4, help="stop rule: validation points without a new best")
     p.add_argument(
-        "--min_delta", type=float, default=0.005, help="stop rule: what counts as a new best (1 of 200 pairs)"
+        "--min_delta",
+        type=float,
+        default=None,
+        help="stop rule: what counts as a new best (default: one validation pair, 1 / --val_pairs)",
     )
     p.add_argument(
         "--curve_pairs", type=int, default=100, help="held-out pairs on the plot's curve (never for a choice)"
@@ -108,6 +111,10 @@ def parse_args(argv=None):
     ):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.min_delta is None:
+        args.min_delta = 1 / args.val_pairs
+    if args.min_delta < 0:
+        raise UserError(f"--min_delta {args.min_delta}: must be at least 0")
     if args.sft_steps < 0 or min(args.grid_lr + args.grid_beta + [args.sft_lr]) <= 0:
         raise UserError("--sft_steps must be >= 0, and --sft_lr, --grid_lr, --grid_beta above 0")
     args.reference_cache_dir = (

@@ -29,12 +29,14 @@ from transformers import AutoModelForCausalLM
 from dpo.data.doctor import check_data
 from dpo.data.loading import load_preference_data
 from dpo.errors import UserError
-from dpo.files import file_sha256
+from dpo.folders import read_marker, write_marker
 from dpo.log import log
 from dpo.scratch.logps import sft_nll
 from dpo.scratch.loop import collate, disable_dropout, forward_logps, split_pairs
 from dpo.scratch.loss import dpo_loss
 from dpo.train.model_checks import load_tokenizer
+from dpo.train.speed.refcache import weights_hash
+from dpo.train.speed.refstore import key_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_measure import heldout_metrics, sequence_logps, tokenize_pair  # noqa: E402
@@ -47,11 +49,28 @@ from real_phases import (  # noqa: E402
     load_tensors,
     phase_seconds,
     reference_logps,
+    row_id,
     train_run,
     write_phase,
 )
 
 TRAIN_UNITS, SFT_UNITS = 3.0, 1.5  # a DPO training pair ~ 3 pair forwards (forward + backward); SFT: chosen only
+WORK_KIND = "real-alignment work"  # the --work folder's marker: only a folder make real made is written into
+
+
+def claim_work_folder(work: Path) -> None:
+    """Mark `work` as make real's (created when absent); a folder that holds anything and no such marker is
+    refused before anything is written into it: status.json and the phase folders go only where make real put them."""
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--work {work} is not a folder: pick another --work")
+    if work.is_dir() and any(work.iterdir()) and read_marker(work, WORK_KIND) is None:
+        raise UserError(
+            f"--work {work} holds files make real did not make (no marker of its work folder): nothing was written "
+            "there; pick an empty or new --work"
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    if read_marker(work, WORK_KIND) is None:
+        write_marker(work, WORK_KIND)
 
 
 class Plan:
@@ -61,6 +80,7 @@ class Plan:
     def __init__(self, args, model_dir: str, hooks: dict | None = None, progress: bool = True):
         self.args, self.model_dir, self.hooks = args, model_dir, hooks or {}
         self.work = Path(args.work)
+        claim_work_folder(self.work)
         self.tokenizer = load_tokenizer(model_dir)
         self.pad = self.tokenizer.pad_token_id
         # max_length=None: the doctor drops nothing for length; tokenize_pair truncates (keeps the prompt's end)
@@ -86,6 +106,19 @@ class Plan:
         }
         self.progress = Progress(self.work, self.units(), enabled=progress)
         self.folders, self.results = {}, {}  # phase -> its finished folder (for the next's provenance), its result
+        self._base = None
+
+    def base_identity(self) -> str:
+        """The base model's identity: the hash of its weights and config (what SFT and the reference came from;
+        its path is not: a moved folder is the same model, a rewritten one at the same path is not)."""
+        if self._base is None:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).requires_grad_(False)
+            config = {
+                k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+            }
+            self._base = key_of({"weights": weights_hash(model), "config": config})
+            del model
+        return self._base
 
     # ── helpers ───────────────────────────────────────────────────────────────────────────
     def seconds(self) -> float:
@@ -181,14 +214,17 @@ class Plan:
         a = self.args
         made_from = {
             "phase": "split",
-            "data_sha256": file_sha256(Path(a.dataset_name)),
+            # the data's content (every usable pair, in order), so a hub id or a moved file is identified too
+            "data_sha256": rows_sha256(self.report.kept, range(len(self.report.kept))),
+            # the pairs as the model reads them: the tokenizer, its chat template and --max_length
+            "token_ids_sha256": key_of({k: [row_id(ex) for ex in v] for k, v in self.examples.items()}),
             "seed": a.seed,
             "sizes": {k: len(r) for k, r in self.ranges.items()},
             "doctor": f"{self.report.rows_in} rows in, {self.report.rows_kept} kept",
         }
 
         def work(folder):
-            hashes = {k: file_hash_of_rows(self.pairs, r) for k, r in self.ranges.items()}
+            hashes = {k: rows_sha256(self.pairs, r) for k, r in self.ranges.items()}
             self.progress.advance(1)
             return {"sizes": made_from["sizes"], "rows_sha256": hashes, "doctor": made_from["doctor"]}, None
 
@@ -200,7 +236,7 @@ class Plan:
             return None
         run = {"steps": a.sft_steps, "lr": a.sft_lr, "warmup": a.warmup_steps, "save_every": a.save_every}
         made_from = self.made_from(
-            "sft", ("split",), run=run, lora_r=a.lora_r, max_length=a.max_length, model=self.model_dir
+            "sft", ("split",), run=run, lora_r=a.lora_r, max_length=a.max_length, base=self.base_identity()
         )
 
         def work(folder):
@@ -233,7 +269,9 @@ class Plan:
         # the values' own hash: a pair tokenized otherwise (max_length, tokenizer) or another reference is a change
         values = hashlib.sha256(torch.stack([c, r]).numpy().tobytes()).hexdigest()
         upstream = tuple(k for k in ("split", "sft") if k in self.folders)
-        made_from = self.made_from("reference", upstream, max_length=a.max_length, model=self.model_dir, logps=values)
+        made_from = self.made_from(
+            "reference", upstream, max_length=a.max_length, base=self.base_identity(), logps=values
+        )
         self.progress.skip(len(everything) - scored)  # read, not computed: not part of the ETA's rate
         log(f"reference: {scored} of {len(everything)} pairs scored now, the rest read from the reference cache")
         self.ref, start = {}, 0
@@ -249,7 +287,7 @@ class Plan:
         )
 
     def select(self) -> dict:
-        a, cells = self.args, []
+        a, cells, names = self.args, [], []
         for lr in a.grid_lr:
             for beta in a.grid_beta:
                 run = {
@@ -263,6 +301,7 @@ class Plan:
                     "select", ("split", "reference"), run=run, beta=beta, batch_size=a.batch_size, lora_r=a.lora_r
                 )
                 name = f"select-lr{lr:g}-beta{beta:g}"
+                names.append(name)
 
                 def work(folder, run=run, beta=beta, made_from=made_from):
                     model = self.policy()
@@ -276,8 +315,12 @@ class Plan:
                 cell_units = a.select_steps * a.batch_size * TRAIN_UNITS + 2 * len(self.examples["validation"])
                 cells.append(self.phase(name, made_from, work, bar="select", units=cell_units))
         best = max(cells, key=lambda c: (c["end"]["score"], c["end"]["logratio_margin"]))
-        made_from = self.made_from(
-            "select", ("split", "reference"), grid_lr=a.grid_lr, grid_beta=a.grid_beta, steps=a.select_steps
+        made_from = self.made_from(  # the choice came from every cell's finished folder: a redone cell is a change
+            "select",
+            ("split", "reference", *names),
+            grid_lr=a.grid_lr,
+            grid_beta=a.grid_beta,
+            steps=a.select_steps,
         )
         chosen = {
             "lr": best["lr"],
@@ -348,8 +391,8 @@ def stop_rule(curve: list[dict], patience: int, min_delta: float) -> str | None:
     return None
 
 
-def file_hash_of_rows(pairs, rows: range) -> str:
-    """sha256 of the rows' text in order: the held-out set's identity, recorded in the results."""
+def rows_sha256(pairs, rows: range) -> str:
+    """sha256 of the rows `rows` of `pairs` (their JSON, keys sorted), in order: a slice's identity by content."""
     h = hashlib.sha256()
     for i in rows:
         h.update(json.dumps(pairs[i], sort_keys=True, default=str).encode())

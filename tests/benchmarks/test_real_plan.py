@@ -198,7 +198,9 @@ def test_a_changed_input_is_refused_naming_the_phase_and_nothing_is_overwritten(
     assert "run changed" in err[-1]
     assert (tmp_path / "work" / "main" / ".dpo-folder.json").read_bytes() == marker
 
-    data.write_text(data.read_text().replace("Human:", "Human: ", 1))  # the data changed
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[0]["chosen"] += " Indeed."  # the data changed: one pair's chosen reply (the data's identity is its content)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit) as exit_info:
         real_alignment.main(argv(tiny_chat_model, data, tmp_path), progress=False)
     err = capsys.readouterr().err.strip().splitlines()
@@ -216,3 +218,72 @@ def test_the_stop_rule_fires_once_the_validation_curve_is_flat():
     flat = [*rising, {"score": 0.62}, {"score": 0.624}]  # two points, neither beats 0.62 by 0.005
     assert "2 evaluations without beating 0.620" in stop_rule(flat, patience=2, min_delta=0.005)
     assert stop_rule([*flat[:-1], {"score": 0.63}], patience=2, min_delta=0.005) is None
+
+
+def test_a_moved_model_and_data_are_the_same_inputs_but_rewritten_weights_are_refused(
+    tiny_chat_model, data, tmp_path, capsys
+):
+    """The base model and the data are identified by their content (weights + config, the usable pairs), not
+    their paths: a moved copy reuses every phase, new weights at the same path are refused naming the SFT phase."""
+    import shutil
+
+    from dpo.offline.tiny import build_tiny_model, build_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_chat_model, model)
+    run(argv(model, data, tmp_path))
+
+    moved_model, moved_data = tmp_path / "moved-model", tmp_path / "moved.jsonl"
+    shutil.copytree(model, moved_model)
+    shutil.copy(data, moved_data)
+    again = Counter()
+    run(argv(moved_model, moved_data, tmp_path), again)
+    assert again.phases == [] and again.steps == []
+
+    build_tiny_model(build_tokenizer(), seed=1).save_pretrained(moved_model)  # other weights, same path and config
+    marker = (tmp_path / "work" / "sft" / ".dpo-folder.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(argv(moved_model, moved_data, tmp_path), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "work/sft was made from other inputs" in err and "base changed" in err
+    assert (tmp_path / "work" / "sft" / ".dpo-folder.json").read_bytes() == marker
+
+
+def test_a_redone_grid_cell_with_other_numbers_is_a_change_of_the_choice(tiny_chat_model, data, tmp_path, capsys):
+    """The choice of learning rate and beta came from every cell's finished folder: a cell redone elsewhere with
+    other numbers (here: rewritten whole, correctly marked) makes the reused choice stale, so it is refused."""
+    from real_phases import finished_result, read_marker, write_phase
+
+    args = argv(tiny_chat_model, data, tmp_path)
+    run(args)
+    cell = tmp_path / "work" / SELECT[0]
+    record = read_marker(cell, "real-alignment phase")
+    result = finished_result(cell, record["inputs"])
+    result["end"] = {**result["end"], "score": result["end"]["score"] + 0.25}
+    write_phase(cell, record["inputs"], result)
+
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(args, progress=False)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "work/select was made from other inputs" in err
+    assert f"{SELECT[0]}_folder" in err
+
+
+def test_a_work_folder_make_real_did_not_make_is_refused_before_anything_is_written(
+    tiny_chat_model, data, tmp_path, capsys
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(argv(tiny_chat_model, data, tmp_path), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and err.startswith("error: --work ") and "did not make" in err
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]  # no status.json, no phase folder, no marker
+
+
+def test_the_stop_rules_new_best_is_one_validation_pair_by_default(tiny_chat_model, data, tmp_path):
+    assert real_alignment.parse_args(argv(tiny_chat_model, data, tmp_path, val_pairs=4)).min_delta == 1 / 4
+    assert real_alignment.parse_args(argv(tiny_chat_model, data, tmp_path, val_pairs=5)).min_delta == 1 / 5
+    given = argv(tiny_chat_model, data, tmp_path, val_pairs=5) + ["--min_delta", "0.01"]
+    assert real_alignment.parse_args(given).min_delta == 0.01
