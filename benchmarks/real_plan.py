@@ -188,7 +188,7 @@ class Plan:
         }
 
         def work(folder):
-            hashes = {k: file_hash_of_rows(self.pairs, r) for k, r in self.ranges.items()}
+            hashes = {k: rows_json_sha256(self.pairs, r) for k, r in self.ranges.items()}
             self.progress.advance(1)
             return {"sizes": made_from["sizes"], "rows_sha256": hashes, "doctor": made_from["doctor"]}, None
 
@@ -348,8 +348,9 @@ def stop_rule(curve: list[dict], patience: int, min_delta: float) -> str | None:
     return None
 
 
-def file_hash_of_rows(pairs, rows: range) -> str:
-    """sha256 of the rows' text in order: the held-out set's identity, recorded in the results."""
+def rows_json_sha256(pairs, rows: range) -> str:
+    """sha256 of the rows themselves (each as sorted-key JSON, in order), not of any file: the held-out set's
+    identity, recorded in the results."""
     h = hashlib.sha256()
     for i in rows:
         h.update(json.dumps(pairs[i], sort_keys=True, default=str).encode())
