@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, release_held_warnings
+from dpo.files import json_text
 from dpo.folders import MARKER, MODEL_KIND, marker_problem, read_marker, write_marked_folder
 from dpo.offline.tiny import SPECIAL, build_tiny_model
 
@@ -224,6 +225,9 @@ def train_reference(task: SentimentTask, output_dir, settings, training_args) ->
     return Path(output_dir), losses
 
 
+SETTINGS_SOURCE = "the settings a pi_ref was trained with (its marker)"
+
+
 def reference_settings(task: SentimentTask, settings, training_args) -> dict:
     """What decides the model `train_reference` trains, as its marker records it: the task (its fields and each
     topic's tone, which benchmarks/rounds_offpolicy.py's opposite-tone task changes), the SFT settings, the seed
@@ -234,11 +238,11 @@ def reference_settings(task: SentimentTask, settings, training_args) -> dict:
         **{k: getattr(settings, k) for k in ("sft_examples", "sft_steps", "sft_batch_size", "sft_learning_rate")},
         **{k: getattr(training_args, k) for k in ("seed", "use_cpu", "bf16", "fp16")},
     }
-    return json.loads(json.dumps(decided))
+    return json.loads(json_text(decided, SETTINGS_SOURCE))
 
 
 def _sha256(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json_text(settings, SETTINGS_SOURCE, sort_keys=True).encode()).hexdigest()
 
 
 def reference_problem(folder, task: SentimentTask, settings, training_args) -> str | None:
