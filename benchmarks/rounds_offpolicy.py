@@ -40,6 +40,7 @@ from offpolicy_report import merged, plot, section, summarise  # noqa: E402
 from rounds_sentiment import frontier_at  # noqa: E402
 from sections import write_section  # noqa: E402
 
+from dpo.errors import UserError, exit_on_user_error  # noqa: E402
 from dpo.log import log  # noqa: E402
 
 HEADING = "## On-policy rounds against off-policy offline data (`benchmarks/rounds_offpolicy.py`)"
@@ -149,13 +150,16 @@ class Job:
 
         opposite = OppositeTone(seed=task.seed, heldout_topics=task.heldout_topics)
         self.task = task
-        if self.args.models_from:  # another run's models (the same settings and seed train the same ones): checked
-            from dpo.folders import MODEL_KIND, marker_problem
+        if self.args.models_from:  # another run's models, reused only when whole and trained with these settings
+            from dpo.offline.sentiment import reference_problem
 
             self.pi_ref, self.opposite = (Path(self.args.models_from) / name for name in ("pi_ref", "opposite"))
-            for folder in (self.pi_ref, self.opposite):
-                if problem := marker_problem(folder, MODEL_KIND):
-                    sys.exit(f"error: --models_from: {folder} is not a whole model this benchmark trained ({problem})")
+            for folder, its_task in ((self.pi_ref, task), (self.opposite, opposite)):
+                if problem := reference_problem(folder, its_task, self.settings, self.training_args):
+                    raise UserError(
+                        f"--models_from {self.args.models_from}: {folder} is not a model this benchmark trained with "
+                        f"these settings ({problem}); run without --models_from to train them, or name a run of these"
+                    )
             return
         self.pi_ref, _ = train_reference(task, self.workdir / "pi_ref", self.settings, self.training_args)
         self.opposite, _ = train_reference(opposite, self.workdir / "opposite", self.settings, self.training_args)
@@ -287,6 +291,7 @@ def write_outputs(data: dict, out: Path, benchmarks_md: Path) -> None:
     print(text)
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
@@ -316,7 +321,7 @@ def main() -> None:
         return write_outputs(merged([json.loads(Path(f).read_text()) for f in args.from_json]), out, benchmarks_md)
     workdir = Path(args.workdir)
     if workdir.exists() and any(workdir.iterdir()):
-        sys.exit(f"error: {workdir} is not empty: the benchmark runs everything from scratch; pick another --workdir")
+        raise UserError(f"{workdir} is not empty: the benchmark runs everything from scratch; pick another --workdir")
     start = time.time()
     job = Job(args, recipe_argv)
     job.train_models()

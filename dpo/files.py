@@ -156,9 +156,15 @@ def remove_entry(folder: str | Path, entry, source: str | Path) -> Path:
 def _type_name(kind) -> str:
     if isinstance(kind, tuple):
         return " or ".join(_type_name(k) for k in kind)
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}.get(
-        kind, kind.__name__
-    )
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }
+    return names.get(kind, kind.__name__)
 
 
 def _is(value, kind) -> bool:

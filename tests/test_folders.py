@@ -79,6 +79,25 @@ def test_a_killed_pi_ref_save_leaves_nothing_a_rerun_would_reuse(tmp_path, monke
     assert not (tmp_path / "sft_reference").exists()
 
 
+def test_a_pi_ref_of_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
+    """Was: a rerun of the rounds into the same folder with other SFT settings reused the pi_ref trained with the
+    old ones (the marker proved the files whole, not what they were trained with)."""
+    import dpo.offline.sentiment as sentiment
+    from dpo.errors import UserError
+    from dpo.rounds.sentiment import initial_model
+
+    monkeypatch.setattr(sentiment, "_train_reference_into", lambda folder, *args: _write_two_files(folder) or [])
+    args, config = (
+        load_recipe("dpo_rounds").ScriptArguments(),
+        RecipeDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False),
+    )
+    trained = initial_model(args, config, tmp_path)
+    assert initial_model(args, config, tmp_path) == trained  # the same settings: reused
+    steps, args.sft_steps = args.sft_steps, args.sft_steps + 10
+    with pytest.raises(UserError, match=f"trained with other settings: sft_steps {steps} there, {steps + 10} here"):
+        initial_model(args, config, tmp_path)
+
+
 def test_a_half_written_pi_ref_is_refused_in_one_line_before_weights_load(tmp_path, capsys, no_weights_load):
     """Was: a kill during the old save left config.json and a cut model.safetensors; the rerun read them:
     SafetensorError traceback."""

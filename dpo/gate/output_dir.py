@@ -6,14 +6,27 @@ recipes call it (dpo/train/config.py), and the trainer builder again for noteboo
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 from dpo.errors import UserError
+from dpo.files import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's adapter file; a folder holding it (and no config.json) is an adapter
+# the entries read from it (dpo/train/adapters.py), when present; PEFT may write a null base
+ADAPTER_SHAPE = {"base_model_name_or_path": ((str, type(None)), None), "peft_type": (str, None)}
+
+
+def read_adapter_config_file(path: str | Path) -> dict:
+    """The adapter_config.json at `path`, checked: the one reader of that file (the output_dir check here and
+    dpo/train/adapters.py), so a broken one is the same one-line error naming it, whoever reads it first."""
+    return read_json_object(
+        path,
+        ADAPTER_SHAPE,
+        "it must be the JSON object PEFT saves with the adapter: copy the adapter folder again, or pass another",
+        optional=tuple(ADAPTER_SHAPE),
+    )
 
 
 def check_output_dir(output_dir: str | Path) -> None:
@@ -48,11 +61,9 @@ def check_output_dir_apart(output_dir: str | Path, model_name_or_path: str | Non
     protected = [("model", model_name_or_path), ("SFT adapter", sft_adapter)]
     model = _folder(model_name_or_path)
     if model is not None and (model / ADAPTER_CONFIG).is_file() and not (model / "config.json").is_file():
-        try:
-            base = json.loads((model / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            base = None  # dpo.train.adapters reports an unreadable adapter_config.json
-        protected.append(("base model", base))
+        protected.append(
+            ("base model", read_adapter_config_file(model / ADAPTER_CONFIG).get("base_model_name_or_path"))
+        )
     for what, name in protected:
         folder = _folder(name)
         if folder is not None and (out == folder or folder in out.parents):

@@ -32,6 +32,9 @@ Everything here is deterministic given its seed: the task, the SFT corpus, the s
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -41,7 +44,8 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, release_held_warnings
-from dpo.folders import MODEL_KIND, write_marked_folder
+from dpo.files import json_text
+from dpo.folders import MARKER, MODEL_KIND, marker_problem, read_marker, write_marked_folder
 from dpo.offline.tiny import SPECIAL, build_tiny_model
 
 # ── the language ───────────────────────────────────────────────────────────────────────────
@@ -213,8 +217,52 @@ def train_reference(task: SentimentTask, output_dir, settings, training_args) ->
     def write(staging: Path) -> None:
         losses.extend(_train_reference_into(staging, task, tokenizer, settings, training_args))
 
-    write_marked_folder(output_dir, write, MODEL_KIND, made_by="dpo.offline.sentiment.train_reference")
+    expected = reference_settings(task, settings, training_args)
+    write_marked_folder(
+        output_dir, write, MODEL_KIND, made_by="dpo.offline.sentiment.train_reference",
+        settings=expected, settings_sha256=_sha256(expected),
+    )  # fmt: skip
     return Path(output_dir), losses
+
+
+SETTINGS_SOURCE = "the settings a pi_ref was trained with (its marker)"
+
+
+def reference_settings(task: SentimentTask, settings, training_args) -> dict:
+    """What decides the model `train_reference` trains, as its marker records it: the task (its fields and each
+    topic's tone, which benchmarks/rounds_offpolicy.py's opposite-tone task changes), the SFT settings, the seed
+    and the precision. (JSON values: what the marker reads back compares equal.)"""
+    decided = {
+        **{f"task_{k}": v for k, v in dataclasses.asdict(task).items()},
+        "task_tone": task.positivity,
+        **{k: getattr(settings, k) for k in ("sft_examples", "sft_steps", "sft_batch_size", "sft_learning_rate")},
+        **{k: getattr(training_args, k) for k in ("seed", "use_cpu", "bf16", "fp16")},
+    }
+    return json.loads(json_text(decided, SETTINGS_SOURCE))
+
+
+def _sha256(settings: dict) -> str:
+    return hashlib.sha256(json_text(settings, SETTINGS_SOURCE, sort_keys=True).encode()).hexdigest()
+
+
+def reference_problem(folder, task: SentimentTask, settings, training_args) -> str | None:
+    """Why `folder` is not a whole model `train_reference` trained with these settings, for a caller that would
+    reuse it: not finished or a file changed (dpo/folders.py marker_problem), no settings recorded (trained
+    before they were), or the settings that differ, each named; None when it is one."""
+    if problem := marker_problem(folder, MODEL_KIND):
+        return problem
+    record, expected = read_marker(folder, MODEL_KIND), reference_settings(task, settings, training_args)
+    if record.get("settings_sha256") == _sha256(expected):
+        return None
+    recorded = record.get("settings")
+    if not isinstance(recorded, dict):
+        return f"{Path(folder) / MARKER} records no training settings (trained before they were recorded)"
+    differ = [
+        k if isinstance(v, dict) else f"{k} {recorded.get(k)} there, {v} here"
+        for k, v in expected.items()
+        if recorded.get(k) != v
+    ]
+    return f"trained with other settings: {', '.join(differ) or 'its marker does not match its settings_sha256'}"
 
 
 def _train_reference_into(folder: Path, task, tokenizer, settings, training_args) -> list[float]:

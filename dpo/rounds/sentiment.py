@@ -10,9 +10,8 @@ import re
 from pathlib import Path
 
 from dpo.errors import UserError
-from dpo.folders import MODEL_KIND, marker_problem
 from dpo.log import log
-from dpo.offline.sentiment import SentimentTask, n_words, reward, train_reference, well_formed
+from dpo.offline.sentiment import SentimentTask, n_words, reference_problem, reward, train_reference, well_formed
 
 
 def ground_truth(prompt, completion: str) -> float:
@@ -38,10 +37,11 @@ def initial_model(args, training_args, output_dir: Path) -> str:
     of something else) is refused in one line, before any weights load: never read half-written."""
     folder = output_dir / "sft_reference"
     if folder.exists():
-        if problem := marker_problem(folder, MODEL_KIND):
+        if problem := reference_problem(folder, task_of(args), args, training_args):
             raise UserError(
-                f"{folder} is not a whole pi_ref written by this recipe ({problem}): delete {folder} and run the same "
-                "command again; the recipe trains it again (the same settings and seed give the same model)"
+                f"{folder} is not a whole pi_ref written by this recipe with these settings ({problem}): delete "
+                f"{folder} and run the same command again; the recipe trains it again (the same settings and seed "
+                "give the same model)"
             )
         log(f"pi_ref: {folder} (trained by an earlier run of this folder; its files checked)")
         return str(folder)

@@ -16,14 +16,13 @@ the adapter (other architecture or sizes) is one clear error, not a shape mismat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from dpo.errors import UserError
-from dpo.gate.output_dir import ADAPTER_CONFIG
+from dpo.gate.output_dir import ADAPTER_CONFIG, read_adapter_config_file
 from dpo.log import log
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,12 +47,7 @@ def _adapter_file(name: str, filename: str) -> Path | None:
 def read_adapter_config(name: str) -> dict | None:
     """The adapter's adapter_config.json as a dict, or None when `name` is not a PEFT adapter."""
     path = _adapter_file(name, ADAPTER_CONFIG)
-    if path is None:
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
+    return None if path is None else read_adapter_config_file(path)
 
 
 def resolve_start(model_name_or_path: str, sft_adapter_path: str | None):

@@ -3,12 +3,16 @@ its smallest size (1 round of 32 prompts, 2 seeds, every kind of offline pairs, 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 
 import pytest
-from helpers import ROOT, load_script
+from helpers import ROOT, load_script, message_lines
+
+from dpo.errors import UserError
+from dpo.folders import MARKER
 
 BENCH = ROOT / "benchmarks"
 
@@ -96,3 +100,54 @@ def test_seeds_run_apart_merge_into_one_result_only_with_the_same_settings(bench
     assert both["rarity"] == 4  # the last file's
     with pytest.raises(SystemExit, match="differ in \\['rounds'\\]"):
         bench.merged([part(42, "a", 1), part(44, "a", 2, rounds=2)])
+
+
+def fake_sft(folder, *args):
+    """Stands in for the SFT run (seconds, not minutes): the reuse check reads the marked folder, not the model."""
+    (folder / "model.safetensors").write_bytes(b"weights")
+    return []
+
+
+def test_models_from_a_run_of_other_settings_is_refused_naming_the_setting(bench, tmp_path, monkeypatch, capsys):
+    """Was: --models_from checked the models' files (their sha256) but not what they were trained with, so a run of
+    other SFT settings reused them silently. The marker records the settings and their sha256 (train_reference)."""
+    from dpo.offline import sentiment
+
+    monkeypatch.setattr(sentiment, "_train_reference_into", fake_sft)
+
+    def job(workdir, models_from, *recipe_argv):
+        args = argparse.Namespace(
+            rounds=1, prompts_per_round=32, eval_prompts=16, workdir=str(tmp_path / workdir), models_from=models_from
+        )
+        job = bench.Job(args, list(recipe_argv))
+        job.train_models()
+        return job
+
+    earlier = tmp_path / "earlier"
+    job("earlier", None, "--sft_steps", "10")
+    reused = job("same", str(earlier), "--sft_steps", "10")
+    assert (reused.pi_ref, reused.opposite) == (earlier / "pi_ref", earlier / "opposite")
+    with pytest.raises(UserError) as err:
+        job("other", str(earlier), "--sft_steps", "20")
+    assert f"--models_from {earlier}: {earlier / 'pi_ref'} is not a model this benchmark trained" in str(err.value)
+    assert "(trained with other settings: sft_steps 10 there, 20 here)" in str(err.value)
+    # the same settings, the tone swapped: the opposite-tone model is not pi_ref, named by the setting that differs
+    (earlier / "swapped").mkdir()
+    for name, other in (("pi_ref", "opposite"), ("opposite", "pi_ref")):
+        (earlier / name).rename(earlier / "swapped" / other)
+    with pytest.raises(UserError, match=r"pi_ref is not a model .*\(trained with other settings: task_tone\)"):
+        job("swapped", str(earlier / "swapped"), "--sft_steps", "10")
+
+    # through the entry point: one line, exit 2; a marker from before settings were recorded is refused too
+    marker = earlier / "swapped" / "pi_ref" / MARKER
+    record = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in record.items() if not k.startswith("settings")}))
+    argv = ["rounds_offpolicy.py", "--rounds", "1", "--prompts_per_round", "32", "--eval_prompts", "16"]
+    argv += ["--sft_steps", "10", "--models_from", str(earlier / "swapped"), "--workdir", str(tmp_path / "w")]
+    monkeypatch.setattr(sys, "argv", argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    [line] = message_lines(capsys.readouterr().err)
+    assert line.startswith("error: --models_from") and f"{marker} records no training settings" in line, line

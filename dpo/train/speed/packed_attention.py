@@ -146,12 +146,26 @@ def packed_sdpa_mask(**kwargs):
     return None if _one_row(kwargs) else sdpa_mask(**kwargs)
 
 
-def boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative sequence lengths (int32, [N + 1]) and the longest sequence of one packed row."""
+def segment_starts(position_ids: torch.Tensor) -> list[int]:
+    """Start offsets of the packed sequences of one row (where position ids restart at 0), plus its end: read on
+    the host (a sync on a GPU), so callers read it once per forward, not per layer (dpo/train/speed/packing.py)."""
     row = position_ids[0]
-    starts = (row == 0).nonzero().flatten()
-    cumulative = torch.cat([starts, starts.new_tensor([row.numel()])]).to(torch.int32)
-    return cumulative, int(cumulative.diff().max())
+    return [*(row == 0).nonzero().flatten().tolist(), row.numel()]
+
+
+def varlen_kwargs(lengths: torch.Tensor) -> dict:
+    """transformers' flash-varlen keywords for a packed row of sequences of these lengths, computed (and cast to
+    int32) once per forward: the attention of every layer reads them as they are, no host sync, no cast per layer."""
+    cumulative = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    longest = int(lengths.max())
+    return {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
+
+
+def boundaries(position_ids: torch.Tensor) -> dict:
+    """`varlen_kwargs` of one packed row read from its position ids (`segment_starts`): for a forward called without
+    them (a packed row given by hand); the recipe's forwards pass them, computed once (packing.packed_forward)."""
+    starts = torch.tensor(segment_starts(position_ids), device=position_ids.device)
+    return varlen_kwargs(starts.diff())
 
 
 @functools.cache
@@ -188,13 +202,14 @@ def packed_varlen(module, query, key, value, attention_mask, position_ids=None, 
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if cumulative is None:
-        cumulative, longest = boundaries(position_ids)
+        given = boundaries(position_ids)
+        cumulative, longest = given["cu_seq_lens_q"], given["max_length_q"]
     key, value = _same_heads(query, key, value)
     if query.dtype not in HALF and torch.is_autocast_enabled(query.device.type):
         half = torch.get_autocast_dtype(query.device.type)  # as SDPA runs under autocast
         query, key, value = query.to(half), key.to(half), value.to(half)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, d]
-    return varlen_kernel(q, k, v, cumulative.to(torch.int32), int(longest), scaling)[None], None
+    return varlen_kernel(q, k, v, cumulative, longest, scaling)[None], None  # int32 already (varlen_kwargs)
 
 
 AttentionInterface.register(FLEX, packed_flex)

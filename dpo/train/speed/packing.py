@@ -42,6 +42,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from dpo.compat import FUSED_PER_TOKEN_FIELDS, fused_lm_head_model
 from dpo.errors import UserError
 from dpo.train.speed import packed_attention
+from dpo.train.speed.packed_attention import segment_starts, varlen_kwargs  # one reader of the boundaries
 
 SEGMENTED_SDPA = "sdpa_segments"
 # The probe's bound: how many times the measured floor (8 extra padding columns, or SDPA's math kernel)
@@ -50,12 +51,6 @@ SEGMENTED_SDPA = "sdpa_segments"
 # kernel 1.5e-7 (AMD EPYC), packed 4.7e-8 (0.3x the floor), an attention that lets the sequences see each
 # other 0.26 (2e5x).
 PROBE_MULTIPLE = 8
-
-
-def segment_starts(position_ids: torch.Tensor) -> list[int]:
-    """Start offsets of the packed sequences of one row (where position ids restart at 0), plus its end."""
-    row = position_ids[0]
-    return [*(row == 0).nonzero().flatten().tolist(), row.numel()]
 
 
 def segmented_sdpa(module, query, key, value, attention_mask, position_ids=None, **kwargs):
@@ -128,14 +123,6 @@ def unpack(flat: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torc
     return flat[0][index].masked_fill(~valid, 0)
 
 
-def varlen_kwargs(lengths: torch.Tensor) -> dict:
-    """transformers' flash-varlen keywords for a packed row of sequences of these lengths, computed once per
-    forward (the attention of every layer reads them: no host sync per layer)."""
-    cumulative = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-    longest = int(lengths.max())
-    return {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative, "max_length_q": longest, "max_length_k": longest}
-
-
 def packed_forward(fused_forward, varlen: bool = False):
     """Wrap TRL's fused forward (trl.trainer.utils.add_fused_lm_head): padded calls with
     `fused_lm_head=True` run packed and return outputs in the padded layout; others pass through.
@@ -164,12 +151,13 @@ def packed_forward(fused_forward, varlen: bool = False):
     return forward
 
 
-def probe(model) -> tuple[float, float]:
+def probe(model, varlen: bool = False) -> tuple[float, float]:
     """How far packing moves the backbone's last hidden states of two sequences (a long one, then a short
     one that a leak would drown), against the floor: the larger of how far extra padding moves them and how
     far SDPA's math kernel in place of the device's default does (in bf16 on a GPU two correct attention
     kernels differ by bf16's rounding, where padding alone may move nothing). All ||x - padded|| / ||padded||
-    over the real tokens. Returns (packed, floor)."""
+    over the real tokens. `varlen`: the packed row's boundaries passed as training passes them (once per
+    forward, `packed_forward`). Returns (packed, floor)."""
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (2, 24), generator=generator).to(model.device)
@@ -183,7 +171,10 @@ def probe(model) -> tuple[float, float]:
     try:
         with torch.no_grad():
             padded = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()].float()
-            packed = backbone(input_ids=row["input_ids"], position_ids=row["position_ids"]).last_hidden_state[0]
+            given = varlen_kwargs(row["lengths"]) if varlen else {}
+            packed = backbone(input_ids=row["input_ids"], position_ids=row["position_ids"], **given).last_hidden_state[
+                0
+            ]
             ids_wider = torch.nn.functional.pad(ids, (0, 8))
             padded_wider = backbone(input_ids=ids_wider, attention_mask=wider).last_hidden_state[wider.bool()]
             with sdpa_kernel(SDPBackend.MATH):  # another correct attention kernel, as packing swaps kernels
@@ -214,8 +205,9 @@ def install_packing(trainer) -> str:
             chosen, packed_attention.VARLEN
         )
         base.set_attn_implementation(implementation)
-    base.forward = packed_forward(base.forward, varlen=implementation == packed_attention.VARLEN)
-    drift, floor = probe(base)
+    varlen = implementation == packed_attention.VARLEN
+    base.forward = packed_forward(base.forward, varlen=varlen)
+    drift, floor = probe(base, varlen)
     bound = PROBE_MULTIPLE * max(floor, torch.finfo(torch.float32).eps)
     if not drift <= bound:
         base.forward = base.forward.unpacked

@@ -52,7 +52,6 @@ from dpo.train.speed.reflazy import (
     LazyReference,
     planned_pairs,
     refuse_placeholder_columns,
-    refuse_placeholders,
     training_columns,
 )
 from dpo.train.speed.refstore import (
@@ -263,7 +262,7 @@ def attach_reference_cache(trainer, cache_dir: str | Path | None = None) -> Refe
         train,
         evaluation,
         collator=filler.collator(trainer.data_collator) if filler else None,
-        prepare=(lambda batch: refuse_placeholders(filler.fill(batch))) if filler else None,
+        prepare=filler.fill if filler else None,  # checks what it fills on the host: no read per batch
     )
 
     if trainer.accelerator.is_main_process:

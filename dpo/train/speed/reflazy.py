@@ -8,17 +8,22 @@ up front (evaluation reads them whole) and hands the trainer training columns in
 lacks holds PLACEHOLDER (NaN). TRL's contract is unchanged: the dataset carries ref_chosen_logps /
 ref_rejected_logps, the collator batches them and the loss reads them from the batch.
 
-Each batch is completed before its loss. The collator (`MarkMissing`) marks the batch positions that hold
-a placeholder with the pair's index in the training set (the batch key FILL, which the model never
-sees); before the loss (RecipeDPOTrainer.prepare_loss_inputs, dpo/compat.py) `fill` takes the value of a pair
-filled earlier in this run, or computes it with the function the up-front fill uses
-(refcache.compute_reference: no grad, eval mode, adapters disabled, longest first), and returns the
-batch with the values in place. The values filled in an optimizer step are written as one part file at
-the step's end (`flush`, through refstore.Store.write: checksummed, atomic), so a long run adds one
-part per step, not per micro-batch; a crash loses at most one step's values, which the next run
-computes again. The next run reads every part and fills only the pairs still missing. Whatever the
-fill does, `refuse_placeholders` then stops the run before a non-finite reference value reaches the loss
-(on every run with the reference cache, the lazy path or not).
+Each batch is completed before its loss. The collator (`MarkMissing`) marks every batch position that holds
+a placeholder with the pair's index in the training set, or NOT_TRAINING when no training pair has its row
+(the batch key FILL, a list of ints that stays on the host: the model never sees it); before the loss
+(RecipeDPOTrainer.prepare_loss_inputs, dpo/compat.py) `fill` takes the value of a pair filled earlier in this
+run, or computes it with the function the up-front fill uses (refcache.compute_reference: no grad, eval mode,
+adapters disabled, longest first), and returns the batch with the values in place. The values filled in an
+optimizer step are written as one part file at the step's end (`flush`, through refstore.Store.write:
+checksummed, atomic): its work is that step's pairs, whatever the size of the data set. A long run adds one
+part per step, not per micro-batch; a crash loses at most one step's values, which the next run computes
+again. The next run reads every part and fills only the pairs still missing.
+
+The guard against a placeholder reaching the loss reads nothing back from the device: the collator looks at
+every example's values where they are (Python floats, on the host), so a batch without FILL holds none, and
+`fill` checks each value it puts in on the host before it is put in (`refuse_unfilled`: the run stops in one
+line). Reading the batch's columns instead (`torch.isfinite(...).sum()`) costs a host sync per micro-batch on a
+GPU. The up-front path checks its columns once, before the first step (`refuse_placeholder_columns`).
 
 Why not replay the sampler's order and fill those pairs up front: the order comes from transformers'
 and accelerate's internals (seeded samplers, batches skipped on resume, the last batch padded from the
@@ -44,7 +49,8 @@ from dpo.errors import RunStopped
 from dpo.train.speed.refstore import COLUMNS, Store, row_hash
 
 PLACEHOLDER = float("nan")  # a training pair's value until it is filled; never a log-prob the store holds
-FILL = "ref_fill_index"  # batch key: per position, the pair's training-set index to fill, or -1
+FILL = "ref_fill_index"  # batch key: per position, the pair's training-set index to fill, or -1 (a value is there)
+NOT_TRAINING = -2  # FILL for a placeholder whose row is no training pair's (nothing can fill it: the run stops)
 
 
 def planned_pairs(args, pairs: int, processes: int) -> int:
@@ -58,28 +64,34 @@ def planned_pairs(args, pairs: int, processes: int) -> int:
     return min(drawn, pairs)
 
 
-def refuse_placeholders(inputs: dict) -> dict:
-    """The batch, if every reference value in it is one; else the run stops in one line (exit status 1), before
-    the loss: DPO on a placeholder (NaN) would train on nothing silently, or end in a NaN loss."""
-    for name in COLUMNS:
-        values = inputs.get(name)
-        bad = len(inputs["input_ids"]) // 2 if values is None else int((~torch.isfinite(values)).sum())
-        if bad:
-            raise RunStopped(
-                f"{bad} pair(s) of a batch reached the loss without a reference value ({name} missing or a "
-                "placeholder) and nothing was trained on them: a bug in the reference cache "
-                "(dpo/train/speed/reflazy.py); set reference_cache: false to train without it",
-                1,
-            )
-    return inputs
+def _stopped(bad: int, name: str) -> RunStopped:
+    """The one line that stops a run whose batch would bring `bad` pairs without a reference value to the loss
+    (exit status 1): DPO on a placeholder (NaN) would train on nothing silently, or end in a NaN loss."""
+    return RunStopped(
+        f"{bad} pair(s) of a batch reached the loss without a reference value ({name} missing or a "
+        "placeholder) and nothing was trained on them: a bug in the reference cache "
+        "(dpo/train/speed/reflazy.py); set reference_cache: false to train without it",
+        1,
+    )
 
 
 def refuse_placeholder_columns(dataset) -> None:
-    """The up-front path: every value of `dataset`'s reference columns checked once, before the first step, as
-    `refuse_placeholders` checks a batch (per batch it would cost a host sync in every micro-batch on a GPU)."""
+    """The up-front path: every value of `dataset`'s reference columns checked once, on the host, before the
+    first step (checked per batch on the device it would cost a host sync in every micro-batch on a GPU)."""
     if dataset is not None:
-        columns = {name: torch.tensor(list(dataset[name]), dtype=torch.float64) for name in COLUMNS}
-        refuse_placeholders({"input_ids": range(2 * len(dataset)), **columns})
+        for name in COLUMNS:
+            values = dataset[name] if name in dataset.column_names else None
+            bad = len(dataset) if values is None else sum(not math.isfinite(v) for v in values)
+            if bad:
+                raise _stopped(bad, name)
+
+
+def refuse_unfilled(values: list) -> None:
+    """`fill`'s check, on the host: each (chosen, rejected) it is about to put in a batch is a pair of finite
+    floats; None (nothing to fill it with) or a non-finite value stops the run before the loss."""
+    for k, name in enumerate(COLUMNS):
+        if bad := sum(v is None or not math.isfinite(v[k]) for v in values):
+            raise _stopped(bad, name)
 
 
 def training_columns(store: Store, rows: list[str]) -> tuple[list[float], list[float]]:
@@ -104,10 +116,11 @@ class MarkMissing:
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collator(examples)
-        if not examples or COLUMNS[0] not in examples[0]:
+        if not examples or COLUMNS[0] not in examples[0]:  # the reference pass's own batches carry no values
             return batch
-        marks = [self.index.get(_row(example), -1) if _placeholder(example) else -1 for example in examples]
-        return {**batch, FILL: torch.tensor(marks)} if max(marks) >= 0 else batch
+        marks = [self.index.get(_row(example), NOT_TRAINING) if _placeholder(example) else -1 for example in examples]
+        # a list, not a tensor: the trainer moves tensors to the device, and reading them back would sync
+        return {**batch, FILL: marks} if max(marks) != -1 else batch
 
 
 def _placeholder(example: dict) -> bool:
@@ -124,7 +137,7 @@ class LazyReference:
 
     rows: list[str]  # row id of each training pair, by index
     compute: Callable  # indices -> (chosen, rejected, seconds per pair): refcache.compute_reference on the train set
-    store: Store  # what is on disk: read at the start, then each flushed part added
+    store: Store  # what is on disk: read at the start (handed over by refcache.py), each flushed part added to it
     env: dict  # written into each part (refcache.environment)
     index: dict = field(default_factory=dict)  # row id -> a training index with it
     pending: dict = field(default_factory=dict)  # row id -> (chosen, rejected, seconds) computed, not yet written
@@ -141,35 +154,46 @@ class LazyReference:
         """`collator` (TRL's), marking the examples this fills."""
         return MarkMissing(collator, self.index)
 
+    def _value(self, i: int) -> tuple | None:
+        """(chosen, rejected) of training pair `i`: computed in this run, or stored; None for NOT_TRAINING."""
+        if i < 0:
+            return None
+        row = self.rows[i]
+        return self.pending.get(row) or self.store.rows.get(row)
+
     def fill(self, inputs: dict) -> dict:
-        """The batch without FILL, each marked position holding its pair's reference values (filled before,
-        or computed now). Positions whose pair is not a training pair keep the placeholder: the guard stops them."""
+        """The batch without FILL, each marked position holding its pair's reference values (filled before, or
+        computed now), each checked on the host before it is put in (`refuse_unfilled`); a batch without FILL
+        holds no placeholder (MarkMissing looked at every example) and passes untouched, nothing read."""
         if FILL not in inputs:
             return inputs
-        marked = [(at, i) for at, i in enumerate(inputs[FILL].tolist()) if i >= 0]
+        marks = inputs[FILL]
         inputs = {k: v for k, v in inputs.items() if k != FILL}
-        todo = sorted(
-            {i for _, i in marked if self.rows[i] not in self.store.rows and self.rows[i] not in self.pending}
-        )
+        todo = sorted({i for i in marks if i >= 0 and self._value(i) is None})
         if todo:
             chosen, rejected, seconds = self.compute(todo)
             for i, c, r, s in zip(todo, chosen, rejected, seconds):
                 self.pending[self.rows[i]] = (_float32(c), _float32(r), s)
             self.computed += len(todo)
-        values = {name: inputs[name].clone() for name in COLUMNS}
-        for at, i in marked:
-            value = self.pending.get(self.rows[i]) or self.store.rows[self.rows[i]]
-            values[COLUMNS[0]][at], values[COLUMNS[1]][at] = value[0], value[1]
-        return {**inputs, **values}
+        at = [k for k, i in enumerate(marks) if i != -1]
+        values = [self._value(marks[k]) for k in at]
+        refuse_unfilled(values)
+        device = inputs[COLUMNS[0]].device
+        where = torch.tensor(at, device=device)
+        for k, name in enumerate(COLUMNS):  # one host-to-device copy per column, no read back
+            filled = torch.tensor([v[k] for v in values], dtype=inputs[name].dtype, device=device)
+            inputs[name] = inputs[name].index_put((where,), filled)
+        return inputs
 
     def flush(self) -> int:
-        """Write the values computed since the last flush as one part file; returns how many."""
+        """Write the values computed since the last flush as one part file and add them to the store; returns how
+        many. Its work is those values only: the store's rows are added to, never copied."""
         if not self.pending:
             return 0
         rows, values = list(self.pending), list(self.pending.values())
         part = self.store.write(
             rows, [v[0] for v in values], [v[1] for v in values], [v[2] for v in values], self.env, expected=len(rows)
         )
-        written = {row: (*value, part) for row, value in zip(rows, values)}
-        self.store, self.pending = Store(self.store.folder, {**self.store.rows, **written}), {}
+        self.store.rows.update((row, (*value, part)) for row, value in zip(rows, values))
+        self.pending = {}
         return len(rows)

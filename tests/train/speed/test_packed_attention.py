@@ -88,6 +88,40 @@ def test_varlen_gives_the_padded_loss_metrics_and_gradients(runs, monkeypatch):
     assert max(found.values()) <= bound(runs["with"]), (found, bound(runs["with"]))
 
 
+def test_varlen_boundaries_are_computed_and_cast_once_per_forward(runs, monkeypatch):
+    """Counted on the tiny model (2 layers): one int32 cast of the cumulative lengths per packed forward, made
+    with them (varlen_kwargs), none in the layers. Was: packed_varlen cast them again in every layer."""
+    monkeypatch.setattr(packed_attention, "varlen_kernel", cpu_varlen)
+    forwards, casts, whole, to = [], [], packing.varlen_kwargs, torch.Tensor.to
+    monkeypatch.setattr(packing, "varlen_kwargs", lambda lengths: forwards.append(1) or whole(lengths))
+
+    def counting_to(tensor, *args, **kwargs):
+        casts.extend([1] if torch.int32 in args or kwargs.get("dtype") is torch.int32 else [])
+        return to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    step(runs["varlen"])
+    assert runs["varlen"].model.config.num_hidden_layers >= 2
+    assert forwards and len(casts) == len(forwards), (len(casts), len(forwards))
+
+
+def test_varlen_boundaries_from_position_ids_are_packings_segment_starts(tiny_model_dir, tmp_path, monkeypatch):
+    """A packed row given without its boundaries reads them with packing's own function (one reader, as the
+    segments kernel reads them) into the keywords training passes; install's probe passes them as training does
+    (once per forward), so it never reads them per layer."""
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    found, expected = packed_attention.boundaries(position_ids), packing.varlen_kwargs(torch.tensor([3, 2, 4]))
+    assert found.keys() == expected.keys() and all(torch.equal(torch.as_tensor(found[k]), torch.as_tensor(v))
+                                                   for k, v in expected.items())  # fmt: skip
+    assert packing.segment_starts is packed_attention.segment_starts
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_attention, "attention_problem", lambda choice, cuda: None)  # the CPU stands in for CUDA
+        patch.setattr(packed_attention, "varlen_kernel", cpu_varlen)
+        patch.setattr(packed_attention, "HALF", (torch.float32,))
+        patch.setattr(packed_attention, "boundaries", lambda position_ids: pytest.fail("read per layer"))
+        recipe_trainer(tiny_model_dir, tmp_path / "varlen", packing=True, packing_attention="varlen")
+
+
 def test_varlen_bound_catches_sequences_seeing_each_other(runs, monkeypatch):
     """The kernel given the whole row as one sequence: the step's gradients are far off."""
     monkeypatch.setattr(packed_attention, "varlen_kernel", cpu_varlen)

@@ -3,15 +3,19 @@ only some training pairs fills up front the held-out pairs only, fills the train
 (written to the store), a later run reuses them and fills only the rest, the values are a full fill's, and a
 placeholder never reaches the loss. Work is counted in pairs scored, never in seconds."""
 
+import math
+
 import pytest
 import torch
-from helpers import recipe_trainer
+from helpers import ROOT, load_script, recipe_trainer
 
 import dpo.train.speed.refcache as refcache
 from dpo.compat import DPOTrainer
 from dpo.errors import RunStopped
-from dpo.train.speed.reflazy import FILL, LazyReference, planned_pairs, refuse_placeholder_columns
-from dpo.train.speed.refstore import Store
+from dpo.train.speed.reflazy import FILL, LazyReference, MarkMissing, planned_pairs, refuse_placeholder_columns
+from dpo.train.speed.refstore import COLUMNS, Store
+
+step_work = load_script(ROOT / "benchmarks" / "step_work.py", "bench_step_work")
 
 # 12 training pairs in batches of 2 (recipe_trainer), 4 held out: max_steps 6 is one epoch, the whole set
 HELD_OUT, TRAIN = 4, 12
@@ -38,7 +42,7 @@ def reached(trainer) -> list[int]:
 
     def spying(inputs):
         if FILL in inputs:
-            marks.extend(i for i in inputs[FILL].tolist() if i >= 0)
+            marks.extend(i for i in inputs[FILL] if i >= 0)
         return prepare(inputs)
 
     trainer.prepare_loss_inputs = spying
@@ -109,17 +113,112 @@ def test_values_filled_as_training_reaches_them_equal_a_full_fill(tiny_model_dir
         torch.testing.assert_close(lazy, whole, rtol=1e-5, atol=0.0)
 
 
-def test_a_placeholder_never_reaches_the_loss(tiny_model_dir, tmp_path, monkeypatch):
-    """A fill that leaves a pair unfilled (a bug) stops the run in one line before TRL computes any loss."""
-    unfilled = lambda self, inputs: {k: v for k, v in inputs.items() if k != FILL}  # noqa: E731 (marks dropped)
-    monkeypatch.setattr(LazyReference, "fill", unfilled)
+def nan_fill(trainer, dataset, indices, desc):
+    """A reference forward that gives NaN for the pairs training reaches (a bug, or a broken reference)."""
+    return [float("nan")] * len(indices), [-1.0] * len(indices), [0.0] * len(indices)
+
+
+@pytest.mark.parametrize("bug", ["computed_nan", "not_a_training_pair"])
+def test_a_placeholder_never_reaches_the_loss(bug, tiny_model_dir, tmp_path, monkeypatch):
+    """A fill that computes a non-finite value, or a placeholder no training pair's row can fill (a bug), stops the
+    run in one line before TRL computes any loss."""
     trainer = recipe_trainer(tiny_model_dir, tmp_path / "a", tmp_path / "cache", max_steps=2)
+    if bug == "computed_nan":
+        monkeypatch.setattr(refcache, "compute_reference", nan_fill)
+    else:  # the collator finds no training index for any row
+        trainer.data_collator = MarkMissing(trainer.data_collator.collator, {})
     losses, real = [], DPOTrainer._compute_loss
     monkeypatch.setattr(DPOTrainer, "_compute_loss", lambda self, *a, **k: losses.append(1) or real(self, *a, **k))
-    with pytest.raises(RunStopped, match=r"2 pair\(s\) of a batch reached the loss without a reference value") as err:
+    with pytest.raises(RunStopped, match=r"pair\(s\) of a batch reached the loss without a reference value") as err:
         trainer.train()
     assert "\n" not in str(err.value) and err.value.exit_status == 1
     assert losses == [] and trainer.state.global_step == 0
+
+
+def test_the_lazy_guard_reads_nothing_back_from_the_device(tiny_model_dir, tmp_path, monkeypatch):
+    """The lazy path's check costs no host read per micro-batch (a sync each on a GPU), counted as
+    tests/train/test_step_work.py counts them (benchmarks/step_work.py: item/bool/int of a tensor, nonzero-like
+    ops, tolist/cpu/numpy). Was: every micro-batch's two columns read back through torch.isfinite(...).sum(), and
+    the FILL marks through tolist (3 reads for a batch that fills, 2 for one that does not). The reference
+    forward's own reads are not the guard's: a host-only stand-in computes the values here."""
+    trainer = recipe_trainer(tiny_model_dir, tmp_path / "a", tmp_path / "cache", max_steps=2)  # 4 of 12: lazy
+    scored = []
+
+    def host_only(trainer_, dataset, indices, desc):
+        scored.extend(indices)
+        return [-10.0 - i for i in indices], [-20.0 - i for i in indices], [0.0] * len(indices)
+
+    monkeypatch.setattr(refcache, "compute_reference", host_only)
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    assert all(math.isnan(e[COLUMNS[0]]) for e in examples)  # placeholders: the lazy path fills them
+    cached = [{**e, COLUMNS[0]: -1.0, COLUMNS[1]: -2.0} for e in examples[:2]]
+    # a step of 4 micro-batches: pairs 0-1 computed, 2-3 computed, 0-1 again (filled earlier), none to fill
+    batches = [trainer.data_collator(b) for b in (examples[:2], examples[2:], examples[:2], cached)]
+    work = step_work.StepWork(trainer, skip=0, steps=1)
+    work._open()
+    try:
+        out = [trainer.prepare_loss_inputs(batch) for batch in batches]
+    finally:
+        work._close()
+    assert sorted(scored) == [0, 1, 2, 3]  # each pair computed once
+    assert sum(work.reads.values()) == 0, dict(work.reads)
+    expected = [[-10.0, -11.0], [-12.0, -13.0], [-10.0, -11.0], [-1.0, -2.0]]
+    assert [batch[COLUMNS[0]].tolist() for batch in out][:3] == expected[:3] and FILL not in out[0]
+    assert out[3][COLUMNS[0]].tolist() == [-1.0, -1.0] and out[3] is batches[3]  # passed untouched
+
+
+class CountingRows(dict):
+    """A store's rows that count how many of their entries are read (iterated, looked up, copied)."""
+
+    read = 0
+
+    def _every(self, method):
+        self.read += len(self)
+        return method()
+
+    def __iter__(self):
+        return self._every(super().__iter__)
+
+    def keys(self):
+        return self._every(super().keys)
+
+    def items(self):
+        return self._every(super().items)
+
+    def values(self):
+        return self._every(super().values)
+
+    def copy(self):
+        return self._every(super().copy)
+
+    def __getitem__(self, key):
+        self.read += 1
+        return super().__getitem__(key)
+
+
+def flush_work(folder, stored: int) -> tuple[int, list[int]]:
+    """Rows of the store read and rows written per flush, over 3 steps of 2 pairs filled each, with `stored`
+    pairs already in the store."""
+    folder.mkdir()
+    rows = CountingRows({f"old-{i}": (-1.0, -2.0, 0.0, "part-old.parquet") for i in range(stored)})
+    new = [f"new-{i}" for i in range(6)]
+    compute = lambda indices: ([-3.0] * len(indices), [-4.0] * len(indices), [0.0] * len(indices))  # noqa: E731
+    lazy = LazyReference(new, compute, Store(folder, rows), {})
+    written = []
+    for step in range(3):
+        column = torch.full((2,), float("nan"))
+        lazy.fill({FILL: [2 * step, 2 * step + 1], COLUMNS[0]: column, COLUMNS[1]: column.clone()})
+        written.append(lazy.flush())
+    read = rows.read
+    assert all(row in lazy.store.rows for row in new) and len(Store(folder).load().rows) == 6
+    return read, written
+
+
+def test_a_flush_works_on_its_steps_pairs_whatever_the_stores_size(tmp_path):
+    """Was: each step's flush rebuilt the whole store ({**rows, **written}: every row of the data set read and
+    copied, per optimizer step). Now its work is the step's pairs: the same at twice the store's size."""
+    small, large = flush_work(tmp_path / "small", 500), flush_work(tmp_path / "large", 1000)
+    assert small == large == (0, [2, 2, 2]), (small, large)
 
 
 def test_up_front_columns_are_checked_once_before_the_first_step(tiny_model_dir, tmp_path, monkeypatch):
