@@ -4,8 +4,10 @@ Generating a token on a CPU costs about one read of every weight of the model (t
 handful of rows: measured on SmolLM2-135M, 8 in 10 of a step's time is in its matmuls, and 6 rows cost a step
 about 1.15x what 3 do). So the four generations (greedy and sampled, of each model) share one decode loop: one
 row per prompt and kind, peft's mixed-adapter batch giving each row its model, and the sampled rows drawing
-exactly what a loop of their own would (dpo/evaluation/sampling.py `_RowChoice`). Before, they took three loops
-(the greedy ones already shared one); `one_loop=False` keeps that path, to compare (benchmarks/bench_evaluate.py).
+exactly what a loop of their own would (dpo/evaluation/sampling.py `_RowChoice`). A prompt is fed once per model,
+its greedy and sampled rows sharing that forward's KV cache (feeding a prompt costs a forward over all its tokens).
+Before, the generations took three loops (the greedy ones already shared one) and fed each prompt four times;
+`one_loop=False` keeps that path, to compare (benchmarks/bench_evaluate.py).
 """
 
 from __future__ import annotations

@@ -91,7 +91,6 @@ def generate_ids(
     decode loop; None: the model as it is. `sampled`: whether each row samples (at temperature 1) or answers greedily,
     whatever `settings.do_sample` says: rows of both kinds share the loop (`_RowChoice`)."""
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -118,10 +117,11 @@ def generate_ids(
         mixed = {} if adapters is None else {"adapter_names": [adapters[i] for i in rows]}
         if sampled is not None and any(sampled):
             choice = _RowChoice.for_batch(rows, adapters, sampled, seed + b, device)
-            mixed["logits_processor"] = LogitsProcessorList([choice])
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress, **mixed
-        )
+            generated = _generate_feeding_each_prompt_once(model, ids, mask, config, progress, choice, **mixed)
+        else:
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress, **mixed
+            )
         for i, row in zip(rows, generated[:, width:].tolist()):
             out[i] = _cut(row, eos)
         bar.n = (b + 1) * settings.max_new_tokens  # a batch that stopped early (every row at EOS) counts whole
@@ -161,6 +161,54 @@ def generate_ids_per_adapter(
     kinds = tuple((name, settings.do_sample) for name in adapters)
     answers = generate_ids_per_kind(model, tokenizer, prompt_ids, kinds, settings, seed, desc)
     return {name: answers[name, settings.do_sample] for name in adapters}
+
+
+def _generate_feeding_each_prompt_once(model, ids, mask, config, progress, choice: _RowChoice, adapter_names=None):
+    """model.generate on a batch whose rows choose their tokens by `choice`, where rows that are the same prompt on
+    the same adapter (a greedy and a sampled answer of one model) share the prompt's forward: it runs once per
+    (prompt, adapter), its KV cache is copied to every row that shares it, and each row's first token is chosen
+    from that forward's scores; the decode loop goes on from the copied cache. Feeding a prompt is a forward over
+    all its tokens where a step feeds one: for short answers it is much of the work. A row whose first token is
+    EOS goes on in the loop; its answer is cut there (`_cut`), as before."""
+    import copy
+
+    from transformers import LogitsProcessorList
+
+    keys = [(tuple(row), name) for row, name in zip(ids.tolist(), adapter_names or [None] * len(ids))]
+    first: dict = {}
+    source = torch.tensor([first.setdefault(key, len(first)) for key in keys], device=ids.device)
+    unique = torch.tensor([keys.index(key) for key in first], device=ids.device)  # the first row of each
+    names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in unique.tolist()]}
+    one = copy.deepcopy(config)
+    one.max_new_tokens = 1
+    fed = model.generate(
+        input_ids=ids[unique],
+        attention_mask=mask[unique],
+        generation_config=one,
+        return_dict_in_generate=True,
+        output_scores=True,  # the first step's scores as the loop's logits processors leave them
+        **names,
+    )
+    cache = fed.past_key_values
+    cache.batch_select_indices(source)
+    token = choice(ids, fed.scores[0][source]).argmax(dim=-1)
+    if progress is not None:
+        progress(ids, None)  # one generation step
+    ids, mask = torch.cat([ids, token[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    if config.max_new_tokens == 1:
+        return ids
+    rest = copy.deepcopy(config)
+    rest.max_new_tokens = config.max_new_tokens - 1
+    mixed = {} if adapter_names is None else {"adapter_names": adapter_names}
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        generation_config=rest,
+        stopping_criteria=progress,
+        logits_processor=LogitsProcessorList([choice]),
+        **mixed,
+    )
 
 
 class _RowChoice:

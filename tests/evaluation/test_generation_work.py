@@ -119,7 +119,8 @@ def test_evaluate_answers_with_both_models_greedy_and_sampled_in_one_decode_loop
     """Evaluate's four generations (greedy and sampled, pi_theta and pi_ref) took four decode loops, each up to
     max_new_tokens forwards over the whole model; then three (the greedy ones shared one, peft's mixed-adapter
     batch); now one: a row per prompt and kind, the sampled rows of each model drawing from a generator seeded as
-    its own loop's batch (dpo/evaluation/sampling.py _RowChoice). The answers are token for token those of four
+    its own loop's batch (dpo/evaluation/sampling.py _RowChoice), and each prompt fed once per model (the forward over
+    its tokens shared by the model's greedy and sampled rows). The answers are token for token those of four
     separate loops, the sampled ones included (same seeds, same draws). `one_loop` False: the three-loop path
     benchmarks/bench_evaluate.py compares against. Counted: decode loops (forwards fed a whole prompt) and
     forwards, never time."""
@@ -150,6 +151,9 @@ def test_evaluate_answers_with_both_models_greedy_and_sampled_in_one_decode_loop
     batches = -(-len(prompts) // bs)
     want = 1 if one_loop else 3
     assert len(loops) == want * batches, f"{len(loops)} decode loops, want {want * batches}"
-    # rows per loop: one loop: 4 kinds x (2 + 1) prompts; three: greedy 2 x (2 + 1), sampled 2 + 1 per model
-    assert sorted(shape[0] for shape in loops) == ([4, 8] if one_loop else [1, 1, 2, 2, 2, 4])
+    # prompts fed per loop: one loop: each once per model, 2 x (2 + 1) (its greedy and sampled rows share that
+    # forward's KV cache); three: greedy 2 x (2 + 1), sampled 2 + 1 per model
+    assert sorted(shape[0] for shape in loops) == ([2, 4] if one_loop else [1, 1, 2, 2, 2, 4])
+    # rows a step feeds one token each: one loop: 4 kinds x (2 + 1)
+    assert {shape[0] for shape in shapes if shape[1] == 1} == ({4, 8} if one_loop else {1, 2, 4})
     assert len(shapes) <= len(loops) * new_tokens  # and still one forward per generated token (KV cache)
