@@ -80,9 +80,9 @@ def markdown(seconds: dict, metrics: dict, prompts: int, tokens: int, rounds: in
         f"`evaluate(num_prompts={prompts}, max_new_tokens={tokens})`: the implicit rewards on the held-out pairs, "
         "greedy and sampled answers of pi_theta and pi_ref, and the KL, all in one process after loading. "
         "The 4-bit base is dequantized once (dpo/train/speed/dequant.py). Before: the four generations in three "
-        "decode loops (the greedy answers of both models in one, a sampled loop per model). After: in one decode "
-        "loop (dpo/evaluation/answers.py; the same answers token for token, so the same metrics). Interleaved, one "
-        "after the other, each round.",
+        "decode loops (the greedy answers of both models in one, a sampled loop per model; each prompt fed 4 times). "
+        "After: in one decode loop, each prompt fed once per model (dpo/evaluation/answers.py; the same answers token "
+        "for token, so the same metrics). Interleaved, one after the other, each round.",
         "",
         "| | per prompt (s), median | whole evaluation (s), each round | held-out accuracy | KL |",
         "|---|---|---|---|---|",
