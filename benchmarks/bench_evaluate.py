@@ -1,18 +1,21 @@
-"""Time `python -m dpo.evaluate` per prompt on a real SmolLM2-135M-Instruct run, with the 4-bit base dequantized once
-(what evaluate does on a CPU now) against the 4-bit layers dequantizing at every forward (what it did before);
-write the BENCHMARKS.md section.
+"""Time `python -m dpo.evaluate` per prompt on a real SmolLM2-135M-Instruct run, with its four generations (greedy and
+sampled answers of pi_theta and pi_ref) in one decode loop (what evaluate does now) against three loops (what it did
+before: the greedy answers of both models in one, a sampled loop per model); write the BENCHMARKS.md section.
 
     python benchmarks/bench_evaluate.py                                  # ~5-10 min on 2 cores; rewrites BENCHMARKS.md
     python benchmarks/bench_evaluate.py --rounds 1 --out /tmp/BENCHMARKS.md
 
 The run evaluated is made here first: one DPO step of the recipe on 16 real HH-RLHF pairs (data/hh-rlhf/), 4 held
-out. Each measurement is evaluate() in this process on the same run, 4 bit then dense, interleaved, `--rounds`
-times; the held-out metrics must agree between the two (they are the same model up to summation order).
+out. Each measurement is evaluate() in this process on the same run (the 4-bit base dequantized once on a CPU, both
+paths), three loops then one, interleaved, `--rounds` times; the metrics must agree exactly between the two (the same
+answers, greedy and sampled, so the same KL and lengths).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
 import subprocess
@@ -54,17 +57,19 @@ def make_run(folder: Path) -> Path:
     return out
 
 
-def timed(run: Path, dequantize: bool, prompts: int, tokens: int) -> tuple[float, dict]:
+def timed(run: Path, one_loop: bool, prompts: int, tokens: int) -> tuple[float, dict]:
     from dpo.evaluation.evaluate import evaluate
 
     began = time.perf_counter()
-    metrics = evaluate(run, num_prompts=prompts, max_new_tokens=tokens, batch_size=8, seed=0, dequantize=dequantize)
-    return time.perf_counter() - began, metrics
+    metrics = evaluate(run, num_prompts=prompts, max_new_tokens=tokens, batch_size=8, seed=0, one_loop=one_loop)
+    wall = time.perf_counter() - began
+    answers = [json.loads(line) for line in (run / "eval" / "generations.jsonl").read_text().splitlines()]
+    return wall, metrics, answers
 
 
 def markdown(seconds: dict, metrics: dict, prompts: int, tokens: int, rounds: int) -> str:
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    ratio = [a / b for a, b in zip(seconds["4-bit"], seconds["dense"])]
+    ratio = [a / b for a, b in zip(seconds["3 loops"], seconds["1 loop"])]
     lines = [
         SECTION,
         "",
@@ -74,17 +79,19 @@ def markdown(seconds: dict, metrics: dict, prompts: int, tokens: int, rounds: in
         f"SmolLM2-135M-Instruct after one DPO step on real HH-RLHF pairs (4-bit NF4 base + LoRA r16), "
         f"`evaluate(num_prompts={prompts}, max_new_tokens={tokens})`: the implicit rewards on the held-out pairs, "
         "greedy and sampled answers of pi_theta and pi_ref, and the KL, all in one process after loading. "
-        "Before: the 4-bit layers dequantize their weights at every forward (one per generated token). After: "
-        "dequantized once (dpo/train/speed/dequant.py). Interleaved, one after the other, each round.",
+        "The 4-bit base is dequantized once (dpo/train/speed/dequant.py). Before: the four generations in three "
+        "decode loops (the greedy answers of both models in one, a sampled loop per model; each prompt fed 4 times). "
+        "After: in one decode loop, each prompt fed once per model (dpo/evaluation/answers.py; the same answers token "
+        "for token, so the same metrics). Interleaved, one after the other, each round.",
         "",
         "| | per prompt (s), median | whole evaluation (s), each round | held-out accuracy | KL |",
         "|---|---|---|---|---|",
     ]
-    for name in ("4-bit", "dense"):
+    for name in ("3 loops", "1 loop"):
         each = ", ".join(f"{s:.1f}" for s in seconds[name])
         m = metrics[name]
         lines.append(f"| {name} | {med[name] / prompts:.2f} | {each} | {m['reward_accuracy']:.3f} | {m['kl']:.4f} |")
-    lines += ["", f"Dense over 4-bit: **{statistics.median(ratio):.1f}x** faster (rounds: "]
+    lines += ["", f"One loop over three: **{statistics.median(ratio):.1f}x** faster (rounds: "]
     lines[-1] += ", ".join(f"{r:.1f}x" for r in ratio) + ")."
     return "\n".join(lines) + "\n"
 
@@ -99,13 +106,18 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         run = make_run(Path(tmp))
-        seconds, metrics = {"4-bit": [], "dense": []}, {}
+        seconds, metrics, answers = {"3 loops": [], "1 loop": []}, {}, {}
         for _ in range(args.rounds):
-            for name, dense in (("4-bit", False), ("dense", True)):
-                wall, metrics[name] = timed(run, dense, args.prompts, args.max_new_tokens)
+            for name, one_loop in (("3 loops", False), ("1 loop", True)):
+                wall, metrics[name], answers[name] = timed(run, one_loop, args.prompts, args.max_new_tokens)
                 seconds[name].append(wall)
-    if abs(metrics["4-bit"]["reward_accuracy"] - metrics["dense"]["reward_accuracy"]) > 0:
-        sys.exit(f"the two disagree on the held-out accuracy: {metrics}")
+    if answers["3 loops"] != answers["1 loop"]:  # greedy and sampled: the same answers, token for token
+        sys.exit(f"the two paths answer differently: {answers}")
+    # the same answers scored by the same code: only a float32 kernel's summation order could move the KL
+    if not all(
+        math.isclose(metrics["3 loops"][k], metrics["1 loop"][k], rel_tol=1e-5) for k in ("kl", "reward_margin")
+    ):
+        sys.exit(f"the two paths disagree: {metrics}")
     text = markdown(seconds, metrics, args.prompts, args.max_new_tokens, args.rounds)
     write_section(Path(args.out), text, SECTION)
     print(text)

@@ -6,7 +6,7 @@
 
 pi_theta is the run's adapter; pi_ref is what the run trained against: the base with adapters
 disabled, or base + the SFT adapter when DPO started from one (output_dir/ref, TRL's frozen
-copy). One model is in memory: the base once, both adapters on it, switched per forward (per row: greedy).
+copy). One model is in memory: the base once, both adapters on it, switched per forward (per row: answers).
 
   1. held-out pairs (heldout_pairs.jsonl, written by the recipe): implicit-reward accuracy and
      margin, beta * (log pi_theta/pi_ref of chosen - of rejected), with 95% intervals;
@@ -29,12 +29,10 @@ import torch
 
 from dpo.data.tools import TOOLS_COLUMN
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
+from dpo.evaluation.answers import GENERATION_MODES, answers_of_both, as_model
 from dpo.gate.check import parse_and_check_flags
 from dpo.gate.flags import command_parser
 from dpo.log import log
-
-GENERATION_MODES = ("greedy", "sampled")
-
 
 # ── the run folder, checked before any weights load ─────────────────────────────────────────
 COMMAND = "python -m dpo.evaluate"
@@ -197,18 +195,6 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
     return prompt_ids, chosen_ids, rejected_ids
 
 
-def generate(
-    model, tokenizer, prompt_ids: list[list[int]], sample: bool, max_new_tokens: int, seed: int, bs: int, desc
-):
-    """Answers (completion token ids, EOS included when emitted) for each prompt: the rounds' sampler (batched by
-    prompt length, KV cache, left padding; dpo/evaluation/sampling.py), greedy or at temperature 1, no top-k or top-p
-    cut, with a progress bar."""
-    from dpo.evaluation.sampling import Sampling, generate_ids
-
-    settings = Sampling(max_new_tokens=max_new_tokens, batch_size=bs, do_sample=sample)
-    return generate_ids(model, tokenizer, prompt_ids, settings, seed, desc=desc)
-
-
 def scored(model, prompt_ids, completion_ids, pad: int, bs: int, desc: str) -> torch.Tensor:
     """log pi(completion | prompt) of every row (dpo/scratch/logps.py), a batch at a time under a progress bar."""
     from tqdm.auto import tqdm
@@ -224,42 +210,20 @@ def scored(model, prompt_ids, completion_ids, pad: int, bs: int, desc: str) -> t
     )
 
 
-def answers_of_both(model, tokenizer, prompt_ids, max_new_tokens: int, seed: int, bs: int) -> dict:
-    """{(mode, "policy" | "reference"): answers} in 3 decode loops, not 4. Greedy: both models share one (peft's
-    mixed-adapter batch, sampling.generate_ids_per_adapter), the answers of two loops token for token. Sampled: a loop
-    per model as before: batch b of each draws torch.manual_seed(seed + b), which one batch would split. DoRA: 4."""
-    from dpo.compat import REFERENCE_ADAPTER
-    from dpo.evaluation.sampling import Sampling, generate_ids_per_adapter
-
-    reference = REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else "__base__"  # peft: no adapter
-    answers, greedy = {}, Sampling(max_new_tokens=max_new_tokens, batch_size=bs, do_sample=False)
-    if not any(getattr(config, "use_dora", False) for config in model.peft_config.values()):
-        with as_model(model, "policy"):  # adapters enabled; each row names its own
-            desc, pair = "greedy answers, policy and reference", ("policy", reference)
-            both = generate_ids_per_adapter(model, tokenizer, prompt_ids, pair, greedy, seed, desc)
-        answers["greedy", "policy"], answers["greedy", "reference"] = both["policy"], both[reference]
-    for mode, name in ((m, n) for m in GENERATION_MODES for n in ("policy", "reference")):
-        if (mode, name) not in answers:
-            with as_model(model, name):
-                args = (model, tokenizer, prompt_ids, mode == "sampled", max_new_tokens, seed, bs)
-                answers[mode, name] = generate(*args, desc=f"{mode} answers, {name}")
-    return answers
-
-
-def as_model(model, name: str):
-    """Context in which the one loaded model is pi_theta ("policy") or pi_ref ("reference")."""
-    from dpo.compat import use_adapter
-    from dpo.train.adapters import as_reference
-
-    return use_adapter(model, "policy") if name == "policy" else as_reference(model)
-
-
 # ── the whole evaluation ─────────────────────────────────────────────────────────────────────
 def evaluate(
-    output_dir, reward_model=None, num_prompts=16, max_new_tokens=128, batch_size=8, seed=0, dequantize=True
+    output_dir,
+    reward_model=None,
+    num_prompts=16,
+    max_new_tokens=128,
+    batch_size=8,
+    seed=0,
+    dequantize=True,
+    one_loop=True,
 ) -> dict:
-    """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); off only
-    to measure what that saves (benchmarks/bench_evaluate.py). Greedy answers: one decode loop for both models."""
+    """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); `one_loop`:
+    all four generations in one decode loop (dpo/evaluation/answers.py). Either off only to measure what it saves
+    (benchmarks/bench_evaluate.py)."""
     from dpo.evaluation.judge import mean_interval, wilson
     from dpo.evaluation.sampling import render_prompt
     from dpo.train.speed.dequant import dequantized_4bit_layers
@@ -308,7 +272,7 @@ def evaluate(
     chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
     texts = [render_prompt(tokenizer, p["prompt"], p.get(TOOLS_COLUMN)) for p in pairs[:num_prompts]]
     gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    answers = answers_of_both(model, tokenizer, gen_prompt_ids, max_new_tokens, seed, batch_size)
+    answers = answers_of_both(model, tokenizer, gen_prompt_ids, max_new_tokens, seed, batch_size, one_loop)
     sampled = answers["sampled", "policy"]
     with as_model(model, "policy"):
         logp_policy = scored(model, gen_prompt_ids, sampled, pad, batch_size, "KL: policy log-probs")
@@ -372,7 +336,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward_model", help="sequence-classification reward model (hub id or folder) as judge")
     parser.add_argument("--num_prompts", type=int, default=16, help="held-out prompts to answer (default 16)")
     parser.add_argument("--max_new_tokens", type=int, default=128, help="answer length cap in tokens (default 128)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=8,
+        help="pairs per scoring batch, prompts per generation batch (default 8); a generation batch holds 4 rows a prompt (greedy and sampled answers of both models, one decode loop), so its KV cache is 4x a prompt's",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models")
     parser.add_argument(
         "--torch_threads",

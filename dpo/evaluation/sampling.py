@@ -81,18 +81,24 @@ def generate_ids(
     seed: int,
     desc: str | None = None,
     adapters: list[str] | None = None,
+    sampled: list[bool] | None = None,
 ) -> list[list[int]]:
     """One sampled completion (token ids, ending with EOS unless cut at max_new_tokens) per row of
     `prompt_ids`, in the input order. Rows are sorted by prompt length into batches of
     `settings.batch_size`; batch b is sampled after torch.manual_seed(seed + b), so a run repeats. With `desc`,
     a progress bar counts generation steps (at most max_new_tokens a batch) with its ETA. `adapters`: the LoRA
     adapter each row runs with ("__base__": none), peft's mixed-adapter batch, so that several models share one
-    decode loop; None: the model as it is."""
+    decode loop; None: the model as it is. `sampled`: whether each row samples (at temperature 1) or answers greedily,
+    whatever `settings.do_sample` says: rows of both kinds share the loop (`_RowChoice`)."""
     from tqdm.auto import tqdm
 
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(model.parameters()).device
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    if sampled is not None and any(sampled):
+        if (settings.temperature, settings.top_p) != (1.0, 1.0):
+            raise ValueError("rows that sample beside greedy ones draw at temperature 1 without a top-p cut only")
+        settings = replace(settings, do_sample=False)  # greedy: _RowChoice's token is the one argmax finds
     config = _generation_config(settings, tokenizer)
     was_training = model.training
     model.eval()
@@ -109,9 +115,13 @@ def generate_ids(
         torch.manual_seed(seed + b)
         progress = _token_progress(bar) if desc is not None else None
         mixed = {} if adapters is None else {"adapter_names": [adapters[i] for i in rows]}
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress, **mixed
-        )
+        if sampled is not None and any(sampled):
+            choice = _RowChoice.for_batch(rows, adapters, sampled, seed + b, device)
+            generated = _generate_feeding_each_prompt_once(model, ids, mask, config, progress, choice, **mixed)
+        else:
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=progress, **mixed
+            )
         for i, row in zip(rows, generated[:, width:].tolist()):
             out[i] = _cut(row, eos)
         bar.n = (b + 1) * settings.max_new_tokens  # a batch that stopped early (every row at EOS) counts whole
@@ -121,17 +131,116 @@ def generate_ids(
     return out
 
 
+def generate_ids_per_kind(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    kinds: tuple[tuple[str, bool], ...],
+    settings: Sampling,
+    seed: int,
+    desc=None,
+) -> dict[tuple[str, bool], list[list[int]]]:
+    """{(adapter, sampled): its answer to each prompt} from one decode loop: each prompt once per kind (an adapter,
+    "__base__" for none, and whether it samples or answers greedily), side by side, in batches of len(kinds) x
+    settings.batch_size, so that a batch holds the prompts (and the padding) that one kind's batch would hold alone.
+    A sampled kind draws what a loop of its own would (`_RowChoice`); each row's logits are those of its own loop
+    up to the summation order of a larger batch."""
+    rows = [p for p in prompt_ids for _ in kinds]
+    shared = replace(settings, batch_size=len(kinds) * settings.batch_size)
+    adapters = [adapter for adapter, _ in kinds] * len(prompt_ids)
+    sampled = [sample for _, sample in kinds] * len(prompt_ids)
+    answers = generate_ids(model, tokenizer, rows, shared, seed, desc, adapters=adapters, sampled=sampled)
+    return {kind: answers[k :: len(kinds)] for k, kind in enumerate(kinds)}
+
+
 def generate_ids_per_adapter(
     model, tokenizer, prompt_ids: list[list[int]], adapters: tuple[str, ...], settings: Sampling, seed: int, desc=None
 ) -> dict[str, list[list[int]]]:
-    """{adapter: its answer to each prompt} from one decode loop: each prompt once per adapter, side by side, in
-    batches of len(adapters) x settings.batch_size, so that a batch holds the prompts (and the padding) that one
-    adapter's batch would hold alone. Meant for greedy decoding: sampled rows would draw other random numbers
-    than a loop of their own."""
-    rows = [p for p in prompt_ids for _ in adapters]
-    shared = replace(settings, batch_size=len(adapters) * settings.batch_size)
-    answers = generate_ids(model, tokenizer, rows, shared, seed, desc, adapters=list(adapters) * len(prompt_ids))
-    return {name: answers[k :: len(adapters)] for k, name in enumerate(adapters)}
+    """{adapter: its answer to each prompt} from one decode loop, every row greedy or every row sampled as
+    `settings` says (generate_ids_per_kind)."""
+    kinds = tuple((name, settings.do_sample) for name in adapters)
+    answers = generate_ids_per_kind(model, tokenizer, prompt_ids, kinds, settings, seed, desc)
+    return {name: answers[name, settings.do_sample] for name in adapters}
+
+
+def _generate_feeding_each_prompt_once(model, ids, mask, config, progress, choice: _RowChoice, adapter_names=None):
+    """model.generate on a batch whose rows choose their tokens by `choice`, where rows that are the same prompt on
+    the same adapter (a greedy and a sampled answer of one model) share the prompt's forward: it runs once per
+    (prompt, adapter), its KV cache is copied to every row that shares it, and each row's first token is chosen
+    from that forward's scores; the decode loop goes on from the copied cache. Feeding a prompt is a forward over
+    all its tokens where a step feeds one: for short answers it is much of the work. A row whose first token is
+    EOS goes on in the loop; its answer is cut there (`_cut`), as before."""
+    import copy
+
+    from transformers import LogitsProcessorList
+
+    keys = [(tuple(row), name) for row, name in zip(ids.tolist(), adapter_names or [None] * len(ids))]
+    first: dict = {}
+    source = torch.tensor([first.setdefault(key, len(first)) for key in keys], device=ids.device)
+    unique = torch.tensor([keys.index(key) for key in first], device=ids.device)  # the first row of each
+    names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in unique.tolist()]}
+    one = copy.deepcopy(config)
+    one.max_new_tokens = 1
+    fed = model.generate(
+        input_ids=ids[unique],
+        attention_mask=mask[unique],
+        generation_config=one,
+        return_dict_in_generate=True,
+        output_scores=True,  # the first step's scores as the loop's logits processors leave them
+        **names,
+    )
+    cache = fed.past_key_values
+    cache.batch_select_indices(source)
+    token = choice(ids, fed.scores[0][source]).argmax(dim=-1)
+    if progress is not None:
+        progress(ids, None)  # one generation step
+    ids, mask = torch.cat([ids, token[:, None]], dim=1), torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    if config.max_new_tokens == 1:
+        return ids
+    rest = copy.deepcopy(config)
+    rest.max_new_tokens = config.max_new_tokens - 1
+    mixed = {} if adapter_names is None else {"adapter_names": adapter_names}
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        generation_config=rest,
+        stopping_criteria=progress,
+        logits_processor=LogitsProcessorList([choice]),
+        **mixed,
+    )
+
+
+class _RowChoice:
+    """A logits processor that chooses each row's next token itself, so that greedy and sampling rows share a
+    decode loop run greedily: a greedy row its argmax; the sampling rows of one adapter draw, together and in batch
+    order, with torch.multinomial from a generator seeded as that adapter's own loop seeds the global one for this
+    batch (torch.manual_seed(seed + b)), i.e. the draws of generate's sampling (softmax of the same float32 scores,
+    then multinomial) in a loop of their own. Every other token's score becomes -inf."""
+
+    def __init__(self, groups: list[tuple[torch.Tensor, torch.Generator]]):
+        self.groups = groups
+
+    @classmethod
+    def for_batch(cls, rows: list[int], adapters, sampled: list[bool], seed: int, device) -> _RowChoice:
+        """`rows`: the batch's row numbers; `adapters` and `sampled`: each row's (by row number)."""
+        by_adapter: dict = {}
+        for position, i in enumerate(rows):
+            if sampled[i]:
+                by_adapter.setdefault(None if adapters is None else adapters[i], []).append(position)
+        groups = [
+            (torch.tensor(positions, device=device), torch.Generator(device=device).manual_seed(seed))
+            for positions in by_adapter.values()
+        ]
+        return cls(groups)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = scores.argmax(dim=-1)
+        for positions, generator in self.groups:
+            probs = torch.nn.functional.softmax(scores[positions], dim=-1)
+            chosen[positions] = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
 
 
 def completion_text(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:

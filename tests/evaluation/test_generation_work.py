@@ -114,35 +114,46 @@ def run_models(request, tiny_model_dir):
     return model.eval(), tokenizer
 
 
-def test_evaluate_answers_greedily_with_both_models_in_one_decode_loop(run_models):
+@pytest.mark.parametrize("one_loop", [True, False], ids=["one_loop", "three_loops"])
+def test_evaluate_answers_with_both_models_greedy_and_sampled_in_one_decode_loop(run_models, one_loop):
     """Evaluate's four generations (greedy and sampled, pi_theta and pi_ref) took four decode loops, each up to
-    max_new_tokens forwards; the two greedy ones now share one loop (peft's mixed-adapter batch: one row per prompt
-    and model). The answers are token for token those of separate loops, and sampled ones keep their own loops
-    (the same seeds as before). Counted: decode loops (forwards fed a whole prompt) and forwards, never time."""
-    from dpo.evaluation.evaluate import GENERATION_MODES, answers_of_both, as_model
+    max_new_tokens forwards over the whole model; then three (the greedy ones shared one, peft's mixed-adapter
+    batch); now one: a row per prompt and kind, the sampled rows of each model drawing from a generator seeded as
+    its own loop's batch (dpo/evaluation/sampling.py _RowChoice), and each prompt fed once per model (the forward over
+    its tokens shared by the model's greedy and sampled rows). The answers are token for token those of four
+    separate loops, the sampled ones included (same seeds, same draws). `one_loop` False: the three-loop path
+    benchmarks/bench_evaluate.py compares against. Counted: decode loops (forwards fed a whole prompt) and
+    forwards, never time."""
+    from dpo.evaluation.answers import GENERATION_MODES, answers_of_both, as_model
     from dpo.evaluation.sampling import Sampling, generate_ids
 
     model, tokenizer = run_models
     prompts = ["Instruct: What is the capital of France?\nOutput:", "Do you have feelings?", "review of the movie:"]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    new_tokens, bs = 10, 2  # two batches per model: the pairing of rows into batches is exercised
+    new_tokens, bs = 10, 2  # two batches per model: the pairing of rows into batches (and seeds) is exercised
     separate = {}
     for mode in GENERATION_MODES:
         for name in ("policy", "reference"):
             settings = Sampling(max_new_tokens=new_tokens, batch_size=bs, do_sample=mode == "sampled")
             with as_model(model, name):
                 separate[mode, name] = generate_ids(model, tokenizer, prompt_ids, settings, seed=3)
-    assert separate["greedy", "policy"] != separate["greedy", "reference"], "the models agree: nothing is checked"
+    for mode in GENERATION_MODES:  # else a mix-up of the models or of the modes would pass unseen
+        assert separate[mode, "policy"] != separate[mode, "reference"], f"the models agree ({mode}): nothing checked"
+    assert separate["greedy", "policy"] != separate["sampled", "policy"], "sampling drew the argmax: nothing checked"
 
     shapes, handle = counted_forwards(model)
     try:
-        answers = answers_of_both(model, tokenizer, prompt_ids, new_tokens, seed=3, bs=bs)
+        answers = answers_of_both(model, tokenizer, prompt_ids, new_tokens, seed=3, bs=bs, one_loop=one_loop)
     finally:
         handle.remove()
     assert answers == separate
     loops = [shape for shape in shapes if shape[1] > 1]  # a loop's first forward reads the prompts
     batches = -(-len(prompts) // bs)
-    assert len(loops) == 3 * batches, f"{len(loops)} decode loops, want {3 * batches}: greedy shares one"
-    # rows per loop: greedy 2 x (2 + 1) prompts in batches of 2 x bs; sampled 2 + 1 per model
-    assert sorted(shape[0] for shape in loops) == [1, 1, 2, 2, 2, 4]
+    want = 1 if one_loop else 3
+    assert len(loops) == want * batches, f"{len(loops)} decode loops, want {want * batches}"
+    # prompts fed per loop: one loop: each once per model, 2 x (2 + 1) (its greedy and sampled rows share that
+    # forward's KV cache); three: greedy 2 x (2 + 1), sampled 2 + 1 per model
+    assert sorted(shape[0] for shape in loops) == ([2, 4] if one_loop else [1, 1, 2, 2, 2, 4])
+    # rows a step feeds one token each: one loop: 4 kinds x (2 + 1)
+    assert {shape[0] for shape in shapes if shape[1] == 1} == ({4, 8} if one_loop else {1, 2, 4})
     assert len(shapes) <= len(loops) * new_tokens  # and still one forward per generated token (KV cache)

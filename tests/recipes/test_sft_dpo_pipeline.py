@@ -326,9 +326,8 @@ def test_evaluate_shows_progress_for_every_stage_and_dequantizes_on_a_cpu(evalua
     for stage in (
         "held-out pairs, policy, chosen",
         "held-out pairs, reference, rejected",
-        "greedy answers, policy and reference",  # one decode loop for both (tests/evaluation/test_generation_work.py)
-        "sampled answers, policy",
-        "sampled answers, reference",
+        # one decode loop for all four generations (tests/evaluation/test_generation_work.py)
+        "answers: greedy and sampled, policy and reference",
         "KL: policy log-probs",
         "KL: reference log-probs",
         "judge: sampled, policy",
