@@ -1,6 +1,7 @@
 """benchmarks/bench_training.py --quick runs end to end (on the tiny offline model and a few real
 HH-RLHF pairs, for correctness only: no timing is asserted) and writes its table and JSON."""
 
+import gzip
 import json
 import math
 import subprocess
@@ -12,14 +13,30 @@ from helpers import HH_FILE, ROOT, cli, load_script
 BENCH = load_script(ROOT / "benchmarks" / "bench_training.py", "bench_training")
 
 
+def hh_rows(path, n: int):
+    """`n` real HH-RLHF rows, unchanged, as .jsonl.gz (the benchmark's default dataset's format): the file's first
+    n/2 and its n/2 shortest, so that 16 of them at max_length 64 mix pairs cut to 64 tokens (keep_end) with
+    shorter ones, which the recipe without packing pads (the whole file's seeded pick had both)."""
+    with gzip.open(HH_FILE, "rt") as f:
+        lines = f.readlines()
+    half = n // 2
+    shortest = sorted(range(half, len(lines)), key=lambda i: len(lines[i]))[:half]
+    with gzip.open(path, "wt") as f:
+        f.writelines(lines[:half] + [lines[i] for i in sorted(shortest)])
+    return path
+
+
 @pytest.mark.slow
 def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     out, data = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    # The parent converts and checks every row of its dataset before it picks --pairs of them: 64 real rows
+    # leave a pick of 16 (the whole 2,312-row file cost the test ~10 s of tokenizing, checked nowhere here)
+    hh = hh_rows(tmp_path / "hh.jsonl.gz", 64)
     out.write_text("# Benchmarks\n\n## Another section\n\nkept as it is\n")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--quick", "--pairs", "16"]
     cmd += ["--max_length", "64", "--threads", "1", "--model_name_or_path", str(tiny_model_dir)]
     cmd += cli(
-        dataset_name=HH_FILE,
+        dataset_name=hh,
         workdir=tmp_path / "work",
         out=out,
         json=data,
@@ -31,6 +48,7 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     summary = result["summary"]
     assert list(summary) == list(BENCH.CONFIGS)
     assert result["settings"]["pairs"] == 16 and result["cache_build"]["pairs"] == 16
+    assert 16 <= result["dataset_padding"]["pairs"] <= 64  # the rows the doctor kept of the 64 it read
     for config, numbers in summary.items():
         assert numbers["tokens_per_s"] > 0 and 0 <= numbers["padding"] < 1, config
         assert len(numbers["losses"]) == 2 and all(math.isfinite(x) for x in numbers["losses"]), config

@@ -32,26 +32,46 @@ def table_rows(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("|---")]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "script",
-    [
-        "bench_allocator.py",
-        "bench_demo.py",
-        "bench_sweep.py",
-        "frontier_sentiment.py",
-        "real_alignment.py",
-        "rounds_offpolicy.py",
-        "rounds_sentiment.py",
-        "rounds_sweep.py",
-    ],
-)
-def test_help_exits_0(script):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=180
-    )
+SCRIPTS = [
+    "bench_allocator.py",
+    "bench_demo.py",
+    "bench_sweep.py",
+    "frontier_sentiment.py",
+    "real_alignment.py",
+    "rounds_offpolicy.py",
+    "rounds_sentiment.py",
+    "rounds_sweep.py",
+]
+
+
+@pytest.fixture(scope="module")
+def helps(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
+    """Each script's `--help` as `python benchmarks/<script> --help` gives it: (exit status, stdout, stderr). Each
+    runs in a process of its own, forked from one that imported torch, transformers, ... once (tests/_fork_scripts.py):
+    8 processes importing them cost 6-14 s each. The rounds benchmarks turn off datasets' progress bars before
+    parsing their flags: in a process of their own, that never reaches another script or this one."""
+    out = tmp_path_factory.mktemp("helps")
+    command = [sys.executable, str(ROOT / "tests" / "_fork_scripts.py"), str(out)]
+    for i, script in enumerate(SCRIPTS):
+        command += ["---"] * (i > 0) + [str(BENCH / script), "--help"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "usage:" in proc.stdout and "--out" in proc.stdout
+    return {
+        script: (
+            int((out / f"{i}.status").read_text()),
+            (out / f"{i}.out").read_text(),
+            (out / f"{i}.err").read_text(),
+        )
+        for i, script in enumerate(SCRIPTS)
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_exits_0(script, helps):
+    status, stdout, stderr = helps[script]
+    assert status == 0, stderr[-2000:]
+    assert "usage:" in stdout and "--out" in stdout
 
 
 # ── bench_demo.py ────────────────────────────────────────────────────────────────────────────

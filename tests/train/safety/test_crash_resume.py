@@ -6,18 +6,21 @@ dpo.signals.kill_point), which sends the signal from inside the process at that 
 so every kill lands where the test says, inside a save included.
 """
 
+import contextlib
 import json
 import math
 import os
 import random
 import signal
 import subprocess
-import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from _fork_scripts import ForkServer
 from helpers import ROOT, cli, load_recipe, one_line_error, with_overrides
 from safetensors.torch import load_file
 
@@ -36,16 +39,35 @@ def flags(tiny_model_dir, truthy_file, output_dir, *extra):
     return with_overrides(base, *extra)
 
 
-def run_recipe(argv, signal_at="", cwd=None):
-    """The recipe as a user runs it, in its own process, with the test hook set."""
+RECIPE = ROOT / "recipes" / "dpo_phi2.py"
+
+
+@pytest.fixture(scope="module")
+def forks():
+    """Starts each recipe run below as `python recipes/dpo_phi2.py ...` would, in a process of its own, forked from
+    one that imported torch, transformers, peft, trl and datasets once (tests/_fork_scripts.py): the module's ~15
+    runs, each started fresh, paid 6-14 s of those imports apiece on 2 cores. A kill -9 kills the run's process."""
+    server = ForkServer(cwd=os.getcwd())
+    yield server
+    server.close()
+
+
+def kill_9(pid):
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def run_recipe(forks, argv, signal_at=""):
+    """The recipe as a user runs it, in its own process, with the test hook set: its exit status and output."""
     env = {**os.environ, "DPO_TEST_SIGNAL_AT": signal_at}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py"), *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        pid = forks.start([RECIPE, *argv], stdout=out, stderr=err, env=env)
+        watchdog = threading.Timer(300, kill_9, [pid])  # a hung run fails the test instead of hanging it
+        watchdog.start()
+        status = forks.wait()
+        watchdog.cancel()
+        return subprocess.CompletedProcess(argv, status, out.read_text(), err.read_text())
 
 
 def train_losses(output_dir):
@@ -54,33 +76,34 @@ def train_losses(output_dir):
 
 
 @pytest.mark.slow
-def test_kill_9_in_saves_and_steps_then_last_ends_bit_identical(tiny_model_dir, truthy_file, tmp_path):
-    reference = tmp_path / "uninterrupted"
-    assert run_recipe(flags(tiny_model_dir, truthy_file, reference)).returncode == 0
+def test_kill_9_in_saves_and_steps_then_last_ends_bit_identical(
+    forks, tiny_model_dir, truthy_file, tmp_path, uninterrupted
+):
+    reference, _ = uninterrupted
     out = tmp_path / "killed"
     argv = flags(tiny_model_dir, truthy_file, out)
 
     # 1. kill -9 inside the save of checkpoint-4: files written, marker not yet
-    proc = run_recipe(argv, "files:4")
+    proc = run_recipe(forks, argv, "files:4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert checkpoint_problems(out / "checkpoint-4"), "a half-saved checkpoint passed as complete"
     assert not checkpoint_problems(out / "checkpoint-2"), "rotation deleted the last complete checkpoint"
 
     # 2. `last` falls back to checkpoint-2 with a warning; kill -9 after optimizer step 5
-    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"], "step:5")
+    proc = run_recipe(forks, [*argv, "--resume_from_checkpoint", "last"], "step:5")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "skipping" in proc.stdout and "checkpoint-4: incomplete" in proc.stdout
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stdout
     assert not checkpoint_problems(out / "checkpoint-4")
 
     # 3. resume from checkpoint-4; kill -9 while the final files replace each other
-    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"], "final-cleared:6")
+    proc = run_recipe(forks, [*argv, "--resume_from_checkpoint", "last"], "final-cleared:6")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert f"resuming from {out / 'checkpoint-4'}" in proc.stdout
     assert not (out / RUN_MARKER).exists(), "a half-written output_dir looks finished"
 
     # 4. resume from checkpoint-6 (the end): only the final files are written
-    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"])
+    proc = run_recipe(forks, [*argv, "--resume_from_checkpoint", "last"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / RUN_MARKER).is_file()
 
@@ -101,44 +124,56 @@ def test_kill_9_in_saves_and_steps_then_last_ends_bit_identical(tiny_model_dir, 
 TRAINING_BEGINS = "trainable parameters:"  # the recipe's log line once the model is built, just before training
 
 
-def run_until(argv, kill_after=None):
+def run_until(forks, argv, kill_after=None):
     """The recipe in its own process, streamed; `kill_after` seconds after TRAINING_BEGINS is printed,
     kill -9 from outside, wherever the run is then. Returns (exit status, seconds from that line to the end)."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "recipes" / "dpo_phi2.py"), *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    watchdog = threading.Timer(300, proc.kill)  # a hung run fails the test instead of hanging it
-    watchdog.start()
-    began, lines = None, []
-    for line in proc.stdout:
-        lines.append(line)
-        if began is None and TRAINING_BEGINS in line:
-            began = time.monotonic()
-            if kill_after is not None:
-                threading.Timer(kill_after, proc.kill).start()
-    status = proc.wait()
-    watchdog.cancel()
+    with tempfile.TemporaryDirectory() as folder:
+        stream = Path(folder) / "stdout"
+        os.mkfifo(stream)
+        pid = forks.start([RECIPE, *argv], stdout=stream)  # stderr with stdout
+        timers = [threading.Timer(300, kill_9, [pid])]  # a hung run fails the test instead of hanging it
+        timers[0].start()
+        began, lines = None, []
+        with open(stream) as output:
+            for line in output:
+                lines.append(line)
+                if began is None and TRAINING_BEGINS in line:
+                    began = time.monotonic()
+                    if kill_after is not None:
+                        timers.append(threading.Timer(kill_after, kill_9, [pid]))
+                        timers[-1].start()
+        for timer in timers:
+            timer.cancel()
+        status = forks.wait()
     assert status in (0, -signal.SIGKILL) and (began is not None or status), "".join(lines)[-3000:]
     return status, (time.monotonic() - began) if began else 0.0
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(forks, tiny_model_dir, truthy_file, tmp_path_factory):
+    """The run both kill -9 tests must end identical to, run once for the module as a user runs it (its own
+    process, no signal): (its output_dir, seconds from TRAINING_BEGINS to its end, which the random kills span).
+    The tests only read it."""
+    reference = tmp_path_factory.mktemp("crash-resume") / "uninterrupted"
+    status, training = run_until(forks, flags(tiny_model_dir, truthy_file, reference))
+    assert status == 0
+    return reference, training
+
+
 @pytest.mark.slow
-def test_kill_9_at_random_moments_then_last_ends_bit_identical(tiny_model_dir, truthy_file, tmp_path):
+def test_kill_9_at_random_moments_then_last_ends_bit_identical(
+    forks, tiny_model_dir, truthy_file, tmp_path, uninterrupted
+):
     """kill -9 from outside at seeded random moments of training, saving and writing the final files
     (not at hook points: wherever the process happens to be, a torch.save half-done included),
     then `--resume_from_checkpoint last` (or a fresh start if no checkpoint is complete yet), until the
     run finishes: the adapter and every logged step equal an uninterrupted run's."""
-    reference = tmp_path / "uninterrupted"
-    status, training = run_until(flags(tiny_model_dir, truthy_file, reference))
-    assert status == 0
+    reference, training = uninterrupted
     rng, out, kills = random.Random(1), tmp_path / "killed", 0
     for _ in range(12):
         resume = ["--resume_from_checkpoint", "last"] if newest_complete_checkpoint(out, warn=False) else []
         kill_after = rng.uniform(0, 0.8 * training) if kills < 4 else None
-        status, _ = run_until([*flags(tiny_model_dir, truthy_file, out), *resume], kill_after)
+        status, _ = run_until(forks, [*flags(tiny_model_dir, truthy_file, out), *resume], kill_after)
         if status == 0:
             break
         assert status == -signal.SIGKILL
@@ -244,12 +279,12 @@ def test_sigterm_saves_a_resumable_checkpoint(tiny_model_dir, truthy_file, tmp_p
     ids=["during_the_final_save", "during_training"],
 )
 def test_rerun_beside_this_runs_complete_checkpoint_is_refused_naming_resume_last(
-    tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load, kill_at, said
+    forks, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load, kill_at, said
 ):
     """Rerunning the same command after a kill must not silently start again at step 0."""
     out = tmp_path / "run"
     argv = flags(tiny_model_dir, truthy_file, out, "--save_total_limit", "2")
-    proc = run_recipe(argv, kill_at)
+    proc = run_recipe(forks, argv, kill_at)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / RUN_MARKER).exists()
     newest = newest_complete_checkpoint(out, warn=False)
@@ -258,6 +293,6 @@ def test_rerun_beside_this_runs_complete_checkpoint_is_refused_naming_resume_las
     assert f"--output_dir {out} holds a complete checkpoint of this run ({newest.name})" in line, line
     assert said in line and "--resume_from_checkpoint last" in line and "--overwrite_output_dir true" in line
 
-    proc = run_recipe([*argv, "--resume_from_checkpoint", "last"])  # its own process: weights may load there
+    proc = run_recipe(forks, [*argv, "--resume_from_checkpoint", "last"])  # its own process: weights may load there
     assert proc.returncode == 0 and f"resuming from {newest}" in proc.stdout, proc.stderr[-2000:]
     assert (out / RUN_MARKER).is_file()
