@@ -185,15 +185,18 @@ def row_id(example: dict) -> str:
     return h.hexdigest()
 
 
+def config_identity(model) -> dict:
+    """The model's config as what decides its numbers: less where it was loaded from and the writer's version."""
+    return {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+
+
 def reference_logps(model, examples, pad, batch_size, cache_dir: Path, max_length: int, progress=None):
     """(chosen, rejected) log pi_ref of every example, pi_ref = `model` with its adapters disabled; read from the
     reference cache, and the pairs it lacks scored and stored first (`progress(n)` after each batch of n scored).
     Returns the tensors and how many were scored now."""
     parts = {
         "weights": weights_hash(model),  # the frozen weights only: the trainable LoRA adapter is not pi_ref
-        "config": {
-            k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
-        },
+        "config": config_identity(model),
         "dtype": str(model.dtype),
         "max_length": max_length,
         "scorer": "benchmarks/real_alignment.py: replies cut to max_length // 2, prompts keep their end",

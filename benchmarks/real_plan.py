@@ -43,6 +43,7 @@ from real_measure import heldout_metrics, sequence_logps, tokenize_pair  # noqa:
 from real_phases import (  # noqa: E402
     Progress,
     batch_indices,
+    config_identity,
     drop_checkpoint,
     finished_result,
     folder_identity,
@@ -113,10 +114,7 @@ class Plan:
         its path is not: a moved folder is the same model, a rewritten one at the same path is not)."""
         if self._base is None:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).requires_grad_(False)
-            config = {
-                k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
-            }
-            self._base = key_of({"weights": weights_hash(model), "config": config})
+            self._base = key_of({"weights": weights_hash(model), "config": config_identity(model)})
             del model
         return self._base
 

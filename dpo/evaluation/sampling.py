@@ -175,14 +175,17 @@ def _generate_feeding_each_prompt_once(model, ids, mask, config, progress, choic
     from transformers import LogitsProcessorList
 
     keys = [(tuple(row), name) for row, name in zip(ids.tolist(), adapter_names or [None] * len(ids))]
-    first: dict = {}
-    source = torch.tensor([first.setdefault(key, len(first)) for key in keys], device=ids.device)
-    unique = torch.tensor([keys.index(key) for key in first], device=ids.device)  # the first row of each
-    names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in unique.tolist()]}
+    slot, unique = {}, []  # (prompt, adapter) -> its row among the fed ones; the first row holding each
+    for i, key in enumerate(keys):
+        if key not in slot:
+            slot[key] = len(unique)
+            unique.append(i)
+    source = torch.tensor([slot[key] for key in keys], device=ids.device)
+    names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in unique]}
     one = copy.deepcopy(config)
     one.max_new_tokens = 1
     fed = model.generate(
-        input_ids=ids[unique],
+        input_ids=ids[unique],  # a list index: those rows, in that order
         attention_mask=mask[unique],
         generation_config=one,
         return_dict_in_generate=True,

@@ -148,7 +148,8 @@ def packed_sdpa_mask(**kwargs):
 
 def segment_starts(position_ids: torch.Tensor) -> list[int]:
     """Start offsets of the packed sequences of one row (where position ids restart at 0), plus its end: read on
-    the host (a sync on a GPU), so callers read it once per forward, not per layer (dpo/train/speed/packing.py)."""
+    the host (a sync on a GPU): packing.packed_forward reads it once per forward for varlen; the CPU `segments`
+    kernel (packing.segmented_sdpa) reads it in each layer."""
     row = position_ids[0]
     return [*(row == 0).nonzero().flatten().tolist(), row.numel()]
 
