@@ -195,19 +195,29 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int | None):
     return prompt_ids, chosen_ids, rejected_ids
 
 
-def scored(model, prompt_ids, completion_ids, pad: int, bs: int, desc: str) -> torch.Tensor:
-    """log pi(completion | prompt) of every row (dpo/scratch/logps.py), a batch at a time under a progress bar."""
+def logps_of_rows(model, rows: list, pad: int, bs: int, shared_prompts: bool = True) -> dict[str, torch.Tensor]:
+    """{"policy" | "reference": log pi(answer | prompt) of each (prompt_ids, answer_ids) row} under a progress bar per
+    model: each distinct prompt fed once per model (dpo/evaluation/scoring.py), or with `shared_prompts` False each
+    row fed whole in padded batches of `bs` rows (dpo/scratch/logps.py; what it replaced, kept to compare)."""
     from tqdm.auto import tqdm
 
+    from dpo.evaluation.scoring import logps_sharing_prompts
     from dpo.scratch.logps import completion_logps
 
-    starts = range(0, len(prompt_ids), bs)
-    return torch.cat(
-        [
-            completion_logps(model, prompt_ids[i : i + bs], completion_ids[i : i + bs], pad, bs)
-            for i in tqdm(starts, desc=desc, unit="batch")
-        ]
-    )
+    out = {}
+    for name in ("policy", "reference"):
+        desc = f"log-probs under {name}: held-out pairs and sampled answers"
+        with as_model(model, name), tqdm(total=len(rows), desc=desc, unit="answer") as bar:
+            if shared_prompts:
+                out[name] = logps_sharing_prompts(model, rows, bar)
+                continue
+            parts = []
+            for i in range(0, len(rows), bs):
+                batch = rows[i : i + bs]
+                parts.append(completion_logps(model, [p for p, _ in batch], [a for _, a in batch], pad, bs))
+                bar.update(len(batch))
+            out[name] = torch.cat(parts)
+    return out
 
 
 # ── the whole evaluation ─────────────────────────────────────────────────────────────────────
@@ -220,9 +230,11 @@ def evaluate(
     seed=0,
     dequantize=True,
     one_loop=True,
+    shared_prompts=True,
 ) -> dict:
     """`dequantize`: on a CPU, the 4-bit base dequantized once for inference (dpo/train/speed/dequant.py); `one_loop`:
-    all four generations in one decode loop (dpo/evaluation/answers.py). Either off only to measure what it saves
+    all four generations in one decode loop (dpo/evaluation/answers.py); `shared_prompts`: each prompt fed once per
+    model for the log-probs of all its answers (dpo/evaluation/scoring.py). Each off only to measure what it saves
     (benchmarks/bench_evaluate.py)."""
     from dpo.evaluation.judge import mean_interval, wilson
     from dpo.evaluation.sampling import render_prompt
@@ -244,17 +256,23 @@ def evaluate(
         f"; {torch.get_num_threads()} CPU threads (--torch_threads)"
     )
 
-    # 1. implicit rewards on the held-out pairs
+    # 1. generations from both models, greedy and sampled (one decode loop: dpo/evaluation/answers.py)
+    chat = not isinstance(pairs[0]["chosen"], str)
+    chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
+    texts = [render_prompt(tokenizer, p["prompt"], p.get(TOOLS_COLUMN)) for p in pairs[:num_prompts]]
+    gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    answers = answers_of_both(model, tokenizer, gen_prompt_ids, max_new_tokens, seed, batch_size, one_loop)
+    sampled = answers["sampled", "policy"]
+
+    # 2. log-probs under both models, in one pass each: the held-out pairs' chosen and rejected answers (implicit
+    # rewards) and the sampled policy answers (KL(pi_theta || pi_ref)); a prompt's answers share its forward
     prompt_ids, chosen_ids, rejected_ids = encode_pairs(tokenizer, pairs, resolved.get("max_length"))
-    logps = {}
-    for name in ("policy", "reference"):
-        with as_model(model, name):
-            logps[name] = [
-                scored(model, prompt_ids, c, pad, batch_size, f"held-out pairs, {name}, {side}")
-                for c, side in ((chosen_ids, "chosen"), (rejected_ids, "rejected"))
-            ]
-    reward_chosen = beta * (logps["policy"][0] - logps["reference"][0])
-    reward_rejected = beta * (logps["policy"][1] - logps["reference"][1])
+    n = len(pairs)
+    rows = [*zip(prompt_ids, chosen_ids), *zip(prompt_ids, rejected_ids), *zip(gen_prompt_ids, sampled)]
+    logps = logps_of_rows(model, rows, pad, batch_size, shared_prompts)
+    chosen, rejected, kl_rows = slice(0, n), slice(n, 2 * n), slice(2 * n, None)
+    reward_chosen = beta * (logps["policy"][chosen] - logps["reference"][chosen])
+    reward_rejected = beta * (logps["policy"][rejected] - logps["reference"][rejected])
     margins = (reward_chosen - reward_rejected).tolist()
     accuracy = sum(m > 0 for m in margins) / len(margins)
     margin, margin_low, margin_high = mean_interval(margins)
@@ -266,19 +284,7 @@ def evaluate(
         "reward_margin": margin,
         "reward_margin_ci95": [margin_low, margin_high],
     }
-
-    # 2. generations from both models, greedy and sampled; KL from the sampled policy answers
-    chat = not isinstance(pairs[0]["chosen"], str)
-    chosen_prompts = [p["prompt"] for p in pairs[:num_prompts]]
-    texts = [render_prompt(tokenizer, p["prompt"], p.get(TOOLS_COLUMN)) for p in pairs[:num_prompts]]
-    gen_prompt_ids = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-    answers = answers_of_both(model, tokenizer, gen_prompt_ids, max_new_tokens, seed, batch_size, one_loop)
-    sampled = answers["sampled", "policy"]
-    with as_model(model, "policy"):
-        logp_policy = scored(model, gen_prompt_ids, sampled, pad, batch_size, "KL: policy log-probs")
-    with as_model(model, "reference"):
-        logp_reference = scored(model, gen_prompt_ids, sampled, pad, batch_size, "KL: reference log-probs")
-    kl, kl_low, kl_high = mean_interval((logp_policy - logp_reference).tolist())
+    kl, kl_low, kl_high = mean_interval((logps["policy"][kl_rows] - logps["reference"][kl_rows]).tolist())
     lengths = {key: [len(a) for a in value] for key, value in answers.items()}
     for mode in GENERATION_MODES:
         pol, ref = sum(lengths[mode, "policy"]), sum(lengths[mode, "reference"])

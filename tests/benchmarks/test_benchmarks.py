@@ -292,28 +292,31 @@ def test_every_relative_link_of_the_readme_resolves():
 
 def test_the_evaluate_benchmark_section_is_the_scripts_own_output():
     """benchmarks/bench_evaluate.py: its section starts with its heading (write_section replaces it there), the
-    ratio is the median of each round's three-loop over one-loop time, and BENCHMARKS.md holds exactly what it
-    writes for the committed numbers (from its description on: the machine line is the machine's)."""
+    ratio is the median of each round's before-over-now time, and BENCHMARKS.md holds exactly what it writes for
+    the committed numbers (from its description on: the machine line is the machine's)."""
     bench = load_benchmark("bench_evaluate")
-    seconds = {"3 loops": [88.2, 95.1], "1 loop": [70.3, 76.6]}
-    same = {"reward_accuracy": 0.25, "kl": -0.1388}
-    text = bench.markdown(seconds, {"3 loops": same, "1 loop": same}, 3, 64, 2)
+    names = list(bench.CONFIGS)
+    assert names[0] == bench.BEFORE and names[-1] == bench.NOW
+    seconds = dict(zip(names, ([88.2, 95.1], [70.3, 76.6], [40.0, 50.0])))
+    same = {"reward_accuracy": 0.25, "reward_margin": -0.0016, "kl": -0.1388}
+    text = bench.markdown(seconds, {name: same for name in names}, 3, 64, 2)
     assert text.startswith(bench.SECTION + "\n")
-    assert "| 3 loops | 30.55 |" in text and "| 1 loop | 24.48 |" in text  # medians 91.65 / 3 and 73.45 / 3
-    assert "**1.2x** faster (rounds: 1.3x, 1.2x)" in text  # 88.2/70.3 = 1.25, 95.1/76.6 = 1.24
+    assert f"| {bench.BEFORE} | 30.55 |" in text and f"| {bench.NOW} | 15.00 |" in text  # medians 91.65/3, 45/3
+    assert "**2.1x** faster (rounds: 2.2x, 1.9x)" in text  # 88.2/40 = 2.205, 95.1/50 = 1.902: median 2.054
     committed = (ROOT / "BENCHMARKS.md").read_text()
     start = committed.index(bench.SECTION)
     section = committed[start:].split("\n## ")[0].rstrip("\n") + "\n"
-    rows = {
-        r.split(" | ")[0].strip("| "): r.split(" | ")
-        for r in section.splitlines()
-        if r.startswith("| ") and "loop" in r
-    }
-    assert set(rows) == {"3 loops", "1 loop"}
-    assert rows["3 loops"][3:] == rows["1 loop"][3:]  # the same answers, so the same metrics (the script checks it)
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in section.splitlines() if r.startswith("| ")}
+    rows = {name: r for name, r in rows.items() if name in bench.CONFIGS}
+    assert set(rows) == set(names)
+    # the same answers, so the same accuracy (the script checks it, and the margin and KL within their bound)
+    assert len({r[3] for r in rows.values()}) == 1
     seconds = {name: [float(x) for x in r[2].split(", ")] for name, r in rows.items()}
-    metrics = {name: {"reward_accuracy": float(r[3]), "kl": float(r[4].strip(" |"))} for name, r in rows.items()}
-    again = bench.markdown(seconds, metrics, 3, 64, len(seconds["1 loop"]))
+    metrics = {
+        name: {"reward_accuracy": float(r[3]), "reward_margin": float(r[4]), "kl": float(r[5].strip(" |"))}
+        for name, r in rows.items()
+    }
+    again = bench.markdown(seconds, metrics, 3, 64, len(seconds[bench.NOW]))
     description = next(
         i for i, line in enumerate(again.splitlines()) if line.startswith("SmolLM2-135M-Instruct after")
     )
@@ -322,5 +325,19 @@ def test_the_evaluate_benchmark_section_is_the_scripts_own_output():
     # (+ its own rounding to 0.01) of the one recomputed from them, and the stated ratio within 0.1x
     for name, r in rows.items():
         assert abs(float(r[1]) - statistics.median(seconds[name]) / 3) <= 0.05 / 3 + 0.005
-    ratio = statistics.median([a / b for a, b in zip(seconds["3 loops"], seconds["1 loop"])])
-    assert abs(float(section.split("One loop over three: **")[1].split("x**")[0]) - ratio) <= 0.1
+    ratio = statistics.median([a / b for a, b in zip(seconds[bench.BEFORE], seconds[bench.NOW])])
+    assert abs(float(section.split(") against before (")[1].split("**")[1].split("x")[0]) - ratio) <= 0.1
+
+
+def test_the_evaluate_benchmark_holds_the_paths_to_the_same_answers_and_metrics():
+    """bench_evaluate's `agree`: the paths' accuracy and lengths are equal, KL and margin within the bound that the
+    log-probabilities' summation order allows; a different accuracy, or a KL off by more, is refused."""
+    bench = load_benchmark("bench_evaluate")
+    now = {"reward_accuracy": 0.25, "reward_margin": -0.00155630, "kl": -0.1388295, "beta": 0.1}
+    now.update(greedy_length_policy=40.0, greedy_length_reference=41.0, sampled_length_ratio=1.1)
+    measured = dict(now, reward_margin=-0.00155864, kl=-0.1388143)  # the committed run's whole-row values
+    assert bench.agree(measured, now)
+    assert not bench.agree(dict(measured, reward_accuracy=0.5), now)
+    assert not bench.agree(dict(measured, greedy_length_policy=39.0), now)
+    assert not bench.agree(dict(measured, kl=now["kl"] + 0.05), now)
+    assert not bench.agree(dict(measured, reward_margin=now["reward_margin"] + 0.01), now)

@@ -324,12 +324,11 @@ def test_evaluate_shows_progress_for_every_stage_and_dequantizes_on_a_cpu(evalua
     every stage now draws a bar with its ETA, and the 4-bit base is dequantized once (dpo/train/speed/dequant.py)."""
     bars = EVALUATE_OUTPUT["stderr"]
     for stage in (
-        "held-out pairs, policy, chosen",
-        "held-out pairs, reference, rejected",
         # one decode loop for all four generations (tests/evaluation/test_generation_work.py)
         "answers: greedy and sampled, policy and reference",
-        "KL: policy log-probs",
-        "KL: reference log-probs",
+        # the held-out pairs and the sampled answers, a pass per model (tests/evaluation/test_scoring.py)
+        "log-probs under policy: held-out pairs and sampled answers",
+        "log-probs under reference: held-out pairs and sampled answers",
         "judge: sampled, policy",
         "judge: greedy, reference",
     ):
