@@ -245,14 +245,18 @@ def trainable_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def train_run(model, step_loss, *, folder: Path, made_from: dict, run: dict, evaluate=None, stop=None, hooks=None):
+def train_run(
+    model, step_loss, *, folder: Path, made_from: dict, run: dict, evaluate=None, stop=None, hooks=None, resumed=None
+):
     """Train `model`'s trainable weights for up to run["steps"] optimizer steps and return the run's state:
     {"step", "curve": [evaluate(step) at step 0 and every run["eval_every"]], "best": {"step", "score"},
     "stopped": why}. `step_loss(step)` is the loss of that step's batch. AdamW, linear warm-up over
     run["warmup"] steps then constant, gradients clipped at 1.0. The best weights by evaluate's "score"
     (validation only) are kept in state["best_weights"]. Checkpoints go to `<folder>.checkpoint` (each
     evaluation and every run["save_every"] steps); a run killed after one resumes from it. `stop(curve)` says
-    why to stop early (the plan's stop rule), or None. hooks["step"](name, step) is called after each step."""
+    why to stop early (the plan's stop rule), or None. hooks["step"](name, step) is called after each step;
+    `resumed(steps, points)` once, with the steps and evaluations a checkpoint already holds (the progress bar
+    counts them as done)."""
     checkpoint = folder.with_name(folder.name + ".checkpoint")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run["lr"], weight_decay=0.0)
@@ -275,6 +279,8 @@ def train_run(model, step_loss, *, folder: Path, made_from: dict, run: dict, eva
         best_weights = saved["best_weights"]
         state = read_json_object(checkpoint / "state.json", {"step": (int, None)}, f"delete {checkpoint}")
         log(f"{folder.name}: resumed from its checkpoint at step {state['step']} ({checkpoint})")
+        if resumed is not None:
+            resumed(state["step"], len(state["curve"]))
 
     def save() -> None:
         def write(staging: Path) -> None:

@@ -188,19 +188,13 @@ class Plan:
 
         return step_loss
 
-    def dpo_run(self, model, beta: float, folder, made_from: dict, run: dict, evaluate, stop=None) -> dict:
-        """A resumable DPO run of `model` on the training pairs (real_phases.train_run)."""
-        step_loss = self.dpo_loss_of(model, beta, self.ref["train"])
-        return train_run(
-            model,
-            step_loss,
-            folder=folder,
-            made_from=made_from,
-            run=run,
-            evaluate=evaluate,
-            stop=stop,
-            hooks=self.hooks,
-        )
+    def dpo_run(self, model, beta, folder, made_from: dict, run: dict, evaluate, point_units, stop=None) -> dict:
+        """A resumable DPO run of `model` on the training pairs (real_phases.train_run); `evaluate` measures
+        `point_units` pairs."""
+        step_loss, units = self.dpo_loss_of(model, beta, self.ref["train"]), self.args.batch_size * TRAIN_UNITS
+        done = lambda steps, points: self.progress.skip(steps * units + points * point_units)  # noqa: E731
+        kwargs = dict(folder=folder, made_from=made_from, run=run, hooks=self.hooks, resumed=done)
+        return train_run(model, step_loss, evaluate=evaluate, stop=stop, **kwargs)
 
     def measure(self, model, split: str, ref, beta: float, n: int | None = None) -> dict:
         ex = self.examples[split][:n]
@@ -249,7 +243,10 @@ class Plan:
                 c = forward_logps(model, rows)
                 return sft_nll(c.token_logps, c.mask)
 
-            state = train_run(model, step_loss, folder=folder, made_from=made_from, run=run, hooks=self.hooks)
+            done = lambda steps, _: self.progress.skip(steps * bs * SFT_UNITS)  # noqa: E731 (a resumed run's steps)
+            state = train_run(
+                model, step_loss, folder=folder, made_from=made_from, run=run, hooks=self.hooks, resumed=done
+            )
             return {"steps": state["step"], "train_loss_last": state["losses"][-1:]}, {
                 "adapter": state["last_weights"]
             }
@@ -307,7 +304,9 @@ class Plan:
                     def evaluate(step, model=model, beta=beta):
                         return point(self.measure(model, "validation", self.ref["validation"], beta), beta)
 
-                    state = self.dpo_run(model, beta, folder, made_from, run, evaluate)
+                    state = self.dpo_run(
+                        model, beta, folder, made_from, run, evaluate, len(self.examples["validation"])
+                    )
                     return {"lr": run["lr"], "beta": beta, "end": state["curve"][-1]}, None
 
                 cell_units = a.select_steps * a.batch_size * TRAIN_UNITS + 2 * len(self.examples["validation"])
@@ -352,7 +351,8 @@ class Plan:
                 curve = self.measure(model, "heldout", self.ref["heldout"], beta, a.curve_pairs)  # plot only
                 return {**p, "heldout_accuracy": curve["accuracy"], "heldout_n": curve["n"]}
 
-            state = self.dpo_run(model, beta, folder, made_from, run, evaluate, lambda curve: stop_rule(curve, **rule))
+            units = len(self.examples["validation"]) + min(a.curve_pairs, len(self.examples["heldout"]))
+            state = self.dpo_run(model, beta, folder, made_from, run, evaluate, units, lambda c: stop_rule(c, **rule))
             result = {
                 "lr": chosen["lr"],
                 "beta": beta,

@@ -89,11 +89,13 @@ def argv(tiny_chat_model, data, tmp_path, **changed) -> list[str]:
 
 
 class Counter:
-    """hooks for run_plan: counts phases done and steps trained; raises Killed at a chosen phase or step."""
+    """hooks for run_plan: counts phases done and steps trained; raises Killed at a chosen phase or step; with
+    `watch` (work folder, (phase, step)), reads the units status.json counts as done at that step."""
 
-    def __init__(self, kill_phase=None, kill_step=None):
+    def __init__(self, kill_phase=None, kill_step=None, watch=None):
         self.phases, self.steps, self.kill_phase, self.kill_step = [], [], kill_phase, kill_step
         self.hooks = {"phase": self.phase, "step": self.step}
+        self.watch, self.done_units = watch, None
 
     def phase(self, name):
         if name == self.kill_phase:
@@ -102,13 +104,15 @@ class Counter:
 
     def step(self, name, step):
         self.steps.append((name, step))
+        if self.watch and (name, step) == self.watch[1]:
+            self.done_units = json.loads((self.watch[0] / "status.json").read_text())["done_units"]
         if (name, step) == self.kill_step:
             raise Killed(name)
 
 
-def run(args_list, counter=None):
+def run(args_list, counter=None, progress=False):
     return real_alignment.run_plan(
-        real_alignment.parse_args(args_list), hooks=(counter or Counter()).hooks, progress=False
+        real_alignment.parse_args(args_list), hooks=(counter or Counter()).hooks, progress=progress
     )
 
 
@@ -168,14 +172,17 @@ def test_a_kill_after_a_phase_resumes_without_redoing_it(tiny_chat_model, data, 
 def test_a_killed_main_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
     tiny_chat_model, data, tmp_path
 ):
-    whole = run(argv(tiny_chat_model, data, tmp_path / "whole"))
+    uninterrupted = Counter(watch=(tmp_path / "whole" / "work", ("main", 4)))
+    whole = run(argv(tiny_chat_model, data, tmp_path / "whole"), uninterrupted, progress=True)
 
     args = argv(tiny_chat_model, data, tmp_path / "killed")
     with pytest.raises(Killed):
         run(args, Counter(kill_step=("main", 3)))
-    resumed = Counter()
-    result = run(args, resumed)
+    resumed = Counter(watch=(tmp_path / "killed" / "work", ("main", 4)))
+    result = run(args, resumed, progress=True)
     assert [s for s in resumed.steps if s[0] == "main"] == [("main", 4)]  # steps 1-3 came from the checkpoint
+    # ... and the progress (status.json, the bar, the ETA) counts them as done, as an uninterrupted run does
+    assert resumed.done_units == uninterrupted.done_units > 0
     # the same batches, weights and optimizer state on the same CPU: the same numbers (tolerance: none needed)
     assert result["main"]["curve"] == whole["main"]["curve"]
     assert result["final"] == whole["final"]
