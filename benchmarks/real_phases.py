@@ -140,6 +140,7 @@ class Progress:
         rate of work done now."""
         for bar in (self.bar, self.whole):
             bar.n += round(units)
+            bar.last_print_n = bar.n  # tqdm's rate is (n - last_print_n) / dt at its next update: not these units
             bar.refresh()
         self.write_status()
 

@@ -294,3 +294,23 @@ def test_the_stop_rules_new_best_is_one_validation_pair_by_default(tiny_chat_mod
     assert real_alignment.parse_args(argv(tiny_chat_model, data, tmp_path, val_pairs=5)).min_delta == 1 / 5
     given = argv(tiny_chat_model, data, tmp_path, val_pairs=5) + ["--min_delta", "0.01"]
     assert real_alignment.parse_args(given).min_delta == 0.01
+
+
+def test_work_reused_from_an_earlier_run_does_not_enter_the_eta_rate(tmp_path):
+    """Progress.skip counts units as done without timing them: the rate behind status.json's ETA stays that of the
+    work done now. Units are advanced 10 at a time, 0.15 s apart (sleeps only overshoot), so the true rate is at most
+    10 / 0.15 = 67 units/s; counting the 5,000 skipped units in it made it thousands."""
+    import time
+
+    from real_phases import Progress
+
+    progress = Progress(tmp_path, {"phase": 10_000.0}, enabled=True)
+    progress.start("phase")
+    time.sleep(0.15)
+    progress.advance(10)
+    progress.skip(5_000)
+    for _ in range(3):
+        time.sleep(0.15)
+        progress.advance(10)
+    assert progress.whole.n == 5_040
+    assert 0 < progress.whole.format_dict["rate"] <= 10 / 0.15
