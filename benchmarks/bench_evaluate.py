@@ -9,7 +9,8 @@ or each row fed whole; write the BENCHMARKS.md section.
 The run evaluated is made here first: one DPO step of the recipe on 16 real HH-RLHF pairs (data/hh-rlhf/), 4 held
 out. Each measurement is evaluate() in this process on the same run (the 4-bit base dequantized once on a CPU, every
 path), the paths (CONFIGS) interleaved, `--rounds` times. They must give the same answers, greedy and sampled, so the
-same accuracy and lengths; the margin and KL agree to the log-probabilities' float32 summation order (`agree`).
+same accuracy and lengths (`agree`); the margin and KL differ in float32 summation order only (bounded per row by
+tests/evaluation/test_scoring.py).
 """
 
 from __future__ import annotations
@@ -64,20 +65,14 @@ CONFIGS = {
     "1 loop, prompts shared": {"one_loop": True, "shared_prompts": True},  # now
 }
 BEFORE, NOW = "3 loops, rows whole", "1 loop, prompts shared"
-# |log pi| of a row here: at most (128 + 64 tokens) x ~3.6 nats, under 700; the shared-prompt log-probs are within
-# 2^-16 of it relative (tests/evaluation/test_scoring.py), so a KL (a difference of two) within 2 x 700 x 2^-16 and
-# a margin (beta x four) within beta x 4 x 700 x 2^-16 of the whole-row one
-LOGP_BOUND = 700 * 2.0**-16
 
 
 def agree(a: dict, b: dict) -> bool:
-    """The same accuracy, lengths and answers' metrics; KL and margin within the summation-order bound."""
+    """The same answers give the same accuracy and lengths, exactly. The margin and KL are not compared here: the
+    shared-prompt log-probs differ from whole-row ones in float32 summation order only, which
+    tests/evaluation/test_scoring.py bounds row by row (the table shows both)."""
     exact = [k for k in a if k.endswith(("accuracy", "_length_policy", "_length_reference", "length_ratio"))]
-    return (
-        all(a[k] == b[k] for k in exact)
-        and abs(a["kl"] - b["kl"]) <= 2 * LOGP_BOUND
-        and abs(a["reward_margin"] - b["reward_margin"]) <= a["beta"] * 4 * LOGP_BOUND
-    )
+    return bool(exact) and all(a[k] == b[k] for k in exact)
 
 
 def timed(run: Path, switches: dict, prompts: int, tokens: int) -> tuple[float, dict]:

@@ -101,6 +101,12 @@ def load_tensors(folder: Path, name: str) -> dict:
 # ── progress over the whole plan ──────────────────────────────────────────────────────────────
 
 
+def _move(bar, n: int) -> None:
+    """Set `bar` at `n` units without timing the jump: tqdm's rate is (n - last_print_n) / dt at its next update."""
+    bar.n = bar.last_print_n = n
+    bar.refresh()
+
+
 class Progress:
     """One bar over the whole plan (units: pair forwards, a training pair ~3: forward and backward) and one per
     phase, both with an ETA; status.json in the work folder says where the plan is, rewritten at each update."""
@@ -118,8 +124,7 @@ class Progress:
         self.close_phase()
         names = list(self.phases)
         self.name, self.base = name, sum(self.phases[n] for n in names[: names.index(name)])
-        self.whole.n = round(self.base)
-        self.whole.refresh()
+        _move(self.whole, round(self.base))
         self.bar = tqdm(
             total=round(self.phases[name]),
             desc=name,
@@ -139,9 +144,7 @@ class Progress:
         """Count `units` as done without timing them (work finished in an earlier run): the ETA's rate stays the
         rate of work done now."""
         for bar in (self.bar, self.whole):
-            bar.n += round(units)
-            bar.last_print_n = bar.n  # tqdm's rate is (n - last_print_n) / dt at its next update: not these units
-            bar.refresh()
+            _move(bar, bar.n + round(units))
         self.write_status()
 
     def close_phase(self) -> None:

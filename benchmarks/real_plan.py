@@ -191,7 +191,8 @@ class Plan:
     def dpo_run(self, model, beta, folder, made_from: dict, run: dict, evaluate, point_units, stop=None) -> dict:
         """A resumable DPO run of `model` on the training pairs (real_phases.train_run); `evaluate` measures
         `point_units` pairs."""
-        step_loss, units = self.dpo_loss_of(model, beta, self.ref["train"]), self.args.batch_size * TRAIN_UNITS
+        pairs = min(self.args.batch_size, len(self.examples["train"]))  # a step's pairs (batch_indices)
+        step_loss, units = self.dpo_loss_of(model, beta, self.ref["train"]), pairs * TRAIN_UNITS
         done = lambda steps, points: self.progress.skip(steps * units + points * point_units)  # noqa: E731
         kwargs = dict(folder=folder, made_from=made_from, run=run, hooks=self.hooks, resumed=done)
         return train_run(model, step_loss, evaluate=evaluate, stop=stop, **kwargs)
@@ -243,7 +244,7 @@ class Plan:
                 c = forward_logps(model, rows)
                 return sft_nll(c.token_logps, c.mask)
 
-            done = lambda steps, _: self.progress.skip(steps * bs * SFT_UNITS)  # noqa: E731 (a resumed run's steps)
+            done = lambda steps, _: self.progress.skip(steps * min(bs, len(train)) * SFT_UNITS)  # noqa: E731
             state = train_run(
                 model, step_loss, folder=folder, made_from=made_from, run=run, hooks=self.hooks, resumed=done
             )

@@ -209,7 +209,7 @@ def logps_of_rows(model, rows: list, pad: int, bs: int, shared_prompts: bool = T
         desc = f"log-probs under {name}: held-out pairs and sampled answers"
         with as_model(model, name), tqdm(total=len(rows), desc=desc, unit="answer") as bar:
             if shared_prompts:
-                out[name] = logps_sharing_prompts(model, rows, bar)
+                out[name] = logps_sharing_prompts(model, rows, bar, bs)
                 continue
             parts = []
             for i in range(0, len(rows), bs):
@@ -268,8 +268,8 @@ def evaluate(
     # rewards) and the sampled policy answers (KL(pi_theta || pi_ref)); a prompt's answers share its forward
     prompt_ids, chosen_ids, rejected_ids = encode_pairs(tokenizer, pairs, resolved.get("max_length"))
     n = len(pairs)
-    rows = [*zip(prompt_ids, chosen_ids), *zip(prompt_ids, rejected_ids), *zip(gen_prompt_ids, sampled)]
-    logps = logps_of_rows(model, rows, pad, batch_size, shared_prompts)
+    scored_rows = [*zip(prompt_ids, chosen_ids), *zip(prompt_ids, rejected_ids), *zip(gen_prompt_ids, sampled)]
+    logps = logps_of_rows(model, scored_rows, pad, batch_size, shared_prompts)
     chosen, rejected, kl_rows = slice(0, n), slice(n, 2 * n), slice(2 * n, None)
     reward_chosen = beta * (logps["policy"][chosen] - logps["reference"][chosen])
     reward_rejected = beta * (logps["policy"][rejected] - logps["reference"][rejected])
@@ -346,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
         "--batch_size",
         type=int,
         default=8,
-        help="pairs per scoring batch, prompts per generation batch (default 8); a generation batch holds 4 rows a prompt (greedy and sampled answers of both models, one decode loop), so its KV cache is 4x a prompt's",
+        help="answers per log-probability forward (the answers of one prompt share its forward), prompts per generation batch (default 8); a generation batch holds 4 rows a prompt (greedy and sampled answers of both models, one decode loop), so its KV cache is 4x a prompt's",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed, the same for both models")
     parser.add_argument(

@@ -330,14 +330,13 @@ def test_the_evaluate_benchmark_section_is_the_scripts_own_output():
 
 
 def test_the_evaluate_benchmark_holds_the_paths_to_the_same_answers_and_metrics():
-    """bench_evaluate's `agree`: the paths' accuracy and lengths are equal, KL and margin within the bound that the
-    log-probabilities' summation order allows; a different accuracy, or a KL off by more, is refused."""
+    """bench_evaluate's `agree`: the paths' accuracy and lengths are equal (the same answers); a different accuracy
+    or length is refused. The margin and KL are left to tests/evaluation/test_scoring.py's per-row bound."""
     bench = load_benchmark("bench_evaluate")
     now = {"reward_accuracy": 0.25, "reward_margin": -0.00155630, "kl": -0.1388295, "beta": 0.1}
     now.update(greedy_length_policy=40.0, greedy_length_reference=41.0, sampled_length_ratio=1.1)
-    measured = dict(now, reward_margin=-0.00155864, kl=-0.1388143)  # the committed run's whole-row values
+    measured = dict(now, reward_margin=-0.00155864, kl=-0.1388143)  # the whole-row path's values on one run
     assert bench.agree(measured, now)
     assert not bench.agree(dict(measured, reward_accuracy=0.5), now)
     assert not bench.agree(dict(measured, greedy_length_policy=39.0), now)
-    assert not bench.agree(dict(measured, kl=now["kl"] + 0.05), now)
-    assert not bench.agree(dict(measured, reward_margin=now["reward_margin"] + 0.01), now)
+    assert not bench.agree(dict(measured, sampled_length_ratio=1.0), now)

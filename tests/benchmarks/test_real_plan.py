@@ -296,21 +296,26 @@ def test_the_stop_rules_new_best_is_one_validation_pair_by_default(tiny_chat_mod
     assert real_alignment.parse_args(given).min_delta == 0.01
 
 
-def test_work_reused_from_an_earlier_run_does_not_enter_the_eta_rate(tmp_path):
-    """Progress.skip counts units as done without timing them: the rate behind status.json's ETA stays that of the
-    work done now. Units are advanced 10 at a time, 0.15 s apart (sleeps only overshoot), so the true rate is at most
-    10 / 0.15 = 67 units/s; counting the 5,000 skipped units in it made it thousands."""
+@pytest.mark.parametrize("jump", ["skip", "next phase"])
+def test_work_reused_from_an_earlier_run_does_not_enter_the_eta_rate(tmp_path, jump):
+    """Progress counts units done in an earlier run (skip) or left unused by a phase that ended early (the next
+    phase's start) without timing them: the rate behind status.json's ETA stays that of the work done now. Units are
+    advanced 10 at a time, 0.15 s apart (sleeps only overshoot), so the true rate is at most 10 / 0.15 = 67 units/s;
+    counting the 5,000 jumped units in it made it thousands."""
     import time
 
     from real_phases import Progress
 
-    progress = Progress(tmp_path, {"phase": 10_000.0}, enabled=True)
-    progress.start("phase")
+    progress = Progress(tmp_path, {"a": 5_000.0, "b": 10_000.0}, enabled=True)
+    progress.start("a")
     time.sleep(0.15)
     progress.advance(10)
-    progress.skip(5_000)
+    if jump == "skip":
+        progress.skip(5_000)
+    else:
+        progress.start("b")  # phase a ended after 10 of its 5,000 units
     for _ in range(3):
         time.sleep(0.15)
         progress.advance(10)
-    assert progress.whole.n == 5_040
+    assert progress.whole.n == (5_040 if jump == "skip" else 5_030)
     assert 0 < progress.whole.format_dict["rate"] <= 10 / 0.15
