@@ -31,15 +31,14 @@ from dpo.data.loading import load_preference_data
 from dpo.errors import UserError
 from dpo.folders import read_marker, write_marker
 from dpo.log import log
-from dpo.scratch.logps import sft_nll
-from dpo.scratch.loop import collate, disable_dropout, forward_logps, split_pairs
+from dpo.scratch.loop import disable_dropout
 from dpo.scratch.loss import dpo_loss
 from dpo.train.model_checks import load_tokenizer
 from dpo.train.speed.refcache import weights_hash
 from dpo.train.speed.refstore import key_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_measure import heldout_metrics, sequence_logps, tokenize_pair  # noqa: E402
+from real_measure import heldout_metrics, sequence_logps, tokenize_pair, training_logps  # noqa: E402
 from real_phases import (  # noqa: E402
     Progress,
     batch_indices,
@@ -182,9 +181,10 @@ class Plan:
 
         def step_loss(step: int):
             idx = batch_indices(step, len(train), bs, seed)
-            pc, pr = split_pairs(forward_logps(model, collate([train[i] for i in idx], self.pad)))
+            logps, _ = training_logps(model, [train[i] for i in idx], self.pad)
             self.progress.advance(len(idx) * TRAIN_UNITS)
-            return dpo_loss(pc.logps, pr.logps, ref[0][idx], ref[1][idx], beta=beta, loss_type="sigmoid").losses.mean()
+            pc, pr = logps["chosen_ids"], logps["rejected_ids"]
+            return dpo_loss(pc, pr, ref[0][idx], ref[1][idx], beta=beta, loss_type="sigmoid").losses.mean()
 
         return step_loss
 
@@ -238,11 +238,9 @@ class Plan:
 
             def step_loss(step):
                 idx = batch_indices(step, len(train), bs, a.seed + 1)
-                batch = collate([train[i] for i in idx], self.pad)
-                rows = {k: v[: len(idx)] for k, v in batch.items()}  # the chosen rows only
                 self.progress.advance(len(idx) * SFT_UNITS)
-                c = forward_logps(model, rows)
-                return sft_nll(c.token_logps, c.mask)
+                logps, tokens = training_logps(model, [train[i] for i in idx], self.pad, keys=("chosen_ids",))
+                return -logps["chosen_ids"].sum() / tokens["chosen_ids"].sum()  # mean NLL a reply token (sft_nll)
 
             done = lambda steps, _: self.progress.skip(steps * min(bs, len(train)) * SFT_UNITS)  # noqa: E731
             state = train_run(

@@ -319,3 +319,54 @@ def test_work_reused_from_an_earlier_run_does_not_enter_the_eta_rate(tmp_path, j
         progress.advance(10)
     assert progress.whole.n == (5_040 if jump == "skip" else 5_030)
     assert 0 < progress.whole.format_dict["rate"] <= 10 / 0.15
+
+
+def test_a_training_step_feeds_its_rows_grouped_by_length_with_the_padded_batchs_values(tiny_chat_model, data):
+    """make real's steps feed a batch's rows in TRAIN_GROUPS forwards of rows of similar length (real_measure.
+    training_logps): each row's summed log-prob, and the gradient of a loss of them, are those of the one
+    right-padded batch (forward_logps on collate) within float32 summation order, for fewer tokens fed. Bound: 2^-16
+    relative, as tests/evaluation/test_scoring.py (the same rows in batches of other shapes); feeding one reply token
+    too many or too few moves a row by a whole token's log-probability, far past it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from real_measure import tokenize_pair, training_logps
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo.data.doctor import check_data
+    from dpo.data.loading import load_preference_data
+    from dpo.scratch.loop import collate, forward_logps, split_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
+    pairs = check_data(load_preference_data(str(data)), str(data), tokenizer, max_length=None).kept
+    examples = [tokenize_pair(tokenizer, pairs[i], 64) for i in range(8)]
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run(feed):
+        tokens = []
+        handle = model.get_base_model().register_forward_pre_hook(
+            lambda m, a, kw: tokens.append(kw["input_ids"].numel()), with_kwargs=True
+        )
+        try:
+            chosen, rejected, counts = feed()
+        finally:
+            handle.remove()
+        grads = torch.autograd.grad((chosen - 0.5 * rejected).sum(), lora)
+        return torch.cat([chosen, rejected]).detach(), counts, torch.cat([g.flatten() for g in grads]), sum(tokens)
+
+    def padded():
+        c, r = split_pairs(forward_logps(model, collate(examples, pad)))
+        return c.logps, r.logps, torch.cat([c.lengths, r.lengths])
+
+    def grouped():
+        logps, counts = training_logps(model, examples, pad)
+        return logps["chosen_ids"], logps["rejected_ids"], torch.cat([counts["chosen_ids"], counts["rejected_ids"]])
+
+    want, want_counts, want_grad, want_tokens = run(padded)
+    got, got_counts, got_grad, got_tokens = run(grouped)
+    assert torch.equal(got_counts, want_counts) and (want < -1.0).all()
+    assert ((got - want).abs() / want.abs()).max().item() <= 2.0**-16
+    assert ((got_grad - want_grad).norm() / want_grad.norm()).item() <= 2.0**-16
+    assert got_tokens < want_tokens, (got_tokens, want_tokens)  # less padding fed
