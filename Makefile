@@ -47,7 +47,7 @@ test-latest: $(LATEST)/.installed
 
 # DPO of the real SmolLM2-135M-Instruct on all usable Anthropic HH-RLHF harmless-base pairs, offline: SFT on the
 # chosen replies, learning rate x beta chosen on a validation slice, DPO until the validation curve flattens,
-# measured on 400 held-out pairs (the phases: benchmarks/real_plan.py). Takes hours: an ESTIMATE of 7.5-10.5 h on 2
+# measured on 400 held-out pairs (the phases: benchmarks/real_plan.py). Takes hours: an ESTIMATE of 7-13 h on 2
 # free CPU cores (rates measured 2026-12-07 times the plan's work: benchmarks/README.md; not yet run end to end). Resumable: run it in
 # the background, `nohup make real > real_alignment.log 2>&1 &`, watch outputs/real_alignment/status.json (phase,
 # ETA), and after a kill or reboot run it again: finished phases are reused, a training run resumes from its last

@@ -72,7 +72,7 @@ def sequence_logps(model, examples, pad_token_id, batch_size, advance=None) -> t
 
 def training_logps(model, examples, pad_token_id, keys=("chosen_ids", "rejected_ids"), groups=TRAIN_GROUPS):
     """{key: (B,) summed completion log-probs of each example's prompt + that reply, with gradient} and
-    {key: (B,) completion token counts}, from `groups` forwards over the 2B (or B) rows sorted by length, each
+    {key: (B,) completion token counts}, from at most `groups` forwards over the 2B (or B) rows sorted by length, each
     right-padded to its own longest row (what `forward_logps(model, collate(examples))` gives, with less padding)."""
     rows = [(key, j) for key in keys for j in range(len(examples))]
     length = lambda r: len(examples[r[1]]["prompt_ids"]) + len(examples[r[1]][r[0]])  # noqa: E731

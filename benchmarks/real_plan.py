@@ -228,6 +228,7 @@ class Plan:
         if a.sft_steps == 0:
             return None
         run = {"steps": a.sft_steps, "lr": a.sft_lr, "warmup": a.warmup_steps, "save_every": a.save_every}
+        run["batch_size"] = a.batch_size  # its batches (batch_indices); a changed one is another SFT
         made_from = self.made_from(
             "sft", ("split",), run=run, lora_r=a.lora_r, max_length=a.max_length, base=self.base_identity()
         )

@@ -205,6 +205,12 @@ def test_a_changed_input_is_refused_naming_the_phase_and_nothing_is_overwritten(
     assert "run changed" in err[-1]
     assert (tmp_path / "work" / "main" / ".dpo-folder.json").read_bytes() == marker
 
+    # the batch size SFT trained with (the DPO phases record theirs)
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(argv(tiny_chat_model, data, tmp_path, batch_size=3), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "work/sft was made from other inputs" in err[-1], err[-1]
+
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     rows[0]["chosen"] += " Indeed."  # the data changed: one pair's chosen reply (the data's identity is its content)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -334,6 +340,7 @@ def test_a_training_step_feeds_its_rows_grouped_by_length_with_the_padded_batchs
 
     from dpo.data.doctor import check_data
     from dpo.data.loading import load_preference_data
+    from dpo.scratch.logps import sft_nll
     from dpo.scratch.loop import collate, forward_logps, split_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model)
@@ -370,3 +377,10 @@ def test_a_training_step_feeds_its_rows_grouped_by_length_with_the_padded_batchs
     assert ((got - want).abs() / want.abs()).max().item() <= 2.0**-16
     assert ((got_grad - want_grad).norm() / want_grad.norm()).item() <= 2.0**-16
     assert got_tokens < want_tokens, (got_tokens, want_tokens)  # less padding fed
+
+    # SFT: the chosen rows alone, the mean log-loss a reply token (sft_nll over the padded chosen rows)
+    batch = {k: v[: len(examples)] for k, v in collate(examples, pad).items()}
+    c = forward_logps(model, batch)
+    logps, tokens = training_logps(model, examples, pad, keys=("chosen_ids",))
+    grouped_nll = (-logps["chosen_ids"].sum() / tokens["chosen_ids"].sum()).item()
+    assert abs(grouped_nll - sft_nll(c.token_logps, c.mask).item()) <= 2.0**-16 * abs(grouped_nll)
