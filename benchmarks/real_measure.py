@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from dpo.scratch.logps import right_padded
 from dpo.scratch.logps import sequence_logps as logps_of_logits
 from dpo.scratch.loop import collate, forward_logps, split_pairs
 
@@ -81,14 +82,8 @@ def training_logps(model, examples, pad_token_id, keys=("chosen_ids", "rejected_
     logps, counts = {}, {}
     for start in range(0, len(order), size):
         part = order[start : start + size]
-        width = max(map(length, part))
-        ids = torch.full((len(part), width), pad_token_id, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for i, (key, j) in enumerate(part):
-            prompt, reply = examples[j]["prompt_ids"], examples[j][key]
-            ids[i, : len(prompt) + len(reply)] = torch.tensor(prompt + reply)
-            mask[i, : len(prompt) + len(reply)] = 1
-            labels[i, len(prompt) : len(prompt) + len(reply)] = torch.tensor(reply, dtype=torch.long)
+        prompts, replies = [examples[j]["prompt_ids"] for _, j in part], [examples[j][key] for key, j in part]
+        ids, mask, labels = right_padded(prompts, replies, pad_token_id)
         seq = logps_of_logits(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
         for i, row in enumerate(part):
             logps[row], counts[row] = seq.logps[i], seq.lengths[i]

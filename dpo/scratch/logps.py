@@ -99,6 +99,19 @@ def sft_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
     return -token_logps[mask.bool()].mean()
 
 
+def right_padded(prompt_ids, completion_ids, pad_id: int, device=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, labels), each (B, T): the rows prompt + completion right-padded to the longest,
+    labels -100 everywhere but the completion tokens (what `sequence_logps` scores)."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    labels = torch.full_like(ids, -100)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        labels[i, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+    return ids, mask, labels
+
+
 @torch.no_grad()
 def completion_logps(model, prompt_ids, completion_ids, pad_id: int, batch_size: int = 512) -> torch.Tensor:
     """log pi(y|x) summed over the completion tokens (EOS included), one value per row."""
@@ -107,17 +120,8 @@ def completion_logps(model, prompt_ids, completion_ids, pad_id: int, batch_size:
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(prompt_ids), batch_size):
-        rows = [
-            p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
-        ]
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-        labels = torch.full_like(ids, -100)
-        for i, (p, c) in enumerate(
-            zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
-        ):
-            labels[i, len(p) : len(p) + len(c)] = torch.tensor(c)
+        end = start + batch_size
+        ids, mask, labels = right_padded(prompt_ids[start:end], completion_ids[start:end], pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         out.append(sequence_logps(logits, labels).logps.cpu())
     model.train(was_training)
