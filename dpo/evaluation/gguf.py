@@ -24,6 +24,7 @@ before the file is moved into place:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -154,9 +155,39 @@ def weight_bound(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
     return bound
 
 
+@contextlib.contextmanager
+def parsed_once():
+    """While open, a GGUF file is parsed once however often transformers reads it. A read-back's model load parses
+    the file twice (config, weights) and its tokenizer load once more; each parse is gguf-py's GGUFReader, a Python
+    loop over every token and merge of the vocabulary: 5.7 s for SmolLM2's 49,152 tokens on 2 cores. The reader is
+    only read (its fields, and tensors memory-mapped from the file), so one serves every load of a file unchanged
+    since (same inode, size and modification time)."""
+    import gguf
+
+    real, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader  # transformers imports it from the package at each load
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 @torch.no_grad()
 def read_back(merged: Path, file: Path, gguf_type: str, texts: list[str]) -> dict:
     """transformers reads `file`; returns the checks (module docstring) or raises RuntimeError."""
+    with parsed_once():
+        return _read_back(merged, file, gguf_type, texts)
+
+
+def _read_back(merged: Path, file: Path, gguf_type: str, texts: list[str]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo.train.model_checks import load_tokenizer
