@@ -5,6 +5,7 @@ informed user runs it (precompute_ref_log_probs), and this repo's shipped recipe
     python benchmarks/bench_training.py --quick          # a few minutes: fewer, shorter pairs, one round
     python benchmarks/bench_training.py --json out.json  # the same numbers for machines
     python benchmarks/bench_training.py --profile        # instead: where a recipe step's time and memory go
+    python benchmarks/bench_training.py --quick --fork_workers  # a rehearsal: workers forked, imports left out
 
 Model: SmolLM2-135M-Instruct (python -m dpo.models); data: Anthropic HH-RLHF harmless-base
 (data/hh-rlhf/), converted and checked by the data doctor as recipes/dpo_any.py does. Every
@@ -110,18 +111,25 @@ def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, p
 
 
 # ── the parent: prepare, run the configurations interleaved, write the table ──────────────────
-def run_worker(config: str, args, env: dict | None = None) -> dict:
+def run_worker(config: str, args, env: dict | None = None, forks=None) -> dict:
     """One configuration in a fresh process, this one's environment plus `env`; its RESULT plus `whole_s`,
-    the process's wall time."""
+    the process's wall time. With `forks` (--fork_workers: benchmarks/fork_runner.py's ForkServer) the process
+    is forked from one that imported the libraries once: `whole_s` then leaves out 6-14 s of imports."""
     script = PROFILER if config == "profile" else WORKERS
-    cmd = [sys.executable, str(script), config, "--model", args.model, "--workdir", args.workdir]
+    cmd = [str(script), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
     began = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if forks is None:
+        proc = subprocess.run(
+            [sys.executable, *cmd], capture_output=True, text=True, env={**os.environ, **(env or {})}
+        )
+        status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        status, stdout, stderr = forks.run(cmd, {**os.environ, **(env or {})})
     whole = time.perf_counter() - began
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        sys.exit(f"{config} {env or ''} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if status or not lines:
+        sys.exit(f"{config} {env or ''} failed (exit {status}):\n{stderr[-4000:]}")
     return {**json.loads(lines[-1][len("RESULT ") :]), "whole_s": whole}
 
 
@@ -265,15 +273,30 @@ def main() -> None:
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--profile", action="store_true", help="instead: profile the recipe's steps (its own section)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fork_workers",
+        action="store_true",
+        help="fork each configuration's process from one that imported the libraries once, instead of starting it "
+        "fresh (benchmarks/fork_runner.py): a rehearsal 6-14 s a configuration shorter on 2 cores, whose whole-run "
+        "times leave out the imports; the table's command then says --fork_workers",
+    )
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else PROFILE if args.profile else FULL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
 
-    run(args)
+    if not args.fork_workers:
+        return run(args)
+    from fork_runner import ForkServer
+
+    forks = ForkServer(cwd=ROOT)
+    try:
+        run(args, forks)
+    finally:
+        forks.close()
 
 
-def run(args) -> None:
+def run(args, forks=None) -> None:
     from dpo.log import log
     from dpo.train.model_checks import load_tokenizer
 
@@ -294,21 +317,21 @@ def run(args) -> None:
     )
     if args.profile:
         before = os.getloadavg()
-        record = run_worker("profile", args)
+        record = run_worker("profile", args, forks=forks)
         record["load"] = f"{before[0]:.2f} / {os.getloadavg()[0]:.2f}"
         text = profile_markdown(record, args)
         write_section(Path(args.out), text, PROFILE_SECTION)
         return print(text)
     load_before = os.getloadavg()
-    cache = run_worker("cache_build", args)  # the warm cache configuration 6 reads
+    cache = run_worker("cache_build", args, forks=forks)  # the warm cache configuration 6 reads
     log(f"reference cache built: {cache['pairs']} pairs in {cache['seconds']:.1f} s")
-    trl_cache = run_worker("trl_cache_build", args)  # TRL's own disk cache, which 3w reads
+    trl_cache = run_worker("trl_cache_build", args, forks=forks)  # TRL's own disk cache, which 3w reads
     log(f"TRL's precompute_ref_log_probs cache built: {trl_cache['seconds']:.1f} s")
     results = []
     for round_ in range(args.rounds):
         order = [c for c in CONFIGS if c != "seed_loop" or round_ < SEED_ROUNDS]
         for config in order if round_ % 2 == 0 else reversed(order):
-            results.append({**run_worker(config, args), "round": round_})
+            results.append({**run_worker(config, args, forks=forks), "round": round_})
             r = results[-1]
             log(
                 f"round {round_ + 1}, {CONFIGS[config]}: whole run {r['whole_s']:.1f} s (reference "
@@ -317,6 +340,7 @@ def run(args) -> None:
             )
     summary = summarize(results, pairs)
     command = "python benchmarks/bench_training.py" + (" --quick" if args.quick else "")
+    command += " --fork_workers" if forks else ""
     settings = {
         "command": command,
         "model": Path(args.model).name,

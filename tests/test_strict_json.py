@@ -82,6 +82,7 @@ NOT_WRITERS = {
     "dpo/data/tools.py": "a row's tools as the JSON text TRL's tokenizer reads (in memory)",
     "dpo/data/formats.py": "a tool call's arguments in the text compared for identical answers (in memory)",
     "benchmarks/real_plan.py": "the held-out rows' sha256",
+    "benchmarks/fork_runner.py": "the fork server's requests and answers on its pipes",
 }
 
 

@@ -1,6 +1,7 @@
 """benchmarks/bench_training.py --quick runs end to end (on the tiny offline model and a few real
 HH-RLHF pairs, for correctness only: no timing is asserted) and writes its table and JSON."""
 
+import argparse
 import gzip
 import json
 import math
@@ -35,6 +36,9 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     out.write_text("# Benchmarks\n\n## Another section\n\nkept as it is\n")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_training.py"), "--quick", "--pairs", "16"]
     cmd += ["--max_length", "64", "--threads", "1", "--model_name_or_path", str(tiny_model_dir)]
+    # its 10 worker processes forked from one that imported the libraries once: 6-14 s of imports each, saved
+    # (the fresh-process path: test_a_worker_is_a_fresh_process_whose_result_line_is_read below)
+    cmd += ["--fork_workers"]
     cmd += cli(
         dataset_name=hh,
         workdir=tmp_path / "work",
@@ -45,6 +49,7 @@ def test_quick_run_writes_the_table_and_json(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     result = json.loads(data.read_text())
+    assert result["settings"]["command"].endswith("--quick --fork_workers")  # a table made so says it
     summary = result["summary"]
     assert list(summary) == list(BENCH.CONFIGS)
     assert result["settings"]["pairs"] == 16 and result["cache_build"]["pairs"] == 16
@@ -121,3 +126,22 @@ def test_profile_section_states_our_share_of_the_step(tmp_path):
     BENCH.write_section(path, text, BENCH.PROFILE_SECTION)
     BENCH.write_section(path, text, BENCH.PROFILE_SECTION)  # rewritten in place, not appended twice
     assert path.read_text().count(BENCH.PROFILE_SECTION) == 1 and "\ntable\n" in path.read_text()
+
+
+def test_a_worker_is_a_fresh_process_whose_result_line_is_read(tmp_path, monkeypatch):
+    """Without --fork_workers (every committed table) each configuration is `python training_workers.py CONFIG
+    ...` started fresh: nothing imported ahead, its last RESULT line read, a failure named with its stderr."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import json, sys\n"
+        "print('RESULT {\"stale\": 1}')\n"
+        "print('RESULT ' + json.dumps({'argv': sys.argv[1:], 'torch': 'torch' in sys.modules}))\n"
+        "sys.exit(3 if sys.argv[1] == 'recipe_padded' else 0)\n"
+    )
+    monkeypatch.setattr(BENCH, "WORKERS", script)
+    args = argparse.Namespace(model="m", workdir="w", max_length=8, threads=1)
+    result = BENCH.run_worker("recipe", args)
+    assert result["argv"] == ["recipe", "--model", "m", "--workdir", "w", "--max_length", "8", "--threads", "1"]
+    assert result["torch"] is False and result["whole_s"] > 0 and "stale" not in result
+    with pytest.raises(SystemExit, match="recipe_padded  failed \\(exit 3\\)"):
+        BENCH.run_worker("recipe_padded", args)

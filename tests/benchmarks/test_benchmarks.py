@@ -48,11 +48,11 @@ SCRIPTS = [
 @pytest.fixture(scope="module")
 def helps(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     """Each script's `--help` as `python benchmarks/<script> --help` gives it: (exit status, stdout, stderr). Each
-    runs in a process of its own, forked from one that imported torch, transformers, ... once (tests/_fork_scripts.py):
+    runs in a process of its own, forked from one that imported torch, transformers, ... once (benchmarks/fork_runner.py):
     8 processes importing them cost 6-14 s each. The rounds benchmarks turn off datasets' progress bars before
     parsing their flags: in a process of their own, that never reaches another script or this one."""
     out = tmp_path_factory.mktemp("helps")
-    command = [sys.executable, str(ROOT / "tests" / "_fork_scripts.py"), str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "fork_runner.py"), str(out)]
     for i, script in enumerate(SCRIPTS):
         command += ["---"] * (i > 0) + [str(BENCH / script), "--help"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fork_scripts import ForkServer
-from helpers import ROOT, cli, load_recipe, one_line_error, with_overrides
+from helpers import ROOT, cli, load_recipe, load_script, one_line_error, with_overrides
 from safetensors.torch import load_file
 
 from dpo.train.safety.checkpoints import MARKER, checkpoint_problems, newest_complete_checkpoint
@@ -40,12 +39,13 @@ def flags(tiny_model_dir, truthy_file, output_dir, *extra):
 
 
 RECIPE = ROOT / "recipes" / "dpo_phi2.py"
+ForkServer = load_script(ROOT / "benchmarks" / "fork_runner.py", "fork_runner").ForkServer
 
 
 @pytest.fixture(scope="module")
 def forks():
     """Starts each recipe run below as `python recipes/dpo_phi2.py ...` would, in a process of its own, forked from
-    one that imported torch, transformers, peft, trl and datasets once (tests/_fork_scripts.py): the module's ~15
+    one that imported torch, transformers, peft, trl and datasets once (benchmarks/fork_runner.py): the module's ~15
     runs, each started fresh, paid 6-14 s of those imports apiece on 2 cores. A kill -9 kills the run's process."""
     server = ForkServer(cwd=os.getcwd())
     yield server

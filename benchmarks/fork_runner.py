@@ -2,8 +2,8 @@
 the heavy libraries once. Started as `python SCRIPT`, each paid 6-14 s of imports (torch, transformers, peft, trl,
 datasets) on 2 cores before its first line of work; a forked child starts with them imported.
 
-    python tests/_fork_scripts.py OUT_DIR SCRIPT ARG... [--- SCRIPT ARG...]...   # one after another, then exit
-    python tests/_fork_scripts.py --serve    # runs each request read from stdin (ForkServer below)
+    python benchmarks/fork_runner.py OUT_DIR SCRIPT ARG... [--- SCRIPT ARG...]...   # one after another, then exit
+    python benchmarks/fork_runner.py --serve    # runs each request read from stdin (ForkServer below)
 
 Each child runs its script as `python SCRIPT` does: `__main__`, sys.argv, sys.path[0] its folder, its environment;
 at its end non-daemon threads are joined and atexit handlers run, as at interpreter exit; its exit status, or the
@@ -22,6 +22,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from pathlib import Path
@@ -87,6 +88,11 @@ def exit_code(pid: int) -> int:
     return os.waitstatus_to_exitcode(wait_status)
 
 
+def message(fields: dict) -> str:
+    """One line of the server's protocol on its pipes (pids, exit statuses, argv and environment): never a file."""
+    return json.dumps(fields)
+
+
 def serve() -> None:
     """One request a line on stdin, {"argv", "env", "stdout", "stderr"}: answers {"pid"} once the child is
     started, then {"status"} once it ended. One child at a time."""
@@ -95,10 +101,10 @@ def serve() -> None:
         request = json.loads(line)
         script, *args = request["argv"]
         pid = fork(script, args, request["stdout"], request["stderr"], request["env"])
-        print(json.dumps({"pid": pid}), flush=True)
+        print(message({"pid": pid}), flush=True)
         status = exit_code(pid)
         release_reader(request["stdout"])
-        print(json.dumps({"status": status}), flush=True)
+        print(message({"status": status}), flush=True)
 
 
 def release_reader(path: str) -> None:
@@ -122,12 +128,20 @@ class ForkServer:
     def start(self, argv: list[str], stdout: Path, stderr: Path | None = None, env: dict | None = None) -> int:
         request = {"argv": [str(a) for a in argv], "env": dict(env if env is not None else os.environ)}
         request.update(stdout=str(stdout), stderr=str(stderr) if stderr else None)
-        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.write(message(request) + "\n")
         self.server.stdin.flush()
         return json.loads(self.server.stdout.readline())["pid"]
 
     def wait(self) -> int:
         return json.loads(self.server.stdout.readline())["status"]
+
+    def run(self, argv: list[str], env: dict | None = None) -> tuple[int, str, str]:
+        """`python argv...` run to its end: (exit status, stdout, stderr)."""
+        with tempfile.TemporaryDirectory() as folder:
+            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+            self.start(argv, out, err, env)
+            status = self.wait()
+            return status, out.read_text(), err.read_text()
 
     def close(self) -> None:
         self.server.stdin.close()
