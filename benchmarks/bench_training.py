@@ -118,6 +118,8 @@ def run_worker(config: str, args, env: dict | None = None, forks=None) -> dict:
     script = PROFILER if config == "profile" else WORKERS
     cmd = [str(script), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
+    if forks is not None and env:  # read at process start (allocator, threads): a fork would silently ignore it
+        raise ValueError(f"a forked worker cannot take an environment of its own: {sorted(env)}")
     began = time.perf_counter()
     if forks is None:
         proc = subprocess.run(
@@ -197,7 +199,12 @@ def markdown(summary: dict, results: list[dict], caches: dict, settings: dict, l
         f"layer) for every configuration, one epoch; the recipe takes each step as {BATCH // MICRO} accumulated "
         f"batches of {MICRO} (its YAML), TRL and the seed loop as one batch of {BATCH}. Rounds: {settings['rounds']}, "
         f"interleaved (the seed loop in the first only). Model: {settings['model']}. A whole run is the "
-        "process's wall time: start-up, loading, the reference pass, training.",
+        "process's wall time: start-up, loading, the reference pass, training"
+        + (
+            " (forked, --fork_workers: without the imports; peak memory includes the forking process's)."
+            if "--fork_workers" in settings["command"]
+            else "."
+        ),
         "",
         f"**Recipe as shipped against TRL + precompute_ref_log_probs, whole run, cold against cold: "
         f"{s[BASELINE]['whole_median_s'] / s['recipe']['whole_median_s']:.2f}x** (5 vs 3, median times; round by round "
@@ -269,7 +276,7 @@ def main() -> None:
     parser.add_argument("--dataset_name", default=str(DATA))
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per configuration")
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "bench_training"))
-    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="Markdown file whose section is rewritten")
+    parser.add_argument("--out", help="Markdown file whose section is rewritten (default: BENCHMARKS.md)")
     parser.add_argument("--json", help="also write the numbers here")
     parser.add_argument("--profile", action="store_true", help="instead: profile the recipe's steps (its own section)")
     parser.add_argument("--seed", type=int, default=0)
@@ -278,9 +285,13 @@ def main() -> None:
         action="store_true",
         help="fork each configuration's process from one that imported the libraries once, instead of starting it "
         "fresh (benchmarks/fork_runner.py): a rehearsal 6-14 s a configuration shorter on 2 cores, whose whole-run "
-        "times leave out the imports; the table's command then says --fork_workers",
+        "times leave out the imports and whose peak memory starts at that process's; the table's command then says "
+        "--fork_workers, and --out must be given (never the committed BENCHMARKS.md by default). Not with --profile",
     )
     args = parser.parse_args()
+    if args.fork_workers and (args.profile or args.out is None):
+        parser.error("--fork_workers is for rehearsals: give --out (not BENCHMARKS.md by default), and not --profile")
+    args.out = args.out or str(ROOT / "BENCHMARKS.md")
     for key, value in (QUICK if args.quick else PROFILE if args.profile else FULL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -289,7 +300,7 @@ def main() -> None:
         return run(args)
     from fork_runner import ForkServer
 
-    forks = ForkServer(cwd=ROOT)
+    forks = ForkServer(cwd=os.getcwd())  # relative paths mean what they mean to a fresh worker
     try:
         run(args, forks)
     finally:

@@ -31,6 +31,9 @@ PRELOADED = ("torch", "transformers", "datasets", "peft", "trl", "accelerate")
 
 
 def preload() -> None:
+    """The libraries, and this checkout's `dpo` package: a venv shared by several checkouts (git worktrees) has one
+    editable install, and a script started fresh puts its own checkout first on sys.path."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import dpo  # noqa: F401  (first, as in every entry point: it silences bitsandbytes' import-time note)
 
     for name in PRELOADED:
@@ -110,7 +113,7 @@ def serve() -> None:
 def release_reader(path: str) -> None:
     """A child that died before it opened its FIFO would leave the test blocked opening it for reading: opened
     and closed for writing here, the test's open returns and it reads an empty stream."""
-    if stat.S_ISFIFO(os.stat(path).st_mode):
+    if os.path.exists(path) and stat.S_ISFIFO(os.stat(path).st_mode):  # a plain file not yet made: nothing waits
         with contextlib.suppress(OSError):  # ENXIO: no reader is waiting (it read the stream to its end)
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
@@ -141,7 +144,8 @@ class ForkServer:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             self.start(argv, out, err, env)
             status = self.wait()
-            return status, out.read_text(), err.read_text()
+            read = [path.read_text() if path.exists() else "" for path in (out, err)]  # a child dead before it began
+            return status, *read
 
     def close(self) -> None:
         self.server.stdin.close()

@@ -157,11 +157,12 @@ def weight_bound(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def parsed_once():
-    """While open, a GGUF file is parsed once however often transformers reads it. A read-back's model load parses
-    the file twice (config, weights) and its tokenizer load once more; each parse is gguf-py's GGUFReader, a Python
-    loop over every token and merge of the vocabulary: 5.7 s for SmolLM2's 49,152 tokens on 2 cores. The reader is
-    only read (its fields, and tensors memory-mapped from the file), so one serves every load of a file unchanged
-    since (same inode, size and modification time)."""
+    """While open, gguf-py's GGUFReader is built once per GGUF file however often transformers loads it. A
+    read-back's model load builds it twice (config, weights) and its tokenizer load once more (transformers 5.23;
+    the tokenizer's vocabulary itself goes through transformers' own lighter reader). Each build is a Python loop
+    over every field, the vocabulary's 49,152 tokens and merges included: 5.7 s for SmolLM2 on 2 cores. The reader
+    is only read (its fields, and tensors memory-mapped read-only), so one serves every load of a file unchanged
+    since (same path, inode, size and modification time)."""
     import gguf
 
     real, readers = gguf.GGUFReader, {}

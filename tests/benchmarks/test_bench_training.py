@@ -145,3 +145,17 @@ def test_a_worker_is_a_fresh_process_whose_result_line_is_read(tmp_path, monkeyp
     assert result["torch"] is False and result["whole_s"] > 0 and "stale" not in result
     with pytest.raises(SystemExit, match="recipe_padded  failed \\(exit 3\\)"):
         BENCH.run_worker("recipe_padded", args)
+
+
+@pytest.mark.parametrize("flags", [["--quick", "--fork_workers"], ["--profile", "--fork_workers", "--out", "x.md"]])
+def test_forked_workers_are_for_rehearsals_only(flags, monkeypatch, capsys):
+    """Forked workers leave the imports out of whole-run times and start at the forking process's memory: never
+    into the committed BENCHMARKS.md by default, never the profile (one worker), never with an environment of
+    its own (read at process start: bench_allocator's settings)."""
+    monkeypatch.setattr(sys, "argv", ["bench_training.py", *flags])
+    with pytest.raises(SystemExit) as stop:
+        BENCH.main()
+    assert stop.value.code == 2 and "--fork_workers is for rehearsals" in capsys.readouterr().err
+    args = argparse.Namespace(model="m", workdir="w", max_length=8, threads=1)
+    with pytest.raises(ValueError, match="MALLOC_ARENA_MAX"):
+        BENCH.run_worker("recipe", args, {"MALLOC_ARENA_MAX": "1"}, forks=object())

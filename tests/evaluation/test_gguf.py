@@ -261,3 +261,39 @@ def test_a_template_that_is_not_a_wrapping_gets_no_ollama_template(tiny_model_di
         and "tokenizer.chat_template" in text
         and "FROM ./m.gguf" in text
     )
+
+
+def test_parsed_once_builds_one_reader_per_file_and_a_new_one_for_a_rewritten_file(tmp_path):
+    """dpo.evaluation.gguf.parsed_once: a second load of the same file gets the first reader; another file, or
+    the same path rewritten, is parsed anew (a reader keyed on the name alone would hand back the old content)."""
+    import os
+
+    import gguf
+
+    from dpo.evaluation.gguf import parsed_once
+
+    def write(path, name: str):
+        writer = gguf.GGUFWriter(path, "llama")
+        writer.add_name(name)
+        writer.add_tensor("w", np.full((2, 32), len(name), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    def name(reader) -> str:
+        return bytes(reader.fields["general.name"].parts[-1]).decode()
+
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    write(a, "first")
+    write(b, "other")
+    real = gguf.GGUFReader
+    with parsed_once():
+        first = gguf.GGUFReader(str(a))
+        assert gguf.GGUFReader(a) is first and name(first) == "first"
+        assert name(gguf.GGUFReader(b)) == "other"
+        os.replace(b, a)  # the same path, another file
+        assert name(gguf.GGUFReader(a)) == "other"
+        write(a, "rewritten")
+        assert name(gguf.GGUFReader(a)) == "rewritten"
+    assert gguf.GGUFReader is real
