@@ -157,15 +157,19 @@ def weight_bound(w: torch.Tensor, gguf_type: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def parsed_once():
-    """While open, gguf-py's GGUFReader is built once per GGUF file however often transformers loads it. A
-    read-back's model load builds it twice (config, weights) and its tokenizer load once more (transformers 5.23;
-    the tokenizer's vocabulary itself goes through transformers' own lighter reader). Each build is a Python loop
-    over every field, the vocabulary's 49,152 tokens and merges included: 5.7 s for SmolLM2 on 2 cores. The reader
-    is only read (its fields, and tensors memory-mapped read-only), so one serves every load of a file unchanged
-    since (same path, inode, size and modification time)."""
+    """While open, what transformers builds from gguf-py at each load of a GGUF file is built once:
+    - GGUFReader, once per file. A read-back's model load builds it twice (config, weights) and its tokenizer
+      load once more (transformers 5.23; the tokenizer's vocabulary itself goes through transformers' own
+      lighter reader). Each build is a Python loop over every field, the vocabulary's 49,152 tokens and merges
+      included: 5.7 s for SmolLM2 on 2 cores. The reader is only read (its fields, and tensors memory-mapped
+      read-only), so one serves every load of a file unchanged since (same path, inode, size, modification time).
+    - the tensor name map (gguf.get_tensor_name_map), once per (architecture, layer count). transformers' weight
+      load asks for it again at every module it recurses into: 398 builds for SmolLM2's 30 layers, each a loop
+      over every tensor kind and block. The map is only read (get_name), so one serves them all."""
     import gguf
 
     real, readers = gguf.GGUFReader, {}
+    real_map, maps = gguf.get_tensor_name_map, {}
 
     def reader(path, mode="r"):
         stat = os.stat(path)
@@ -174,11 +178,17 @@ def parsed_once():
             readers[key] = real(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = reader  # transformers imports it from the package at each load
+    def name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = real_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    # transformers imports both from the package at each load (modeling_gguf_pytorch_utils.py)
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
     try:
         yield
     finally:
-        gguf.GGUFReader = real
+        gguf.GGUFReader, gguf.get_tensor_name_map = real, real_map
 
 
 @torch.no_grad()

@@ -87,6 +87,8 @@ def test_the_gguf_file_reads_back_as_the_merged_model(smol_run, tmp_path, gguf_t
     monkeypatch.setattr(
         gguf.GGUFReader, "__init__", lambda self, path, *a: parses.append(path) or parse(self, path, *a)
     )
+    maps, build = [], gguf.TensorNameMap.__init__
+    monkeypatch.setattr(gguf.TensorNameMap, "__init__", lambda self, *a: maps.append(a) or build(self, *a))
     result = main(argv)
     assert (
         result["gguf_check"]["gguf_type"] == gguf_type
@@ -94,9 +96,12 @@ def test_the_gguf_file_reads_back_as_the_merged_model(smol_run, tmp_path, gguf_t
     )
     # the export's read-back loads the file's config, weights and tokenizer, and parses it once (was 3 times)
     assert len(parses) == 1 and str(parses[0]).endswith(out.name), parses
+    # gguf-py's tensor name map: built once by the converter and once by the read-back (was 1 + 398: once per
+    # module transformers' weight load recursed into)
+    assert len(maps) == 2, len(maps)
     with parsed_once():  # this test's reads parse it once more: 5.7 s a parse (dpo/evaluation/gguf.py)
         check_the_file(smol_run, out, gguf_type)
-    assert len(parses) == 2, parses
+    assert len(parses) == 2 and len(maps) == 3, (parses, len(maps))
 
 
 def check_the_file(smol_run: Path, out: Path, gguf_type: str):
@@ -265,7 +270,8 @@ def test_a_template_that_is_not_a_wrapping_gets_no_ollama_template(tiny_model_di
 
 def test_parsed_once_builds_one_reader_per_file_and_a_new_one_for_a_rewritten_file(tmp_path):
     """dpo.evaluation.gguf.parsed_once: a second load of the same file gets the first reader; another file, or
-    the same path rewritten, is parsed anew (a reader keyed on the name alone would hand back the old content)."""
+    the same path rewritten, is parsed anew (a reader keyed on the name alone would hand back the old content).
+    The tensor name map is built once per architecture and layer count, and both are gguf-py's own again after."""
     import os
 
     import gguf
@@ -296,4 +302,9 @@ def test_parsed_once_builds_one_reader_per_file_and_a_new_one_for_a_rewritten_fi
         assert name(gguf.GGUFReader(a)) == "other"
         write(a, "rewritten")
         assert name(gguf.GGUFReader(a)) == "rewritten"
-    assert gguf.GGUFReader is real
+        llama = gguf.MODEL_ARCH.LLAMA
+        thirty = gguf.get_tensor_name_map(llama, 30)
+        assert gguf.get_tensor_name_map(llama, 30) is thirty and thirty.get_name("model.layers.29.mlp.up_proj")
+        deeper = gguf.get_tensor_name_map(llama, 31)  # another layer count: another map
+        assert deeper is not thirty and deeper.get_name("model.layers.30.mlp.up_proj") == "blk.30.ffn_up"
+    assert gguf.GGUFReader is real and gguf.get_tensor_name_map(llama, 30) is not thirty
