@@ -127,7 +127,7 @@ def run_worker(config: str, args, env: dict | None = None, forks=None) -> dict:
         )
         status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     else:
-        status, stdout, stderr = forks.run(cmd, {**os.environ, **(env or {})})
+        status, stdout, stderr = forks.run(cmd)  # this process's environment (an env of its own is refused above)
     whole = time.perf_counter() - began
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if status or not lines:

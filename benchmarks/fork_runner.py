@@ -118,6 +118,11 @@ def release_reader(path: str) -> None:
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
+def kill_9(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+        os.kill(pid, signal.SIGKILL)
+
+
 class ForkServer:
     """A test's handle on `--serve`: `start` runs a script as `python script` would, from the server's
     imported libraries; `wait` gives its exit status."""
@@ -138,12 +143,20 @@ class ForkServer:
     def wait(self) -> int:
         return json.loads(self.server.stdout.readline())["status"]
 
-    def run(self, argv: list[str], env: dict | None = None) -> tuple[int, str, str]:
-        """`python argv...` run to its end: (exit status, stdout, stderr)."""
+    def run(self, argv: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[int, str, str]:
+        """`python argv...` run to its end: (exit status, stdout, stderr). Still running after `timeout` seconds,
+        it is killed (SIGKILL: the status is then -9), so a hung script fails its caller instead of hanging it."""
         with tempfile.TemporaryDirectory() as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            self.start(argv, out, err, env)
-            status = self.wait()
+            pid = self.start(argv, out, err, env)
+            watchdog = threading.Timer(timeout, kill_9, [pid]) if timeout else None
+            if watchdog:
+                watchdog.start()
+            try:
+                status = self.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
             read = [path.read_text() if path.exists() else "" for path in (out, err)]  # a child dead before it began
             return status, *read
 

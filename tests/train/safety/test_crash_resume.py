@@ -6,7 +6,6 @@ dpo.signals.kill_point), which sends the signal from inside the process at that 
 so every kill lands where the test says, inside a save included.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -39,7 +38,8 @@ def flags(tiny_model_dir, truthy_file, output_dir, *extra):
 
 
 RECIPE = ROOT / "recipes" / "dpo_phi2.py"
-ForkServer = load_script(ROOT / "benchmarks" / "fork_runner.py", "fork_runner").ForkServer
+fork_runner = load_script(ROOT / "benchmarks" / "fork_runner.py", "fork_runner")
+ForkServer, kill_9 = fork_runner.ForkServer, fork_runner.kill_9
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +52,26 @@ def forks():
     server.close()
 
 
-def kill_9(pid):
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def run_recipe(forks, argv, signal_at=""):
-    """The recipe as a user runs it, in its own process, with the test hook set: its exit status and output."""
+    """The recipe as a user runs it, in its own process, with the test hook set: its exit status and output;
+    killed after 300 s, so a hung run fails the test instead of hanging it."""
     env = {**os.environ, "DPO_TEST_SIGNAL_AT": signal_at}
-    with tempfile.TemporaryDirectory() as folder:
-        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        pid = forks.start([RECIPE, *argv], stdout=out, stderr=err, env=env)
-        watchdog = threading.Timer(300, kill_9, [pid])  # a hung run fails the test instead of hanging it
-        watchdog.start()
-        status = forks.wait()
-        watchdog.cancel()
-        return subprocess.CompletedProcess(argv, status, out.read_text(), err.read_text())
+    status, stdout, stderr = forks.run([RECIPE, *argv], env, timeout=300)
+    return subprocess.CompletedProcess(argv, status, stdout, stderr)
 
 
 def train_losses(output_dir):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     return [(h["step"], h["loss"], h["num_tokens"]) for h in state["log_history"] if "loss" in h]
+
+
+@pytest.mark.slow
+def test_a_run_still_going_at_its_timeout_is_killed(forks, tmp_path):
+    """run_recipe's watchdog (ForkServer.run's timeout): a hung run ends as killed, its output so far kept."""
+    hung = tmp_path / "hung.py"
+    hung.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\nprint('woke')\n")
+    status, stdout, _ = forks.run([hung], timeout=2)
+    assert status == -signal.SIGKILL and stdout == "started\n", (status, stdout)
 
 
 @pytest.mark.slow
