@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 # The whole offline test suite (CPU: 986 s for 1377 tests on 2 AMD EPYC cores in a fresh clone's CI, 2026-12-07 at 20:00;
 # 1056 s for 1373 before bench_training's quick test forked its workers and the GGUF read-back parsed its file once;
-# timings on these machines drift by 1.3x; over its 10-minute target, mostly fresh processes' 11-18 s of imports and
+# timings on these machines drift by 1.3x; over its 10-minute target, mostly fresh processes' 6-18 s of imports and
 # real-model work). Two workers: each test runs on one
 # torch thread (tests/conftest.py), so one process leaves the second core idle; a file's tests stay on one
 # worker (--dist loadfile: module fixtures are built once), files with the most slow tests first (tests/conftest.py).

@@ -114,7 +114,7 @@ def prepare_pairs(dataset: str, tokenizer, n: int, max_length: int, seed: int, p
 def run_worker(config: str, args, env: dict | None = None, forks=None) -> dict:
     """One configuration in a fresh process, this one's environment plus `env`; its RESULT plus `whole_s`,
     the process's wall time. With `forks` (--fork_workers: benchmarks/fork_runner.py's ForkServer) the process
-    is forked from one that imported the libraries once: `whole_s` then leaves out 6-14 s of imports."""
+    is forked from one that imported the libraries once: `whole_s` then leaves out 6-18 s of imports."""
     script = PROFILER if config == "profile" else WORKERS
     cmd = [str(script), config, "--model", args.model, "--workdir", args.workdir]
     cmd += ["--max_length", str(args.max_length), "--threads", str(args.threads)]
@@ -284,7 +284,7 @@ def main() -> None:
         "--fork_workers",
         action="store_true",
         help="fork each configuration's process from one that imported the libraries once, instead of starting it "
-        "fresh (benchmarks/fork_runner.py): a rehearsal 6-14 s a configuration shorter on 2 cores, whose whole-run "
+        "fresh (benchmarks/fork_runner.py): a rehearsal 6-18 s a configuration shorter on 2 cores, whose whole-run "
         "times leave out the imports and whose peak memory starts at that process's; the table's command then says "
         "--fork_workers, and --out must be given (never the committed BENCHMARKS.md by default). Not with --profile",
     )

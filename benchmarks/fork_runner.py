@@ -1,5 +1,5 @@
 """Runs scripts as `python SCRIPT ARG...` would, each in a process of its own forked from this one, which imported
-the heavy libraries once. Started as `python SCRIPT`, each paid 6-14 s of imports (torch, transformers, peft, trl,
+the heavy libraries once. Started as `python SCRIPT`, each paid 6-18 s of imports (torch, transformers, peft, trl,
 datasets) on 2 cores before its first line of work; a forked child starts with them imported.
 
     python benchmarks/fork_runner.py OUT_DIR SCRIPT ARG... [--- SCRIPT ARG...]...   # one after another, then exit
@@ -28,6 +28,9 @@ import traceback
 from pathlib import Path
 
 PRELOADED = ("torch", "transformers", "datasets", "peft", "trl", "accelerate")
+# The import path of a fresh `python SCRIPT` after its first entry (SCRIPT's folder): this process's, taken before
+# preload() puts this checkout first
+FRESH_PATH = sys.path[1:]
 
 
 def preload() -> None:
@@ -43,7 +46,7 @@ def preload() -> None:
 def run_as_main(script: str, args: list[str]) -> int:
     """This process becomes `python script args...`: the exit status that command would have."""
     sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    sys.path[:] = [os.path.dirname(os.path.abspath(script)), *FRESH_PATH]
     try:
         runpy.run_path(script, run_name="__main__")
         status = 0

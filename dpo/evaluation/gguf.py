@@ -164,7 +164,7 @@ def parsed_once():
       included: 5.7 s for SmolLM2 on 2 cores. The reader is only read (its fields, and tensors memory-mapped
       read-only), so one serves every load of a file unchanged since (same path, inode, size, modification time).
     - the tensor name map (gguf.get_tensor_name_map), once per (architecture, layer count). transformers' weight
-      load asks for it again at every module it recurses into: 398 builds for SmolLM2's 30 layers, each a loop
+      load asks for it again at every module it recurses into: 397 builds for SmolLM2's 30 layers, each a loop
       over every tensor kind and block. The map is only read (get_name), so one serves them all."""
     import gguf
 

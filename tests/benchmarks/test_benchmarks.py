@@ -49,7 +49,7 @@ SCRIPTS = [
 def helps(tmp_path_factory) -> dict[str, tuple[int, str, str]]:
     """Each script's `--help` as `python benchmarks/<script> --help` gives it: (exit status, stdout, stderr). Each
     runs in a process of its own, forked from one that imported torch, transformers, ... once (benchmarks/fork_runner.py):
-    8 processes importing them cost 6-14 s each. The rounds benchmarks turn off datasets' progress bars before
+    8 processes importing them cost 6-18 s each. The rounds benchmarks turn off datasets' progress bars before
     parsing their flags: in a process of their own, that never reaches another script or this one."""
     out = tmp_path_factory.mktemp("helps")
     command = [sys.executable, str(ROOT / "benchmarks" / "fork_runner.py"), str(out)]

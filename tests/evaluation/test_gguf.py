@@ -96,7 +96,7 @@ def test_the_gguf_file_reads_back_as_the_merged_model(smol_run, tmp_path, gguf_t
     )
     # the export's read-back loads the file's config, weights and tokenizer, and parses it once (was 3 times)
     assert len(parses) == 1 and str(parses[0]).endswith(out.name), parses
-    # gguf-py's tensor name map: built once by the converter and once by the read-back (was 1 + 398: once per
+    # gguf-py's tensor name map: built once by the converter and once by the read-back (was 1 + 397: once per
     # module transformers' weight load recursed into)
     assert len(maps) == 2, len(maps)
     with parsed_once():  # this test's reads parse it once more: 5.7 s a parse (dpo/evaluation/gguf.py)
