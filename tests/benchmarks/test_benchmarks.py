@@ -10,6 +10,7 @@ import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import ROOT, cli, load_script
@@ -277,17 +278,46 @@ def test_a_drifted_readme_result_is_caught():
     assert drifted != readme and unlinked_results(drifted) == ["87.9% is not in BENCHMARKS.md"]
 
 
-def test_every_relative_link_of_the_readme_resolves():
-    """Moved sections stay reachable: each relative link of README.md names a file that exists and,
-    with an anchor, a heading of that file."""
-    readme = (ROOT / "README.md").read_text()
-    links = re.findall(r"\]\((?!https?://)([^)#\s]+)(?:#([^)\s]+))?\)", readme)
-    assert len(links) >= 10, links
-    for path, anchor in links:
-        assert (ROOT / path).exists(), path
-        if anchor:
-            headings = [github_anchor(h) for h in re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)]
-            assert anchor in headings, f"{path}#{anchor}"
+DOCS = ["README.md", "BENCHMARKS.md", "recipes/README.md", "benchmarks/README.md", "notebooks/README.md", "docs/*.md"]
+
+
+def broken_links(text: str, folder: Path) -> list[str]:
+    """Each relative link of markdown `text` (code blocks left out) whose file, relative to `folder`, does not
+    exist, or whose anchor is no heading of that file (an anchor alone: of the text's own file)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    broken = []
+    for path, anchor in re.findall(r"\]\((?!https?://|mailto:)([^)#\s]*)(?:#([^)\s]+))?\)", text):
+        target = folder / path if path else None
+        if target is not None and not target.exists():
+            broken.append(f"{path}: no such file")
+        elif anchor and (target is None or target.is_file()):
+            heads = re.findall(r"^#+ (.+)$", text if target is None else target.read_text(), re.M)
+            if anchor not in [github_anchor(h) for h in heads]:
+                broken.append(f"{path}#{anchor}: no such heading")
+    return broken
+
+
+@pytest.mark.parametrize("pattern", DOCS)
+def test_every_relative_link_of_the_docs_resolves(pattern):
+    """Moved sections stay reachable: each relative link of each page names a file that exists and, with an
+    anchor, a heading of that file."""
+    pages = sorted(ROOT.glob(pattern))
+    assert pages, pattern
+    for page in pages:
+        assert broken_links(page.read_text(), page.parent) == [], page
+    if pattern == "README.md":
+        assert len(re.findall(r"\]\((?!https?://)", pages[0].read_text())) >= 10  # the check reads its links
+
+
+def test_a_broken_link_is_caught(tmp_path):
+    (tmp_path / "other.md").write_text("# A heading\n")
+    text = "# Here\n[a](other.md#a-heading) [b](other.md#gone) [c](missing.md) [d](#here) [e](#nowhere)\n"
+    text += "```\n[f](in-a-code-block.md)\n```\n"
+    assert broken_links(text, tmp_path) == [
+        "other.md#gone: no such heading",
+        "missing.md: no such file",
+        "#nowhere: no such heading",
+    ]
 
 
 def test_the_evaluate_benchmark_section_is_the_scripts_own_output():
