@@ -147,6 +147,22 @@ def test_a_worker_is_a_fresh_process_whose_result_line_is_read(tmp_path, monkeyp
         BENCH.run_worker("recipe_padded", args)
 
 
+@pytest.mark.slow
+def test_a_real_worker_runs_as_a_fresh_process(tiny_model_dir, tmp_path):
+    """What the committed tables run and the quick run above (forked workers) does not: the real
+    benchmarks/training_workers.py started fresh, nothing imported ahead; its cheapest configuration, the
+    reference cache build, on pairs the parent prepared as a full run prepares them."""
+    from dpo.train.model_checks import load_tokenizer
+
+    work = tmp_path / "work"
+    work.mkdir()
+    hh = hh_rows(tmp_path / "hh.jsonl.gz", 16)
+    pairs, _ = BENCH.prepare_pairs(str(hh), load_tokenizer(str(tiny_model_dir)), 8, 64, 0, work / "pairs.jsonl")
+    args = argparse.Namespace(model=str(tiny_model_dir), workdir=str(work), max_length=64, threads=1)
+    result = BENCH.run_worker("cache_build", args)
+    assert result["config"] == "cache_build" and result["pairs"] == pairs == 8 and result["seconds"] > 0, result
+
+
 @pytest.mark.parametrize("flags", [["--quick", "--fork_workers"], ["--profile", "--fork_workers", "--out", "x.md"]])
 def test_forked_workers_are_for_rehearsals_only(flags, monkeypatch, capsys):
     """Forked workers leave the imports out of whole-run times and start at the forking process's memory: never
