@@ -49,7 +49,7 @@ def test_evaluate_writes_strict_json_when_a_metric_is_nan(tmp_path, monkeypatch)
 
     monkeypatch.setattr(report, "markdown", lambda metrics, rows: "")  # the tables are not what is tested here
     monkeypatch.setattr(report, "page", lambda metrics, rows: "")
-    report.write_eval_folder(tmp_path, {"kl": float("nan")}, [{"policy_score": float("-inf"), "prompt": "p"}])
+    report.write_eval_folder(tmp_path, {"kl": float("nan")}, [{"policy_score": float("-inf"), "prompt": "p"}], None)
     assert strict((tmp_path / "eval" / "metrics.json").read_text()) == {"kl": None}
     assert strict((tmp_path / "eval" / "generations.jsonl").read_text()) == {"policy_score": None, "prompt": "p"}
 

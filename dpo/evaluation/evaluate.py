@@ -237,11 +237,13 @@ def evaluate(
     model for the log-probs of all its answers (dpo/evaluation/scoring.py). Each off only to measure what it saves
     (benchmarks/bench_evaluate.py)."""
     from dpo.evaluation.judge import mean_interval, wilson
+    from dpo.evaluation.report import run_identity, write_eval_folder
     from dpo.evaluation.sampling import render_prompt
     from dpo.train.speed.dequant import dequantized_4bit_layers
 
     output_dir = Path(output_dir)
     resolved, pairs = read_run(output_dir)
+    evaluated_run = run_identity(output_dir)  # recorded in eval/: the run these numbers belong to
     if reward_model:
         from dpo.evaluation.judge import check_reward_model
 
@@ -329,9 +331,7 @@ def evaluate(
         }
         for i, t in enumerate(texts)
     ]
-    from dpo.evaluation.report import write_eval_folder
-
-    folder = write_eval_folder(output_dir, metrics, rows)
+    folder = write_eval_folder(output_dir, metrics, rows, evaluated_run)
     log(f"evaluation written to {folder} (report.md, report.html, metrics.json, generations.jsonl)")
     return metrics
 

@@ -178,16 +178,28 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
     return check
 
 
+def upload_patterns(folder: Path) -> list[str]:
+    """ADAPTER_FILES, less eval/ when it is not the evaluation of the run in `folder` (evaluation_of_run: trained
+    again since, or changed): the Hub repo never holds another adapter's numbers."""
+    from dpo.evaluation.report import evaluation_of_run
+
+    _, stale = evaluation_of_run(folder)
+    if stale:
+        log(f"warning: eval/ is not uploaded: {stale}")
+    return [p for p in ADAPTER_FILES if not (stale and p.startswith("eval/"))]
+
+
 def push(folder: Path, repo: str, adapter: bool) -> str:
     """Upload `folder` to the Hub repo `repo` (created if missing) with the token in HF_TOKEN."""
     from huggingface_hub import HfApi
 
+    patterns = upload_patterns(folder) if adapter else None
     api = HfApi(token=os.environ["HF_TOKEN"])
     api.create_repo(repo, exist_ok=True, repo_type="model")
     info = api.upload_folder(
         repo_id=repo,
         folder_path=str(folder),
-        allow_patterns=list(ADAPTER_FILES) if adapter else None,
+        allow_patterns=patterns,
         commit_message="Upload from dpo-recipes (python -m dpo.export)",
     )
     return str(getattr(info, "commit_url", repo))

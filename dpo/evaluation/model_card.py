@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from dpo.evaluation.report import evaluation_of_run
+from dpo.log import log
+
 # What `python -m dpo.models` (dpo/offline/pip_models.py, a layer above this one: read as a file) records
 # in a folder it built: {"hub_id", "license", ...}.
 BUILD_RECORD = "materialized.json"
@@ -128,7 +131,8 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
     out = Path(output_dir)
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     base = resolved["model_name_or_path"]
-    metrics_file, eval_file = out / "final_metrics.json", out / "eval" / "metrics.json"
+    metrics_file = out / "final_metrics.json"
+    eval_file, stale = evaluation_of_run(out)  # eval/ of this very run, or why it is left out
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     dataset = resolved.get("dataset_name")
     hub_id = base_hub_id(base)
@@ -163,7 +167,7 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
     if held:
         lines += ["", "## Held-out metrics (end of training)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in sorted(held.items()) if isinstance(v, int | float)]
-    if eval_file.is_file():
+    if eval_file is not None:
         from dpo.evaluation.report import summary_lines
 
         lines += [
@@ -172,6 +176,8 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
             "",
             *summary_lines(json.loads(eval_file.read_text())),
         ]
+    elif stale:
+        log(f"warning: the model card leaves out the evaluation: {stale}")
     lines += [
         "",
         "## Reproduce",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from dpo.files import json_text, jsonl_text
-from dpo.folders import write_marked_folder
+from dpo.files import file_sha256, json_text, jsonl_text
+from dpo.folders import MARKER, marker_problem, read_marker, write_marked_folder
 
 MODES = ("greedy", "sampled")
+EVAL_KIND = "evaluation"  # eval/'s marker kind (dpo/folders.py)
 
 
 def _interval(low: float, high: float, fmt: str = "{:.3f}") -> str:
@@ -106,9 +107,41 @@ def page(metrics: dict, rows: list[dict]) -> str:
     )
 
 
-def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -> Path:
+def run_identity(output_dir: str | Path) -> str | None:
+    """The sha256 of the run's run_complete.json, which records the sha256 of every final file (adapter, config,
+    held-out pairs): it changes whenever the folder is trained again. None when the run has none."""
+    from dpo.train.safety.runs import RUN_MARKER
+
+    marker = Path(output_dir) / RUN_MARKER
+    return file_sha256(marker) if marker.is_file() and not marker.is_symlink() else None
+
+
+def evaluation_of_run(output_dir: str | Path) -> tuple[Path | None, str | None]:
+    """(eval/metrics.json, None) when eval/ is whole and was made from the run now in `output_dir`; (None, why not)
+    when eval/ exists but is not (trained again since, a file changed, not written by `python -m dpo.evaluate`);
+    (None, None) when there is no eval/. The model card and the Hub upload (dpo/evaluation/export.py) take eval/
+    only in the first case, so a card never reports the numbers of an adapter it does not ship."""
+    folder = Path(output_dir) / "eval"
+    if not folder.exists():
+        return None, None
+    rerun = "rerun python -m dpo.evaluate to replace it"
+    if problem := marker_problem(folder, EVAL_KIND):
+        return None, f"{problem}; {rerun}"
+    made_from, now = read_marker(folder, EVAL_KIND).get("evaluated_run"), run_identity(output_dir)
+    if made_from is None or made_from != now:
+        what = (
+            "records no run it evaluated (an older version wrote it)"
+            if made_from is None
+            else ("was made from an earlier run in this folder (its run_complete.json changed since: trained again)")
+        )
+        return None, f"{folder} {what} ({folder / MARKER}); {rerun}"
+    return folder / "metrics.json", None
+
+
+def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict], evaluated_run: str | None) -> Path:
     """output_dir/eval/{metrics.json, generations.jsonl, report.md, report.html}, written whole and marked
-    (dpo/folders.py): an eval folder the evaluation did not write is never replaced."""
+    (dpo/folders.py) with `evaluated_run`, the run_identity read when the evaluation checked the run (checked by
+    evaluation_of_run): an eval folder the evaluation did not write is never replaced."""
 
     target = Path(output_dir) / "eval"  # named in the log should a metric be written as null
 
@@ -120,4 +153,4 @@ def write_eval_folder(output_dir: str | Path, metrics: dict, rows: list[dict]) -
         (folder / "report.md").write_text(markdown(metrics, rows))
         (folder / "report.html").write_text(page(metrics, rows))
 
-    return write_marked_folder(target, write, "evaluation", made_by="python -m dpo.evaluate")
+    return write_marked_folder(target, write, EVAL_KIND, made_by="python -m dpo.evaluate", evaluated_run=evaluated_run)

@@ -88,3 +88,57 @@ def test_nothing_known_is_license_other_and_a_hub_id_is_kept(tmp_path):
     assert front_matter(model_card(run_folder(tmp_path, base)))["license"] == "other"
     assert cards.base_hub_id("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     assert cards.base_hub_id(str(base)) is None and cards.base_hub_id("../up/and-out") is None
+
+
+# ── eval/ belongs to one run (provenance: dpo/evaluation/report.py evaluation_of_run) ─────────────────────────────
+EVALUATED = {
+    "heldout_pairs": 4,
+    "beta": 0.1,
+    "reward_accuracy": 0.75,
+    "reward_accuracy_ci95": [0.3, 0.95],
+    "reward_margin": 0.5,
+    "reward_margin_ci95": [0.1, 0.9],
+    "kl": 0.2,
+    "kl_ci95": [0.1, 0.3],
+    "generation_prompts": 1,
+    "max_new_tokens": 8,
+    **{f"{m}_length_{k}": 3 for m in ("greedy", "sampled") for k in ("policy", "reference", "ratio")},
+}
+
+
+def finished(out, step: int) -> None:
+    """A run_complete.json as dpo/train/safety/runs.py writes it; `step` makes each run's differ."""
+    (out / "run_complete.json").write_text(json.dumps({"global_step": step, "files": [], "run": {}, "sha256": {}}))
+
+
+def test_an_evaluation_of_an_earlier_run_in_the_folder_is_left_out_of_the_card_and_the_upload(tmp_path, capsys):
+    """Train, evaluate, train again into the same folder: eval/ still holds the first adapter's numbers, so the
+    card and the Hub upload leave it out (with a warning naming why) until it is rerun; before the retrain both
+    take it. eval/ written before runs were recorded in it is left out too."""
+    from dpo.evaluation.export import upload_patterns
+    from dpo.evaluation.report import evaluation_of_run, run_identity, write_eval_folder
+
+    out = run_folder(tmp_path, model_folder(tmp_path))
+    finished(out, 10)
+    write_eval_folder(out, EVALUATED, [], run_identity(out))
+    assert evaluation_of_run(out) == (out / "eval" / "metrics.json", None)
+    assert "## Evaluation" in model_card(out) and "75.0%" in model_card(out)
+    assert "eval/*" in upload_patterns(out)
+    capsys.readouterr()
+
+    finished(out, 20)  # trained again: a new run_complete.json
+    path, why = evaluation_of_run(out)
+    assert path is None and "earlier run in this folder" in why and "rerun python -m dpo.evaluate" in why
+    card = model_card(out)
+    assert "## Evaluation" not in card and "75.0%" not in card
+    assert "the model card leaves out the evaluation" in capsys.readouterr().out
+    patterns = upload_patterns(out)
+    assert "eval/*" not in patterns and "adapter_model.safetensors" in patterns
+    assert "eval/ is not uploaded" in capsys.readouterr().out
+
+    write_eval_folder(out, EVALUATED, [], run_identity(out))  # evaluated again: taken again
+    assert evaluation_of_run(out)[0] is not None and "## Evaluation" in model_card(out)
+    write_eval_folder(out, EVALUATED, [], None)  # no run recorded (as written before this record)
+    assert "records no run it evaluated" in evaluation_of_run(out)[1]
+    (out / "eval" / "metrics.json").write_text("{}")  # a file changed after it was written
+    assert "rerun python -m dpo.evaluate" in evaluation_of_run(out)[1]
