@@ -108,6 +108,10 @@ def parse_args(argv=None):
         "eval_every",
         "patience",
         "save_every",
+        "curve_pairs",
+        "kl_pairs",
+        "gen_prompts",
+        "max_new_tokens",
     ):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")

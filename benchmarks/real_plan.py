@@ -339,8 +339,14 @@ class Plan:
             "save_every": a.save_every,
         }
         rule = {"patience": a.patience, "min_delta": a.min_delta}
-        made_from = self.made_from(
-            "main", ("split", "reference", "select"), run=run, beta=beta, rule=rule, batch_size=a.batch_size
+        made_from = self.made_from(  # curve_pairs: the held-out points on its curve, part of its result
+            "main",
+            ("split", "reference", "select"),
+            run=run,
+            beta=beta,
+            rule=rule,
+            batch_size=a.batch_size,
+            curve_pairs=a.curve_pairs,
         )
 
         def work(folder):

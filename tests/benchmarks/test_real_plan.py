@@ -204,6 +204,13 @@ def test_a_changed_input_is_refused_naming_the_phase_and_nothing_is_overwritten(
     )
     assert "run changed" in err[-1]
     assert (tmp_path / "work" / "main" / ".dpo-folder.json").read_bytes() == marker
+    # the held-out points of the main run's curve (its result holds them)
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(argv(tiny_chat_model, data, tmp_path, curve_pairs=3), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "work/main was made from other inputs" in err[-1], err[-1]
+    assert "curve_pairs" in err[-1]
+    assert (tmp_path / "work" / "main" / ".dpo-folder.json").read_bytes() == marker
 
     # the batch size SFT trained with (the DPO phases record theirs)
     with pytest.raises(SystemExit) as exit_info:
@@ -384,3 +391,15 @@ def test_a_training_step_feeds_its_rows_grouped_by_length_with_the_padded_batchs
     logps, tokens = training_logps(model, examples, pad, keys=("chosen_ids",))
     grouped_nll = (-logps["chosen_ids"].sum() / tokens["chosen_ids"].sum()).item()
     assert abs(grouped_nll - sft_nll(c.token_logps, c.mask).item()) <= 2.0**-16 * abs(grouped_nll)
+
+
+@pytest.mark.parametrize("name", ["curve_pairs", "kl_pairs", "gen_prompts", "max_new_tokens", "select_steps"])
+def test_a_count_below_one_is_refused_in_one_line_before_anything_is_written(
+    tiny_chat_model, data, tmp_path, capsys, name
+):
+    """A plan of hours must not find out at its last phase that it scores 0 pairs (a mean over nothing)."""
+    with pytest.raises(SystemExit) as exit_info:
+        real_alignment.main(argv(tiny_chat_model, data, tmp_path, **{name: 0}), progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1] == f"error: --{name} 0: must be at least 1"
+    assert not (tmp_path / "work").exists()
