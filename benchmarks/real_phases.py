@@ -250,10 +250,21 @@ def trainable_state(model) -> dict:
 
 
 def train_run(
-    model, step_loss, *, folder: Path, made_from: dict, run: dict, evaluate=None, stop=None, hooks=None, resumed=None
+    model,
+    step_loss,
+    *,
+    folder: Path,
+    made_from: dict,
+    run: dict,
+    evaluate=None,
+    stop=None,
+    hooks=None,
+    resumed=None,
+    start_point=True,
 ):
     """Train `model`'s trainable weights for up to run["steps"] optimizer steps and return the run's state:
-    {"step", "curve": [evaluate(step) at step 0 and every run["eval_every"]], "best": {"step", "score"},
+    {"step", "curve": [evaluate(step) at step 0 (unless not `start_point`) and every run["eval_every"]], "best":
+    {"step", "score"},
     "stopped": why}. `step_loss(step)` is the loss of that step's batch. AdamW, linear warm-up over
     run["warmup"] steps then constant, gradients clipped at 1.0. The best weights by evaluate's "score"
     (validation only) are kept in state["best_weights"]. Checkpoints go to `<folder>.checkpoint` (each
@@ -307,7 +318,7 @@ def train_run(
         if state["best"] is None or p["score"] > state["best"]["score"]:
             state["best"], best_weights = {"step": p["step"], "score": p["score"]}, trainable_state(model)
 
-    if state["step"] == 0 and not state["curve"]:
+    if start_point and state["step"] == 0 and not state["curve"]:
         point()
     while state["step"] < run["steps"] and state["stopped"] is None:
         step = state["step"] + 1

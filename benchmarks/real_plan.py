@@ -130,7 +130,7 @@ class Plan:
             "split": 1.0,
             "sft": a.sft_steps * a.batch_size * SFT_UNITS,
             "reference": float(n_all),
-            "select": len(a.grid_lr) * len(a.grid_beta) * (a.select_steps * a.batch_size * TRAIN_UNITS + 2 * n_val),
+            "select": len(a.grid_lr) * len(a.grid_beta) * (a.select_steps * a.batch_size * TRAIN_UNITS + n_val),
             "main": a.max_steps * a.batch_size * TRAIN_UNITS + evals * (n_val + min(a.curve_pairs, n_held)),
             # the held-out pairs, again under the model before SFT when there is one; KL; greedy tokens ~1/4 unit
             "report": n_held * (2 if a.sft_steps else 1) + 2 * a.kl_pairs + a.gen_prompts * a.max_new_tokens / 4,
@@ -188,13 +188,13 @@ class Plan:
 
         return step_loss
 
-    def dpo_run(self, model, beta, folder, made_from: dict, run: dict, evaluate, point_units, stop=None) -> dict:
-        """A resumable DPO run of `model` on the training pairs (real_phases.train_run); `evaluate` measures
-        `point_units` pairs."""
+    def dpo_run(self, model, beta, folder, made_from: dict, run: dict, evaluate, point_units, stop=None, **kw) -> dict:
+        """A resumable DPO run of `model` on the training pairs (real_phases.train_run, which takes `kw`);
+        `evaluate` measures `point_units` pairs."""
         pairs = min(self.args.batch_size, len(self.examples["train"]))  # a step's pairs (batch_indices)
         step_loss, units = self.dpo_loss_of(model, beta, self.ref["train"]), pairs * TRAIN_UNITS
         done = lambda steps, points: self.progress.skip(steps * units + points * point_units)  # noqa: E731
-        kwargs = dict(folder=folder, made_from=made_from, run=run, hooks=self.hooks, resumed=done)
+        kwargs = dict(folder=folder, made_from=made_from, run=run, hooks=self.hooks, resumed=done, **kw)
         return train_run(model, step_loss, evaluate=evaluate, stop=stop, **kwargs)
 
     def measure(self, model, split: str, ref, beta: float, n: int | None = None) -> dict:
@@ -304,12 +304,13 @@ class Plan:
                     def evaluate(step, model=model, beta=beta):
                         return point(self.measure(model, "validation", self.ref["validation"], beta), beta)
 
-                    state = self.dpo_run(
-                        model, beta, folder, made_from, run, evaluate, len(self.examples["validation"])
-                    )
+                    # the end point alone: a cell keeps only it, and its step 0 (the SFT model, every cell alike)
+                    # would cost a fifth of the cell's work
+                    n_val = len(self.examples["validation"])
+                    state = self.dpo_run(model, beta, folder, made_from, run, evaluate, n_val, start_point=False)
                     return {"lr": run["lr"], "beta": beta, "end": state["curve"][-1]}, None
 
-                cell_units = a.select_steps * a.batch_size * TRAIN_UNITS + 2 * len(self.examples["validation"])
+                cell_units = a.select_steps * a.batch_size * TRAIN_UNITS + len(self.examples["validation"])
                 cells.append(self.phase(name, made_from, work, bar="select", units=cell_units))
         best = max(cells, key=lambda c: (c["end"]["score"], c["end"]["logratio_margin"]))
         made_from = self.made_from(  # the choice came from every cell's finished folder: a redone cell is a change

@@ -120,11 +120,21 @@ SELECT = ["select-lr0.001-beta0.1", "select-lr0.01-beta0.1"]
 EVERY_PHASE = ["split", "sft", "reference", *SELECT, "select", "main", "report"]
 
 
-def test_every_phase_runs_results_only_at_the_end_and_a_second_run_redoes_nothing(tiny_chat_model, data, tmp_path):
+def test_every_phase_runs_results_only_at_the_end_and_a_second_run_redoes_nothing(
+    tiny_chat_model, data, tmp_path, monkeypatch
+):
     args = argv(tiny_chat_model, data, tmp_path)
-    first = Counter()
+    first, measured = Counter(), []
+    measure = real_alignment.Plan.measure
+    monkeypatch.setattr(
+        real_alignment.Plan,
+        "measure",
+        lambda self, m, split, *a: measured.append(split) or measure(self, m, split, *a),
+    )
     result = real_alignment.main(args, hooks=first.hooks, progress=False)
     assert first.phases == EVERY_PHASE
+    # the validation slice measured once per grid cell (its end: a cell keeps nothing else) and at each main point
+    assert measured.count("validation") == len(SELECT) + 3
     assert [s for s in first.steps if s[0] == "main"] == [("main", s) for s in (1, 2, 3, 4)]
     assert result["final"]["n"] == 4 and len(result["samples"]) == 2 and result["main"]["steps"] == 4
     assert {p["step"] for p in result["main"]["curve"]} == {0, 2, 4}
@@ -144,7 +154,7 @@ def test_every_phase_runs_results_only_at_the_end_and_a_second_run_redoes_nothin
         "real_alignment.png",
     ]
     status = json.loads((tmp_path / "work" / "status.json").read_text())
-    assert status["finished"] is True
+    assert status["finished"] is True and status["done_units"] == status["total_units"]  # the plan's count was exact
     assert not list((tmp_path / "work").glob("*.checkpoint"))  # each removed once its phase was written
 
     again = Counter()
