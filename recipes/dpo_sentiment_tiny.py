@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 from dpo.data.tools import template_for_rows
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
-from dpo.offline.sentiment import SentimentTask, pair_sets, train_reference
+from dpo.offline.sentiment import SentimentTask, pair_sets, reused_or_trained_reference
 from dpo.offline.sentiment_eval import PhaseClock, evaluate_alignment, sample_and_score, summary, write_report
 from dpo.train.adapters import put_adapter, start_point
 from dpo.train.config import load_recipe_args
@@ -77,6 +77,13 @@ class ScriptArguments:
     )
 
 
+# phase 1's pi_ref in --output_dir was trained with other settings: the run there was trained on it, so it stays
+OTHER_REFERENCE = (
+    "the run in {out} was trained on it; pick another --output_dir, or start over with --overwrite_output_dir true "
+    "(pi_ref is trained again)"
+)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None, callbacks=None) -> dict:
     # ── args: YAML beside this file < --config other.yaml < CLI flags; no hub_token (HF_TOKEN) ──
@@ -89,11 +96,16 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
     log(f"task: 24 topics, held out for evaluation: {', '.join(task.splits['heldout'])}")
 
     # ── 1. SFT from scratch on unlabeled reviews: pi_ref ───────────────────────────────────────
-    if model_args.model_name_or_path is None:
-        sft_dir, losses = train_reference(task, out / "sft_reference", args, training_args)
+    if model_args.model_name_or_path is None:  # reused when this folder's pi_ref has these settings
+        sft_dir, losses = reused_or_trained_reference(
+            task, out / "sft_reference", args, training_args, OTHER_REFERENCE.format(out=out),
+            replace=training_args.overwrite_output_dir,
+        )  # fmt: skip
         model_args.model_name_or_path = str(sft_dir)
         log(
             f"phase 1: SFT loss {losses[0]:.2f} -> {losses[-1]:.2f} nats/token in {args.sft_steps} steps; pi_ref in {sft_dir}"
+            if losses is not None
+            else f"phase 1: pi_ref reused from {sft_dir} (trained by an earlier run with these settings; files checked)"
         )
     else:  # an SFT adapter, given as --sft_adapter_path or as the model: checked against the base
         model_args.model_name_or_path, args.sft_adapter_path = start_point(

@@ -79,6 +79,35 @@ def test_a_killed_pi_ref_save_leaves_nothing_a_rerun_would_reuse(tmp_path, monke
     assert not (tmp_path / "sft_reference").exists()
 
 
+def test_the_demo_keeps_the_pi_ref_its_run_was_trained_on(tmp_path, monkeypatch, capsys):
+    """Was: `make demo` into a finished folder with other SFT settings trained pi_ref again and swapped it in, and
+    only then did the run check refuse the settings: the finished run had lost its base. Now other settings are
+    refused before anything is trained, the same ones reuse pi_ref, and --overwrite_output_dir trains it again."""
+    import dpo.offline.sentiment as sentiment
+
+    trained = []
+    monkeypatch.setattr(
+        sentiment,
+        "_train_reference_into",
+        lambda folder, *a: trained.append(folder) or _write_two_files(folder) or [2.0, 1.0],
+    )
+    demo = load_recipe("dpo_sentiment_tiny").main
+    argv = ["--output_dir", tmp_path, "--sft_steps", 5]
+    # phase 1 trains (here: two stand-in files), then the stand-in is refused as a model: exit 2, nothing else ran
+    assert "no tokenizer files" in one_line_error(demo, argv, capsys) and len(trained) == 1
+    marker = (tmp_path / "sft_reference" / MARKER).read_bytes()
+
+    line = one_line_error(demo, ["--output_dir", tmp_path, "--sft_steps", 6], capsys)
+    assert "trained with other settings: sft_steps 5 there, 6 here" in line
+    assert f"the run in {tmp_path} was trained on it" in line and "--overwrite_output_dir true" in line
+    assert len(trained) == 1 and (tmp_path / "sft_reference" / MARKER).read_bytes() == marker  # untouched
+
+    one_line_error(demo, argv, capsys)  # the same settings: reused, not trained again
+    assert len(trained) == 1
+    one_line_error(demo, [*argv[:2], "--sft_steps", 6, "--overwrite_output_dir", "true"], capsys)
+    assert len(trained) == 2 and (tmp_path / "sft_reference" / MARKER).read_bytes() != marker
+
+
 def test_a_pi_ref_of_other_settings_is_refused_not_reused(tmp_path, monkeypatch):
     """Was: a rerun of the rounds into the same folder with other SFT settings reused the pi_ref trained with the
     old ones (the marker proved the files whole, not what they were trained with)."""

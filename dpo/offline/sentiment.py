@@ -265,6 +265,22 @@ def reference_problem(folder, task: SentimentTask, settings, training_args) -> s
     return f"trained with other settings: {', '.join(differ) or 'its marker does not match its settings_sha256'}"
 
 
+def reused_or_trained_reference(task, folder, settings, training_args, refused: str, replace: bool = False):
+    """pi_ref in `folder`, checked before anything is trained: (folder, None) when it is whole and trained with
+    these settings (reference_problem), (folder, losses) when absent and trained now, or, with `replace`, when it
+    is not (the old one is replaced: marked as ours). Otherwise UserError: `refused` is the advice, after the
+    problem. A run trained on the old pi_ref is never left without it."""
+    folder = Path(folder)
+    if folder.exists():
+        if (problem := reference_problem(folder, task, settings, training_args)) is None:
+            return folder, None
+        if not replace:
+            raise UserError(
+                f"{folder} is not a whole pi_ref written by this recipe with these settings ({problem}): {refused}"
+            )
+    return train_reference(task, folder, settings, training_args)
+
+
 def _train_reference_into(folder: Path, task, tokenizer, settings, training_args) -> list[float]:
     """SFT pi_ref into `folder` (train_reference's staging folder); returns the logged losses."""
     from datasets import Dataset

@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dpo.errors import UserError
 from dpo.log import log
-from dpo.offline.sentiment import SentimentTask, n_words, reference_problem, reward, train_reference, well_formed
+from dpo.offline.sentiment import SentimentTask, n_words, reused_or_trained_reference, reward, well_formed
 
 
 def ground_truth(prompt, completion: str) -> float:
@@ -36,17 +35,16 @@ def initial_model(args, training_args, output_dir: Path) -> str:
     is there and every file has the sha256 it records. A folder without it (a kill during its save, a copy
     of something else) is refused in one line, before any weights load: never read half-written."""
     folder = output_dir / "sft_reference"
-    if folder.exists():
-        if problem := reference_problem(folder, task_of(args), args, training_args):
-            raise UserError(
-                f"{folder} is not a whole pi_ref written by this recipe with these settings ({problem}): delete "
-                f"{folder} and run the same command again; the recipe trains it again (the same settings and seed "
-                "give the same model)"
-            )
-        log(f"pi_ref: {folder} (trained by an earlier run of this folder; its files checked)")
-        return str(folder)
-    sft_dir, _ = train_reference(task_of(args), folder, args, training_args)
-    log(f"pi_ref: trained into {sft_dir}")
+    advice = (
+        f"delete {folder} and run the same command again; the recipe trains it again (the same settings and seed "
+        "give the same model)"
+    )
+    sft_dir, losses = reused_or_trained_reference(task_of(args), folder, args, training_args, advice)
+    log(
+        f"pi_ref: trained into {sft_dir}"
+        if losses is not None
+        else f"pi_ref: {folder} (trained by an earlier run of this folder; its files checked)"
+    )
     return str(sft_dir)
 
 
