@@ -183,6 +183,7 @@ def start_point(model_args, training_args, sft_adapter_path: str | None) -> tupl
     """
     from dpo.train.model_checks import load_model_config, require_model
     from dpo.train.safety.identity import check_adapter_base
+    from dpo.train.safety.runs import check_sft_run
 
     require_model(model_args.model_name_or_path)
     base, adapter, config = resolve_start(model_args.model_name_or_path, sft_adapter_path)
@@ -191,6 +192,7 @@ def start_point(model_args, training_args, sft_adapter_path: str | None) -> tupl
     model_config = load_model_config(base, model_args.model_revision, training_args.trust_remote_code)
     check_adapter_fits(adapter, config, model_config, base)
     check_adapter_base(adapter, base, model_args.model_revision)  # the weights it was trained on, not the name only
+    check_sft_run(adapter)  # a run folder of these recipes: finished, and its files the ones that run wrote
     log(
         f"starting from the SFT adapter {adapter} (r={config.get('r')}, targets {config.get('target_modules')}): "
         "policy initialised from it, reference = base + SFT adapter (frozen), one base in memory"

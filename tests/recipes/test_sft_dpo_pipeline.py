@@ -480,6 +480,7 @@ def test_resuming_after_the_sft_adapter_was_replaced_in_place_is_refused(
     resume = [*argv, "--resume_from_checkpoint", "last"]
     load_recipe("dpo_phi2").main(resume)  # the same adapter: resumes (the last step: final files only)
     replace_adapter_weights(adapter)
+    rehash(adapter, "adapter_model.safetensors")  # retrained in place: a finished run of other weights
     request.getfixturevalue("no_weights_load")
     for cache in ("true", "false"):
         line = one_line_error(load_recipe("dpo_phi2").main, [*resume, "--reference_cache", cache], capsys)
@@ -546,6 +547,26 @@ def test_an_adapter_replaced_after_the_run_is_refused_by_evaluate_and_export(dpo
         assert f"{run / 'adapter_model.safetensors'} has sha256" in line, line
         assert "the run folder changed after the run finished" in line, line
     assert not (tmp_path / "merged").exists() and not (run / "eval").exists()
+
+
+def test_dpo_from_an_sft_run_whose_adapter_was_replaced_is_refused(
+    sft, tiny_model_dir, truthy_file, tmp_path, capsys, no_weights_load
+):
+    """A checkpoint's adapter (here: other weights of the same shapes) copied over a finished SFT run's: evaluate
+    and export refused that folder, but DPO started from it silently. An SFT run stopped before it finished is
+    refused too (its final adapter may be missing or an earlier run's)."""
+    adapter = tmp_path / "sft"
+    shutil.copytree(sft["dir"], adapter)
+    replace_adapter_weights(adapter)
+    flags = cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=tmp_path / "o")
+    line = one_line_error(load_recipe("dpo_phi2").main, [*flags, "--sft_adapter_path", adapter], capsys)
+    assert f"{adapter / 'adapter_model.safetensors'} has sha256" in line, line
+    assert "the run folder changed after the run finished" in line and "DPO from this SFT adapter" in line
+    (adapter / "run_complete.json").unlink()  # as if killed before its final files were in place
+    (adapter / "checkpoint-1").mkdir()
+    line = one_line_error(load_recipe("dpo_phi2").main, [*flags, "--sft_adapter_path", adapter], capsys)
+    assert "has no run_complete.json: the run did not finish" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize(
