@@ -137,15 +137,29 @@ def run_base_revision(output_dir: Path, marker: dict, base: str, revision: str |
 
 
 def reference_adapter(output_dir: Path, resolved: dict) -> str | None:
-    """The SFT adapter DPO trained against: the run's own frozen copy, else the configured one."""
+    """The SFT adapter DPO trained against: the run's own frozen copy (hashed with the run's files), else the
+    configured one (a run from before the copy was kept), refused unless its weights have the sha256 the run
+    recorded: an adapter retrained or replaced at that path since would be another pi_ref."""
+    from dpo.files import file_sha256
+    from dpo.train.adapters import adapter_weights
+    from dpo.train.safety.runs import RUN_MARKER, finished_run
+
     if (output_dir / "ref" / "adapter_config.json").is_file():
         return str(output_dir / "ref")
-    return resolved.get("sft_adapter_path") or None
+    path = resolved.get("sft_adapter_path") or None
+    recorded = ((finished_run(output_dir) or {}).get("run") or {}).get("sft_adapter_sha256")
+    if path and recorded and (now := file_sha256(adapter_weights(path))) != recorded:
+        raise UserError(
+            f"{output_dir} was trained against the SFT adapter {path} with sha256 {recorded} ({RUN_MARKER}), but it "
+            f"now has sha256 {now} (retrained or replaced since), so pi_ref would not be the run's: put that adapter "
+            "back, or evaluate a run trained against this one"
+        )
+    return path
 
 
-def load_policy_and_reference(output_dir: Path, resolved: dict):
+def load_policy_and_reference(output_dir: Path, resolved: dict, ref: str | None):
     """The base as the run loaded it (4-bit if it was), adapter "policy" = the run's, and "ref"
-    = the SFT adapter if there was one. Returns (PeftModel, tokenizer)."""
+    = `ref`, the SFT adapter (reference_adapter) if there was one. Returns (PeftModel, tokenizer)."""
     release_held_warnings()  # weights load next (dpo/errors.py)
     from dpo.compat import ModelConfig, get_quantization_config
     from dpo.train.adapters import load_with_adapter, put_adapter
@@ -169,7 +183,6 @@ def load_policy_and_reference(output_dir: Path, resolved: dict):
         kwargs["revision"],
     )
     model = load_with_adapter(model_args.model_name_or_path, kwargs, str(output_dir), False, adapter_name="policy")
-    ref = reference_adapter(output_dir, resolved)
     if ref:
         model = put_adapter(model, ref, adapter_name="ref")
     model.eval()
@@ -244,17 +257,18 @@ def evaluate(
     output_dir = Path(output_dir)
     resolved, pairs = read_run(output_dir)
     evaluated_run = run_identity(output_dir)  # recorded in eval/: the run these numbers belong to
+    ref = reference_adapter(output_dir, resolved)  # checked before any weights load
     if reward_model:
         from dpo.evaluation.judge import check_reward_model
 
         check_reward_model(reward_model)  # a sequence-classification head, in safetensors: before any weights load
-    model, tokenizer = load_policy_and_reference(output_dir, resolved)
+    model, tokenizer = load_policy_and_reference(output_dir, resolved, ref)
     if dequantize:
         n, why = dequantized_4bit_layers(model)  # CPU inference: one dequantization, not one per forward
         log(f"4-bit base {'dequantized for inference: ' + str(n) + ' layers, ' if n else 'kept 4-bit: '}{why}")
     pad, beta = tokenizer.pad_token_id, float(resolved.get("beta", 0.1))
     log(
-        f"evaluating {output_dir}: pi_theta = its adapter, pi_ref = {reference_adapter(output_dir, resolved) or 'base'}"
+        f"evaluating {output_dir}: pi_theta = its adapter, pi_ref = {ref or 'base'}"
         f"; {torch.get_num_threads()} CPU threads (--torch_threads)"
     )
 

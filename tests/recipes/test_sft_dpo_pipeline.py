@@ -569,6 +569,31 @@ def test_dpo_from_an_sft_run_whose_adapter_was_replaced_is_refused(
     assert not (tmp_path / "o").exists()
 
 
+def test_evaluate_refuses_a_configured_sft_adapter_changed_since_the_run(dpo, sft, tmp_path, capsys, no_weights_load):
+    """A run without its own ref/ copy (written before runs kept one) takes pi_ref from resolved_config.yaml's
+    sft_adapter_path, a path outside the run folder: was used whatever it held since; now its weights must have
+    the sha256 the run recorded (run_complete.json's run.sft_adapter_sha256)."""
+    from dpo.evaluation.evaluate import main as evaluate
+
+    run, adapter = run_copy(dpo, tmp_path / "run"), tmp_path / "sft"
+    shutil.copytree(sft["dir"], adapter)
+    shutil.rmtree(run / "ref")  # as a run from before the copy was kept
+    marker = json.loads((run / "run_complete.json").read_text())
+    marker["sha256"] = {k: v for k, v in marker["sha256"].items() if not k.startswith("ref/")}
+    marker["files"] = [f for f in marker["files"] if f != "ref"]
+    (run / "run_complete.json").write_text(json.dumps(marker))
+    resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    assert resolved["sft_adapter_path"] and marker["run"]["sft_adapter_sha256"]
+    resolved["sft_adapter_path"] = str(adapter)
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump(resolved))
+    rehash(run, "resolved_config.yaml")
+    replace_adapter_weights(adapter)  # retrained at that path since
+    line = one_line_error(evaluate, [run], capsys)
+    assert f"was trained against the SFT adapter {adapter} with sha256 {marker['run']['sft_adapter_sha256']}" in line
+    assert "retrained or replaced since" in line, line
+    assert not (run / "eval").exists()
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
