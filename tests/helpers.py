@@ -330,9 +330,9 @@ def message_lines(stderr: str) -> list[str]:
     return [p for p in parts if p.strip() and not re.search(r"(examples|it)/s\]$", p.strip())]
 
 
-def fake_checkpoint(folder, step_marker=True):
-    """A checkpoint-<step> folder with every file a complete one has (tiny contents), marked complete
-    unless `step_marker` is False (a save killed before its marker)."""
+def fake_checkpoint(folder, step_marker=True, run=None):
+    """A checkpoint-<step> folder with every file a complete one has (tiny contents), marked complete (by a run
+    of settings `run`, default {"seed": 1}) unless `step_marker` is False (a save killed before its marker)."""
     from safetensors.torch import save_file
 
     from dpo.train.safety.checkpoints import mark_complete
@@ -343,7 +343,7 @@ def fake_checkpoint(folder, step_marker=True):
         (folder / name).write_bytes(b"x" * 16)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     if step_marker:
-        mark_complete(folder, {"seed": 1})
+        mark_complete(folder, run or {"seed": 1})
     return folder
 
 

@@ -37,6 +37,7 @@ from dpo.files import (
 )
 from dpo.log import log
 from dpo.signals import kill_point
+from dpo.train.safety.identity import predating_base
 
 MARKER = "checkpoint_complete.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -249,16 +250,16 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return str(folder)
 
 
-def rotate(output_dir: str | Path, limit: int | None, keep: str | None = None) -> list[Path]:
-    """Keep the newest `limit` complete checkpoints (and `keep`, the best one); delete older ones,
-    and incomplete folders older than the newest complete one. Returns what was deleted."""
-    folders = checkpoints_in(output_dir)
-    complete = [f for f in folders if not checkpoint_problems(f)]
-    if not complete:
+def rotate(output_dir: str | Path, limit: int | None, run: dict, keep: str | None = None) -> list[Path]:
+    """Keep the newest `limit` complete checkpoints of this run (marked with its settings `run`) and `keep`, the
+    best one; delete its older ones. Returns what was deleted. Nothing else is deleted: another run's checkpoints
+    (a plain TRL run's, unmarked, or one marked with other settings, e.g. beside a resume from elsewhere), nor a
+    folder whose save was killed (unmarked: resume skips it, and a disk-full message names it to delete)."""
+    if not limit or limit <= 0:
         return []
-    doomed = [f for f in folders if f not in complete and checkpoint_step(f) < checkpoint_step(complete[-1])]
-    if limit and limit > 0:
-        doomed += [f for f in complete[:-limit] if keep is None or Path(keep).resolve() != f.resolve()]
+    done = [f for f in checkpoints_in(output_dir) if not checkpoint_problems(f)]
+    mine = [f for f in done if predating_base(checkpoint_run(f), run) == run]  # as prepare_output_dir tells them
+    doomed = [f for f in mine[:-limit] if keep is None or Path(keep).resolve() != f.resolve()]
     for folder in doomed:
         shutil.rmtree(folder, ignore_errors=True)
     return doomed
@@ -359,7 +360,8 @@ class CheckpointSaver:
                 raise
             if accelerator.is_main_process:
                 kill_point("marked", step)
-                rotate(folder.parent, self.trainer.args.save_total_limit, self.trainer.state.best_model_checkpoint)
+                limit, best = self.trainer.args.save_total_limit, self.trainer.state.best_model_checkpoint
+                rotate(folder.parent, limit, self.run, best)
             accelerator.wait_for_everyone()
 
     def checkpoint_bytes(self, folder: Path) -> int:

@@ -230,3 +230,22 @@ def test_a_run_complete_json_that_is_a_folder_is_one_line_before_weights_load(
         line = one_line_error(main, args, capsys)
         assert f"{run / RUN_MARKER} is a folder, not a file" in line and "Remove it" in line, line
     assert (run / RUN_MARKER).is_dir() and not (tmp_path / "merged").exists()
+
+
+def test_rotation_deletes_only_this_runs_own_older_checkpoints(tmp_path):
+    """save_total_limit's rotation (dpo/train/safety/checkpoints.py rotate): was every complete checkpoint in
+    output_dir, whoever marked it (another run's, beside a resume from elsewhere), and every unmarked folder
+    (a plain TRL run's checkpoints) older than the newest complete one."""
+    from dpo.train.safety.checkpoints import rotate
+    from dpo.train.safety.identity import BASE_KEY
+
+    ours, other = {"seed": 1, BASE_KEY: "sha256:ab"}, {"seed": 2, BASE_KEY: "sha256:ab"}
+    made = {
+        "checkpoint-1": fake_checkpoint(tmp_path / "checkpoint-1", run=other),  # another run's, marked
+        "checkpoint-2": fake_checkpoint(tmp_path / "checkpoint-2", step_marker=False),  # unmarked: TRL's, or killed
+        **{f"checkpoint-{s}": fake_checkpoint(tmp_path / f"checkpoint-{s}", run=ours) for s in (3, 4, 5, 6)},
+    }
+    best = str(tmp_path / "checkpoint-3")
+    assert rotate(tmp_path, 2, ours, keep=best) == [tmp_path / "checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(made) - {"checkpoint-4"})
+    assert rotate(tmp_path, None, ours) == [] and rotate(tmp_path, 1, other) == []  # its only one stays

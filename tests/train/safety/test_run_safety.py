@@ -56,6 +56,7 @@ def test_non_finite_stops_with_one_message_and_keeps_the_last_finite_checkpoint(
     assert f"step 3: {quantity} is" in line and "learning_rate" in line and "beta" in line and "fp32" in line
     assert str(out / "checkpoint-2") in line  # the last finite checkpoint, named ...
     assert not checkpoint_problems(out / "checkpoint-2")  # ... intact, not rotated away
+    assert not (out / "checkpoint-1").exists()  # while this run's older one was (save_total_limit 1)
     assert not (out / "checkpoint-3").exists()
     assert not (out / "adapter_model.safetensors").exists() and not (out / RUN_MARKER).exists()
     from safetensors.torch import load_file
