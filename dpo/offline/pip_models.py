@@ -109,9 +109,29 @@ def _same(found: dict | None, wanted: dict, keys) -> bool:
     return found is not None and all(found.get(k) == wanted[k] for k in keys)
 
 
+def _sizes(folder: Path) -> dict[str, int]:
+    """Each file's size in bytes, as a build wrote it (recorded in its marker as "files")."""
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+
+
+def changed_file(folder: Path) -> str | None:
+    """Which file of the build in `folder` is not as the build wrote it (missing, or of another size: cut short by
+    a full disk or an interrupted copy, or replaced); None when every recorded one is (or none is recorded: a
+    build from before they were, whose sizes the next materialize records). The size, not the sha256: 540 MB of
+    weights hashed at every load would cost each command a second; what the build wrote, the training runs
+    identify by its sha256 (dpo/train/safety/identity.py)."""
+    for name, size in ((_read_marker(folder) or {}).get("files") or {}).items():
+        path = Path(folder) / name
+        if not path.is_file() or path.is_symlink():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, the build wrote {size:,}"
+    return None
+
+
 def is_materialized(folder: Path, name: str) -> bool:
-    """True when `folder` holds a complete build of `name` by this transformers version."""
-    return _same(_read_marker(folder), _marker(_spec(name)), BUILD_KEYS)
+    """True when `folder` holds a complete build of `name` by this transformers version, its files as written."""
+    return _same(_read_marker(folder), _marker(_spec(name)), BUILD_KEYS) and changed_file(folder) is None
 
 
 def built_by_another_transformers(folder: Path, name: str) -> str | None:
@@ -125,7 +145,7 @@ def built_by_another_transformers(folder: Path, name: str) -> str | None:
 
 def _complete_marker(folder: Path, spec: PackagedModel) -> None:
     """Add what a marker written before it described (hub_id, license) to a complete build's marker."""
-    found, wanted = _read_marker(folder), _marker(spec)
+    found, wanted = _read_marker(folder), {**_marker(spec), "files": _sizes(folder)}
     if found is not None and any(k not in found for k in wanted):
         tmp = folder / f".{MARKER}.{os.getpid()}.tmp"
         tmp.write_text(json_text({**wanted, **found}, folder / MARKER, indent=2) + "\n")
@@ -144,7 +164,8 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
         _complete_marker(out, spec)
         return out
     stale = built_by_another_transformers(out, name)
-    if stale is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+    ours = _same(_read_marker(out), _marker(spec), BUILD_KEYS)  # our build, a file changed since (changed_file)
+    if stale is None and not ours and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"{out}: exists and is not a model folder made by dpo.offline.pip_models; pass an empty or new folder"
         )
@@ -156,17 +177,20 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
         )
     if stale is not None:
         log(f"{out}: built under transformers {stale}, {_marker(spec)['transformers']} is installed; rebuilding it")
+    elif ours:
+        log(f"{out}: {changed_file(out)} (changed after it was built); rebuilding it")
     log(f"building {name} from {source.name} (sha256 checked) into {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         parameters = _build(source, staging)
-        (staging / MARKER).write_text(json_text(_marker(spec), out / MARKER, indent=2) + "\n")
+        marker = {**_marker(spec), "files": _sizes(staging)}
+        (staging / MARKER).write_text(json_text(marker, out / MARKER, indent=2) + "\n")
         if is_materialized(out, name):  # another process finished the same build meanwhile
             shutil.rmtree(staging)
             return out
-        _put_in_place(staging, out, stale=stale is not None)
+        _put_in_place(staging, out, stale=stale is not None or ours)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if is_materialized(out, name):  # another process finished the same build first

@@ -63,7 +63,9 @@ def test_a_folder_built_before_the_record_gets_it_from_the_next_materialize_with
     base = model_folder(tmp_path, marker=old)
     assert "base_model" not in front_matter(model_card(run_folder(tmp_path, base)))  # nothing recorded yet
     assert pip_models.materialize("smollm2-135m-instruct", base) == base
-    assert json.loads((base / MARKER).read_text()) == _marker(SMOLLM2)
+    files = {"README.md": (base / "README.md").stat().st_size} if (base / "README.md").exists() else {}
+    files["config.json"] = (base / "config.json").stat().st_size
+    assert json.loads((base / MARKER).read_text()) == {**_marker(SMOLLM2), "files": dict(sorted(files.items()))}
     front = front_matter(model_card(tmp_path / "run"))
     assert front["base_model"] == SMOLLM2.hub_id and front["license"] == "apache-2.0"
 

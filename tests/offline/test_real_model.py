@@ -85,8 +85,16 @@ def test_a_folder_built_under_another_transformers_is_rebuilt_saying_so(tmp_path
     out = capsys.readouterr().out
     assert f"{folder}: built under transformers 4.0.0, {current['transformers']} is installed; rebuilding it" in out
     assert (folder / "model.safetensors").read_text() == "new build"
-    assert json.loads((folder / MARKER).read_text()) == current
+    assert json.loads((folder / MARKER).read_text()) == {**current, "files": {"model.safetensors": 9}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # no staging or old folder left
+
+    # our build, a file cut short since (a full disk, an interrupted copy): rebuilt, saying which and why
+    (folder / "model.safetensors").write_text("new")
+    assert materialize("smollm2-135m-instruct", folder) == folder
+    out = capsys.readouterr().out
+    assert f"{folder}: model.safetensors has 3 bytes, the build wrote 9 (changed after it was built)" in out
+    assert (folder / "model.safetensors").read_text() == "new build"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
 
     other = tmp_path / "other"
     other.mkdir()
