@@ -171,6 +171,23 @@ def section(data: dict) -> str:
     return "\n".join(lines)
 
 
+def kept_results(path: Path, only: list[str]) -> dict[str, dict]:
+    """--only: the other configurations' results from an earlier sweep (`path`), by name; each only when it ran
+    with the overrides CONFIGS gives it now (a changed one is refused: its numbers would stand under a setting
+    it never ran with). {} when there is no earlier sweep."""
+    if not path.is_file():
+        return {}
+    kept = {c["name"]: c for c in json.loads(path.read_text())["configs"] if c["name"] not in only}
+    now = {name: overrides for name, overrides, _ in CONFIGS}
+    changed = sorted(n for n, c in kept.items() if n in now and c.get("overrides") != now[n])
+    if changed:
+        sys.exit(
+            f"error: {path} holds {changed} run with other overrides than CONFIGS gives them now: add them to --only "
+            "to run them again"
+        )
+    return {n: c for n, c in kept.items() if n in now}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="outputs/rounds_sweep_bench")
@@ -193,9 +210,7 @@ def main() -> None:
     unknown = set(args.only or []) - {name for name, _, _ in CONFIGS}
     if unknown:
         sys.exit(f"error: --only {sorted(unknown)}: no such configuration; the names are {[c[0] for c in CONFIGS]}")
-    kept = {}
-    if args.only and (out / "rounds_sweep.json").is_file():
-        kept = {c["name"]: c for c in json.loads((out / "rounds_sweep.json").read_text())["configs"]}
+    kept = kept_results(out / "rounds_sweep.json", args.only) if args.only else {}
     ran = {
         name: run_config(recipe, name, overrides, why, workdir, front)
         for name, overrides, why in CONFIGS

@@ -370,3 +370,25 @@ def test_the_evaluate_benchmark_holds_the_paths_to_the_same_answers_and_metrics(
     assert not bench.agree(dict(measured, reward_accuracy=0.5), now)
     assert not bench.agree(dict(measured, greedy_length_policy=39.0), now)
     assert not bench.agree(dict(measured, sampled_length_ratio=1.0), now)
+
+
+def test_rounds_sweep_only_keeps_a_result_run_with_the_overrides_it_has_now(tmp_path, capsys):
+    """`rounds_sweep.py --only X` keeps the other configurations' results from the last sweep: was by name alone,
+    so a configuration whose overrides were edited since kept numbers it never ran with."""
+    import json
+
+    sweep = load_benchmark("rounds_sweep")
+    (first, first_overrides, _), (second, second_overrides, _) = sweep.CONFIGS[:2]
+    path = tmp_path / "rounds_sweep.json"
+    configs = [{"name": first, "overrides": first_overrides}, {"name": second, "overrides": second_overrides}]
+    path.write_text(json.dumps({"configs": [*configs, {"name": "retired", "overrides": []}]}))
+    assert sweep.kept_results(path, [first]) == {second: configs[1]}  # run again: not kept; retired: dropped
+    assert sweep.kept_results(tmp_path / "none.json", [first]) == {}
+    configs[1]["overrides"] = [*second_overrides, "--beta", "0.5"]  # edited in CONFIGS since it ran
+    path.write_text(json.dumps({"configs": configs}))
+    with pytest.raises(SystemExit) as refused:
+        sweep.kept_results(path, [first])
+    assert f"holds ['{second}'] run with other overrides" in str(refused.value) and "add them to --only" in str(
+        refused.value
+    )
+    assert sweep.kept_results(path, [first, second]) == {}  # both run again: nothing kept, nothing refused
