@@ -28,6 +28,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpo.errors import exit_on_user_error
+from dpo.files import replace_atomically, write_text_atomic
 from dpo.log import log
 from dpo.offline.sentiment import SentimentTask, pair_sets, train_reference
 from dpo.offline.sentiment_eval import evaluate_alignment
@@ -142,7 +143,7 @@ def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None
         f"Controlled sentiment: DPO loss types x beta, scored every {steps[1]} steps (lines) to the end (markers)"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
     plt.close(fig)
 
 
@@ -239,11 +240,15 @@ def main() -> None:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) and k != "beta" else v for k, v in row.items()})
+
+    def write(tmp: Path) -> None:  # whole or not at all: rounds_sentiment.py and rounds_sweep.py read it back
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: f"{v:.4f}" if isinstance(v, float) and k != "beta" else v for k, v in row.items()})
+
+    replace_atomically(path, write)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -277,7 +282,7 @@ def write_outputs(rows: list[dict], out: Path, seconds: float | None = None, csv
             f"{end['policy_well_formed']:.0%} | {end['heldout_reward_accuracy']:.1%} | "
             f"{best['policy_reward']:+.3f} ({best['kl']:.2f}) |"
         )
-    (out / "frontier.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "frontier.md", "\n".join(lines) + "\n")
     log(
         f"{len(rows)} points: {csv_path or out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'frontier.md'}"
         + (f" ({seconds:.0f}s)" if seconds else "")

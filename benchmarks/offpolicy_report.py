@@ -194,5 +194,7 @@ def plot(data: dict, path: Path) -> None:
         ax.legend(fontsize=8, loc="best")
     fig.suptitle("Rounds (black) against offline DPO on pairs from other sources, same pairs budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from dpo.files import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
     plt.close(fig)

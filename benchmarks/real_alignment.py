@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error
-from dpo.files import json_text
+from dpo.files import json_text, write_text_atomic
 from dpo.folders import given_path
 from dpo.log import log
 from dpo.offline.pip_models import default_cache_dir, materialize
@@ -217,11 +217,11 @@ def main(argv=None, hooks: dict | None = None, progress: bool = True) -> dict:
     )
     out = Path(args.out)  # only now: a plan that has not finished writes nothing here
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_alignment.json").write_text(
-        json_text(result, out / "real_alignment.json", observations=True, indent=1) + "\n"
+    write_text_atomic(
+        out / "real_alignment.json", json_text(result, out / "real_alignment.json", observations=True, indent=1) + "\n"
     )
     plot_curve(result["main"], result["final"], result["reference_ranking"], out / "real_alignment.png")
-    (out / "real_alignment.md").write_text(markdown(result))
+    write_text_atomic(out / "real_alignment.md", markdown(result))
     lo, hi = result["final"]["accuracy_ci"]
     log(
         f"held-out implicit-reward accuracy {pct(result['final']['accuracy'])} [{pct(lo)}, {pct(hi)}] on "

@@ -62,7 +62,9 @@ def plot_curve(main: dict, final: dict, reference_ranking: float, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from dpo.files import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
 
 
 def markdown(r: dict) -> str:

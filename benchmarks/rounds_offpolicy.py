@@ -1,9 +1,14 @@
 """On-policy DPO in rounds against offline DPO on pairs from *another* policy, at matched KL to pi_ref.
 
     python benchmarks/rounds_offpolicy.py          # 6 rounds runs + 24 offline runs; writes its section of BENCHMARKS.md
-    python benchmarks/rounds_offpolicy.py --seeds 43 --rewards "rare praise" --models_from W --out D   # one part of it
+    python benchmarks/rounds_offpolicy.py --seeds 43 --rewards "rare praise" --models_from W \
+        --out D --benchmarks_md D/BENCHMARKS.md                                      # one part of it, kept apart
     python benchmarks/rounds_offpolicy.py --from_json D1/rounds_offpolicy.json D2/rounds_offpolicy.json  # parts merged
-    python benchmarks/rounds_offpolicy.py --seeds 42 --rounds 1 --prompts_per_round 32 --sft_steps 20   # a quick look
+    python benchmarks/rounds_offpolicy.py --seeds 42 --rounds 1 --prompts_per_round 32 --sft_steps 20 \
+        --out /tmp/look --benchmarks_md /tmp/look/BENCHMARKS.md                      # a quick look, kept apart
+
+A run writes its results (--out, default benchmarks/results/) and its BENCHMARKS.md section only once every seed
+finished; meanwhile each finished seed is in <workdir>/rounds_offpolicy.json (a --from_json input).
 
 benchmarks/rounds_sentiment.py found the rounds on the offline frontier: its offline pairs are pi_ref's own
 samples, so offline DPO is on-policy at round 1. Real offline datasets are written by other models and people.
@@ -276,17 +281,24 @@ def compare(rounds: dict, offline: dict) -> list[dict]:
     return rows
 
 
-def write_outputs(data: dict, out: Path, benchmarks_md: Path) -> None:
-    """rounds_offpolicy.{json,md,png} in `out` and the section of `benchmarks_md`, from `data` (runs so far)."""
-    from dpo.files import json_text
+def write_json(data: dict, path: Path) -> dict:
+    """`data` (the runs so far) with its summary, written whole to `path` (a --from_json input); returns it."""
+    from dpo.files import json_text, write_text_atomic
 
     data = {**data, "summary": summarise(data["runs"], list(data["kinds"])), "reading": READING}
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "rounds_offpolicy.json"
-    path.write_text(json_text(data, path, observations=True, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json_text(data, path, observations=True, indent=2) + "\n")
+    return data
+
+
+def write_outputs(data: dict, out: Path, benchmarks_md: Path) -> None:
+    """rounds_offpolicy.{json,md,png} in `out` and the section of `benchmarks_md`, from `data` (every run)."""
+    from dpo.files import write_text_atomic
+
+    data = write_json(data, out / "rounds_offpolicy.json")
     plot(data, out / "rounds_offpolicy.png")
     text = section(data, HEADING)
-    (out / "rounds_offpolicy.md").write_text(text)
+    write_text_atomic(out / "rounds_offpolicy.md", text)
     write_section(benchmarks_md, text, HEADING)
     print(text)
 
@@ -368,7 +380,10 @@ def main() -> None:
                     f"[{time.time() - start:.0f}s] seed {seed}, {reward_name}, {kind}: rounds {last['reward']:+.3f} "
                     f"at {last['kl']:.2f} nats, offline {last['offline']:+.3f}"
                 )
-        write_outputs(data, out, benchmarks_md)  # after every seed: a stopped run leaves the seeds it finished
+        # after every seed, into the workdir: a stopped run leaves the seeds it finished (--from_json takes it), and
+        # the committed results and the BENCHMARKS.md section are rewritten only by a run that finished
+        write_json(data, workdir / "rounds_offpolicy.json")
+    write_outputs(data, out, benchmarks_md)
 
 
 def load_recipe():

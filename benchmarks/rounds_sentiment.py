@@ -116,7 +116,9 @@ def plot(front, results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from dpo.files import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
     plt.close(fig)
 
 
@@ -163,14 +165,15 @@ def main() -> None:
         "initial": results["initial"]["initial"],
     }
     out.mkdir(parents=True, exist_ok=True)
-    from dpo.files import json_text
+    from dpo.files import json_text, write_text_atomic
 
-    (out / "rounds_sentiment.json").write_text(
-        json_text(data, out / "rounds_sentiment.json", observations=True, indent=2) + "\n"
+    write_text_atomic(
+        out / "rounds_sentiment.json",
+        json_text(data, out / "rounds_sentiment.json", observations=True, indent=2) + "\n",
     )
     plot(front, results, out / "rounds_sentiment.png")
     text = section(data)
-    (out / "rounds_sentiment.md").write_text(text)
+    write_text_atomic(out / "rounds_sentiment.md", text)
     write_section(Path(args.benchmarks_md), text, HEADING)
     print(text)
 

@@ -225,13 +225,13 @@ def main() -> None:
         "machine_by_config": machine,
     }
     out.mkdir(parents=True, exist_ok=True)
-    from dpo.files import json_text
+    from dpo.files import json_text, write_text_atomic
 
-    (out / "rounds_sweep.json").write_text(
-        json_text(data, out / "rounds_sweep.json", observations=True, indent=2) + "\n"
+    write_text_atomic(
+        out / "rounds_sweep.json", json_text(data, out / "rounds_sweep.json", observations=True, indent=2) + "\n"
     )
     text = section(data)
-    (out / "rounds_sweep.md").write_text(text)
+    write_text_atomic(out / "rounds_sweep.md", text)
     write_section(Path(args.benchmarks_md), text, HEADING)
     print(text)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from dpo.files import write_text_atomic
+
 
 def write_section(path: Path, text: str, heading: str) -> None:
     """Replace the section `heading` of `path` (from that line to the next `## `) by `text`, which
@@ -17,7 +19,7 @@ def write_section(path: Path, text: str, heading: str) -> None:
         new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
+    write_text_atomic(path, new)  # whole or not at all: ~20 scripts' sections live in this one file
 
 
 def versions() -> str:

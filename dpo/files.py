@@ -110,6 +110,28 @@ def check_free_space(folder: str | Path, needed: int, what: str) -> None:
         raise UserError(f"{disk_full_message(folder, what, needed)}: free space or pick another --output_dir")
 
 
+def replace_atomically(path: str | Path, write) -> Path:
+    """`write(tmp)` writes the new content under a temporary name beside `path`, which is then renamed over it: a
+    reader (a later command, a committed result's consumer) sees the old file whole or the new one whole, never
+    one cut short by a kill or a full disk. On failure the temporary file is removed and `path` is untouched.
+    `write` gets a name ending in .tmp: a writer that picks its format by extension must be told it (savefig's
+    format="png")."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """`path`'s new text, whole or not at all (replace_atomically)."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -37,7 +37,14 @@ from dpo.data.tools import template_for_rows
 from dpo.errors import UserError, exit_on_user_error
 from dpo.log import log
 from dpo.offline.sentiment import SentimentTask, pair_sets, reused_or_trained_reference
-from dpo.offline.sentiment_eval import PhaseClock, evaluate_alignment, sample_and_score, summary, write_report
+from dpo.offline.sentiment_eval import (
+    PhaseClock,
+    drop_report,
+    evaluate_alignment,
+    sample_and_score,
+    summary,
+    write_report,
+)
 from dpo.train.adapters import put_adapter, start_point
 from dpo.train.config import load_recipe_args
 from dpo.train.model_checks import load_tokenizer
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict:
         training_args.resume_from_checkpoint,
         Dataset.from_list(pairs["heldout"]),
     )
+    drop_report(out)  # the replaced run's report: none rather than its numbers beside this adapter on a failure
     clock.lap("dpo")
 
     # ── 4. evaluate on held-out prompts, write the report ──────────────────────────────────────

@@ -81,3 +81,25 @@ def test_a_folder_written_whole_gets_the_users_default_permissions(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.rglob("*")]}
     assert modes == {"merged": 0o755, "sub": 0o755, "model.safetensors": 0o644, ".dpo-folder.json": 0o644}
+
+
+def test_a_file_replaced_atomically_is_old_or_new_never_cut(tmp_path):
+    """dpo.files.replace_atomically: a write that fails half way (a kill, a full disk) leaves the old file whole
+    and no temporary file; one that succeeds leaves the new one whole."""
+    import errno
+    import os
+
+    from dpo.files import replace_atomically, write_text_atomic
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("old, whole\n")
+
+    def cut_short(tmp):
+        tmp.write_text("new, cut sh")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        replace_atomically(path, cut_short)
+    assert path.read_text() == "old, whole\n" and os.listdir(tmp_path) == ["BENCHMARKS.md"]
+    assert write_text_atomic(path, "new, whole\n") == path and path.read_text() == "new, whole\n"
+    assert os.listdir(tmp_path) == ["BENCHMARKS.md"]

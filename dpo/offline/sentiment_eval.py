@@ -9,7 +9,7 @@ import math
 import time
 from pathlib import Path
 
-from dpo.files import json_text
+from dpo.files import json_text, write_text_atomic
 from dpo.offline.sentiment import decode, n_words, reward, sample, well_formed
 from dpo.scratch.logps import completion_logps
 from dpo.train.adapters import as_reference
@@ -87,12 +87,25 @@ class PhaseClock:
 
 
 # ── the report ──────────────────────────────────────────────────────────────────────────────
+REPORT_FILES = ("metrics.json", "report.md")  # write_report's, beside the run's own files
+
+
+def drop_report(output_dir) -> list[str]:
+    """Once a run's new files are in place: the report of the run they replaced is removed, so that a failure
+    before the new one is written leaves no report rather than the old numbers beside the new adapter. Returns
+    the names removed (files only: a link is removed as a link)."""
+    gone = [n for n in REPORT_FILES if (Path(output_dir) / n).is_file() or (Path(output_dir) / n).is_symlink()]
+    for name in gone:
+        (Path(output_dir) / name).unlink()
+    return gone
+
+
 def write_report(output_dir, metrics: dict, samples: list[dict], settings: dict, n_samples: int = 8) -> Path:
-    """metrics.json and report.md (before/after table, sample completions) in `output_dir`."""
+    """metrics.json and report.md (before/after table, sample completions) in `output_dir`, each whole or absent."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_text = json_text(metrics, output_dir / "metrics.json", observations=True, indent=2, sort_keys=True)
-    (output_dir / "metrics.json").write_text(metrics_text + "\n")
+    write_text_atomic(output_dir / "metrics.json", metrics_text + "\n")
     m = metrics
     lines = [
         "# DPO controlled-sentiment demo (the DPO paper's IMDb experiment in miniature)",
@@ -124,9 +137,7 @@ def write_report(output_dir, metrics: dict, samples: list[dict], settings: dict,
             f"| {s['policy'].strip()} ({s['policy_reward']:+.2f}) |"
         )
     lines += ["", "Training curves: training_curves.png. Every setting of the run: resolved_config.yaml.", ""]
-    path = output_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(output_dir / "report.md", "\n".join(lines))
 
 
 def summary(m: dict, seconds: float) -> str:

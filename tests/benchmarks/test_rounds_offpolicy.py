@@ -69,9 +69,15 @@ def test_the_benchmark_runs_end_to_end_with_matched_pair_budgets(bench, tmp_path
     argv += ["--sft_steps", "10", "--sft_examples", "128", "--min_pairs", "4"]
     argv += ["--workdir", str(tmp_path / "work"), "--out", str(out), "--benchmarks_md", str(md)]
     monkeypatch.setattr(sys, "argv", argv)
+    written, write_json = [], bench.write_json
+    monkeypatch.setattr(bench, "write_json", lambda data, path: written.append(path) or write_json(data, path))
     bench.main()
     data = json.loads((out / "rounds_offpolicy.json").read_text())
     assert len(data["runs"]) == 2 * len(bench.KINDS)  # 2 seeds x every kind, one reward
+    # each finished seed into the workdir; the results (and the section) once, by the finished run: a run stopped
+    # after a seed leaves the committed ones as they were
+    assert written == [tmp_path / "work" / "rounds_offpolicy.json"] * 2 + [out / "rounds_offpolicy.json"]
+    assert json.loads((tmp_path / "work" / "rounds_offpolicy.json").read_text())["runs"] == data["runs"]
     for run in data["runs"]:
         assert run["pairs"] == run["rounds_pairs"]  # the same number of labelled pairs on both sides
         # one scored point per optimizer step (eval_every 1): 3 epochs of the training pairs at 32 a step

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import shutil
 import statistics
 
 import pytest
@@ -287,3 +288,28 @@ def test_recipes_and_benchmarks_import_trl_through_dpo_compat():
                 f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n == "trl" or n.startswith("trl.")
             ]
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_a_rerun_that_fails_after_training_leaves_no_report_of_the_run_it_replaced(short_run, tmp_path, monkeypatch):
+    """Was: metrics.json and report.md were written in place at the end and never removed, so a rerun with
+    --overwrite_output_dir that failed after training (here: in the held-out evaluation) left the old run's
+    numbers beside the new adapter."""
+    out = tmp_path / "run"
+    shutil.copytree(short_run[0], out)
+    old = (out / "metrics.json").read_text()
+    recipe = load_recipe("dpo_sentiment_tiny")
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(recipe, "evaluate_alignment", failed)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="the evaluation failed"):
+            recipe.main([*SHORT, "--beta", "0.2", "--overwrite_output_dir", "true", "--output_dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "run_complete.json").read_text())["run"]["beta"] == 0.2  # the new run is in place
+    assert not (out / "metrics.json").exists() and not (out / "report.md").exists()  # and no report of the old
+    assert old  # (there was one)
