@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend switch, notebooks keep their inline plots
 
+from dpo.files import replace_atomically
+
 PANELS = (
     ("loss", ("loss", "eval_loss")),
     ("reward margin (chosen - rejected)", ("rewards/margins", "eval_rewards/margins")),
@@ -39,7 +41,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
     return path
 
 

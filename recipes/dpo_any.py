@@ -22,12 +22,14 @@ The data doctor (dpo/data/doctor.py) checks every row and prints its table befor
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpo.data.doctor import check_splits
 from dpo.data.loading import split_heldout
 from dpo.data.pairs import Columns
 from dpo.errors import exit_on_user_error
 from dpo.log import log, pairs_line
+from dpo.plots import plot_lengths
 from dpo.train.adapters import start_point
 from dpo.train.config import DPOScriptArguments, load_recipe_args
 from dpo.train.distributed import on_main_process
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None, callbacks=None):
     # ── trainer: (4-bit) base + LoRA; no ref_model, the base with adapters off is pi_ref ─
     trainer = build_dpo_trainer(
         model_args, training_args, train, heldout, tokenizer, callbacks, script_args.sft_adapter_path
-    )
+    )  # output_dir checked here: a refused rerun leaves the finished run's files, data_lengths.png too, as they were
+    on_main_process(plot_lengths, report, Path(training_args.output_dir) / "data_lengths.png")
 
     # ── train and save: adapter, tokenizer (with its chat template), config, metrics, curves
     train_and_save(trainer, (script_args, training_args, model_args), training_args.resume_from_checkpoint, heldout)

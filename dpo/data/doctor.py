@@ -204,13 +204,12 @@ def check_training_split(
 
 def check_splits(script_args, training_args, tokenizer, **formatting) -> tuple[DoctorReport, DoctorReport | None]:
     """The doctor on the train split and, if `script_args.dataset_test_split` names one that exists, the test
-    split: (train report, test report or None), each table printed; the train split's token lengths drawn
-    to output_dir/data_lengths.png. Test rows that are training pairs (the same split under another name, a
-    copy, or training pairs with chosen and rejected swapped) are dropped from the test report and counted in its
-    table and warning line. What recipes/dpo_any.py runs, once, on the main process."""
+    split: (train report, test report or None), each table printed (the recipe draws the train split's token
+    lengths into output_dir/data_lengths.png once the folder is this run's: dpo.plots.plot_lengths). Test rows
+    that are training pairs (the same split under another name, a copy, or training pairs with chosen and rejected
+    swapped) are dropped from the test report and counted in its table and warning line. What recipes/dpo_any.py runs, once, on the main process."""
     report = check_training_split(script_args, training_args, tokenizer, **formatting)
     log(report.summary())
-    plot_lengths(report, Path(training_args.output_dir) / "data_lengths.png")
     test_split = getattr(script_args, "dataset_test_split", None)
     test = (
         check_training_split(

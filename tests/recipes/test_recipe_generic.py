@@ -70,6 +70,27 @@ def test_generic_recipe_trains_on_ultrafeedback_rows_doctor_first(recipe, tiny_m
 
     assert AutoTokenizer.from_pretrained(out).chat_template == PLAIN_CHAT_TEMPLATE
 
+    # a rerun with other data and settings is refused, and leaves the finished run's files as they were: the
+    # length histogram too (was drawn by the doctor before the output folder was checked)
+    histogram = (out / "data_lengths.png").read_bytes()
+    other = write_jsonl(h4_ultrafeedback_rows(40)[20:], tmp_path / "uf2.jsonl")
+    argv = [
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        other,
+        "--output_dir",
+        out,
+        *FAST,
+        "--beta",
+        "0.3",
+    ]
+    with pytest.raises(SystemExit) as refused:
+        recipe.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "holds a finished run with different settings" in err, err
+    assert (out / "data_lengths.png").read_bytes() == histogram
+
 
 @pytest.mark.slow
 def test_hh_rlhf_recipe_yaml_trains_on_hh_rows(recipe, tiny_model_dir, tmp_path, capsys):
