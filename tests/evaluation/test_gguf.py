@@ -308,3 +308,33 @@ def test_parsed_once_builds_one_reader_per_file_and_a_new_one_for_a_rewritten_fi
         deeper = gguf.get_tensor_name_map(llama, 31)  # another layer count: another map
         assert deeper is not thirty and deeper.get_name("model.layers.30.mlp.up_proj") == "blk.30.ffn_up"
     assert gguf.GGUFReader is real and gguf.get_tensor_name_map(llama, 30) is not thirty
+
+
+def test_the_gguf_and_its_modelfile_appear_together_or_not_at_all(tiny_model_dir, tmp_path, monkeypatch):
+    """Was: the GGUF was linked into place, then its Modelfile written with open("x"): a failure or kill between
+    left a GGUF without a Modelfile, which a rerun refused ("exists"). Now both are staged and linked in together;
+    a GGUF name taken meanwhile leaves neither of ours (the file there is not touched). The converter and the
+    read-back are stand-ins here (their real runs: test_the_gguf_file_reads_back_as_the_merged_model)."""
+    import dpo.evaluation.gguf as gguf_module
+
+    monkeypatch.setattr(gguf_module, "convert", lambda merged, staged, gguf_type: staged.write_bytes(b"GGUF"))
+    check = {"gguf_type": "f16", "tensors": 1, "max_logit_noise": 0.0, "max_logit_rounding": 0.0}
+    monkeypatch.setattr(gguf_module, "read_back", lambda *a: dict(check))
+    gguf, modelfile = gguf_module.gguf_paths(str(tmp_path / "x.gguf"))
+    gguf_module.write_gguf(tiny_model_dir, gguf, modelfile, "f16", ["Hello"])
+    assert gguf.read_bytes() == b"GGUF" and "FROM ./x.gguf" in modelfile.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.Modelfile", "x.gguf"]  # no staging left
+
+    real_read_back = gguf_module.read_back
+    for taken in ("y.gguf", "z.Modelfile"):  # the name appears while the file is converted and read back
+        other, other_modelfile = gguf_module.gguf_paths(str(tmp_path / f"{taken.split('.')[0]}.gguf"))
+
+        def taken_meanwhile(*a, taken=taken):
+            (tmp_path / taken).write_bytes(b"someone else's")
+            return real_read_back(*a)
+
+        monkeypatch.setattr(gguf_module, "read_back", taken_meanwhile)
+        with pytest.raises(FileExistsError):
+            gguf_module.write_gguf(tiny_model_dir, other, other_modelfile, "f16", ["Hello"])
+        assert (tmp_path / taken).read_bytes() == b"someone else's"  # untouched, and nothing of ours beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.Modelfile", "x.gguf", "y.gguf", "z.Modelfile"]
