@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the dpo package and benchmarks/ of this checkout
 from benchmarks import gpu_flops  # noqa: E402
-from benchmarks.phi2_random import make_model, synthetic_pairs  # noqa: E402
+from benchmarks.phi2_random import built_model, make_model, synthetic_pairs  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "dpo_phi2.py"
 GiB = 2**30
@@ -262,10 +262,7 @@ def main(argv=None) -> None:
     if "env" in phases:
         results.put("env", environment())
         say(f"environment: {results.data['env']}")
-    if (
-        not (work / "model" / "model.safetensors.index.json").exists()
-        and not (work / "model" / "model.safetensors").exists()
-    ):
+    if not built_model(args.scale, work / "model"):  # whole, and of this scale
         began = time.perf_counter()
         results.put("model", {**make_model(args.scale, work / "model"), "seconds": time.perf_counter() - began})
         say(

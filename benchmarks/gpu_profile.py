@@ -304,10 +304,10 @@ def run_child(args, config: str, size: str, run: str) -> dict:
 
         torch.set_num_threads(1)
     if config == "prepare":  # the model when it is not there yet, and which configurations the recipe accepts
-        from benchmarks.phi2_random import make_model
+        from benchmarks.phi2_random import built_model, make_model
 
         made = None
-        if not (Path(args.model) / "config.json").exists():
+        if not built_model(args.scale, Path(args.model)):
             made = {k: v for k, v in make_model(args.scale, Path(args.model)).items() if k != "config"}
         return {"model": made or {"folder": args.model, "reused": True}, "support": support(args)}
     return worker(args)

@@ -3,6 +3,10 @@ benchmarks/bench_gpu.py (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 
@@ -15,21 +19,44 @@ def phi2_config(scale: str, tokenizer):
     return phi2_config(**ids)  # microsoft/phi-2's config.json
 
 
+BUILT = "random_model.json"  # make_model's record, written last: the folder is whole, and of this scale
+
+
+def built_model(scale: str, folder: Path) -> bool:
+    """True when `folder` holds a whole model make_model built at `scale`, to reuse (a killed build leaves
+    no folder there: it is renamed into place whole; another scale's is rebuilt)."""
+    try:
+        return json.loads((Path(folder) / BUILT).read_text()).get("scale") == scale
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def make_model(scale: str, folder: Path) -> dict:
     """Random weights of the architecture, built on the GPU when there is one, saved as fp16 safetensors
-    (phi-2's hub dtype) with the offline tokenizer (dpo/offline/tiny.py; its 512 ids are a subset of the vocabulary)."""
+    (phi-2's hub dtype) with the offline tokenizer (dpo/offline/tiny.py; its 512 ids are a subset of the vocabulary),
+    into a staging folder renamed into place. A folder there that make_model did not build is refused."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from dpo.offline.tiny import build_tokenizer
 
+    folder = Path(folder)
+    ours = (folder / BUILT).is_file()
+    if folder.exists() and not ours and (not folder.is_dir() or any(folder.iterdir())):
+        sys.exit(f"error: {folder} holds something this benchmark did not build: delete it or pick another --workdir")
     tokenizer = build_tokenizer()
     config = phi2_config(scale, tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / BUILT).write_text(json.dumps({"scale": scale}) + "\n")
+    if folder.exists():  # empty, or ours at another scale or half-used: replaced
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
     params = sum(p.numel() for p in model.parameters())
     del model
     return {"folder": str(folder), "parameters": params, "config": config.to_dict()}

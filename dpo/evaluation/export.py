@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error, release_held_warnings
-from dpo.files import file_in_the_way, json_text
+from dpo.files import file_in_the_way, json_text, write_text_atomic
 from dpo.folders import write_marked_folder
 from dpo.gate.check import parse_and_check_flags
 from dpo.gate.flags import command_parser
@@ -262,7 +262,7 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
         if gguf:
             result["gguf_check"] = to_gguf(output_dir, Path(merged), gguf_paths, gguf_type)
     if not merged:
-        (output_dir / "README.md").write_text(model_card(output_dir))  # the adapter's card, uploaded with it
+        write_text_atomic(output_dir / "README.md", model_card(output_dir))  # the adapter's card, uploaded with it
     if push_to_hub:
         url = push(Path(merged) if merged else output_dir, push_to_hub, adapter=not merged)
         log(f"uploaded to https://huggingface.co/{push_to_hub} ({url})")

@@ -151,12 +151,11 @@ def truthy_like_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:
-    from dpo.files import jsonl_text
+    from dpo.files import jsonl_text, write_text_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(jsonl_text(rows, path))
-    return path
+    return write_text_atomic(path, jsonl_text(rows, path))  # whole or absent: a rerun refuses an existing file
 
 
 def check_new_target(path: Path, flag: str, folder: bool) -> None:

@@ -176,3 +176,22 @@ def test_flops_count_the_real_architectures_matmuls_and_lora():
     cached = FLOPS.flops_per_token(shape | {"n": n, "n_lora": 0, "layers": 32, "hidden": 2560}, 1024, False)
     assert cached == 4 * n + 3 * attention  # policy forward + input-gradient backward, no reference
     assert FLOPS.peak_flops("NVIDIA H200", "bf16") == 989e12 and FLOPS.peak_flops("Tesla T4", "bf16") is None
+
+
+def test_the_random_model_is_reused_only_whole_and_of_its_scale(tmp_path):
+    """bench_gpu.py and gpu_profile.py reused a model folder as soon as a config.json (or weights file) was there:
+    a build killed half way (5.4 GB at phi-2 size, at the budget's timeout) or another scale's was loaded. The
+    build is renamed into place whole with its record; another scale's is replaced; a folder it did not build
+    is refused."""
+    folder = tmp_path / "model"
+    assert not PHI2.built_model("tiny", folder)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")  # what a killed save_pretrained leaves first
+    assert not PHI2.built_model("tiny", tmp_path / "half")
+    with pytest.raises(SystemExit, match="holds something this benchmark did not build"):
+        PHI2.make_model("tiny", tmp_path / "half")
+    made = PHI2.make_model("tiny", folder)
+    assert made["parameters"] > 0 and PHI2.built_model("tiny", folder) and not PHI2.built_model("phi2", folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "model"]  # no staging left
+    PHI2.make_model("tiny", folder)  # ours: replaced whole
+    assert PHI2.built_model("tiny", folder) and (folder / "config.json").is_file()
