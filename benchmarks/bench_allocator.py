@@ -120,10 +120,10 @@ def main() -> None:
     text = markdown(runs, settings)
     write_section(Path(args.out), text, SECTION)
     if args.json:
-        from dpo.files import json_text
+        from dpo.files import json_text, write_text_atomic
 
         result = {"settings": settings, "runs": runs}
-        Path(args.json).write_text(json_text(result, args.json, observations=True, indent=2))
+        write_text_atomic(args.json, json_text(result, args.json, observations=True, indent=2))
     print(text)
 
 

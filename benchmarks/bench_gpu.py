@@ -366,9 +366,12 @@ def main(argv=None) -> None:
             recipe_run("recipe_liger", "bf16", longest, s["steps"], {"use_liger_kernel": True})
         results.put("liger", why_not or "measured: recipe_liger")
     from benchmarks.gpu_section import markdown
+    from dpo.files import write_text_atomic
 
     folder = Path(args.results)
-    (folder / "gpu_section.md").write_text(markdown(results.data, "make gpu", folder.resolve(), folder.resolve()))
+    write_text_atomic(
+        folder / "gpu_section.md", markdown(results.data, "make gpu", folder.resolve(), folder.resolve())
+    )
     say(f"done: {results.path}")
 
 

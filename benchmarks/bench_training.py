@@ -375,9 +375,9 @@ def run(args, forks=None) -> None:
             "runs": results,
             "load": [list(load_before), list(load_after)],
         }
-        from dpo.files import json_text
+        from dpo.files import json_text, write_text_atomic
 
-        Path(args.json).write_text(json_text(payload, args.json, observations=True, indent=2))
+        write_text_atomic(args.json, json_text(payload, args.json, observations=True, indent=2))
     print(text)
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.profile_plan import CONFIGS, DEFAULT_CELLS, NOT_SEPARABLE, SCALES, SIZES, GiB, cells_of, plan  # noqa: E402
 from dpo.errors import exit_on_user_error  # noqa: E402
-from dpo.files import json_text  # noqa: E402
+from dpo.files import json_text, write_text_atomic  # noqa: E402
 
 BEGAN = time.perf_counter()
 
@@ -390,7 +390,7 @@ def drive(args) -> int:
         results.put("cells", {**results.data.get("cells", {}), f"{config}@{size}": summarize_cell(cell)})
     from benchmarks.profile_section import markdown
 
-    (Path(args.results) / "profile_section.md").write_text(markdown(results.data))
+    write_text_atomic(Path(args.results) / "profile_section.md", markdown(results.data))
     say(f"done: {results.path}")
     return 0
 

@@ -41,19 +41,26 @@ def make_model(scale: str, folder: Path) -> dict:
     from dpo.offline.tiny import build_tokenizer
 
     folder = Path(folder)
-    ours = (folder / BUILT).is_file()
-    if folder.exists() and not ours and (not folder.is_dir() or any(folder.iterdir())):
-        sys.exit(f"error: {folder} holds something this benchmark did not build: delete it or pick another --workdir")
+    if folder.exists() and not (folder / BUILT).is_file() and (not folder.is_dir() or any(folder.iterdir())):
+        sys.exit(
+            f"error: {folder} holds no {BUILT} (a model built before the record was kept, or not by this benchmark): "
+            "delete it or pick another --workdir"
+        )
+    for old in folder.parent.glob(f".{folder.name}.staging-*"):  # builds killed half way: 5.4 GB each at phi-2 size
+        shutil.rmtree(old, ignore_errors=True)
     tokenizer = build_tokenizer()
     config = phi2_config(scale, tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
     staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    (staging / BUILT).write_text(json.dumps({"scale": scale}) + "\n")
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / BUILT).write_text(json.dumps({"scale": scale}) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if folder.exists():  # empty, or ours at another scale or half-used: replaced
         shutil.rmtree(folder)
     os.replace(staging, folder)

@@ -332,23 +332,13 @@ class Plan:
 
     def main_run(self, chosen: dict) -> dict:
         a, beta = self.args, chosen["beta"]
-        run = {
-            "steps": a.max_steps,
-            "lr": chosen["lr"],
-            "warmup": a.warmup_steps,
-            "eval_every": a.eval_every,
-            "save_every": a.save_every,
-        }
+        run = {"steps": a.max_steps, "lr": chosen["lr"], "warmup": a.warmup_steps, "eval_every": a.eval_every,
+               "save_every": a.save_every}  # fmt: skip
         rule = {"patience": a.patience, "min_delta": a.min_delta}
         made_from = self.made_from(  # curve_pairs: the held-out points on its curve, part of its result
-            "main",
-            ("split", "reference", "select"),
-            run=run,
-            beta=beta,
-            rule=rule,
-            batch_size=a.batch_size,
+            "main", ("split", "reference", "select"), run=run, beta=beta, rule=rule, batch_size=a.batch_size,
             curve_pairs=a.curve_pairs,
-        )
+        )  # fmt: skip
 
         def work(folder):
             model = self.policy()

@@ -70,5 +70,5 @@ def plot_lengths(report, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
     return path

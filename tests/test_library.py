@@ -235,3 +235,15 @@ def benchmarks_package_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
     return names
+
+
+def test_every_module_stays_under_400_lines():
+    """The style rule (a module does one job, readable in one sitting): every Python file of the library, the
+    recipes and the benchmarks under 400 lines, so a module that grows past it is split, not let grow."""
+    long = {
+        str(p.relative_to(ROOT)): n
+        for folder in ("dpo", "recipes", "benchmarks")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        if (n := len(p.read_text().splitlines())) >= 400
+    }
+    assert not long, long

@@ -183,7 +183,6 @@ def start_point(model_args, training_args, sft_adapter_path: str | None) -> tupl
     """
     from dpo.train.model_checks import load_model_config, require_model
     from dpo.train.safety.identity import check_adapter_base
-    from dpo.train.safety.runs import check_sft_run
 
     require_model(model_args.model_name_or_path)
     base, adapter, config = resolve_start(model_args.model_name_or_path, sft_adapter_path)
@@ -206,3 +205,17 @@ def as_reference(model):
     from dpo.compat import REFERENCE_ADAPTER, use_adapter
 
     return use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None)
+
+
+def check_sft_run(adapter: str | Path) -> None:
+    """An SFT adapter that is a run folder of these recipes (its run_complete.json, or a checkpoint they marked),
+    before DPO starts from it: the run finished, and every file it hashed has the bytes it wrote
+    (verify_finished_run: a checkpoint's adapter copied over the final one is named). A plain adapter folder, or a
+    TRL run's output with its own (unmarked) checkpoint-<step> folders, records nothing to check."""
+    from dpo.train.safety.checkpoints import MARKER, checkpoints_in
+    from dpo.train.safety.runs import RUN_MARKER, require_finished_run, verify_finished_run
+
+    folder, command = Path(adapter).expanduser(), "DPO starting from this SFT adapter"
+    if (folder / RUN_MARKER).is_file() or any((c / MARKER).is_file() for c in checkpoints_in(folder)):
+        require_finished_run(folder, command)
+        verify_finished_run(folder, command)

@@ -150,6 +150,7 @@ def test_models_from_a_run_of_other_settings_is_refused_naming_the_setting(bench
     marker.write_text(json.dumps({k: v for k, v in record.items() if not k.startswith("settings")}))
     argv = ["rounds_offpolicy.py", "--rounds", "1", "--prompts_per_round", "32", "--eval_prompts", "16"]
     argv += ["--sft_steps", "10", "--models_from", str(earlier / "swapped"), "--workdir", str(tmp_path / "w")]
+    argv += ["--out", str(tmp_path / "out"), "--benchmarks_md", str(tmp_path / "BENCHMARKS.md")]  # kept apart
     monkeypatch.setattr(sys, "argv", argv)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -157,3 +158,18 @@ def test_models_from_a_run_of_other_settings_is_refused_naming_the_setting(bench
     assert exit_info.value.code == 2
     [line] = message_lines(capsys.readouterr().err)
     assert line.startswith("error: --models_from") and f"{marker} records no training settings" in line, line
+
+
+def test_a_partial_run_into_the_committed_results_is_refused_before_anything_runs(
+    bench, tmp_path, monkeypatch, capsys
+):
+    """The docstring's quick look (--seeds 42 --rounds 1 ...) with the default --out and --benchmarks_md would
+    have replaced the committed 3-seed results and section with its own once it finished."""
+    argv = ["rounds_offpolicy.py", "--seeds", "42", "--rounds", "1", "--sft_steps", "20"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--workdir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit) as refused:
+        bench.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and err[-1].startswith("error: --seeds [42], --rounds 1, --sft_steps 20: ")
+    assert "not the committed benchmark's settings" in err[-1] and "--out and --benchmarks_md" in err[-1], err
+    assert not (tmp_path / "work").exists()

@@ -555,15 +555,19 @@ def test_dpo_from_an_sft_run_whose_adapter_was_replaced_is_refused(
     """A checkpoint's adapter (here: other weights of the same shapes) copied over a finished SFT run's: evaluate
     and export refused that folder, but DPO started from it silently. An SFT run stopped before it finished is
     refused too (its final adapter may be missing or an earlier run's)."""
+    from dpo.train.adapters import check_sft_run
+
     adapter = tmp_path / "sft"
     shutil.copytree(sft["dir"], adapter)
     replace_adapter_weights(adapter)
     flags = cli(model_name_or_path=tiny_model_dir, dataset_name=truthy_file, output_dir=tmp_path / "o")
     line = one_line_error(load_recipe("dpo_phi2").main, [*flags, "--sft_adapter_path", adapter], capsys)
     assert f"{adapter / 'adapter_model.safetensors'} has sha256" in line, line
-    assert "the run folder changed after the run finished" in line and "DPO from this SFT adapter" in line
+    assert "the run folder changed after the run finished" in line and "DPO starting from this SFT adapter" in line
     (adapter / "run_complete.json").unlink()  # as if killed before its final files were in place
-    (adapter / "checkpoint-1").mkdir()
+    (adapter / "checkpoint-500").mkdir()  # a TRL run's own checkpoint: unmarked, says nothing of this folder
+    check_sft_run(adapter)  # a plain TRL SFT output: nothing recorded, nothing refused
+    fake_checkpoint(adapter / "checkpoint-1")  # one these recipes marked: their run, unfinished
     line = one_line_error(load_recipe("dpo_phi2").main, [*flags, "--sft_adapter_path", adapter], capsys)
     assert "has no run_complete.json: the run did not finish" in line, line
     assert not (tmp_path / "o").exists()

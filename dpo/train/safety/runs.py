@@ -219,16 +219,6 @@ def require_finished_run(folder: str | Path, command: str) -> None:
     )
 
 
-def check_sft_run(adapter: str | Path) -> None:
-    """An SFT adapter that is a run folder of these recipes (its run_complete.json, or checkpoints), before DPO
-    starts from it: the run finished, and every file it hashed has the bytes it wrote (verify_finished_run: a
-    checkpoint's adapter copied over the final one is named). A plain adapter folder records nothing to check."""
-    folder, command = Path(adapter).expanduser(), "DPO from this SFT adapter (--sft_adapter_path)"
-    if (folder / RUN_MARKER).is_file() or checkpoints_in(folder):
-        require_finished_run(folder, command)
-        verify_finished_run(folder, command)
-
-
 def prepare_output_dir(training_args, run: dict, sft_adapter: str | None = None) -> None:
     """Before any weights load: refuse to resume a checkpoint of a different run, or to reuse an
     output_dir holding a different run; with --overwrite_output_dir delete that run's files.
