@@ -17,9 +17,10 @@ $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproje
 demo: $(STAMP)
 	$(BIN)/python recipes/dpo_sentiment_tiny.py
 
-# The whole offline test suite (CPU: 862 s for 1385 tests on 2 AMD EPYC cores in a fresh clone's CI, 2026-12-07 at 23:00,
-# after the GGUF read-back built gguf-py's name map once; 986 s for 1377 earlier that day, 1056 s for 1373 before
-# bench_training's quick test forked its workers; timings on these machines drift by 1.3x; over its 10-minute target,
+# The whole offline test suite (CPU: 928 s for 1403 tests on 2 AMD EPYC cores in a fresh clone's CI, 2026-12-08 at
+# 02:00, with 18 new reliability tests; 862 s for 1385 on 2026-12-07 after the GGUF read-back built gguf-py's name map
+# once; 986 s for 1377 earlier that day, 1056 s for 1373 before bench_training's quick test forked its workers;
+# timings on these machines drift by 1.3x; over its 10-minute target,
 # mostly fresh processes' 6-18 s of imports and real-model work). Two workers: each test runs on one
 # torch thread (tests/conftest.py), so one process leaves the second core idle; a file's tests stay on one
 # worker (--dist loadfile: module fixtures are built once), files with the most slow tests first (tests/conftest.py).

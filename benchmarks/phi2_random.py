@@ -38,6 +38,7 @@ def make_model(scale: str, folder: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from dpo.files import json_text
     from dpo.offline.tiny import build_tokenizer
 
     folder = Path(folder)
@@ -57,7 +58,7 @@ def make_model(scale: str, folder: Path) -> dict:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / BUILT).write_text(json.dumps({"scale": scale}) + "\n")
+        (staging / BUILT).write_text(json_text({"scale": scale}, folder / BUILT) + "\n")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
