@@ -17,8 +17,8 @@ $(STAMP): requirements.txt requirements-test.txt requirements-models.txt pyproje
 demo: $(STAMP)
 	$(BIN)/python recipes/dpo_sentiment_tiny.py
 
-# The whole offline test suite (CPU: 928 s for 1403 tests on 2 AMD EPYC cores in a fresh clone's CI, 2026-12-08 at
-# 02:00, with 18 new reliability tests; 862 s for 1385 on 2026-12-07 after the GGUF read-back built gguf-py's name map
+# The whole offline test suite (CPU: 834 s for 1403 tests on 2 AMD EPYC cores in a fresh clone's CI, 2026-12-08 at
+# 02:20, with 18 new reliability tests, 928 s in the run before it; 862 s for 1385 on 2026-12-07 after the GGUF read-back built gguf-py's name map
 # once; 986 s for 1377 earlier that day, 1056 s for 1373 before bench_training's quick test forked its workers;
 # timings on these machines drift by 1.3x; over its 10-minute target,
 # mostly fresh processes' 6-18 s of imports and real-model work). Two workers: each test runs on one
