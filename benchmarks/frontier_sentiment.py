@@ -28,7 +28,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from dpo.errors import exit_on_user_error
-from dpo.files import replace_atomically, write_text_atomic
+from dpo.files import replace_atomically, save_figure, write_text_atomic
 from dpo.log import log
 from dpo.offline.sentiment import SentimentTask, pair_sets, train_reference
 from dpo.offline.sentiment_eval import evaluate_alignment
@@ -143,7 +143,7 @@ def plot_frontier(rows: list[dict], reference_reward: float, path: Path) -> None
         f"Controlled sentiment: DPO loss types x beta, scored every {steps[1]} steps (lines) to the end (markers)"
     )
     fig.tight_layout()
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
     plt.close(fig)
 
 

@@ -218,7 +218,7 @@ def plot(data: dict, path: Path) -> None:
         ax.legend(fontsize=8, loc="best")
     fig.suptitle("Rounds (black) against offline DPO on pairs from other sources, same pairs budget")
     fig.tight_layout()
-    from dpo.files import replace_atomically
+    from dpo.files import save_figure
 
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
     plt.close(fig)

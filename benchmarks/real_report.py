@@ -62,9 +62,9 @@ def plot_curve(main: dict, final: dict, reference_ranking: float, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    from dpo.files import replace_atomically
+    from dpo.files import save_figure
 
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
 
 
 def markdown(r: dict) -> str:

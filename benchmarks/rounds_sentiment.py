@@ -116,9 +116,9 @@ def plot(front, results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    from dpo.files import replace_atomically
+    from dpo.files import save_figure
 
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
     plt.close(fig)
 
 

@@ -132,6 +132,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure saved as PNG at `path`, whole or not at all (replace_atomically)."""
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no global backend switch, notebooks keep their inline plots
 
-from dpo.files import replace_atomically
+from dpo.files import save_figure
 
 PANELS = (
     ("loss", ("loss", "eval_loss")),
@@ -41,7 +41,7 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
     return path
 
 
@@ -70,5 +70,5 @@ def plot_lengths(report, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
     return path

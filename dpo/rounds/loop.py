@@ -29,7 +29,7 @@ from dpo.data.doctor import check_data
 from dpo.data.loading import split_heldout
 from dpo.errors import UserError
 from dpo.evaluation.sampling import Sampling, sample_answers
-from dpo.files import jsonl_text, read_json_object, read_jsonl_objects
+from dpo.files import jsonl_text, read_json_object, read_jsonl_objects, write_text_atomic
 from dpo.log import log
 from dpo.rounds.chain import check_round_start, write_start
 from dpo.rounds.heldout import heldout_metrics
@@ -82,12 +82,8 @@ class RoundsContext:
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """All rows or no file: written under a temporary name, then renamed."""
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(jsonl_text(rows, path, ensure_ascii=False))  # records: rewards are checked finite
-    os.replace(tmp, path)
+    """All rows or no file (dpo.files.write_text_atomic)."""
+    write_text_atomic(path, jsonl_text(rows, path, ensure_ascii=False))  # records: rewards are checked finite
 
 
 def read_samples(path: Path, prompts: list) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo.files import numbered_folders, read_json_object, replace_atomically, write_text_atomic
+from dpo.files import numbered_folders, read_json_object, save_figure, write_text_atomic
 from dpo.train.safety.checkpoints import write_json_atomic
 
 HELDOUT_SHAPE = {k: (float, None) for k in ("reward", "reward_low", "reward_high", "kl", "kl_low", "kl_high")}
@@ -117,7 +117,7 @@ def plot(header: dict, records: list[dict], path: Path) -> None:
     ax.set_title(f"DPO in rounds (reference: {header['settings']['reference']}); 0 = the starting model")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))  # whole or not at all
+    save_figure(fig, path)  # whole or not at all
     plt.close(fig)
 
 
