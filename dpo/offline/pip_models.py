@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
-from dpo.files import file_sha256, json_text
+from dpo.files import confined, file_sha256, json_text
 from dpo.folders import env_path
 from dpo.gate.check import parse_and_check_flags
 from dpo.gate.flags import command_parser
@@ -121,7 +121,7 @@ def changed_file(folder: Path) -> str | None:
     weights hashed at every load would cost each command a second; what the build wrote, the training runs
     identify by its sha256 (dpo/train/safety/identity.py)."""
     for name, size in ((_read_marker(folder) or {}).get("files") or {}).items():
-        path = Path(folder) / name
+        path = confined(folder, name, Path(folder) / MARKER)  # a name read from the marker: kept inside the folder
         if not path.is_file() or path.is_symlink():
             return f"{name} is missing"
         if path.stat().st_size != size:

@@ -103,3 +103,13 @@ def test_a_folder_built_under_another_transformers_is_rebuilt_saying_so(tmp_path
     )
     with pytest.raises(UserError, match="is not a model folder made by dpo.offline.pip_models"):
         materialize("smollm2-135m-instruct", other)
+
+
+def test_a_file_name_in_the_build_record_is_kept_inside_the_folder(tmp_path):
+    """materialized.json's "files" names are read from a file: one pointing outside the folder is refused, never
+    looked at (dpo.files.confined)."""
+    from dpo.offline.pip_models import changed_file
+
+    (tmp_path / MARKER).write_text(json.dumps({"files": {"../outside": 1}}))
+    with pytest.raises(UserError, match="not inside"):
+        changed_file(tmp_path)
