@@ -47,8 +47,6 @@ def make_model(scale: str, folder: Path) -> dict:
             f"error: {folder} holds no {BUILT} (a model built before the record was kept, or not by this benchmark): "
             "delete it or pick another --workdir"
         )
-    for old in folder.parent.glob(f".{folder.name}.staging-*"):  # builds killed half way: 5.4 GB each at phi-2 size
-        shutil.rmtree(old, ignore_errors=True)
     tokenizer = build_tokenizer()
     config = phi2_config(scale, tokenizer)
     torch.manual_seed(0)
