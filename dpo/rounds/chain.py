@@ -25,7 +25,7 @@ from dpo.files import file_sha256, read_json_object
 from dpo.log import log
 from dpo.train.adapters import adapter_weights
 from dpo.train.safety.checkpoints import write_json_atomic
-from dpo.train.safety.identity import BASE_KEY, base_identity, changed_base
+from dpo.train.safety.identity import BASE_KEY, base_identity, changed_base, same_base
 from dpo.train.safety.runs import finished_run
 
 START_RECORD = "round_start.json"
@@ -83,7 +83,7 @@ def stale_round(ctx, n: int) -> str | None:
     where, recorded = found
     now = start_of(ctx, n)
     name = ctx.model_args.model_name_or_path
-    if BASE_KEY in recorded and recorded[BASE_KEY] != now[BASE_KEY]:
+    if BASE_KEY in recorded and not same_base(recorded[BASE_KEY], now[BASE_KEY], where, name):
         fix = f"Put the model the rounds started from back at {name}, or use another --output_dir"
         raise changed_base(where, name, recorded[BASE_KEY], now[BASE_KEY], fix)
     was, sha = recorded["adapter_sha256"], now["adapter_sha256"]

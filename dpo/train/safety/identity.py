@@ -3,15 +3,18 @@
 A path or a hub id with a revision name says where a model was, not what it was: a folder rewritten in place,
 or a hub repo whose `main` moved, is another model under the same name. So a run records
 
-    local folder   "sha256:<hex>"   over the folder's *.safetensors (each file's name and sha256)
-    hub id         "commit:<hex>"   the commit huggingface_hub resolves the revision to (its snapshot folder)
+    local folder   "sha256:<hex>;config:<hex>"   over the folder's *.safetensors (each file's name and sha256),
+                                                 then config.json's sha256 (the same weights under another
+                                                 architecture, rope or vocabulary setting are another model)
+    hub id         "commit:<hex>"                the commit huggingface_hub resolves the revision to (its snapshot)
 
 under BASE_KEY in its settings (dpo/train/safety/runs.py run_settings: checkpoint markers, run_complete.json,
 each round's records). A resume, the rounds, evaluate and export compare it with what the name holds now,
 before any weights load (hashing files is not loading them): a local folder that changed is refused, naming
 the artifact, both identities and the fix; a hub model is loaded at the recorded commit by evaluate and export
 (a later `main` is said), and refused where a run would continue training on it. A record written before
-the identity was recorded gets a warning, not a refusal: it cannot be checked, and says so.
+the identity was recorded gets a warning, not a refusal: it cannot be checked, and says so. So does one written
+before config.json was part of it ("sha256:<hex>" alone): its weights are checked, its config.json cannot be.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dpo.files import file_sha256
 from dpo.log import log
 
 BASE_KEY = "base_model_identity"
+CONFIG_PART = ";config:"  # a local folder's identity: weights part, then this and config.json's sha256
 
 
 @functools.lru_cache(maxsize=256)
@@ -46,6 +50,36 @@ def weights_identity(folder: str | Path) -> str | None:
             f"{path.name}\0{_file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)}\n".encode()
         )
     return "sha256:" + digest.hexdigest()
+
+
+def folder_identity(folder: str | Path) -> str | None:
+    """A local model folder's identity: weights_identity, then config.json's sha256 when it has one."""
+    weights = weights_identity(folder)
+    config = Path(folder).expanduser() / "config.json"
+    if weights is None or not config.is_file():
+        return weights
+    stat = config.stat()
+    return weights + CONFIG_PART + _file_sha256(str(config.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def weights_only(identity: str | None) -> bool:
+    """A local identity recorded before config.json was part of it."""
+    return bool(identity) and identity.startswith("sha256:") and CONFIG_PART not in identity
+
+
+def same_base(recorded: str | None, current: str | None, artifact: str | Path = "", name: str = "") -> bool:
+    """`current` is the model `recorded` names: the same identity, or the same weights where `recorded` holds
+    only those (an older record; said in a warning when `artifact` is given: its config.json cannot be checked)."""
+    if recorded == current:
+        return True
+    if weights_only(recorded) and current and current.startswith(recorded + CONFIG_PART):
+        if artifact:
+            log(
+                f"warning: {artifact} records only the weights of its base model {name} (written before config.json "
+                "was recorded): the weights are the same, a changed config.json cannot be noticed"
+            )
+        return True
+    return False
 
 
 def hub_identity(name: str, revision: str | None) -> str | None:
@@ -71,7 +105,7 @@ def base_identity(name: str | None, revision: str | None = "main") -> str | None
     if not name:
         return None
     if Path(name).expanduser().is_dir():
-        return weights_identity(name)
+        return folder_identity(name)
     if local_reason(name) is not None:
         return None  # a path that is not there: the callers' own checks name it
     return hub_identity(name, revision)
@@ -81,7 +115,11 @@ def describe(identity: str | None) -> str:
     if not identity:
         return "no recorded identity"
     kind, _, value = identity.partition(":")
-    return f"hub commit {value[:12]}" if kind == "commit" else f"weights sha256 {value[:12]}..."
+    if kind == "commit":
+        return f"hub commit {value[:12]}"
+    weights, _, config = identity.partition(CONFIG_PART)
+    described = f"weights sha256 {weights.partition(':')[2][:12]}..."
+    return described + (f" and config.json sha256 {config[:12]}..." if config else "")
 
 
 def recorded_commit(identity: str | None) -> str | None:
@@ -90,11 +128,12 @@ def recorded_commit(identity: str | None) -> str | None:
 
 
 def changed_base(artifact: str | Path, name: str, recorded: str, current: str | None, fix: str) -> UserError:
-    why = (
-        "the hub's revision now resolves to another commit"
-        if recorded_commit(recorded)
-        else "the folder's weights were replaced or changed since"
-    )
+    if recorded_commit(recorded):
+        why = "the hub's revision now resolves to another commit"
+    elif current and recorded.partition(CONFIG_PART)[0] == current.partition(CONFIG_PART)[0]:
+        why = "its config.json was changed since"
+    else:
+        why = "the folder's weights were replaced or changed since"
     return UserError(
         f"{artifact} was derived from the base model {name} with {describe(recorded)}, but {name} now has "
         f"{describe(current)} ({why}): using it would mix two models. {fix}"
@@ -119,7 +158,7 @@ def check_base(artifact: str | Path, run: dict, name: str, revision: str | None,
     if recorded is None:
         return revision
     current = base_identity(name, revision)
-    if current == recorded:
+    if same_base(recorded, current, artifact, name):
         return revision
     if commit := recorded_commit(recorded):
         now = f"now resolves to {describe(current)}" if current else "cannot be resolved now"
@@ -142,7 +181,8 @@ def check_adapter_base(adapter: str, base: str, revision: str | None) -> None:
         unrecorded(marker, base, "this run")
         return
     recorded, current = run[BASE_KEY], base_identity(base, revision)
-    if recorded and current and recorded.partition(":")[0] == current.partition(":")[0] and recorded != current:
+    same_kind = recorded and current and recorded.partition(":")[0] == current.partition(":")[0]
+    if same_kind and not same_base(recorded, current, marker, base):
         fix = (
             f"Pass the base it was trained on ({run.get('model_name_or_path')}; a hub model: its recorded commit as "
             "--model_revision), or train the adapter again on this base"
@@ -151,8 +191,11 @@ def check_adapter_base(adapter: str, base: str, revision: str | None) -> None:
 
 
 def predating_base(old: dict, new: dict) -> dict:
-    """A record from before the base's identity was recorded, compared on the rest (its name still is)."""
-    return old if BASE_KEY in old else {**old, BASE_KEY: new.get(BASE_KEY)}
+    """A record from before the base's identity was recorded, or before its config.json was (the same weights),
+    compared on the rest (its name still is)."""
+    if BASE_KEY in old and not (old[BASE_KEY] != new.get(BASE_KEY) and same_base(old[BASE_KEY], new.get(BASE_KEY))):
+        return old
+    return {**old, BASE_KEY: new.get(BASE_KEY)}
 
 
 def check_same_base(artifact: str | Path, old: dict, new: dict, name: str, fix: str) -> dict:
@@ -162,6 +205,6 @@ def check_same_base(artifact: str | Path, old: dict, new: dict, name: str, fix: 
     if BASE_KEY not in old:
         unrecorded(artifact, name, "continuing it")
         return predating_base(old, new)
-    if old[BASE_KEY] != new.get(BASE_KEY):
+    if not same_base(old[BASE_KEY], new.get(BASE_KEY), artifact, name):
         raise changed_base(artifact, name, old[BASE_KEY], new.get(BASE_KEY), fix)
-    return old
+    return predating_base(old, new)

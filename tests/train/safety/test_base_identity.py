@@ -10,8 +10,19 @@ import pytest
 from helpers import load_recipe, one_line_error
 from safetensors.torch import load_file, save_file
 
+from dpo.errors import UserError
 from dpo.files import file_sha256
-from dpo.train.safety.identity import BASE_KEY, base_identity, check_base, hub_identity
+from dpo.train.safety.identity import (
+    BASE_KEY,
+    CONFIG_PART,
+    base_identity,
+    check_adapter_base,
+    check_base,
+    check_same_base,
+    hub_identity,
+    predating_base,
+    weights_identity,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FAST = ["--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "4", "--max_length", "64"]
@@ -123,3 +134,54 @@ def test_a_merged_model_records_its_adapters_sha256_and_its_base(run_on_private_
     check = json.loads((run["merged"] / "merge_check.json").read_text())
     assert check["adapter_sha256"] == file_sha256(run["out"] / "adapter_model.safetensors")
     assert check[BASE_KEY] == run["recorded"]
+
+
+def edit_config_in_place(model_dir):
+    """The same weights under another config: a rope or vocabulary setting edited by hand."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "rope_theta": 2 * config.get("rope_theta", 10000.0)}))
+
+
+def test_a_base_whose_config_changed_in_place_is_refused(tiny_model_dir, tmp_path, capsys):
+    """Was: only *.safetensors were hashed, so a config.json edited under the same weights (another rope_theta:
+    another model) passed every check. Evaluate/export, a resume and a DPO start from the run all refuse it,
+    naming config.json."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    run = {BASE_KEY: base_identity(str(base)), "model_name_or_path": str(base)}
+    edit_config_in_place(base)
+    now = base_identity(str(base))
+    assert now != run[BASE_KEY] and now.partition(CONFIG_PART)[0] == run[BASE_KEY].partition(CONFIG_PART)[0]
+    checks = [
+        lambda: check_base("run/run_complete.json", run, str(base), "main", "python -m dpo.evaluate", "fix"),
+        lambda: check_same_base("run/checkpoint-2", run, {**run, BASE_KEY: now}, str(base), "fix"),
+    ]
+    for check in checks:
+        with pytest.raises(UserError) as error:
+            check()
+        assert "its config.json was changed since" in str(error.value), error.value
+        assert "config.json sha256" in str(error.value), error.value
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "run_complete.json").write_text(json.dumps({"run": run}))
+    with pytest.raises(UserError, match="its config.json was changed since"):
+        check_adapter_base(str(adapter), str(base), "main")
+
+
+def test_a_record_of_the_weights_alone_is_checked_on_them_and_said(tiny_model_dir, tmp_path, capsys):
+    """A record written before config.json was part of the identity ("sha256:<hex>" alone) stays usable when
+    the weights are the same, with a warning that the config cannot be checked; other weights are refused."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    old = {BASE_KEY: weights_identity(base), "seed": 1}
+    new = {BASE_KEY: base_identity(str(base)), "seed": 1}
+    assert CONFIG_PART not in old[BASE_KEY] and CONFIG_PART in new[BASE_KEY]
+    assert check_base("old/run_complete.json", old, str(base), "main", "python -m dpo.evaluate", "fix") == "main"
+    assert "records only the weights of its base model" in capsys.readouterr().out
+    assert check_same_base("old/checkpoint-2", old, new, str(base), "fix") == new  # resumable: the same run
+    assert predating_base(old, new) == new
+    replace_weights_in_place(base)
+    with pytest.raises(UserError, match="the folder's weights were replaced or changed since"):
+        check_base("old/run_complete.json", old, str(base), "main", "python -m dpo.evaluate", "fix")
+    assert predating_base(old, {**new, BASE_KEY: base_identity(str(base))}) == old  # a difference, still seen
