@@ -180,13 +180,24 @@ def merge(output_dir: Path, target: Path, dtype: str, trust_remote_code: bool = 
 
 def upload_patterns(folder: Path) -> list[str]:
     """ADAPTER_FILES, less eval/ when it is not the evaluation of the run in `folder` (evaluation_of_run: trained
-    again since, or changed): the Hub repo never holds another adapter's numbers."""
+    again since, or changed): the Hub repo never holds another adapter's numbers (said by evaluation_left_out)."""
     from dpo.evaluation.report import evaluation_of_run
 
     _, stale = evaluation_of_run(folder)
-    if stale:
-        log(f"warning: eval/ is not uploaded: {stale}")
     return [p for p in ADAPTER_FILES if not (stale and p.startswith("eval/"))]
+
+
+def evaluation_left_out(folder: Path, upload: bool) -> str | None:
+    """The one warning an export gives when eval/ is not the evaluation of the run in `folder`: the model card
+    leaves it out (model_card), and so does an adapter upload (upload_patterns). None when eval/ is taken or absent."""
+    from dpo.evaluation.report import evaluation_of_run
+
+    _, stale = evaluation_of_run(folder)
+    if not stale:
+        return None
+    return (
+        f"warning: the model card leaves out the evaluation{' and eval/ is not uploaded' if upload else ''}: {stale}"
+    )
 
 
 def push(folder: Path, repo: str, adapter: bool) -> str:
@@ -241,6 +252,8 @@ def export(output_dir, merged=None, push_to_hub=None, dtype=None, gguf=None, ggu
     output_dir = Path(output_dir)
     resolved, revision = check_inputs(output_dir, merged, push_to_hub, gguf)
     gguf_paths = check_gguf(output_dir, gguf, gguf_type) if gguf else None
+    if left_out := evaluation_left_out(output_dir, upload=bool(push_to_hub) and not merged):
+        log(left_out)  # once, for the card and the upload alike
     # a merge made only for the converter is float32: the converter then rounds once, to the GGUF type
     dtype = dtype or ("bfloat16" if resolved.get("dtype") == "bfloat16" and merged else "float32")
     if dtype not in TOLERANCE:

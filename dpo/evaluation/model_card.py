@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 from dpo.evaluation.report import evaluation_of_run
-from dpo.log import log
 
 # What `python -m dpo.models` (dpo/offline/pip_models.py, a layer above this one: read as a file) records
 # in a folder it built: {"hub_id", "license", ...}.
@@ -132,7 +131,7 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
     resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
     base = resolved["model_name_or_path"]
     metrics_file = out / "final_metrics.json"
-    eval_file, stale = evaluation_of_run(out)  # eval/ of this very run, or why it is left out
+    eval_file, _ = evaluation_of_run(out)  # eval/ of this very run, else left out (export says why: once)
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     dataset = resolved.get("dataset_name")
     hub_id = base_hub_id(base)
@@ -176,8 +175,6 @@ def model_card(output_dir: str | Path, merged: bool = False) -> str:
             "",
             *summary_lines(json.loads(eval_file.read_text())),
         ]
-    elif stale:
-        log(f"warning: the model card leaves out the evaluation: {stale}")
     lines += [
         "",
         "## Reproduce",

@@ -117,7 +117,7 @@ def test_an_evaluation_of_an_earlier_run_in_the_folder_is_left_out_of_the_card_a
     """Train, evaluate, train again into the same folder: eval/ still holds the first adapter's numbers, so the
     card and the Hub upload leave it out (with a warning naming why) until it is rerun; before the retrain both
     take it. eval/ written before runs were recorded in it is left out too."""
-    from dpo.evaluation.export import upload_patterns
+    from dpo.evaluation.export import evaluation_left_out, upload_patterns
     from dpo.evaluation.report import evaluation_of_run, run_identity, write_eval_folder
 
     out = run_folder(tmp_path, model_folder(tmp_path))
@@ -133,13 +133,17 @@ def test_an_evaluation_of_an_earlier_run_in_the_folder_is_left_out_of_the_card_a
     assert path is None and "earlier run in this folder" in why and "rerun python -m dpo.evaluate" in why
     card = model_card(out)
     assert "## Evaluation" not in card and "75.0%" not in card
-    assert "the model card leaves out the evaluation" in capsys.readouterr().out
     patterns = upload_patterns(out)
     assert "eval/*" not in patterns and "adapter_model.safetensors" in patterns
-    assert "eval/ is not uploaded" in capsys.readouterr().out
+    # said once, by export (was: the card and the upload each said it, twice in one `--push_to_hub`)
+    assert capsys.readouterr().out == ""
+    line = evaluation_left_out(out, upload=True)
+    assert "the model card leaves out the evaluation and eval/ is not uploaded" in line and why in line, line
+    assert "is not uploaded" not in evaluation_left_out(out, upload=False)
 
     write_eval_folder(out, EVALUATED, [], run_identity(out))  # evaluated again: taken again
     assert evaluation_of_run(out)[0] is not None and "## Evaluation" in model_card(out)
+    assert evaluation_left_out(out, upload=True) is None
     write_eval_folder(out, EVALUATED, [], None)  # no run recorded (as written before this record)
     assert "records no run it evaluated" in evaluation_of_run(out)[1]
     (out / "eval" / "metrics.json").write_text("{}")  # a file changed after it was written
