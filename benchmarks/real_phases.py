@@ -66,13 +66,24 @@ def finished_result(folder: Path, made_from: dict) -> dict | None:
     if problem := marker_problem(folder, KIND):
         raise UserError(f"{problem}: {redo}")
     if record.get("made_from") != key_of(made_from):
-        old = record.get("inputs") if isinstance(record.get("inputs"), dict) else {}
-        changed = sorted(k for k in {*made_from, *old} if made_from.get(k) != old.get(k)) or ["its inputs"]
         raise UserError(
-            f"{folder} was made from other inputs than this run's ({', '.join(changed)} changed): nothing was reused; "
-            f"{redo}, or run with the settings it was made with"
+            f"{folder} was made from other inputs than this run's ({input_changes(record.get('inputs'), made_from)}): "
+            f"nothing was reused; {redo}, or run with the settings it was made with"
         )
     return read_json_object(folder / "result.json", RESULT_SHAPE, redo)
+
+
+def input_changes(recorded, now: dict) -> str:
+    """What differs between a phase's recorded inputs and this run's: the inputs that changed, and those an older
+    version did not record (a folder made before they were inputs)."""
+    old = recorded if isinstance(recorded, dict) else {}
+    changed = sorted(k for k in old.keys() & now.keys() if old[k] != now[k])
+    unrecorded = sorted(now.keys() - old.keys())
+    dropped = sorted(old.keys() - now.keys())
+    parts = [f"{', '.join(changed)} changed"] * bool(changed)
+    parts += [f"{', '.join(unrecorded)} not recorded (made by an older version)"] * bool(unrecorded)
+    parts += [f"{', '.join(dropped)} no longer an input"] * bool(dropped)
+    return "; ".join(parts) or "its inputs changed"
 
 
 def write_phase(folder: Path, made_from: dict, result: dict, tensors: dict | None = None, seconds: float = 0.0):

@@ -413,3 +413,17 @@ def test_a_count_below_one_is_refused_in_one_line_before_anything_is_written(
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1] == f"error: --{name} 0: must be at least 1"
     assert not (tmp_path / "work").exists()
+
+
+def test_a_refused_phase_says_which_inputs_changed_and_which_an_older_version_did_not_record():
+    """Was: an input added to a phase since its folder was made (main's curve_pairs) was reported as "changed"."""
+    from real_phases import input_changes
+
+    now = {"phase": "main", "beta": 0.1, "curve_pairs": 100, "lr": 5e-5}
+    assert input_changes({"phase": "main", "beta": 0.1, "lr": 5e-5}, now) == (
+        "curve_pairs not recorded (made by an older version)"
+    )
+    assert input_changes({"phase": "main", "beta": 0.3, "lr": 5e-5, "curve_pairs": 100, "old": 1}, now) == (
+        "beta changed; old no longer an input"
+    )
+    assert input_changes(None, now) == "beta, curve_pairs, lr, phase not recorded (made by an older version)"
