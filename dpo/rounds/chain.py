@@ -83,7 +83,9 @@ def stale_round(ctx, n: int) -> str | None:
     where, recorded = found
     now = start_of(ctx, n)
     name = ctx.model_args.model_name_or_path
-    if BASE_KEY in recorded and not same_base(recorded[BASE_KEY], now[BASE_KEY], where, name):
+    # silent for a record of the weights alone: rounds_settings.json's check says that once (recipes/dpo_rounds.py),
+    # not once per round folder at every rerun
+    if BASE_KEY in recorded and not same_base(recorded[BASE_KEY], now[BASE_KEY]):
         fix = f"Put the model the rounds started from back at {name}, or use another --output_dir"
         raise changed_base(where, name, recorded[BASE_KEY], now[BASE_KEY], fix)
     was, sha = recorded["adapter_sha256"], now["adapter_sha256"]

@@ -86,3 +86,25 @@ def test_a_changed_base_or_sft_adapter_under_a_round_is_refused(rounds, tmp_path
         UserError, match="round 1 started from the SFT adapter with sha256 .* Put the original adapter"
     ):
         check_round_start(ctx, 1)
+
+
+def test_round_records_of_the_weights_alone_pass_silently_and_a_changed_config_is_refused(rounds, capsys):
+    """Round folders written before config.json was part of the base's identity: the same weights pass without a
+    line per round (rounds_settings.json's check says it once); an edited config.json is refused, named."""
+    from dpo.train.safety.identity import BASE_KEY, CONFIG_PART, weights_identity
+
+    ctx, base, out = rounds
+    (base / "config.json").write_text(json.dumps({"rope_theta": 10000.0}))
+    for n in (2, 3):
+        (out / f"round-{n}").mkdir(exist_ok=True)
+        start = {**start_of(ctx, n), BASE_KEY: weights_identity(base)}  # the old record: weights only
+        assert CONFIG_PART not in start[BASE_KEY]
+        (out / f"round-{n}" / START_RECORD).write_text(json.dumps(start))
+        adapter(out / f"round-{n}", float(n))
+    for n in (2, 3):
+        check_round_start(ctx, n)
+    assert "records only the weights" not in capsys.readouterr().out
+    (out / "round-2" / START_RECORD).write_text(json.dumps(start_of(ctx, 2)))  # a new record, then the edit
+    (base / "config.json").write_text(json.dumps({"rope_theta": 20000.0}))
+    with pytest.raises(UserError, match="its config.json was changed since"):
+        check_round_start(ctx, 2)

@@ -127,13 +127,19 @@ def recorded_commit(identity: str | None) -> str | None:
     return identity.partition(":")[2] if identity and identity.startswith("commit:") else None
 
 
-def changed_base(artifact: str | Path, name: str, recorded: str, current: str | None, fix: str) -> UserError:
+def what_changed(recorded: str | None, current: str | None) -> str:
+    """Why the identity `current` is not the `recorded` one, in words."""
+    if not recorded or not current:
+        return "one of the two is not known"
     if recorded_commit(recorded):
-        why = "the hub's revision now resolves to another commit"
-    elif current and recorded.partition(CONFIG_PART)[0] == current.partition(CONFIG_PART)[0]:
-        why = "its config.json was changed since"
-    else:
-        why = "the folder's weights were replaced or changed since"
+        return "the hub's revision now resolves to another commit"
+    if recorded.partition(CONFIG_PART)[0] == current.partition(CONFIG_PART)[0]:
+        return "its config.json was changed since"
+    return "the folder's weights were replaced or changed since"
+
+
+def changed_base(artifact: str | Path, name: str, recorded: str | None, current: str | None, fix: str) -> UserError:
+    why = what_changed(recorded, current)
     return UserError(
         f"{artifact} was derived from the base model {name} with {describe(recorded)}, but {name} now has "
         f"{describe(current)} ({why}): using it would mix two models. {fix}"

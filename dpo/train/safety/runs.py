@@ -52,7 +52,7 @@ from dpo.train.safety.checkpoints import (
     trainer_save_sizes,
     write_json_atomic,
 )
-from dpo.train.safety.identity import BASE_KEY, base_identity, check_same_base, predating_base
+from dpo.train.safety.identity import BASE_KEY, base_identity, check_same_base, predating_base, what_changed
 
 RUN_MARKER = "run_complete.json"
 STAGING = ".final-staging"
@@ -119,6 +119,8 @@ def differences(old: dict, new: dict) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
             lines.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
+            if key == BASE_KEY and key in old and key in new:  # the hashes alone do not say what changed
+                lines[-1] += f" ({what_changed(old[key], new[key])})"
     return lines
 
 

@@ -185,3 +185,22 @@ def test_a_record_of_the_weights_alone_is_checked_on_them_and_said(tiny_model_di
     with pytest.raises(UserError, match="the folder's weights were replaced or changed since"):
         check_base("old/run_complete.json", old, str(base), "main", "python -m dpo.evaluate", "fix")
     assert predating_base(old, {**new, BASE_KEY: base_identity(str(base))}) == old  # a difference, still seen
+
+
+def test_a_record_without_an_identity_is_refused_in_one_line_and_a_settings_diff_says_what_changed(
+    tiny_model_dir, tmp_path
+):
+    """Was: a record of no identity (a rounds run begun without --model_name_or_path, or a hub id that could not be
+    resolved then) met with one now crashed with AttributeError. And the settings listing of an output folder's
+    other run showed two hashes without saying the config changed."""
+    from dpo.train.safety.runs import differences
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    now = base_identity(str(base))
+    for recorded in (None, "commit:" + "a" * 40):
+        with pytest.raises(UserError, match="was derived from the base model"):
+            check_same_base("out/rounds_settings.json", {BASE_KEY: recorded}, {BASE_KEY: now}, str(base), "fix")
+    edit_config_in_place(base)
+    (line,) = differences({BASE_KEY: now, "seed": 1}, {BASE_KEY: base_identity(str(base)), "seed": 1})
+    assert line.startswith(f"{BASE_KEY}: {now} -> ") and line.endswith("(its config.json was changed since)"), line
