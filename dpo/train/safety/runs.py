@@ -115,13 +115,10 @@ def run_settings(training_args, model_args, train_rows, sft_adapter: str | None 
 
 def differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every setting that differs (or exists on one side only)."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            lines.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
-            if key == BASE_KEY and key in old and key in new:  # the hashes alone do not say what changed
-                lines[-1] += f" ({what_changed(old[key], new[key])})"
-    return lines
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    # the base's two hashes alone do not say what changed
+    why = {BASE_KEY: f" ({what_changed(old[BASE_KEY], new[BASE_KEY])})"} if BASE_KEY in old.keys() & new.keys() else {}
+    return [f"{k}: {old.get(k, '<unset>')} -> {new.get(k, '<unset>')}{why.get(k, '')}" for k in keys]
 
 
 def _listing(diffs: list[str]) -> str:
