@@ -31,8 +31,8 @@
 # [jondurbin/truthy-dpo-v0.1](https://huggingface.co/datasets/jondurbin/truthy-dpo-v0.1),
 # about 1,000 pairs that prefer honest answers (about being an AI, about common
 # misconceptions), on one 16 GB GPU. A free Colab T4 should be enough: at 1024 tokens the recipe's
-# defaults peaked at 4.60 GiB allocated in fp16 (5.12 GiB in fp32), measured at phi-2's exact size with
-# random weights on an H200 under a 15 GiB cap (BENCHMARKS.md), not on a T4 itself.
+# defaults peaked at 4.60 GiB allocated in fp16 (5.12 GiB in fp32 under a 15 GiB cap), measured at phi-2's
+# exact size with random weights on an H200 (BENCHMARKS.md), not on a T4 itself.
 #
 # The steps: install, check the hardware, load phi-2 in 4-bit, add LoRA adapters, look at
 # the data, train, plot the reward curves, compare answers before and after, save the
