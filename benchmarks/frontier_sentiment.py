@@ -20,6 +20,7 @@ import argparse
 import csv
 import os
 import runpy
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from dpo.train.model_checks import load_tokenizer
 from dpo.train.trainer import build_dpo_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from frontier_record import write_record  # noqa: E402
+
 RECIPE = ROOT / "recipes" / "dpo_sentiment_tiny.py"
 # 2.5x the demo's 2 epochs (the recipe's other settings unchanged): long enough for a run to pass
 # the peak of the reward-KL path wherever its loss and beta let it.
@@ -44,6 +48,7 @@ DEFAULT_RECIPE_OVERRIDES = ["--num_train_epochs", "5"]
 # Every run of the sweep shares pi_ref and the pairs, so the reference log-probs are computed by the
 # first run and read by the others (dpo/train/speed/refcache.py); `--reference_cache false` recomputes them inline.
 CACHE_OVERRIDES = ["--reference_cache", "true"]
+EVAL_PROMPTS = 256  # held-out prompts scored at each point (recipes/dpo_rounds_sentiment.yaml scores as many)
 FIELDS = [
     "loss_type",
     "beta",
@@ -154,7 +159,7 @@ def main() -> None:
     parser.add_argument("--loss_types", nargs="+", default=["sigmoid", "ipo", "hinge", "robust"])
     parser.add_argument("--robust_label_smoothing", type=float, default=0.1, help="robust DPO needs > 0")
     parser.add_argument("--eval_every", type=int, default=9, help="optimizer steps between scored points")
-    parser.add_argument("--eval_prompts", type=int, default=256, help="held-out prompts per scored point")
+    parser.add_argument("--eval_prompts", type=int, default=EVAL_PROMPTS, help="held-out prompts per scored point")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--workdir", default="outputs/frontier_sentiment")
     parser.add_argument("--from_csv", help="only redraw frontier.png and frontier.md from this frontier.csv")
@@ -235,6 +240,8 @@ def main() -> None:
 
     # ── write the CSV, the plot and the summary ─────────────────────────────────────────────────
     write_csv(rows, Path(args.out) / "frontier.csv")
+    # what the CSV was measured from, for the benchmarks that place rounds on it (frontier_record.py)
+    write_record(Path(args.out) / "frontier.csv", sft_dir, args.eval_prompts, script_args.max_new_tokens)
     write_outputs(rows, Path(args.out), seconds=time.time() - start)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from frontier_record import check_same_start, read_record  # noqa: E402
 from sections import write_section  # noqa: E402
 
 HEADING = "## On-policy DPO in rounds against the offline frontier (`benchmarks/rounds_sentiment.py`)"
@@ -131,10 +132,15 @@ def main() -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     if workdir.exists() and any(workdir.iterdir()):
         sys.exit(f"error: {workdir} is not empty: the benchmark runs every round from scratch; pick another --workdir")
-    front = frontier_points(out / "frontier.csv")
+    front, record = frontier_points(out / "frontier.csv"), read_record(out / "frontier.csv")
     results, seconds = {}, {}
     for reference in ("initial", "previous"):
         results[reference], seconds[reference] = run(reference, workdir)
+        settings = results[reference]["settings"]  # its pi_ref and held-out scoring: the frontier's, or refused
+        check_same_start(
+            record, out / "frontier.csv", workdir / reference / "sft_reference", settings["eval_prompts"],
+            settings["max_new_tokens"],
+        )  # fmt: skip
     generation = speed(workdir)
     rows = []
     for reference, summary in results.items():

@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from frontier_record import check_same_start, read_record  # noqa: E402
 from rounds_sentiment import frontier_at, frontier_points, verdict  # noqa: E402
 from sections import write_section  # noqa: E402
 
@@ -89,7 +90,7 @@ def pair_margin(folder: Path) -> float:
     return sum(r["chosen_reward"] - r["rejected_reward"] for r in rows) / len(rows)
 
 
-def run_config(recipe, name: str, overrides: list[str], why: str, workdir: Path, front) -> dict:
+def run_config(recipe, name: str, overrides: list[str], why: str, workdir: Path, front, record, csv_path) -> dict:
     out = workdir / name.replace(" ", "_").replace("=", "")
     start, stopped = time.time(), None
     try:
@@ -100,6 +101,9 @@ def run_config(recipe, name: str, overrides: list[str], why: str, workdir: Path,
         stopped = f"stopped (exit {stop.code}) after the rounds listed"
     seconds = time.time() - start
     summary = json.loads((out / "rounds.json").read_text()) if (out / "rounds.json").is_file() else {"rounds": []}
+    if summary["rounds"]:  # placed on the frontier only when they started where it was measured
+        settings = summary["settings"]
+        check_same_start(record, csv_path, out / "sft_reference", settings["eval_prompts"], settings["max_new_tokens"])
     rows = []
     for r in summary["rounds"]:
         h = r["heldout"]
@@ -205,14 +209,14 @@ def main() -> None:
     workdir, out = Path(args.workdir), Path(args.out)
     if workdir.exists() and any(workdir.iterdir()):
         sys.exit(f"error: {workdir} is not empty: the sweep runs every round from scratch; pick another --workdir")
-    front = frontier_points(out / "frontier.csv")
+    front, record = frontier_points(out / "frontier.csv"), read_record(out / "frontier.csv")
     recipe = load_recipe()
     unknown = set(args.only or []) - {name for name, _, _ in CONFIGS}
     if unknown:
         sys.exit(f"error: --only {sorted(unknown)}: no such configuration; the names are {[c[0] for c in CONFIGS]}")
     kept = kept_results(out / "rounds_sweep.json", args.only) if args.only else {}
     ran = {
-        name: run_config(recipe, name, overrides, why, workdir, front)
+        name: run_config(recipe, name, overrides, why, workdir, front, record, out / "frontier.csv")
         for name, overrides, why in CONFIGS
         if not args.only or name in args.only
     }
