@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from frontier_record import check_same_start, read_record  # noqa: E402
 from sections import write_section  # noqa: E402
 
+from dpo.errors import exit_on_user_error  # noqa: E402
+
 HEADING = "## On-policy DPO in rounds against the offline frontier (`benchmarks/rounds_sentiment.py`)"
 
 
@@ -123,6 +125,7 @@ def plot(front, results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@exit_on_user_error  # the frontier's checks: one line, exit 2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="outputs/rounds_sentiment_bench")

@@ -27,6 +27,8 @@ from frontier_record import check_same_start, read_record  # noqa: E402
 from rounds_sentiment import frontier_at, frontier_points, verdict  # noqa: E402
 from sections import write_section  # noqa: E402
 
+from dpo.errors import exit_on_user_error  # noqa: E402
+
 HEADING = "## Why the rounds sit on the offline frontier: a settings sweep (`benchmarks/rounds_sweep.py`)"
 
 # (name, overrides of recipes/dpo_rounds_sentiment.yaml, what it tests)
@@ -192,6 +194,7 @@ def kept_results(path: Path, only: list[str]) -> dict[str, dict]:
     return {n: c for n, c in kept.items() if n in now}
 
 
+@exit_on_user_error  # the frontier's checks: one line, exit 2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="outputs/rounds_sweep_bench")

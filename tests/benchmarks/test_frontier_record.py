@@ -72,3 +72,24 @@ def test_a_frontier_is_checked_against_the_rounds_that_use_it(tmp_path, capsys):
     csv_path.write_text(csv_path.read_text() + "sigmoid,0.1,9,0.05,0.1\n")  # rewritten after its record
     with pytest.raises(UserError, match="is not the frontier .* records"):
         read_record(csv_path)
+
+
+@pytest.mark.parametrize("script", ["rounds_sentiment", "rounds_sweep"])
+def test_the_rounds_benchmarks_refuse_a_frontier_edited_after_its_record_before_any_run(
+    script, tmp_path, monkeypatch, capsys
+):
+    from helpers import load_script
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "frontier.csv").write_text("loss_type,beta,step,policy_reward,kl\nsigmoid,0.1,0,0.02,0.0\n")
+    write_record(out / "frontier.csv", pi_ref(tmp_path / "ref", {"seed": 42}), 256, 16)
+    (out / "frontier.csv").write_text("loss_type,beta,step,policy_reward,kl\nsigmoid,0.1,0,0.09,0.0\n")
+    module = load_script(ROOT / "benchmarks" / f"{script}.py")
+    monkeypatch.setattr(module, "run", lambda *a: pytest.fail("a rounds run started"), raising=False)
+    monkeypatch.setattr(module, "run_config", lambda *a: pytest.fail("a rounds run started"), raising=False)
+    monkeypatch.setattr(sys, "argv", [script, "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1].startswith("error: ") and "is not the frontier" in err[-1], err
