@@ -32,7 +32,7 @@ def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
     whose type differs from the field's first value, or that holds a lone surrogate ("row N (line L),
     field 'f': ..."), or None. `surrogates_only`: look for lone surrogates alone."""
     with open_data_file(path) as f:
-        text = f.read().decode("utf-8", errors="replace")
+        text = f.read().decode("utf-8-sig", errors="replace")  # a byte-order mark is no JSON: the readers skip it
     suffix = data_suffix(path)[0]
     if suffix == ".json":
         try:

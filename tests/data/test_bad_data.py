@@ -147,8 +147,9 @@ def test_a_csv_header_naming_a_column_twice_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", ["csv", "csv.gz", "jsonl", "json"])
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(suffix, tmp_path, capsys):
-    """Excel's "CSV UTF-8" starts with a byte-order mark (was: Field "\ufeffprompt" does not exist)."""
-    rows = [{**ROW, "prompt": f"q{i}", "chosen": f"a{i}"} for i in range(3)]
+    """Excel's "CSV UTF-8" starts with a byte-order mark (was: Field "\ufeffprompt" does not exist). With an emoji,
+    which json.dumps writes as a surrogate pair escape (was: "Unexpected UTF-8 BOM" from the escape re-check)."""
+    rows = [{**ROW, "prompt": f"q{i}", "chosen": f"a{i} \U0001f600"} for i in range(3)]
     if suffix.startswith("csv"):
         text = "prompt,chosen,rejected\n" + "".join(f"{r['prompt']},{r['chosen']},{r['rejected']}\n" for r in rows)
     else:
@@ -159,6 +160,7 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column(suffix, tmp_path
     report = doctor.main([str(path)])
     assert report.rows_kept == 3
     assert [p[-1]["content"] for p in report.kept["prompt"]] == ["q0", "q1", "q2"]
+    assert report.kept["chosen"][1][-1]["content"] == "a1 \U0001f600"
 
 
 def test_csv_empty_cell_is_still_missing(tmp_path, capsys):
