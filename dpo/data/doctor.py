@@ -154,8 +154,13 @@ def _check_tool_template(pairs: Dataset, tokenizer, source: str, path: str | Non
         )
     else:
         described = f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
-    with_tools = any(t is not None for t in data[TOOLS_COLUMN])
-    check_template(tokenizer, template, described, source, first, with_tools)
+    # rows with tools are rendered with the tools offered; with named templates, rows of calls without tools may be
+    # rendered by another template than rows with tools (dpo/data/tools.py template_problem): each is checked
+    offered = [t is not None for t in data[TOOLS_COLUMN]]
+    conversations = zip(offered, data["prompt"], data["chosen"], data["rejected"])
+    bare = any(not o and has_tool_messages(p, c, r) for o, p, c, r in conversations)
+    for with_tools in [True] * any(offered) + [False] * bare:
+        check_template(tokenizer, template, described, source, first, with_tools)
 
 
 def split_like_dpo(report, test_size: float, seed: int):

@@ -2,8 +2,9 @@
 
     layout                               fields                                        read as
     OpenAI preference fine-tuning        input: {messages: [...], tools: [...]?}       prompt = input.messages,
-    (platform.openai.com, DPO jobs)      preferred_output: [{role: assistant, ...}]    tools = input.tools,
-                                         non_preferred_output: [...]                   chosen / rejected
+    (platform.openai.com, DPO jobs)      preferred_output: [{role: assistant, ...}]    tools = input.tools (or a
+                                         non_preferred_output: [...]                   top-level tools column),
+                                                                                       chosen / rejected
 
 A layout is recognised by its top-level columns (NESTED, a table: a new layout is a new entry) unless the
 YAML names the prompt / chosen / rejected columns itself. dpo/data/pairs.py then reads the path-named columns
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator
 from dpo.errors import UserError
+
+TOP_LEVEL_TOOLS = "tools"  # some exports put the tools beside `input` rather than in it
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ def unnest(data, source: str, named: bool):
     from datasets import Dataset, Features, Json, concatenate_datasets
 
     rows = RowLocator(source, data)
+    tools_beside = data[TOP_LEVEL_TOOLS] if TOP_LEVEL_TOOLS in names else None
     paths = [path for path in layout.fields.values() if "." in path]
     parents = sorted({path.split(".", 1)[0] for path in paths})
     values: dict[str, list] = {path: [] for path in paths}
@@ -56,12 +60,27 @@ def unnest(data, source: str, named: bool):
         for parent in parents:
             if not isinstance(record[parent], dict):
                 got = "missing (no value)" if record[parent] is None else f"got {type(record[parent]).__name__}"
-                keys = ", ".join(p.split(".", 1)[1] for p in paths if p.startswith(parent + "."))
+                optional = {layout.fields.get("tools")}  # a row may offer no tools
+                keys = ", ".join(
+                    p.split(".", 1)[1] + (" (optional)" if p in optional else "")
+                    for p in paths
+                    if p.startswith(parent + ".")
+                )
                 raise UserError(f"{rows.at(n, parent)}: expected an object with {keys}; {got}")
         for path in paths:
             parent, key = path.split(".", 1)
             values[path].append(record[parent].get(key))
+        if TOP_LEVEL_TOOLS in names and layout.fields.get("tools") in values:  # tools beside the input, not in it
+            given, beside = values[layout.fields["tools"]][-1], tools_beside[n - 1]
+            if given not in (None, []) and beside not in (None, []) and given != beside:
+                raise UserError(
+                    f"{rows.at(n, TOP_LEVEL_TOOLS)}: tools given twice, here and in '{layout.fields['tools']}', and "
+                    "they differ; keep one"
+                )
+            if given in (None, []):
+                values[layout.fields["tools"]][-1] = beside
     # JSON values as they are: Arrow would give every message the keys of all the others
     nested = Dataset.from_dict(values, features=Features({path: Json() for path in paths}))
-    flat = concatenate_datasets([data.remove_columns(parents), nested], axis=1)
+    removed = [*parents, *([TOP_LEVEL_TOOLS] if tools_beside is not None else [])]  # now read into `nested`
+    flat = concatenate_datasets([data.remove_columns(removed), nested], axis=1)
     return flat, dict(layout.fields)

@@ -95,7 +95,7 @@ class Layout:
     system: str | None = None
     full_conversations: bool = False  # chosen/rejected start with the prompt's turns (first row)
     preference: Preference | None = None  # label / score layouts: which answer is chosen, row by row
-    tools: str | None = None  # conversational rows: the column of the tools offered (dpo/data/tools.py)
+    tools: str | None = None  # the column of the tools offered (dpo/data/tools.py; refused on text rows)
 
     def describe(self) -> str:
         """e.g. 'text pairs (prompt=question, chosen, rejected, system)'; label and score layouts say
@@ -123,8 +123,8 @@ class Layout:
 
 
 def _first_value(data: Dataset, column: str):
-    for value in data[:100][column]:  # the first non-null value decides the column's kind
-        if value is not None:
+    for value in data[:100][column]:  # the first non-null, non-empty value decides the column's kind
+        if value is not None and value != []:  # an empty list is no kind: that row is dropped as empty later
             return value
     return None
 
@@ -193,9 +193,9 @@ def detect_layout(data: Dataset, source: str, columns: Columns | None = None) ->
                 raise UserError(
                     f"{source}: column '{prompt}' holds messages but '{chosen}' holds text; use one kind for both"
                 )
-            return Layout("text", chosen, rejected, prompt, "text", system, preference=preference)
+            return Layout("text", chosen, rejected, prompt, "text", system, preference=preference, tools=tools)
         if "Assistant:" in first and "Human:" in first:
-            return Layout("hh", chosen, rejected, None, None, system, preference=preference)
+            return Layout("hh", chosen, rejected, None, None, system, preference=preference, tools=tools)
         how = (
             "name the prompt column in the YAML: prompt_column: <name>"
             if mappable
@@ -235,6 +235,11 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
     system = None
     if layout.system is not None and raw.get(layout.system) is not None:
         system = text_field(raw[layout.system], rows.at(n, layout.system))
+    if layout.kind != "conversational" and layout.tools and tools_field(raw[layout.tools], rows.at(n, layout.tools)):
+        raise UserError(
+            f"{rows.at(n, layout.tools)}: tools offered on a row of text, where they would be ignored: tools render "
+            "through a chat template, so give prompt, chosen and rejected as lists of messages"
+        )
 
     if layout.kind == "text":
         fields = {"system": system or ""}

@@ -14,6 +14,12 @@ holding one; strings are read into objects, which is what chat templates render 
 `tools` column (a list, or a JSON string of one) goes to TRL as JSON text, which TRL's DPOTrainer reads
 back and passes to `apply_chat_template(..., tools=...)`; dpo.data.formats.render passes it the same way.
 
+Parquet and Arrow store a column of objects with one type: every row's arguments get the argument names of
+every other row's calls (`{"city": "Paris", "query": null}`), and every tool schema the keys of the others. So a
+key whose value is null is dropped from arguments and tools given as objects (at any depth): it is what the
+format added, and a template would render it. A null that is meant: write the arguments or tools as JSON text,
+which is read exactly.
+
 A chat template that renders only role and content (SmolLM2-135M-Instruct's) would silently train on
 empty answers: `check_template` renders a probe conversation and refuses such a template in one line,
 before weights load; `chat_template_path` (a Jinja file, as TRL's SFTConfig takes it) gives another.
@@ -41,6 +47,15 @@ def _json_object(value, where: str, what: str):
     return value
 
 
+def _without_nulls(value):
+    """`value` with every null-valued key of its objects dropped, at any depth (the keys Arrow added)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _tool_call(call, where: str) -> dict:
     """One entry of `tool_calls`: {"type": "function", "function": {"name": text, "arguments": object}}
     (or the function's fields at the top), with the arguments read into an object."""
@@ -50,7 +65,8 @@ def _tool_call(call, where: str) -> dict:
             f"{where}: expected {{'type': 'function', 'function': {{'name': text, 'arguments': {{...}}}}}}, "
             f"got {call!r:.80}"
         )
-    arguments = _json_object(function.get("arguments", {}), where, "'arguments'")
+    given = function.get("arguments", {})
+    arguments = _json_object(given, where, "'arguments'") if isinstance(given, str) else _without_nulls(given)
     if not isinstance(arguments, dict):
         raise UserError(f"{where}: 'arguments' must be an object {{name: value}}, got {arguments!r:.60}")
     out = {**call} if "function" in call else {"type": "function"}
@@ -82,7 +98,7 @@ def message_extras(message: dict, role: str, where: str) -> dict:
 def tools_field(value, where: str) -> str | None:
     """The tools a row offers, as the JSON text TRL reads (None: no tools; an empty list is none too, as TRL's
     own `apply_chat_template` treats it). Each tool: {"type": "function", "function": {"name": text, ...}}."""
-    tools = _json_object(value, where, "the tools")
+    tools = _json_object(value, where, "the tools") if isinstance(value, str) else _without_nulls(value)
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list):
@@ -156,8 +172,15 @@ PROBE_SHOWS = ("probe_lookup_weather", "probe_city", "Zyxville", "probe-result-4
 PROBE_TOOL_SHOWS = ("probe-tool-description-7731",)  # and, for rows with tools, the tool offered
 
 
-def template_problem(tokenizer, template: str, with_tools: bool) -> str | None:
-    """Why `template` cannot render tool calls (and, `with_tools`, the tools offered), or None when it can."""
+def template_problem(tokenizer, template: str | dict, with_tools: bool) -> str | None:
+    """Why `template` cannot render tool calls (and, `with_tools`, the tools offered), or None when it can. Named
+    templates ({"default": ..., "tool_use": ...}, Hermes style): the one transformers picks, "tool_use" for a
+    conversation with tools where there is one, else "default"."""
+    if isinstance(template, dict):
+        name = "tool_use" if with_tools and "tool_use" in template else "default"
+        if not isinstance(template.get(name), str):
+            return f"its named templates {sorted(template)} have no '{name}' template to render these rows with"
+        template = template[name]
     try:
         text = tokenizer.apply_chat_template(
             PROBE, tools=[PROBE_TOOL] if with_tools else None, tokenize=False, chat_template=template

@@ -84,7 +84,7 @@ def test_the_doctor_keeps_every_openai_row(tmp_path):
 @pytest.mark.parametrize(
     "change, field, expected",
     [
-        ({"input": None}, "input", "expected an object with messages, tools; missing (no value)"),
+        ({"input": None}, "input", "expected an object with messages, tools (optional); missing (no value)"),
         ({"input": {"tools": []}}, "input.messages", "missing (no value)"),
         ({"input": {"messages": [{"role": "human", "content": "hi"}]}}, "input.messages", "role 'human'"),
         ({"preferred_output": None}, "preferred_output", "missing (no value)"),
@@ -105,3 +105,25 @@ def test_named_columns_win_over_the_detected_layout(tmp_path, capsys):
     argv = [path, "--prompt_column", "input", "--chosen_column", "preferred_output"]
     line = one_line_error(doctor, [*argv, "--rejected_column", "non_preferred_output"], capsys)
     assert "row 1, field 'input'" in line
+
+
+def test_tools_beside_the_input_are_the_rows_tools_and_twice_differently_is_refused(tmp_path, capsys):
+    """Was: a top-level `tools` (some exports put it beside `input`) was dropped without a word."""
+    row = rows()[1]
+    beside = {**row, "input": {"messages": row["input"]["messages"]}, "tools": [WEATHER]}
+    path = write_jsonl([DOC_ROW, beside], tmp_path / "beside.jsonl")
+    pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
+    assert json.loads(pairs[1]["tools"]) == [WEATHER] and pairs[0]["tools"] is None
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    twice = {**row, "tools": [other]}
+    path = write_jsonl([DOC_ROW, twice], tmp_path / "twice.jsonl")
+    line = one_line_error(doctor, [path], capsys)
+    assert f"{path}, row 2, field 'tools': tools given twice" in line and "'input.tools'" in line, line
+
+
+def test_an_empty_list_in_row_1_is_a_dropped_row_not_the_layout(tmp_path):
+    """Was: row 1's empty input.messages decided the prompt was text, and the file was refused ("expected text")."""
+    empty = {**DOC_ROW, "input": {"messages": []}}
+    path = write_jsonl([empty, *rows()], tmp_path / "empty-first.jsonl")
+    report = check_data(load_preference_data(str(path)), str(path))
+    assert report.rows_kept == 2 and report.rows_dropped == 1, report.table()

@@ -312,3 +312,58 @@ def test_a_chat_template_file_where_no_chat_row_is_rendered_is_refused_in_one_li
     line = one_line_error(main, argv, capsys)
     assert f"chat_template_path {TEMPLATE}:" in line and "are text" in line, line
     assert "leave chat_template_path unset" in line
+
+
+def test_keys_parquet_added_to_arguments_and_tools_are_not_rendered(tmp_path, tokenizer):
+    """Was: written as Parquet (how hub datasets are published), row 1's call came back as
+    {"city": "Paris", "query": null} and its tool schema with a null "query" property, and both were rendered."""
+    from datasets import Dataset
+
+    search = {
+        "type": "function",
+        "function": {"name": "search", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}},
+    }
+    query = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "search", "arguments": {"query": "x"}}}]}  # fmt: skip
+    rows = [
+        tool_rows()[0],
+        {"prompt": [user("Find x")], "chosen": [query], "rejected": [answer("No.")], "tools": [search]},
+    ]
+    path = tmp_path / "tools.parquet"
+    Dataset.from_list(rows).to_parquet(str(path))
+    raw = load_preference_data(str(path))[0]
+    assert raw["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "query": None}  # the format
+    pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
+    assert pairs[0]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert json.loads(pairs[0]["tools"]) == [WEATHER] and json.loads(pairs[1]["tools"]) == [search]
+    text = tokenizer.apply_chat_template(
+        pairs[0]["prompt"] + pairs[0]["chosen"], tools=json.loads(pairs[0]["tools"]), tokenize=False,
+        chat_template=TEMPLATE.read_text(),
+    )  # fmt: skip
+    assert "Paris" in text and "query" not in text, text
+
+
+def test_tools_on_text_rows_are_refused_not_ignored(tmp_path, capsys):
+    rows = [{"prompt": "Weather in Paris?", "chosen": "Sunny.", "rejected": "Rain.", "tools": [WEATHER]}]
+    path = write_jsonl(rows, tmp_path / "text-tools.jsonl")
+    line = one_line_error(doctor, [path], capsys)
+    assert f"{path}, row 1, field 'tools': tools offered on a row of text" in line, line
+    rows[0]["tools"] = []  # none offered: a text row as any other
+    assert checked(write_jsonl(rows, tmp_path / "text.jsonl"), None).rows_kept == 1
+
+
+def test_named_templates_are_checked_as_transformers_picks_them(tool_file, tokenizer):
+    """Hermes-style tokenizers hold {"default": ..., "tool_use": ...}: rows with tools render with "tool_use"
+    (was: refused, "unhashable type: 'dict'"); rows whose calls come without tools render with "default", which is
+    checked too."""
+    tools_template = TEMPLATE.read_text()
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.chat_template = {"default": plain, "tool_use": tools_template}
+    rows = tool_rows()
+    path = write_jsonl(rows, tool_file.parent / "named.jsonl")
+    assert checked(path, tokenizer).rows_kept == 4  # every row offers tools: "tool_use" renders them
+    rows[0].pop("tools")  # a call without tools offered: "default" renders it, and cannot
+    with pytest.raises(UserError, match="cannot render them: a probe conversation with a tool call renders without"):
+        checked(write_jsonl(rows, tool_file.parent / "bare.jsonl"), tokenizer)
+    tokenizer.chat_template = {"default": tools_template, "tool_use": tools_template}
+    assert checked(write_jsonl(rows, tool_file.parent / "bare2.jsonl"), tokenizer).rows_kept == 4
