@@ -80,11 +80,11 @@ def message_extras(message: dict, role: str, where: str) -> dict:
     give every message of a list the keys of the others)."""
     extras = {}
     calls = message.get("tool_calls")
-    if calls is not None:
+    if calls is not None and calls != []:  # an empty list calls nothing: a plain message, as OpenAI's exports write it
         if role != "assistant":
             raise UserError(f"{where}: 'tool_calls' on a '{role}' turn; only assistant turns call tools")
-        if not isinstance(calls, list) or not calls:
-            raise UserError(f"{where}: 'tool_calls' must be a non-empty list of calls, got {calls!r:.60}")
+        if not isinstance(calls, list):
+            raise UserError(f"{where}: 'tool_calls' must be a list of calls, got {calls!r:.60}")
         extras["tool_calls"] = [_tool_call(call, f"{where}, tool call {j}") for j, call in enumerate(calls, start=1)]
     if role == "tool":
         for key in TOOL_KEYS:

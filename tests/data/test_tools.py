@@ -367,3 +367,10 @@ def test_named_templates_are_checked_as_transformers_picks_them(tool_file, token
         checked(write_jsonl(rows, tool_file.parent / "bare.jsonl"), tokenizer)
     tokenizer.chat_template = {"default": tools_template, "tool_use": tools_template}
     assert checked(write_jsonl(rows, tool_file.parent / "bare2.jsonl"), tokenizer).rows_kept == 4
+
+
+def test_an_empty_tool_calls_list_beside_text_is_a_plain_message(tmp_path):
+    """Exports write `"tool_calls": []` on answers that call nothing (was: refused, "must be a non-empty list")."""
+    rows = [{"prompt": [user("Hi")], "chosen": [{**answer("Hello."), "tool_calls": []}], "rejected": [answer("Go.")]}]
+    pairs, _ = to_pairs(load_preference_data(str(write_jsonl(rows, tmp_path / "e.jsonl"))), "e.jsonl")
+    assert pairs[0]["chosen"] == [answer("Hello.")] and list(pairs["problem"]) == [""]
