@@ -27,10 +27,8 @@ def json_type(value) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
-    """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
-    whose type differs from the field's first value, or that holds a lone surrogate ("row N (line L),
-    field 'f': ..."), or None. `surrogates_only`: look for lone surrogates alone."""
+def _numbered_records(path: Path) -> tuple[list, str | None]:
+    """([(row, line or None, record), ...], None), or ([], the first malformed line)."""
     with open_data_file(path) as f:
         text = f.read().decode("utf-8-sig", errors="replace")  # a byte-order mark is no JSON: the readers skip it
     suffix = data_suffix(path)[0]
@@ -42,7 +40,7 @@ def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
             ]
         except json.JSONDecodeError as err:
             if err.msg != "Extra data":  # "Extra data": a .json file written as JSON Lines
-                return f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
+                return [], f"line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})"
             numbered = None
     if suffix == ".jsonl" or numbered is None:
         numbered = []
@@ -52,7 +50,17 @@ def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
             try:
                 numbered.append((len(numbered) + 1, lineno, json.loads(line)))
             except json.JSONDecodeError as err:
-                return f"line {lineno}: malformed JSON ({err.msg}, column {err.colno})"
+                return [], f"line {lineno}: malformed JSON ({err.msg}, column {err.colno})"
+    return numbered, None
+
+
+def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
+    """Why a JSON / JSON Lines file does not load: the first malformed line, or the first value
+    whose type differs from the field's first value, or that holds a lone surrogate ("row N (line L),
+    field 'f': ..."), or None. `surrogates_only`: look for lone surrogates alone."""
+    numbered, problem = _numbered_records(path)
+    if problem:
+        return problem
     first_type: dict[str, str] = {}
     for row, lineno, record in numbered:
         where = f"row {row}" + (f" (line {lineno})" if lineno and lineno != row else "")
@@ -70,6 +78,20 @@ def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
             if json_type(value) != kind:
                 return f"{where}, field '{key}': expected {kind} as in the rows before, got {json_type(value)} ({value!r:.60})"
     return None
+
+
+def json_values(path: Path):
+    """The records of a JSON / JSON Lines file that json_problem passes, as a Dataset of their values as they are:
+    text columns as text, every other column as JSON values (datasets' Json). For valid files pyarrow cannot
+    type: it infers types from the first 10 MiB of a file, so keys or types that first appear later (a tool call's
+    arguments of other names) fail there, with a message that names no row."""
+    from datasets import Dataset, Features, Json, Value
+
+    records = [record for _, _, record in _numbered_records(path)[0]]
+    names = list(dict.fromkeys(key for record in records for key in record))
+    columns = {name: [record.get(name) for record in records] for name in names}
+    text = {n for n, values in columns.items() if all(v is None or isinstance(v, str) for v in values)}
+    return Dataset.from_dict(columns, features=Features({n: Value("string") if n in text else Json() for n in names}))
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff: half of a pair, or a lone one

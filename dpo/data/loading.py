@@ -33,7 +33,7 @@ from dpo.data.datafiles import (
     folder_data_files,
     open_data_file,
 )
-from dpo.data.encoding import blank, check_utf8, has_surrogate_escape, json_problem, quiet_readers
+from dpo.data.encoding import blank, check_utf8, has_surrogate_escape, json_problem, json_values, quiet_readers
 from dpo.data.tools import message_extras
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
@@ -74,6 +74,11 @@ def _load_file(name: str, path: Path) -> Dataset:
         where = json_problem(path) if suffix in (".json", ".jsonl") else None
         if where:
             raise UserError(f"{name}, {where}") from None
+        if suffix in (".json", ".jsonl"):  # valid JSON that pyarrow could not type: its values as they are
+            try:
+                return json_values(path)
+            except Exception:  # not that either: the reader's own reason, below
+                pass
         cause = err.__cause__ or err.__context__ or err
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         # pyarrow's "in row N" counts from 0 within a block of the file: never shown as a row number

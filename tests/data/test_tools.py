@@ -374,3 +374,21 @@ def test_an_empty_tool_calls_list_beside_text_is_a_plain_message(tmp_path):
     rows = [{"prompt": [user("Hi")], "chosen": [{**answer("Hello."), "tool_calls": []}], "rejected": [answer("Go.")]}]
     pairs, _ = to_pairs(load_preference_data(str(write_jsonl(rows, tmp_path / "e.jsonl"))), "e.jsonl")
     assert pairs[0]["chosen"] == [answer("Hello.")] and list(pairs["problem"]) == [""]
+
+
+def test_tool_rows_past_the_first_10_mib_of_a_jsonl_load(tmp_path):
+    """pyarrow types a JSON Lines file from its first 10 MiB: a tool call first seen after that, with argument names
+    of its own, failed with "Couldn't cast array of type" and no row. Valid JSON is read as its values instead."""
+    long = "x" * 10_000
+    plain = [
+        {"prompt": [user(f"q{i} {long}")], "chosen": [answer("a")], "rejected": [answer("b")]} for i in range(1100)
+    ]
+    query = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "search", "arguments": {"query": "x", "limit": 3}}}]}  # fmt: skip
+    late = [{"prompt": [user("Find x")], "chosen": [query], "rejected": [answer("No.")]}, *tool_rows()[:1]]
+    path = write_jsonl(plain + late, tmp_path / "big.jsonl")
+    assert path.stat().st_size > 10 << 20
+    pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
+    assert len(pairs) == 1102 and pairs[0]["chosen"] == [answer("a")]
+    assert pairs[1100]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"query": "x", "limit": 3}
+    assert pairs[1101]["chosen"] == [call("Paris")] and json.loads(pairs[1101]["tools"]) == [WEATHER]
