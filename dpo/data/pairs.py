@@ -288,6 +288,11 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
         prompt, chosen, rejected, problem = split_shared_prompt(chosen, rejected)
     if prompt and prompt[0]["role"] != "system":
         prompt = _system_message(system) + prompt
+    elif prompt and _system_message(system) and prompt[0]["content"] != system:
+        raise UserError(
+            f"{rows.at(n, layout.system)}: the prompt opens with a system message of its own, and they differ; "
+            "keep one (the column, or the message)"
+        )
     problem = problem or _empty_prompt_problem(prompt)
     for column, reply in ((layout.chosen, chosen), (layout.rejected, rejected)):  # answer-only lists after a prompt
         if late := next((i for i, m in enumerate(reply, start=1) if m["role"] == "system"), None):

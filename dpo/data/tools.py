@@ -34,6 +34,7 @@ from dpo.errors import UserError
 
 TOOLS_COLUMN = "tools"
 TOOL_KEYS = ("tool_call_id", "name")  # kept on `tool` messages where given
+CALL_KEYS = ("id", "type")  # a tool call's own keys, beside its "function"
 TEMPLATE_SUFFIXES = (".jinja", ".j2")
 
 
@@ -69,9 +70,13 @@ def _tool_call(call, where: str) -> dict:
     arguments = _json_object(given, where, "'arguments'") if isinstance(given, str) else _without_nulls(given)
     if not isinstance(arguments, dict):
         raise UserError(f"{where}: 'arguments' must be an object {{name: value}}, got {arguments!r:.60}")
-    out = {**call} if "function" in call else {"type": "function"}
-    out["function"] = {**function, "arguments": arguments}
-    return out
+    if "function" in call:
+        return {**call, "function": {**function, "arguments": arguments}}
+    # the function's fields at the top: they go into "function"; the call's own (id, type) stay on the call, where
+    # templates read them (Mistral's renders tool_call.id)
+    own = {k: v for k, v in call.items() if k in CALL_KEYS}
+    inner = {k: v for k, v in call.items() if k not in CALL_KEYS}
+    return {"type": "function", **own, "function": {**inner, "arguments": arguments}}
 
 
 def message_extras(message: dict, role: str, where: str) -> dict:

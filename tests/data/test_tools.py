@@ -392,3 +392,29 @@ def test_tool_rows_past_the_first_10_mib_of_a_jsonl_load(tmp_path):
     assert len(pairs) == 1102 and pairs[0]["chosen"] == [answer("a")]
     assert pairs[1100]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"query": "x", "limit": 3}
     assert pairs[1101]["chosen"] == [call("Paris")] and json.loads(pairs[1101]["tools"]) == [WEATHER]
+
+
+def test_a_flat_calls_id_stays_on_the_call(tmp_path):
+    """A call written with the function's fields at the top ({"id", "name", "arguments"}) keeps its id on the call,
+    where templates read tool_call.id (was: moved inside "function")."""
+    flat = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "c1", "name": "get_weather", "arguments": {"city": "Oslo"}}],
+    }
+    rows = [{"prompt": [user("Weather in Oslo?")], "chosen": [flat], "rejected": [answer("Cold.")]}]
+    pairs, _ = to_pairs(load_preference_data(str(write_jsonl(rows, tmp_path / "flat.jsonl"))), "flat.jsonl")
+    (got,) = pairs[0]["chosen"][0]["tool_calls"]
+    assert got == {"type": "function", "id": "c1", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+
+
+def test_a_system_column_and_a_system_message_that_differ_are_refused(tmp_path, capsys):
+    """Was: the system column was dropped without a word when the prompt opened with a system message."""
+    prompt = [{"role": "system", "content": "Be brief."}, user("Hi")]
+    rows = [{"prompt": prompt, "chosen": [answer("Hello.")], "rejected": [answer("Go.")], "system": "Be kind."}]
+    path = write_jsonl(rows, tmp_path / "two-systems.jsonl")
+    line = one_line_error(doctor, [path], capsys)
+    assert f"{path}, row 1, field 'system': the prompt opens with a system message of its own" in line, line
+    rows[0]["system"] = "Be brief."  # the same: nothing lost
+    pairs, _ = to_pairs(load_preference_data(str(write_jsonl(rows, tmp_path / "same.jsonl"))), "same.jsonl")
+    assert pairs[0]["prompt"] == prompt
