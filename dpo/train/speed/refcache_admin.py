@@ -164,7 +164,7 @@ def choose(cache_dir: Path, keys: list[str], all_: bool, unused_days: float | No
                 f"{key!r}: {what} in {cache_dir} has that key; keys: {known} (python -m dpo.cache lists them)"
             )
         chosen.append(found[0])
-    return chosen
+    return list(dict.fromkeys(chosen))  # a key named twice (or by two of its starts) is removed once
 
 
 def remove(cache_dir: Path, folders: list[Path]) -> int:

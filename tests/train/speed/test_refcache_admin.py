@@ -170,3 +170,12 @@ def test_an_unknown_subcommand_is_refused_listing_the_valid_ones(tmp_path, capsy
     """`python -m dpo.cache clear` said "invalid choice: 'clear'" and not what the choices are."""
     line = one_line_error(main, ["--cache_dir", tmp_path, "clear"], capsys)
     assert "invalid choice: 'clear'; accepted: one of list, remove" in line, line
+
+
+def test_a_key_named_twice_is_removed_once(tmp_path, capsys):
+    """Was: `remove 3f2a 3f2a9c` deleted the folder, then stopped on an AssertionError traceback for the second."""
+    make_cache(tmp_path, KEYS[0], ["a"])
+    make_cache(tmp_path, KEYS[1], ["b"])
+    entries, out = run(["--cache_dir", tmp_path, "remove", KEYS[0][:4], KEYS[0][:10], KEYS[0]], capsys)
+    assert [e.key for e in entries] == [KEYS[1]] and not (tmp_path / KEYS[0]).exists()
+    assert "removed 1 reference cache(s)" in out
