@@ -34,7 +34,7 @@ from dpo.data.datafiles import (
     open_data_file,
 )
 from dpo.data.encoding import blank, check_utf8, has_surrogate_escape, json_problem, json_values, quiet_readers
-from dpo.data.tools import message_extras
+from dpo.data.tools import has_calls, message_extras
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
 from dpo.hub import local_reason, offline_if_unreachable, offline_mode, offline_why
@@ -303,7 +303,7 @@ def messages_field(value, where: str) -> list[dict]:
         )
     out = []
     for i, message in enumerate(value, start=1):
-        calls = isinstance(message, dict) and message.get("tool_calls") is not None
+        calls = isinstance(message, dict) and has_calls(message)
         if (
             not isinstance(message, dict)
             or not isinstance(message.get("role"), str)

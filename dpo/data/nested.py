@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator
+from dpo.data.tools import without_nulls
 from dpo.errors import UserError
 
 TOP_LEVEL_TOOLS = "tools"  # some exports put the tools beside `input` rather than in it
@@ -72,7 +73,8 @@ def unnest(data, source: str, named: bool):
             values[path].append(record[parent].get(key))
         if TOP_LEVEL_TOOLS in names and layout.fields.get("tools") in values:  # tools beside the input, not in it
             given, beside = values[layout.fields["tools"]][-1], tools_beside[n - 1]
-            if given not in (None, []) and beside not in (None, []) and given != beside:
+            differ = without_nulls(given) != without_nulls(beside)  # less the keys Parquet adds (dpo/data/tools.py)
+            if given not in (None, []) and beside not in (None, []) and differ:
                 raise UserError(
                     f"{rows.at(n, TOP_LEVEL_TOOLS)}: tools given twice, here and in '{layout.fields['tools']}', and "
                     "they differ; keep one"

@@ -56,7 +56,7 @@ from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator, late_syst
 from dpo.data.nested import unnest
 from dpo.data.preferences import HISTORY, Preference, detect_preference
 from dpo.data.prompts import DIVERGE, NO_SHARED_PROMPT, parse_hh, reply_problem, split_hh_text, split_shared_prompt  # noqa: F401  (DIVERGE: callers import the drop reasons from here)
-from dpo.data.tools import TOOLS_COLUMN, pairs_features, tools_field
+from dpo.data.tools import TOOLS_COLUMN, offers_tools, pairs_features, tools_field
 from dpo.errors import UserError
 
 # Column names tried, in order, when the YAML names none (`prompt_column:` etc.).
@@ -123,10 +123,11 @@ class Layout:
 
 
 def _first_value(data: Dataset, column: str):
-    for value in data[:100][column]:  # the first non-null, non-empty value decides the column's kind
-        if value is not None and value != []:  # an empty list is no kind: that row is dropped as empty later
-            return value
-    return None
+    """The first non-null, non-empty value of `column` (its kind decides the layout): an empty list says no kind,
+    that row is dropped as empty later. [] when only empty lists come first, None when nothing does."""
+    values = data[:100][column]
+    found = next((v for v in values if v is not None and v != []), None)
+    return [] if found is None and any(v == [] for v in values) else found
 
 
 def _is_messages(value) -> bool:
@@ -235,7 +236,7 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
     system = None
     if layout.system is not None and raw.get(layout.system) is not None:
         system = text_field(raw[layout.system], rows.at(n, layout.system))
-    if layout.kind != "conversational" and layout.tools and tools_field(raw[layout.tools], rows.at(n, layout.tools)):
+    if layout.kind != "conversational" and layout.tools and offers_tools(raw[layout.tools]):
         raise UserError(
             f"{rows.at(n, layout.tools)}: tools offered on a row of text, where they would be ignored: tools render "
             "through a chat template, so give prompt, chosen and rejected as lists of messages"
@@ -286,9 +287,11 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
     else:
         # implicit prompt (trl-lib) or prompt string + full conversations (HuggingFaceH4): shared turns
         prompt, chosen, rejected, problem = split_shared_prompt(chosen, rejected)
+    if prompt and prompt[0]["role"] == "system" and not prompt[0]["content"].strip():
+        prompt = prompt[1:]  # an empty system message says nothing: the column's, if any, takes its place
     if prompt and prompt[0]["role"] != "system":
         prompt = _system_message(system) + prompt
-    elif prompt and _system_message(system) and prompt[0]["content"] != system:
+    elif prompt and _system_message(system) and prompt[0]["content"].strip() != system.strip():
         raise UserError(
             f"{rows.at(n, layout.system)}: the prompt opens with a system message of its own, and they differ; "
             "keep one (the column, or the message)"

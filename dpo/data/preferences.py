@@ -186,8 +186,8 @@ def _number(value, where: str) -> float:
 
 
 def _first_value(data, column: str):
-    for value in data[:100][column]:
-        if value is not None:
+    for value in data[:100][column]:  # an empty list says no kind (dpo/data/pairs.py _first_value)
+        if value is not None and value != []:
             return value
     return None
 

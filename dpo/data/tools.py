@@ -48,35 +48,41 @@ def _json_object(value, where: str, what: str):
     return value
 
 
-def _without_nulls(value):
+def without_nulls(value):
     """`value` with every null-valued key of its objects dropped, at any depth (the keys Arrow added)."""
     if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
+        return [without_nulls(v) for v in value]
     return value
 
 
 def _tool_call(call, where: str) -> dict:
     """One entry of `tool_calls`: {"type": "function", "function": {"name": text, "arguments": object}}
     (or the function's fields at the top), with the arguments read into an object."""
-    function = call.get("function", call) if isinstance(call, dict) else None
+    nested = isinstance(call, dict) and call.get("function") is not None  # null: a flat call beside nested ones
+    function = (call["function"] if nested else call) if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
         raise UserError(
             f"{where}: expected {{'type': 'function', 'function': {{'name': text, 'arguments': {{...}}}}}}, "
             f"got {call!r:.80}"
         )
     given = function.get("arguments", {})
-    arguments = _json_object(given, where, "'arguments'") if isinstance(given, str) else _without_nulls(given)
+    arguments = _json_object(given, where, "'arguments'") if isinstance(given, str) else without_nulls(given)
     if not isinstance(arguments, dict):
         raise UserError(f"{where}: 'arguments' must be an object {{name: value}}, got {arguments!r:.60}")
-    if "function" in call:
-        return {**call, "function": {**function, "arguments": arguments}}
+    if nested:
+        return {**without_nulls(call), "function": {**without_nulls(function), "arguments": arguments}}
     # the function's fields at the top: they go into "function"; the call's own (id, type) stay on the call, where
-    # templates read them (Mistral's renders tool_call.id)
-    own = {k: v for k, v in call.items() if k in CALL_KEYS}
-    inner = {k: v for k, v in call.items() if k not in CALL_KEYS}
+    # templates read them (Mistral's renders tool_call.id); null keys are Arrow's (a nested call's "function")
+    own = {k: v for k, v in call.items() if k in CALL_KEYS and v is not None}
+    inner = {k: v for k, v in call.items() if k not in (*CALL_KEYS, "function") and v is not None}
     return {"type": "function", **own, "function": {**inner, "arguments": arguments}}
+
+
+def has_calls(message: dict) -> bool:
+    """The message holds tool calls: `tool_calls` neither null nor an empty list (both mean none)."""
+    return message.get("tool_calls") not in (None, [])
 
 
 def message_extras(message: dict, role: str, where: str) -> dict:
@@ -85,7 +91,7 @@ def message_extras(message: dict, role: str, where: str) -> dict:
     give every message of a list the keys of the others)."""
     extras = {}
     calls = message.get("tool_calls")
-    if calls is not None and calls != []:  # an empty list calls nothing: a plain message, as OpenAI's exports write it
+    if has_calls(message):  # an empty list calls nothing: a plain message, as OpenAI's exports write it
         if role != "assistant":
             raise UserError(f"{where}: 'tool_calls' on a '{role}' turn; only assistant turns call tools")
         if not isinstance(calls, list):
@@ -103,7 +109,7 @@ def message_extras(message: dict, role: str, where: str) -> dict:
 def tools_field(value, where: str) -> str | None:
     """The tools a row offers, as the JSON text TRL reads (None: no tools; an empty list is none too, as TRL's
     own `apply_chat_template` treats it). Each tool: {"type": "function", "function": {"name": text, ...}}."""
-    tools = _json_object(value, where, "the tools") if isinstance(value, str) else _without_nulls(value)
+    tools = _json_object(value, where, "the tools") if isinstance(value, str) else without_nulls(value)
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list):
@@ -118,6 +124,17 @@ def tools_field(value, where: str) -> str | None:
                 f"'parameters': {{...}}}}}}, got {tool!r:.80}"
             )
     return json.dumps(tools, ensure_ascii=False)
+
+
+def offers_tools(value) -> bool:
+    """`value` (a tools column's cell, or its JSON text) lists function tools; a column of that name holding
+    something else (a text row's own "tools" field) does not."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(value, list) and any(isinstance(t, dict) and ("function" in t or "name" in t) for t in value)
 
 
 def has_tool_messages(*conversations) -> bool:

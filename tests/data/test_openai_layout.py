@@ -127,3 +127,17 @@ def test_an_empty_list_in_row_1_is_a_dropped_row_not_the_layout(tmp_path):
     path = write_jsonl([empty, *rows()], tmp_path / "empty-first.jsonl")
     report = check_data(load_preference_data(str(path)), str(path))
     assert report.rows_kept == 2 and report.rows_dropped == 1, report.table()
+
+
+def test_the_same_tools_twice_in_parquet_pass(tmp_path):
+    """Parquet gives row 1's tools the keys of row 2's (as nulls): the same tools in input.tools and beside it are
+    still the same (was: refused as differing)."""
+    from datasets import Dataset
+
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    first = {**DOC_ROW, "input": {"messages": DOC_ROW["input"]["messages"], "tools": [WEATHER]}, "tools": [WEATHER]}
+    second = {**DOC_ROW, "input": {"messages": DOC_ROW["input"]["messages"], "tools": [strict]}, "tools": None}
+    path = tmp_path / "o.parquet"
+    Dataset.from_list([first, second]).to_parquet(str(path))
+    pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
+    assert json.loads(pairs[0]["tools"]) == [WEATHER] and json.loads(pairs[1]["tools"]) == [strict]

@@ -224,3 +224,12 @@ def test_label_and_score_settings_flow_through_the_recipes_yaml(tmp_path, tiny_m
     argv = ["--model_name_or_path", tiny_model_dir, "--dataset_name", path, "--output_dir", tmp_path / "out"]
     line = one_line_error(recipe.main, [*argv, "--label_column", "harmless_id"], capsys)
     assert f"{path}: label_column: 'harmless_id' is not a column" in line, line
+
+
+def test_an_empty_completions_list_in_row_1_is_a_dropped_row_not_the_layout(tmp_path):
+    """Was: row 1's `completions: []` decided the data had no completions, and the file was refused as missing
+    chosen and rejected."""
+    rows = ultrafeedback_raw_rows(4)
+    rows[0]["completions"] = []
+    pairs, _ = to_pairs(Dataset.from_list(rows), "uf")
+    assert pairs[0]["problem"] == TOO_FEW and all(not p for p in pairs["problem"][1:])

@@ -418,3 +418,46 @@ def test_a_system_column_and_a_system_message_that_differ_are_refused(tmp_path, 
     rows[0]["system"] = "Be brief."  # the same: nothing lost
     pairs, _ = to_pairs(load_preference_data(str(write_jsonl(rows, tmp_path / "same.jsonl"))), "same.jsonl")
     assert pairs[0]["prompt"] == prompt
+
+
+def test_reviewed_edges_of_tool_rows(tmp_path, capsys):
+    """A flat call beside nested ones in Parquet keeps type "function" and no null keys; `tool_calls: []` does not make
+    a null content legal; an unrelated "tools" field on text rows stays theirs; a system column equal to the prompt's
+    own system message but for spacing passes, and an empty system message gives way to the column."""
+    from datasets import Dataset
+
+    nested = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}  # fmt: skip
+    flat = {"role": "assistant", "content": "", "tool_calls": [{"name": "g", "arguments": "{}"}]}
+    rows = [{"prompt": [user("a")], "chosen": [nested], "rejected": [answer("x")]},
+            {"prompt": [user("b")], "chosen": [flat], "rejected": [answer("y")]}]  # fmt: skip
+    path = tmp_path / "mixed.parquet"
+    Dataset.from_list(rows).to_parquet(str(path))
+    pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
+    assert pairs[1]["chosen"][0]["tool_calls"] == [{"type": "function", "function": {"name": "g", "arguments": {}}}]
+    assert pairs[0]["chosen"][0]["tool_calls"][0] == {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "f", "arguments": {}},
+    }
+
+    capsys.readouterr()  # the Parquet writer's progress bar
+    null_user = [
+        {
+            "prompt": [{"role": "user", "content": None, "tool_calls": []}],
+            "chosen": [answer("x")],
+            "rejected": [answer("y")],
+        }
+    ]
+    line = one_line_error(doctor, [write_jsonl(null_user, tmp_path / "null.jsonl")], capsys)
+    assert "row 1, field 'prompt', message 1: expected {'role': text, 'content': text}" in line, line
+
+    text = [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "tools": "calculator"}]
+    assert checked(write_jsonl(text, tmp_path / "text.jsonl"), None).rows_kept == 1
+
+    system = [{"prompt": [{"role": "system", "content": "Be brief.\n"}, user("Hi")], "chosen": [answer("Hello.")],
+               "rejected": [answer("Go.")], "system": "Be brief."}]  # fmt: skip
+    assert checked(write_jsonl(system, tmp_path / "s1.jsonl"), None).rows_kept == 1
+    system[0]["prompt"][0]["content"] = ""
+    pairs, _ = to_pairs(load_preference_data(str(write_jsonl(system, tmp_path / "s2.jsonl"))), "s2.jsonl")
+    assert pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."}, user("Hi")]
