@@ -183,16 +183,20 @@ def check_new_target(path: Path, flag: str, folder: bool) -> None:
 def holds_the_same(path: Path, write) -> bool:
     """Whether `path` (a file or a folder) already holds, byte for byte, what `write(new_path)` writes: the
     command is rerun-safe (recipes/README.md's steps write the same tiny model twice) without overwriting."""
-    if not path.exists() or path.is_symlink():
-        return False
-    with tempfile.TemporaryDirectory(prefix=".dpo-tiny-", dir=path.parent) as tmp:
-        fresh = write(Path(tmp) / path.name)
+    if not path.exists() or path.is_symlink() or (path.is_dir() and not any(path.iterdir())):
+        return False  # (an empty folder is a new target: check_new_target lets it through)
+    with tempfile.TemporaryDirectory(prefix="dpo-tiny-") as tmp:  # never beside `path`: it may be / or read-only
+        fresh = write(Path(tmp) / "fresh")
 
-        def contents(root: Path) -> dict:
-            files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-            return {str(p.relative_to(root)): p.read_bytes() for p in files}
+        def entries(root: Path) -> dict:  # names and sizes, one level: no file read, no tree walked
+            return {p.name: p.stat().st_size if p.is_file() else -1 for p in (root.iterdir() if root.is_dir() else [])}
 
-        return contents(path) == contents(fresh)
+        if path.is_dir() != fresh.is_dir() or entries(path) != entries(fresh):
+            return False  # another folder or file (a user's, the repository...): not read at all
+        if path.is_file() and path.stat().st_size != fresh.stat().st_size:
+            return False
+        files = [(path, fresh)] if path.is_file() else [(path / n, fresh / n) for n in entries(fresh)]
+        return all(a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes() for a, b in files)
 
 
 @exit_on_user_error

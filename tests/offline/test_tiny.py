@@ -43,3 +43,28 @@ def test_recipes_readme_tiny_commands_run_in_order_in_one_folder(tmp_path, monke
     said = capsys.readouterr().out
     assert "already holds this tiny Phi model (seed 0, the same bytes): kept as it is" in said
     assert (tmp_path / commands[0][0] / "model.safetensors").is_file()
+
+
+def test_a_folder_or_file_of_someone_elses_is_refused_without_reading_it(tmp_path, monkeypatch, capsys):
+    """Was: before refusing an existing folder, every file under it was read into memory (`python -m dpo.tiny .` in
+    the repository: all of .venv and .git), with the fresh copy built beside it (`/` : in /)."""
+    import pathlib
+
+    user = tmp_path / "user"
+    (user / "deep").mkdir(parents=True)
+    (user / "notes.txt").write_text("mine")
+    (user / "deep" / "data.bin").write_bytes(b"x" * 1000)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"mine": 1}\n')
+    read = pathlib.Path.read_bytes
+
+    def guarded(self):
+        assert tmp_path not in self.parents, f"read {self}"
+        return read(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", guarded)
+    line = one_line_error(main, [user], capsys)
+    assert f"output_dir {user} is not empty" in line, line
+    line = one_line_error(main, [tmp_path / "new", "--truthy_rows", rows], capsys)
+    assert f"--truthy_rows {rows} already exists" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "user"]  # nothing built beside them
