@@ -132,9 +132,23 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+FIGURE_MARK = "dpo-recipes"  # the PNG 'Software' text of the figures these tools write (is_our_figure)
+
+
 def save_figure(fig, path: str | Path) -> Path:
-    """A matplotlib figure saved as PNG at `path`, whole or not at all (replace_atomically)."""
-    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    """A matplotlib figure saved as PNG at `path`, whole or not at all (replace_atomically), marked as ours."""
+    metadata = {"Software": FIGURE_MARK}
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=metadata))
+
+
+def is_our_figure(path: str | Path) -> bool:
+    """`path` is a PNG that save_figure wrote (its tEXt chunk, before the image data): one a tool may replace."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG") and b"Software\x00" + FIGURE_MARK.encode() in head
 
 
 def file_sha256(path: Path) -> str:

@@ -46,6 +46,7 @@ from dpo.data.loading import load_preference_data, split_heldout
 from dpo.data.pairs import Columns, to_pairs
 from dpo.data.tools import TOOLS_COLUMN, check_template, has_tool_messages, template_for_rows
 from dpo.errors import UserError, exit_on_user_error
+from dpo.files import is_our_figure
 from dpo.gate.check import check_flags
 from dpo.gate.flags import command_parser, parse_flags
 from dpo.log import log
@@ -288,12 +289,19 @@ def histogram_path(name: str) -> Path:
     """Where `--histogram name` writes, checked before any work: a .png file (a name without a suffix
     gets .png, as matplotlib would add it), in a folder that exists or can be made and is writable."""
     path = Path(name).expanduser()
+    if path.is_dir() or name.endswith(("/", os.sep)) or not path.name:
+        raise UserError(f"--histogram {name}: a folder; give a file name ending in .png")
     if not path.suffix:
         path = path.with_suffix(".png")
     if path.suffix.lower() != ".png":
         raise UserError(f"--histogram {name}: the histogram is a PNG image; give a name ending in .png")
     if path.is_dir():
         raise UserError(f"--histogram {name}: a folder; give a file name ending in .png")
+    if (path.exists() or path.is_symlink()) and not is_our_figure(path):
+        raise UserError(
+            f"--histogram {name}: {path} exists and is not a figure these tools wrote; give a new name (nothing is "
+            "overwritten)"
+        )
     folder = path.parent
     while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
         folder = folder.parent

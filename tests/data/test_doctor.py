@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from datasets import Dataset
-from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, orca_rows, trl_ultrafeedback_rows
+from helpers import ROOT, h4_ultrafeedback_rows, hh_rows, one_line_error, orca_rows, trl_ultrafeedback_rows
 
 from dpo.compat import DPOTrainer
 from dpo.data.doctor import check_data, main
@@ -227,6 +227,26 @@ def test_cli_prints_the_table_and_writes_a_histogram(tiny_model_dir, tmp_path, c
     assert "dropped 2 of 14 rows" in err
     assert report.rows_kept == 12
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main([str(data), "--model_name_or_path", str(tiny_model_dir), "--histogram", str(png)])  # its own: replaced
+    assert "length histogram written to" in capsys.readouterr().out
+
+
+def test_the_histogram_never_replaces_a_file_it_did_not_write_nor_names_a_folder(tmp_path, capsys):
+    """Was: --histogram over a user's file replaced it; `.` was a ValueError traceback; `folder/` wrote folder.png
+    beside the folder."""
+    data = write_jsonl(trl_ultrafeedback_rows(4), tmp_path / "uf.jsonl")
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"\x89PNG\r\n\x1a\n not made by the doctor")
+    (tmp_path / "userdir").mkdir()
+    for name, said in (
+        (mine, "exists and is not a figure these tools wrote"),
+        (".", "a folder"),
+        (f"{tmp_path / 'userdir'}/", "a folder"),
+        (tmp_path / "userdir", "a folder"),
+    ):
+        line = one_line_error(main, [str(data), "--histogram", str(name)], capsys)
+        assert f"--histogram {name}: " in line and said in line, line
+    assert mine.read_bytes().endswith(b"not made by the doctor") and not (tmp_path / "userdir.png").exists()
 
 
 def _stats_line(table: str, part: str) -> str:
