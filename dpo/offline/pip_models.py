@@ -163,6 +163,10 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
     if is_materialized(out, name):
         _complete_marker(out, spec)
         return out
+    if out.is_symlink():
+        raise UserError(f"{out}: a symbolic link; give the folder itself (the build is renamed into place)")
+    if not (above := next(p for p in out.parents if p.exists())).is_dir():
+        raise UserError(f"{out}: {above} is a file, not a folder; pick another place for the model")
     stale = built_by_another_transformers(out, name)
     ours = _same(_read_marker(out), _marker(spec), BUILD_KEYS)  # our build, a file changed since (changed_file)
     if stale is None and not ours and out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -191,9 +195,9 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
             shutil.rmtree(staging)
             return out
         _put_in_place(staging, out, stale=stale is not None or ours)
-    except OSError:
+    except BaseException as err:  # a Ctrl-C or a failed load too: no half-built staging folder is left behind
         shutil.rmtree(staging, ignore_errors=True)
-        if is_materialized(out, name):  # another process finished the same build first
+        if isinstance(err, OSError) and is_materialized(out, name):  # another process finished the same build first
             return out
         raise
     log(f"saved {name} to {out} ({parameters:,} parameters, float32)")

@@ -113,3 +113,27 @@ def test_a_file_name_in_the_build_record_is_kept_inside_the_folder(tmp_path):
     (tmp_path / MARKER).write_text(json.dumps({"files": {"../outside": 1}}))
     with pytest.raises(UserError, match="not inside"):
         changed_file(tmp_path)
+
+
+def test_a_path_under_a_file_a_link_or_a_stopped_build_leave_nothing_and_say_why(tmp_path, monkeypatch):
+    """Was: a folder under a file was a FileExistsError traceback, a link to an empty folder failed after the whole
+    build (NotADirectoryError), and a Ctrl-C during the build left its hidden staging folder (~540 MB) for good."""
+    import dpo.offline.pip_models as pip_models
+
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(UserError, match=r"afile is a file, not a folder"):
+        materialize("smollm2-135m-instruct", tmp_path / "afile" / "sub")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(UserError, match="a symbolic link; give the folder itself"):
+        materialize("smollm2-135m-instruct", tmp_path / "link")
+
+    def stopped(source, folder):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pip_models, "_build", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        materialize("smollm2-135m-instruct", tmp_path / "built")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "link"]
