@@ -219,6 +219,7 @@ def test_each_kind_takes_its_own_folder_and_a_new_one():
         ("dpo.evaluation.export", ["", "--merged", "x"]),
         ("dpo.evaluation.export", ["{run}", "--merged", " "]),
         ("dpo.offline.tiny", [" "]),
+        ("dpo.offline.tiny", ["{run}/tiny", "--truthy_rows", ""]),
         ("dpo.offline.pip_models", ["smollm2-135m-instruct", ""]),
         ("dpo.train.speed.refcache_admin", ["--cache_dir", "", "remove", "--all"]),
         ("dpo.data.doctor", ["{run}", "--histogram", ""]),

@@ -218,6 +218,7 @@ PATHS = (
     "merged",
     "gguf",
     "histogram",
+    "truthy_rows",
 )
 ENV_PATHS = ("DPO_REFERENCE_CACHE", "DPO_MODELS_CACHE")
 
