@@ -99,7 +99,8 @@ def model_integration_problems(training_args, config, tokenizer) -> list[str]:
     problems += model_init_problems(getattr(training_args, "model_init_kwargs", None), config)
     if getattr(training_args, "assistant_only_loss", False):
         template = tokenizer.chat_template or ""
-        if "generation" not in template:
+        named = template.get("default") or "" if isinstance(template, dict) else template  # Hermes-style names
+        if "generation" not in named:
             problems.append(
                 "assistant_only_loss needs a chat template that marks assistant turns with {% generation %}; "
                 "this tokenizer's does not (TRL could not find the tokens to train on): set it false"

@@ -377,3 +377,19 @@ def test_a_lora_rank_up_to_the_narrowest_targeted_layer_passes_that_check(tiny_m
     check_lora_rank(config, ModelConfig(lora_r=narrowest, use_peft=True), targets)  # no error
     with pytest.raises(Exception, match=f"set lora_r to {narrowest} or less"):
         check_lora_rank(config, ModelConfig(lora_r=narrowest + 1, use_peft=True), targets)
+
+
+def test_assistant_only_loss_reads_a_named_templates_default():
+    """Hermes-style tokenizers hold {"default": ..., "tool_use": ...}: the check read the dict's keys, so it
+    refused every such tokenizer, markers or not."""
+    from types import SimpleNamespace
+
+    from dpo.gate.integrations import model_integration_problems
+
+    marked = "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}"
+    args = SimpleNamespace(assistant_only_loss=True, max_length=64, model_init_kwargs=None)
+    config = SimpleNamespace(max_position_embeddings=2048)
+    for template, refused in (({"default": marked, "tool_use": marked}, False), ({"default": "{{ x }}"}, True)):
+        tokenizer = SimpleNamespace(chat_template=template, get_vocab=dict)
+        problems = model_integration_problems(args, config, tokenizer)
+        assert any("assistant_only_loss" in p for p in problems) == refused, problems
