@@ -80,18 +80,29 @@ def json_problem(path: Path, surrogates_only: bool = False) -> str | None:
     return None
 
 
-def json_values(path: Path):
-    """The records of a JSON / JSON Lines file that json_problem passes, as a Dataset of their values as they are:
-    text columns as text, every other column as JSON values (datasets' Json). For valid files pyarrow cannot
-    type: it infers types from the first 10 MiB of a file, so keys or types that first appear later (a tool call's
-    arguments of other names) fail there, with a message that names no row."""
+def json_records(path: Path) -> list[dict]:
+    """The records of a JSON / JSON Lines file that json_problem passes, in order."""
+    return [record for _, _, record in _numbered_records(path)[0]]
+
+
+def json_values(records: list[dict]):
+    """Records of JSON files that json_problem passes, as a Dataset of their values as they are: text columns as
+    text, every other column as JSON values (datasets' Json). For valid files pyarrow cannot type: it infers types
+    from the first 10 MiB of a file, so keys or types that first appear later (a tool call's arguments of other
+    names) fail there with a message that names no row; and files of one folder it typed apart may differ."""
     from datasets import Dataset, Features, Json, Value
 
-    records = [record for _, _, record in _numbered_records(path)[0]]
     names = list(dict.fromkeys(key for record in records for key in record))
     columns = {name: [record.get(name) for record in records] for name in names}
-    text = {n for n, values in columns.items() if all(v is None or isinstance(v, str) for v in values)}
-    return Dataset.from_dict(columns, features=Features({n: Value("string") if n in text else Json() for n in names}))
+
+    def feature(values: list):
+        if all(v is None or isinstance(v, str) for v in values):
+            return Value("string")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):  # row numbers, ids
+            return Value("int64")
+        return Json()
+
+    return Dataset.from_dict(columns, features=Features({n: feature(v) for n, v in columns.items()}))
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff: half of a pair, or a lone one

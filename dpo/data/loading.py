@@ -33,7 +33,16 @@ from dpo.data.datafiles import (
     folder_data_files,
     open_data_file,
 )
-from dpo.data.encoding import blank, check_utf8, has_surrogate_escape, json_problem, json_values, quiet_readers
+from dpo.data.encoding import (
+    blank,
+    check_utf8,
+    has_surrogate_escape,
+    json_problem,
+    json_records,
+    json_type,
+    json_values,
+    quiet_readers,
+)
 from dpo.data.tools import has_calls, message_extras
 from dpo.errors import UserError, hub_error
 from dpo.files import confined, read_json_object
@@ -76,7 +85,7 @@ def _load_file(name: str, path: Path) -> Dataset:
             raise UserError(f"{name}, {where}") from None
         if suffix in (".json", ".jsonl"):  # valid JSON that pyarrow could not type: its values as they are
             try:
-                return json_values(path)
+                return json_values(json_records(path))
             except Exception:  # not that either: the reader's own reason, below
                 pass
         cause = err.__cause__ or err.__context__ or err
@@ -221,6 +230,8 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
         data = data.add_column(FILE_COLUMN, [shown] * len(data)).add_column(FILE_ROW_COLUMN, range(1, len(data) + 1))
         if parts and data.features != parts[0].features and _same_but_text_width(data.features, parts[0].features):
             data = data.cast(parts[0].features)  # .jsonl gives large_string, .csv and .parquet string
+        if parts and data.features != parts[0].features and (values := _json_folder(splits[split], folder, name)):
+            return values  # valid JSON files pyarrow typed apart: all of them as their values
         if parts and data.features != parts[0].features:
             first = parts[0][FILE_COLUMN][0]
             theirs = {k: str(v) for k, v in data.features.items()}
@@ -229,6 +240,24 @@ def _load_folder(name: str, folder: Path, split: str, missing_ok: bool) -> Datas
             raise UserError(f"{shown}: columns {diff} differ from {first} (missing, or of another type)")
         parts.append(data)
     return concatenate_datasets(parts)
+
+
+def _json_folder(files: list, folder: Path, name: str) -> Dataset | None:
+    """A folder's JSON files read as their values (encoding.json_values), each row with its file and row; None when
+    a file is not JSON, not valid, or a field holds another kind of value than in the other files (text in one,
+    a number in another: columns that really differ, refused by the caller)."""
+    if any(data_suffix(Path(f))[0] not in (".json", ".jsonl") or json_problem(Path(f)) for f in files):
+        return None
+    records, kinds = [], {}
+    for file in files:
+        shown = str(Path(name) / Path(file).relative_to(folder))
+        rows = json_records(Path(file))
+        for row in rows:
+            for key, value in row.items():
+                if value is not None and kinds.setdefault(key, json_type(value)) != json_type(value):
+                    return None
+        records += [{**r, FILE_COLUMN: shown, FILE_ROW_COLUMN: i} for i, r in enumerate(rows, start=1)]
+    return json_values(records)
 
 
 def _same_but_text_width(a, b) -> bool:

@@ -13,6 +13,7 @@ as any conversational data, so an error names the field by its path: "data.jsonl
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from dpo.data.loading import FILE_COLUMN, FILE_ROW_COLUMN, RowLocator
@@ -70,7 +71,11 @@ def unnest(data, source: str, named: bool):
                 raise UserError(f"{rows.at(n, parent)}: expected an object with {keys}; {got}")
         for path in paths:
             parent, key = path.split(".", 1)
-            values[path].append(record[parent].get(key))
+            value = record[parent].get(key)
+            # tools as JSON text are read exactly (dpo/data/tools.py); datasets' Json would parse text that is JSON
+            values[path].append(
+                json.dumps(value) if path == layout.fields.get("tools") and isinstance(value, str) else value
+            )
         if TOP_LEVEL_TOOLS in names and layout.fields.get("tools") in values:  # tools beside the input, not in it
             given, beside = values[layout.fields["tools"]][-1], tools_beside[n - 1]
             differ = without_nulls(given) != without_nulls(beside)  # less the keys Parquet adds (dpo/data/tools.py)
@@ -80,7 +85,7 @@ def unnest(data, source: str, named: bool):
                     "they differ; keep one"
                 )
             if given in (None, []):
-                values[layout.fields["tools"]][-1] = beside
+                values[layout.fields["tools"]][-1] = json.dumps(beside) if isinstance(beside, str) else beside
     # JSON values as they are: Arrow would give every message the keys of all the others
     nested = Dataset.from_dict(values, features=Features({path: Json() for path in paths}))
     removed = [*parents, *([TOP_LEVEL_TOOLS] if tools_beside is not None else [])]  # now read into `nested`

@@ -141,3 +141,15 @@ def test_the_same_tools_twice_in_parquet_pass(tmp_path):
     Dataset.from_list([first, second]).to_parquet(str(path))
     pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
     assert json.loads(pairs[0]["tools"]) == [WEATHER] and json.loads(pairs[1]["tools"]) == [strict]
+
+
+def test_tools_given_as_json_text_keep_the_nulls_they_mean(tmp_path):
+    """JSON text is read exactly (dpo/data/tools.py): a schema's "default": null stays (was: datasets' Json type
+    parsed the text into a list, and the nulls Parquet adds were then dropped from it too)."""
+    schema = {**WEATHER, "function": {**WEATHER["function"], "parameters": {"type": "object", "properties": {
+        "unit": {"type": ["string", "null"], "default": None}}}}}  # fmt: skip
+    row = rows()[1]
+    row["input"] = {**row["input"], "tools": json.dumps([schema])}
+    path = write_jsonl([row], tmp_path / "text-tools.jsonl")
+    pairs, _ = to_pairs(load_preference_data(str(path)), str(path))
+    assert json.loads(pairs[0]["tools"]) == [schema]

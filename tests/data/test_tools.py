@@ -461,3 +461,22 @@ def test_reviewed_edges_of_tool_rows(tmp_path, capsys):
     system[0]["prompt"][0]["content"] = ""
     pairs, _ = to_pairs(load_preference_data(str(write_jsonl(system, tmp_path / "s2.jsonl"))), "s2.jsonl")
     assert pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."}, user("Hi")]
+
+
+def test_a_folder_whose_files_pyarrow_types_apart_loads_as_one(tmp_path):
+    """One file past pyarrow's first 10 MiB read as its values, its sibling typed by pyarrow: the columns differed
+    ("columns [...] differ from ...") though each file loaded alone. The folder is read as values, file and row kept."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    long = "x" * 10_000
+    plain = [
+        {"prompt": [user(f"q{i} {long}")], "chosen": [answer("a")], "rejected": [answer("b")]} for i in range(1100)
+    ]
+    query = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "search", "arguments": {"query": "x"}}}]}  # fmt: skip
+    write_jsonl([*plain, {"prompt": [user("Find x")], "chosen": [query], "rejected": [answer("No.")]}],
+                folder / "train-00000.jsonl")  # fmt: skip
+    write_jsonl(tool_rows()[:1], folder / "train-00001.jsonl")
+    pairs, _ = to_pairs(load_preference_data(str(folder)), str(folder))
+    assert len(pairs) == 1102 and pairs[1101]["chosen"] == [call("Paris")]
+    assert pairs[1100]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"query": "x"}
