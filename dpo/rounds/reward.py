@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError
+from dpo.files import write_text_atomic
 from dpo.log import log
 from dpo.rounds.settings import FUNCTION
 
@@ -102,7 +103,7 @@ def user_code_failure(what: str, err: BaseException, run_folder: str | Path) -> 
         happened = f"raised {type(err).__name__}" + (f": {message[0][:200]}" if message else "")
     path = Path(run_folder) / TRACEBACK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{what} {happened}\n\n" + "".join(traceback.format_exception(err)))
+    write_text_atomic(path, f"{what} {happened}\n\n" + "".join(traceback.format_exception(err)))  # whole
     return UserError(f"{what} {happened}; its traceback is in {path}")
 
 
@@ -124,8 +125,9 @@ def _import_module(spec: str, module_name: str, run_folder):
             if here is None or err.name != module_name.split(".")[0]:
                 raise
             sys.path.append(str(here))  # last: a module of the same name elsewhere on the path still comes first
-            log(f"reward {spec}: {module_name} imported from the current folder {here}")
-            return importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
+            log(f"reward {spec}: {module_name} imported from the current folder {here}")  # said once it is
+            return module
     except ModuleNotFoundError as err:
         if err.name is None or not (module_name + ".").startswith(err.name + "."):
             raise user_code_failure(f"reward {spec}: importing {module_name}", err, run_folder) from None

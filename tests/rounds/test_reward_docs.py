@@ -42,3 +42,13 @@ def test_the_worked_example_scores_text_and_chat_prompts_from_the_current_folder
 def test_a_module_neither_on_the_path_nor_here_names_both_places(in_a_fresh_folder):
     with pytest.raises(UserError, match=r"neither on the Python path nor a file nowhere_reward\.py in the current"):
         make_reward("nowhere_reward:score", in_a_fresh_folder / "run")
+
+
+def test_a_module_here_that_fails_to_import_is_not_said_imported(in_a_fresh_folder, capsys):
+    """Was: "imported from the current folder", then the import's failure. Its traceback is saved whole."""
+    (in_a_fresh_folder / "brevity_reward.py").write_text("def score(prompt, completion:\n")
+    with pytest.raises(UserError, match="its traceback is in") as error:
+        make_reward("brevity_reward:score", in_a_fresh_folder / "run")
+    assert "imported from the current folder" not in capsys.readouterr().out
+    saved = in_a_fresh_folder / "run" / str(error.value).rsplit("its traceback is in ", 1)[1].split("/")[-1]
+    assert "SyntaxError" in saved.read_text()
