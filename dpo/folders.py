@@ -176,6 +176,18 @@ def _kind_name(kind: str) -> str:
     return KIND_NAMES.get(kind, f"a {kind} folder made by these tools")
 
 
+def inside_output_problem(path: str | Path, flag: str) -> str | None:
+    """Why nothing may be written at `path`: it lies inside a folder holding a tool's output (a finished run, a
+    rounds run, a model these tools made); None when it does not."""
+    out = Path(path).expanduser().absolute()
+    if parent := next((p for p in out.parents if output_kind(p) is not None), None):
+        return (
+            f"{flag} {path} lies inside {parent}, which holds {_kind_name(output_kind(parent))}: writing there would "
+            f"mix outputs in one folder; pick a place outside it"
+        )
+    return None
+
+
 def output_kind_problem(output_dir: str | Path, kind: str, flag: str = "--output_dir") -> str | None:
     """Why a tool that writes `kind` must not write into `output_dir`: it holds another kind of output, or it
     lies inside a folder holding any kind (a finished run's or a rounds run's folder); None when it may."""

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from dpo.errors import UserError, exit_on_user_error
 from dpo.files import confined, file_sha256, json_text
-from dpo.folders import env_path
+from dpo.folders import env_path, inside_output_problem
 from dpo.gate.check import parse_and_check_flags
 from dpo.gate.flags import command_parser
 from dpo.log import log
@@ -165,6 +165,8 @@ def materialize(name: str, output_dir: str | os.PathLike) -> Path:
         return out
     if out.is_symlink():
         raise UserError(f"{out}: a symbolic link; give the folder itself (the build is renamed into place)")
+    if problem := inside_output_problem(out, "the model folder"):
+        raise UserError(problem)
     if not (above := next(p for p in out.parents if p.exists())).is_dir():
         raise UserError(f"{out}: {above} is a file, not a folder; pick another place for the model")
     stale = built_by_another_transformers(out, name)

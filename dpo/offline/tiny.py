@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dpo.errors import UserError, exit_on_user_error
-from dpo.folders import MODEL_KIND, write_marked_folder
+from dpo.folders import MODEL_KIND, inside_output_problem, write_marked_folder
 from dpo.gate.check import parse_and_check_flags
 from dpo.gate.flags import command_parser
 
@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truthy_rows", help="also write 64 truthy-format rows to this .jsonl file")
     args = parse_and_check_flags(parser, argv)
     model, rows = Path(args.output_dir), Path(args.truthy_rows) if args.truthy_rows else None
+    for path, flag in ((model, "output_dir"), (rows, "--truthy_rows")):  # never into a run's (or a model's) folder
+        if path is not None and (problem := inside_output_problem(path, flag)):
+            raise UserError(problem)
     model_kept = holds_the_same(model, lambda p: save_tiny_model(p, args.seed))
     rows_kept = rows is not None and holds_the_same(rows, lambda p: write_jsonl(truthy_like_rows(64, args.seed), p))
     if not model_kept:

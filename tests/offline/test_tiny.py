@@ -68,3 +68,22 @@ def test_a_folder_or_file_of_someone_elses_is_refused_without_reading_it(tmp_pat
     line = one_line_error(main, [tmp_path / "new", "--truthy_rows", rows], capsys)
     assert f"--truthy_rows {rows} already exists" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl", "user"]  # nothing built beside them
+
+
+def test_nothing_is_written_inside_a_finished_runs_folder(tmp_path, capsys):
+    """Was: `python -m dpo.tiny run/tiny` and `--truthy_rows run/rows.jsonl` wrote into a finished run's folder."""
+    from dpo.errors import UserError
+    from dpo.offline.pip_models import materialize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_complete.json").write_text("{}")
+    line = one_line_error(main, [run / "tiny"], capsys)
+    assert f"output_dir {run / 'tiny'} lies inside {run}" in line, line
+    line = one_line_error(main, [tmp_path / "tiny", "--truthy_rows", run / "rows.jsonl"], capsys)
+    assert f"--truthy_rows {run / 'rows.jsonl'} lies inside {run}" in line, line
+    with pytest.raises(UserError, match=f"the model folder {run / 'smol'} lies inside {run}"):
+        materialize("smollm2-135m-instruct", run / "smol")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and sorted(p.name for p in run.iterdir()) == [
+        "run_complete.json"
+    ]
