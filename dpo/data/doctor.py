@@ -142,9 +142,13 @@ def _check_tool_template(pairs: Dataset, tokenizer, source: str, path: str | Non
     if TOOLS_COLUMN not in pairs.column_names:
         return
     data = pairs.select_columns(["prompt", "chosen", "rejected", TOOLS_COLUMN, "row"])[:]
+    # the first row rendered with the tools offered, and the first whose calls come without tools
     rows = zip(data["prompt"], data["chosen"], data["rejected"], data[TOOLS_COLUMN], data["row"])
-    first = next((n for p, c, r, t, n in rows if t is not None or has_tool_messages(p, c, r)), None)
-    if first is None:
+    first = {True: None, False: None}
+    for p, c, r, t, n in rows:
+        if t is not None or has_tool_messages(p, c, r):
+            first[t is not None] = first[t is not None] or n
+    if first == {True: None, False: None}:
         return
     template = own or tokenizer.chat_template or PLAIN_CHAT_TEMPLATE  # check_data's choice, without its warning
     if own:
@@ -157,11 +161,9 @@ def _check_tool_template(pairs: Dataset, tokenizer, source: str, path: str | Non
         described = f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
     # rows with tools are rendered with the tools offered; with named templates, rows of calls without tools may be
     # rendered by another template than rows with tools (dpo/data/tools.py template_problem): each is checked
-    offered = [t is not None for t in data[TOOLS_COLUMN]]
-    conversations = zip(offered, data["prompt"], data["chosen"], data["rejected"])
-    bare = any(not o and has_tool_messages(p, c, r) for o, p, c, r in conversations)
-    for with_tools in [True] * any(offered) + [False] * bare:
-        check_template(tokenizer, template, described, source, first, with_tools)
+    for with_tools, row in first.items():
+        if row is not None:
+            check_template(tokenizer, template, described, source, row, with_tools)
 
 
 def split_like_dpo(report, test_size: float, seed: int):

@@ -202,7 +202,8 @@ def template_problem(tokenizer, template: str | dict, with_tools: bool) -> str |
         name = "tool_use" if with_tools and "tool_use" in template else "default"
         if not isinstance(template.get(name), str):
             return f"its named templates {sorted(template)} have no '{name}' template to render these rows with"
-        template = template[name]
+        problem = template_problem(tokenizer, template[name], with_tools)
+        return problem and f"its '{name}' template: {problem}"
     try:
         text = tokenizer.apply_chat_template(
             PROBE, tools=[PROBE_TOOL] if with_tools else None, tokenize=False, chat_template=template

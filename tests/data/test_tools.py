@@ -362,9 +362,10 @@ def test_named_templates_are_checked_as_transformers_picks_them(tool_file, token
     rows = tool_rows()
     path = write_jsonl(rows, tool_file.parent / "named.jsonl")
     assert checked(path, tokenizer).rows_kept == 4  # every row offers tools: "tool_use" renders them
-    rows[0].pop("tools")  # a call without tools offered: "default" renders it, and cannot
-    with pytest.raises(UserError, match="cannot render them: a probe conversation with a tool call renders without"):
+    rows[1].pop("tools")  # a call without tools offered: "default" renders it, and cannot
+    with pytest.raises(UserError, match="cannot render them: its 'default' template: a probe conversation") as error:
         checked(write_jsonl(rows, tool_file.parent / "bare.jsonl"), tokenizer)
+    assert "(first: row 2)" in str(error.value)  # the row "default" renders, not row 1 (rendered with tools)
     tokenizer.chat_template = {"default": tools_template, "tool_use": tools_template}
     assert checked(write_jsonl(rows, tool_file.parent / "bare2.jsonl"), tokenizer).rows_kept == 4
 
