@@ -44,6 +44,12 @@ NESTED = (
 )
 
 
+def _kept_text(value):
+    """`value` as datasets' Json type must be given it to read back text as that text: it parses a string that is
+    JSON (tools given as JSON text are read exactly by dpo/data/tools.py, nulls and all)."""
+    return json.dumps(value) if isinstance(value, str) else value
+
+
 def unnest(data, source: str, named: bool):
     """(data, {role: column}) with each nested field of a NESTED layout as a column of its own, or
     (data, None) when no layout matches or the caller named its columns (`named`)."""
@@ -73,9 +79,7 @@ def unnest(data, source: str, named: bool):
             parent, key = path.split(".", 1)
             value = record[parent].get(key)
             # tools as JSON text are read exactly (dpo/data/tools.py); datasets' Json would parse text that is JSON
-            values[path].append(
-                json.dumps(value) if path == layout.fields.get("tools") and isinstance(value, str) else value
-            )
+            values[path].append(_kept_text(value) if path == layout.fields.get("tools") else value)
         if TOP_LEVEL_TOOLS in names and layout.fields.get("tools") in values:  # tools beside the input, not in it
             given, beside = values[layout.fields["tools"]][-1], tools_beside[n - 1]
             differ = without_nulls(given) != without_nulls(beside)  # less the keys Parquet adds (dpo/data/tools.py)
@@ -85,7 +89,7 @@ def unnest(data, source: str, named: bool):
                     "they differ; keep one"
                 )
             if given in (None, []):
-                values[layout.fields["tools"]][-1] = json.dumps(beside) if isinstance(beside, str) else beside
+                values[layout.fields["tools"]][-1] = _kept_text(beside)
     # JSON values as they are: Arrow would give every message the keys of all the others
     nested = Dataset.from_dict(values, features=Features({path: Json() for path in paths}))
     removed = [*parents, *([TOP_LEVEL_TOOLS] if tools_beside is not None else [])]  # now read into `nested`
