@@ -220,6 +220,21 @@ def _system_message(system) -> list[dict]:
     return [{"role": "system", "content": system}] if system and system.strip() else []
 
 
+def _with_system(prompt: list[dict], system: str | None, rows: RowLocator, n: int, layout: Layout) -> list[dict]:
+    """`prompt` opened by the system column's text when it has no system message of its own (an empty one gives
+    way); the same text twice is kept once; two that differ are refused in one line (one would be dropped)."""
+    if prompt and prompt[0]["role"] == "system" and not prompt[0]["content"].strip():
+        prompt = prompt[1:]  # an empty system message says nothing: the column's, if any, takes its place
+    if prompt and prompt[0]["role"] != "system":
+        return _system_message(system) + prompt
+    if prompt and _system_message(system) and prompt[0]["content"].strip() != system.strip():
+        raise UserError(
+            f"{rows.at(n, layout.system)}: the prompt opens with a system message of its own (a transcript's "
+            "preamble, or a message), and it differs from this one; keep one (the column, or the message)"
+        )
+    return prompt
+
+
 def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool, text_format) -> dict:
     """One input row -> {prompt, chosen, rejected, problem}; UserError on a schema error."""
     if layout.preference is not None:  # label / score layouts: this row's chosen and rejected fields
@@ -262,12 +277,12 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
         if not chat:
             prompt, chosen, rejected, problem = split_hh_text(chosen, rejected)
             problem = problem or _empty_prompt_problem(parse_hh(prompt))
-            if system and system.strip():
-                prompt = system + prompt
+            turns = parse_hh(prompt)
+            if system and system.strip() and _with_system(turns, system, rows, n, layout) != turns:
+                prompt = system + prompt  # no preamble of its own (one that differs is refused)
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
         prompt, chosen, rejected, problem = split_shared_prompt(parse_hh(chosen), parse_hh(rejected))
-        if prompt and prompt[0]["role"] != "system":
-            prompt = _system_message(system) + prompt
+        prompt = _with_system(prompt, system, rows, n, layout)
         problem = problem or _empty_prompt_problem(prompt)
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "problem": problem}
 
@@ -287,15 +302,7 @@ def _convert_row(raw: dict, layout: Layout, rows: RowLocator, n: int, chat: bool
     else:
         # implicit prompt (trl-lib) or prompt string + full conversations (HuggingFaceH4): shared turns
         prompt, chosen, rejected, problem = split_shared_prompt(chosen, rejected)
-    if prompt and prompt[0]["role"] == "system" and not prompt[0]["content"].strip():
-        prompt = prompt[1:]  # an empty system message says nothing: the column's, if any, takes its place
-    if prompt and prompt[0]["role"] != "system":
-        prompt = _system_message(system) + prompt
-    elif prompt and _system_message(system) and prompt[0]["content"].strip() != system.strip():
-        raise UserError(
-            f"{rows.at(n, layout.system)}: the prompt opens with a system message of its own, and they differ; "
-            "keep one (the column, or the message)"
-        )
+    prompt = _with_system(prompt, system, rows, n, layout)
     problem = problem or _empty_prompt_problem(prompt)
     for column, reply in ((layout.chosen, chosen), (layout.rejected, rejected)):  # answer-only lists after a prompt
         if late := next((i for i, m in enumerate(reply, start=1) if m["role"] == "system"), None):

@@ -481,3 +481,20 @@ def test_a_folder_whose_files_pyarrow_types_apart_loads_as_one(tmp_path):
     pairs, _ = to_pairs(load_preference_data(str(folder)), str(folder))
     assert len(pairs) == 1102 and pairs[1101]["chosen"] == [call("Paris")]
     assert pairs[1100]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"query": "x"}
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "text"])
+def test_a_transcripts_preamble_and_a_system_column_are_one_system_text(prompt_format):
+    """An HH transcript's preamble is its system text: was, beside a system column, the column dropped (chat) or
+    both prepended (text). The same text is kept once; two that differ are refused, naming row and field."""
+    from datasets import Dataset
+
+    row = {"chosen": "Be brief.\n\nHuman: q\n\nAssistant: a", "rejected": "Be brief.\n\nHuman: q\n\nAssistant: b"}
+    pairs, _ = to_pairs(Dataset.from_list([{**row, "system": "Be brief."}]), "hh", prompt_format=prompt_format)
+    prompt = pairs[0]["prompt"]
+    said = prompt.count("Be brief.") if prompt_format == "text" else [m["content"] for m in prompt].count("Be brief.")
+    assert said == 1, prompt
+    with pytest.raises(
+        UserError, match="hh, row 1, field 'system': the prompt opens with a system message of its own"
+    ):
+        to_pairs(Dataset.from_list([{**row, "system": "Be kind."}]), "hh", prompt_format=prompt_format)
